@@ -1,0 +1,1 @@
+"""Data preparation: synthetic world, img2dataset download, shard index, tokenizer."""

@@ -1,0 +1,1 @@
+"""The unified multiway vision-language transformer."""

@@ -1,0 +1,1 @@
+"""Training, evaluation and benchmark jobs of the vision-language pretraining pipeline."""

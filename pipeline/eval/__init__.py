@@ -1,0 +1,1 @@
+"""Evaluation jobs: zero-shot retrieval, VQA, nightly benchmark."""
