@@ -1,0 +1,68 @@
+"""`vlp train`: start pipeline/train.py on every rank through the real `deepspeed` launcher."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+TRAIN_SCRIPT = Path(__file__).with_name("train.py")
+
+
+def launcher_command(recipe: str | None, overrides: list[str], nproc: int = 2,
+                     hostfile: str | None = None, master_addr: str | None = None,
+                     master_port: int = 29500, node_rank: int | None = None,
+                     resume: str | None = None) -> list[str]:
+    """The deepspeed launcher command line for one node (or, with a hostfile, for all nodes)."""
+    launcher = shutil.which("deepspeed")
+    cmd = [launcher] if launcher else [sys.executable, "-m", "deepspeed.launcher.runner"]
+    cmd += ["--master_port", str(master_port)]
+    if hostfile:
+        cmd += ["--hostfile", hostfile]
+        if master_addr:
+            cmd += ["--master_addr", master_addr]
+        if node_rank is not None:  # one launcher per node, no ssh (e.g. started by a scheduler)
+            cmd += ["--no_ssh", "--node_rank", str(node_rank)]
+    else:
+        cmd += ["--num_accelerators", str(nproc)]
+    cmd.append(str(TRAIN_SCRIPT))
+    if recipe:
+        cmd += ["--recipe", recipe]
+    if resume:
+        cmd += ["--resume", resume]
+    if overrides:
+        cmd += ["--set", *overrides]
+    return cmd
+
+
+def run_training(recipe: str | None, overrides: list[str], **launch) -> int:
+    """Run the launcher to completion; returns its exit code."""
+    cmd = launcher_command(recipe, overrides, **launch)
+    print("+ " + " ".join(cmd), flush=True)
+    return subprocess.call(cmd, env=os.environ.copy())
+
+
+def _cmd_train(args) -> int:
+    launch = dict(nproc=args.nproc, hostfile=args.hostfile, master_addr=args.master_addr,
+                  master_port=args.master_port, node_rank=args.node_rank, resume=args.resume)
+    if args.dry_run:
+        print(" ".join(launcher_command(args.recipe, args.set, **launch)))
+        return 0
+    return run_training(args.recipe, args.set, **launch)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="pretrain with DeepSpeed ZeRO-3 (real deepspeed launcher)")
+    p.add_argument("--recipe", help="YAML training recipe (see pipeline/recipes/)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. optim.max_steps=200 run_dir=runs/tiny")
+    p.add_argument("--resume", choices=["auto", "latest", "latest-valid", "none"])
+    p.add_argument("--nproc", type=int, default=2, help="ranks on this node (no hostfile)")
+    p.add_argument("--hostfile", help="DeepSpeed hostfile ('host slots=N' lines) for multi-node")
+    p.add_argument("--master-addr", help="address of node 0, reachable from every node")
+    p.add_argument("--master-port", type=int, default=29500)
+    p.add_argument("--node-rank", type=int,
+                   help="start only this node's ranks, without ssh (run once per node)")
+    p.add_argument("--dry-run", action="store_true", help="print the launcher command and exit")
+    p.set_defaults(func=_cmd_train)
