@@ -42,7 +42,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _file_sizes(tag_dir: Path) -> dict[str, int]:
+def file_sizes(tag_dir: Path) -> dict[str, int]:
     return {
         str(p.relative_to(tag_dir)): p.stat().st_size
         for p in sorted(tag_dir.rglob("*"))
@@ -70,7 +70,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, metad
         for name, text in metadata_files.items():
             (partial_dir / name).write_text(text)
         state = {"step": step, "tag": tag, "world_size": dist.get_world_size(),
-                 "time": time.time(), "files": _file_sizes(partial_dir)}
+                 "time": time.time(), "files": file_sizes(partial_dir)}
         (partial_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial_dir, final)

@@ -63,6 +63,7 @@ class LoggingSection:
     every_steps: int = 10
     peak_tflops: float | None = None  # per rank; None: measured with a large matmul at start
     progress_bar: bool = True  # tqdm on rank 0 when attached to a terminal
+    sample_keys: bool = False  # write the keys of every batch to samples/rank{R}.jsonl (audits)
 
 
 @dataclass

@@ -169,6 +169,13 @@ class Trainer:
         if self.is_main:
             print(f"resumed from {tag_dir} at step {self.step}", flush=True)
 
+    def _open_key_log(self):
+        if not self.cfg.logging.sample_keys:
+            return None
+        path = self.run_dir / "samples" / f"rank{self.rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "a", buffering=1)
+
     def save(self) -> None:
         per_rank = [None] * self.world
         dist.all_gather_object(per_rank, {"loader": self.loader.state_dict(),
@@ -191,6 +198,7 @@ class Trainer:
                             cfg.optim.max_steps)
         nonfinite_in_row = skipped_updates = 0
         window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+        key_log = self._open_key_log()
         last_scalars: dict[str, float] = {}
         batches = iter(self.loader)
         while self.step < cfg.optim.max_steps:
@@ -199,6 +207,8 @@ class Trainer:
                 wait_start = time.perf_counter()
                 batch = next(batches)
                 window_wait += time.perf_counter() - wait_start
+                if key_log is not None:
+                    key_log.write(json.dumps({"step": self.step + 1, "keys": batch["keys"]}) + "\n")
                 outputs = self.engine(**_model_inputs(batch, self.engine.device, self.dtype))
                 if self.step in cfg.faults.inject_nonfinite_at and self.is_main:
                     outputs["loss"] = outputs["loss"] * float("nan")
@@ -248,6 +258,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{scalars['loss']:.3f}")
         if bar is not None:
             bar.close()
+        if key_log is not None:
+            key_log.close()
         self.logger.close()
         summary = {"step": self.step, "final": last_scalars, "skipped_updates": skipped_updates,
                    "skipped_samples": _sum_counts_over_ranks(self.loader.skipped_counts())}
