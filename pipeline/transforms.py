@@ -19,6 +19,10 @@ IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 # Refuse images whose header claims more pixels than this (decompression bombs).
 MAX_IMAGE_PIXELS = 64_000_000
+# The only formats PIL may try: without a list it probes every plugin it has (EPS runs Ghostscript).
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+_MEAN = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
+_STD = torch.tensor(IMAGE_STD).view(3, 1, 1)
 
 
 class BadSample(ValueError):
@@ -32,20 +36,25 @@ class BadSample(ValueError):
 def decode_image(data: bytes, image_size: int) -> Image.Image:
     """Decode image bytes to an RGB PIL image, using JPEG draft mode to decode small."""
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         width, height = image.size
         if width * height > MAX_IMAGE_PIXELS:
             raise BadSample("decompression_bomb", f"image claims {width}x{height} pixels")
         image.draft("RGB", (image_size, image_size))
+        if image.mode == "RGB":
+            image.load()  # convert() would decode and then copy
+            return image
         return image.convert("RGB")
     except BadSample:
         raise
+    except Image.DecompressionBombError as exc:  # PIL's own limit, checked inside open()
+        raise BadSample("decompression_bomb", str(exc)) from exc
     except Exception as exc:  # PIL raises many types for corrupt data
         raise BadSample("bad_image", f"undecodable image: {exc}") from exc
 
 
-def image_to_tensor(image: Image.Image, image_size: int) -> torch.Tensor:
-    """Resize the shorter side to `image_size`, centre crop, normalise: float (3, S, S)."""
+def image_to_array(image: Image.Image, image_size: int) -> np.ndarray:
+    """Resize the shorter side to `image_size` and centre crop: uint8 (S, S, 3), read-only."""
     width, height = image.size
     scale = image_size / min(width, height)
     if scale != 1.0:
@@ -55,11 +64,18 @@ def image_to_tensor(image: Image.Image, image_size: int) -> torch.Tensor:
     top = (image.height - image_size) // 2
     if (image.width, image.height) != (image_size, image_size):
         image = image.crop((left, top, left + image_size, top + image_size))
-    array = np.asarray(image, dtype=np.float32) / 255.0  # (S, S, 3)
-    tensor = torch.from_numpy(array).permute(2, 0, 1)
-    mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGE_STD).view(3, 1, 1)
-    return (tensor - mean) / std
+    return np.asarray(image)
+
+
+def normalize_images(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., S, S, 3) -> normalised float (..., 3, S, S); one pass for a whole batch."""
+    tensor = pixels.movedim(-1, -3).to(torch.float32, memory_format=torch.contiguous_format)
+    return tensor.div_(255.0).sub_(_MEAN).div_(_STD)
+
+
+def image_to_tensor(image: Image.Image, image_size: int) -> torch.Tensor:
+    """Resize the shorter side to `image_size`, centre crop, normalise: float (3, S, S)."""
+    return normalize_images(torch.tensor(image_to_array(image, image_size)))
 
 
 def preprocess_image(data: bytes, image_size: int) -> torch.Tensor:
