@@ -1,0 +1,99 @@
+"""Pretraining through the real deepspeed launcher with 2 CPU ranks on data_prep's shards."""
+import json
+import signal
+import os
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from train_helpers import (keys_by_step, kill_group, metrics_by_step, run_training,
+                                 start_training, train_overrides, wait_for, free_port)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, shard_dir, tokenizer_dir):
+    """An uninterrupted 6-step run, checkpointing every 3 steps."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    rc = run_training(train_overrides(run_dir, shard_dir, tokenizer_dir), run_dir / "log.txt")
+    assert rc == 0, (run_dir / "log.txt").read_text()[-3000:]
+    return run_dir
+
+
+def test_training_logs_every_curve_to_tensorboard(reference_run):
+    events = EventAccumulator(str(reference_run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("loss/loss", "loss/itc", "loss/itm", "loss/mlm", "train/lr", "train/grad_norm",
+                "perf/samples_per_s", "perf/mfu", "perf/data_wait_share"):
+        assert tag in tags, f"{tag} missing from {sorted(tags)}"
+    assert any(tag.startswith("data/skipped_") for tag in tags)
+    assert [e.step for e in events.Scalars("loss/loss")] == [1, 2, 3, 4, 5, 6]
+    lrs = [e.value for e in events.Scalars("train/lr")]
+    assert lrs[0] < lrs[1]  # warmup
+
+
+def test_checkpoints_are_published_with_metadata(reference_run):
+    ckpt = reference_run / "checkpoints"
+    assert (ckpt / "latest").read_text() == "global_step6"
+    for tag in ("global_step3", "global_step6"):
+        state = json.loads((ckpt / tag / "vlp_state.json").read_text())
+        assert state["world_size"] == 2 and state["tag"] == tag
+        assert (ckpt / tag / "config.json").exists() and (ckpt / tag / "tokenizer.json").exists()
+    assert not list(ckpt.glob("*.partial"))
+
+
+def test_sigkill_then_resume_is_sample_exact(reference_run, tmp_path, shard_dir, tokenizer_dir):
+    run_dir = tmp_path / "killed"
+    overrides = train_overrides(run_dir, shard_dir, tokenizer_dir)
+    proc = start_training(overrides, tmp_path / "log1.txt")
+    try:
+        wait_for(lambda: 4 in metrics_by_step(run_dir), 240, "step 4 to be logged", proc)
+    finally:
+        kill_group(proc)  # SIGKILL to the launcher and both ranks, after the step-3 checkpoint
+    assert (run_dir / "checkpoints/latest").read_text() == "global_step3"
+
+    rc = run_training(overrides, tmp_path / "log2.txt")  # checkpoint.resume=auto finds `latest`
+    assert rc == 0, (tmp_path / "log2.txt").read_text()[-3000:]
+    assert "resumed from" in (tmp_path / "log2.txt").read_text()
+
+    expected, resumed = metrics_by_step(reference_run), metrics_by_step(run_dir)
+    for step in (4, 5, 6):
+        for name in ("loss/loss", "loss/itc", "loss/itm", "loss/mlm"):
+            assert resumed[step][name] == expected[step][name], (step, name)
+    for rank in (0, 1):
+        assert keys_by_step(run_dir, rank) == keys_by_step(reference_run, rank)
+    seen = [k for rank in (0, 1) for keys in keys_by_step(run_dir, rank).values() for k in keys]
+    assert len(seen) == len(set(seen)) == 6 * 2 * 8  # nothing repeated within the epoch
+
+
+def test_resume_with_another_world_size_is_a_clear_error(reference_run, tmp_path, shard_dir,
+                                                         tokenizer_dir):
+    overrides = train_overrides(reference_run, shard_dir, tokenizer_dir, "optim.max_steps=9")
+    rc = run_training(overrides, tmp_path / "log.txt", nproc=1)
+    log = (tmp_path / "log.txt").read_text()
+    assert rc != 0
+    assert "was written by 2 ranks; this run has 1" in log
+
+
+def test_two_launchers_as_two_nodes_train_as_one_world(tmp_path, shard_dir, tokenizer_dir):
+    """Node 0 and node 1 each start their own launcher (--no_ssh --node_rank) on loopback."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    run_dir = tmp_path / "multinode"
+    overrides = train_overrides(run_dir, shard_dir, tokenizer_dir, "optim.max_steps=2",
+                                "checkpoint.every_steps=2")
+    port = free_port()
+    nodes = [start_training(overrides, tmp_path / f"node{rank}.txt", hostfile=str(hostfile),
+                            master_addr="127.0.0.1", master_port=port, node_rank=rank)
+             for rank in (0, 1)]
+    try:
+        codes = [node.wait(timeout=240) for node in nodes]
+    finally:
+        for node in nodes:
+            kill_group(node)
+    assert codes == [0, 0], [(tmp_path / f"node{r}.txt").read_text()[-2000:] for r in (0, 1)]
+    state = json.loads((run_dir / "checkpoints/global_step2/vlp_state.json").read_text())
+    assert state["world_size"] == 2
+    assert set(keys_by_step(run_dir, 0)) == set(keys_by_step(run_dir, 1)) == {1, 2}

@@ -1,0 +1,97 @@
+"""Shared pieces for tests that run real training jobs through the deepspeed launcher."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from data_prep.index import load_manifest
+from pipeline.train_cli import launcher_command
+
+REPO = Path(__file__).resolve().parents[1]
+# A model small enough that a launcher run is dominated by start-up, not steps.
+SMALL_MODEL = "model.overrides={depth: 2, width: 64, heads: 2, fusion_layers: 1, embed_dim: 32}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def shard_pattern(shard_dir: Path) -> str:
+    names = sorted(s["name"] for s in load_manifest(shard_dir)["shards"])
+    first, last = names[0].split(".")[0], names[-1].split(".")[0]
+    return f"{shard_dir}/{{{first}..{last}}}.tar"
+
+
+def train_overrides(run_dir: Path, shard_dir: Path, tokenizer_dir: Path, *extra: str) -> list[str]:
+    return [
+        f"run_dir={run_dir}", f"ds_config={REPO / 'ds_configs/zero3_cpu.json'}",
+        f"data.shards={shard_pattern(shard_dir)}", f"data.tokenizer={tokenizer_dir}",
+        "data.num_workers=1", "data.shuffle_buffer=50", SMALL_MODEL,
+        "optim.batch_size=8", "optim.warmup_steps=2", "optim.max_steps=6",
+        "checkpoint.every_steps=3", "logging.every_steps=1", "logging.peak_tflops=1",
+        "logging.sample_keys=true", "dist_timeout_s=60", *extra,
+    ]
+
+
+def start_training(overrides: list[str], log_path: Path, **launch) -> subprocess.Popen:
+    """Start the real deepspeed launcher in its own process group (so a test can kill it all)."""
+    launch.setdefault("master_port", free_port())
+    cmd = launcher_command(None, overrides, **launch)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    log = open(log_path, "ab")
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def run_training(overrides: list[str], log_path: Path, timeout: float = 300, **launch) -> int:
+    proc = start_training(overrides, log_path, **launch)
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        kill_group(proc)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def metrics_by_step(run_dir: Path) -> dict[int, dict]:
+    """metrics.jsonl as {step: record}; a step logged again after a resume replaces the old one."""
+    records = {}
+    path = Path(run_dir) / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                records[record["step"]] = record
+    return records
+
+
+def keys_by_step(run_dir: Path, rank: int) -> dict[int, list[str]]:
+    records = {}
+    for line in (Path(run_dir) / "samples" / f"rank{rank}.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        records[record["step"]] = record["keys"]
+    return records
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended (rc={proc.returncode}) before {what}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
