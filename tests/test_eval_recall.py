@@ -1,0 +1,122 @@
+"""Recall@k from embeddings: chunked ranks against a brute-force full-matrix computation."""
+import math
+
+import pytest
+import torch
+
+from pipeline.eval.recall import chance_recalls, retrieval_recalls
+
+
+def brute_force_recalls(image_emb, text_emb, text_to_image, ks=(1, 5, 10)):
+    """The naive definition: full score matrix, ties counted against the query."""
+    scores = text_emb @ image_emb.T  # (T, I)
+    t2i = torch.as_tensor(text_to_image)
+    metrics = {}
+    for k in ks:
+        hits = []
+        for t in range(len(text_emb)):
+            positive = scores[t, t2i[t]]
+            rank = sum(1 for i in range(len(image_emb)) if i != t2i[t] and scores[t, i] >= positive)
+            hits.append(rank < k)
+        metrics[f"image_retrieval_recall@{k}"] = sum(hits) / len(hits)
+    for k in ks:
+        hits = []
+        for i in range(len(image_emb)):
+            captions = [t for t in range(len(text_emb)) if t2i[t] == i]
+            if not captions:
+                continue
+            best = max(scores[t, i] for t in captions)
+            rank = sum(1 for t in range(len(text_emb)) if t2i[t] != i and scores[t, i] >= best)
+            hits.append(rank < k)
+        metrics[f"text_retrieval_recall@{k}"] = sum(hits) / len(hits)
+    metrics["mean_recall"] = sum(metrics.values()) / len(metrics)
+    return metrics
+
+
+def random_set(num_images=40, per_image=5, dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.nn.functional.normalize(torch.randn(num_images, dim, generator=g), dim=-1)
+    text_to_image = [i for i in range(num_images) for _ in range(per_image)]
+    # captions near their image, so recalls are neither 0 nor 1
+    texts = images[text_to_image] + 0.8 * torch.randn(len(text_to_image), dim, generator=g)
+    return images, torch.nn.functional.normalize(texts, dim=-1), text_to_image
+
+
+def test_matches_brute_force_with_several_captions_per_image():
+    images, texts, t2i = random_set()
+    expected = brute_force_recalls(images, texts, t2i)
+    got = retrieval_recalls(images, texts, t2i)
+    assert got == pytest.approx(expected)
+    assert 0 < got["image_retrieval_recall@1"] < got["image_retrieval_recall@10"] < 1
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
+def test_chunk_size_does_not_change_the_result(chunk):
+    images, texts, t2i = random_set(num_images=30, per_image=3, seed=1)
+    assert retrieval_recalls(images, texts, t2i, chunk=chunk) == retrieval_recalls(images, texts, t2i)
+
+
+def test_ties_count_against_the_query():
+    # Quantised embeddings produce many exact ties; a constant model must score 0 at k=1.
+    images, texts, t2i = random_set(num_images=20, per_image=2, dim=4, seed=2)
+    images, texts = images.sign() / 2, texts.sign() / 2
+    assert retrieval_recalls(images, texts, t2i) == pytest.approx(brute_force_recalls(images, texts, t2i))
+    constant = retrieval_recalls(torch.ones(20, 4), torch.ones(40, 4), t2i)
+    assert constant["image_retrieval_recall@1"] == 0 and constant["text_retrieval_recall@10"] == 0
+
+
+def test_perfect_embeddings_and_uneven_caption_counts():
+    images = torch.eye(6)
+    t2i = [0, 0, 1, 2, 2, 2, 3, 5]  # image 4 has no caption: gallery only, not an i2t query
+    metrics = retrieval_recalls(images, images[t2i], t2i)
+    assert all(v == 1.0 for v in metrics.values())
+
+
+def test_image_to_text_hit_if_any_caption_in_top_k():
+    images = torch.eye(3)
+    texts = torch.tensor([[0.0, 1, 0], [1.0, 0, 0], [0.0, 0, 1]])  # image 0: a bad and a good caption
+    metrics = retrieval_recalls(images, texts, [0, 0, 2])
+    assert metrics["text_retrieval_recall@1"] == 1.0
+    assert metrics["image_retrieval_recall@1"] == pytest.approx(2 / 3)
+
+
+def test_rerank_reorders_only_the_top_k():
+    images, texts, t2i = random_set(num_images=30, per_image=2, seed=3)
+    calls = []
+
+    def oracle(queries, candidates, truth):  # bonus 1 for the true pairs
+        calls.append(candidates.shape)
+        return truth(queries, candidates).float()
+
+    def t2i_truth(q, c):
+        return c == torch.as_tensor(t2i)[q][:, None]
+
+    def i2t_truth(q, c):
+        return torch.as_tensor(t2i)[c] == q[:, None]
+
+    base = retrieval_recalls(images, texts, t2i)
+    reranked = retrieval_recalls(
+        images, texts, t2i, rerank_k=5,
+        rerank_t2i=lambda q, c: oracle(q, c, t2i_truth), rerank_i2t=lambda q, c: oracle(q, c, i2t_truth),
+    )
+    assert all(shape[1] == 5 for shape in calls)
+    # an oracle inside the top 5 lifts every hit@5 to rank 1 and cannot create hits beyond it
+    for direction in ("image", "text"):
+        assert reranked[f"{direction}_retrieval_recall@1"] == pytest.approx(base[f"{direction}_retrieval_recall@5"])
+        assert reranked[f"{direction}_retrieval_recall@5"] == pytest.approx(base[f"{direction}_retrieval_recall@5"])
+        assert reranked[f"{direction}_retrieval_recall@10"] == pytest.approx(base[f"{direction}_retrieval_recall@10"])
+
+
+def test_chance_is_the_average_of_random_embeddings():
+    t2i = [i for i in range(50) for _ in range(5)]
+    chance = chance_recalls(50, t2i)
+    assert chance["image_retrieval_recall@5"] == pytest.approx(5 / 50)
+    assert chance["text_retrieval_recall@1"] == pytest.approx(5 / 250)  # 1 of 5 captions in 250
+    assert chance["text_retrieval_recall@10"] == pytest.approx(1 - math.comb(245, 10) / math.comb(250, 10))
+    g = torch.Generator().manual_seed(0)
+    runs = []
+    for _ in range(20):
+        images = torch.nn.functional.normalize(torch.randn(50, 64, generator=g), dim=-1)
+        texts = torch.nn.functional.normalize(torch.randn(250, 64, generator=g), dim=-1)
+        runs.append(retrieval_recalls(images, texts, t2i)["mean_recall"])
+    assert sum(runs) / len(runs) == pytest.approx(chance["mean_recall"], abs=0.03)
