@@ -1,0 +1,277 @@
+"""The training data loader: webdataset shards -> batches, with a position that resumes exactly.
+
+    loader = build_train_loader(LoaderConfig(shards="shards/{00000..00099}.tar"), tokenizer,
+                                rank, world_size)
+    for step, batch in zip(range(max_steps), loader):   # endless: epochs roll over inside
+        ...
+    checkpoint["loader"] = loader.state_dict()          # per rank, JSON-serialisable
+    loader.load_state_dict(checkpoint["loader"])         # before iterating again
+
+Stream (pipeline/data_stream.py). Each rank runs `num_workers` logical workers (one in-process
+when num_workers=0), each an endless stream of epochs. In epoch e every worker sorts the shard
+list, shuffles it with Random(seed, e), takes shards[rank::world][worker::num_workers] and cuts
+that into blocks of `block_shards` shards. A block's raw samples (undecoded bytes grouped by
+key) pass a bounded shuffle buffer seeded from (seed, e, rank, worker, block) that drains at the
+block's end; then they are decoded (bad ones skipped and counted), and batched, tokenized and
+MLM-masked inside the worker, so a DataLoader item is a whole batch. Resampled mode draws each
+block's shards with replacement (source by weight, then a shard of it uniformly) from an RNG
+seeded by (seed, rank, worker, block); it has no epochs. MLM masks are drawn from an RNG seeded
+by the batch's position, so they too are the same after a resume.
+
+Position. Every batch carries `worker` (logical id), `position` = [epoch, block, raw samples the
+block's shuffle had emitted when the batch filled] and `skipped` (that worker's cumulative skip
+counts). TrainLoader keeps, per logical worker, the position of its last *consumed* batch, plus
+the number of batches consumed: that is `state_dict()`. On resume each worker regenerates its
+block from the seeds, re-reads its tar bytes through the same shuffle and drops the first N
+emitted samples without decoding or counting them: exact, and costs at most one block of
+reading (why blocks exist: a plain wds shuffle would need the whole epoch replayed). DataLoader
+hands out batches round-robin from physical worker 0, so after k consumed batches physical
+worker p plays logical worker (p + k) % num_workers; the global batch order is then identical.
+
+Skip counts: `skipped_counts()` is cumulative for the run on this rank (restored from the
+checkpoint), summed over workers, with every kind in data_tar.SKIP_KINDS present.
+
+Security: `pipe:` URLs are refused, only jpg/jpeg/png/webp (PIL, restricted to those formats)
+and UTF-8 text captions are decoded, nothing is ever unpickled (no webdataset decoders).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from torch.utils.data import DataLoader
+
+from pipeline.data_sources import (check_not_all_empty, count_samples, parse_sources)
+from pipeline.data_stream import ShardStream, StreamSpec
+from pipeline.data_tar import SKIP_KINDS
+from pipeline.transforms import MaskingSpec
+
+STATE_FORMAT = 1
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+TEXT_EXTENSIONS = ("txt", "text", "caption")
+DEFAULT_BLOCK_SHARDS = 4
+MAX_AUTO_BLOCK_SHARDS = 16
+
+
+@dataclass
+class LoaderConfig:
+    shards: str  # brace-expanded URLs; sources separated by "::"
+    weights: list[float] | None = None  # per source, resampled mode only
+    resampled: bool = False  # draw shards with replacement instead of epochs
+    batch_size: int = 64  # per rank
+    num_workers: int = 2  # 0: decode in the training process
+    seed: int = 0
+    image_size: int = 224
+    max_text_len: int = 40
+    mlm_probability: float = 0.15
+    shuffle_buffer: int = 1000  # samples
+    samples_per_epoch: int | None = None  # default: the manifest's total (or sizes.json)
+    # Shards per shuffle block (the most a resume re-reads). None: enough shards to hold twice
+    # the shuffle buffer, from the manifest's mean shard size.
+    block_shards: int | None = None
+    image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")  # first present is used
+    caption_key: str = "txt"
+    prefetch_factor: int = 2  # batches in flight per worker
+
+
+class TrainLoader:
+    """Endless iterator of batch dicts that knows the position of the last batch it handed out.
+
+    A batch: images float (B, 3, S, S), text_ids long (B, L), text_mask bool (B, L), mlm_ids
+    long (B, L), mlm_labels long (B, L) (-100 where nothing is predicted), keys list[str], and
+    bookkeeping: worker int, position [epoch, block, emitted], skipped {kind: count}.
+    """
+
+    def __init__(self, stream: ShardStream, num_workers: int, prefetch_factor: int,
+                 samples_per_epoch: int, steps_per_epoch: int):
+        self.stream = stream
+        self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
+        self.samples_per_epoch = samples_per_epoch
+        self.steps_per_epoch = steps_per_epoch
+        self._iterator: Iterator[dict] | None = None
+        self._batches_consumed = 0
+        self._positions: dict[int, list[int]] = {}
+        self._base_skipped: dict[str, int] = {}
+        self._worker_skipped: dict[int, dict[str, int]] = {}
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            if self._iterator is None:
+                self._iterator = self._start()
+            batch = next(self._iterator)
+            self._record(batch)
+            yield batch
+
+    def _start(self) -> Iterator[dict]:
+        self._base_skipped = self.skipped_counts()  # new workers count from zero
+        self._worker_skipped = {}
+        self.stream.positions = {w: tuple(p) for w, p in self._positions.items()}
+        self.stream.batches_consumed = self._batches_consumed
+        if self.num_workers == 0:
+            return iter(self.stream)
+        return iter(DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
+                               prefetch_factor=self.prefetch_factor, pin_memory=False))
+
+    def _record(self, batch: dict) -> None:
+        expected = self._batches_consumed % self.stream.spec.num_workers
+        if batch["worker"] != expected:  # the round-robin order resume relies on was broken
+            raise RuntimeError(f"batch {self._batches_consumed} came from loader worker "
+                               f"{batch['worker']}, expected {expected}")
+        self._positions[expected] = list(batch["position"])
+        self._worker_skipped[expected] = batch["skipped"]
+        self._batches_consumed += 1
+
+    def skipped_counts(self) -> dict[str, int]:
+        """Samples (or shard reads) skipped so far on this rank, by kind; all kinds present."""
+        total = {kind: self._base_skipped.get(kind, 0) for kind in SKIP_KINDS}
+        for counts in self._worker_skipped.values():
+            for kind, n in counts.items():
+                total[kind] = total.get(kind, 0) + n
+        return total
+
+    def state_dict(self) -> dict:
+        """This rank's position (JSON-serialisable); ranks differ, so save one per rank."""
+        return {
+            "format": STATE_FORMAT,
+            "stream": _stream_identity(self.stream.spec),
+            "batches_consumed": self._batches_consumed,
+            "positions": {str(w): list(p) for w, p in sorted(self._positions.items())},
+            "skipped": self.skipped_counts(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue after the last batch consumed when `state` was taken."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a loader state of format {STATE_FORMAT}: {str(state)[:200]}")
+        mine = _stream_identity(self.stream.spec)
+        theirs = state["stream"]
+        changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if changed:
+            details = "; ".join(f"{k}: checkpoint {theirs.get(k)!r}, now {mine.get(k)!r}"
+                                for k in changed)
+            raise ValueError(
+                f"cannot resume the data stream exactly, its inputs changed ({details}). Use the "
+                "checkpoint's values, or start the data order afresh by not loading the loader "
+                "state.")
+        self.close()
+        self._batches_consumed = int(state["batches_consumed"])
+        self._positions = {int(w): list(p) for w, p in state["positions"].items()}
+        self._base_skipped = dict(state["skipped"])
+        self._worker_skipped = {}
+
+    def close(self) -> None:
+        """Stop the worker processes; iterating again restarts them at the current position."""
+        iterator, self._iterator = self._iterator, None
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def _stream_identity(spec: StreamSpec) -> dict:
+    """The inputs that decide which samples each logical worker emits, in which order."""
+    shards = json.dumps([list(source) for source in spec.sources]).encode()
+    return {
+        "shards_sha256": hashlib.sha256(shards).hexdigest(), "num_shards": len(spec.all_urls),
+        "weights": list(spec.weights) if spec.weights else None, "resampled": spec.resampled,
+        "seed": spec.seed, "rank": spec.rank, "world_size": spec.world_size,
+        "num_workers": spec.num_workers, "block_shards": spec.block_shards,
+        "shuffle_buffer": spec.shuffle_buffer,
+    }
+
+
+def build_train_loader(config: LoaderConfig, tokenizer, rank: int, world_size: int) -> TrainLoader:
+    """Validate everything that can be checked up front, then build the (lazy) loader."""
+    _check_config(config, rank, world_size)
+    sources = parse_sources(config.shards)
+    urls = sources.all_urls
+    streams = world_size * max(1, config.num_workers)
+    if not config.resampled and len(urls) < streams:
+        most = len(urls) // world_size
+        fix = (f"set num_workers to at most {most}" if most else
+               f"use at most {len(urls)} ranks") + ", write more (smaller) shards, or use resampled mode"
+        raise ValueError(
+            f"{len(urls)} shards cannot feed {world_size} ranks x {max(1, config.num_workers)} "
+            f"workers = {streams} streams (each needs at least one shard per epoch): {fix}.")
+    if config.weights is not None:
+        if not config.resampled:
+            raise ValueError("data weights only apply in resampled mode: set resampled=True "
+                             "or drop the weights")
+        if len(config.weights) != len(sources.urls) or min(config.weights) <= 0:
+            raise ValueError(f"weights {config.weights} must be {len(sources.urls)} positive "
+                             f"numbers, one per '::'-separated source")
+    check_not_all_empty(urls)
+
+    try:
+        counts = count_samples(urls)
+    except ValueError:
+        if config.samples_per_epoch is None:
+            raise
+        counts = None
+    samples = config.samples_per_epoch or sum(counts.values())
+    steps = samples // (config.batch_size * world_size)
+    if steps == 0:
+        raise ValueError(f"an epoch of {samples} samples is less than one step of batch_size "
+                         f"{config.batch_size} x {world_size} ranks; lower batch_size")
+    block_shards = config.block_shards or _auto_block_shards(counts, config.shuffle_buffer)
+
+    spec = StreamSpec(
+        sources=sources.urls,
+        weights=tuple(config.weights) if config.weights else None,
+        resampled=config.resampled, seed=config.seed, rank=rank, world_size=world_size,
+        num_workers=max(1, config.num_workers), block_shards=block_shards,
+        shuffle_buffer=config.shuffle_buffer, batch_size=config.batch_size,
+        image_size=config.image_size, max_text_len=config.max_text_len,
+        image_keys=tuple(k.lower() for k in config.image_keys),
+        caption_key=config.caption_key.lower(),
+        masking=masking_spec(tokenizer, config.mlm_probability))
+    return TrainLoader(ShardStream(spec, tokenizer), config.num_workers, config.prefetch_factor,
+                       samples, steps)
+
+
+def _auto_block_shards(counts: dict[str, int] | None, shuffle_buffer: int) -> int:
+    """Enough shards per block to hold twice the shuffle buffer, so blocks rarely limit mixing."""
+    if not counts:
+        return DEFAULT_BLOCK_SHARDS
+    mean_shard = max(1.0, sum(counts.values()) / len(counts))
+    return min(MAX_AUTO_BLOCK_SHARDS, max(1, math.ceil(2 * shuffle_buffer / mean_shard)))
+
+
+def masking_spec(tokenizer, probability: float) -> MaskingSpec:
+    """BERT masking parameters from a HF tokenizer with [MASK], [CLS], [SEP], [PAD]."""
+    if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer needs [MASK] and [PAD] tokens for MLM; train it with "
+                         "`vlp data tokenizer`")
+    return MaskingSpec(mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
+                       special_ids=tuple(sorted(set(tokenizer.all_special_ids))),
+                       probability=probability)
+
+
+def _check_config(config: LoaderConfig, rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+    for name in ("batch_size", "image_size", "max_text_len", "prefetch_factor"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.num_workers < 0 or config.shuffle_buffer < 0:
+        raise ValueError("num_workers and shuffle_buffer must be >= 0")
+    if config.block_shards is not None and config.block_shards < 1:
+        raise ValueError(f"block_shards must be >= 1 or None, got {config.block_shards}")
+    if not 0.0 < config.mlm_probability < 1.0:
+        raise ValueError(f"mlm_probability must be in (0, 1), got {config.mlm_probability}")
+    if config.samples_per_epoch is not None and config.samples_per_epoch < 1:
+        raise ValueError(f"samples_per_epoch must be >= 1, got {config.samples_per_epoch}")
+    refused = [k for k in (*config.image_keys, config.caption_key)
+               if k.lower() not in IMAGE_EXTENSIONS + TEXT_EXTENSIONS]
+    if refused:
+        raise ValueError(
+            f"refusing to decode {refused} members: only images ({', '.join(IMAGE_EXTENSIONS)}) "
+            f"and captions ({', '.join(TEXT_EXTENSIONS)}) are decoded; pickle-based formats "
+            "(.pyd, .pth, .pickle) run code when loaded and are never unpickled.")
+    if not config.image_keys or any(k.lower() not in IMAGE_EXTENSIONS for k in config.image_keys):
+        raise ValueError(f"image_keys {config.image_keys} must be among {IMAGE_EXTENSIONS}")
+    if config.caption_key.lower() not in TEXT_EXTENSIONS:
+        raise ValueError(f"caption_key {config.caption_key!r} must be one of {TEXT_EXTENSIONS}")

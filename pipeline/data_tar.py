@@ -1,0 +1,229 @@
+"""Read webdataset tar shards into raw samples: dicts of undecoded bytes grouped by key.
+
+A member `dir/000123.jpg` belongs to sample `dir/000123` (webdataset's rule: the key ends at the
+first dot of the file name). A sample's members must be adjacent; a key that comes back later in
+the same shard, or a member name repeated inside a sample, is a duplicate: the later group is
+skipped and counted. Only members whose extension the caller asks for are kept in memory.
+
+Why not `tarfile`: in stream mode it takes a cut-off header or a missing end-of-archive marker
+for a normal end, so a truncated shard would pass as complete. This reader checks each header's
+checksum and requires the end marker; it understands ustar, pax (`path`, `size`) and GNU long
+names, and skips other member types (directories, links, global headers).
+"""
+from __future__ import annotations
+
+import http.client
+import logging
+import re
+import zlib
+from collections.abc import Iterator
+
+import numpy as np
+
+from pipeline.data_sources import open_shard
+
+log = logging.getLogger(__name__)
+
+BLOCK = 512
+ZERO_BLOCK = bytes(BLOCK)
+REGULAR_TYPES = (b"0", b"\0", b"7")
+_META_NAME = re.compile(r"(^|/)__[^/]*__($|/)")  # webdataset's __key__-style metadata members
+
+# Why a sample (or a whole shard) was skipped. Sample kinds count samples, shard kinds count
+# shard reads (the samples a damaged shard still held before the damage are used).
+SKIP_KINDS = {
+    "bad_image": "image member PIL cannot decode (corrupt, not an image, unsupported format)",
+    "decompression_bomb": "image header claims more pixels than transforms.MAX_IMAGE_PIXELS",
+    "missing_image": "sample has no member with an image extension",
+    "missing_caption": "sample has no caption member",
+    "non_utf8_caption": "caption bytes are not UTF-8",
+    "empty_caption": "caption is empty or whitespace",
+    "duplicate_key": "key seen earlier in the same shard, or a member repeated in a sample",
+    "corrupt_tar": "shard read: truncated, bad header checksum or malformed (rest of shard lost)",
+    "empty_shard": "shard read: the file has 0 bytes",
+    "unreadable_shard": "shard read: could not be opened or read (I/O or HTTP error)",
+}
+
+
+class SkipCounter:
+    """Per-worker counts of skipped samples by kind; `paused` while replaying to a position."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+        self.paused = False
+
+    def add(self, kind: str) -> None:
+        if not self.paused:
+            self.counts[kind] = self.counts.get(kind, 0) + 1
+
+    def shard_failed(self, url: str, kind: str, reason: str) -> None:
+        if not self.paused:
+            log.warning("shard %s: %s (%s); continuing with the next shard", url, reason, kind)
+        self.add(kind)
+
+
+class DamagedShard(Exception):
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind = kind
+
+
+def iter_samples(url: str, wanted: frozenset[str], skipped: SkipCounter) -> Iterator[dict]:
+    """Yield {"__key__": key, ext: bytes, ...} per sample of one shard; never raises for bad data."""
+    try:
+        stream = open_shard(url)
+    except (OSError, http.client.HTTPException) as exc:
+        skipped.shard_failed(url, "unreadable_shard", f"cannot open: {exc}")
+        return
+    with stream:
+        seen: set[str] = set()
+        current_key, group = None, None
+        try:
+            for key, ext, data in iter_members(stream, wanted):
+                if key != current_key:
+                    if group is not None:
+                        yield group
+                    current_key = key
+                    group = None if key in seen else {"__key__": key}
+                    if group is None:
+                        skipped.add("duplicate_key")
+                    seen.add(key)
+                if group is None:
+                    continue
+                if ext in group:
+                    skipped.add("duplicate_key")
+                    group = None
+                    continue
+                group[ext] = data
+        except DamagedShard as exc:  # the pending sample may be incomplete: drop it
+            skipped.shard_failed(url, exc.kind, str(exc))
+            return
+        except (EOFError, zlib.error) as exc:  # gzip: truncated or corrupt stream
+            skipped.shard_failed(url, "corrupt_tar", f"compressed stream broken: {exc}")
+            return
+        except (OSError, http.client.HTTPException) as exc:
+            skipped.shard_failed(url, "unreadable_shard", f"read failed: {exc}")
+            return
+        if group is not None:
+            yield group
+
+
+def iter_members(stream, wanted: frozenset[str]) -> Iterator[tuple[str, str, bytes]]:
+    """Yield (key, lower-case extension, data) of regular members with an extension in `wanted`."""
+    offset = 0
+    long_name: str | None = None
+    pax: dict[str, str] = {}
+    while True:
+        header = stream.read(BLOCK)
+        if len(header) < BLOCK:
+            if offset == 0 and not header:
+                raise DamagedShard("empty_shard", "file is empty (0 bytes)")
+            raise DamagedShard("corrupt_tar", f"truncated: ends at byte {offset + len(header)} "
+                                              "without the end-of-archive marker")
+        if header == ZERO_BLOCK:
+            return
+        _check_header(header, offset)
+        name = long_name or pax.get("path") or _ustar_name(header)
+        size = int(pax["size"]) if "size" in pax else _number(header[124:136], offset)
+        long_name, pax = None, {}
+        kind = header[156:157]
+        offset += BLOCK
+        padding = -size % BLOCK
+        if kind in REGULAR_TYPES:
+            key, ext = _split_name(name)
+            if key is not None and ext in wanted:
+                data = _read_exact(stream, size, offset)
+                _skip(stream, padding, offset + size)
+                yield key, ext, data
+            else:
+                _skip(stream, size + padding, offset)
+        elif kind == b"L":  # GNU long name: the data is the next member's name
+            long_name = _read_exact(stream, size, offset).rstrip(b"\0").decode("utf-8", "surrogateescape")
+            _skip(stream, padding, offset + size)
+        elif kind == b"x":  # pax extended header for the next member
+            pax = _parse_pax(_read_exact(stream, size, offset), offset)
+            _skip(stream, padding, offset + size)
+        else:
+            _skip(stream, size + padding, offset)
+        offset += size + padding
+
+
+def _split_name(name: str) -> tuple[str | None, str]:
+    if _META_NAME.search(name):
+        return None, ""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot <= slash:  # no extension, or a hidden file
+        return None, ""
+    return name[:dot], name[dot + 1:].lower()
+
+
+def _check_header(header: bytes, offset: int) -> None:
+    stored = _number(header[148:156], offset)
+    values = np.frombuffer(header, dtype=np.uint8)
+    unsigned = int(values.sum()) - int(values[148:156].sum()) + 8 * 32  # checksum field as spaces
+    if stored != unsigned:
+        signed = values.view(np.int8)  # some old writers summed signed bytes
+        if stored != int(signed.sum()) - int(signed[148:156].sum()) + 8 * 32:
+            raise DamagedShard("corrupt_tar", f"bad header checksum at byte {offset}")
+
+
+def _number(field: bytes, offset: int) -> int:
+    if field[0] & 0x80:  # GNU base-256 for large values
+        if field[0] & 0x40:
+            raise DamagedShard("corrupt_tar", f"negative number in header at byte {offset}")
+        return int.from_bytes(bytes([field[0] & 0x3F]) + field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise DamagedShard("corrupt_tar", f"malformed header at byte {offset}") from None
+
+
+def _ustar_name(header: bytes) -> str:
+    name = header[:100].split(b"\0", 1)[0]
+    if header[257:262] == b"ustar":
+        prefix = header[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = prefix + b"/" + name
+    return name.decode("utf-8", "surrogateescape")
+
+
+def _parse_pax(data: bytes, offset: int) -> dict[str, str]:
+    """Records are `LENGTH KEY=VALUE\\n`, LENGTH counting the whole record."""
+    records, pos = {}, 0
+    while pos < len(data) and data[pos:pos + 1] != b"\0":
+        space = data.find(b" ", pos)
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            raise DamagedShard("corrupt_tar", f"malformed pax header at byte {offset}") from None
+        if space < 0 or length <= 0:
+            raise DamagedShard("corrupt_tar", f"malformed pax header at byte {offset}")
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        records[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return records
+
+
+def _read_exact(stream, size: int, offset: int) -> bytes:
+    data = stream.read(size)
+    if len(data) == size:
+        return data
+    buffer = bytearray(data)  # raw streams (sockets) may return short reads before the end
+    while len(buffer) < size and (chunk := stream.read(size - len(buffer))):
+        buffer += chunk
+    if len(buffer) < size:
+        raise DamagedShard("corrupt_tar", f"truncated: member data at byte {offset} ends after "
+                                          f"{len(buffer)} of {size} bytes")
+    return bytes(buffer)
+
+
+def _skip(stream, size: int, offset: int) -> None:
+    if size == 0:
+        return
+    if stream.seekable():  # seeking past the end shows up as a short header read next
+        stream.seek(size, 1)
+        return
+    for start in range(0, size, 1 << 20):
+        _read_exact(stream, min(1 << 20, size - start), offset + start)

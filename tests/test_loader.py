@@ -1,0 +1,323 @@
+"""Training data loader on real tar shards: splitting, order, exact resume, bad samples, errors."""
+from __future__ import annotations
+
+import io
+import json
+import struct
+import tarfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.data import LoaderConfig, build_train_loader
+from pipeline.data_stream import iter_batches
+from pipeline.data_tar import SkipCounter
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = "a red blue green small big circle square triangle on the left right of and".split()
+
+
+# ---------------------------------------------------------------- building shards and a tokenizer
+
+def caption(i: int) -> str:
+    rng = np.random.RandomState(i)
+    return " ".join(rng.choice(WORDS, size=3 + i % 6))
+
+
+def jpeg(i: int, size: int = 64) -> bytes:
+    rng = np.random.RandomState(i)
+    pixels = (rng.rand(size // 8, size // 8, 3) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).resize((size, size)).save(buffer, "JPEG", quality=80)
+    return buffer.getvalue()
+
+
+def bomb_png() -> bytes:
+    """A valid PNG header claiming 100000 x 100000 pixels."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + \
+        chunk(b"IEND", b"")
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """A tar archive of `members` in order (duplicates allowed), as bytes."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def member_span(data: bytes) -> int:
+    """Bytes one short-named member takes in a tar: header plus padded data."""
+    return 512 + -(-len(data) // 512) * 512
+
+
+def good_members(key: str, i: int) -> list[tuple[str, bytes]]:
+    return [(f"{key}.jpg", jpeg(i)), (f"{key}.txt", caption(i).encode()),
+            (f"{key}.json", json.dumps({"key": key}).encode())]
+
+
+def make_dataset(root: Path, shards: int, per_shard: int, extra: list | None = None,
+                 prefix: str = "") -> str:
+    """Good shards with keys PREFIX + SSS + JJJJ, then `extra` shards (member lists or raw
+    bytes), and a manifest; returns the brace pattern of them all."""
+    root.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for s in range(shards):
+        members = []
+        for j in range(per_shard):
+            members += good_members(f"{prefix}{s:03d}{j:04d}", s * per_shard + j)
+        (root / f"{s:05d}.tar").write_bytes(tar_bytes(members))
+        entries.append({"name": f"{s:05d}.tar", "samples": per_shard})
+    for s, content in enumerate(extra or [], start=shards):
+        path = root / f"{s:05d}.tar"
+        path.write_bytes(content if isinstance(content, bytes) else tar_bytes(content))
+        entries.append({"name": path.name, "samples": 0})
+    total = sum(e["samples"] for e in entries)
+    (root / "manifest.json").write_text(json.dumps({"shards": entries, "total_samples": total}))
+    return f"{root}/{{00000..{len(entries) - 1:05d}}}.tar"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator([caption(i) for i in range(200)],
+                            trainers.WordPieceTrainer(vocab_size=100, special_tokens=SPECIALS))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    """6 shards x 10 samples."""
+    return make_dataset(tmp_path_factory.mktemp("shards"), shards=6, per_shard=10)
+
+
+def config(shards: str, **overrides) -> LoaderConfig:
+    values = dict(shards=shards, batch_size=4, num_workers=0, seed=7, image_size=32,
+                  max_text_len=12, shuffle_buffer=8, block_shards=2)
+    values.update(overrides)
+    return LoaderConfig(**values)
+
+
+def take(loader, n: int) -> list[dict]:
+    iterator = iter(loader)
+    return [next(iterator) for _ in range(n)]
+
+
+def epoch_keys(shards: str, tokenizer, rank: int, world: int, workers: int, worker: int,
+               epoch: int, **overrides) -> list[str]:
+    """Keys one (rank, worker) stream yields in `epoch`, in order (batch_size 1: no leftovers)."""
+    loader = build_train_loader(config(shards, batch_size=1, num_workers=workers, **overrides),
+                                tokenizer, rank, world)
+    batches = iter_batches(loader.stream.spec, tokenizer, worker, (epoch, 0, 0), SkipCounter(),
+                           stop_epoch=epoch + 1)
+    return [key for batch in batches for key in batch["keys"]]
+
+
+# ------------------------------------------------------------------------------------- the tests
+
+def test_batch_contents(dataset, tokenizer):
+    loader = build_train_loader(config(dataset, max_text_len=10), tokenizer, rank=0, world_size=1)
+    assert loader.steps_per_epoch == 60 // 4
+    batch = next(iter(loader))
+    assert batch["images"].shape == (4, 3, 32, 32) and batch["images"].dtype == torch.float32
+    assert batch["images"].is_contiguous() and -3 < batch["images"].mean() < 3
+    for name in ("text_ids", "mlm_ids", "mlm_labels"):
+        assert batch[name].shape == (4, 10) and batch[name].dtype == torch.long
+    assert batch["text_mask"].dtype == torch.bool
+    assert (batch["text_ids"][:, 0] == tokenizer.cls_token_id).all()
+    labels, ids = batch["mlm_labels"], batch["text_ids"]
+    predicted = labels != -100
+    assert predicted.any(dim=1).all(), "every caption gets at least one MLM target"
+    assert torch.equal(labels[predicted], ids[predicted])
+    assert torch.equal(batch["mlm_ids"][~predicted], ids[~predicted])
+    assert not (predicted & ~batch["text_mask"]).any()
+    assert len(batch["keys"]) == 4 and batch["worker"] == 0
+    assert loader.skipped_counts()["bad_image"] == 0
+
+
+def test_rank_and_worker_split_is_a_partition_each_epoch(dataset, tokenizer):
+    all_keys = {f"{s:03d}{j:04d}" for s in range(6) for j in range(10)}
+    for epoch in (0, 1):
+        seen = [key for rank in (0, 1) for worker in (0, 1)
+                for key in epoch_keys(dataset, tokenizer, rank, 2, 2, worker, epoch, block_shards=1)]
+        assert sorted(seen) == sorted(all_keys), "every sample exactly once per epoch"
+
+
+def test_order_depends_on_seed_and_epoch_only(dataset, tokenizer):
+    first = epoch_keys(dataset, tokenizer, 0, 1, 0, 0, epoch=0)
+    assert first == epoch_keys(dataset, tokenizer, 0, 1, 0, 0, epoch=0)
+    assert sorted(first) == sorted(epoch_keys(dataset, tokenizer, 0, 1, 0, 0, epoch=1))
+    assert first != epoch_keys(dataset, tokenizer, 0, 1, 0, 0, epoch=1)
+    assert first != epoch_keys(dataset, tokenizer, 0, 1, 0, 0, epoch=0, seed=8)
+
+
+@pytest.mark.parametrize("workers,world,resampled", [(0, 1, False), (2, 2, False), (2, 1, True)])
+def test_resume_is_sample_exact(tmp_path, tokenizer, workers, world, resampled):
+    # A bad shard and a bad sample make the skip counters part of what must resume exactly.
+    bad = good_members("bad00001", 1)[1:] + good_members("bad00002", 2)
+    shards = make_dataset(tmp_path, shards=8, per_shard=9, extra=[bad, b""])
+    cfg = config(shards, num_workers=workers, resampled=resampled)
+    rank = world - 1
+    reference = take(build_train_loader(cfg, tokenizer, rank, world), 23)  # ~2.5 epochs
+
+    interrupted = build_train_loader(cfg, tokenizer, rank, world)
+    take(interrupted, 9)  # odd: resumed workers must rotate
+    state = json.loads(json.dumps(interrupted.state_dict()))
+    interrupted.close()
+
+    resumed = build_train_loader(cfg, tokenizer, rank, world)
+    resumed.load_state_dict(state)
+    for expected, got in zip(reference[9:], take(resumed, 14)):
+        assert got["keys"] == expected["keys"]
+        for name in ("images", "text_ids", "mlm_ids", "mlm_labels"):
+            assert torch.equal(got[name], expected[name]), name
+    uninterrupted = build_train_loader(cfg, tokenizer, rank, world)
+    take(uninterrupted, 23)
+    assert resumed.skipped_counts() == uninterrupted.skipped_counts()
+    assert resumed.state_dict() == uninterrupted.state_dict()
+    resumed.close()
+    uninterrupted.close()
+
+
+def test_every_bad_sample_kind_is_skipped_and_counted(tmp_path, tokenizer):
+    bad_samples = (
+        [("ok0.jpg", jpeg(0)), ("ok0.txt", b"a red circle")]
+        + [("img.jpg", b"this is not an image"), ("img.txt", b"text")]
+        + [("bomb.png", bomb_png()), ("bomb.txt", b"big")]
+        + [("utf.jpg", jpeg(1)), ("utf.txt", b"\xff\xfe caption")]
+        + [("empty.jpg", jpeg(2)), ("empty.txt", b"  \n")]
+        + [("nocap.jpg", jpeg(3)), ("nocap.json", b"{}")]
+        + [("noimg.txt", b"a caption"), ("noimg.pyd", b"\x80\x04 a pickle, never loaded")]
+        + [("ok0.jpg", jpeg(4)), ("ok0.txt", b"the same key again")]
+        + [("twice.jpg", jpeg(5)), ("twice.jpg", jpeg(6)), ("twice.txt", b"x")]
+        + [("ok1.jpg", jpeg(7)), ("ok1.txt", b"a blue square")]
+    )
+    members = good_members("cut0", 3) + good_members("cut1", 4)
+    whole = tar_bytes(members)
+    cut_in_data = whole[:512 + 100]  # inside cut0.jpg: nothing usable
+    # At a header boundary after cut1.jpg (tarfile would call this a clean end): cut0 survives,
+    # the incomplete cut1 is dropped.
+    cut_at_header = whole[:sum(member_span(data) for _, data in members[:4])]
+    shards = make_dataset(tmp_path, shards=1, per_shard=3,
+                          extra=[bad_samples, cut_in_data, cut_at_header, b""])
+    loader = build_train_loader(config(shards, batch_size=1), tokenizer, 0, 1)
+
+    skipped = SkipCounter()
+    batches = iter_batches(loader.stream.spec, tokenizer, 0, (0, 0, 0), skipped, stop_epoch=1)
+    keys = sorted(key for batch in batches for key in batch["keys"])
+    assert keys == ["0000000", "0000001", "0000002", "cut0", "ok0", "ok1"]
+    assert skipped.counts == {
+        "bad_image": 1, "decompression_bomb": 1, "non_utf8_caption": 1, "empty_caption": 1,
+        "missing_caption": 1, "missing_image": 1, "duplicate_key": 2, "corrupt_tar": 2,
+        "empty_shard": 1}
+
+    # Through the loader: the stream goes on epoch after epoch and the counts reach the caller.
+    batches = take(loader, 3 * len(keys))
+    counts = loader.skipped_counts()
+    assert counts["duplicate_key"] >= 4 and counts["empty_shard"] >= 2
+    for kind, n in batches[-1]["skipped"].items():  # one worker: its counts are the total
+        assert counts[kind] == n
+
+
+def test_all_bad_data_stops_with_an_error_instead_of_looping(tmp_path, tokenizer):
+    bad = [("a.jpg", b"not an image"), ("a.txt", b"caption")]
+    shards = make_dataset(tmp_path, shards=0, per_shard=0, extra=[bad, bad])
+    loader = build_train_loader(config(shards, samples_per_epoch=100), tokenizer, 0, 1)
+    with pytest.raises(RuntimeError, match="no usable sample in any of the 2 shards"):
+        next(iter(loader))
+
+
+def test_resampled_mode_follows_source_weights(tmp_path, tokenizer):
+    a = make_dataset(tmp_path / "a", shards=2, per_shard=5, prefix="a")
+    b = make_dataset(tmp_path / "b", shards=6, per_shard=5, prefix="b")
+    loader = build_train_loader(
+        config(f"{a}::{b}", resampled=True, weights=[3.0, 1.0], block_shards=1, batch_size=16),
+        tokenizer, 0, 1)
+    assert loader.steps_per_epoch == 40 // 16
+    keys = [key for batch in take(loader, 30) for key in batch["keys"]]
+    share_a = np.mean([key.startswith("a") for key in keys])
+    assert abs(share_a - 0.75) < 0.1, share_a  # by weight, not by shard count (which is 1:3)
+
+
+@pytest.mark.parametrize("shards,message", [
+    ("pipe:curl -s http://example.com/{0..3}.tar", "pipe: URLs run shell commands"),
+    ("s3://bucket/{0..3}.tar", "unsupported shard URL"),
+    ("", "no training shards"),
+])
+def test_bad_urls_are_refused_before_any_work(tokenizer, shards, message):
+    with pytest.raises(ValueError, match=message):
+        build_train_loader(config(shards), tokenizer, 0, 1)
+
+
+def test_missing_shards_and_missing_counts_are_errors(tmp_path, dataset, tokenizer):
+    with pytest.raises(ValueError, match="does not exist"):
+        build_train_loader(config(str(tmp_path / "{00000..00003}.tar")), tokenizer, 0, 1)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for s in range(2):
+        (bare / f"{s}.tar").write_bytes(tar_bytes(good_members(f"k{s}", s)))
+    with pytest.raises(ValueError, match="manifest.json or sizes.json"):
+        build_train_loader(config(f"{bare}/{{0..1}}.tar"), tokenizer, 0, 1)
+    given = build_train_loader(config(f"{bare}/{{0..1}}.tar", samples_per_epoch=50), tokenizer, 0, 1)
+    assert given.steps_per_epoch == 50 // 4
+    (bare / "sizes.json").write_text(json.dumps({"0.tar": 20, "1.tar": 21}))  # OpenCLIP layout
+    assert build_train_loader(config(f"{bare}/{{0..1}}.tar"), tokenizer, 0, 1).steps_per_epoch == 10
+
+
+def test_too_few_shards_for_ranks_times_workers(dataset, tokenizer):
+    with pytest.raises(ValueError, match=r"6 shards cannot feed 2 ranks x 4 workers = 8 streams.*"
+                                         r"num_workers to at most 3"):
+        build_train_loader(config(dataset, num_workers=4), tokenizer, 0, 2)
+    build_train_loader(config(dataset, num_workers=4, resampled=True), tokenizer, 0, 2)
+
+
+def test_pickle_members_are_never_decoded(dataset, tokenizer):
+    with pytest.raises(ValueError, match="never unpickled"):
+        build_train_loader(config(dataset, caption_key="pyd"), tokenizer, 0, 1)
+
+
+def test_resume_refuses_a_changed_stream(dataset, tokenizer):
+    loader = build_train_loader(config(dataset, num_workers=0), tokenizer, 0, 1)
+    take(loader, 2)
+    other = build_train_loader(config(dataset, num_workers=2), tokenizer, 0, 1)
+    with pytest.raises(ValueError, match="num_workers: checkpoint 1, now 2"):
+        other.load_state_dict(loader.state_dict())
+
+
+def test_data_prep_fixtures_load(request, tokenizer):
+    """Shards and tokenizer as `vlp data` writes them load unchanged (when conftest has them)."""
+    try:
+        shard_dir = Path(request.getfixturevalue("shard_dir"))
+        tokenizer_dir = Path(request.getfixturevalue("tokenizer_dir"))
+    except pytest.FixtureLookupError:
+        pytest.skip("data_prep fixtures shard_dir/tokenizer_dir not available")
+    from transformers import PreTrainedTokenizerFast
+
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    stems = sorted(entry["name"].split(".")[0] for entry in manifest["shards"])
+    pattern = f"{shard_dir}/{{{stems[0]}..{stems[-1]}}}.tar"
+    real = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_dir / "tokenizer.json"),
+                                   pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+    loader = build_train_loader(config(pattern, block_shards=None), real, 0, 1)
+    batch = next(iter(loader))
+    assert batch["images"].shape == (4, 3, 32, 32) and len(batch["keys"]) == 4
+    assert sum(loader.skipped_counts().values()) == 0
