@@ -1,0 +1,78 @@
+"""Batched dual-encoder embeddings for retrieval, optionally bf16 and split across ranks.
+
+If torch.distributed is initialised, rank r encodes the r-th contiguous slice of the items and the
+slices are all-gathered, so every rank ends with the full (N, D) matrix in item order.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from pipeline.eval.images import ImageRef, load_images
+from pipeline.transforms import tokenize
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def autocast(device: torch.device, bf16: bool):
+    """bf16 autocast on `device` when asked, else a no-op context."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def distributed_map(
+    num_items: int, batch_size: int, encode: Callable[[range], torch.Tensor]
+) -> torch.Tensor:
+    """Concatenate `encode(batch_indices)` over all items; each rank encodes its own slice."""
+    rank, world = 0, 1
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    per_rank = math.ceil(num_items / world)
+    lo, hi = min(num_items, rank * per_rank), min(num_items, (rank + 1) * per_rank)
+    parts = [encode(range(i, min(i + batch_size, hi))) for i in range(lo, hi, batch_size)]
+    local = torch.cat(parts) if parts else torch.empty(0)
+    if world == 1:
+        return local
+    gathered: list[torch.Tensor | None] = [None] * world
+    dist.all_gather_object(gathered, local.cpu())  # slices may differ in length (or be empty)
+    return torch.cat([part for part in gathered if part.numel()])
+
+
+@torch.inference_mode()
+def encode_images(
+    model, images: Sequence[ImageRef], image_size: int, batch_size: int = 64, bf16: bool = False,
+    workers: int = 4,
+) -> torch.Tensor:
+    """(N, D) float32 normalised image embeddings, in the order of `images`."""
+    device = model_device(model)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+
+        def encode(batch: range) -> torch.Tensor:
+            pixels = load_images([images[i] for i in batch], image_size, pool).to(device)
+            with autocast(device, bf16):
+                return model.encode_image(pixels).float().cpu()
+
+        return distributed_map(len(images), batch_size, encode)
+
+
+@torch.inference_mode()
+def encode_texts(
+    model, tokenizer, texts: Sequence[str], max_len: int, batch_size: int = 256, bf16: bool = False
+) -> torch.Tensor:
+    """(N, D) float32 normalised text embeddings, in the order of `texts`."""
+    device = model_device(model)
+
+    def encode(batch: range) -> torch.Tensor:
+        ids, mask = tokenize(tokenizer, [texts[i] for i in batch], max_len)
+        with autocast(device, bf16):
+            return model.encode_text(ids.to(device), mask.to(device)).float().cpu()
+
+    return distributed_map(len(texts), batch_size, encode)

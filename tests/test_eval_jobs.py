@@ -1,0 +1,174 @@
+"""Retrieval and VQA evaluation end to end on the synthetic world with an untrained tiny model."""
+import io
+import json
+import shutil
+import tarfile
+
+import pytest
+import torch
+
+from pipeline.eval.files import EvalInputError
+from pipeline.eval.retrieval import evaluate_retrieval
+from pipeline.eval.vqa import evaluate_vqa
+from pipeline.eval.vqa_metric import score_predictions
+from test_eval_support import tiny_eval_model, train_world_tokenizer
+
+RECALL_KEYS = [f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)]
+
+
+@pytest.fixture(scope="module")
+def tiny(world_dir, tmp_path_factory):
+    return tiny_eval_model(train_world_tokenizer(world_dir, tmp_path_factory.mktemp("tok")))
+
+
+@pytest.fixture(scope="module")
+def karpathy(world_dir):
+    return {"karpathy_json": world_dir / "retrieval/dataset_synth.json",
+            "image_root": world_dir / "retrieval"}
+
+
+@pytest.fixture(scope="module")
+def retrieval_result(tiny, karpathy, tmp_path_factory):
+    out = tmp_path_factory.mktemp("retrieval") / "result.json"
+    return evaluate_retrieval(tiny, **karpathy, out=out), out
+
+
+def test_retrieval_result_has_clip_benchmark_keys_and_chance(retrieval_result):
+    result, out = retrieval_result
+    assert json.loads(out.read_text()) == result
+    assert (result["num_images"], result["num_texts"]) == (32, 160)  # 5 captions per image
+    assert list(result["metrics"]) == RECALL_KEYS + ["mean_recall"]
+    assert all(0 <= v <= 1 for v in result["metrics"].values())
+    chance = result["baselines"]["chance"]
+    assert chance["image_retrieval_recall@1"] == pytest.approx(1 / 32)
+    assert chance["text_retrieval_recall@1"] == pytest.approx(5 / 160)
+
+
+def test_rerank_scores_top_k_pairs_and_keeps_recall_beyond_k(
+    tiny, karpathy, retrieval_result, monkeypatch
+):
+    pairs = []
+    itm_logits = tiny.model.itm_logits
+
+    def counting(images, ids, mask):
+        pairs.append(len(images))
+        return itm_logits(images, ids, mask)
+
+    monkeypatch.setattr(tiny.model, "itm_logits", counting)
+    reranked = evaluate_retrieval(tiny, **karpathy, rerank_k=3)["metrics"]
+    assert sum(pairs) == (160 + 32) * 3  # every text query and every image query, top 3 each
+    plain = retrieval_result[0]["metrics"]
+    for key in RECALL_KEYS:
+        if not key.endswith("@1"):  # reordering inside the top 3 cannot change recall@5/@10
+            assert reranked[key] == pytest.approx(plain[key]), key
+
+
+def test_retrieval_shards_give_the_same_result_as_the_json(
+    tiny, world_dir, tmp_path, retrieval_result
+):
+    karpathy = json.loads((world_dir / "retrieval/dataset_synth.json").read_text())
+    shard = tmp_path / "retrieval-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i, image in enumerate(karpathy["images"]):
+            image_path = world_dir / "retrieval" / image["filepath"] / image["filename"]
+            tar.add(image_path, f"{i:06d}.jpg")
+            text = "\n".join(s["raw"] for s in image["sentences"]).encode()
+            info = tarfile.TarInfo(f"{i:06d}.txt")
+            info.size = len(text)
+            tar.addfile(info, io.BytesIO(text))
+    result = evaluate_retrieval(tiny, shards=str(tmp_path / "retrieval-{000000..000000}.tar"))
+    assert result["metrics"] == pytest.approx(retrieval_result[0]["metrics"])
+
+
+def test_retrieval_bad_input_names_the_problem(tiny, world_dir, tmp_path):
+    root = tmp_path / "retrieval"
+    shutil.copytree(world_dir / "retrieval", root)
+    data = json.loads((root / "dataset_synth.json").read_text())
+    (root / "images" / data["images"][3]["filename"]).unlink()
+    out = tmp_path / "result.json"
+    with pytest.raises(EvalInputError, match=data["images"][3]["filename"]):
+        evaluate_retrieval(tiny, karpathy_json=root / "dataset_synth.json", image_root=root,
+                           out=out)
+    with pytest.raises(EvalInputError, match=r"split 'val' has no images; splits present: \['tes"):
+        evaluate_retrieval(tiny, karpathy_json=root / "dataset_synth.json", image_root=root,
+                           split="val", out=out)
+    del data["images"][0]["sentences"][1]["raw"]
+    (root / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(EvalInputError, match=r"images\[0\]\.sentences\[1\]: missing field 'raw'"):
+        evaluate_retrieval(tiny, karpathy_json=root / "bad.json", image_root=root, out=out)
+    (root / "broken.json").write_text('{"images": [')
+    with pytest.raises(EvalInputError, match="broken.json is not valid JSON"):
+        evaluate_retrieval(tiny, karpathy_json=root / "broken.json", image_root=root, out=out)
+    assert not out.exists() and not list(tmp_path.glob(".result.json*"))
+
+
+@pytest.fixture(scope="module")
+def vqa_result(tiny, world_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vqa") / "vqa.json"
+    result = evaluate_vqa(tiny, vqa_dir=world_dir / "vqa", min_answer_count=3, steps=20,
+                          batch_size=16, out=out)
+    return result, out
+
+
+def test_vqa_end_to_end(vqa_result, tiny, world_dir):
+    result, out = vqa_result
+    assert json.loads(out.read_text()) == result
+    assert set(result["metrics"]) == {"overall", "yes/no", "number", "other"}
+    assert all(0 <= v <= 100 for v in result["metrics"].values())
+    assert result["finetune"]["steps"] == 20
+    assert result["finetune"]["final_loss"] < result["finetune"]["first_loss"]
+    predictions = json.loads((out.parent / "vqa.results.json").read_text())
+    questions = json.loads((world_dir / "vqa/v2_OpenEnded_synth_val_questions.json").read_text())
+    assert sorted(p["question_id"] for p in predictions) == sorted(
+        q["question_id"] for q in questions["questions"])
+    assert tiny.model.vqa_head is None  # fine-tuning used a copy
+
+
+def test_vqa_majority_baselines_are_scored_like_predictions(vqa_result, world_dir):
+    result = vqa_result[0]
+    annotations = json.loads((world_dir / "vqa/v2_synth_val_annotations.json").read_text())
+    answers = {a["question_id"]: [x["answer"] for x in a["answers"]]
+               for a in annotations["annotations"]}
+    types = {a["question_id"]: a["answer_type"] for a in annotations["annotations"]}
+    majority = result["baseline_answers"]["majority"]
+    assert majority in ("yes", "no")  # a third of the synthetic questions are yes/no
+    assert result["baselines"]["majority"] == pytest.approx(
+        score_predictions({q: majority for q in answers}, answers, types))
+    per_type = result["baseline_answers"]["type_prior"]
+    assert per_type["yes/no"] in ("yes", "no") and per_type["number"].isdigit()
+    assert result["baselines"]["type_prior"]["yes/no"] == result["baselines"]["majority"]["yes/no"]
+
+
+def test_vqa_bad_input_names_the_problem(tiny, world_dir, tmp_path):
+    vqa = tmp_path / "vqa"
+    shutil.copytree(world_dir / "vqa", vqa)
+    annotations_path = vqa / "v2_synth_val_annotations.json"
+    annotations = json.loads(annotations_path.read_text())
+    dropped = annotations["annotations"].pop(0)["question_id"]
+    annotations_path.write_text(json.dumps(annotations))
+    with pytest.raises(EvalInputError, match=rf"1 question\(s\) .* have no annotation .*{dropped}"):
+        evaluate_vqa(tiny, vqa_dir=vqa, steps=1)
+    with pytest.raises(EvalInputError, match=r"expected one \*_test_questions.json"):
+        evaluate_vqa(tiny, vqa_dir=vqa, eval_split="test", steps=1)
+    questions_path = vqa / "v2_OpenEnded_synth_train_questions.json"
+    questions = json.loads(questions_path.read_text())
+    (vqa / "empty_questions.json").write_text(json.dumps({**questions, "questions": []}))
+    with pytest.raises(EvalInputError, match="no questions"):
+        evaluate_vqa(tiny, vqa_dir=vqa, train_questions=vqa / "empty_questions.json", steps=1)
+    shutil.rmtree(vqa / "images" / "train")
+    with pytest.raises(EvalInputError, match="no image for question 0"):
+        evaluate_vqa(tiny, vqa_dir=vqa, steps=1)
+
+
+def test_vqa_uses_the_soft_score_targets(tiny, world_dir):
+    from pipeline.eval.vqa_data import find_split_files, load_vqa_split
+    from pipeline.eval.vqa_finetune import AnswerVocab
+
+    files = find_split_files(world_dir / "vqa", "train")
+    train = load_vqa_split(*files, world_dir / "vqa")
+    vocab = AnswerVocab.build(train, min_count=3)
+    assert "two" not in vocab.answers and "2" in vocab.answers  # normalised like predictions
+    example = next(e for e in train if len(set(e.answers)) > 1)
+    targets = vocab.dense_targets([vocab.targets(example)])
+    assert targets.shape == (1, len(vocab.answers)) and 0 < targets.max() <= 1
+    assert torch.count_nonzero(targets) == len(vocab.targets(example))
