@@ -160,10 +160,9 @@ def _split_name(name: str) -> tuple[str | None, str]:
 
 def _check_header(header: bytes, offset: int) -> None:
     stored = _number(header[148:156], offset)
-    values = np.frombuffer(header, dtype=np.uint8)
-    unsigned = int(values.sum()) - int(values[148:156].sum()) + 8 * 32  # checksum field as spaces
-    if stored != unsigned:
-        signed = values.view(np.int8)  # some old writers summed signed bytes
+    field = sum(header[148:156]) - 8 * 32  # the checksum is summed with its field as spaces
+    if stored != int(np.frombuffer(header, dtype=np.uint8).sum()) - field:
+        signed = np.frombuffer(header, dtype=np.int8)  # some old writers summed signed bytes
         if stored != int(signed.sum()) - int(signed[148:156].sum()) + 8 * 32:
             raise DamagedShard("corrupt_tar", f"bad header checksum at byte {offset}")
 

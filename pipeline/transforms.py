@@ -8,11 +8,13 @@ Text: HF tokenizer to fixed-length ids with [CLS] first and a boolean mask (True
 from __future__ import annotations
 
 import io
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
+from tokenizers import Tokenizer
 
 # CLIP's statistics; any fixed choice works as long as train and eval agree.
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -98,10 +100,42 @@ def decode_caption(data: bytes | None) -> str:
 
 def tokenize(tokenizer, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Texts -> (ids long (B, L), mask bool (B, L)); [CLS] first, padded/truncated to `max_len`."""
-    encoded = tokenizer(
-        texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt"
-    )
-    return encoded["input_ids"].long(), encoded["attention_mask"].bool()
+    backend = _fixed_length_backend(tokenizer, max_len)
+    if backend is None:
+        encoded = tokenizer(
+            texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt"
+        )
+        return encoded["input_ids"].long(), encoded["attention_mask"].bool()
+    encodings = backend.encode_batch(texts)
+    ids = torch.tensor([e.ids for e in encodings], dtype=torch.long).view(len(texts), max_len)
+    mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.bool)
+    return ids, mask.view(len(texts), max_len)
+
+
+# Fast tokenizer -> {max_len: Rust tokenizer that truncates and pads to max_len}.
+_FIXED_LENGTH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fixed_length_backend(tokenizer, max_len: int):
+    """A private copy of a fast tokenizer's Rust backend, set up as `tokenizer(texts,
+    padding="max_length", truncation=True, max_length=max_len)` sets it up, minus transformers'
+    per-call Python overhead (most of the cost for short captions). None for slow tokenizers."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or tokenizer.pad_token_id is None:
+        return None
+    try:
+        cache = _FIXED_LENGTH.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable: build each time
+        cache = {}
+    if max_len not in cache:
+        fixed = Tokenizer.from_str(backend.to_str())
+        fixed.enable_truncation(max_length=max_len, stride=0, strategy="longest_first",
+                                direction=tokenizer.truncation_side)
+        fixed.enable_padding(length=max_len, pad_id=tokenizer.pad_token_id,
+                             pad_type_id=tokenizer.pad_token_type_id,
+                             pad_token=tokenizer.pad_token, direction=tokenizer.padding_side)
+        cache[max_len] = fixed
+    return cache[max_len]
 
 
 @dataclass(frozen=True)

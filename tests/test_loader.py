@@ -16,6 +16,7 @@ from PIL import Image
 from pipeline.data import LoaderConfig, build_train_loader
 from pipeline.data_stream import iter_batches
 from pipeline.data_tar import SkipCounter
+from pipeline.transforms import tokenize
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = "a red blue green small big circle square triangle on the left right of and".split()
@@ -89,6 +90,11 @@ def make_dataset(root: Path, shards: int, per_shard: int, extra: list | None = N
 
 @pytest.fixture(scope="module")
 def tokenizer():
+    return build_tokenizer()
+
+
+def build_tokenizer():
+    """A small WordPiece tokenizer trained on the test captions, wrapped for transformers."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -96,7 +102,8 @@ def tokenizer():
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.train_from_iterator([caption(i) for i in range(200)],
-                            trainers.WordPieceTrainer(vocab_size=100, special_tokens=SPECIALS))
+                            trainers.WordPieceTrainer(vocab_size=100, special_tokens=SPECIALS,
+                                                     show_progress=False))
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
@@ -289,6 +296,15 @@ def test_too_few_shards_for_ranks_times_workers(dataset, tokenizer):
     build_train_loader(config(dataset, num_workers=4, resampled=True), tokenizer, 0, 2)
 
 
+def test_batch_tokenize_matches_the_transformers_call(tokenizer):
+    texts = [caption(i) * (i % 4) for i in range(40)] + ["", "  ", "[MASK] ü 日本 left!"]
+    ids, mask = tokenize(tokenizer, texts, 12)
+    expected = tokenizer(texts, padding="max_length", truncation=True, max_length=12,
+                         return_tensors="pt")
+    assert torch.equal(ids, expected["input_ids"]) and ids.dtype == torch.long
+    assert torch.equal(mask, expected["attention_mask"].bool())
+
+
 def test_pickle_members_are_never_decoded(dataset, tokenizer):
     with pytest.raises(ValueError, match="never unpickled"):
         build_train_loader(config(dataset, caption_key="pyd"), tokenizer, 0, 1)
@@ -302,21 +318,19 @@ def test_resume_refuses_a_changed_stream(dataset, tokenizer):
         other.load_state_dict(loader.state_dict())
 
 
-def test_data_prep_fixtures_load(request, tokenizer):
+def test_data_prep_fixtures_load(request):
     """Shards and tokenizer as `vlp data` writes them load unchanged (when conftest has them)."""
     try:
         shard_dir = Path(request.getfixturevalue("shard_dir"))
         tokenizer_dir = Path(request.getfixturevalue("tokenizer_dir"))
     except pytest.FixtureLookupError:
         pytest.skip("data_prep fixtures shard_dir/tokenizer_dir not available")
-    from transformers import PreTrainedTokenizerFast
+    from data_prep.tokenizer import load_tokenizer
 
     manifest = json.loads((shard_dir / "manifest.json").read_text())
     stems = sorted(entry["name"].split(".")[0] for entry in manifest["shards"])
     pattern = f"{shard_dir}/{{{stems[0]}..{stems[-1]}}}.tar"
-    real = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_dir / "tokenizer.json"),
-                                   pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]")
+    real = load_tokenizer(tokenizer_dir)
     loader = build_train_loader(config(pattern, block_shards=None), real, 0, 1)
     batch = next(iter(loader))
     assert batch["images"].shape == (4, 3, 32, 32) and len(batch["keys"]) == 4
