@@ -8,9 +8,11 @@
     loader.load_state_dict(checkpoint["loader"])         # before iterating again
 
 Stream (pipeline/data_stream.py). Each rank runs `num_workers` logical workers (one in-process
-when num_workers=0), each an endless stream of epochs. In epoch e every worker sorts the shard
-list, shuffles it with Random(seed, e), takes shards[rank::world][worker::num_workers] and cuts
-that into blocks of `block_shards` shards. A block's raw samples (undecoded bytes grouped by
+when num_workers=0), each an endless stream of epochs. In epoch e every worker orders the shard
+list (by source, then file name: moving the data does not change the stream), shuffles it with
+Random(seed, e), takes shards[rank::world][worker::num_workers] and cuts that into blocks of
+`block_shards` shards. Each stream advances through its epochs at its own pace (streams hold
+different sample counts), so a stream never waits and never repeats a sample within an epoch. A block's raw samples (undecoded bytes grouped by
 key) pass a bounded shuffle buffer seeded from (seed, e, rank, worker, block) that drains at the
 block's end; then they are decoded (bad ones skipped and counted), and batched, tokenized and
 MLM-masked inside the worker, so a DataLoader item is a whole batch. Resampled mode draws each
@@ -31,6 +33,11 @@ worker p plays logical worker (p + k) % num_workers; the global batch order is t
 Skip counts: `skipped_counts()` is cumulative for the run on this rank (restored from the
 checkpoint), summed over workers, with every kind in data_tar.SKIP_KINDS present.
 
+Shards are webdataset tars (img2dataset / OpenCLIP layouts) read by pipeline/data_tar.py, not by
+webdataset's stages: a position needs the shuffle's emitted count, and damage must be seen
+(tarfile, under webdataset, takes a truncated tar for a complete one). URL handling, including
+brace expansion, is in pipeline/data_sources.py.
+
 Security: `pipe:` URLs are refused, only jpg/jpeg/png/webp (PIL, restricted to those formats)
 and UTF-8 text captions are decoded, nothing is ever unpickled (no webdataset decoders).
 """
@@ -44,7 +51,7 @@ from dataclasses import dataclass
 
 from torch.utils.data import DataLoader
 
-from pipeline.data_sources import (check_not_all_empty, count_samples, parse_sources)
+from pipeline.data_sources import check_not_all_empty, count_samples, parse_sources
 from pipeline.data_stream import ShardStream, StreamSpec
 from pipeline.data_tar import SKIP_KINDS
 from pipeline.transforms import MaskingSpec
@@ -127,8 +134,8 @@ class TrainLoader:
 
     def skipped_counts(self) -> dict[str, int]:
         """Samples (or shard reads) skipped so far on this rank, by kind; all kinds present."""
-        total = {kind: self._base_skipped.get(kind, 0) for kind in SKIP_KINDS}
-        for counts in self._worker_skipped.values():
+        total = dict.fromkeys(SKIP_KINDS, 0)
+        for counts in (self._base_skipped, *self._worker_skipped.values()):
             for kind, n in counts.items():
                 total[kind] = total.get(kind, 0) + n
         return total
@@ -173,7 +180,8 @@ class TrainLoader:
 
 def _stream_identity(spec: StreamSpec) -> dict:
     """The inputs that decide which samples each logical worker emits, in which order."""
-    shards = json.dumps([list(source) for source in spec.sources]).encode()
+    names = [[url.rsplit("/", 1)[-1] for url in source] for source in spec.sources]
+    shards = json.dumps(names).encode()  # file names only: moving the data keeps the stream
     return {
         "shards_sha256": hashlib.sha256(shards).hexdigest(), "num_shards": len(spec.all_urls),
         "weights": list(spec.weights) if spec.weights else None, "resampled": spec.resampled,

@@ -54,6 +54,13 @@ class StreamSpec:
     def all_urls(self) -> list[str]:
         return [url for source in self.sources for url in source]
 
+    def canonical_urls(self) -> list[str]:
+        """All shards in an order that does not depend on where the data lives (so a moved
+        shard directory resumes exactly): by source, then file name."""
+        keyed = [(i, url.rsplit("/", 1)[-1], url) for i, source in enumerate(self.sources)
+                 for url in source]
+        return [url for *_, url in sorted(keyed)]
+
 
 @dataclass(frozen=True)
 class Block:
@@ -72,7 +79,7 @@ def derive_seed(*parts) -> int:
 
 def worker_shards(spec: StreamSpec, worker: int, epoch: int) -> list[str]:
     """This (rank, worker)'s shards in `epoch`: shuffle all, split by rank, then by worker."""
-    order = sorted(spec.all_urls)
+    order = spec.canonical_urls()
     random.Random(derive_seed(spec.seed, "epoch", epoch)).shuffle(order)
     return order[spec.rank::spec.world_size][worker::spec.num_workers]
 
@@ -88,6 +95,8 @@ def iter_blocks(spec: StreamSpec, worker: int, epoch: int, index: int) -> Iterat
         return
     for e in itertools.count(epoch):
         mine = worker_shards(spec, worker, e)
+        if not mine:  # build_train_loader refuses this; never spin through empty epochs
+            raise RuntimeError(f"loader worker {worker} of rank {spec.rank} has no shards")
         blocks = [mine[i:i + spec.block_shards] for i in range(0, len(mine), spec.block_shards)]
         for i in range(index if e == epoch else 0, len(blocks)):
             yield Block(e, i, tuple(blocks[i]))

@@ -12,6 +12,7 @@ names, and skips other member types (directories, links, global headers).
 """
 from __future__ import annotations
 
+import gzip
 import http.client
 import logging
 import re
@@ -98,7 +99,7 @@ def iter_samples(url: str, wanted: frozenset[str], skipped: SkipCounter) -> Iter
         except DamagedShard as exc:  # the pending sample may be incomplete: drop it
             skipped.shard_failed(url, exc.kind, str(exc))
             return
-        except (EOFError, zlib.error) as exc:  # gzip: truncated or corrupt stream
+        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:  # .tar.gz: truncated or corrupt
             skipped.shard_failed(url, "corrupt_tar", f"compressed stream broken: {exc}")
             return
         except (OSError, http.client.HTTPException) as exc:

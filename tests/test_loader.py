@@ -1,10 +1,13 @@
 """Training data loader on real tar shards: splitting, order, exact resume, bad samples, errors."""
 from __future__ import annotations
 
+import functools
+import http.server
 import io
 import json
 import struct
 import tarfile
+import threading
 import zlib
 from pathlib import Path
 
@@ -161,11 +164,21 @@ def test_batch_contents(dataset, tokenizer):
 
 
 def test_rank_and_worker_split_is_a_partition_each_epoch(dataset, tokenizer):
-    all_keys = {f"{s:03d}{j:04d}" for s in range(6) for j in range(10)}
-    for epoch in (0, 1):
+    all_keys = sorted(f"{s:03d}{j:04d}" for s in range(6) for j in range(10))
+    for epoch in (1, 2):
         seen = [key for rank in (0, 1) for worker in (0, 1)
                 for key in epoch_keys(dataset, tokenizer, rank, 2, 2, worker, epoch, block_shards=1)]
-        assert sorted(seen) == sorted(all_keys), "every sample exactly once per epoch"
+        assert sorted(seen) == all_keys, "every sample exactly once per epoch"
+
+    # The same through real DataLoader workers: 2 ranks x 2 workers, batches of one sample. A
+    # stream holds at most 2 shards (20 samples), so 42 batches take every worker past epoch 0.
+    seen = []
+    for rank in (0, 1):
+        loader = build_train_loader(config(dataset, batch_size=1, num_workers=2, block_shards=1),
+                                    tokenizer, rank, 2)
+        seen += [b["keys"][0] for b in take(loader, 42) if b["position"][0] == 0]
+        loader.close()
+    assert sorted(seen) == all_keys
 
 
 def test_order_depends_on_seed_and_epoch_only(dataset, tokenizer):
@@ -223,8 +236,10 @@ def test_every_bad_sample_kind_is_skipped_and_counted(tmp_path, tokenizer):
     # At a header boundary after cut1.jpg (tarfile would call this a clean end): cut0 survives,
     # the incomplete cut1 is dropped.
     cut_at_header = whole[:sum(member_span(data) for _, data in members[:4])]
+    garbled = bytearray(whole)
+    garbled[member_span(members[0][1]) + 5] ^= 0xFF  # a byte of cut0.txt's header name
     shards = make_dataset(tmp_path, shards=1, per_shard=3,
-                          extra=[bad_samples, cut_in_data, cut_at_header, b""])
+                          extra=[bad_samples, cut_in_data, cut_at_header, bytes(garbled), b""])
     loader = build_train_loader(config(shards, batch_size=1), tokenizer, 0, 1)
 
     skipped = SkipCounter()
@@ -233,7 +248,7 @@ def test_every_bad_sample_kind_is_skipped_and_counted(tmp_path, tokenizer):
     assert keys == ["0000000", "0000001", "0000002", "cut0", "ok0", "ok1"]
     assert skipped.counts == {
         "bad_image": 1, "decompression_bomb": 1, "non_utf8_caption": 1, "empty_caption": 1,
-        "missing_caption": 1, "missing_image": 1, "duplicate_key": 2, "corrupt_tar": 2,
+        "missing_caption": 1, "missing_image": 1, "duplicate_key": 2, "corrupt_tar": 3,
         "empty_shard": 1}
 
     # Through the loader: the stream goes on epoch after epoch and the counts reach the caller.
@@ -242,6 +257,26 @@ def test_every_bad_sample_kind_is_skipped_and_counted(tmp_path, tokenizer):
     assert counts["duplicate_key"] >= 4 and counts["empty_shard"] >= 2
     for kind, n in batches[-1]["skipped"].items():  # one worker: its counts are the total
         assert counts[kind] == n
+
+
+def test_http_shards_and_manifest(dataset, tokenizer):
+    root = Path(dataset.split("{")[0])
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/{{00000..00005}}.tar"
+        remote = build_train_loader(config(url), tokenizer, 0, 1)
+        local = build_train_loader(config(dataset), tokenizer, 0, 1)
+        assert remote.steps_per_epoch == local.steps_per_epoch  # manifest read over http
+        for got, expected in zip(take(remote, 5), take(local, 5)):
+            assert got["keys"] == expected["keys"]  # same stream wherever the shards live
+            assert torch.equal(got["images"], expected["images"])
+        assert remote.state_dict() == local.state_dict()
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_all_bad_data_stops_with_an_error_instead_of_looping(tmp_path, tokenizer):
