@@ -1,0 +1,181 @@
+"""Write the synthetic world in the real formats: an img2dataset URL list for pretraining, a
+Karpathy-style retrieval test set and VQAv2 question/annotation files.
+
+Held-out scenes (retrieval test, VQA val) are drawn first and are unique; training scenes (URL
+list, VQA train) are drawn excluding them, so no scene appears on both sides. Each image's pixels
+and texts come from its own random stream (seed, split, index): the world is deterministic.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from data_prep.captions import TEMPLATES, captions
+from data_prep.scenes import COLOURS, GRID, Scene, WorldSpec, render_scene, sample_scenes
+from data_prep.vqa import annotation, ask
+
+RETRIEVAL_CAPTIONS = 5
+VQA_IMAGE_PATTERN = "vqa/images/{split}/{image_id:012d}.jpg"
+SPLIT_STREAMS = {"train": 0, "retrieval": 1, "vqa_train": 2, "vqa_val": 3}
+
+
+def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, SPLIT_STREAMS[split], index])
+
+
+def _prepare_dir(out: Path) -> None:
+    """Create `out`; replace a previous world there, refuse to write over anything else."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / "world.json").exists():
+            raise FileExistsError(f"{out} is not empty and holds no world.json; choose another")
+        for sub in ("train", "retrieval", "vqa"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _render(scenes: list[Scene], paths: list[Path], seed: int, split: str, size: int):
+    """Render scenes to JPEG files; yield each scene with its image's random stream."""
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    for index, (scene, path) in enumerate(tqdm(list(zip(scenes, paths)), desc=f"render {split}")):
+        rng = _image_rng(seed, split, index)
+        render_scene(scene, rng, size).save(path, format="JPEG", quality=90)
+        yield scene, rng
+
+
+def _write_train(out, scenes, seed, base_url, size) -> None:
+    names = [f"train/images/{i:06d}.jpg" for i in range(len(scenes))]
+    texts = [
+        captions(scene, rng, 1)[0]
+        for scene, rng in _render(scenes, [out / n for n in names], seed, "train", size)
+    ]
+    urls = [f"{base_url}/{name}" for name in names]
+    pd.DataFrame({"url": urls, "caption": texts}).to_parquet(out / "train/url_list.parquet")
+
+
+def _write_retrieval(out, scenes, seed, size) -> None:
+    paths = [out / f"retrieval/images/{i:06d}.jpg" for i in range(len(scenes))]
+    images = []
+    for imgid, (scene, rng) in enumerate(_render(scenes, paths, seed, "retrieval", size)):
+        sentids = list(range(imgid * RETRIEVAL_CAPTIONS, (imgid + 1) * RETRIEVAL_CAPTIONS))
+        sentences = [
+            {"raw": raw, "tokens": re.findall(r"[a-z0-9]+", raw), "imgid": imgid, "sentid": s}
+            for raw, s in zip(captions(scene, rng, RETRIEVAL_CAPTIONS), sentids)
+        ]
+        images.append(
+            {
+                "filename": paths[imgid].name,
+                "filepath": "images",
+                "split": "test",
+                "imgid": imgid,
+                "sentids": sentids,
+                "sentences": sentences,
+            }
+        )
+    with open(out / "retrieval/dataset_synth.json", "w") as f:
+        json.dump({"images": images, "dataset": "synth"}, f)
+
+
+def _write_vqa(out, split, scenes, first_image_id, spec, seed, size) -> dict:
+    image_ids = [first_image_id + i for i in range(len(scenes))]
+    paths = [out / VQA_IMAGE_PATTERN.format(split=split, image_id=i) for i in image_ids]
+    questions, annotations = [], []
+    rendered = _render(scenes, paths, seed, f"vqa_{split}", size)
+    for image_id, (scene, rng) in zip(image_ids, rendered):
+        for j, question in enumerate(ask(scene, spec, rng, spec.questions_per_image)):
+            question_id = image_id * 1000 + j
+            questions.append(
+                {"image_id": image_id, "question": question.question, "question_id": question_id}
+            )
+            annotations.append(annotation(question, question_id, image_id, rng))
+    files = {
+        "questions": f"vqa/v2_OpenEnded_synth_{split}_questions.json",
+        "annotations": f"vqa/v2_synth_{split}_annotations.json",
+    }
+    header = {"data_type": "synth", "data_subtype": split, "license": {"name": "CC0"}}
+    with open(out / files["questions"], "w") as f:
+        json.dump({**header, "task_type": "Open-Ended", "questions": questions}, f)
+    with open(out / files["annotations"], "w") as f:
+        json.dump({**header, "annotations": annotations}, f)
+    return {**files, "images": len(scenes), "num_questions": len(questions)}
+
+
+def draw_scenes(seed, spec, n_train, n_test, n_vqa_train, n_vqa_val) -> dict[str, list[Scene]]:
+    """The scenes of every split; held-out ones unique and never among the training ones."""
+    rng = np.random.default_rng(seed)
+    test = sample_scenes(rng, spec, n_test, set(), unique=True)
+    vqa_val = sample_scenes(rng, spec, n_vqa_val, set(test), unique=True)
+    held_out = set(test) | set(vqa_val)
+    return {
+        "test": test,
+        "vqa_val": vqa_val,
+        "train": sample_scenes(rng, spec, n_train, held_out, unique=False),
+        "vqa_train": sample_scenes(rng, spec, n_vqa_train, held_out, unique=False),
+    }
+
+
+def generate_world(
+    out_dir,
+    n_train: int,
+    n_test: int,
+    seed: int = 0,
+    base_url: str = "http://127.0.0.1:8765",
+    n_vqa_train: int | None = None,
+    n_vqa_val: int | None = None,
+    render_size: int = 128,
+    spec: WorldSpec | None = None,
+) -> dict:
+    """Render the world into `out_dir` and return what world.json records.
+
+    `n_vqa_train`/`n_vqa_val` count VQA images (default n_train // 2 and n_test // 2), each with
+    up to spec.questions_per_image questions.
+    """
+    spec = spec or WorldSpec()
+    n_vqa_train = n_train // 2 if n_vqa_train is None else n_vqa_train
+    n_vqa_val = n_test // 2 if n_vqa_val is None else n_vqa_val
+    if min(n_train, n_test, n_vqa_train, n_vqa_val) < 1:
+        raise ValueError("every split needs at least one image")
+    out = Path(out_dir)
+    base_url = base_url.rstrip("/")
+    _prepare_dir(out)
+
+    scenes = draw_scenes(seed, spec, n_train, n_test, n_vqa_train, n_vqa_val)
+    _write_train(out, scenes["train"], seed, base_url, render_size)
+    _write_retrieval(out, scenes["test"], seed, render_size)
+    vqa = {
+        "train": _write_vqa(out, "train", scenes["vqa_train"], 1, spec, seed, render_size),
+        "val": _write_vqa(out, "val", scenes["vqa_val"], 1 + n_vqa_train, spec, seed, render_size),
+    }
+    world = {
+        "seed": seed,
+        "base_url": base_url,
+        "render_size": render_size,
+        "counts": {
+            "train": n_train, "test": n_test, "vqa_train": n_vqa_train, "vqa_val": n_vqa_val,
+        },  # fmt: skip
+        "attributes": {
+            "shapes": list(spec.shapes),
+            "colours": {name: list(COLOURS[name]) for name in spec.colours},
+            "sizes": list(spec.sizes),
+            "grid": GRID,
+            "object_count_weights": list(spec.object_count_weights),
+            "questions_per_image": spec.questions_per_image,
+            "caption_templates": len(TEMPLATES),
+        },
+        "files": {
+            "train_images": "train/images",
+            "train_url_list": "train/url_list.parquet",
+            "retrieval_json": "retrieval/dataset_synth.json",
+            "retrieval_image_root": "retrieval",
+            "vqa_image_pattern": VQA_IMAGE_PATTERN,
+            "vqa": vqa,
+        },
+    }
+    with open(out / "world.json", "w") as f:
+        json.dump(world, f, indent=2)
+    return world
