@@ -1,0 +1,195 @@
+"""`vlp data synth|serve|download|index|tokenizer|reshard`: the data stage's subcommands.
+
+Each long step ends with a one-screen summary of its counts. Bad arguments and bad input files
+end the command with a one-line error instead of a traceback.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+from data_prep.download import DISTRIBUTORS, RESIZE_MODES, download_shards
+from data_prep.index import build_manifest
+from data_prep.reshard import reshard
+from data_prep.server import serve_directory, serve_world
+from data_prep.synth import generate_world
+from data_prep.tokenizer import iter_shard_captions, iter_vqa_questions, train_tokenizer
+
+MAX_PROBLEM_LINES = 10
+
+
+def print_summary(title: str, summary: dict) -> None:
+    """Print nested counts one per line; long problem lists are cut (the manifest has them all)."""
+    print(f"== {title} ==")
+
+    def show(value, indent):
+        for key, item in value.items():
+            if isinstance(item, dict):
+                print(f"{indent}{key}:" + ("" if item else " none"))
+                show(item, indent + "  ")
+            elif isinstance(item, list):
+                print(f"{indent}{key}: {len(item)}")
+                for entry in item[:MAX_PROBLEM_LINES]:
+                    print(f"{indent}  - {json.dumps(entry) if isinstance(entry, dict) else entry}")
+                if len(item) > MAX_PROBLEM_LINES:
+                    print(f"{indent}  ... {len(item) - MAX_PROBLEM_LINES} more")
+            else:
+                print(f"{indent}{key}: {item}")
+
+    show(summary, "  ")
+
+
+def _clear_errors(func):
+    """Turn input errors into a one-line message and exit status 1."""
+
+    @functools.wraps(func)
+    def wrapper(args):
+        try:
+            return func(args)
+        except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:
+            raise SystemExit(f"vlp data {args.data_command}: error: {exc}") from exc
+
+    return wrapper
+
+
+@_clear_errors
+def synth(args) -> int:
+    world = generate_world(
+        args.out, args.train, args.test, seed=args.seed, base_url=args.base_url,
+        n_vqa_train=args.vqa_train, n_vqa_val=args.vqa_val, render_size=args.render_size,
+    )  # fmt: skip
+    summary = {"base_url": world["base_url"], **world["counts"]}
+    print_summary(f"synthetic world in {args.out}", summary)
+    return 0
+
+
+@_clear_errors
+def serve(args) -> int:
+    directory = Path(args.dir)
+    server = (
+        serve_world(directory)
+        if (directory / "world.json").exists()
+        else serve_directory(directory, args.port)
+    )
+    with server as base_url:
+        print(f"serving {directory} at {base_url} (Ctrl-C to stop)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            return 0
+
+
+@_clear_errors
+def download(args) -> int:
+    summary = download_shards(
+        args.url_list,
+        args.out,
+        image_size=args.image_size,
+        resize_mode=args.resize_mode,
+        processes=args.processes,
+        threads=args.threads,
+        number_sample_per_shard=args.number_sample_per_shard,
+        timeout=args.timeout,
+        allow_private_hosts=args.allow_private_hosts,
+        distributor=args.distributor,
+        incremental=not args.no_resume,
+        retries=args.retries,
+        url_col=args.url_col,
+        caption_col=args.caption_col,
+    )
+    print_summary(f"download into {args.out}", summary)
+    return 0
+
+
+@_clear_errors
+def index(args) -> int:
+    manifest = build_manifest(args.shards)
+    summary = {key: value for key, value in manifest.items() if key != "shards"}
+    print_summary(f"index of {args.shards} (manifest.json, sizes.json)", summary)
+    return 0
+
+
+@_clear_errors
+def tokenizer(args) -> int:
+    counts = Counter()
+    texts = [iter_shard_captions(args.shards, counts)]
+    texts += [iter_vqa_questions(path) for path in args.extra_text]
+    path = train_tokenizer((t for source in texts for t in source), args.out, args.vocab_size)
+    print_summary(f"tokenizer {path}", {"texts_from_shards": dict(counts)})
+    return 0
+
+
+@_clear_errors
+def reshard_command(args) -> int:
+    summary = reshard(args.in_dir, args.out, args.samples_per_shard)
+    print_summary(f"reshard {args.in_dir} -> {args.out}", summary)
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add `data` and its subcommands to the `vlp` parser."""
+    data = subparsers.add_parser("data", help="prepare data: synthetic world, shards, tokenizer")
+    commands = data.add_subparsers(dest="data_command", required=True)
+
+    p = commands.add_parser("synth", help="render the synthetic world")
+    p.add_argument("--out", required=True, help="world directory to write")
+    p.add_argument("--train", type=int, required=True, help="training images (URL list rows)")
+    p.add_argument("--test", type=int, required=True, help="retrieval images, 5 captions each")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vqa-train", type=int, default=None, help="VQA train images (default train/2)")
+    p.add_argument("--vqa-val", type=int, default=None, help="VQA val images (default test/2)")
+    p.add_argument("--base-url", default="http://127.0.0.1:8765", help="where `serve` will listen")
+    p.add_argument("--render-size", type=int, default=128, help="image side in pixels")
+    p.set_defaults(func=synth)
+
+    p = commands.add_parser("serve", help="serve a world (at its base URL) or any directory")
+    p.add_argument("dir")
+    p.add_argument("--port", type=int, default=8765, help="port for a directory that is no world")
+    p.set_defaults(func=serve)
+
+    p = commands.add_parser("download", help="img2dataset a URL list into webdataset shards")
+    p.add_argument("--url-list", required=True, help="parquet, csv or tsv with url and caption")
+    p.add_argument("--out", required=True, help="shard directory")
+    p.add_argument("--url-col", default="url")
+    p.add_argument("--caption-col", default="caption")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--resize-mode", choices=RESIZE_MODES, default="center_crop")
+    p.add_argument("--processes", type=int, default=1)
+    p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--number-sample-per-shard", type=int, default=1000)
+    p.add_argument("--timeout", type=int, default=10, help="seconds per HTTP request")
+    p.add_argument("--retries", type=int, default=0)
+    p.add_argument("--distributor", choices=DISTRIBUTORS, default="multiprocessing")
+    p.add_argument(
+        "--allow-private-hosts", action="store_true",
+        help="fetch from loopback/private/link-local addresses (the synthetic world needs this)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-resume", action="store_true",
+        help="delete the shards already in --out instead of resuming the job",
+    )  # fmt: skip
+    p.set_defaults(func=download)
+
+    p = commands.add_parser("index", help="write manifest.json and sizes.json for a shard dir")
+    p.add_argument("shards")
+    p.set_defaults(func=index)
+
+    p = commands.add_parser("tokenizer", help="train a WordPiece tokenizer on shard captions")
+    p.add_argument("--shards", required=True)
+    p.add_argument("--out", required=True, help="directory for tokenizer.json")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument(
+        "--extra-text", nargs="*", default=[], metavar="VQA_QUESTIONS_JSON",
+        help="VQAv2 question files whose questions are added to the training text",
+    )  # fmt: skip
+    p.set_defaults(func=tokenizer)
+
+    p = commands.add_parser("reshard", help="rewrite shards with K samples per shard")
+    p.add_argument("--in", dest="in_dir", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--samples-per-shard", type=int, required=True)
+    p.set_defaults(func=reshard_command)

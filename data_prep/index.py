@@ -1,0 +1,147 @@
+"""Index a shard directory: manifest.json (per shard: samples counted from the tar, sha256,
+img2dataset stats, problems) and OpenCLIP's sizes.json.
+
+Problems are reported, never raised: missing or unreadable stats (shards from other tools have
+none), a tar whose sample count differs from its stats, a truncated or corrupt tar, and stats
+whose tar is missing. Samples the training loader will skip (no image, missing, empty or non-UTF-8
+caption) are counted per shard under `sample_issues`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+from tqdm import tqdm
+
+from data_prep.shards import ShardReadError, iter_samples, list_shards
+from pipeline.transforms import BadSample, decode_caption
+
+MANIFEST = "manifest.json"
+SIZES = "sizes.json"
+FORMAT = "vlp-shard-manifest/1"
+IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp"}
+STATS_COUNTS = ("count", "successes", "failed_to_download", "failed_to_resize")
+
+
+def error_kind(message: str) -> str:
+    """Group img2dataset's per-sample errors: network messages embed URLs, addresses, errnos."""
+    http = re.search(r"HTTP Error (\d+)", message)
+    if http:
+        return f"http {http.group(1)}"
+    lowered = message.lower()
+    for needle, kind in (
+        ("timed out", "timeout"),
+        ("connection refused", "connection refused"),
+        ("name or service not known", "unknown host"),
+    ):
+        if needle in lowered:
+            return kind
+    return re.sub(r"0x[0-9a-f]+", "0x...", message)[:80]
+
+
+def read_stats(tar: Path) -> tuple[dict | None, dict | None]:
+    """(stats summary, None) from img2dataset's NNNNN_stats.json, or (None, problem)."""
+    path = tar.with_name(f"{tar.stem}_stats.json")
+    if not path.exists():
+        return None, {"kind": "missing_stats", "detail": f"no {path.name}"}
+    try:
+        raw = json.loads(path.read_text())
+        stats = {key: int(raw[key]) for key in STATS_COUNTS}
+        errors = Counter()
+        for message, n in raw.get("status_dict", {}).items():
+            if message != "success":
+                errors[error_kind(message)] += int(n)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        return None, {"kind": "bad_stats", "detail": f"{path.name}: {exc!r}"}
+    stats["failed"] = stats["failed_to_download"] + stats["failed_to_resize"]
+    stats["errors"] = dict(errors)
+    return stats, None
+
+
+def inspect_shard(tar: Path) -> dict:
+    """One manifest entry: count samples from the tar itself and compare with its stats."""
+    samples, issues, problems = 0, Counter(), []
+    try:
+        for _, members in iter_samples(tar):
+            samples += 1
+            if not IMAGE_EXTENSIONS & {ext.lower() for ext in members}:
+                issues["no_image"] += 1
+            try:
+                decode_caption(members.get("txt"))
+            except BadSample as bad:
+                issues[bad.kind] += 1
+    except ShardReadError as exc:
+        problems.append({"kind": "corrupt_tar", "detail": str(exc)})
+    stats, stats_problem = read_stats(tar)
+    if stats_problem:
+        problems.append(stats_problem)
+    elif stats["successes"] != samples:
+        detail = f"tar has {samples} samples, stats say {stats['successes']} successes"
+        problems.append({"kind": "count_mismatch", "detail": detail})
+    with open(tar, "rb") as f:
+        sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    return {
+        "name": tar.name,
+        "samples": samples,
+        "bytes": tar.stat().st_size,
+        "sha256": sha256,
+        "stats": stats,
+        "sample_issues": dict(issues),
+        "problems": problems,
+    }
+
+
+def _write_json(path: Path, data) -> None:
+    """Write via a temporary file, so a reader never sees half a manifest."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def build_manifest(shard_dir) -> dict:
+    """Index every shard in `shard_dir` into manifest.json and sizes.json; return the manifest."""
+    shard_dir = Path(shard_dir)
+    tars = list_shards(shard_dir)
+    shards = [inspect_shard(tar) for tar in tqdm(tars, desc="index shards", unit="shard")]
+    problems = [{"shard": s["name"], **p} for s in shards for p in s["problems"]]
+    tar_stems = {tar.stem for tar in tars}
+    for stats in sorted(shard_dir.glob("*_stats.json")):
+        stem = stats.name[: -len("_stats.json")]
+        if stem not in tar_stems:
+            problems.append({"shard": f"{stem}.tar", "kind": "missing_tar", "detail": stats.name})
+    if not tars:
+        problems.append({"shard": None, "kind": "no_shards", "detail": f"no *.tar in {shard_dir}"})
+    totals, errors, issues = Counter(), Counter(), Counter()
+    for shard in shards:
+        issues.update(shard["sample_issues"])
+        if shard["stats"]:
+            totals.update({key: shard["stats"][key] for key in (*STATS_COUNTS, "failed")})
+            errors.update(shard["stats"]["errors"])
+    manifest = {
+        "format": FORMAT,
+        "total_shards": len(shards),
+        "total_samples": sum(s["samples"] for s in shards),
+        "stats_totals": dict(totals),
+        "download_errors": dict(errors),
+        "sample_issues": dict(issues),
+        "problems": problems,
+        "shards": shards,
+    }
+    _write_json(shard_dir / MANIFEST, manifest)
+    _write_json(shard_dir / SIZES, {s["name"]: s["samples"] for s in shards})
+    return manifest
+
+
+def load_manifest(shard_dir) -> dict:
+    """Read manifest.json; a missing or foreign one is an error that says how to make it."""
+    path = Path(shard_dir) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; run `vlp data index {shard_dir}`")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} manifest; rebuild it with `vlp data index`")
+    return manifest

@@ -1,0 +1,86 @@
+"""The whole data stage on the synthetic world in one call: synth -> serve -> download -> index ->
+tokenizer. Used by the quickstart and the test fixtures.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+from data_prep.download import download_shards
+from data_prep.server import free_port, serve_world
+from data_prep.synth import generate_world
+from data_prep.tokenizer import iter_shard_captions, iter_vqa_questions, train_tokenizer
+
+
+def world_paths(world_dir) -> dict[str, Path]:
+    """Absolute paths of a world's files, from its world.json."""
+    world_dir = Path(world_dir)
+    files = json.loads((world_dir / "world.json").read_text())["files"]
+    paths = {
+        "world": world_dir,
+        "train_url_list": world_dir / files["train_url_list"],
+        "retrieval_json": world_dir / files["retrieval_json"],
+        "retrieval_image_root": world_dir / files["retrieval_image_root"],
+        "vqa_image_root": world_dir,  # image paths follow world.json's vqa_image_pattern
+    }
+    for split, split_files in files["vqa"].items():
+        paths[f"vqa_{split}_questions"] = world_dir / split_files["questions"]
+        paths[f"vqa_{split}_annotations"] = world_dir / split_files["annotations"]
+    return paths
+
+
+def download_world(world_dir, shard_dir, image_size: int, number_sample_per_shard: int, **kwargs):
+    """Serve the world at its loopback base URL and download its URL list into fresh shards."""
+    with serve_world(world_dir):
+        return download_shards(
+            world_paths(world_dir)["train_url_list"],
+            shard_dir,
+            image_size=image_size,
+            number_sample_per_shard=number_sample_per_shard,
+            allow_private_hosts=True,  # the world lives on 127.0.0.1
+            incremental=False,
+            **kwargs,
+        )
+
+
+def train_world_tokenizer(world_dir, shard_dir, out_dir, vocab_size: int) -> Path:
+    """Train the tokenizer on the shard captions and the VQA training questions."""
+    questions = iter_vqa_questions(world_paths(world_dir)["vqa_train_questions"])
+    texts = itertools.chain(iter_shard_captions(shard_dir), questions)
+    return train_tokenizer(texts, out_dir, vocab_size)
+
+
+def prepare_synthetic_data(
+    out_dir,
+    n_train: int,
+    n_test: int,
+    seed: int = 0,
+    image_size: int = 64,
+    vocab_size: int = 400,
+    number_sample_per_shard: int = 1000,
+    n_vqa_train: int | None = None,
+    n_vqa_val: int | None = None,
+    processes: int = 1,
+    threads: int = 8,
+) -> dict:
+    """Build OUT/world, OUT/shards (indexed) and OUT/tokenizer; return their paths (see
+    `world_paths`) plus "shards", "tokenizer" and the download summary under "download".
+    """
+    out = Path(out_dir)
+    world_dir = out / "world"
+    generate_world(
+        world_dir, n_train, n_test, seed=seed, base_url=f"http://127.0.0.1:{free_port()}",
+        n_vqa_train=n_vqa_train, n_vqa_val=n_vqa_val,
+    )  # fmt: skip
+    summary = download_world(
+        world_dir, out / "shards", image_size, number_sample_per_shard,
+        processes=processes, threads=threads,
+    )  # fmt: skip
+    train_world_tokenizer(world_dir, out / "shards", out / "tokenizer", vocab_size)
+    return {
+        **world_paths(world_dir),
+        "shards": out / "shards",
+        "tokenizer": out / "tokenizer",
+        "download": summary,
+    }

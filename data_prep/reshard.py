@@ -1,0 +1,93 @@
+"""Merge or split shards into shards of exactly K samples (the last one may hold fewer).
+
+Streaming: samples are read from the input tars and written to the new ones member by member,
+each sample's members kept together and in order; nothing is extracted to disk. Each new shard
+gets a NNNNN_stats.json with its sample count (count == successes; "resharded_from" names its
+sources), so the index can check the new tars the same way it checks img2dataset's.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import webdataset as wds
+from tqdm import tqdm
+
+from data_prep.index import build_manifest
+from data_prep.shards import ShardReadError, iter_samples, list_shards
+
+
+class _ShardSink:
+    """Writes samples to OUT/00000.tar, 00001.tar, ... starting a new tar every K samples."""
+
+    def __init__(self, out: Path, samples_per_shard: int):
+        self.out, self.samples_per_shard = out, samples_per_shard
+        self.shards_written = 0
+        self.writer, self.samples, self.sources = None, 0, []
+
+    def write(self, key: str, members: dict[str, bytes], source: str) -> None:
+        if self.writer is None:
+            self.tmp = self.out / f"{self.shards_written:05d}.tar.tmp"
+            self.writer = wds.TarWriter(str(self.tmp), encoder=False, keep_meta=True)
+        self.writer.write({"__key__": key, **members})
+        self.samples += 1
+        if source not in self.sources:
+            self.sources.append(source)
+        if self.samples == self.samples_per_shard:
+            self.close()
+
+    def close(self) -> None:
+        """Finish the open tar (renamed into place only when complete) and write its stats."""
+        if self.writer is None:
+            return
+        self.writer.close()
+        name = f"{self.shards_written:05d}"
+        os.replace(self.tmp, self.out / f"{name}.tar")
+        stats = {
+            "count": self.samples,
+            "successes": self.samples,
+            "failed_to_download": 0,
+            "failed_to_resize": 0,
+            "status_dict": {"success": self.samples},
+            "resharded_from": self.sources,
+        }
+        (self.out / f"{name}_stats.json").write_text(json.dumps(stats, indent=1))
+        self.shards_written += 1
+        self.writer, self.samples, self.sources = None, 0, []
+
+
+def reshard(in_dir, out_dir, samples_per_shard: int) -> dict:
+    """Rewrite the shards of `in_dir` into `out_dir` with `samples_per_shard` samples each, index
+    `out_dir`, and return the summary. Samples of a damaged input tar that precede the damage are
+    kept; the tar is listed under `corrupt_inputs`.
+    """
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    in_dir, out = Path(in_dir), Path(out_dir)
+    tars = list_shards(in_dir)
+    if not tars:
+        raise ValueError(f"no *.tar shards in {in_dir}")
+    if out.exists() and any(out.glob("*.tar")):  # also refuses out == in_dir
+        raise FileExistsError(f"{out} already holds shards; choose an empty output directory")
+    out.mkdir(parents=True, exist_ok=True)
+    sink = _ShardSink(out, samples_per_shard)
+    samples_read, corrupt = 0, []
+    for tar in tqdm(tars, desc="reshard", unit="shard"):
+        try:
+            for key, members in iter_samples(tar):
+                sink.write(key, members, tar.name)
+                samples_read += 1
+        except ShardReadError as exc:
+            corrupt.append({"shard": tar.name, "detail": str(exc)})
+    sink.close()
+    manifest = build_manifest(out)
+    return {
+        "input_shards": len(tars),
+        "samples_read": samples_read,
+        "corrupt_inputs": corrupt,
+        "output_shards": manifest["total_shards"],
+        "total_samples": manifest["total_samples"],
+        "sample_issues": manifest["sample_issues"],
+        "problems": manifest["problems"],
+    }
