@@ -1,0 +1,55 @@
+"""Session fixtures: a small synthetic world, its shards (downloaded with the real img2dataset
+from a loopback server) and a tokenizer trained on them. Each is built once per test session.
+"""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from data_prep.cli import register
+from data_prep.prepare import download_world, train_world_tokenizer
+from data_prep.server import free_port
+from data_prep.synth import generate_world
+
+WORLD_TRAIN, WORLD_TEST, WORLD_SEED = 160, 32, 0
+SHARD_IMAGE_SIZE, SAMPLES_PER_SHARD = 64, 32
+TOKENIZER_VOCAB = 400
+
+
+@pytest.fixture(scope="session")
+def world_dir(tmp_path_factory):
+    """160 training images, 32 retrieval test images, 80/16 VQA images; base_url on a free port."""
+    path = tmp_path_factory.mktemp("world")
+    base_url = f"http://127.0.0.1:{free_port()}"
+    generate_world(path, WORLD_TRAIN, WORLD_TEST, seed=WORLD_SEED, base_url=base_url)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shard_dir(world_dir, tmp_path_factory):
+    """The world's URL list downloaded into 5 indexed shards of 32 samples at 64 px."""
+    path = tmp_path_factory.mktemp("shards")
+    download_world(world_dir, path, SHARD_IMAGE_SIZE, SAMPLES_PER_SHARD)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(world_dir, shard_dir, tmp_path_factory):
+    """WordPiece tokenizer trained on the shard captions and the VQA training questions."""
+    path = tmp_path_factory.mktemp("tokenizer")
+    train_world_tokenizer(world_dir, shard_dir, path, TOKENIZER_VOCAB)
+    return path
+
+
+@pytest.fixture
+def vlp_data():
+    """Run `vlp data ARG...` in-process (registered the way pipeline.cli registers stages)."""
+
+    def run(*argv: str):
+        parser = argparse.ArgumentParser(prog="vlp")
+        register(parser.add_subparsers(dest="command", required=True))
+        args = parser.parse_args(["data", *map(str, argv)])
+        return args.func(args)
+
+    return run

@@ -1,0 +1,141 @@
+"""img2dataset downloads from a loopback server into indexed shards, bad input included."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import time
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from data_prep.download import download_shards
+from data_prep.index import load_manifest
+from data_prep.server import QuietHandler, free_port, serve_directory, serve_world
+from data_prep.shards import iter_samples, list_shards
+
+HANG_SECONDS = 3  # longer than the 1 s --timeout the tests pass
+
+
+class FaultyHandler(QuietHandler):
+    """Also serves /hang (never answers in time) and /notimage (bytes that are no image)."""
+
+    def do_GET(self):
+        if self.path == "/hang":
+            time.sleep(HANG_SECONDS)
+        elif self.path == "/notimage":
+            body = b"<html>this is not an image</html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        else:
+            super().do_GET()
+
+
+def test_world_shards_hold_every_image_with_its_caption(world_dir, shard_dir):
+    manifest = load_manifest(shard_dir)
+    assert manifest["total_samples"] == 160 and manifest["problems"] == []
+    assert [s["samples"] for s in manifest["shards"]] == [32] * 5
+    assert json.loads((shard_dir / "sizes.json").read_text())["00000.tar"] == 32
+    assert manifest["shards"][0]["stats"]["successes"] == 32
+
+    captions = dict(pd.read_parquet(world_dir / "train/url_list.parquet").itertuples(index=False))
+    key, sample = next(iter_samples(list_shards(shard_dir)[0]))
+    meta = json.loads(sample["json"])
+    assert meta["key"] == key and sample["txt"].decode() == captions[meta["url"]]
+    assert Image.open(io.BytesIO(sample["jpg"])).size == (64, 64)
+
+
+def test_bad_urls_and_captions_are_skipped_and_counted(world_dir, tmp_path, capsys, vlp_data):
+    with serve_directory(world_dir, handler=FaultyHandler) as base:
+        image = [f"{base}/train/images/{i:06d}.jpg".encode() for i in range(6)]
+        rows = [
+            *(url + b",a picture" for url in image[:4]),
+            f"http://127.0.0.1:{free_port()}/closed.jpg,nobody listens".encode(),
+            f"{base}/no/such/image.jpg,a 404".encode(),
+            f"{base}/hang,a server that never answers".encode(),
+            f"{base}/notimage,html instead of an image".encode(),
+            image[4] + b",",
+            image[5] + b",caf\xe9 in latin-1",
+            b"file:///etc/passwd,not http",
+        ]
+        url_list = tmp_path / "urls.csv"
+        url_list.write_bytes(b"url,caption\n" + b"\n".join(rows) + b"\n")
+        vlp_data(
+            "download", "--url-list", url_list, "--out", tmp_path / "shards",
+            "--image-size", "32", "--timeout", "1", "--threads", "4", "--allow-private-hosts",
+        )  # fmt: skip
+
+    manifest = load_manifest(tmp_path / "shards")
+    assert manifest["total_samples"] == 4 and manifest["problems"] == []
+    assert manifest["stats_totals"] == {
+        "count": 8, "successes": 4, "failed_to_download": 3, "failed_to_resize": 1, "failed": 4,
+    }  # fmt: skip
+    assert manifest["download_errors"] == {
+        "connection refused": 1, "http 404": 1, "timeout": 1, "Image decoding error": 1,
+    }  # fmt: skip
+    summary = capsys.readouterr().out
+    for line in ("kept: 8", "bad_scheme: 1", "empty_caption: 1", "non_utf8_caption: 1", "timeout"):
+        assert line in summary
+
+
+def test_refused_urls_leave_nothing_to_download(tmp_path, vlp_data):
+    url_list = tmp_path / "urls.parquet"
+    urls = ["file:///etc/passwd", "http://10.0.0.7/a.jpg", "http://127.0.0.1:9/images/0.jpg"]
+    pd.DataFrame({"url": urls, "caption": ["a", "b", "c"]}).to_parquet(url_list)
+    with pytest.raises(SystemExit, match=r"no URL .* left.*'bad_scheme': 1, 'private_host': 2"):
+        vlp_data("download", "--url-list", url_list, "--out", tmp_path / "shards")
+
+
+def test_a_url_list_without_the_caption_column_is_a_clear_error(tmp_path, vlp_data):
+    url_list = tmp_path / "urls.parquet"
+    pd.DataFrame({"url": ["http://example.com/a.jpg"], "TEXT": ["a cat"]}).to_parquet(url_list)
+    with pytest.raises(SystemExit, match="no column 'caption'"):
+        vlp_data("download", "--url-list", url_list, "--out", tmp_path / "shards")
+
+
+def test_an_interrupted_download_resumes_where_it_stopped(world_dir, shard_dir, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(shard_dir, shards)
+    # Interrupted while writing shard 2: its tar is cut short and its stats were never written.
+    (shards / "00002_stats.json").unlink()
+    tar = shards / "00002.tar"
+    tar.write_bytes(tar.read_bytes()[:5000])
+    untouched = {p.name: p.stat().st_mtime_ns for p in list_shards(shards) if p != tar}
+
+    with serve_world(world_dir):
+        summary = download_shards(
+            world_dir / "train/url_list.parquet", shards, image_size=64,
+            number_sample_per_shard=32, allow_private_hosts=True,
+        )  # fmt: skip
+    assert summary["total_samples"] == 160 and summary["problems"] == []
+    assert summary["downloaded"]["count"] == 160
+    assert {p.name: p.stat().st_mtime_ns for p in list_shards(shards) if p != tar} == untouched
+
+
+@pytest.mark.slow
+def test_pyspark_distributor_in_local_mode(world_dir, tmp_path):
+    from pyspark.sql import SparkSession
+
+    url_list = tmp_path / "urls.parquet"
+    pd.read_parquet(world_dir / "train/url_list.parquet").head(20).to_parquet(url_list)
+    spark = (
+        SparkSession.builder.master("local[1]")
+        .appName("vlp-test")
+        .config("spark.ui.enabled", "false")
+        .config("spark.driver.extraJavaOptions", "-XX:TieredStopAtLevel=1")  # faster JVM start
+        .getOrCreate()
+    )
+    try:
+        with serve_world(world_dir):
+            summary = download_shards(
+                url_list, tmp_path / "shards", image_size=32, number_sample_per_shard=10,
+                allow_private_hosts=True, distributor="pyspark",
+            )  # fmt: skip
+    finally:
+        spark.stop()
+    assert summary["total_shards"] == 2 and summary["total_samples"] == 20
+    assert summary["problems"] == []

@@ -1,0 +1,47 @@
+"""Resharding: same samples, same order, members kept together, K per shard."""
+from __future__ import annotations
+
+import shutil
+import tarfile
+
+import pytest
+
+from data_prep.index import load_manifest
+from data_prep.reshard import reshard
+from data_prep.shards import iter_samples, list_shards
+
+
+def all_samples(shard_dir):
+    return [sample for tar in list_shards(shard_dir) for sample in iter_samples(tar)]
+
+
+def test_split_and_merge_keep_every_sample_intact(shard_dir, tmp_path, vlp_data):
+    vlp_data("reshard", "--in", shard_dir, "--out", tmp_path / "k50", "--samples-per-shard", 50)
+    assert [s["samples"] for s in load_manifest(tmp_path / "k50")["shards"]] == [50, 50, 50, 10]
+    assert load_manifest(tmp_path / "k50")["problems"] == []
+    assert all_samples(tmp_path / "k50") == all_samples(shard_dir)
+
+    summary = reshard(tmp_path / "k50", tmp_path / "one", 1000)
+    assert summary["output_shards"] == 1 and summary["total_samples"] == 160
+    assert all_samples(tmp_path / "one") == all_samples(shard_dir)
+
+
+def test_damaged_input_keeps_what_precedes_the_damage(shard_dir, tmp_path):
+    shards = tmp_path / "in"
+    shutil.copytree(shard_dir, shards)
+    damaged = shards / "00000.tar"
+    with tarfile.open(damaged) as tar:
+        cut = tar.getmembers()[12].offset  # between samples 3 and 4 (jpg, json, txt each)
+    damaged.write_bytes(damaged.read_bytes()[:cut])
+
+    summary = reshard(shards, tmp_path / "out", 40)
+
+    assert [c["shard"] for c in summary["corrupt_inputs"]] == ["00000.tar"]
+    # Samples 0-2 are kept; sample 3 may have lost members after the cut, so it is dropped.
+    assert summary["samples_read"] == summary["total_samples"] == 3 + 4 * 32
+    assert summary["problems"] == []
+
+
+def test_reshard_refuses_to_write_over_shards(shard_dir):
+    with pytest.raises(FileExistsError, match="already holds shards"):
+        reshard(shard_dir, shard_dir, 10)

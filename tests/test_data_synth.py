@@ -1,0 +1,123 @@
+"""The synthetic world: layout and formats, determinism, split disjointness, honest captions and
+answers."""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from data_prep.captions import COLOUR_WORDS, NUMBER_WORDS, POSITION_PHRASES, SIZE_WORDS
+from data_prep.scenes import WorldSpec
+from data_prep.synth import draw_scenes, generate_world
+
+
+def load(path: Path):
+    return json.loads(path.read_text())
+
+
+def world_scenes(world_dir):
+    world = load(world_dir / "world.json")
+    counts = world["counts"]
+    return draw_scenes(world["seed"], WorldSpec(), *counts.values())
+
+
+def test_world_layout_and_formats(world_dir):
+    world = load(world_dir / "world.json")
+    assert world["counts"] == {"train": 160, "test": 32, "vqa_train": 80, "vqa_val": 16}
+
+    url_list = pd.read_parquet(world_dir / world["files"]["train_url_list"])
+    assert list(url_list.columns) == ["url", "caption"] and len(url_list) == 160
+    assert url_list.url[0] == f"{world['base_url']}/train/images/000000.jpg"
+    assert Image.open(world_dir / "train/images/000000.jpg").size == (128, 128)
+
+    karpathy = load(world_dir / world["files"]["retrieval_json"])
+    assert karpathy["dataset"] == "synth" and len(karpathy["images"]) == 32
+    first = karpathy["images"][0]
+    root = world_dir / world["files"]["retrieval_image_root"]
+    assert (root / first["filepath"] / first["filename"]).is_file()
+    assert first["split"] == "test" and len(first["sentences"]) == 5
+    assert [s["sentid"] for s in first["sentences"]] == first["sentids"]
+    assert len({s["raw"] for s in first["sentences"]}) == 5
+
+    for split, vqa in world["files"]["vqa"].items():
+        questions = load(world_dir / vqa["questions"])["questions"]
+        annotations = load(world_dir / vqa["annotations"])["annotations"]
+        assert [q["question_id"] for q in questions] == [a["question_id"] for a in annotations]
+        assert len({q["question_id"] for q in questions}) == len(questions) == vqa["num_questions"]
+        for record in annotations:
+            assert [a["answer_id"] for a in record["answers"]] == list(range(1, 11))
+            image = world_dir / world["files"]["vqa_image_pattern"].format(
+                split=split, image_id=record["image_id"]
+            )
+            assert image.is_file()
+        assert {a["answer_type"] for a in annotations} == {"yes/no", "number", "other"}
+
+
+def test_world_is_deterministic_from_the_seed(tmp_path):
+    def digest(world_dir):
+        files = sorted(p for p in world_dir.rglob("*") if p.is_file())
+        return {p.relative_to(world_dir): hashlib.sha256(p.read_bytes()).digest() for p in files}
+
+    first = generate_world(tmp_path / "a", 12, 6, seed=3)
+    again = generate_world(tmp_path / "b", 12, 6, seed=3)
+    other = generate_world(tmp_path / "c", 12, 6, seed=4)
+    assert first == again and digest(tmp_path / "a") == digest(tmp_path / "b")
+    assert digest(tmp_path / "c") != digest(tmp_path / "a") and other["seed"] == 4
+
+
+def test_generate_world_refuses_a_directory_that_is_not_a_world(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="no world.json"):
+        generate_world(tmp_path, 4, 2)
+
+
+def test_held_out_scenes_never_appear_in_training(world_dir):
+    scenes = world_scenes(world_dir)
+    held_out = set(scenes["test"]) | set(scenes["vqa_val"])
+    assert len(set(scenes["test"])) == 32  # no duplicates inside the test set either
+    assert not held_out & (set(scenes["train"]) | set(scenes["vqa_train"]))
+
+
+def test_every_caption_names_every_object(world_dir):
+    scenes = world_scenes(world_dir)["test"]
+    karpathy = load(world_dir / "retrieval/dataset_synth.json")
+    for scene, image in zip(scenes, karpathy["images"]):
+        for sentence in image["sentences"]:
+            raw = sentence["raw"]
+            for obj in scene.objects:
+                assert obj.shape in raw
+                assert any(w in raw for w in COLOUR_WORDS.get(obj.colour, (obj.colour,)))
+                assert any(w in raw for w in SIZE_WORDS[obj.size])
+                assert any(p in raw for p in POSITION_PHRASES[obj.cell])
+
+
+def test_vqa_answers_are_true_noisy_and_balanced(world_dir):
+    scenes = world_scenes(world_dir)
+    annotations, questions = [], {}
+    for split in ("train", "val"):
+        annotations += load(world_dir / f"vqa/v2_synth_{split}_annotations.json")["annotations"]
+        for q in load(world_dir / f"vqa/v2_OpenEnded_synth_{split}_questions.json")["questions"]:
+            questions[q["question_id"]] = q["question"]
+    scene_of = dict(enumerate(scenes["vqa_train"] + scenes["vqa_val"], start=1))
+
+    yes_no = Counter()
+    all_answers = Counter()
+    for record in annotations:
+        question, scene = questions[record["question_id"]], scene_of[record["image_id"]]
+        all_answers.update(a["answer"] for a in record["answers"])
+        if question in ("how many shapes are there?", "how many objects are there?"):
+            count = len(scene.objects)
+            assert record["multiple_choice_answer"] in (str(count), NUMBER_WORDS[count])
+        if question.startswith("is there"):
+            colour, shape = question.rstrip("?").split()[-2:]
+            colour = "grey" if colour == "gray" else colour
+            truth = any((o.colour, o.shape) == (colour, shape) for o in scene.objects)
+            assert record["multiple_choice_answer"] == ("yes" if truth else "no")
+            yes_no[record["multiple_choice_answer"]] += 1
+    assert 0.35 < yes_no["yes"] / sum(yes_no.values()) < 0.65
+    assert all_answers["2"] > all_answers["two"] > 0  # synonyms among the ten answers

@@ -1,0 +1,63 @@
+"""The caption tokenizer: trained on shard captions, loadable by transformers, BERT-style."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+from transformers import PreTrainedTokenizerFast
+
+from data_prep.tokenizer import iter_shard_captions, load_tokenizer, train_tokenizer
+
+
+def test_tokenizer_loads_with_transformers_and_wraps_text_in_cls_sep(tokenizer_dir):
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    assert [tokenizer.pad_token_id, tokenizer.unk_token_id] == [0, 1]
+    assert tokenizer.convert_ids_to_tokens([2, 3, 4]) == ["[CLS]", "[SEP]", "[MASK]"]
+    tokens = tokenizer.tokenize("A BIG Red Circle in the top left")
+    assert tokens == ["a", "big", "red", "circle", "in", "the", "top", "left"]
+    ids = tokenizer("how many shapes are there?")["input_ids"]  # a VQA question word too
+    assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
+    assert tokenizer.unk_token_id not in ids
+
+
+@pytest.mark.parametrize("which", ["directory", "tokenizer.json"])
+def test_load_tokenizer_sets_every_special_token(tokenizer_dir, which):
+    path = tokenizer_dir if which == "directory" else tokenizer_dir / "tokenizer.json"
+    tokenizer = load_tokenizer(path)
+    assert tokenizer.pad_token == "[PAD]" and tokenizer.mask_token == "[MASK]"
+    assert tokenizer("a red square")["input_ids"][0] == tokenizer.cls_token_id
+
+
+def test_load_tokenizer_accepts_a_bert_vocabulary_directory(tokenizer_dir, tmp_path):
+    vocab = load_tokenizer(tokenizer_dir).get_vocab()
+    (tmp_path / "vocab.txt").write_text("\n".join(sorted(vocab, key=vocab.get)) + "\n")
+    config = {"tokenizer_class": "BertTokenizer", "do_lower_case": True}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    bert = load_tokenizer(tmp_path)
+    ours = load_tokenizer(tokenizer_dir)
+    assert bert("A red square")["input_ids"] == ours("a red square")["input_ids"]
+
+
+def test_a_tokenizer_without_special_tokens_is_refused(tmp_path):
+    train_tokenizer(["a red square"], tmp_path, 50)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "mask_token": None}))
+    with pytest.raises(ValueError, match="mask_token"):
+        load_tokenizer(tmp_path)
+
+
+def test_shard_captions_are_all_read(shard_dir):
+    counts = Counter()
+    captions = list(iter_shard_captions(shard_dir, counts))
+    assert len(captions) == counts["captions"] == 160 and set(counts) == {"captions"}
+
+
+def test_tokenizer_command(world_dir, shard_dir, tmp_path, capsys, vlp_data):
+    questions = world_dir / "vqa/v2_OpenEnded_synth_train_questions.json"
+    vlp_data(
+        "tokenizer", "--shards", shard_dir, "--out", tmp_path, "--vocab-size", 300,
+        "--extra-text", questions,
+    )  # fmt: skip
+    assert "captions: 160" in capsys.readouterr().out
+    assert load_tokenizer(tmp_path).tokenize("what colour is the diamond?")[-1] == "?"
