@@ -172,3 +172,44 @@ def test_vqa_uses_the_soft_score_targets(tiny, world_dir):
     targets = vocab.dense_targets([vocab.targets(example)])
     assert targets.shape == (1, len(vocab.answers)) and 0 < targets.max() <= 1
     assert torch.count_nonzero(targets) == len(vocab.targets(example))
+
+
+def _encode_on_rank(rank, world, port, queue):
+    import torch.distributed as dist
+
+    from pipeline.eval.encode import distributed_map
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    seen = []
+
+    def encode(batch):
+        seen.extend(batch)
+        return torch.tensor([[float(i), float(rank)] for i in batch])
+
+    queue.put((rank, seen, distributed_map(7, 2, encode).tolist()))
+    dist.destroy_process_group()
+
+
+def test_encoding_splits_items_across_ranks_and_gathers_them_in_order():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_encode_on_rank, args=(r, 2, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {}
+    for _ in procs:
+        rank, seen, out = queue.get(timeout=120)
+        results[rank] = (seen, out)
+    for p in procs:
+        p.join(timeout=60)
+    assert results[0][0] == [0, 1, 2, 3] and results[1][0] == [4, 5, 6]
+    expected = [[float(i), float(i >= 4)] for i in range(7)]
+    assert results[0][1] == expected and results[1][1] == expected

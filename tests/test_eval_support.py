@@ -38,3 +38,66 @@ def tiny_eval_model(tokenizer_json: Path, seed: int = 0):
     info = CheckpointInfo(path="memory", kind="export", tag=None, step=None,
                           config=config.to_dict())
     return EvalModel(model, tokenizer, info)
+
+
+# Train a tiny model a few steps with a single-rank DeepSpeed ZeRO-3 engine (CPU, gloo, fp32) and
+# publish a checkpoint after each listed step with the training loop's own save_checkpoint; beside
+# each, the engine's gathered weights (reference_step{N}.safetensors) for comparison.
+_TRAIN_AND_SAVE = """
+import json, sys
+from pathlib import Path
+import deepspeed, torch
+from safetensors.torch import save_file
+from data_prep.tokenizer import load_tokenizer
+from models.config import load_config
+from models.model import LossWeights, UnifiedModel
+from pipeline.checkpoint import save_checkpoint
+
+run_dir, tokenizer_json, tiny = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
+save_steps = [int(s) for s in sys.argv[4].split(",")]
+deepspeed.init_distributed(dist_backend="gloo")
+tokenizer = load_tokenizer(tokenizer_json)
+config = load_config("tiny", vocab_size=len(tokenizer), **tiny)
+ds_config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+             "zero_optimization": {"stage": 3}, "steps_per_print": 10**6}
+torch.manual_seed(0)
+with deepspeed.zero.Init(config_dict_or_path=ds_config):  # as training builds it
+    model = UnifiedModel(config, loss_weights=LossWeights(mlm=0))
+engine, *_ = deepspeed.initialize(model=model, config=ds_config,
+                                  optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
+ids = torch.randint(5, len(tokenizer), (4, config.max_text_len))
+mask = torch.ones_like(ids, dtype=torch.bool)
+for step in range(1, max(save_steps) + 1):
+    images = torch.randn(4, 3, config.image_size, config.image_size)
+    loss = engine(images, ids, mask)["loss"]
+    engine.backward(loss)
+    engine.step()
+    if step in save_steps:
+        metadata = {"config.json": json.dumps(config.to_dict()),
+                    "tokenizer.json": tokenizer_json.read_text()}
+        save_checkpoint(engine, run_dir / "checkpoints", step, {"step": step}, metadata, 0)
+        params = dict(engine.module.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(params.values())):
+            weights = {n: p.detach().float().clone() for n, p in params.items()}
+        save_file(weights, run_dir / f"reference_step{step}.safetensors")
+"""
+
+
+def train_zero3_run(run_dir: Path, tokenizer_json: Path, save_steps: tuple[int, ...]) -> None:
+    """A real ZeRO-3 run directory with a checkpoint tag per step in `save_steps`."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    args = [str(run_dir), str(tokenizer_json), json.dumps(TINY), ",".join(map(str, save_steps))]
+    done = subprocess.run([sys.executable, "-c", _TRAIN_AND_SAVE, *args], env=env,
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"ZeRO-3 helper run failed:\n{done.stderr[-4000:]}")

@@ -67,27 +67,42 @@ def load_model_for_eval(path: str | Path, device: str | torch.device = "cpu") ->
     for name in ("config.json", "tokenizer.json"):
         if not (directory / name).is_file():
             raise EvalInputError(f"checkpoint {directory} has no {name}")
-    config_dict = read_json(directory / "config.json", "model config")
-    model = _build_model(config_dict, directory)
     if kind == "export":
-        state_dict, tag, step = _read_export(directory), None, None
+        model, tag, step = _load_export(directory), None, None
     else:
-        state = _read_state(directory)
-        state_dict, tag, step = _consolidate_zero(directory), directory.name, state["step"]
-    _load_weights(model, state_dict, directory)
+        step = _read_state(directory)["step"]
+        model, tag = _build_model(read_json(directory / "config.json", "model config"),
+                                  directory), directory.name
+        _load_weights(model, _consolidate_zero(directory), directory)
     tokenizer = _load_tokenizer(directory / "tokenizer.json")
-    info = CheckpointInfo(str(directory), kind, tag, step, config_dict)
+    info = CheckpointInfo(str(directory), kind, tag, step, model.config.to_dict())
     return EvalModel(model.to(device).eval(), tokenizer, info)
 
 
+def _load_export(directory: Path) -> torch.nn.Module:
+    from models.export import from_pretrained
+    from safetensors import SafetensorError
+
+    try:
+        return from_pretrained(directory)
+    except (ValueError, OSError, RuntimeError, SafetensorError) as exc:
+        raise EvalInputError(f"cannot load export {directory}: {exc}") from exc
+
+
 def _build_model(config_dict: dict, directory: Path) -> torch.nn.Module:
+    """The model a training tag's config.json describes (plain config, or the export's format)."""
     from models.config import ModelConfig
     from models.model import UnifiedModel
 
+    meta_keys = ("format_version", "vqa_num_answers")
+    values = {k: v for k, v in config_dict.items() if k not in meta_keys}
     try:
-        return UnifiedModel(ModelConfig.from_dict(config_dict))
+        model = UnifiedModel(ModelConfig.from_dict(values))
     except (TypeError, ValueError) as exc:
         raise EvalInputError(f"{directory / 'config.json'}: {exc}") from exc
+    if config_dict.get("vqa_num_answers"):
+        model.attach_vqa_head(config_dict["vqa_num_answers"])
+    return model
 
 
 def _read_state(tag_dir: Path) -> dict:
@@ -99,16 +114,6 @@ def _read_state(tag_dir: Path) -> dict:
     if not isinstance(state.get("step"), int):
         raise EvalInputError(f"{tag_dir / STATE_FILE}: missing integer field 'step'")
     return state
-
-
-def _read_export(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(directory / "model.safetensors")
-    except (SafetensorError, OSError) as exc:
-        raise EvalInputError(f"{directory / 'model.safetensors'} is unreadable: {exc}") from exc
 
 
 def _consolidate_zero(tag_dir: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,164 @@
+"""`vlp eval retrieval | vqa | nightly`: thin wrappers over evaluate_retrieval, evaluate_vqa and
+run_nightly. Results go to stdout as JSON (and to --out); bad input exits with status 2 and a
+message naming the file or field.
+
+Retrieval encoding runs on several ranks when started by torchrun/deepspeed (WORLD_SIZE > 1):
+    torchrun --nproc_per_node 8 -m pipeline.cli eval retrieval --checkpoint ... --out r.json
+`python -m pipeline.eval.cli nightly ...` runs the same commands without the other stages'
+imports (the cron script uses it, so a broken unrelated stage cannot stop the nightly job).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _device(args) -> str:
+    import torch
+
+    if args.device:
+        return args.device
+    return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+
+
+def _print(result: dict) -> None:
+    print(json.dumps(result, indent=2))
+
+
+def _cmd_retrieval(args) -> int:
+    from pipeline.eval.checkpoint import load_model_for_eval
+    from pipeline.eval.retrieval import evaluate_retrieval
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from pipeline.distributed import init_distributed
+
+        init_distributed(timeout_s=1800)
+    result = evaluate_retrieval(
+        load_model_for_eval(args.checkpoint, device=_device(args)),
+        karpathy_json=args.karpathy_json, image_root=args.image_root, split=args.split,
+        shards=args.shards, rerank_k=args.rerank_k, batch_size=args.batch_size,
+        chunk=args.chunk, bf16=args.bf16, out=args.out,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print(result)
+    return 0
+
+
+def _cmd_vqa(args) -> int:
+    from pipeline.eval.checkpoint import load_model_for_eval
+    from pipeline.eval.vqa import evaluate_vqa
+
+    _print(evaluate_vqa(
+        load_model_for_eval(args.checkpoint, device=_device(args)),
+        vqa_dir=args.vqa_dir, train_split=args.train_split, eval_split=args.eval_split,
+        train_questions=args.train_questions, train_annotations=args.train_annotations,
+        eval_questions=args.eval_questions, eval_annotations=args.eval_annotations,
+        image_root=args.image_root, image_pattern=args.image_pattern,
+        min_answer_count=args.min_answer_count, steps=args.steps, epochs=args.epochs,
+        lr=args.lr, batch_size=args.batch_size, finetune_backbone=args.finetune_backbone,
+        bf16=args.bf16, seed=args.seed, out=args.out, results_out=args.results,
+    ))
+    return 0
+
+
+def _cmd_nightly(args) -> int:
+    from pipeline.eval.nightly import run_nightly
+
+    summary = run_nightly(args.runs, suite=args.suite, out_dir=args.out,
+                          retry_failed=args.retry_failed, device=args.device)
+    _print(summary)
+    return 1 if summary["failures"] else 0
+
+
+def _with_input_errors(func):
+    """Bad input -> one clear line on stderr and exit status 2, no traceback."""
+
+    def run(args) -> int:
+        from pipeline.eval.files import EvalInputError
+
+        try:
+            return func(args)
+        except EvalInputError as exc:
+            print(f"vlp eval {args.eval_command}: error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help="evaluate checkpoints: retrieval, VQA, nightly")
+    commands = parser.add_subparsers(dest="eval_command", required=True)
+
+    def add(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = commands.add_parser(name, help=help, description=help)
+        p.set_defaults(func=_with_input_errors(func))
+        p.add_argument("--device", help="e.g. cpu, cuda:0 (default: this rank's GPU, else cpu)")
+        return p
+
+    p = add("retrieval", _cmd_retrieval, "zero-shot image<->text retrieval recall@1/5/10")
+    p.add_argument("--checkpoint", required=True,
+                   help="export dir, DeepSpeed tag dir, or checkpoints dir (uses `latest`)")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--karpathy-json", help="Karpathy split JSON (with --image-root)")
+    data.add_argument("--shards", nargs="+",
+                      help="retrieval webdataset tars (image + .txt, one caption per line)")
+    p.add_argument("--image-root", help="folder the JSON's filepath/filename are relative to")
+    p.add_argument("--split", default="test", help="Karpathy split to evaluate (default test)")
+    p.add_argument("--rerank-k", type=int, default=0,
+                   help="re-rank each query's top K candidates with the ITM head (0 = off)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--chunk", type=int, default=1024, help="queries per score block")
+    p.add_argument("--bf16", action="store_true", help="encode under bf16 autocast")
+    p.add_argument("--out", help="write the result JSON here (CLIP_benchmark keys)")
+
+    p = add("vqa", _cmd_vqa, "VQAv2: fine-tune the VQA head, official accuracy on the eval split")
+    p.add_argument("--checkpoint", required=True,
+                   help="export dir, DeepSpeed tag dir, or checkpoints dir (uses `latest`)")
+    p.add_argument("--vqa-dir", help="folder with *_{split}_questions.json / _annotations.json")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--eval-split", default="val")
+    for split in ("train", "eval"):
+        for kind in ("questions", "annotations"):
+            p.add_argument(f"--{split}-{kind}", help=f"explicit {split} {kind} JSON")
+    p.add_argument("--image-root", help="images folder (default: the questions file's folder)")
+    p.add_argument("--image-pattern",
+                   help="image path under the root, formatted with the questions file's "
+                        "data_subtype and the image id, e.g. "
+                        "'{split}/COCO_{split}_{image_id:012d}.jpg' (default: auto)")
+    p.add_argument("--min-answer-count", type=int, default=9,
+                   help="answer vocabulary: normalised training answers given this often")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, help="fine-tune for exactly this many steps")
+    budget.add_argument("--epochs", type=float, default=1.0, help="or this many epochs (default 1)")
+    p.add_argument("--lr", type=float, help="default 1e-3 (head only), 1e-4 (--finetune-backbone)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--finetune-backbone", action="store_true",
+                   help="train the whole model, not only the VQA head")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for training and inference")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the metrics JSON here")
+    p.add_argument("--results",
+                   help="official results file [{question_id, answer}] "
+                        "(default: beside --out, .results.json)")
+
+    p = add("nightly", _cmd_nightly,
+            "evaluate new checkpoints of all runs; results.parquet, TensorBoard, report.html")
+    p.add_argument("--runs", required=True, help="folder of runs (runs/NAME/checkpoints/...)")
+    p.add_argument("--suite", help="benchmark suite YAML/JSON (default RUNS/eval_suite.yaml)")
+    p.add_argument("--out", help="output folder (default RUNS/nightly)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="evaluate again what failed before (default: failures are final)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`vlp eval ...` on its own: python -m pipeline.eval.cli retrieval|vqa|nightly ..."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.eval.cli")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

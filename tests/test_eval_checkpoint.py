@@ -1,0 +1,113 @@
+"""Loading models for evaluation: real ZeRO-3 checkpoints, export directories, and bad ones."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.eval.checkpoint import load_model_for_eval
+from pipeline.eval.files import EvalInputError
+from test_eval_support import tiny_eval_model, train_world_tokenizer, train_zero3_run
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json(world_dir, tmp_path_factory):
+    return train_world_tokenizer(world_dir, tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tokenizer_json, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    train_zero3_run(run, tokenizer_json, save_steps=(1, 2))
+    return run
+
+
+def assert_weights_equal(model, reference_path):
+    reference = load_file(reference_path)
+    state = model.state_dict()
+    for name, weight in reference.items():
+        assert torch.equal(state[name].float(), weight), name
+
+
+def test_zero3_checkpoints_dir_resolves_latest_and_consolidates(zero3_run):
+    model, tokenizer, info = load_model_for_eval(zero3_run / "checkpoints")
+    assert (info.kind, info.tag, info.step) == ("deepspeed", "global_step2", 2)
+    assert not model.training
+    assert tokenizer("a red circle")["input_ids"][0] == tokenizer.cls_token_id
+    assert_weights_equal(model, zero3_run / "reference_step2.safetensors")
+
+
+def test_zero3_tag_dir_loads_that_step(zero3_run):
+    model, _, info = load_model_for_eval(zero3_run / "checkpoints/global_step1")
+    assert info.step == 1
+    assert_weights_equal(model, zero3_run / "reference_step1.safetensors")
+    step2 = load_file(zero3_run / "reference_step2.safetensors")
+    assert not torch.equal(model.state_dict()["itm_head.weight"], step2["itm_head.weight"])
+
+
+def test_export_directory(tokenizer_json, tmp_path):
+    from models.export import save_pretrained
+
+    tiny = tiny_eval_model(tokenizer_json, seed=3)
+    save_pretrained(tiny.model, tmp_path / "export", tokenizer_path=tokenizer_json)
+    model, _, info = load_model_for_eval(tmp_path / "export")
+    assert (info.kind, info.step) == ("export", None)
+    for name, weight in tiny.model.state_dict().items():
+        assert torch.equal(model.state_dict()[name], weight), name
+
+
+def corrupt_copy(zero3_run, tmp_path):
+    tag = tmp_path / "checkpoints/global_step2"
+    shutil.copytree(zero3_run / "checkpoints/global_step2", tag)
+    return tag
+
+
+def test_missing_or_truncated_shard_is_reported_before_deepspeed_opens_it(zero3_run, tmp_path):
+    tag = corrupt_copy(zero3_run, tmp_path)
+    optim = next(tag.glob("*optim_states.pt"))
+    optim.write_bytes(optim.read_bytes()[:100])
+    with pytest.raises(EvalInputError, match=rf"corrupt checkpoint .*{optim.name}.*truncated"):
+        load_model_for_eval(tag)
+    optim.unlink()
+    with pytest.raises(EvalInputError, match=rf"{optim.name} is missing"):
+        load_model_for_eval(tag)
+
+
+def test_garbage_shard_of_the_right_size_fails_consolidation(zero3_run, tmp_path):
+    tag = corrupt_copy(zero3_run, tmp_path)
+    model_states = next(tag.glob("*model_states.pt"))
+    model_states.write_bytes(b"\0" * model_states.stat().st_size)
+    with pytest.raises(EvalInputError, match="cannot consolidate DeepSpeed checkpoint"):
+        load_model_for_eval(tag)
+
+
+def test_incomplete_tag_and_non_checkpoints(zero3_run, tmp_path):
+    tag = corrupt_copy(zero3_run, tmp_path)
+    (tag / "vlp_state.json").unlink()
+    with pytest.raises(EvalInputError, match="no vlp_state.json"):
+        load_model_for_eval(tag)
+    (tmp_path / "checkpoints/latest").write_text("global_step9")
+    with pytest.raises(EvalInputError, match="names tag 'global_step9'"):
+        load_model_for_eval(tmp_path / "checkpoints")
+    with pytest.raises(EvalInputError, match="is not a checkpoint"):
+        load_model_for_eval(tmp_path)
+    with pytest.raises(EvalInputError, match="not a directory"):
+        load_model_for_eval(tmp_path / "nowhere")
+
+
+def test_weights_of_another_config_are_refused(tokenizer_json, tmp_path):
+    from models.export import save_pretrained
+
+    tiny = tiny_eval_model(tokenizer_json)
+    save_pretrained(tiny.model, tmp_path / "export", tokenizer_path=tokenizer_json)
+    config = json.loads((tmp_path / "export/config.json").read_text())
+    (tmp_path / "export/config.json").write_text(json.dumps({**config, "depth": 3}))
+    with pytest.raises(EvalInputError, match="cannot load export .*probably from another config"):
+        load_model_for_eval(tmp_path / "export")
+    (tmp_path / "export/config.json").write_text(json.dumps({**config, "widht": 8}))
+    with pytest.raises(EvalInputError, match="widht"):
+        load_model_for_eval(tmp_path / "export")
+    (tmp_path / "export/config.json").write_text("{")
+    with pytest.raises(EvalInputError, match="cannot load export"):
+        load_model_for_eval(tmp_path / "export")

@@ -1,0 +1,187 @@
+"""Nightly evaluation over a runs folder: new checkpoints only, failures recorded, outputs written;
+the `vlp eval` command line; the cron script's lock."""
+import fcntl
+import json
+import shutil
+import subprocess
+
+import pandas as pd
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from pipeline.eval.cli import main as vlp_eval
+from pipeline.eval.files import EvalInputError
+from pipeline.eval.nightly import run_nightly
+from pipeline.eval.suite import load_suite
+from test_eval_support import tiny_eval_model, train_world_tokenizer, train_zero3_run
+
+SCRIPT = "launch_scripts/nightly_eval.sh"
+RETRIEVAL_METRICS, VQA_METRICS = 7, 4
+
+
+@pytest.fixture(scope="module")
+def suite(world_dir):
+    return {
+        "synth_retrieval": {"task": "retrieval",
+                            "karpathy_json": str(world_dir / "retrieval/dataset_synth.json"),
+                            "image_root": str(world_dir / "retrieval")},
+        "synth_vqa": {"task": "vqa", "vqa_dir": str(world_dir / "vqa"), "steps": 2,
+                      "batch_size": 8, "min_answer_count": 3},
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(world_dir, tmp_path_factory):
+    """runs/tiny: ZeRO-3 tags at steps 1 and 2, a corrupt tag 3, and an export directory."""
+    from models.export import save_pretrained
+
+    root = tmp_path_factory.mktemp("runs")
+    tokenizer = train_world_tokenizer(world_dir, root / "tokenizer")
+    train_zero3_run(root / "tiny", tokenizer, save_steps=(1, 2))
+    corrupt = clone_tag(root / "tiny/checkpoints", 2, 3)
+    shard = next(corrupt.glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:64])
+    export = tiny_eval_model(tokenizer).model
+    save_pretrained(export, root / "tiny/export", tokenizer_path=tokenizer)
+    return root
+
+
+def clone_tag(checkpoints, step, new_step):
+    """A copy of a published tag under another step (DeepSpeed's files do not name their tag)."""
+    tag = checkpoints / f"global_step{new_step}"
+    shutil.copytree(checkpoints / f"global_step{step}", tag)
+    state = json.loads((tag / "vlp_state.json").read_text())
+    (tag / "vlp_state.json").write_text(json.dumps({**state, "step": new_step, "tag": tag.name}))
+    return tag
+
+
+@pytest.fixture(scope="module")
+def first_night(runs, suite, tmp_path_factory):
+    out = tmp_path_factory.mktemp("nightly")
+    return run_nightly(runs, suite=suite, out_dir=out), out
+
+
+def test_first_night_evaluates_everything_and_records_the_corrupt_tag(first_night):
+    summary, out = first_night
+    assert summary["checkpoints_evaluated"] == 4
+    results = pd.read_parquet(out / "results.parquet")
+    ok = results[results["status"] == "ok"]
+    assert sorted(ok["tag"].unique()) == ["export", "global_step1", "global_step2"]
+    for tag, rows in ok.groupby("tag"):
+        assert (rows["benchmark"] == "synth_retrieval").sum() == RETRIEVAL_METRICS
+        assert (rows["benchmark"] == "synth_vqa").sum() == VQA_METRICS
+    assert ok[ok["tag"] == "global_step2"]["step"].unique().tolist() == [2]
+    assert ok[ok["tag"] == "export"]["step"].isna().all()
+    chance = ok[(ok["metric"] == "image_retrieval_recall@1")]["baseline"]
+    assert chance.tolist() == pytest.approx([1 / 32] * 3)
+    assert set(ok[ok["task"] == "vqa"]["baseline_name"]) == {"majority"}
+    failed = results[results["status"] == "failed"]
+    assert sorted(failed["benchmark"]) == ["synth_retrieval", "synth_vqa"]
+    assert (failed["tag"] == "global_step3").all()
+    assert failed["error"].str.contains("truncated").all()
+    assert [f["tag"] for f in summary["failures"]] == ["global_step3", "global_step3"]
+
+
+def test_per_checkpoint_json_results_follow_the_design_layout(first_night, runs):
+    result = json.loads((runs / "tiny/eval/global_step2/synth_retrieval.json").read_text())
+    assert result["step"] == 2 and "image_retrieval_recall@1" in result["metrics"]
+    assert (runs / "tiny/eval/export/synth_vqa.results.json").exists()
+
+
+def test_report_and_plots(first_night):
+    out = first_night[1]
+    html = (out / "report.html").read_text()
+    plots = sorted((out / "plots").glob("*.png"))
+    assert len(plots) == RETRIEVAL_METRICS + VQA_METRICS
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
+    for plot in plots:
+        assert f'src="plots/{plot.name}"' in html
+    assert "global_step3" in html and "truncated" in html  # the failures table
+    assert "(chance)" in html and "(majority)" in html  # baselines beside latest and best
+
+
+def test_tensorboard_scalars_read_back(first_night):
+    out = first_night[1]
+    events = EventAccumulator(str(out / "tensorboard/tiny"))
+    events.Reload()
+    results = pd.read_parquet(out / "results.parquet")
+    assert "synth_vqa/overall" in events.Tags()["scalars"]
+    scalars = events.Scalars("synth_retrieval/mean_recall")
+    expected = results[(results["metric"] == "mean_recall") & results["step"].notna()]
+    assert [s.step for s in scalars] == [1, 2]
+    expected_values = expected.sort_values("step")["value"].tolist()
+    assert [s.value for s in scalars] == pytest.approx(expected_values)
+
+
+def test_second_night_does_no_duplicate_work_and_picks_up_new_tags(first_night, runs, suite):
+    summary, out = first_night
+    before = pd.read_parquet(out / "results.parquet")
+    again = run_nightly(runs, suite=suite, out_dir=out)
+    assert again["checkpoints_evaluated"] == 0 and again["failures"] == []
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"), before)
+
+    clone_tag(runs / "tiny/checkpoints", 2, 4)
+    incomplete = runs / "tiny/checkpoints/global_step5"
+    shutil.copytree(runs / "tiny/checkpoints/global_step2", incomplete)
+    (incomplete / "vlp_state.json").unlink()  # still being saved: not a checkpoint yet
+    third = run_nightly(runs, suite=suite, out_dir=out)
+    assert third["checkpoints_evaluated"] == 1
+    results = pd.read_parquet(out / "results.parquet")
+    assert len(results) == len(before) + RETRIEVAL_METRICS + VQA_METRICS
+    assert set(results["tag"]) == {"export", "global_step1", "global_step2", "global_step3",
+                                   "global_step4"}
+
+    retried = run_nightly(runs, suite=suite, out_dir=out, retry_failed=True)
+    assert retried["checkpoints_evaluated"] == 1 and len(retried["failures"]) == 2
+    assert len(pd.read_parquet(out / "results.parquet")) == len(results)  # failures replaced
+
+
+def test_suite_file_paths_and_unknown_keys(tmp_path):
+    (tmp_path / "suite.yaml").write_text(
+        "synth:\n  task: retrieval\n  karpathy_json: world/r.json\n"
+        "  image_root: world\n  rerank_k: 4\n")
+    (benchmark,) = load_suite(tmp_path / "suite.yaml")
+    assert benchmark.kwargs == {"karpathy_json": str(tmp_path / "world/r.json"),
+                                "image_root": str(tmp_path / "world"), "rerank_k": 4}
+    with pytest.raises(EvalInputError, match=r"unknown key\(s\) \['rerank'\]; valid keys: .*k"):
+        load_suite({"synth": {"task": "retrieval", "rerank": 4}})
+    with pytest.raises(EvalInputError, match="needs 'task: retrieval | vqa'"):
+        load_suite({"synth": {"karpathy_json": "x"}})
+
+
+def test_cli_retrieval_and_vqa(runs, world_dir, tmp_path, capsys):
+    export = str(runs / "tiny/export")
+    code = vlp_eval(["retrieval", "--checkpoint", export, "--karpathy-json",
+                str(world_dir / "retrieval/dataset_synth.json"), "--image-root",
+                str(world_dir / "retrieval"), "--bf16", "--out", str(tmp_path / "r.json")])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((tmp_path / "r.json").read_text())
+    code = vlp_eval(["vqa", "--checkpoint", export, "--vqa-dir", str(world_dir / "vqa"),
+                "--steps", "1", "--min-answer-count", "3", "--out", str(tmp_path / "v.json")])
+    assert code == 0 and (tmp_path / "v.results.json").exists()
+    capsys.readouterr()
+    code = vlp_eval(["retrieval", "--checkpoint", export, "--karpathy-json",
+                str(tmp_path / "missing.json"), "--image-root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Karpathy split JSON not found" in err and "missing.json" in err
+
+
+def test_nightly_script_runs_and_refuses_to_overlap(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "eval_suite.yaml").write_text("r:\n  task: retrieval\n  shards: none.tar\n")
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", SCRIPT, "--runs", str(runs), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout[done.stdout.index("{"):])["checkpoints_evaluated"] == 0
+    assert (out / "report.html").exists()
+
+    out.mkdir(exist_ok=True)
+    with open(out / "nightly.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a night still running
+        held = subprocess.run(["bash", SCRIPT, "--runs", str(runs), "--out", str(out)],
+                              capture_output=True, text=True, timeout=60)
+    assert held.returncode == 75
+    assert "already running" in held.stderr and held.stdout == ""
