@@ -144,7 +144,8 @@ def register(subparsers) -> None:
                         "(default: beside --out, .results.json)")
 
     p = add("nightly", _cmd_nightly,
-            "evaluate new checkpoints of all runs; results.parquet, TensorBoard, report.html")
+            "evaluate new checkpoints of all runs; results.parquet, TensorBoard, report.html "
+            "(exit status 1 when a checkpoint failed in this run)")
     p.add_argument("--runs", required=True, help="folder of runs (runs/NAME/checkpoints/...)")
     p.add_argument("--suite", help="benchmark suite YAML/JSON (default RUNS/eval_suite.yaml)")
     p.add_argument("--out", help="output folder (default RUNS/nightly)")
@@ -154,7 +155,7 @@ def register(subparsers) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`vlp eval ...` on its own: python -m pipeline.eval.cli retrieval|vqa|nightly ..."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.eval.cli")
+    parser = argparse.ArgumentParser(prog="vlp")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
     return int(args.func(args) or 0)

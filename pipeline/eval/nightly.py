@@ -83,10 +83,8 @@ def run_nightly(
     out_dir = Path(out_dir) if out_dir is not None else runs_dir / "nightly"
     results_path = out_dir / "results.parquet"
     results = read_results(results_path)
-    done_rows = results if not retry_failed else results[results["status"] == "ok"]
+    done_rows = results[results["status"] == "ok"] if retry_failed else results
     done = set(zip(done_rows["run"], done_rows["tag"], done_rows["benchmark"]))
-    if retry_failed:
-        results = results[results["status"] == "ok"]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     evaluated, failures = 0, []
@@ -96,6 +94,10 @@ def run_nightly(
             continue
         rows = evaluate_checkpoint(ref, todo, device)
         failures += [r for r in rows if r["status"] == "failed"]
+        # A retried benchmark's new rows replace its old failure row.
+        retried = (results["run"] == ref.run) & (results["tag"] == ref.tag) & results[
+            "benchmark"].isin([b.name for b in todo])
+        results = results[~retried]
         new_rows = pd.DataFrame(rows, columns=RESULT_COLUMNS)
         results = new_rows if results.empty else pd.concat([results, new_rows], ignore_index=True)
         write_results(results, results_path)

@@ -17,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from pipeline.eval.files import atomic_path  # noqa: E402
 
@@ -73,6 +74,7 @@ def plot_metric(rows: pd.DataFrame, benchmark: str, metric: str, plot_dir: Path)
             ax.axhline(baseline.iloc[-1], linestyle="--", color="grey",
                        label=f"{rows['baseline_name'].iloc[-1]} baseline")
         ax.set(title=f"{benchmark}: {metric}", xlabel="training step", ylabel=metric)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
         fig.tight_layout()
