@@ -213,3 +213,21 @@ def test_encoding_splits_items_across_ranks_and_gathers_them_in_order():
     assert results[0][0] == [0, 1, 2, 3] and results[1][0] == [4, 5, 6]
     expected = [[float(i), float(i >= 4)] for i in range(7)]
     assert results[0][1] == expected and results[1][1] == expected
+
+
+@pytest.mark.parametrize("backbone", [False, True])
+def test_finetune_trains_the_head_and_the_backbone_only_when_asked(tiny, world_dir, backbone):
+    import copy
+
+    from pipeline.eval.vqa_data import find_split_files, load_vqa_split
+    from pipeline.eval.vqa_finetune import AnswerVocab, FinetuneConfig, finetune_vqa
+
+    train = load_vqa_split(*find_split_files(world_dir / "vqa", "train"), world_dir / "vqa")
+    vocab = AnswerVocab.build(train, min_count=3)
+    model = copy.deepcopy(tiny.model)
+    stats = finetune_vqa(model, tiny.tokenizer, train, vocab,
+                         FinetuneConfig(steps=2, batch_size=4, finetune_backbone=backbone))
+    assert stats["steps"] == 2 and stats["lr"] == (1e-4 if backbone else 1e-3)
+    assert model.num_answers == len(vocab.answers) and not model.training
+    moved = not torch.equal(model.image_embed.patch.weight, tiny.model.image_embed.patch.weight)
+    assert moved == backbone
