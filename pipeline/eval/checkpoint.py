@@ -70,9 +70,8 @@ def load_model_for_eval(path: str | Path, device: str | torch.device = "cpu") ->
     if kind == "export":
         model, tag, step = _load_export(directory), None, None
     else:
-        step = _read_state(directory)["step"]
-        model, tag = _build_model(read_json(directory / "config.json", "model config"),
-                                  directory), directory.name
+        tag, step = directory.name, _read_state(directory)["step"]
+        model = _build_model(read_json(directory / "config.json", "model config"), directory)
         _load_weights(model, _consolidate_zero(directory), directory)
     tokenizer = _load_tokenizer(directory / "tokenizer.json")
     info = CheckpointInfo(str(directory), kind, tag, step, model.config.to_dict())
