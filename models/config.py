@@ -1,0 +1,92 @@
+"""Model configuration: a typed dataclass and the named sizes in `models/configs/*.json`."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+ATTENTION_BACKENDS = ("sdpa", "reference")
+
+
+@dataclass
+class ModelConfig:
+    """Sizes of the unified multiway transformer.
+
+    The bottom `depth - fusion_layers` blocks run each modality alone; the top `fusion_layers`
+    blocks also hold a VL-FFN and run the fused image+text sequence.
+    `vocab_size` may be None in a named config; set it from the tokenizer before building a model.
+    """
+
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    fusion_layers: int = 2
+    vocab_size: int | None = 30522
+    max_text_len: int = 40
+    embed_dim: int = 256  # ITC projection size
+    vqa_hidden_mult: int = 2  # VQA head MLP hidden size = vqa_hidden_mult * width
+    dropout: float = 0.0  # on the attention and FFN residual branches
+    layer_norm_eps: float = 1e-6
+    init_std: float = 0.02
+    attention_backend: str = "sdpa"
+
+    def __post_init__(self):
+        checks = [
+            (self.width % self.heads == 0,
+             f"width {self.width} is not divisible by heads {self.heads}"),
+            (self.image_size % self.patch_size == 0,
+             f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"),
+            (1 <= self.fusion_layers <= self.depth,
+             f"fusion_layers {self.fusion_layers} must be in [1, depth={self.depth}]"),
+            (self.attention_backend in ATTENTION_BACKENDS,
+             f"attention_backend {self.attention_backend!r} is not one of {ATTENTION_BACKENDS}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        """Build from a dict; an unknown key is a ValueError naming it and the valid keys."""
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown model config key(s) {unknown}; valid keys: {valid}")
+        return cls(**values)
+
+
+def available_configs() -> list[str]:
+    return sorted(path.stem for path in CONFIG_DIR.glob("*.json"))
+
+
+def load_config(name_or_path: str | Path, **overrides) -> ModelConfig:
+    """Load a named size (`tiny`, `small`, `base`, `large`) or a JSON file, then apply overrides.
+
+    >>> load_config("tiny", vocab_size=tokenizer.get_vocab_size())
+    """
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = CONFIG_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        raise ValueError(
+            f"no model config {str(name_or_path)!r}: "
+            f"not a file and not one of {available_configs()}"
+        )
+    values = json.loads(path.read_text())
+    values.update(overrides)
+    return ModelConfig.from_dict(values)
