@@ -1,0 +1,63 @@
+"""Matmul FLOPs of one training sample, for MFU (the spirit of nanoGPT's `estimate_mfu`)."""
+from __future__ import annotations
+
+from .config import ModelConfig
+from .model import LossWeights
+
+
+def flops_per_sample(
+    config: ModelConfig,
+    text_len: int | None = None,
+    masked_tokens: float | None = None,
+    global_batch: int = 1,
+    weights: LossWeights | None = None,
+    num_answers: int = 0,
+    backward: bool = True,
+) -> float:
+    """FLOPs one sample costs in `UnifiedModel.forward` (x3 for forward + backward).
+
+    Counts matmuls at 2 FLOPs per multiply-add; layer norms, GELU, softmax and embedding lookups
+    are left out. With W = width, M = mlp_hidden, P = patches, Ti = P + 1, Tt = text_len,
+    L = depth, F = fusion_layers, E = embed_dim, V = vocab_size, N = global ITC batch:
+
+        layer(T) = T (8 W^2 + 4 W M)            qkv 6W^2, out proj 2W^2, FFN 4WM per token
+                 + 4 T^2 W                      attention scores and weighted values
+        image    = 2 P (3 p^2) W + U layer(Ti)  patch conv, U = L with ITC (else L - F) blocks
+        text     = U layer(Tt)
+        ITC      = 4 W E + 4 E N                two projections; i2t and t2i logit rows
+        ITM      = 3 (F layer(Ti + Tt) + 4 W)   positive + 2 hard negatives; head
+        MLM      = (L - F) layer(Tt)            masked caption, bottom blocks
+                 + F layer(Ti + Tt)             fused with the image
+                 + m (2 W^2 + 2 W V)            head on the m masked tokens
+        VQA      = F layer(Ti + Tt)             fused with the question
+                 + 2 W H + 2 H A                MLP head (H hidden, A answers)
+
+    Padded text positions are computed (masked, not skipped), so Tt is the padded length
+    (default max_text_len); m defaults to 15% of Tt. An objective with zero weight is not
+    counted; VQA is counted when num_answers > 0. ITM assumes a batch of at least 2.
+    Backward costs twice the forward (a gradient for the input and for the weight of every
+    matmul), hence the factor 3.
+    """
+    weights = weights or LossWeights()
+    W, M, L, F = config.width, config.mlp_hidden, config.depth, config.fusion_layers
+    P, Ti = config.num_patches, config.num_patches + 1
+    Tt = config.max_text_len if text_len is None else text_len
+    m = 0.15 * Tt if masked_tokens is None else masked_tokens
+
+    def layer(T: int) -> float:
+        return T * (8 * W * W + 4 * W * M) + 4 * T * T * W
+
+    unimodal_layers = L if weights.itc else L - F
+    flops = 2 * P * 3 * config.patch_size**2 * W
+    flops += unimodal_layers * (layer(Ti) + layer(Tt))
+    if weights.itc:
+        flops += 2 * 2 * W * config.embed_dim + 2 * 2 * config.embed_dim * global_batch
+    if weights.itm:
+        flops += 3 * (F * layer(Ti + Tt) + 2 * W * 2)
+    if weights.mlm:
+        flops += (L - F) * layer(Tt) + F * layer(Ti + Tt)
+        flops += m * (2 * W * W + 2 * W * config.vocab_size)
+    if weights.vqa and num_answers:
+        hidden = config.vqa_hidden_mult * W
+        flops += F * layer(Ti + Tt) + 2 * W * hidden + 2 * hidden * num_answers
+    return 3 * flops if backward else flops

@@ -1,0 +1,66 @@
+"""Pretraining objectives that need more than a one-line cross-entropy: ITC, ITM negatives, VQA."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.nn.functional import all_gather
+
+
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Concatenate `x` (B, ...) from all ranks -> ((world*B, ...), this rank), keeping gradients.
+
+    The backward pass sums each rank's gradient for a slice back onto the rank that owns it.
+    Every rank must pass the same B. (torch 2.13 marks this `all_gather` deprecated in favour of
+    the functional collectives; it is kept because it also runs on gloo and oneCCL.)
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    return torch.cat(all_gather(x), dim=0), dist.get_rank()
+
+
+def contrastive_loss(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Symmetric InfoNCE, local-loss form (open_clip): local rows against all gathered columns.
+
+    image_emb, text_emb: (B, E), L2-normalised; pair i is the positive. Returns (loss, accuracy,
+    local similarity logits (B, B) detached), the last for sampling ITM negatives. With gradients
+    averaged over ranks (DDP / DeepSpeed) this equals the loss over the concatenated global batch.
+    """
+    all_image, rank = gather_with_grad(image_emb)  # (world*B, E)
+    all_text, _ = gather_with_grad(text_emb)
+    B = image_emb.size(0)
+    # fp32 logits: a temperature of up to 100 amplifies bf16 rounding.
+    logits_i2t = logit_scale * image_emb.float() @ all_text.float().T  # (B, world*B)
+    logits_t2i = logit_scale * text_emb.float() @ all_image.float().T  # (B, world*B)
+    labels = torch.arange(B, device=image_emb.device) + rank * B
+    loss = (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
+    accuracy = ((logits_i2t.argmax(1) == labels).float().mean()
+                + (logits_t2i.argmax(1) == labels).float().mean()) / 2
+    local_sim = logits_i2t[:, rank * B:(rank + 1) * B].detach()  # (B, B): image i vs text j
+    return loss, accuracy.detach(), local_sim
+
+
+def hard_negatives(sim: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one negative per row and per column of `sim` (B, B), B >= 2, as in ALBEF.
+
+    Image i gets text j != i with probability softmax_j(sim[i]) renormalised without the positive;
+    text j gets image i != j likewise from sim[:, j]. Masking with -inf before the softmax makes
+    the positive's probability exactly zero and keeps the rest nonzero even when the positive
+    dominates. Returns (negative text per image (B,), negative image per text (B,)).
+    """
+    positive = torch.eye(sim.size(0), dtype=torch.bool, device=sim.device)
+    sim = sim.float().masked_fill(positive, float("-inf"))
+    text_for_image = torch.multinomial(sim.softmax(dim=1), 1).squeeze(1)
+    image_for_text = torch.multinomial(sim.T.softmax(dim=1), 1).squeeze(1)
+    return text_for_image, image_for_text
+
+
+def vqa_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Soft-score BCE (ViLT/VLMo): summed over answers, averaged over questions.
+
+    logits, targets: (B, num_answers); targets are VQA soft scores in [0, 1].
+    """
+    bce = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="sum")
+    return bce / logits.size(0)

@@ -1,0 +1,308 @@
+"""The unified multiway transformer (VLMo-style) with its pretraining and VQA objectives.
+
+    images (B, 3, S, S) -> patch embed + CLS + pos -> bottom blocks (V-FFN) -> image states
+    text ids (B, T)     -> token + pos             -> bottom blocks (L-FFN) -> text states
+    dual encoder: states -> top blocks (V-FFN | L-FFN) -> LN -> CLS -> projection -> L2 norm
+    fused:        [image states; text states] + type -> top blocks (VL-FFN) -> LN -> heads
+
+Bottom states are computed once per step and reused by ITC, ITM and MLM.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .losses import contrastive_loss, hard_negatives, vqa_loss
+from .multiway import MultiwayBlock
+
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: temperature >= 0.01
+
+
+@dataclass
+class LossWeights:
+    """Weight of each objective in the total; a zero weight skips the objective's compute."""
+
+    itc: float = 1.0
+    itm: float = 1.0
+    mlm: float = 1.0
+    vqa: float = 1.0  # used when forward() gets vqa_targets
+
+
+class ImageEmbedding(nn.Module):
+    """Conv patch embedding + CLS + learned positions: (B, 3, S, S) -> (B, 1 + P, width)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.image_size = config.image_size
+        self.patch = nn.Conv2d(3, config.width, config.patch_size, stride=config.patch_size)
+        self.cls = nn.Parameter(torch.zeros(1, 1, config.width))
+        self.pos = nn.Parameter(torch.zeros(1, 1 + config.num_patches, config.width))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(f"images are {tuple(images.shape[-2:])}, the model expects "
+                             f"{self.image_size}x{self.image_size}")
+        x = self.patch(images).flatten(2).transpose(1, 2)  # (B, width, S/p, S/p) -> (B, P, width)
+        x = torch.cat([self.cls.expand(x.size(0), -1, -1), x], dim=1)  # (B, 1 + P, width)
+        return x + self.pos
+
+
+class TextEmbedding(nn.Module):
+    """Token + learned position embeddings: (B, T) -> (B, T, width), T <= max_text_len."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.token = nn.Embedding(config.vocab_size, config.width)
+        self.pos = nn.Parameter(torch.zeros(1, config.max_text_len, config.width))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.size(1) > self.pos.size(1):
+            raise ValueError(f"text length {ids.size(1)} exceeds max_text_len {self.pos.size(1)}")
+        return self.token(ids) + self.pos[:, : ids.size(1)]
+
+
+class MLMHead(nn.Module):
+    """BERT's prediction head: dense + GELU + LayerNorm, then a decoder tied to the token embedding.
+
+    The tie shares one Parameter between two modules (as HF BERT does), so ZeRO-3 gathers it for
+    the decoder's own forward like any other weight.
+    """
+
+    def __init__(self, config: ModelConfig, token_embedding: nn.Embedding):
+        super().__init__()
+        self.dense = nn.Linear(config.width, config.width)
+        self.norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.width, config.vocab_size)
+        self.decoder.weight = token_embedding.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(F.gelu(self.dense(x))))  # (N, width) -> (N, vocab)
+
+
+class UnifiedModel(nn.Module):
+    """Image/text dual encoder and fusion encoder in one multiway transformer.
+
+    Under DeepSpeed ZeRO-3 train only through `forward` (it computes every loss) and attach the
+    VQA head before `deepspeed.initialize`.
+    """
+
+    def __init__(self, config: ModelConfig, loss_weights: LossWeights | None = None):
+        super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("config.vocab_size is unset: "
+                             "load_config(name, vocab_size=tokenizer.get_vocab_size())")
+        self.config = config
+        self.loss_weights = loss_weights or LossWeights()
+        W = config.width
+        self.image_embed = ImageEmbedding(config)
+        self.text_embed = TextEmbedding(config)
+        self.type_embed = nn.Embedding(2, W)  # 0 = image, 1 = text; added when fusing
+        self.register_buffer("type_ids", torch.arange(2), persistent=False)
+        self.blocks = nn.ModuleList(
+            MultiwayBlock(config, vl_ffn=i >= self.num_bottom) for i in range(config.depth))
+        self.norm = nn.LayerNorm(W, eps=config.layer_norm_eps)
+        self.image_proj = nn.Linear(W, config.embed_dim, bias=False)
+        self.text_proj = nn.Linear(W, config.embed_dim, bias=False)
+        # Shape (1,), not a scalar: DeepSpeed's initial broadcast cannot view a 0-d tensor as bytes.
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
+        self.itm_head = nn.Linear(W, 2)
+        self.mlm_head = MLMHead(config, self.text_embed.token)
+        self.vqa_head: nn.Sequential | None = None
+        # Under deepspeed.zero.Init, DeepSpeed wraps Module.apply to gather each module's
+        # partitioned parameters around the init function, so this init is not lost.
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module):
+        std = self.config.init_std
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, (ImageEmbedding, TextEmbedding)):
+            for param in module.parameters(recurse=False):
+                nn.init.trunc_normal_(param, std=std, a=-2 * std, b=2 * std)
+
+    def attach_vqa_head(self, num_answers: int) -> None:
+        """Add the VQA classifier: MLP over the fused CLS -> (B, num_answers) logits."""
+        W, hidden = self.config.width, self.config.vqa_hidden_mult * self.config.width
+        head = nn.Sequential(
+            nn.Linear(W, hidden), nn.LayerNorm(hidden, eps=self.config.layer_norm_eps),
+            nn.GELU(), nn.Linear(hidden, num_answers),
+        )
+        head.apply(self._init_weights)
+        self.vqa_head = head.to(self.itm_head.weight.device, self.itm_head.weight.dtype)
+
+    @property
+    def num_bottom(self) -> int:
+        """Blocks that run each modality alone; the rest are the top (fusion) blocks."""
+        return self.config.depth - self.config.fusion_layers
+
+    @property
+    def bottom(self) -> nn.ModuleList:
+        return self.blocks[: self.num_bottom]
+
+    @property
+    def top(self) -> nn.ModuleList:
+        return self.blocks[self.num_bottom :]
+
+    @property
+    def num_answers(self) -> int | None:
+        return None if self.vqa_head is None else self.vqa_head[-1].out_features
+
+    # ---- unimodal bottom layers ------------------------------------------------------------
+
+    def image_states(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> bottom-layer image states (B, 1 + P, width)."""
+        x = self.image_embed(images)
+        for block in self.bottom:
+            x = block(x, split=x.size(1))
+        return x
+
+    def text_states(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids, bool mask (True = real token) -> bottom-layer text states (B, T, width)."""
+        x = self.text_embed(text_ids)
+        for block in self.bottom:
+            x = block(x, split=0, key_padding_mask=text_mask.bool())
+        return x
+
+    # ---- dual encoder ----------------------------------------------------------------------
+
+    def _embed(self, states: torch.Tensor, split: int, mask: torch.Tensor | None,
+               proj: nn.Linear) -> torch.Tensor:
+        """Top blocks for one modality, then the projected, L2-normalised CLS: (B, embed_dim)."""
+        x = states
+        for block in self.top:
+            x = block(x, split, mask)
+        return F.normalize(proj(self.norm(x[:, 0])), dim=-1)
+
+    def image_embedding(self, image_states: torch.Tensor) -> torch.Tensor:
+        return self._embed(image_states, image_states.size(1), None, self.image_proj)
+
+    def text_embedding(self, text_states: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        return self._embed(text_states, 0, text_mask.bool(), self.text_proj)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> L2-normalised retrieval embedding (B, embed_dim)."""
+        return self.image_embedding(self.image_states(images))
+
+    def encode_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids and mask -> L2-normalised retrieval embedding (B, embed_dim)."""
+        return self.text_embedding(self.text_states(text_ids, text_mask), text_mask)
+
+    # ---- fusion encoder --------------------------------------------------------------------
+
+    def fuse(self, image_states: torch.Tensor, text_states: torch.Tensor,
+             text_mask: torch.Tensor) -> torch.Tensor:
+        """Joint pass of the top blocks (VL-FFN) over [image; text], text padding masked.
+
+        (B, Ti, width), (B, Tt, width), (B, Tt) -> final-LN states (B, Ti + Tt, width);
+        position 0 is the image CLS, pooled by the ITM and VQA heads.
+        """
+        image_type, text_type = self.type_embed(self.type_ids)  # (2, width)
+        x = torch.cat([image_states + image_type, text_states + text_type], dim=1)
+        mask = torch.cat([text_mask.new_ones(image_states.shape[:2]), text_mask], dim=1).bool()
+        for block in self.top:
+            x = block(x, split=image_states.size(1), key_padding_mask=mask)
+        return self.norm(x)
+
+    def itm_logits(self, images: torch.Tensor, text_ids: torch.Tensor,
+                   text_mask: torch.Tensor) -> torch.Tensor:
+        """Image-text match logits (B, 2), class 1 = match; for re-ranking retrieval candidates."""
+        text_states = self.text_states(text_ids, text_mask)
+        return self.itm_head(self.fuse(self.image_states(images), text_states, text_mask)[:, 0])
+
+    def vqa_logits(self, images: torch.Tensor, q_ids: torch.Tensor,
+                   q_mask: torch.Tensor) -> torch.Tensor:
+        """Answer logits (B, num_answers); needs `attach_vqa_head` first."""
+        return self._vqa_logits(self.image_states(images), self.text_states(q_ids, q_mask), q_mask)
+
+    def _vqa_logits(self, image_states, text_states, text_mask) -> torch.Tensor:
+        if self.vqa_head is None:
+            raise RuntimeError("no VQA head: call model.attach_vqa_head(num_answers) first")
+        return self.vqa_head(self.fuse(image_states, text_states, text_mask)[:, 0])
+
+    # ---- training --------------------------------------------------------------------------
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        mlm_ids: torch.Tensor | None = None,
+        mlm_labels: torch.Tensor | None = None,
+        vqa_targets: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """One training step's losses: {"loss": weighted total, "<name>_loss", diagnostics}.
+
+        images (B, 3, S, S); text_ids, text_mask (B, T); mlm_ids/mlm_labels (B, T) from
+        `pipeline.transforms.mask_tokens` (labels -100 = no prediction), needed when the MLM
+        weight is nonzero; vqa_targets (B, num_answers) soft scores, for VQA fine-tuning (then
+        usually with `LossWeights(itc=0, itm=0, mlm=0)`). Diagnostics are detached.
+        """
+        weights = self.loss_weights
+        if weights.mlm and (mlm_ids is None or mlm_labels is None):
+            raise ValueError("the MLM weight is nonzero: pass mlm_ids and mlm_labels, "
+                             "or build the model with LossWeights(mlm=0)")
+        image_states = self.image_states(images)  # (B, Ti, width)
+        text_states = self.text_states(text_ids, text_mask)  # (B, Tt, width)
+        losses, out = {}, {}
+        sim = None
+        if weights.itc:
+            scale = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp().squeeze(0)
+            image_emb = self.image_embedding(image_states)  # (B, embed_dim)
+            text_emb = self.text_embedding(text_states, text_mask)
+            losses["itc"], out["itc_acc"], sim = contrastive_loss(image_emb, text_emb, scale)
+            out["temperature"] = 1.0 / scale.detach()
+        if weights.itm:
+            losses["itm"], out["itm_acc"] = self._itm_loss(
+                image_states, text_states, text_mask, sim)
+        if weights.mlm:
+            losses["mlm"], out["mlm_acc"] = self._mlm_loss(
+                image_states, mlm_ids, text_mask, mlm_labels)
+        if weights.vqa and vqa_targets is not None:
+            logits = self._vqa_logits(image_states, text_states, text_mask)
+            losses["vqa"] = vqa_loss(logits, vqa_targets)
+        if not losses:
+            raise ValueError(f"no objective enabled by {weights} for these inputs")
+        out["loss"] = sum(getattr(weights, name) * loss for name, loss in losses.items())
+        out.update({f"{name}_loss": loss for name, loss in losses.items()})
+        return out
+
+    def _itm_loss(self, image_states, text_states, text_mask, sim):
+        """Match/no-match over B positives, B hard-negative texts and B hard-negative images.
+
+        Negatives are sampled from the ITC similarities `sim` (B, B); a batch of one has no
+        negative and trains on its positive alone.
+        """
+        B = image_states.size(0)
+        if B > 1:
+            sim = image_states.new_zeros(B, B) if sim is None else sim  # uniform without ITC
+            neg_text, neg_image = hard_negatives(sim)
+            # (B, ...) -> (3B, ...): positives, (image, negative text), (negative image, text)
+            image_states = torch.cat([image_states, image_states, image_states[neg_image]])
+            text_states = torch.cat([text_states, text_states[neg_text], text_states])
+            text_mask = torch.cat([text_mask, text_mask[neg_text], text_mask])
+        labels = (torch.arange(image_states.size(0), device=image_states.device) < B).long()
+        logits = self.itm_head(self.fuse(image_states, text_states, text_mask)[:, 0]).float()
+        accuracy = (logits.argmax(1) == labels).float().mean()
+        return F.cross_entropy(logits, labels), accuracy.detach()
+
+    def _mlm_loss(self, image_states, mlm_ids, text_mask, mlm_labels):
+        """Predict the masked caption tokens from the caption fused with its image."""
+        text_states = self.text_states(mlm_ids, text_mask)
+        fused_text = self.fuse(image_states, text_states, text_mask)[:, image_states.size(1):]
+        selected = mlm_labels != -100  # (B, Tt)
+        logits = self.mlm_head(fused_text[selected]).float()  # (N, vocab), N = masked tokens
+        targets = mlm_labels[selected]
+        count = selected.sum().clamp(min=1)  # a batch without targets gives 0, not NaN
+        loss = F.cross_entropy(logits, targets, reduction="sum") / count
+        accuracy = (logits.argmax(1) == targets).sum() / count
+        return loss, accuracy.detach()

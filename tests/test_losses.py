@@ -1,0 +1,103 @@
+"""ITC across ranks, hard-negative sampling for ITM, and the VQA loss."""
+import math
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from models import LossWeights, UnifiedModel, load_config
+from models.losses import contrastive_loss, hard_negatives, vqa_loss
+
+WORLD, LOCAL_B, T = 2, 3, 8
+
+
+def test_hard_negatives_are_never_the_positive():
+    torch.manual_seed(0)
+    emb = F.normalize(torch.randn(6, 16), dim=-1)
+    # Temperature 0.01 makes each positive dominate; a plain softmax would underflow the rest to 0.
+    for sim in (100.0 * emb @ emb.T, torch.zeros(6, 6), torch.randn(6, 6)):
+        for _ in range(20):
+            text_for_image, image_for_text = hard_negatives(sim)
+            assert not (text_for_image == torch.arange(6)).any()
+            assert not (image_for_text == torch.arange(6)).any()
+    assert hard_negatives(torch.zeros(2, 2))[0].tolist() == [1, 0]  # the only choice
+
+
+def test_hard_negatives_prefer_similar_pairs():
+    sim = torch.zeros(4, 4)
+    sim[0, 2] = 5.0  # image 0 looks like caption 2, caption 2 like image 0
+    draws = [hard_negatives(sim) for _ in range(200)]
+    assert sum(t[0].item() == 2 for t, _ in draws) > 150  # p = e^5 / (e^5 + 2) ~ 0.99
+    assert sum(i[2].item() == 0 for _, i in draws) > 150
+
+
+def test_contrastive_loss_on_one_process_is_clip_loss():
+    torch.manual_seed(0)
+    image, text = F.normalize(torch.randn(5, 8), dim=-1), F.normalize(torch.randn(5, 8), dim=-1)
+    loss, accuracy, sim = contrastive_loss(image, text, torch.tensor(10.0))
+    logits = 10.0 * image @ text.T
+    labels = torch.arange(5)
+    expected = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(sim, logits)
+    assert 0 <= accuracy <= 1
+
+
+def test_vqa_loss_is_bce_summed_over_answers():
+    logits, targets = torch.zeros(2, 10), torch.zeros(2, 10)
+    assert vqa_loss(logits, targets).item() == pytest.approx(10 * math.log(2))
+
+
+def itc_model_and_batch():
+    torch.manual_seed(0)
+    config = load_config("tiny", vocab_size=50, width=32, heads=2, depth=2, fusion_layers=1)
+    model = UnifiedModel(config, LossWeights(itc=1, itm=0, mlm=0))
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(WORLD * LOCAL_B, 3, 64, 64, generator=g)
+    ids = torch.randint(4, 50, (WORLD * LOCAL_B, T), generator=g)
+    mask = torch.arange(T) < torch.randint(2, T + 1, (WORLD * LOCAL_B, 1), generator=g)
+    return model, images, ids, mask
+
+
+def itc_rank(rank: int, port: int, out_dir: str):
+    """One rank: ITC on its slice of the batch, gradients averaged over ranks as DDP does."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    model, images, ids, mask = itc_model_and_batch()
+    part = slice(rank * LOCAL_B, (rank + 1) * LOCAL_B)
+    loss = model(images[part], ids[part], mask[part])["loss"]
+    loss.backward()
+    for param in model.parameters():
+        if param.grad is not None:
+            dist.all_reduce(param.grad)
+            param.grad /= WORLD
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    torch.save({"loss": total / WORLD, "grads": {n: p.grad for n, p in model.named_parameters()}},
+               f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_itc_on_two_ranks_equals_one_process_on_the_whole_batch(tmp_path):
+    mp.spawn(itc_rank, args=(free_port(), str(tmp_path)), nprocs=WORLD)
+    model, images, ids, mask = itc_model_and_batch()
+    loss = model(images, ids, mask)["loss"]
+    loss.backward()
+    for rank in range(WORLD):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(result["loss"], loss.detach())
+        for name, param in model.named_parameters():
+            if param.grad is None:
+                assert result["grads"][name] is None, name
+            else:
+                torch.testing.assert_close(result["grads"][name], param.grad, atol=1e-6, rtol=1e-4)

@@ -1,0 +1,228 @@
+"""The unified model: configs, shapes, padding, expert routing, gradients, bf16, FLOPs."""
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from models import LossWeights, ModelConfig, UnifiedModel, flops_per_sample, load_config
+from models.multiway import MultiwayBlock
+from pipeline.transforms import MaskingSpec, mask_tokens
+
+VOCAB, CLS, MASK = 100, 1, 3  # ids 0-3 are special: [PAD] [CLS] [SEP] [MASK]
+
+
+def small_config(**overrides) -> ModelConfig:
+    """`tiny` at a third of its width: the same structure, fast enough for many small tests."""
+    return load_config("tiny", **{"vocab_size": VOCAB, "width": 64, "heads": 2, **overrides})
+
+
+def make_batch(config: ModelConfig, B: int = 4, T: int = 12, seed: int = 0) -> dict:
+    """Random images and captions of varied length ([CLS] first), MLM-masked as the loader does."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(B, 3, config.image_size, config.image_size, generator=g)
+    ids = torch.randint(4, config.vocab_size, (B, T), generator=g)
+    ids[:, 0] = CLS
+    lengths = torch.randint(3, T + 1, (B,), generator=g)
+    mask = torch.arange(T) < lengths[:, None]
+    ids[~mask] = 0
+    spec = MaskingSpec(mask_token_id=MASK, vocab_size=config.vocab_size, special_ids=(0, 1, 2, 3))
+    mlm_ids, mlm_labels = mask_tokens(ids, mask, spec, g)
+    return dict(images=images, text_ids=ids, text_mask=mask, mlm_ids=mlm_ids, mlm_labels=mlm_labels)
+
+
+# ---- config -----------------------------------------------------------------------------------
+
+def test_named_sizes():
+    base = load_config("base")
+    assert (base.image_size, base.patch_size, base.width, base.depth) == (224, 16, 768, 12)
+    assert (base.heads, base.mlp_hidden, base.fusion_layers) == (12, 3072, 2)
+    assert (base.max_text_len, base.vocab_size) == (40, 30522)
+    large = load_config("large")
+    assert (large.width, large.depth, large.heads, large.fusion_layers) == (1024, 24, 16, 3)
+    tiny = load_config("tiny")
+    assert (tiny.image_size, tiny.patch_size, tiny.fusion_layers) == (64, 8, 2)
+    assert tiny.max_text_len == 32
+    with pytest.raises(ValueError, match="vocab_size"):
+        UnifiedModel(tiny)  # the tokenizer decides: load_config("tiny", vocab_size=...)
+    for name in ("small", "base", "large"):
+        assert ModelConfig.from_dict(load_config(name).to_dict()) == load_config(name)
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match=r"widht.*valid keys.*'width'"):
+        load_config("tiny", widht=128)
+    path = tmp_path / "custom.json"
+    path.write_text(json.dumps({**load_config("base").to_dict(), "num_layers": 6}))
+    with pytest.raises(ValueError, match=r"num_layers.*valid keys.*'depth'"):
+        load_config(path)
+    with pytest.raises(ValueError, match="huge"):
+        load_config("huge")
+    with pytest.raises(ValueError, match="not divisible"):
+        load_config("base", heads=5)
+
+
+# ---- shapes, masks, routing -------------------------------------------------------------------
+
+def test_public_methods_shapes():
+    config = small_config()
+    model = UnifiedModel(config).eval()
+    batch = make_batch(config, B=3, T=10)
+    images, ids, mask = batch["images"], batch["text_ids"], batch["text_mask"]
+    Ti = 1 + config.num_patches
+    with torch.no_grad():
+        image_states, text_states = model.image_states(images), model.text_states(ids, mask)
+        assert image_states.shape == (3, Ti, config.width)
+        assert text_states.shape == (3, 10, config.width)
+        assert model.fuse(image_states, text_states, mask).shape == (3, Ti + 10, config.width)
+        for emb in (model.encode_image(images), model.encode_text(ids, mask)):
+            assert emb.shape == (3, config.embed_dim)
+            torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
+        assert model.itm_logits(images, ids, mask).shape == (3, 2)
+        with pytest.raises(RuntimeError, match="attach_vqa_head"):
+            model.vqa_logits(images, ids, mask)
+        model.attach_vqa_head(7)
+        assert model.vqa_logits(images, ids, mask).shape == (3, 7)
+
+
+def test_more_padding_gives_the_same_outputs():
+    config = small_config()
+    model = UnifiedModel(config).eval()
+    batch = make_batch(config, B=3, T=12)
+    images, ids, mask = batch["images"], batch["text_ids"], batch["text_mask"]
+    # The same captions padded to max_text_len, with junk ids under the padding.
+    long_ids = torch.randint(4, VOCAB, (3, config.max_text_len))
+    long_ids[:, :12] = ids
+    long_mask = torch.zeros(3, config.max_text_len, dtype=torch.bool)
+    long_mask[:, :12] = mask
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(long_ids, long_mask),
+                                   model.encode_text(ids, mask))
+        torch.testing.assert_close(model.itm_logits(images, long_ids, long_mask),
+                                   model.itm_logits(images, ids, mask))
+        image_states = model.image_states(images)
+        fused = model.fuse(image_states, model.text_states(ids, mask), mask)
+        fused_long = model.fuse(image_states, model.text_states(long_ids, long_mask), long_mask)
+    real = torch.cat([torch.ones(3, 1 + config.num_patches, dtype=torch.bool), mask], dim=1)
+    torch.testing.assert_close(fused_long[:, : real.size(1)][real], fused[real])
+
+
+@pytest.mark.parametrize("vl_ffn, split, changed_by", [
+    (False, 5, {"ffn_v": "image", "ffn_l": "text"}),  # bottom block, mixed: routed by split
+    (True, 5, {"ffn_v": None, "ffn_l": None, "ffn_vl": "all"}),  # top block, fused: VL-FFN
+    (True, 8, {"ffn_v": "all", "ffn_l": None, "ffn_vl": None}),  # top block, image only
+    (True, 0, {"ffn_v": None, "ffn_l": "all", "ffn_vl": None}),  # top block, text only
+])
+def test_tokens_are_routed_to_their_expert(vl_ffn, split, changed_by):
+    torch.manual_seed(0)
+    block = MultiwayBlock(small_config(), vl_ffn=vl_ffn)
+    x = torch.randn(2, 8, 64)
+    before = block(x, split)
+    tokens = {"image": slice(0, split), "text": slice(split, 8), "all": slice(0, 8)}
+    for expert, part in changed_by.items():
+        with torch.no_grad():
+            getattr(block, expert).fc2.bias.add_(1.0)
+            after = block(x, split)
+            getattr(block, expert).fc2.bias.sub_(1.0)
+        changed = (after - before).abs().amax(dim=(0, 2)) > 0.5  # per token
+        expected = torch.zeros(8, dtype=torch.bool)
+        if part is not None:
+            expected[tokens[part]] = True
+        assert torch.equal(changed, expected), expert
+
+
+# ---- training ---------------------------------------------------------------------------------
+
+def test_pretraining_step_reaches_every_parameter():
+    config = small_config()
+    model = UnifiedModel(config)
+    out = model(**make_batch(config, B=6))
+    assert set(out) == {"loss", "itc_loss", "itm_loss", "mlm_loss",
+                        "itc_acc", "itm_acc", "mlm_acc", "temperature"}
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in out.values())
+    torch.testing.assert_close(out["loss"], out["itc_loss"] + out["itm_loss"] + out["mlm_loss"])
+    out["loss"].backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert no_grad == []
+
+
+def test_vqa_step_trains_the_head():
+    config = small_config()
+    model = UnifiedModel(config, LossWeights(itc=0, itm=0, mlm=0))
+    model.attach_vqa_head(5)
+    batch = make_batch(config, B=4)
+    targets = torch.zeros(4, 5)
+    targets[:, 2] = 1.0
+    targets[0, 3] = 0.3
+    out = model(batch["images"], batch["text_ids"], batch["text_mask"], vqa_targets=targets)
+    assert set(out) == {"loss", "vqa_loss"}
+    out["loss"].backward()
+    assert all(p.grad is not None and p.grad.any() for p in model.vqa_head.parameters())
+    assert model.logit_scale.grad is None and model.itm_head.weight.grad is None  # ITC, ITM off
+
+
+def test_zero_weight_skips_the_objective_and_mlm_needs_its_inputs():
+    config = small_config()
+    batch = make_batch(config)
+    itc_only = UnifiedModel(config, LossWeights(itm=0, mlm=0))
+    out = itc_only(batch["images"], batch["text_ids"], batch["text_mask"])
+    assert set(out) == {"loss", "itc_loss", "itc_acc", "temperature"}
+    with pytest.raises(ValueError, match="mlm_ids"):
+        UnifiedModel(config)(batch["images"], batch["text_ids"], batch["text_mask"])
+
+
+def test_batch_of_one_trains_itm_on_its_positive():
+    config = small_config()
+    out = UnifiedModel(config)(**make_batch(config, B=1))
+    assert torch.isfinite(out["loss"]) and out["itc_loss"] == 0  # one pair: nothing to contrast
+
+
+def test_bf16_autocast_on_cpu():
+    config = small_config()
+    model = UnifiedModel(config)
+    batch = make_batch(config)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**batch)
+        emb = model.encode_image(batch["images"])
+    assert torch.isfinite(out["loss"]) and torch.isfinite(emb).all()
+    out["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_tiny_config_learns_a_fixed_batch():
+    """fwd + bwd + AdamW at the `tiny` size and batch 32; a few steps lower the loss."""
+    config = load_config("tiny", vocab_size=1000)
+    torch.manual_seed(0)
+    model = UnifiedModel(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = make_batch(config, B=32, T=config.max_text_len)
+    losses = []
+    for _ in range(4):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_flops_formula_matches_flop_counter():
+    # FlopCounterMode sees matmuls, not the fused CPU attention kernel: count with `reference`.
+    config = small_config(attention_backend="reference")
+    model = UnifiedModel(config)
+    B, T = 4, 12
+    batch = make_batch(config, B=B, T=T)
+    masked = (batch["mlm_labels"] != -100).sum().item()
+    with FlopCounterMode(display=False) as forward_count:
+        out = model(**batch)
+    with FlopCounterMode(display=False) as backward_count:
+        out["loss"].backward()
+    estimate = flops_per_sample(config, text_len=T, masked_tokens=masked / B, global_batch=B)
+    forward = forward_count.get_total_flops()
+    assert forward == pytest.approx(B * estimate / 3, rel=1e-9)  # the forward count is exact
+    # 3x forward is the usual estimate; the patch conv needs no input gradient: within 2%.
+    assert forward + backward_count.get_total_flops() == pytest.approx(B * estimate, rel=0.02)
+    itc_only = flops_per_sample(config, text_len=T, weights=LossWeights(itm=0, mlm=0),
+                                backward=False)
+    assert itc_only < estimate / 3 / 2  # the fused passes are most of a pretraining step
