@@ -1,0 +1,86 @@
+"""Export format: config.json + model.safetensors (+ tokenizer.json), loadable without DeepSpeed."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_model
+
+from .config import ModelConfig
+from .model import UnifiedModel
+
+FORMAT_VERSION = 1
+CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
+
+
+def save_pretrained(
+    model: UnifiedModel, out_dir: str | Path, tokenizer_path: str | Path | None = None
+) -> Path:
+    """Write `model` (full weights, not a ZeRO-3 partition) to `out_dir`; returns the directory."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"format_version": FORMAT_VERSION, **model.config.to_dict(),
+            "vqa_num_answers": model.num_answers}
+    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    save_model(model, str(out / WEIGHTS_FILE))  # stores the tied MLM decoder weight once
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, out / TOKENIZER_FILE)
+    return out
+
+
+def from_pretrained(model_dir: str | Path, device: str | torch.device = "cpu") -> UnifiedModel:
+    """Rebuild a `UnifiedModel` (with its VQA head, if it was saved with one), in eval mode."""
+    path = Path(model_dir)
+    meta = json.loads((path / CONFIG_FILE).read_text())
+    version = meta.pop("format_version", None)
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path / CONFIG_FILE}: format_version {version!r}, "
+                         f"this code reads {FORMAT_VERSION}")
+    num_answers = meta.pop("vqa_num_answers", None)
+    model = UnifiedModel(ModelConfig.from_dict(meta))
+    if num_answers:
+        model.attach_vqa_head(num_answers)
+    load_state_dict_checked(model, load_file(str(path / WEIGHTS_FILE)))
+    return model.to(device).eval()
+
+
+def load_state_dict_checked(model: UnifiedModel, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load weights, naming every missing, unexpected or mis-shaped key instead of a bare error.
+
+    Accepts keys prefixed with `module.` (DDP / DeepSpeed) and checkpoints that store a tied
+    weight under only one of its names.
+    """
+    if state_dict and all(key.startswith("module.") for key in state_dict):
+        state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
+    expected = model.state_dict(keep_vars=True)
+    tied = _tie_groups(expected)
+    missing = [k for k in expected if not any(name in state_dict for name in tied[k])]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+                  for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]
+    problems = []
+    if mismatched:
+        problems.append(f"shape mismatch for {len(mismatched)} key(s):\n  "
+                        + "\n  ".join(mismatched))
+    if missing:
+        problems.append(f"missing from the checkpoint: {missing}")
+    if unexpected:
+        problems.append(f"not in the model: {unexpected}")
+        if model.vqa_head is None and any(k.startswith("vqa_head.") for k in unexpected):
+            problems.append("the checkpoint has a VQA head: "
+                            "call model.attach_vqa_head(num_answers) first")
+    if problems:
+        raise ValueError("checkpoint does not fit this model; it is probably from another config "
+                         f"(model: {model.config})\n" + "\n".join(problems))
+    # Everything is checked; strict=False only lets a tied weight arrive under one of its names.
+    model.load_state_dict(state_dict, strict=False)
+
+
+def _tie_groups(state: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Map each key to all keys holding the same Parameter (itself included)."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in state.items():
+        groups.setdefault(id(tensor), []).append(name)
+    return {name: groups[id(tensor)] for name, tensor in state.items()}
