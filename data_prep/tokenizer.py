@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import trainers
+from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from data_prep.shards import ShardReadError, iter_samples, list_shards
@@ -27,7 +28,7 @@ SPECIAL_TOKENS = {
 def iter_shard_captions(shard_dir, counts: Counter | None = None) -> Iterator[str]:
     """Yield every usable caption in the shards; count the rest (and damaged tars) in `counts`."""
     counts = Counter() if counts is None else counts
-    for tar in list_shards(shard_dir):
+    for tar in tqdm(list_shards(shard_dir), desc="read captions", unit="shard"):
         try:
             for _, members in iter_samples(tar):
                 try:
@@ -58,6 +59,8 @@ def train_tokenizer(texts: Iterable[str], out_dir, vocab_size: int) -> Path:
         vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()), show_progress=False
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    if tokenizer.get_vocab_size() <= len(SPECIAL_TOKENS):
+        raise ValueError("no text to train the tokenizer on")
     cls, sep = SPECIAL_TOKENS["cls_token"], SPECIAL_TOKENS["sep_token"]
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{cls} $A {sep}",

@@ -3,11 +3,12 @@
 Only unambiguous questions are asked ("what colour is the circle?" only when there is one
 circle). Annotators mostly agree; they use synonyms the official VQA normalisation reconciles
 ("2"/"two", "0"/"none") and some it does not ("grey"/"gray", "center"/"centre"), and about one
-answer in twenty is simply wrong. Existence questions are yes or no with equal probability, half
-of the "no" ones naming a colour or a shape that is in the picture (so the binding matters).
+answer in twenty is simply wrong. Existence questions are as often yes as no, half of the "no"
+ones naming a colour or a shape that is in the picture (so the binding matters).
 """
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
 
@@ -52,21 +53,19 @@ class Question:
     wrong: tuple[str, ...]  # what a careless annotator might answer instead
 
 
-def _exists(scene: Scene, spec: WorldSpec, rng) -> Question:
+def _exists(scene: Scene, spec: WorldSpec, rng, yes: bool) -> Question:
     present = {(o.colour, o.shape) for o in scene.objects}
-    if rng.random() < 0.5:
+    if yes:
         colour, shape = sorted(present)[int(rng.integers(len(present)))]
-        answer = "yes"
     else:
         absent = [(c, s) for c in spec.colours for s in spec.shapes if (c, s) not in present]
         near = [(c, s) for c, s in absent if any(c == pc or s == ps for pc, ps in present)]
         pool = near if near and rng.random() < 0.5 else absent
         colour, shape = pool[int(rng.integers(len(pool)))]
-        answer = "no"
     return Question(
         f"is there {with_article(colour_word(rng, colour))} {shape}?",
-        "is there a", "yes/no", answer, ("no",) if answer == "yes" else ("yes",),
-    )
+        "is there a", "yes/no", "yes" if yes else "no", ("no",) if yes else ("yes",),
+    )  # fmt: skip
 
 
 def _count(scene: Scene, spec: WorldSpec, rng) -> Question:
@@ -116,8 +115,12 @@ def _position(scene: Scene, spec: WorldSpec, rng) -> Question | None:
     return Question(f"where is the {obj.shape}?", "where is the", "other", answer, others)
 
 
-# Existence appears twice so that about a third of the questions are yes/no, as in VQAv2.
-KINDS = (_exists, _exists, _count, _colour, _shape, _position)
+# A yes and a no existence kind: a third of the questions are yes/no (as in VQAv2), balanced.
+KINDS = (
+    functools.partial(_exists, yes=True),
+    functools.partial(_exists, yes=False),
+    _count, _colour, _shape, _position,
+)  # fmt: skip
 
 
 def ask(scene: Scene, spec: WorldSpec, rng: np.random.Generator, k: int) -> list[Question]:

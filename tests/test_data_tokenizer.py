@@ -47,6 +47,11 @@ def test_a_tokenizer_without_special_tokens_is_refused(tmp_path):
         load_tokenizer(tmp_path)
 
 
+def test_training_on_no_text_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="no text"):
+        train_tokenizer([], tmp_path, 100)
+
+
 def test_shard_captions_are_all_read(shard_dir):
     counts = Counter()
     captions = list(iter_shard_captions(shard_dir, counts))
