@@ -49,6 +49,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
 from torch.utils.data import DataLoader
 
 from pipeline.data_sources import check_not_all_empty, count_samples, parse_sources
@@ -120,8 +121,11 @@ class TrainLoader:
         self.stream.batches_consumed = self._batches_consumed
         if self.num_workers == 0:
             return iter(self.stream)
+        # An own generator: DataLoader draws its workers' base seed from it, which must not
+        # consume the trainer's global RNG (that would shift it after a resume).
         return iter(DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                               prefetch_factor=self.prefetch_factor, pin_memory=False))
+                               prefetch_factor=self.prefetch_factor, pin_memory=False,
+                               generator=torch.Generator().manual_seed(0)))
 
     def _record(self, batch: dict) -> None:
         expected = self._batches_consumed % self.stream.spec.num_workers

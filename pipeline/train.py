@@ -136,9 +136,10 @@ class Trainer:
         with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero.get("stage") == 3):
             model = UnifiedModel(self.model_config, loss_weights=weights)
         optimizer = build_optimizer(model, cfg.optim, offload)
-        scheduler = build_scheduler(optimizer, cfg.optim)
+        # A factory: ZeRO wraps the optimizer and the schedule must drive the wrapped one.
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+            model=model, optimizer=optimizer, config=ds_config,
+            lr_scheduler=lambda wrapped: build_scheduler(wrapped, cfg.optim))
 
         self.step = 0
         torch.manual_seed(cfg.seed + 1000 + self.rank)  # per-rank stream (hard-negative sampling)
@@ -192,8 +193,9 @@ class Trainer:
         from models.flops import flops_per_sample
 
         cfg = self.cfg
-        sample_flops = flops_per_sample(self.model_config)
         global_batch = cfg.optim.batch_size * cfg.optim.grad_accum * self.world
+        sample_flops = flops_per_sample(self.model_config, global_batch=cfg.optim.batch_size * self.world,
+                                        weights=self.engine.module.loss_weights)
         bar = _progress_bar(self.is_main and cfg.logging.progress_bar, self.step,
                             cfg.optim.max_steps)
         nonfinite_in_row = skipped_updates = 0
@@ -203,6 +205,7 @@ class Trainer:
         batches = iter(self.loader)
         while self.step < cfg.optim.max_steps:
             finite = True
+            lr = self.engine.get_lr()[0]  # the rate this step's update uses
             for _ in range(cfg.optim.grad_accum):
                 wait_start = time.perf_counter()
                 batch = next(batches)
@@ -238,10 +241,9 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 samples_per_s = global_batch * window_steps / elapsed
                 skipped = _sum_counts_over_ranks(self.loader.skipped_counts())
-                record = {f"loss/{k}" if "loss" in k or k in ("itc", "itm", "mlm") else f"train/{k}": v
-                          for k, v in scalars.items()}
+                record = {_tag(name): value for name, value in scalars.items()}
                 record.update({
-                    "train/lr": self.engine.get_lr()[0],
+                    "train/lr": lr,
                     "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
                     "perf/samples_per_s": samples_per_s,
                     "perf/mfu": sample_flops * samples_per_s / (self.peak_flops * self.world),
@@ -268,6 +270,15 @@ class Trainer:
         return summary
 
 
+def _tag(output_name: str) -> str:
+    """TensorBoard tag of a model output: loss/total, loss/itc, ..., train/itc_acc."""
+    if output_name == "loss":
+        return "loss/total"
+    if output_name.endswith("_loss"):
+        return f"loss/{output_name[:-len('_loss')]}"
+    return f"train/{output_name}"
+
+
 def _tokenizer_json(path: Path) -> str:
     path = Path(path)
     return (path / "tokenizer.json" if path.is_dir() else path).read_text()
@@ -290,15 +301,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by deepspeed
     args = parser.parse_args(argv)
     overrides = list(args.set) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
-    cfg = load_train_config(args.recipe, overrides)
     try:
-        Trainer(cfg).run()
-    except (CheckpointError, NonFiniteLossError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+        return _train(args.recipe, overrides)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _train(recipe: str | None, overrides: list[str]) -> int:
+    """Exit codes: 0 done, 2 invalid config/data/checkpoint (before any step), 3 non-finite loss."""
+    try:
+        trainer = Trainer(load_train_config(recipe, overrides))
+    except (CheckpointError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        trainer.run()
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 3
     return 0
 
 

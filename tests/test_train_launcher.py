@@ -25,13 +25,13 @@ def test_training_logs_every_curve_to_tensorboard(reference_run):
     events = EventAccumulator(str(reference_run / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    for tag in ("loss/loss", "loss/itc", "loss/itm", "loss/mlm", "train/lr", "train/grad_norm",
+    for tag in ("loss/total", "loss/itc", "loss/itm", "loss/mlm", "train/lr", "train/grad_norm",
                 "perf/samples_per_s", "perf/mfu", "perf/data_wait_share"):
         assert tag in tags, f"{tag} missing from {sorted(tags)}"
     assert any(tag.startswith("data/skipped_") for tag in tags)
-    assert [e.step for e in events.Scalars("loss/loss")] == [1, 2, 3, 4, 5, 6]
+    assert [e.step for e in events.Scalars("loss/total")] == [1, 2, 3, 4, 5, 6]
     lrs = [e.value for e in events.Scalars("train/lr")]
-    assert lrs[0] < lrs[1]  # warmup
+    assert lrs[0] < lrs[1] == max(lrs) and lrs[-1] < lrs[1]  # 2 warmup steps, then cosine decay
 
 
 def test_checkpoints_are_published_with_metadata(reference_run):
@@ -60,7 +60,7 @@ def test_sigkill_then_resume_is_sample_exact(reference_run, tmp_path, shard_dir,
 
     expected, resumed = metrics_by_step(reference_run), metrics_by_step(run_dir)
     for step in (4, 5, 6):
-        for name in ("loss/loss", "loss/itc", "loss/itm", "loss/mlm"):
+        for name in ("loss/total", "loss/itc", "loss/itm", "loss/mlm"):
             assert resumed[step][name] == expected[step][name], (step, name)
     for rank in (0, 1):
         assert keys_by_step(run_dir, rank) == keys_by_step(reference_run, rank)
