@@ -1,6 +1,9 @@
 """Natural-language descriptions of scenes: every caption names every object's size, colour, shape
 and position, with the wording, object order and synonyms (big/large, middle/centre, grey/gray)
 drawn at random so that no fixed word order carries the meaning.
+
+Phrases are kept short so that a three-object caption is at most MAX_CAPTION_TOKENS words and
+punctuation marks: with [CLS] and [SEP] it fits a 32-token text encoder without truncation.
 """
 from __future__ import annotations
 
@@ -9,18 +12,19 @@ import numpy as np
 from data_prep.scenes import Obj, Scene
 
 POSITION_PHRASES = {
-    (0, 0): ("in the top left", "in the top left corner", "at the upper left"),
+    (0, 0): ("in the top left", "at the upper left", "at the top left"),
     (0, 1): ("at the top", "at the top centre", "in the top middle"),
-    (0, 2): ("in the top right", "in the top right corner", "at the upper right"),
+    (0, 2): ("in the top right", "at the upper right", "at the top right"),
     (1, 0): ("on the left", "on the left side", "at the left"),
     (1, 1): ("in the centre", "in the middle", "in the center"),
     (1, 2): ("on the right", "on the right side", "at the right"),
-    (2, 0): ("in the bottom left", "in the bottom left corner", "at the lower left"),
+    (2, 0): ("in the bottom left", "at the lower left", "at the bottom left"),
     (2, 1): ("at the bottom", "at the bottom centre", "in the bottom middle"),
-    (2, 2): ("in the bottom right", "in the bottom right corner", "at the lower right"),
+    (2, 2): ("in the bottom right", "at the lower right", "at the bottom right"),
 }
 SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
 COLOUR_WORDS = {"grey": ("grey", "gray")}
+MAX_CAPTION_TOKENS = 30
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -62,9 +66,7 @@ TEMPLATES = (
         + _described(rng, objects)
     ),
     lambda rng, objects: join(
-        [f"{pick(rng, POSITION_PHRASES[o.cell])} there is {object_phrase(rng, o)}"
-         for o in objects],
-        last=", and ",
+        [f"{pick(rng, POSITION_PHRASES[o.cell])} {object_phrase(rng, o)}" for o in objects]
     ),
 )
 

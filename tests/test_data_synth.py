@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from data_prep.captions import COLOUR_WORDS, NUMBER_WORDS, POSITION_PHRASES, SIZE_WORDS
-from data_prep.scenes import WorldSpec
+from data_prep.captions import (
+    COLOUR_WORDS,
+    MAX_CAPTION_TOKENS,
+    NUMBER_WORDS,
+    POSITION_PHRASES,
+    SIZE_WORDS,
+    TEMPLATES,
+    captions,
+)
+from data_prep.scenes import WorldSpec, sample_scene
 from data_prep.synth import draw_scenes, generate_world
 
 
@@ -94,6 +104,17 @@ def test_every_caption_names_every_object(world_dir):
                 assert any(w in raw for w in COLOUR_WORDS.get(obj.colour, (obj.colour,)))
                 assert any(w in raw for w in SIZE_WORDS[obj.size])
                 assert any(p in raw for p in POSITION_PHRASES[obj.cell])
+
+
+def test_captions_fit_a_32_token_text_encoder():
+    rng = np.random.default_rng(0)
+    three = WorldSpec(object_count_weights=(0, 0, 1))
+    lengths = [
+        len(re.findall(r"[a-z]+|[^\sa-z]", text))
+        for _ in range(300)
+        for text in captions(sample_scene(rng, three), rng, len(TEMPLATES))
+    ]
+    assert max(lengths) <= MAX_CAPTION_TOKENS
 
 
 def test_vqa_answers_are_true_noisy_and_balanced(world_dir):
