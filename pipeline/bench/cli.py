@@ -1,0 +1,42 @@
+"""`vlp bench train | attention | loader | zero | eval`: performance benchmarks.
+
+Each benchmark times our implementation and a reference in the same run, reports the ratio of
+medians over `--repeats`, prints a table and writes JSON (`--out`, default bench_out/NAME.json).
+`--quick` is a smoke test (tiny sizes, one repeat). Benchmark modules import only the standard
+library at module level (torch, deepspeed, transformers inside `run`), so `vlp` starts fast.
+"""
+from __future__ import annotations
+
+import importlib
+
+# (subcommand, module, help); each module defines add_arguments(parser) and run(args) -> int
+BENCHMARKS = [
+    ("train", "pipeline.bench.train",
+     "training-step samples/s and MFU: ours (ITC, full) vs HF CLIPModel"),
+    ("attention", "pipeline.bench.attention", "attention backends sdpa vs reference, fwd+bwd"),
+    ("loader", "pipeline.bench.loader", "our loader vs a plain webdataset+PIL pipeline"),
+    ("zero", "pipeline.bench.zero", "ZeRO-3 memory per rank and step time vs ZeRO-2 / 1 process"),
+    ("eval", "pipeline.bench.eval_recall", "chunked retrieval recall vs full score matrix"),
+]
+
+
+def _lazy(module_name: str):
+    def run(args) -> int:
+        return int(importlib.import_module(module_name).run(args) or 0)
+    return run
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="performance benchmarks (each vs a reference)")
+    sub = p.add_subparsers(dest="bench", required=True)
+    for name, module_name, help_text in BENCHMARKS:
+        q = sub.add_parser(name, help=help_text)
+        q.add_argument("--quick", action="store_true", help="tiny smoke-test sizes, 1 repeat")
+        q.add_argument("--repeats", type=int, default=None, help="timed repeats (median reported)")
+        q.add_argument("--out", default=None, help=f"JSON result (default bench_out/{name}.json)")
+        try:
+            importlib.import_module(module_name).add_arguments(q)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+        q.set_defaults(func=_lazy(module_name))
