@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,43 @@ from data_prep.urls import read_url_list, sanitize
 
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 DISTRIBUTORS = ("multiprocessing", "pyspark")
+
+
+def _clear_previous(out: Path, incremental: bool) -> None:
+    """Remove what must not be in `out` when img2dataset starts."""
+    # img2dataset takes every *.json in the output folder for a shard's stats: remove ours
+    # (rebuilt afterwards) or an incremental run fails parsing "manifest" as a shard number.
+    stale = [out / MANIFEST, out / SIZES]
+    if not incremental:
+        # Not img2dataset's "overwrite" mode: in 1.47 it deletes its own _tmp folder, then fails.
+        stale += [*out.glob("*.tar"), *out.glob("*.parquet"), *out.glob("*_stats.json")]
+        shutil.rmtree(out / "_tmp", ignore_errors=True)
+    for path in stale:
+        path.unlink(missing_ok=True)
+
+
+def _run_img2dataset(url_list: Path, out: Path, **options) -> None:
+    """img2dataset a clean (url, caption) parquet into webdataset shards in `out`."""
+    # Imported here: it takes seconds (wandb, albumentations, cv2) and every `vlp` command
+    # imports this module. albumentations would also ask PyPI for updates in each process.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import img2dataset
+
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        img2dataset.download(
+            url_list=str(url_list),
+            output_folder=str(out),
+            input_format="parquet",
+            url_col="url",
+            caption_col="caption",
+            output_format="webdataset",
+            incremental_mode="incremental",
+            **options,
+        )
+    finally:
+        # img2dataset leaves its SIGINT handler installed: Ctrl-C would then exit(0) quietly.
+        signal.signal(signal.SIGINT, sigint)
 
 
 def download_shards(
@@ -49,30 +87,13 @@ def download_shards(
         raise ValueError(f"no URL in {url_list} is left to download: {sanitized['dropped']}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # img2dataset takes every *.json in the output folder for a shard's stats: remove ours
-    # (rebuilt below) or an incremental run fails parsing "manifest" as a shard number.
-    stale = [out / MANIFEST, out / SIZES]
-    if not incremental:
-        # Not img2dataset's "overwrite" mode: in 1.47 it deletes its own _tmp folder, then fails.
-        stale += [*out.glob("*.tar"), *out.glob("*.parquet"), *out.glob("*_stats.json")]
-        shutil.rmtree(out / "_tmp", ignore_errors=True)
-    for path in stale:
-        path.unlink(missing_ok=True)
+    _clear_previous(out, incremental)
     with tempfile.TemporaryDirectory(prefix="vlp-urls-") as tmp:
         clean_list = Path(tmp) / "url_list.parquet"
         frame.to_parquet(clean_list)
-        # Imported here: it takes seconds (wandb, albumentations, cv2) and every `vlp` command
-        # imports this module. albumentations would also ask PyPI for updates in each process.
-        os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-        import img2dataset
-
-        img2dataset.download(
-            url_list=str(clean_list),
-            output_folder=str(out),
-            input_format="parquet",
-            url_col="url",
-            caption_col="caption",
-            output_format="webdataset",
+        _run_img2dataset(
+            clean_list,
+            out,
             image_size=image_size,
             resize_mode=resize_mode,
             processes_count=processes,
@@ -81,7 +102,6 @@ def download_shards(
             timeout=timeout,
             retries=retries,
             distributor=distributor,
-            incremental_mode="incremental",
         )
     manifest = build_manifest(out)
     return {

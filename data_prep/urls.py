@@ -51,8 +51,12 @@ def read_url_list(path, url_col: str = "url", caption_col: str = "caption") -> p
 
 
 def _as_text(value) -> str | None:
+    """A URL cell as text; None (counted as invalid_url) when it is not UTF-8 text."""
     if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")  # a mangled URL then fails as invalid
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
     return value if isinstance(value, str) else None
 
 

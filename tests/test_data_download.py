@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import signal
 import time
 
 import pandas as pd
@@ -105,6 +106,7 @@ def test_an_interrupted_download_resumes_where_it_stopped(world_dir, shard_dir, 
     tar = shards / "00002.tar"
     tar.write_bytes(tar.read_bytes()[:5000])
     untouched = {p.name: p.stat().st_mtime_ns for p in list_shards(shards) if p != tar}
+    sigint = signal.getsignal(signal.SIGINT)
 
     with serve_world(world_dir):
         summary = download_shards(
@@ -114,6 +116,7 @@ def test_an_interrupted_download_resumes_where_it_stopped(world_dir, shard_dir, 
     assert summary["total_samples"] == 160 and summary["problems"] == []
     assert summary["downloaded"]["count"] == 160
     assert {p.name: p.stat().st_mtime_ns for p in list_shards(shards) if p != tar} == untouched
+    assert signal.getsignal(signal.SIGINT) is sigint  # img2dataset's own handler is removed
 
 
 @pytest.mark.slow
