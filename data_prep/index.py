@@ -145,3 +145,24 @@ def load_manifest(shard_dir) -> dict:
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} manifest; rebuild it with `vlp data index`")
     return manifest
+
+
+def shard_url_pattern(shard_dir) -> str:
+    """A brace pattern naming every shard in the manifest, e.g. DIR/{00000..00031}.tar.
+
+    Works for img2dataset's `00000.tar` and OpenCLIP-style `shard-000000.tar` names; shards
+    whose numbering has gaps or mixed prefixes cannot be one pattern and raise ValueError.
+    """
+    names = sorted(shard["name"] for shard in load_manifest(shard_dir)["shards"])
+    if not names:
+        raise ValueError(f"{shard_dir} has no shards in its manifest")
+    if len(names) == 1:
+        return f"{Path(shard_dir)}/{names[0]}"
+    parts = [re.fullmatch(r"(.*?)(\d+)(\.tar(?:\.gz)?)", name) for name in names]
+    if not all(parts) or len({(p[1], p[3], len(p[2])) for p in parts}) != 1:
+        raise ValueError(f"shard names in {shard_dir} do not share one numbered pattern")
+    numbers = [int(p[2]) for p in parts]
+    if numbers != list(range(numbers[0], numbers[0] + len(numbers))):
+        raise ValueError(f"shard numbers in {shard_dir} have gaps; list the shards explicitly")
+    prefix, suffix = parts[0][1], parts[0][3]
+    return f"{Path(shard_dir)}/{prefix}{{{parts[0][2]}..{parts[-1][2]}}}{suffix}"

@@ -52,7 +52,8 @@ class OptimSection:
 @dataclass
 class CheckpointSection:
     every_steps: int = 500
-    keep_last: int = 3
+    keep_last: int = 3  # 0 keeps every checkpoint
+    save_initial: bool = False  # also save the untrained weights as global_step0 (baselines)
     # auto: resume from `latest` when the run has one; latest: require it; latest-valid: the
     # newest checkpoint that passes validation; none: start fresh.
     resume: str = "auto"
@@ -69,7 +70,11 @@ class LoggingSection:
 @dataclass
 class FaultSection:
     max_nonfinite_in_row: int = 5  # stop the run after this many skipped updates in a row
-    inject_nonfinite_at: list = field(default_factory=list)  # steps whose loss is made NaN (tests)
+    # (tests) steps whose loss is made NaN, numbered as logged (the first step is 1)
+    inject_nonfinite_at: list = field(default_factory=list)
+    # (tests) SIGKILL rank 0 while saving this step: DeepSpeed's files are written, the tag is
+    # not yet published. Shows that a kill during saving leaves `latest` and older tags intact.
+    crash_during_save_at_step: int | None = None
 
 
 @dataclass

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -186,8 +188,10 @@ class Trainer:
             "config.json": json.dumps(self.model_config.to_dict(), indent=1),
             "tokenizer.json": _tokenizer_json(self.tokenizer_path),
         }
+        crash = self.cfg.faults.crash_during_save_at_step == self.step
         save_checkpoint(self.engine, self.ckpt_dir, self.step, client_state, metadata,
-                        self.cfg.checkpoint.keep_last)
+                        self.cfg.checkpoint.keep_last,
+                        before_publish=_kill_during_save if crash else None)
 
     def run(self) -> dict:
         from models.flops import flops_per_sample
@@ -201,6 +205,8 @@ class Trainer:
         nonfinite_in_row = skipped_updates = 0
         window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
         key_log = self._open_key_log()
+        if cfg.checkpoint.save_initial and self.step == 0:
+            self.save()
         last_scalars: dict[str, float] = {}
         batches = iter(self.loader)
         while self.step < cfg.optim.max_steps:
@@ -213,7 +219,7 @@ class Trainer:
                 if key_log is not None:
                     key_log.write(json.dumps({"step": self.step + 1, "keys": batch["keys"]}) + "\n")
                 outputs = self.engine(**_model_inputs(batch, self.engine.device, self.dtype))
-                if self.step in cfg.faults.inject_nonfinite_at and self.is_main:
+                if self.step + 1 in cfg.faults.inject_nonfinite_at and self.is_main:
                     outputs["loss"] = outputs["loss"] * float("nan")
                 scalars = _mean_over_ranks(outputs)
                 if not math.isfinite(scalars["loss"]):
@@ -277,6 +283,12 @@ def _tag(output_name: str) -> str:
     if output_name.endswith("_loss"):
         return f"loss/{output_name[:-len('_loss')]}"
     return f"train/{output_name}"
+
+
+def _kill_during_save(partial_dir: Path) -> None:
+    """faults.crash_during_save_at_step: die as a killed process would, in the middle of saving."""
+    print(f"fault injection: SIGKILL rank 0 while saving {partial_dir}", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _tokenizer_json(path: Path) -> str:

@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from data_prep.index import load_manifest
+from data_prep.index import shard_url_pattern
 from pipeline.train_cli import launcher_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,16 +23,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def shard_pattern(shard_dir: Path) -> str:
-    names = sorted(s["name"] for s in load_manifest(shard_dir)["shards"])
-    first, last = names[0].split(".")[0], names[-1].split(".")[0]
-    return f"{shard_dir}/{{{first}..{last}}}.tar"
-
-
 def train_overrides(run_dir: Path, shard_dir: Path, tokenizer_dir: Path, *extra: str) -> list[str]:
     return [
         f"run_dir={run_dir}", f"ds_config={REPO / 'ds_configs/zero3_cpu.json'}",
-        f"data.shards={shard_pattern(shard_dir)}", f"data.tokenizer={tokenizer_dir}",
+        f"data.shards={shard_url_pattern(shard_dir)}", f"data.tokenizer={tokenizer_dir}",
         "data.num_workers=1", "data.shuffle_buffer=50", SMALL_MODEL,
         "optim.batch_size=8", "optim.warmup_steps=2", "optim.max_steps=6",
         "checkpoint.every_steps=3", "logging.every_steps=1", "logging.peak_tflops=1",
