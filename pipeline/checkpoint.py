@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch.distributed as dist
@@ -51,10 +52,12 @@ def file_sizes(tag_dir: Path) -> dict[str, int]:
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, metadata_files: dict,
-                    keep_last: int) -> Path:
+                    keep_last: int, before_publish: Callable[[Path], None] | None = None) -> Path:
     """Save on all ranks; publish the tag and prune old ones on rank 0. Returns the tag dir.
 
     `metadata_files` maps a file name to the text to write into the tag (config, tokenizer).
+    `before_publish` is called on rank 0 with the partial tag directory once every file but
+    vlp_state.json is written (fault-injection tests kill the process there).
     """
     tag = tag_for_step(step)
     partial = tag + PARTIAL_SUFFIX
@@ -69,6 +72,8 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, metad
         partial_dir = ckpt_dir / partial
         for name, text in metadata_files.items():
             (partial_dir / name).write_text(text)
+        if before_publish is not None:
+            before_publish(partial_dir)
         state = {"step": step, "tag": tag, "world_size": dist.get_world_size(),
                  "time": time.time(), "files": file_sizes(partial_dir)}
         (partial_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
