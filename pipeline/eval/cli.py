@@ -10,6 +10,7 @@ imports (the cron script uses it, so a broken unrelated stage cannot stop the ni
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -23,11 +24,11 @@ def _device(args) -> str:
     return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
 
 
-def _print(result: dict) -> None:
-    print(json.dumps(result, indent=2))
+def _print(result: dict, stdout) -> None:
+    print(json.dumps(result, indent=2), file=stdout)
 
 
-def _cmd_retrieval(args) -> int:
+def _cmd_retrieval(args, stdout) -> int:
     from pipeline.eval.checkpoint import load_model_for_eval
     from pipeline.eval.retrieval import evaluate_retrieval
 
@@ -42,11 +43,11 @@ def _cmd_retrieval(args) -> int:
         chunk=args.chunk, bf16=args.bf16, out=args.out,
     )
     if int(os.environ.get("RANK", "0")) == 0:
-        _print(result)
+        _print(result, stdout)
     return 0
 
 
-def _cmd_vqa(args) -> int:
+def _cmd_vqa(args, stdout) -> int:
     from pipeline.eval.checkpoint import load_model_for_eval
     from pipeline.eval.vqa import evaluate_vqa
 
@@ -59,29 +60,35 @@ def _cmd_vqa(args) -> int:
         min_answer_count=args.min_answer_count, steps=args.steps, epochs=args.epochs,
         lr=args.lr, batch_size=args.batch_size, finetune_backbone=args.finetune_backbone,
         bf16=args.bf16, seed=args.seed, out=args.out, results_out=args.results,
-    ))
+    ), stdout)
     return 0
 
 
-def _cmd_nightly(args) -> int:
+def _cmd_nightly(args, stdout) -> int:
     from pipeline.eval.nightly import run_nightly
 
     summary = run_nightly(args.runs, suite=args.suite, out_dir=args.out,
                           retry_failed=args.retry_failed, device=args.device)
-    _print(summary)
+    _print(summary, stdout)
     return 1 if summary["failures"] else 0
 
 
 def _with_input_errors(func):
-    """Bad input -> one clear line on stderr and exit status 2, no traceback."""
+    """Bad input -> one clear line on stderr and exit status 2, no traceback. Only the result
+    JSON goes to stdout: what libraries print meanwhile (DeepSpeed logs its accelerator choice
+    to stdout on import) goes to stderr, so `vlp eval ... > result.json` stays valid JSON."""
 
     def run(args) -> int:
         from pipeline.eval.files import EvalInputError
 
+        stdout = sys.stdout
         try:
-            return func(args)
+            with contextlib.redirect_stdout(sys.stderr):
+                return func(args, stdout)
         except EvalInputError as exc:
-            print(f"vlp eval {args.eval_command}: error: {exc}", file=sys.stderr)
+            # One line (e.g. a weights/config mismatch lists its problems on separate lines).
+            message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+            print(f"vlp eval {args.eval_command}: error: {message}", file=sys.stderr)
             return 2
 
     return run
