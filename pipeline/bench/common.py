@@ -1,0 +1,161 @@
+"""Shared benchmark plumbing: interleaved timing, medians, the environment record, tables, JSON.
+
+Timing rule for every benchmark: the variants being compared run *interleaved* (A, B, A, B, ...)
+in one process, so a noisy neighbour on a shared machine slows both sides alike; each variant's
+figure is the median over `repeats`, and a speed-up is the ratio of those medians.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+OUT_DIR = Path("bench_out")
+
+
+def median(values) -> float:
+    return float(statistics.median(values))
+
+
+def synchronize(device: str) -> None:
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def interleaved_timings(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                        device: str = "cpu") -> dict[str, dict[str, list[float]]]:
+    """Run each variant `warmup` times, then `repeats` rounds of one call each, interleaved.
+
+    Returns {name: {"wall_s": [...], "cpu_s": [...]}} per call. CPU time is this process's (all
+    threads); wall time is what the benchmark figures use.
+    """
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    times = {name: {"wall_s": [], "cpu_s": []} for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name]["wall_s"].append(time.perf_counter() - wall0)
+            times[name]["cpu_s"].append(time.process_time() - cpu0)
+    return times
+
+
+def describe_device(device: str = "cpu") -> str:
+    """'2-core CPU, no GPU' or '16-core CPU, NVIDIA H100 80GB HBM3'."""
+    import torch
+
+    cores = os.cpu_count()
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return f"{cores}-core CPU, {torch.cuda.get_device_name()}"
+    gpu = "GPU present, unused" if torch.cuda.is_available() else "no GPU"
+    return f"{cores}-core CPU, {gpu}"
+
+
+def environment(device: str = "cpu") -> dict:
+    """What a reader needs to compare two result files: when, where, which software."""
+    import torch
+
+    env = {
+        "date": datetime.date.today().isoformat(),
+        "device": describe_device(device),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "command": "vlp " + " ".join(sys.argv[1:]) if sys.argv else "",
+    }
+    if hasattr(os, "getloadavg"):
+        env["load_average_1min_at_start"] = round(os.getloadavg()[0], 2)
+    return env
+
+
+def resolve_device(requested: str | None) -> str:
+    import torch
+
+    if requested:
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise SystemExit(f"--device {requested}: no CUDA device is visible to torch")
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def out_path(args, name: str) -> Path:
+    return Path(args.out) if args.out else OUT_DIR / f"{name}.json"
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=_jsonable) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _jsonable(value):
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def format_table(headers: list[str], rows: list[list], title: str | None = None) -> str:
+    """A fixed-width text table; floats get 3 significant decimals' worth of precision."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
+              for i, h in enumerate(headers)]
+    lines = [title] if title else []
+    lines.append("  ".join(h.rjust(w) if i else h.ljust(w)
+                           for i, (h, w) in enumerate(zip(headers, widths))))
+    lines.append("  ".join("-" * w for w in widths))
+    for row in cells:
+        lines.append("  ".join(c.rjust(w) if i else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(row, widths))))
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "yes", False: "no", None: "-"}[value]
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        if abs(value) >= 1:
+            return f"{value:.2f}"
+        return f"{value:.3g}"
+    return str(value)
+
+
+def repeats_for(args, full: int, quick: int = 1) -> int:
+    if args.repeats:
+        return args.repeats
+    return quick if args.quick else full
+
+
+def verdict(value: float, goal: float, higher_is_better: bool = True) -> dict:
+    """{"value", "goal", "met"} for a goal stated in the benchmark's output."""
+    met = value >= goal if higher_is_better else value <= goal
+    return {"value": value, "goal": goal, "met": bool(met),
+            "direction": ">=" if higher_is_better else "<="}
