@@ -34,22 +34,34 @@ def interleaved_timings(variants: dict[str, Callable[[], object]], repeats: int,
                         device: str = "cpu") -> dict[str, dict[str, list[float]]]:
     """Run each variant `warmup` times, then `repeats` rounds of one call each, interleaved.
 
-    Returns {name: {"wall_s": [...], "cpu_s": [...]}} per call. CPU time is this process's (all
-    threads); wall time is what the benchmark figures use.
+    The order rotates every round, so no variant always runs right after the same neighbour.
+    Returns {name: {"wall_s": [...], "cpu_s": [...]}}, entry r from round r. CPU time is this
+    process's (all threads; OpenMP threads that spin while waiting count too); wall time is what
+    the benchmark figures use.
     """
     for fn in variants.values():
         for _ in range(warmup):
             fn()
     synchronize(device)
     times = {name: {"wall_s": [], "cpu_s": []} for name in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
+    names = list(variants)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = variants[name]
             cpu0, wall0 = time.process_time(), time.perf_counter()
             fn()
             synchronize(device)
             times[name]["wall_s"].append(time.perf_counter() - wall0)
             times[name]["cpu_s"].append(time.process_time() - cpu0)
     return times
+
+
+def round_ratio_median(times: dict, numerator: str, denominator: str,
+                       key: str = "wall_s") -> float:
+    """Median over rounds of time[numerator] / time[denominator]: a cross-check of the ratio of
+    medians that cancels load changes slower than one round."""
+    pairs = zip(times[numerator][key], times[denominator][key])
+    return median([a / b for a, b in pairs])
 
 
 def describe_device(device: str = "cpu") -> str:
