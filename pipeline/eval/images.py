@@ -5,6 +5,7 @@ exactly what training saw. A thread pool overlaps file reads and decodes (PIL re
 """
 from __future__ import annotations
 
+import os
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,20 @@ class ImageRef:
 
     def __str__(self) -> str:
         return f"{self.path}:{self.name}" if self.name else self.path
+
+
+def path_under(root: str | Path, relative: str, where: str) -> Path:
+    """`root/relative`, refused when it leaves `root` (an absolute path, or `..` climbing out):
+    annotation files name the images to read, never where else on disk to read from. The check
+    is on the path as written, so symlinks inside the root (to a data mount) still work."""
+    base = os.path.abspath(root)
+    path = os.path.abspath(os.path.join(base, relative))
+    if os.path.commonpath([base, path]) != base:
+        raise EvalInputError(
+            f"{where}: image path {relative!r} leads outside the image root {base}; paths in "
+            "annotation files must stay under the image root (pass a common parent as the root)"
+        )
+    return Path(path)
 
 
 def check_images_exist(images: list[ImageRef], context: str) -> None:

@@ -7,6 +7,7 @@ any model work: a missing image or an empty split is an error naming the file.
 """
 from __future__ import annotations
 
+import os
 import re
 import tarfile
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 from braceexpand import braceexpand
 
 from pipeline.eval.files import EvalInputError, read_json, require
-from pipeline.eval.images import ImageRef, check_images_exist
+from pipeline.eval.images import ImageRef, check_images_exist, path_under
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # webdataset's rule: the key is the member path up to the first dot of its file name.
@@ -41,7 +42,8 @@ def load_karpathy(
     json_path: str | Path, image_root: str | Path, split: str = "test"
 ) -> RetrievalSet:
     """Karpathy JSON (Flickr30k/COCO layouts): images[].filename, optional filepath, split and
-    sentences[].raw. An image's path is image_root/filepath/filename."""
+    sentences[].raw. An image's path is image_root/filepath/filename and must stay under
+    image_root."""
     data = read_json(json_path, "Karpathy split JSON")
     entries = require(data, "images", str(json_path), list)
     image_root = Path(image_root)
@@ -53,7 +55,8 @@ def load_karpathy(
         if entry_split != split:
             continue
         filename = require(entry, "filename", where, str)
-        path = image_root / entry.get("filepath", "") / filename
+        filepath = require(entry, "filepath", where, str) if "filepath" in entry else ""
+        path = path_under(image_root, os.path.join(filepath, filename), where)
         for j, sentence in enumerate(require(entry, "sentences", where, list)):
             captions.append(require(sentence, "raw", f"{where}.sentences[{j}]", str))
             text_to_image.append(len(images))

@@ -16,6 +16,7 @@ A key that the task's function does not take is an error naming it and the valid
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +30,7 @@ from pipeline.eval.vqa import evaluate_vqa
 TASKS: dict[str, Callable[..., dict]] = {"retrieval": evaluate_retrieval, "vqa": evaluate_vqa}
 # Arguments the nightly job sets itself.
 RESERVED = {"checkpoint", "out", "results_out"}
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 PATH_KEYS = {
     "karpathy_json", "image_root", "shards", "vqa_dir", "train_questions", "train_annotations",
     "eval_questions", "eval_annotations",
@@ -65,6 +67,9 @@ def load_suite(suite: str | Path | dict) -> list[Benchmark]:
 
 def _benchmark(name: str, spec: Any, base: Path, source: str) -> Benchmark:
     where = f"{source}: benchmark {name!r}"
+    if not _NAME.fullmatch(str(name)):
+        raise EvalInputError(f"{where}: a benchmark name is a file name (RUN/eval/TAG/NAME.json): "
+                             "letters, digits, '_', '-' and '.', not starting with '.'")
     if not isinstance(spec, dict) or spec.get("task") not in TASKS:
         raise EvalInputError(f"{where} needs 'task: {' | '.join(TASKS)}'")
     kwargs = {k: v for k, v in spec.items() if k != "task"}

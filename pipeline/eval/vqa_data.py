@@ -7,6 +7,7 @@ Files of a split, as the official release and the synthetic world name them:
                                                  answer_type, question_type}]}
 Images are found with a pattern relative to the image root, formatted with the questions file's
 `data_subtype` as {split} and the {image_id}; by default the first of IMAGE_PATTERNS that exists.
+A path that leaves the image root (a `data_subtype` with `..`) is refused.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.eval.files import EvalInputError, read_json, require
-from pipeline.eval.images import ImageRef, check_images_exist
+from pipeline.eval.images import ImageRef, check_images_exist, path_under
 
 IMAGE_PATTERNS = (
     "images/{split}/{image_id:012d}.jpg",  # synthetic world (data_prep.synth)
@@ -79,7 +80,7 @@ def load_vqa_split(
         if qid not in annotations:
             unannotated.append(qid)
             continue
-        path = Path(image_root) / pattern.format(split=subtype, image_id=image_id)
+        path = path_under(image_root, pattern.format(split=subtype, image_id=image_id), where)
         answers, answer_type = annotations[qid]
         examples.append(VQAExample(qid, require(q, "question", where, str), ImageRef(str(path)),
                                    answers, answer_type))
@@ -95,8 +96,10 @@ def load_vqa_split(
 def _detect_pattern(image_root, subtype: str, questions: list, questions_path) -> str:
     first = questions[0]
     image_id = require(first, "image_id", f"{questions_path}: questions[0]", int)
+    where = f"{questions_path}: data_subtype {subtype!r}, questions[0]"
     for pattern in IMAGE_PATTERNS:
-        if (Path(image_root) / pattern.format(split=subtype, image_id=image_id)).is_file():
+        relative = pattern.format(split=subtype, image_id=image_id)
+        if path_under(image_root, relative, where).is_file():
             return pattern
     tried = [str(Path(image_root) / p.format(split=subtype, image_id=image_id))
              for p in IMAGE_PATTERNS]
