@@ -22,8 +22,10 @@ def flops_per_sample(
 
         layer(T) = T (8 W^2 + 4 W M)            qkv 6W^2, out proj 2W^2, FFN 4WM per token
                  + 4 T^2 W                      attention scores and weighted values
-        image    = 2 P (3 p^2) W + U layer(Ti)  patch conv, U = L with ITC (else L - F) blocks
-        text     = U layer(Tt)
+        cls(T)   = 6 T W^2 + 4 T W              last ITC block: keys/values for all T tokens,
+                 + 2 W^2 + 4 W M                the rest for the pooled CLS query alone
+        image    = 2 P (3 p^2) W + U(Ti)        patch conv; U(T) = (L-1) layer(T) + cls(T) with
+        text     = U(Tt)                        ITC, else (L-F) layer(T) (bottom blocks only)
         ITC      = 4 W E + 4 E N                two projections; i2t and t2i logit rows
         ITM      = 3 (F layer(Ti + Tt) + 4 W)   positive + 2 hard negatives; head
         MLM      = (L - F) layer(Tt)            masked caption, bottom blocks
@@ -47,9 +49,14 @@ def flops_per_sample(
     def layer(T: int) -> float:
         return T * (8 * W * W + 4 * W * M) + 4 * T * T * W
 
-    unimodal_layers = L if weights.itc else L - F
+    def cls_layer(T: int) -> float:
+        return 6 * T * W * W + 4 * T * W + 2 * W * W + 4 * W * M
+
+    def unimodal(T: int) -> float:
+        return (L - 1) * layer(T) + cls_layer(T) if weights.itc else (L - F) * layer(T)
+
     flops = 2 * P * 3 * config.patch_size**2 * W
-    flops += unimodal_layers * (layer(Ti) + layer(Tt))
+    flops += unimodal(Ti) + unimodal(Tt)
     if weights.itc:
         flops += 2 * 2 * W * config.embed_dim + 2 * 2 * config.embed_dim * global_batch
     if weights.itm:

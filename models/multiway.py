@@ -18,12 +18,17 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(config.width, 3 * config.width)
         self.proj = nn.Linear(config.width, config.width)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None,
+                queries: int | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C); with `queries`, only the first `queries` positions attend (all
+        T positions stay keys and values): (B, queries, C)."""
         B, T, C = x.shape
         # (B, T, 3C) -> (3, B, heads, T, head_dim)
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        y = attention(q, k, v, key_padding_mask, self.backend)  # (B, heads, T, head_dim)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        if queries is not None:
+            q = q[:, :, :queries]
+        y = attention(q, k, v, key_padding_mask, self.backend)  # (B, heads, Tq, head_dim)
+        return self.proj(y.transpose(1, 2).reshape(B, q.size(2), C))
 
 
 class FeedForward(nn.Module):
@@ -57,11 +62,23 @@ class MultiwayBlock(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: torch.Tensor, split: int, key_padding_mask: torch.Tensor | None = None
+        self, x: torch.Tensor, split: int, key_padding_mask: torch.Tensor | None = None,
+        queries: int | None = None,
     ) -> torch.Tensor:
-        """x: (B, T, width); key_padding_mask: bool (B, T) or None. Returns (B, T, width)."""
-        x = x + self.dropout(self.attn(self.norm(x), key_padding_mask))
-        return x + self.dropout(self.experts(x, split))
+        """x: (B, T, width); key_padding_mask: bool (B, T) or None. Returns (B, T, width).
+
+        With `queries` (one modality only), just the first `queries` positions are computed and
+        returned, (B, queries, width), the others still serving as keys: the last block of an
+        encoder whose output is pooled at CLS needs nothing else.
+        """
+        if queries is None:
+            x = x + self.dropout(self.attn(self.norm(x), key_padding_mask))
+            return x + self.dropout(self.experts(x, split))
+        if 0 < split < x.size(1):
+            raise ValueError("queries= computes a prefix of a single-modality sequence; "
+                             f"this one is fused (split {split} of {x.size(1)})")
+        x = x[:, :queries] + self.dropout(self.attn(self.norm(x), key_padding_mask, queries))
+        return x + self.dropout(self.experts(x, x.size(1) if split else 0))
 
     def experts(self, x: torch.Tensor, split: int) -> torch.Tensor:
         T = x.size(1)
