@@ -94,13 +94,13 @@ def test_no_project_code_unpickles_data():
     assert found == []
 
 
-def test_the_scan_finds_what_it_looks_for(tmp_path):
-    bad = REPO / "pipeline" / "_scan_probe.py"  # never written: parsed from text below
+def test_the_scan_finds_what_it_looks_for():
+    probe = REPO / "pipeline" / "probe.py"  # only names the findings; the source is below
     source = ("import pickle, torch, numpy as np, yaml\n"
               "torch.load(f)\ntorch.load(f, weights_only=False)\ntorch.load(f, weights_only=True)\n"
               "pickle.loads(b)\nnp.load(f, allow_pickle=True)\nnp.load(f)\nyaml.load(s)\n"
               "yaml.load(s, Loader=yaml.SafeLoader)\n")
-    calls = _Calls(bad)
+    calls = _Calls(probe)
     calls.visit(ast.parse(source))
     assert [f.split(": ", 1)[1] for f in calls.found] == [
         "torch.load without weights_only=True", "torch.load without weights_only=True",

@@ -53,6 +53,7 @@ def test_damaged_shards_are_skipped_counted_and_the_run_finishes(reference_run, 
     # usable samples, so no rank starts more than 6 passes; each pass meets each item once.
     # A sample or shard retried in a loop would be counted far more often (and never finish).
     final = counts[-1]
+    print(f"reference run: {ref.seconds:.1f} s; skipped by step 6: {final}")
     for kind, once in EXPECTED_SKIPS.items():
         assert once <= final[kind] <= 6 * once, (kind, final[kind])
     summary = json.loads((ref.run_dir / "train_summary.json").read_text())
@@ -170,6 +171,7 @@ def test_resume_after_a_killed_rank_is_sample_exact(interrupted, reference_run):
 
 def test_a_kill_during_saving_leaves_the_previous_checkpoint_published(interrupted):
     launch = interrupted["launch2"]
+    print(f"kill during saving: launcher exited {launch['rc']}; left {launch['entries']}")
     assert launch["rc"] != 0
     assert "fault injection: SIGKILL rank 0 while saving" in launch["log"]
     assert launch["latest"] == "global_step3"
@@ -231,7 +233,9 @@ def test_nonfinite_losses_skip_the_update_then_stop_the_run(reference_run, fault
     overrides = fault_overrides(run_dir, fault_data.pattern, tokenizer_dir,
                                 "faults.inject_nonfinite_at=[2, 4, 5]",
                                 "faults.max_nonfinite_in_row=2")
+    start = time.monotonic()
     rc = run_training(overrides, tmp_path / "log.txt")
+    print(f"non-finite run: exit {rc} after {time.monotonic() - start:.1f} s")
     log = (tmp_path / "log.txt").read_text()
     assert rc == 3, log[-3000:]
     assert "step 2: non-finite loss, update skipped (1 in a row)" in log
