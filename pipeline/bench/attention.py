@@ -23,6 +23,10 @@ def add_arguments(p) -> None:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--sdpa-kernel", default="auto",
+                   choices=["auto", "flash", "efficient", "cudnn", "math"],
+                   help="restrict the sdpa backend to one torch kernel (CUDA: flash takes no "
+                        "mask, so use it with --masks none); auto lets torch choose")
 
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -42,12 +46,27 @@ def _case(batch, heads, T, head_dim, dtype, mask_kind, device, seed=0):
     return [t.requires_grad_() for t in (q, k, v)], mask, grad
 
 
-def _fwd_bwd(backend: str, qkv, mask, grad):
+KERNELS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+           "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
+
+
+def _kernel_context(name: str):
+    import contextlib
+
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(getattr(SDPBackend, KERNELS[name]))
+
+
+def _fwd_bwd(backend: str, qkv, mask, grad, kernel: str = "auto"):
     from models.attention import attention
 
     for t in qkv:
         t.grad = None
-    out = attention(*qkv, key_padding_mask=mask, backend=backend)
+    with _kernel_context(kernel if backend == "sdpa" else "auto"):
+        out = attention(*qkv, key_padding_mask=mask, backend=backend)
     out.backward(grad)
     return out
 
@@ -68,7 +87,7 @@ def run(args) -> int:
     heads, head_dim = args.heads, args.head_dim
     if args.quick:
         lengths, batch, heads, head_dim = [17, 65], 2, 2, 16
-    repeats = repeats_for(args, full=7)
+    repeats = repeats_for(args, full=15)
 
     cases, rows = [], []
     for dtype_name in dtypes:
@@ -77,9 +96,10 @@ def run(args) -> int:
             for T in lengths:
                 qkv, mask, grad = _case(batch, heads, T, head_dim, dtype, mask_kind, device)
                 timings = interleaved_timings(
-                    {b: (lambda b=b: _fwd_bwd(b, qkv, mask, grad)) for b in ("sdpa", "reference")},
+                    {b: (lambda b=b: _fwd_bwd(b, qkv, mask, grad, args.sdpa_kernel))
+                     for b in ("sdpa", "reference")},
                     repeats, warmup=1, device=device)
-                out_s = _fwd_bwd("sdpa", qkv, mask, grad)
+                out_s = _fwd_bwd("sdpa", qkv, mask, grad, args.sdpa_kernel)
                 grads_s = [t.grad.clone() for t in qkv]
                 out_r = _fwd_bwd("reference", qkv, mask, grad)
                 diff = max([_max_diff(out_s, out_r)]
@@ -90,6 +110,8 @@ def run(args) -> int:
                 flops = 3 * 4 * batch * heads * T * T * head_dim
                 case = {"dtype": dtype_name, "mask": mask_kind, "seq_len": T,
                         "sdpa_s_median": sdpa_s, "reference_s_median": ref_s,
+                        "sdpa_cpu_s_median": median(timings["sdpa"]["cpu_s"]),
+                        "reference_cpu_s_median": median(timings["reference"]["cpu_s"]),
                         "speedup": ref_s / sdpa_s, "sdpa_s": timings["sdpa"]["wall_s"],
                         "reference_s": timings["reference"]["wall_s"],
                         "sdpa_gflops": flops / sdpa_s / 1e9,
@@ -100,7 +122,8 @@ def run(args) -> int:
 
     payload = {"benchmark": "attention", "environment": environment(device),
                "setup": {"batch": batch, "heads": heads, "head_dim": head_dim,
-                         "repeats": repeats, "device": device, "call": "forward + backward"},
+                         "repeats": repeats, "device": device, "call": "forward + backward",
+                         "sdpa_kernel": args.sdpa_kernel},
                "results": cases,
                "summary": {"median_speedup": median([c["speedup"] for c in cases]),
                            "min_speedup": min(c["speedup"] for c in cases)}}
