@@ -12,7 +12,9 @@ counts its rank's parameter, gradient and optimizer-state bytes from the engine 
 pipeline/bench/zero_worker.py) and writes a JSON file per rank, which this command collects.
 Ranks on one machine share its cores: the launcher's ranks each get cores / ranks torch threads
 (pipeline.distributed.init_distributed), the single process all of them, so step times compare
-whole-machine throughput (samples/s = batch per rank x ranks / step time).
+whole-machine throughput (samples/s = batch per rank x ranks / step time). `--threads 1` runs
+every process on one thread instead (steadier on a shared machine); then compare samples/s per
+thread.
 """
 from __future__ import annotations
 
@@ -45,6 +47,9 @@ def add_arguments(p) -> None:
                    help="comma-separated MODE:RANKS to run (default zero3:1,zero3:2,zero2:2,"
                         "single:1; --quick: zero3:1,zero3:2)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per launch")
+    p.add_argument("--threads", type=int,
+                   help="torch threads per process (OMP_NUM_THREADS); default: cores / ranks. "
+                        "1 gives steadier times on a shared machine (no OpenMP barrier waits)")
 
 
 def _launch(mode: str, ranks: int, args, out_dir: Path) -> None:
@@ -65,6 +70,8 @@ def _launch(mode: str, ranks: int, args, out_dir: Path) -> None:
         assert launcher[-1].endswith("train.py"), launcher
         cmd = [*launcher[:-1], str(WORKER), *worker_args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=args.timeout)
     if proc.returncode != 0:
@@ -107,13 +114,16 @@ def run(args) -> int:
             "model_parameters": records[0]["model_parameters"],
             "step_s_median": step_s, "step_s": steps,
             "samples_per_s": records[0]["batch_per_rank"] * world / step_s,
+            "samples_per_s_per_thread": (records[0]["batch_per_rank"] * world / step_s
+                                         / (world * records[0]["torch_threads"])),
             "bytes_per_rank": bytes_rank0,
             "bytes_all_ranks": {rec["rank"]: rec["bytes"] for rec in records[:world]},
         }
         rows.append([key, world, records[0]["torch_threads"], bytes_rank0["parameters"] / 2**20,
                      bytes_rank0["gradients"] / 2**20,
                      (bytes_rank0["optimizer_master"] + bytes_rank0["optimizer_adam"]) / 2**20,
-                     bytes_rank0["total"] / 2**20, step_s, results[key]["samples_per_s"]])
+                     bytes_rank0["total"] / 2**20, step_s, results[key]["samples_per_s"],
+                     results[key]["samples_per_s_per_thread"]])
 
     summary = {}
     if "zero3_w1" in results and "zero3_w2" in results:
@@ -127,6 +137,8 @@ def run(args) -> int:
         if key in results and base:
             summary[f"{key}_samples_per_s_over_single"] = (results[key]["samples_per_s"]
                                                            / base["samples_per_s"])
+            summary[f"{key}_per_thread_over_single"] = (
+                results[key]["samples_per_s_per_thread"] / base["samples_per_s_per_thread"])
     if "zero3_w2" in results and "zero2_w2" in results:
         summary["zero3_step_over_zero2_step"] = (results["zero3_w2"]["step_s_median"]
                                                  / results["zero2_w2"]["step_s_median"])
@@ -136,6 +148,7 @@ def run(args) -> int:
                "setup": {"config_name": args.config, "config": first["config"],
                          "batch_per_rank": args.batch, "timed_steps_per_launch": args.steps,
                          "warmup": args.warmup, "launch_rounds": repeats,
+                         "threads_per_process": args.threads or "cores / ranks",
                          "objectives": "ITC+ITM+MLM",
                          "ds_configs": {"zero3": "ds_configs/zero3_cpu.json",
                                         "zero2": "ds_configs/zero2_cpu.json"},
@@ -145,7 +158,7 @@ def run(args) -> int:
     path = write_json(out_path(args, "zero"), payload)
     print(format_table(
         ["run", "ranks", "threads/rank", "params MiB", "grads MiB", "optim MiB", "total MiB",
-         "step s", "samples/s"], rows,
+         "step s", "samples/s", "per thread"], rows,
         title=(f"bench zero: {args.config} ({first['config']['width']}w x "
                f"{first['config']['depth']}), batch {args.batch}/rank, ITC+ITM+MLM, bytes on "
                f"rank 0, median of {len(next(iter(results.values()))['step_s'])} steps")))
@@ -154,7 +167,7 @@ def run(args) -> int:
         print("ZeRO-3 per-rank bytes, 2 ranks / 1 rank: " + ", ".join(
             f"{c} {v:.3f}" for c, v in ratios.items()))
     for key, value in summary.items():
-        if key.endswith("over_single") or key.endswith("over_zero2_step"):
+        if key.endswith("_single") or key.endswith("over_zero2_step"):
             print(f"{key}: {value:.2f}")
     print(f"wrote {path}")
     return 0
