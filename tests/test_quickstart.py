@@ -1,0 +1,30 @@
+"""The quickstart end to end at toy scale: data -> launcher training -> nightly eval -> summary."""
+import json
+
+import pytest
+
+from pipeline.cli import main as vlp
+
+pytestmark = pytest.mark.slow
+
+
+def test_quickstart_runs_every_stage(tmp_path, capsys):
+    out = tmp_path / "qs"
+    code = vlp(["quickstart", "--out-dir", str(out), "--n-train", "256", "--n-test", "24",
+                "--n-vqa-train", "24", "--n-vqa-val", "8", "--max-steps", "3", "--vqa-steps", "2",
+                "--samples-per-shard", "64"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed[-3000:]
+    assert "text->image R@1" in printed and "TensorBoard: tensorboard --logdir" in printed
+
+    summary = json.loads((out / "quickstart_summary.json").read_text())
+    metrics = {row["metric (%)"] for row in summary["results"]}
+    assert {"text->image R@1", "text->image R@10", "VQA accuracy"} <= metrics
+    for row in summary["results"]:
+        assert {"untrained (step 0)", "trained (step 3)", "baseline"} <= set(row)
+    report = out / "runs" / "nightly" / "report.html"
+    assert report.exists() and list(report.parent.glob("*.png"))
+    ckpts = out / "runs" / "tiny_synth" / "checkpoints"
+    assert (ckpts / "global_step0").is_dir() and (ckpts / "global_step3").is_dir()
+
+    assert vlp(["quickstart", "--out-dir", str(out)]) == 1  # refuses to mix with an old run
