@@ -125,9 +125,9 @@ def worker(argv: list[str], quiet: bool = False) -> dict:
 
 
 def _run_worker(impl: str, args) -> dict:
-    argv = [impl, "--images", str(args.images), "--captions-per-image", str(args.captions_per_image),
-           "--dim", str(args.dim), "--noise", str(args.noise), "--chunk", str(args.chunk),
-           "--seed", str(args.seed)]
+    argv = [impl, "--images", str(args.images),
+            "--captions-per-image", str(args.captions_per_image), "--dim", str(args.dim),
+            "--noise", str(args.noise), "--chunk", str(args.chunk), "--seed", str(args.seed)]
     if args.threads:
         argv += ["--threads", str(args.threads)]
     if args.quick:  # smoke test: in this process (memory figures then mean little)
