@@ -23,7 +23,7 @@ def test_quickstart_runs_every_stage(tmp_path, capsys):
     for row in summary["results"]:
         assert {"untrained (step 0)", "trained (step 3)", "baseline"} <= set(row)
     report = out / "runs" / "nightly" / "report.html"
-    assert report.exists() and list(report.parent.glob("*.png"))
+    assert report.exists() and list((report.parent / "plots").glob("*.png"))
     ckpts = out / "runs" / "tiny_synth" / "checkpoints"
     assert (ckpts / "global_step0").is_dir() and (ckpts / "global_step3").is_dir()
 
