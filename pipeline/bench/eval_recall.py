@@ -45,6 +45,8 @@ def naive_recalls(image_emb, text_emb, text_to_image, ks=(1, 5, 10)) -> dict[str
     """Full score matrix + full argsort in both directions (the memory-hungry baseline)."""
     import torch
 
+    from pipeline.eval.recall import recalls_from_ranks
+
     scores = text_emb @ image_emb.T  # (N_txt, N_img)
     order = scores.argsort(dim=1, descending=True)  # (N_txt, N_img) int64
     t2i_ranks = (order == text_to_image[:, None]).int().argmax(dim=1)
@@ -52,13 +54,7 @@ def naive_recalls(image_emb, text_emb, text_to_image, ks=(1, 5, 10)) -> dict[str
     order = scores.T.argsort(dim=1, descending=True)  # (N_img, N_txt) int64
     hits = text_to_image[order] == torch.arange(len(image_emb))[:, None]  # (N_img, N_txt)
     i2t_ranks = hits.int().argmax(dim=1)  # first retrieved caption of this image
-    metrics = {}
-    for k in ks:
-        metrics[f"image_retrieval_recall@{k}"] = (t2i_ranks < k).float().mean().item()
-    for k in ks:
-        metrics[f"text_retrieval_recall@{k}"] = (i2t_ranks < k).float().mean().item()
-    metrics["mean_recall"] = sum(metrics.values()) / len(metrics)
-    return metrics
+    return recalls_from_ranks(t2i_ranks, i2t_ranks, ks)
 
 
 def make_embeddings(images: int, captions_per_image: int, dim: int, noise: float, seed: int):

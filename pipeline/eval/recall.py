@@ -73,6 +73,11 @@ def retrieval_recalls(
     i2t_ranks = best_positive_ranks(image_emb, text_emb, captions_per_image(t2i, len(image_emb)),
                                     chunk, rerank_k, rerank_i2t)
     i2t_ranks = i2t_ranks[i2t_ranks >= 0]
+    return recalls_from_ranks(t2i_ranks, i2t_ranks, ks)
+
+
+def recalls_from_ranks(t2i_ranks: torch.Tensor, i2t_ranks: torch.Tensor, ks) -> dict[str, float]:
+    """CLIP_benchmark keys from 0-based ranks of the best positive (text->image, image->text)."""
     metrics = {}
     for k in ks:
         metrics[f"image_retrieval_recall@{k}"] = (t2i_ranks < k).float().mean().item()
