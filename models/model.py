@@ -5,7 +5,8 @@
     dual encoder: states -> top blocks (V-FFN | L-FFN) -> LN -> CLS -> projection -> L2 norm
     fused:        [image states; text states] + type -> top blocks (VL-FFN) -> LN -> heads
 
-Bottom states are computed once per step and reused by ITC, ITM and MLM.
+The image and caption bottom states are computed once per step and reused by ITC, ITM and the
+MLM fused pass (MLM adds one bottom pass over the masked caption).
 """
 from __future__ import annotations
 
