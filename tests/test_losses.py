@@ -94,7 +94,7 @@ def test_itc_on_two_ranks_equals_one_process_on_the_whole_batch(tmp_path):
     loss = model(images, ids, mask)["loss"]
     loss.backward()
     for rank in range(WORLD):
-        result = torch.load(tmp_path / f"rank{rank}.pt")
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         torch.testing.assert_close(result["loss"], loss.detach())
         for name, param in model.named_parameters():
             if param.grad is None:
