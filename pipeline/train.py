@@ -144,6 +144,7 @@ class Trainer:
             lr_scheduler=lambda wrapped: build_scheduler(wrapped, cfg.optim))
 
         self.step = 0
+        self.skipped_updates = 0  # non-finite steps over the whole run, resumes included
         torch.manual_seed(cfg.seed + 1000 + self.rank)  # per-rank stream (hard-negative sampling)
         if resume_tag is not None:
             self._load(resume_tag)
@@ -167,6 +168,7 @@ class Trainer:
             raise CheckpointError(f"DeepSpeed could not load {tag_dir}")
         own = client_state["ranks"][self.rank]
         self.step = client_state["step"]
+        self.skipped_updates = client_state["skipped_updates"]
         self.loader.load_state_dict(own["loader"])
         set_rng_state(own["rng"])
         if self.is_main:
@@ -183,7 +185,8 @@ class Trainer:
         per_rank = [None] * self.world
         dist.all_gather_object(per_rank, {"loader": self.loader.state_dict(),
                                           "rng": get_rng_state()})
-        client_state = {"step": self.step, "world_size": self.world, "ranks": per_rank}
+        client_state = {"step": self.step, "world_size": self.world, "ranks": per_rank,
+                        "skipped_updates": self.skipped_updates}
         metadata = {
             "config.json": json.dumps(self.model_config.to_dict(), indent=1),
             "tokenizer.json": _tokenizer_json(self.tokenizer_path),
@@ -198,11 +201,12 @@ class Trainer:
 
         cfg = self.cfg
         global_batch = cfg.optim.batch_size * cfg.optim.grad_accum * self.world
-        sample_flops = flops_per_sample(self.model_config, global_batch=cfg.optim.batch_size * self.world,
+        sample_flops = flops_per_sample(self.model_config,
+                                        global_batch=cfg.optim.batch_size * self.world,
                                         weights=self.engine.module.loss_weights)
         bar = _progress_bar(self.is_main and cfg.logging.progress_bar, self.step,
                             cfg.optim.max_steps)
-        nonfinite_in_row = skipped_updates = 0
+        nonfinite_in_row = 0
         window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
         key_log = self._open_key_log()
         if cfg.checkpoint.save_initial and self.step == 0:
@@ -234,7 +238,7 @@ class Trainer:
                 last_scalars = scalars
             else:
                 nonfinite_in_row += 1
-                skipped_updates += 1
+                self.skipped_updates += 1
                 if self.is_main:
                     print(f"step {self.step}: non-finite loss, update skipped "
                           f"({nonfinite_in_row} in a row)", flush=True)
@@ -254,7 +258,7 @@ class Trainer:
                     "perf/samples_per_s": samples_per_s,
                     "perf/mfu": sample_flops * samples_per_s / (self.peak_flops * self.world),
                     "perf/data_wait_share": window_wait / elapsed,
-                    "train/skipped_updates": skipped_updates,
+                    "train/skipped_updates": self.skipped_updates,
                     **{f"data/skipped_{kind}": n for kind, n in skipped.items()},
                 })
                 self.logger.log(self.step, record)
@@ -269,7 +273,7 @@ class Trainer:
         if key_log is not None:
             key_log.close()
         self.logger.close()
-        summary = {"step": self.step, "final": last_scalars, "skipped_updates": skipped_updates,
+        summary = {"step": self.step, "final": last_scalars, "skipped_updates": self.skipped_updates,
                    "skipped_samples": _sum_counts_over_ranks(self.loader.skipped_counts())}
         if self.is_main:
             (self.run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
