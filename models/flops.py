@@ -20,18 +20,19 @@ def flops_per_sample(
     are left out. With W = width, M = mlp_hidden, P = patches, Ti = P + 1, Tt = text_len,
     L = depth, F = fusion_layers, E = embed_dim, V = vocab_size, N = global ITC batch:
 
-        layer(T) = T (8 W^2 + 4 W M)            qkv 6W^2, out proj 2W^2, FFN 4WM per token
-                 + 4 T^2 W                      attention scores and weighted values
-        cls(T)   = 6 T W^2 + 4 T W              last ITC block: keys/values for all T tokens,
-                 + 2 W^2 + 4 W M                the rest for the pooled CLS query alone
-        image    = 2 P (3 p^2) W + U(Ti)        patch conv; U(T) = (L-1) layer(T) + cls(T) with
-        text     = U(Tt)                        ITC, else (L-F) layer(T) (bottom blocks only)
+        last(T, Q) = 6 T W^2                    a block computing Q of its T positions: qkv
+                   + 4 Q T W                    for all T (keys and values), attention scores
+                   + Q (2 W^2 + 4 W M)          and values, out proj and FFN for the Q queries
+        layer(T) = last(T, T)                   = T (8 W^2 + 4 W M) + 4 T^2 W
+        top(T, Q)  = (F-1) layer(T) + last(T, Q)  the top blocks, pooled or read at Q positions
+        image    = 2 P (3 p^2) W + U(Ti)        patch conv; U(T) = (L-F) layer(T) + top(T, 1)
+        text     = U(Tt)                        with ITC, else (L-F) layer(T) (bottom only)
         ITC      = 4 W E + 4 E N                two projections; i2t and t2i logit rows
-        ITM      = 3 (F layer(Ti + Tt) + 4 W)   positive + 2 hard negatives; head
+        ITM      = 3 (top(Ti + Tt, 1) + 4 W)    positive + 2 hard negatives; head
         MLM      = (L - F) layer(Tt)            masked caption, bottom blocks
-                 + F layer(Ti + Tt)             fused with the image
+                 + top(Ti + Tt, Tt)             fused with the image, read at the text
                  + m (2 W^2 + 2 W V)            head on the m masked tokens
-        VQA      = F layer(Ti + Tt)             fused with the question
+        VQA      = top(Ti + Tt, 1)              fused with the question
                  + 2 W H + 2 H A                MLP head (H hidden, A answers)
 
     Padded text positions are computed (masked, not skipped), so Tt is the padded length
@@ -46,25 +47,28 @@ def flops_per_sample(
     Tt = config.max_text_len if text_len is None else text_len
     m = 0.15 * Tt if masked_tokens is None else masked_tokens
 
-    def layer(T: int) -> float:
-        return T * (8 * W * W + 4 * W * M) + 4 * T * T * W
+    def last(T: int, Q: int) -> float:
+        return 6 * T * W * W + 4 * Q * T * W + Q * (2 * W * W + 4 * W * M)
 
-    def cls_layer(T: int) -> float:
-        return 6 * T * W * W + 4 * T * W + 2 * W * W + 4 * W * M
+    def layer(T: int) -> float:
+        return last(T, T)
+
+    def top(T: int, Q: int) -> float:
+        return (F - 1) * layer(T) + last(T, Q)
 
     def unimodal(T: int) -> float:
-        return (L - 1) * layer(T) + cls_layer(T) if weights.itc else (L - F) * layer(T)
+        return (L - F) * layer(T) + (top(T, 1) if weights.itc else 0)
 
     flops = 2 * P * 3 * config.patch_size**2 * W
     flops += unimodal(Ti) + unimodal(Tt)
     if weights.itc:
         flops += 2 * 2 * W * config.embed_dim + 2 * 2 * config.embed_dim * global_batch
     if weights.itm:
-        flops += 3 * (F * layer(Ti + Tt) + 2 * W * 2)
+        flops += 3 * (top(Ti + Tt, 1) + 2 * W * 2)
     if weights.mlm:
-        flops += (L - F) * layer(Tt) + F * layer(Ti + Tt)
+        flops += (L - F) * layer(Tt) + top(Ti + Tt, Tt)
         flops += m * (2 * W * W + 2 * W * config.vocab_size)
     if weights.vqa and num_answers:
         hidden = config.vqa_hidden_mult * W
-        flops += F * layer(Ti + Tt) + 2 * W * hidden + 2 * hidden * num_answers
+        flops += top(Ti + Tt, 1) + 2 * W * hidden + 2 * hidden * num_answers
     return 3 * flops if backward else flops

@@ -22,6 +22,7 @@ from .losses import contrastive_loss, hard_negatives, vqa_loss
 from .multiway import MultiwayBlock
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: temperature >= 0.01
+CLS = slice(0, 1)  # the pooled position, as a `queries` selection
 
 
 @dataclass
@@ -131,14 +132,26 @@ class UnifiedModel(nn.Module):
             for param in module.parameters(recurse=False):
                 nn.init.trunc_normal_(param, std=std, a=-2 * std, b=2 * std)
 
-    def attach_vqa_head(self, num_answers: int) -> None:
-        """Add the VQA classifier: MLP over the fused CLS -> (B, num_answers) logits."""
+    def attach_vqa_head(self, num_answers: int, answer_prior: torch.Tensor | None = None) -> None:
+        """Add the VQA classifier: MLP over the fused CLS -> (B, num_answers) logits.
+
+        `answer_prior` (num_answers,), each answer's mean soft score on the training set, sets the
+        output bias to its logit, so the head starts at the prior (as RetinaNet initialises its
+        classifier) instead of spending the first steps of a short fine-tune pushing every
+        sigmoid from 0.5 down.
+        """
         W, hidden = self.config.width, self.config.vqa_hidden_mult * self.config.width
         head = nn.Sequential(
             nn.Linear(W, hidden), nn.LayerNorm(hidden, eps=self.config.layer_norm_eps),
             nn.GELU(), nn.Linear(hidden, num_answers),
         )
         head.apply(self._init_weights)
+        if answer_prior is not None:
+            if answer_prior.shape != (num_answers,):
+                raise ValueError(f"answer_prior has shape {tuple(answer_prior.shape)}, "
+                                 f"expected ({num_answers},)")
+            with torch.no_grad():
+                head[-1].bias.copy_(torch.logit(answer_prior.float().clamp(1e-4, 1 - 1e-4)))
         self.vqa_head = head.to(self.itm_head.weight.device, self.itm_head.weight.dtype)
 
     @property
@@ -187,7 +200,7 @@ class UnifiedModel(nn.Module):
         x = states
         for block in body:
             x = block(x, split, mask)
-        x = last(x, split, mask, queries=1)  # (B, 1, width)
+        x = last(x, split, mask, queries=CLS)  # (B, 1, width)
         return F.normalize(proj(self.norm(x[:, 0])), dim=-1)
 
     def image_embedding(self, image_states: torch.Tensor) -> torch.Tensor:
@@ -207,24 +220,27 @@ class UnifiedModel(nn.Module):
     # ---- fusion encoder --------------------------------------------------------------------
 
     def fuse(self, image_states: torch.Tensor, text_states: torch.Tensor,
-             text_mask: torch.Tensor) -> torch.Tensor:
+             text_mask: torch.Tensor, queries: slice | None = None) -> torch.Tensor:
         """Joint pass of the top blocks (VL-FFN) over [image; text], text padding masked.
 
-        (B, Ti, width), (B, Tt, width), (B, Tt) -> final-LN states (B, Ti + Tt, width);
-        position 0 is the image CLS, pooled by the ITM and VQA heads.
+        (B, Ti, width), (B, Tt, width), (B, Tt) -> final-LN states (B, Ti + Tt, width), or only
+        the positions in `queries` (the last block computes no others): position 0 is the image
+        CLS, pooled by the ITM and VQA heads; `slice(Ti, None)` are the text states for MLM.
         """
         image_type, text_type = self.type_embed(self.type_ids)  # (2, width)
         x = torch.cat([image_states + image_type, text_states + text_type], dim=1)
         mask = torch.cat([text_mask.new_ones(image_states.shape[:2]), text_mask], dim=1).bool()
-        for block in self.top:
+        *body, last = self.top
+        for block in body:
             x = block(x, split=image_states.size(1), key_padding_mask=mask)
-        return self.norm(x)
+        return self.norm(last(x, image_states.size(1), mask, queries))
 
     def itm_logits(self, images: torch.Tensor, text_ids: torch.Tensor,
                    text_mask: torch.Tensor) -> torch.Tensor:
         """Image-text match logits (B, 2), class 1 = match; for re-ranking retrieval candidates."""
         text_states = self.text_states(text_ids, text_mask)
-        return self.itm_head(self.fuse(self.image_states(images), text_states, text_mask)[:, 0])
+        fused = self.fuse(self.image_states(images), text_states, text_mask, queries=CLS)
+        return self.itm_head(fused[:, 0])
 
     def vqa_logits(self, images: torch.Tensor, q_ids: torch.Tensor,
                    q_mask: torch.Tensor) -> torch.Tensor:
@@ -234,7 +250,7 @@ class UnifiedModel(nn.Module):
     def _vqa_logits(self, image_states, text_states, text_mask) -> torch.Tensor:
         if self.vqa_head is None:
             raise RuntimeError("no VQA head: call model.attach_vqa_head(num_answers) first")
-        return self.vqa_head(self.fuse(image_states, text_states, text_mask)[:, 0])
+        return self.vqa_head(self.fuse(image_states, text_states, text_mask, queries=CLS)[:, 0])
 
     # ---- training --------------------------------------------------------------------------
 
@@ -298,14 +314,16 @@ class UnifiedModel(nn.Module):
             text_states = torch.cat([text_states, text_states[neg_text], text_states])
             text_mask = torch.cat([text_mask, text_mask[neg_text], text_mask])
         labels = (torch.arange(image_states.size(0), device=image_states.device) < B).long()
-        logits = self.itm_head(self.fuse(image_states, text_states, text_mask)[:, 0]).float()
+        fused = self.fuse(image_states, text_states, text_mask, queries=CLS)  # (3B, 1, width)
+        logits = self.itm_head(fused[:, 0]).float()
         accuracy = (logits.argmax(1) == labels).float().mean()
         return F.cross_entropy(logits, labels), accuracy.detach()
 
     def _mlm_loss(self, image_states, mlm_ids, text_mask, mlm_labels):
         """Predict the masked caption tokens from the caption fused with its image."""
         text_states = self.text_states(mlm_ids, text_mask)
-        fused_text = self.fuse(image_states, text_states, text_mask)[:, image_states.size(1):]
+        fused_text = self.fuse(image_states, text_states, text_mask,
+                               queries=slice(image_states.size(1), None))  # (B, Tt, width)
         selected = mlm_labels != -100  # (B, Tt)
         logits = self.mlm_head(fused_text[selected]).float()  # (N, vocab), N = masked tokens
         targets = mlm_labels[selected]

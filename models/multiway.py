@@ -19,14 +19,14 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(config.width, config.width)
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None,
-                queries: int | None = None) -> torch.Tensor:
-        """(B, T, C) -> (B, T, C); with `queries`, only the first `queries` positions attend (all
-        T positions stay keys and values): (B, queries, C)."""
+                queries: slice | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C); with `queries`, only those positions attend (all T positions
+        stay keys and values): (B, Tq, C)."""
         B, T, C = x.shape
         # (B, T, 3C) -> (3, B, heads, T, head_dim)
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         if queries is not None:
-            q = q[:, :, :queries]
+            q = q[:, :, queries]
         y = attention(q, k, v, key_padding_mask, self.backend)  # (B, heads, Tq, head_dim)
         return self.proj(y.transpose(1, 2).reshape(B, q.size(2), C))
 
@@ -63,29 +63,31 @@ class MultiwayBlock(nn.Module):
 
     def forward(
         self, x: torch.Tensor, split: int, key_padding_mask: torch.Tensor | None = None,
-        queries: int | None = None,
+        queries: slice | None = None,
     ) -> torch.Tensor:
         """x: (B, T, width); key_padding_mask: bool (B, T) or None. Returns (B, T, width).
 
-        With `queries` (one modality only), just the first `queries` positions are computed and
-        returned, (B, queries, width), the others still serving as keys: the last block of an
-        encoder whose output is pooled at CLS needs nothing else.
+        With `queries`, only those positions are computed and returned, (B, Tq, width), all T
+        still serving as keys: the last block needs no more when its output is pooled at CLS
+        (ITC, ITM, VQA) or read at the text positions (MLM). Experts are chosen as for the whole
+        sequence.
         """
-        if queries is None:
-            x = x + self.dropout(self.attn(self.norm(x), key_padding_mask))
-            return x + self.dropout(self.experts(x, split))
-        if 0 < split < x.size(1):
-            raise ValueError("queries= computes a prefix of a single-modality sequence; "
-                             f"this one is fused (split {split} of {x.size(1)})")
-        x = x[:, :queries] + self.dropout(self.attn(self.norm(x), key_padding_mask, queries))
-        return x + self.dropout(self.experts(x, x.size(1) if split else 0))
+        fused = 0 < split < x.size(1)
+        attended = self.attn(self.norm(x), key_padding_mask, queries)
+        if queries is not None:
+            start = queries.indices(x.size(1))[0]
+            x = x[:, queries]
+            split = min(max(split - start, 0), x.size(1))  # the image/text boundary within x
+        x = x + self.dropout(attended)
+        return x + self.dropout(self.experts(x, split, fused))
 
-    def experts(self, x: torch.Tensor, split: int) -> torch.Tensor:
-        T = x.size(1)
-        if split == T:  # image only
-            return self.ffn_v(x)
-        if split == 0:  # text only
-            return self.ffn_l(x)
-        if self.ffn_vl is not None:  # fused sequence in a top block
+    def experts(self, x: torch.Tensor, split: int, fused: bool) -> torch.Tensor:
+        """Image tokens `[:split]` to the V-FFN, text to the L-FFN; a fused sequence in a top
+        block wholly to the VL-FFN."""
+        if fused and self.ffn_vl is not None:
             return self.ffn_vl(x)
+        if split >= x.size(1):
+            return self.ffn_v(x)
+        if split <= 0:
+            return self.ffn_l(x)
         return torch.cat([self.ffn_v(x[:, :split]), self.ffn_l(x[:, split:])], dim=1)

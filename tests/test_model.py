@@ -107,6 +107,24 @@ def test_more_padding_gives_the_same_outputs():
     torch.testing.assert_close(fused_long[:, : real.size(1)][real], fused[real])
 
 
+@pytest.mark.parametrize("vl_ffn, split, queries", [
+    (True, 5, slice(0, 1)),  # fused, pooled at CLS (ITM, VQA)
+    (True, 5, slice(5, None)),  # fused, read at the text (MLM)
+    (False, 5, slice(3, 7)),  # mixed bottom block, a window across the boundary
+    (True, 8, slice(0, 1)),  # image only (ITC)
+    (True, 0, slice(0, 1)),  # text only (ITC)
+])
+def test_queries_compute_a_slice_of_the_full_block(vl_ffn, split, queries):
+    torch.manual_seed(0)
+    block = MultiwayBlock(small_config(), vl_ffn=vl_ffn).eval()
+    x = torch.randn(2, 8, 64)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[1, 7] = False
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, split, mask, queries=queries),
+                                   block(x, split, mask)[:, queries])
+
+
 @pytest.mark.parametrize("vl_ffn, split, changed_by", [
     (False, 5, {"ffn_v": "image", "ffn_l": "text"}),  # bottom block, mixed: routed by split
     (True, 5, {"ffn_v": None, "ffn_l": None, "ffn_vl": "all"}),  # top block, fused: VL-FFN
@@ -187,6 +205,22 @@ def test_bf16_autocast_on_cpu():
     assert torch.isfinite(out["loss"]) and torch.isfinite(emb).all()
     out["loss"].backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_vqa_head_starts_at_the_answer_prior():
+    config = small_config()
+    model = UnifiedModel(config).eval()
+    prior = torch.tensor([0.5, 0.2, 0.0, 1.0])
+    model.attach_vqa_head(4, answer_prior=prior)
+    batch = make_batch(config, B=2)
+    with torch.no_grad():
+        logits = model.vqa_logits(batch["images"], batch["text_ids"], batch["text_mask"])
+    # The output layer's weights are small: the logits sit near the prior's logits (+-9.2 for
+    # the clamped 0 and 1).
+    expected = torch.logit(prior.clamp(1e-4, 1 - 1e-4))
+    torch.testing.assert_close(logits, expected.expand(2, 4), atol=0.3, rtol=0)
+    with pytest.raises(ValueError, match="answer_prior"):
+        model.attach_vqa_head(3, answer_prior=prior)
 
 
 def test_tiny_config_learns_a_fixed_batch():
