@@ -111,9 +111,10 @@ def finetune_vqa(model, tokenizer, examples: list[VQAExample], vocab: AnswerVoca
     if not keep:
         raise EvalInputError("no training question has an answer in the vocabulary")
     generator = torch.Generator().manual_seed(cfg.seed)
+    prior = vocab.dense_targets([targets[i] for i in keep]).mean(dim=0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model.attach_vqa_head(len(vocab.answers))
+        model.attach_vqa_head(len(vocab.answers), answer_prior=prior)
     model.loss_weights = LossWeights(itc=0, itm=0, mlm=0, vqa=1)
     for name, param in model.named_parameters():
         param.requires_grad_(cfg.finetune_backbone or name.startswith("vqa_head."))
