@@ -9,12 +9,13 @@ from pipeline.config import OptimSection
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices; leave biases, norms, embeddings' positions and the temperature alone."""
+    """Decay matrices; leave biases, norms, the temperature, the learned positions, the CLS
+    token and the modality-type embeddings alone."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim < 2 or "position" in name or "token_type" in name or "cls" in name:
+        if param.ndim < 2 or name.endswith((".pos", ".cls")) or name.startswith("type_embed."):
             no_decay.append(param)
         else:
             decay.append(param)

@@ -62,3 +62,20 @@ def test_warmup_then_cosine_to_the_floor():
     assert warmup_cosine(60, cfg) == pytest.approx(0.55)
     assert warmup_cosine(110, cfg) == pytest.approx(0.1)
     assert warmup_cosine(500, cfg) == pytest.approx(0.1)
+
+
+def test_weight_decay_spares_positions_cls_types_and_vectors():
+    from models import UnifiedModel, load_config
+    from pipeline.optim import parameter_groups
+
+    model = UnifiedModel(load_config("tiny", vocab_size=50))
+    decay, no_decay = parameter_groups(model, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    spared = {names[id(p)] for p in no_decay["params"]}
+    assert {"image_embed.pos", "image_embed.cls", "text_embed.pos", "type_embed.weight",
+            "logit_scale", "norm.weight", "blocks.0.attn.qkv.bias"} <= spared
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert {"blocks.0.attn.qkv.weight", "image_embed.patch.weight",
+            "text_embed.token.weight"} <= decayed
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert len(spared) + len(decayed) == len(names)
