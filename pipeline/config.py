@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the checkout, with ds_configs/
+
 
 @dataclass
 class ModelSection:
@@ -158,4 +160,17 @@ def load_train_config(recipe: str | Path | None = None, overrides: list[str] = (
             raise ValueError(f"override {item!r} must look like section.key=value")
         dotted, raw = item.split("=", 1)
         _set_dotted(values, dotted.strip(), raw)
-    return _build(TrainConfig, values, "")
+    config = _build(TrainConfig, values, "")
+    config.ds_config = str(_find_ds_config(config.ds_config))
+    return config
+
+
+def _find_ds_config(path: str) -> Path:
+    """A DeepSpeed JSON: as given (relative to the working directory), else relative to this
+    checkout, so the shipped `ds_configs/...` work from any directory."""
+    given = Path(path)
+    for candidate in (given, PROJECT_ROOT / given):
+        if candidate.is_file():
+            return candidate
+    raise ValueError(f"ds_config {path}: no such file (relative paths are looked up in the "
+                     f"working directory, then in {PROJECT_ROOT})")

@@ -79,3 +79,13 @@ def test_weight_decay_spares_positions_cls_types_and_vectors():
             "text_embed.token.weight"} <= decayed
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert len(spared) + len(decayed) == len(names)
+
+
+def test_shipped_ds_config_is_found_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_train_config(overrides=["ds_config=ds_configs/zero2_cpu.json"])
+    assert Path(config.ds_config).is_file() and Path(config.ds_config).is_absolute()
+    (tmp_path / "mine.json").write_text("{}")
+    assert load_train_config(overrides=["ds_config=mine.json"]).ds_config == "mine.json"
+    with pytest.raises(ValueError, match="ds_config ds_configs/nope.json: no such file"):
+        load_train_config(overrides=["ds_config=ds_configs/nope.json"])
