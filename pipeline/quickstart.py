@@ -28,7 +28,7 @@ class QuickstartConfig:
     n_vqa_val: int = 500
     seed: int = 0
     nproc: int = 2
-    max_steps: int = 360
+    max_steps: int = 540
     vocab_size: int = 256
     samples_per_shard: int = 1000
     vqa_steps: int = 150  # fixed fine-tune budget (whole model: a head alone barely learns here)
@@ -100,7 +100,8 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
 
     overrides = [f"run_dir={run_dir}", f"data.shards={shard_url_pattern(data['shards'])}",
                  f"data.tokenizer={data['tokenizer']}", f"optim.max_steps={cfg.max_steps}",
-                 f"seed={cfg.seed}", "checkpoint.save_initial=true", "checkpoint.keep_last=0"]
+                 f"seed={cfg.seed}", "checkpoint.save_initial=true", "checkpoint.keep_last=0",
+                 f"checkpoint.every_steps={max(1, cfg.max_steps // 2)}"]  # step 0, middle, end
     mark = time.perf_counter()
     code = run_training(str(RECIPE), overrides, nproc=cfg.nproc, master_port=free_port())
     if code != 0:
