@@ -208,10 +208,12 @@ def test_bf16_autocast_on_cpu():
 
 
 def test_vqa_head_starts_at_the_answer_prior():
-    config = small_config()
+    config = small_config(init_std=0.02)
     model = UnifiedModel(config).eval()
     prior = torch.tensor([0.5, 0.2, 0.0, 1.0])
     model.attach_vqa_head(4, answer_prior=prior)
+    torch.testing.assert_close(model.vqa_head[-1].bias,
+                               torch.logit(prior.clamp(1e-4, 1 - 1e-4)))
     batch = make_batch(config, B=2)
     with torch.no_grad():
         logits = model.vqa_logits(batch["images"], batch["text_ids"], batch["text_mask"])
