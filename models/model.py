@@ -196,12 +196,8 @@ class UnifiedModel(nn.Module):
         Only the CLS output is pooled, so the last block computes position 0 alone (every
         position is still a key): same result, about (1 - 1/T) of that block's FLOPs saved.
         """
-        *body, last = self.top
-        x = states
-        for block in body:
-            x = block(x, split, mask)
-        x = last(x, split, mask, queries=CLS)  # (B, 1, width)
-        return F.normalize(proj(self.norm(x[:, 0])), dim=-1)
+        cls = self._top(states, split, mask, queries=CLS)[:, 0]  # (B, width)
+        return F.normalize(proj(cls), dim=-1)
 
     def image_embedding(self, image_states: torch.Tensor) -> torch.Tensor:
         return self._embed(image_states, image_states.size(1), None, self.image_proj)
@@ -230,10 +226,15 @@ class UnifiedModel(nn.Module):
         image_type, text_type = self.type_embed(self.type_ids)  # (2, width)
         x = torch.cat([image_states + image_type, text_states + text_type], dim=1)
         mask = torch.cat([text_mask.new_ones(image_states.shape[:2]), text_mask], dim=1).bool()
+        return self._top(x, image_states.size(1), mask, queries)
+
+    def _top(self, x: torch.Tensor, split: int, mask: torch.Tensor | None,
+             queries: slice | None) -> torch.Tensor:
+        """The top blocks, the last computing only `queries` (None: all), then the final LN."""
         *body, last = self.top
         for block in body:
-            x = block(x, split=image_states.size(1), key_padding_mask=mask)
-        return self.norm(last(x, image_states.size(1), mask, queries))
+            x = block(x, split, mask)
+        return self.norm(last(x, split, mask, queries))
 
     def itm_logits(self, images: torch.Tensor, text_ids: torch.Tensor,
                    text_mask: torch.Tensor) -> torch.Tensor:

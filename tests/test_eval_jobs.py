@@ -233,3 +233,11 @@ def test_finetune_trains_the_head_and_the_backbone_only_when_asked(tiny, world_d
     assert model.num_answers == len(vocab.answers) and not model.training
     moved = not torch.equal(model.image_embed.patch.weight, tiny.model.image_embed.patch.weight)
     assert moved == backbone
+
+
+def test_answer_prior_is_the_mean_soft_score():
+    from pipeline.eval.vqa_finetune import AnswerVocab
+
+    vocab = AnswerVocab(("yes", "no", "2"))
+    sparse = [{0: 1.0}, {1: 0.6, 2: 0.3}, {}]
+    torch.testing.assert_close(vocab.prior(sparse), vocab.dense_targets(sparse).mean(dim=0))

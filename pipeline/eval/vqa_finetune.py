@@ -50,6 +50,14 @@ class AnswerVocab:
         scores = answer_soft_scores(list(example.answers))
         return {self.index[a]: s for a, s in scores.items() if a in self.index}
 
+    def prior(self, sparse: list[dict[int, float]]) -> torch.Tensor:
+        """(V,) mean soft score of each answer over these questions, without a dense matrix."""
+        total = torch.zeros(len(self.answers), dtype=torch.float64)
+        for scores in sparse:
+            for index, score in scores.items():
+                total[index] += score
+        return (total / max(1, len(sparse))).float()
+
     def dense_targets(self, sparse: list[dict[int, float]]) -> torch.Tensor:
         """(B, V) target matrix from a batch of sparse targets."""
         target = torch.zeros(len(sparse), len(self.answers))
@@ -100,7 +108,8 @@ class _Batches:
 
 def finetune_vqa(model, tokenizer, examples: list[VQAExample], vocab: AnswerVocab,
                  cfg: FinetuneConfig) -> dict:
-    """Attach a fresh VQA head to `model` (in place) and train it; returns training stats.
+    """Attach a fresh VQA head to `model` (in place), its output bias at the training answers'
+    prior, and train it; returns training stats.
 
     Questions with no vocabulary answer are left out (their target would be all zeros).
     """
@@ -111,7 +120,7 @@ def finetune_vqa(model, tokenizer, examples: list[VQAExample], vocab: AnswerVoca
     if not keep:
         raise EvalInputError("no training question has an answer in the vocabulary")
     generator = torch.Generator().manual_seed(cfg.seed)
-    prior = vocab.dense_targets([targets[i] for i in keep]).mean(dim=0)
+    prior = vocab.prior([targets[i] for i in keep])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model.attach_vqa_head(len(vocab.answers), answer_prior=prior)
