@@ -21,27 +21,41 @@ def save_pretrained(
     """Write `model` (full weights, not a ZeRO-3 partition) to `out_dir`; returns the directory."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"format_version": FORMAT_VERSION, **model.config.to_dict(),
-            "vqa_num_answers": model.num_answers}
-    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    (out / CONFIG_FILE).write_text(json.dumps(config_meta(model), indent=2) + "\n")
     save_model(model, str(out / WEIGHTS_FILE))  # stores the tied MLM decoder weight once
     if tokenizer_path is not None:
         shutil.copyfile(tokenizer_path, out / TOKENIZER_FILE)
     return out
 
 
+def config_meta(model: UnifiedModel) -> dict:
+    """The config.json of an export and of a training tag: format version, model config and the
+    VQA head's answer count (None without one)."""
+    return {"format_version": FORMAT_VERSION, **model.config.to_dict(),
+            "vqa_num_answers": model.num_answers}
+
+
+def model_from_meta(meta: dict) -> UnifiedModel:
+    """The freshly initialised model a `config_meta` dict describes; ValueError names a bad key or
+    another format version."""
+    values = dict(meta)
+    version = values.pop("format_version", None)
+    if version != FORMAT_VERSION:
+        raise ValueError(f"format_version {version!r}, this code reads {FORMAT_VERSION}")
+    num_answers = values.pop("vqa_num_answers", None)
+    model = UnifiedModel(ModelConfig.from_dict(values))
+    if num_answers:
+        model.attach_vqa_head(num_answers)
+    return model
+
+
 def from_pretrained(model_dir: str | Path, device: str | torch.device = "cpu") -> UnifiedModel:
     """Rebuild a `UnifiedModel` (with its VQA head, if it was saved with one), in eval mode."""
     path = Path(model_dir)
-    meta = json.loads((path / CONFIG_FILE).read_text())
-    version = meta.pop("format_version", None)
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{path / CONFIG_FILE}: format_version {version!r}, "
-                         f"this code reads {FORMAT_VERSION}")
-    num_answers = meta.pop("vqa_num_answers", None)
-    model = UnifiedModel(ModelConfig.from_dict(meta))
-    if num_answers:
-        model.attach_vqa_head(num_answers)
+    try:
+        model = model_from_meta(json.loads((path / CONFIG_FILE).read_text()))
+    except ValueError as exc:
+        raise ValueError(f"{path / CONFIG_FILE}: {exc}") from exc
     load_state_dict_checked(model, load_file(str(path / WEIGHTS_FILE)))
     return model.to(device).eval()
 

@@ -14,8 +14,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
 
     loaded = load_model_for_eval(checkpoint)
     tokenizer_path = Path(loaded.info.path) / "tokenizer.json"
-    save_pretrained(loaded.model, out_dir, tokenizer_path=tokenizer_path)
-    return Path(out_dir)
+    return save_pretrained(loaded.model, out_dir, tokenizer_path=tokenizer_path)
 
 
 def _cmd_export(args) -> int:

@@ -168,7 +168,7 @@ class Trainer:
             raise CheckpointError(f"DeepSpeed could not load {tag_dir}")
         own = client_state["ranks"][self.rank]
         self.step = client_state["step"]
-        self.skipped_updates = client_state["skipped_updates"]
+        self.skipped_updates = client_state.get("skipped_updates", 0)  # absent in older tags
         self.loader.load_state_dict(own["loader"])
         set_rng_state(own["rng"])
         if self.is_main:
@@ -182,13 +182,15 @@ class Trainer:
         return open(path, "a", buffering=1)
 
     def save(self) -> None:
+        from models.export import config_meta
+
         per_rank = [None] * self.world
         dist.all_gather_object(per_rank, {"loader": self.loader.state_dict(),
                                           "rng": get_rng_state()})
         client_state = {"step": self.step, "world_size": self.world, "ranks": per_rank,
                         "skipped_updates": self.skipped_updates}
         metadata = {
-            "config.json": json.dumps(self.model_config.to_dict(), indent=1),
+            "config.json": json.dumps(config_meta(self.engine.module), indent=1),
             "tokenizer.json": _tokenizer_json(self.tokenizer_path),
         }
         crash = self.cfg.faults.crash_during_save_at_step == self.step
@@ -200,7 +202,7 @@ class Trainer:
         from models.flops import flops_per_sample
 
         cfg = self.cfg
-        global_batch = cfg.optim.batch_size * cfg.optim.grad_accum * self.world
+        samples_per_step = cfg.optim.batch_size * cfg.optim.grad_accum * self.world
         sample_flops = flops_per_sample(self.model_config,
                                         global_batch=cfg.optim.batch_size * self.world,
                                         weights=self.engine.module.loss_weights)
@@ -213,66 +215,69 @@ class Trainer:
             self.save()
         last_scalars: dict[str, float] = {}
         batches = iter(self.loader)
-        while self.step < cfg.optim.max_steps:
-            finite = True
-            lr = self.engine.get_lr()[0]  # the rate this step's update uses
-            for _ in range(cfg.optim.grad_accum):
-                wait_start = time.perf_counter()
-                batch = next(batches)
-                window_wait += time.perf_counter() - wait_start
-                if key_log is not None:
-                    key_log.write(json.dumps({"step": self.step + 1, "keys": batch["keys"]}) + "\n")
-                outputs = self.engine(**_model_inputs(batch, self.engine.device, self.dtype))
-                if self.step + 1 in cfg.faults.inject_nonfinite_at and self.is_main:
-                    outputs["loss"] = outputs["loss"] * float("nan")
-                scalars = _mean_over_ranks(outputs)
-                if not math.isfinite(scalars["loss"]):
-                    finite = False  # every rank sees the same reduced value: all skip together
-                    continue
-                self.engine.backward(outputs["loss"])
-                self.engine.step()
-            self.step += 1
-            window_steps += 1
-            if finite:
-                nonfinite_in_row = 0
-                last_scalars = scalars
-            else:
-                nonfinite_in_row += 1
-                self.skipped_updates += 1
-                if self.is_main:
-                    print(f"step {self.step}: non-finite loss, update skipped "
-                          f"({nonfinite_in_row} in a row)", flush=True)
-                if nonfinite_in_row >= cfg.faults.max_nonfinite_in_row:
-                    raise NonFiniteLossError(
-                        f"{nonfinite_in_row} consecutive steps had a non-finite loss (last at step "
-                        f"{self.step}); stopping. Lower optim.lr or check the data; resume from "
-                        "the last checkpoint with --resume latest.")
-            if self.step % cfg.logging.every_steps == 0 or self.step == cfg.optim.max_steps:
-                elapsed = time.perf_counter() - window_start
-                samples_per_s = global_batch * window_steps / elapsed
-                skipped = _sum_counts_over_ranks(self.loader.skipped_counts())
-                record = {_tag(name): value for name, value in scalars.items()}
-                record.update({
-                    "train/lr": lr,
-                    "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
-                    "perf/samples_per_s": samples_per_s,
-                    "perf/mfu": sample_flops * samples_per_s / (self.peak_flops * self.world),
-                    "perf/data_wait_share": window_wait / elapsed,
-                    "train/skipped_updates": self.skipped_updates,
-                    **{f"data/skipped_{kind}": n for kind, n in skipped.items()},
-                })
-                self.logger.log(self.step, record)
-                window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
-            if self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.optim.max_steps:
-                self.save()
+        try:
+            while self.step < cfg.optim.max_steps:
+                finite = True
+                lr = self.engine.get_lr()[0]  # the rate this step's update uses
+                for _ in range(cfg.optim.grad_accum):
+                    wait_start = time.perf_counter()
+                    batch = next(batches)
+                    window_wait += time.perf_counter() - wait_start
+                    if key_log is not None:
+                        record = {"step": self.step + 1, "keys": batch["keys"]}
+                        key_log.write(json.dumps(record) + "\n")
+                    outputs = self.engine(**_model_inputs(batch, self.engine.device, self.dtype))
+                    if self.step + 1 in cfg.faults.inject_nonfinite_at and self.is_main:
+                        outputs["loss"] = outputs["loss"] * float("nan")
+                    scalars = _mean_over_ranks(outputs)
+                    if not math.isfinite(scalars["loss"]):
+                        finite = False  # every rank sees the same reduced value: all skip together
+                        continue
+                    self.engine.backward(outputs["loss"])
+                    self.engine.step()
+                self.step += 1
+                window_steps += 1
+                if finite:
+                    nonfinite_in_row = 0
+                    last_scalars = scalars
+                else:
+                    nonfinite_in_row += 1
+                    self.skipped_updates += 1
+                    if self.is_main:
+                        print(f"step {self.step}: non-finite loss, update skipped "
+                              f"({nonfinite_in_row} in a row)", flush=True)
+                    if nonfinite_in_row >= cfg.faults.max_nonfinite_in_row:
+                        raise NonFiniteLossError(
+                            f"{nonfinite_in_row} consecutive steps had a non-finite loss (last at "
+                            f"step {self.step}); stopping. Lower optim.lr or check the data; "
+                            "resume from the last checkpoint with --resume latest.")
+                if self.step % cfg.logging.every_steps == 0 or self.step == cfg.optim.max_steps:
+                    elapsed = time.perf_counter() - window_start
+                    samples_per_s = samples_per_step * window_steps / elapsed
+                    skipped = _sum_counts_over_ranks(self.loader.skipped_counts())
+                    record = {_tag(name): value for name, value in scalars.items()}
+                    record.update({
+                        "train/lr": lr,
+                        "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                        "perf/samples_per_s": samples_per_s,
+                        "perf/mfu": sample_flops * samples_per_s / (self.peak_flops * self.world),
+                        "perf/data_wait_share": window_wait / elapsed,
+                        "train/skipped_updates": self.skipped_updates,
+                        **{f"data/skipped_{kind}": n for kind, n in skipped.items()},
+                    })
+                    self.logger.log(self.step, record)
+                    window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+                if self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.optim.max_steps:
+                    self.save()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{scalars['loss']:.3f}")
+        finally:  # also on the non-finite stop, so TensorBoard and the logs are flushed
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{scalars['loss']:.3f}")
-        if bar is not None:
-            bar.close()
-        if key_log is not None:
-            key_log.close()
-        self.logger.close()
+                bar.close()
+            if key_log is not None:
+                key_log.close()
+            self.logger.close()
         summary = {"step": self.step, "final": last_scalars, "skipped_updates": self.skipped_updates,
                    "skipped_samples": _sum_counts_over_ranks(self.loader.skipped_counts())}
         if self.is_main:

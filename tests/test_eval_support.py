@@ -50,6 +50,7 @@ import deepspeed, torch
 from safetensors.torch import save_file
 from data_prep.tokenizer import load_tokenizer
 from models.config import load_config
+from models.export import config_meta
 from models.model import LossWeights, UnifiedModel
 from pipeline.checkpoint import save_checkpoint
 
@@ -73,7 +74,7 @@ for step in range(1, max(save_steps) + 1):
     engine.backward(loss)
     engine.step()
     if step in save_steps:
-        metadata = {"config.json": json.dumps(config.to_dict()),
+        metadata = {"config.json": json.dumps(config_meta(engine.module)),
                     "tokenizer.json": tokenizer_json.read_text()}
         save_checkpoint(engine, run_dir / "checkpoints", step, {"step": step}, metadata, 0)
         params = dict(engine.module.named_parameters())

@@ -89,19 +89,13 @@ def _load_export(directory: Path) -> torch.nn.Module:
 
 
 def _build_model(config_dict: dict, directory: Path) -> torch.nn.Module:
-    """The model a training tag's config.json describes (plain config, or the export's format)."""
-    from models.config import ModelConfig
-    from models.model import UnifiedModel
+    """The model a training tag's config.json describes."""
+    from models.export import model_from_meta
 
-    meta_keys = ("format_version", "vqa_num_answers")
-    values = {k: v for k, v in config_dict.items() if k not in meta_keys}
     try:
-        model = UnifiedModel(ModelConfig.from_dict(values))
+        return model_from_meta(config_dict)
     except (TypeError, ValueError) as exc:
         raise EvalInputError(f"{directory / 'config.json'}: {exc}") from exc
-    if config_dict.get("vqa_num_answers"):
-        model.attach_vqa_head(config_dict["vqa_num_answers"])
-    return model
 
 
 def _read_state(tag_dir: Path) -> dict:
