@@ -37,6 +37,11 @@ def tag_for_step(step: int) -> str:
     return f"{TAG_PREFIX}{step}"
 
 
+def tag_step(tag_dir: Path) -> int:
+    """The step a published tag directory holds: global_step120 -> 120."""
+    return int(Path(tag_dir).name[len(TAG_PREFIX):])
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -89,7 +94,7 @@ def complete_tags(ckpt_dir: Path) -> list[Path]:
     """Published tag directories (with a state file), oldest first by step."""
     tags = [p for p in Path(ckpt_dir).glob(f"{TAG_PREFIX}*")
             if p.is_dir() and not p.name.endswith(PARTIAL_SUFFIX) and (p / STATE_FILE).exists()]
-    return sorted(tags, key=lambda p: int(p.name[len(TAG_PREFIX):]))
+    return sorted(tags, key=tag_step)
 
 
 def prune_checkpoints(ckpt_dir: Path, keep_last: int) -> None:

@@ -81,7 +81,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     from data_prep.index import shard_url_pattern
     from data_prep.prepare import prepare_synthetic_data
     from data_prep.server import free_port
-    from pipeline.eval.nightly import run_nightly
+    from pipeline.eval.nightly import read_results, run_nightly
     from pipeline.train_cli import run_training
 
     out = Path(cfg.out_dir).resolve()
@@ -116,7 +116,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     timings["eval"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - start
 
-    table = summary_table(pd.read_parquet(runs / "nightly" / "results.parquet"))
+    table = summary_table(read_results(nightly["results"]))
     summary = {"config": asdict(cfg), "timings_s": timings, "results": table.to_dict("records"),
                "report": str(runs / "nightly" / "report.html"),
                "tensorboard": f"tensorboard --logdir {runs}"}

@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from pipeline.checkpoint import TAG_PREFIX, complete_tags
+from pipeline.checkpoint import complete_tags, tag_step
 from pipeline.eval.checkpoint import load_model_for_eval
 from pipeline.eval.files import atomic_path
 from pipeline.eval.report import render_report
@@ -53,7 +53,7 @@ def discover_checkpoints(runs_dir: str | Path) -> list[CheckpointRef]:
     for run_dir in run_dirs:
         for tag_dir in complete_tags(run_dir / "checkpoints"):
             refs.append(CheckpointRef(run_dir.name, run_dir, tag_dir.name, tag_dir,
-                                      int(tag_dir.name[len(TAG_PREFIX):])))
+                                      tag_step(tag_dir)))
         for weights in sorted(run_dir.rglob("model.safetensors")):
             export = weights.parent
             if export.relative_to(run_dir).parts[0] not in ("checkpoints", "eval"):
