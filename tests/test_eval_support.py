@@ -86,16 +86,12 @@ for step in range(1, max(save_steps) + 1):
 
 def train_zero3_run(run_dir: Path, tokenizer_json: Path, save_steps: tuple[int, ...]) -> None:
     """A real ZeRO-3 run directory with a checkpoint tag per step in `save_steps`."""
-    import os
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    from train_helpers import single_rank_env
+
+    env = single_rank_env(OMP_NUM_THREADS="1")
     args = [str(run_dir), str(tokenizer_json), json.dumps(TINY), ",".join(map(str, save_steps))]
     done = subprocess.run([sys.executable, "-c", _TRAIN_AND_SAVE, *args], env=env,
                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,

@@ -1,5 +1,4 @@
 """`vlp export` consolidates a ZeRO-3 checkpoint into exactly the engine's weights."""
-import os
 import subprocess
 import sys
 import textwrap
@@ -10,7 +9,7 @@ from safetensors.torch import load_file
 
 from models.export import from_pretrained
 from pipeline.cli import main as vlp
-from train_helpers import REPO, free_port, train_overrides
+from train_helpers import REPO, single_rank_env, train_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +33,7 @@ def test_export_equals_gathered_engine_weights(tmp_path, shard_dir, tokenizer_di
     gathered_path = tmp_path / "gathered.safetensors"
     overrides = train_overrides(run_dir, shard_dir, tokenizer_dir, "optim.max_steps=2",
                                 "checkpoint.every_steps=2", "data.num_workers=0")
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env = single_rank_env()
     done = subprocess.run([sys.executable, "-c", TRAIN_AND_GATHER, str(gathered_path), *overrides],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

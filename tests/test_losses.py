@@ -1,6 +1,5 @@
 """ITC across ranks, hard-negative sampling for ITM, and the VQA loss."""
 import math
-import socket
 
 import pytest
 import torch
@@ -8,6 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from data_prep.server import free_port
 from models import LossWeights, UnifiedModel, load_config
 from models.losses import contrastive_loss, hard_negatives, vqa_loss
 
@@ -80,12 +80,6 @@ def itc_rank(rank: int, port: int, out_dir: str):
     torch.save({"loss": total / WORLD, "grads": {n: p.grad for n, p in model.named_parameters()}},
                f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_itc_on_two_ranks_equals_one_process_on_the_whole_batch(tmp_path):

@@ -5,17 +5,15 @@ ZeRO-3), init lost under `zero.Init`, tied weights, 0-d parameters. Runs in a su
 DeepSpeed's process group stays out of the test process.
 """
 import json
-import os
-import socket
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
+from train_helpers import REPO, single_rank_env
+
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent("""
     import json, sys, torch, deepspeed
@@ -58,16 +56,9 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_zero3_matches_the_plain_model(tmp_path):
     result_path = tmp_path / "result.json"
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env = single_rank_env()
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(result_path)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,13 +1,11 @@
 """Pretraining through the real deepspeed launcher with 2 CPU ranks on data_prep's shards."""
 import json
-import signal
-import os
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from train_helpers import (keys_by_step, kill_group, metrics_by_step, run_training,
-                                 start_training, train_overrides, wait_for, free_port)
+from train_helpers import (free_port, keys_by_step, kill_group, metrics_by_step, run_training,
+                           start_training, train_overrides, wait_for)
 
 pytestmark = pytest.mark.slow
 

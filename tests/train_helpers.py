@@ -4,12 +4,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 from data_prep.index import shard_url_pattern
+from data_prep.server import free_port
 from pipeline.train_cli import launcher_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,10 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL_MODEL = "model.overrides={depth: 2, width: 64, heads: 2, fusion_layers: 1, embed_dim: 32}"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def single_rank_env(**extra: str) -> dict[str, str]:
+    """Environment for one rank of a 1-process torch.distributed job started without a launcher."""
+    return {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), **extra}
 
 
 def train_overrides(run_dir: Path, shard_dir: Path, tokenizer_dir: Path, *extra: str) -> list[str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pipeline.eval.files import EvalInputError
 from pipeline.eval.retrieval_data import load_karpathy
 from pipeline.eval.suite import load_suite
 from pipeline.eval.vqa_data import load_vqa_split
-from train_helpers import REPO, free_port
+from train_helpers import REPO, single_rank_env
 
 # Code that ships (the packages and the launch scripts). Tests are not scanned: they load only
 # files they wrote themselves.
@@ -35,8 +34,7 @@ SCANNED = ("data_prep", "models", "pipeline", "launch_scripts")
 def test_training_refuses_a_pipe_url_before_running_anything(tokenizer_dir, tmp_path):
     """The training script itself (one rank, no launcher): exit 2, and the command never ran."""
     marker = tmp_path / "PIPE_RAN"
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    env = single_rank_env(OMP_NUM_THREADS="1")
     done = subprocess.run(
         [sys.executable, "pipeline/train.py", "--set", f"run_dir={tmp_path / 'run'}",
          f"data.shards=pipe:touch {marker}", f"data.tokenizer={tokenizer_dir}"],
