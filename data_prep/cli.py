@@ -11,12 +11,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from data_prep.download import DISTRIBUTORS, RESIZE_MODES, download_shards
-from data_prep.index import build_manifest
-from data_prep.reshard import reshard
-from data_prep.server import serve_directory, serve_world
-from data_prep.synth import generate_world
-from data_prep.tokenizer import iter_shard_captions, iter_vqa_questions, train_tokenizer
+# Only light constants at the top: every `vlp` command imports this module to build its parser,
+# so the data modules (torch, webdataset, transformers, pandas) are imported by the command
+# that uses them.
+from data_prep.download import DISTRIBUTORS, RESIZE_MODES
 
 MAX_PROBLEM_LINES = 10
 
@@ -49,7 +47,7 @@ def _clear_errors(func):
     def wrapper(args):
         try:
             return func(args)
-        except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:
+        except (ValueError, OSError) as exc:  # OSError covers FileNotFoundError, FileExistsError
             raise SystemExit(f"vlp data {args.data_command}: error: {exc}") from exc
 
     return wrapper
@@ -57,6 +55,8 @@ def _clear_errors(func):
 
 @_clear_errors
 def synth(args) -> int:
+    from data_prep.synth import generate_world
+
     world = generate_world(
         args.out, args.train, args.test, seed=args.seed, base_url=args.base_url,
         n_vqa_train=args.vqa_train, n_vqa_val=args.vqa_val, render_size=args.render_size,
@@ -68,6 +68,8 @@ def synth(args) -> int:
 
 @_clear_errors
 def serve(args) -> int:
+    from data_prep.server import serve_directory, serve_world
+
     directory = Path(args.dir)
     server = (
         serve_world(directory)
@@ -85,6 +87,8 @@ def serve(args) -> int:
 
 @_clear_errors
 def download(args) -> int:
+    from data_prep.download import download_shards
+
     summary = download_shards(
         args.url_list,
         args.out,
@@ -107,6 +111,8 @@ def download(args) -> int:
 
 @_clear_errors
 def index(args) -> int:
+    from data_prep.index import build_manifest
+
     manifest = build_manifest(args.shards)
     summary = {key: value for key, value in manifest.items() if key != "shards"}
     print_summary(f"index of {args.shards} (manifest.json, sizes.json)", summary)
@@ -115,6 +121,8 @@ def index(args) -> int:
 
 @_clear_errors
 def tokenizer(args) -> int:
+    from data_prep.tokenizer import iter_shard_captions, iter_vqa_questions, train_tokenizer
+
     counts = Counter()
     texts = [iter_shard_captions(args.shards, counts)]
     texts += [iter_vqa_questions(path) for path in args.extra_text]
@@ -125,6 +133,8 @@ def tokenizer(args) -> int:
 
 @_clear_errors
 def reshard_command(args) -> int:
+    from data_prep.reshard import reshard
+
     summary = reshard(args.in_dir, args.out, args.samples_per_shard)
     print_summary(f"reshard {args.in_dir} -> {args.out}", summary)
     return 0

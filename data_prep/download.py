@@ -13,8 +13,8 @@ import signal
 import tempfile
 from pathlib import Path
 
-from data_prep.index import MANIFEST, SIZES, build_manifest
-from data_prep.urls import read_url_list, sanitize
+# data_prep.index (torch) and data_prep.urls (pandas, pyarrow) are imported where they are used:
+# `vlp` imports this module for RESIZE_MODES / DISTRIBUTORS on every command.
 
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 DISTRIBUTORS = ("multiprocessing", "pyspark")
@@ -22,6 +22,8 @@ DISTRIBUTORS = ("multiprocessing", "pyspark")
 
 def _clear_previous(out: Path, incremental: bool) -> None:
     """Remove what must not be in `out` when img2dataset starts."""
+    from data_prep.index import MANIFEST, SIZES
+
     # img2dataset takes every *.json in the output folder for a shard's stats: remove ours
     # (rebuilt afterwards) or an incremental run fails parsing "manifest" as a shard number.
     stale = [out / MANIFEST, out / SIZES]
@@ -35,8 +37,7 @@ def _clear_previous(out: Path, incremental: bool) -> None:
 
 def _run_img2dataset(url_list: Path, out: Path, **options) -> None:
     """img2dataset a clean (url, caption) parquet into webdataset shards in `out`."""
-    # Imported here: it takes seconds (wandb, albumentations, cv2) and every `vlp` command
-    # imports this module. albumentations would also ask PyPI for updates in each process.
+    # Imported here: it takes seconds (wandb, albumentations, cv2). albumentations would also ask PyPI for updates in each process.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     import img2dataset
 
@@ -82,6 +83,9 @@ def download_shards(
         raise ValueError(f"resize_mode {resize_mode!r} is not one of {RESIZE_MODES}")
     if distributor not in DISTRIBUTORS:
         raise ValueError(f"distributor {distributor!r} is not one of {DISTRIBUTORS}")
+    from data_prep.index import build_manifest
+    from data_prep.urls import read_url_list, sanitize
+
     frame, sanitized = sanitize(read_url_list(url_list, url_col, caption_col), allow_private_hosts)
     if frame.empty:
         raise ValueError(f"no URL in {url_list} is left to download: {sanitized['dropped']}")

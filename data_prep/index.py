@@ -4,13 +4,13 @@ img2dataset stats, problems) and OpenCLIP's sizes.json.
 Problems are reported, never raised: missing or unreadable stats (shards from other tools have
 none), a tar whose sample count differs from its stats, a truncated or corrupt tar, and stats
 whose tar is missing. Samples the training loader will skip (no image, missing, empty or non-UTF-8
-caption) are counted per shard under `sample_issues`.
+caption, and keys the loader skips as "duplicate_key") are counted per shard under `sample_issues`;
+`samples` counts what the loader reads, so duplicates are not in it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -18,12 +18,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_prep.shards import ShardReadError, iter_samples, list_shards
+from pipeline.data import IMAGE_EXTENSIONS
+from pipeline.data_tar import SkipCounter
+from pipeline.eval.files import write_json_atomic
 from pipeline.transforms import BadSample, decode_caption
 
 MANIFEST = "manifest.json"
 SIZES = "sizes.json"
 FORMAT = "vlp-shard-manifest/1"
-IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp"}
 STATS_COUNTS = ("count", "successes", "failed_to_download", "failed_to_resize")
 
 
@@ -65,10 +67,11 @@ def read_stats(tar: Path) -> tuple[dict | None, dict | None]:
 def inspect_shard(tar: Path) -> dict:
     """One manifest entry: count samples from the tar itself and compare with its stats."""
     samples, issues, problems = 0, Counter(), []
+    skipped = SkipCounter()
     try:
-        for _, members in iter_samples(tar):
+        for _, members in iter_samples(tar, skipped):
             samples += 1
-            if not IMAGE_EXTENSIONS & {ext.lower() for ext in members}:
+            if not any(ext in members for ext in IMAGE_EXTENSIONS):  # extensions are lower-case
                 issues["no_image"] += 1
             try:
                 decode_caption(members.get("txt"))
@@ -76,6 +79,7 @@ def inspect_shard(tar: Path) -> dict:
                 issues[bad.kind] += 1
     except ShardReadError as exc:
         problems.append({"kind": "corrupt_tar", "detail": str(exc)})
+    issues.update(skipped.counts)
     stats, stats_problem = read_stats(tar)
     if stats_problem:
         problems.append(stats_problem)
@@ -93,13 +97,6 @@ def inspect_shard(tar: Path) -> dict:
         "sample_issues": dict(issues),
         "problems": problems,
     }
-
-
-def _write_json(path: Path, data) -> None:
-    """Write via a temporary file, so a reader never sees half a manifest."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def build_manifest(shard_dir) -> dict:
@@ -131,8 +128,8 @@ def build_manifest(shard_dir) -> dict:
         "problems": problems,
         "shards": shards,
     }
-    _write_json(shard_dir / MANIFEST, manifest)
-    _write_json(shard_dir / SIZES, {s["name"]: s["samples"] for s in shards})
+    write_json_atomic(shard_dir / MANIFEST, manifest)  # a reader never sees half a manifest
+    write_json_atomic(shard_dir / SIZES, {s["name"]: s["samples"] for s in shards})
     return manifest
 
 

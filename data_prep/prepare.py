@@ -13,16 +13,20 @@ from data_prep.synth import generate_world
 from data_prep.tokenizer import iter_shard_captions, iter_vqa_questions, train_tokenizer
 
 
-def world_paths(world_dir) -> dict[str, Path]:
-    """Absolute paths of a world's files, from its world.json."""
+def world_paths(world_dir, world: dict | None = None) -> dict[str, Path]:
+    """Absolute paths of a world's files, from `world` (what generate_world returned) or, when
+    not given, its world.json."""
     world_dir = Path(world_dir)
-    files = json.loads((world_dir / "world.json").read_text())["files"]
+    if world is None:
+        world = json.loads((world_dir / "world.json").read_text())
+    files = world["files"]
     paths = {
         "world": world_dir,
         "train_url_list": world_dir / files["train_url_list"],
         "retrieval_json": world_dir / files["retrieval_json"],
         "retrieval_image_root": world_dir / files["retrieval_image_root"],
-        "vqa_image_root": world_dir,  # image paths follow world.json's vqa_image_pattern
+        # The VQA directory: question/annotation files, and images/{split}/ (vqa_image_pattern).
+        "vqa_image_root": world_dir / Path(files["vqa"]["train"]["questions"]).parent,
     }
     for split, split_files in files["vqa"].items():
         paths[f"vqa_{split}_questions"] = world_dir / split_files["questions"]
@@ -30,11 +34,12 @@ def world_paths(world_dir) -> dict[str, Path]:
     return paths
 
 
-def download_world(world_dir, shard_dir, image_size: int, number_sample_per_shard: int, **kwargs):
+def download_world(world_dir, shard_dir, image_size: int, number_sample_per_shard: int,
+                   world: dict | None = None, **kwargs):
     """Serve the world at its loopback base URL and download its URL list into fresh shards."""
     with serve_world(world_dir):
         return download_shards(
-            world_paths(world_dir)["train_url_list"],
+            world_paths(world_dir, world)["train_url_list"],
             shard_dir,
             image_size=image_size,
             number_sample_per_shard=number_sample_per_shard,
@@ -44,9 +49,10 @@ def download_world(world_dir, shard_dir, image_size: int, number_sample_per_shar
         )
 
 
-def train_world_tokenizer(world_dir, shard_dir, out_dir, vocab_size: int) -> Path:
+def train_world_tokenizer(world_dir, shard_dir, out_dir, vocab_size: int,
+                          world: dict | None = None) -> Path:
     """Train the tokenizer on the shard captions and the VQA training questions."""
-    questions = iter_vqa_questions(world_paths(world_dir)["vqa_train_questions"])
+    questions = iter_vqa_questions(world_paths(world_dir, world)["vqa_train_questions"])
     texts = itertools.chain(iter_shard_captions(shard_dir), questions)
     return train_tokenizer(texts, out_dir, vocab_size)
 
@@ -69,17 +75,17 @@ def prepare_synthetic_data(
     """
     out = Path(out_dir)
     world_dir = out / "world"
-    generate_world(
+    world = generate_world(
         world_dir, n_train, n_test, seed=seed, base_url=f"http://127.0.0.1:{free_port()}",
         n_vqa_train=n_vqa_train, n_vqa_val=n_vqa_val,
     )  # fmt: skip
     summary = download_world(
         world_dir, out / "shards", image_size, number_sample_per_shard,
-        processes=processes, threads=threads,
+        world=world, processes=processes, threads=threads,
     )  # fmt: skip
-    train_world_tokenizer(world_dir, out / "shards", out / "tokenizer", vocab_size)
+    train_world_tokenizer(world_dir, out / "shards", out / "tokenizer", vocab_size, world)
     return {
-        **world_paths(world_dir),
+        **world_paths(world_dir, world),
         "shards": out / "shards",
         "tokenizer": out / "tokenizer",
         "download": summary,

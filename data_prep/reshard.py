@@ -7,7 +7,6 @@ sources), so the index can check the new tars the same way it checks img2dataset
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -16,6 +15,8 @@ from tqdm import tqdm
 
 from data_prep.index import build_manifest
 from data_prep.shards import ShardReadError, iter_samples, list_shards
+from pipeline.data_tar import SkipCounter
+from pipeline.eval.files import write_json_atomic
 
 
 class _ShardSink:
@@ -52,7 +53,7 @@ class _ShardSink:
             "status_dict": {"success": self.samples},
             "resharded_from": self.sources,
         }
-        (self.out / f"{name}_stats.json").write_text(json.dumps(stats, indent=1))
+        write_json_atomic(self.out / f"{name}_stats.json", stats)
         self.shards_written += 1
         self.writer, self.samples, self.sources = None, 0, []
 
@@ -60,7 +61,8 @@ class _ShardSink:
 def reshard(in_dir, out_dir, samples_per_shard: int) -> dict:
     """Rewrite the shards of `in_dir` into `out_dir` with `samples_per_shard` samples each, index
     `out_dir`, and return the summary. Samples of a damaged input tar that precede the damage are
-    kept; the tar is listed under `corrupt_inputs`.
+    kept; the tar is listed under `corrupt_inputs`. Repeated keys are dropped as the loader drops
+    them and counted under `duplicate_keys_dropped`.
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
@@ -72,10 +74,10 @@ def reshard(in_dir, out_dir, samples_per_shard: int) -> dict:
         raise FileExistsError(f"{out} already holds shards; choose an empty output directory")
     out.mkdir(parents=True, exist_ok=True)
     sink = _ShardSink(out, samples_per_shard)
-    samples_read, corrupt = 0, []
+    samples_read, corrupt, skipped = 0, [], SkipCounter()
     for tar in tqdm(tars, desc="reshard", unit="shard"):
         try:
-            for key, members in iter_samples(tar):
+            for key, members in iter_samples(tar, skipped):
                 sink.write(key, members, tar.name)
                 samples_read += 1
         except ShardReadError as exc:
@@ -86,6 +88,7 @@ def reshard(in_dir, out_dir, samples_per_shard: int) -> dict:
         "input_shards": len(tars),
         "samples_read": samples_read,
         "corrupt_inputs": corrupt,
+        "duplicate_keys_dropped": skipped.counts.get("duplicate_key", 0),
         "output_shards": manifest["total_shards"],
         "total_samples": manifest["total_samples"],
         "sample_issues": manifest["sample_issues"],

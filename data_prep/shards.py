@@ -1,13 +1,19 @@
-"""Read webdataset tar shards as samples, streaming, without extracting anything to disk."""
+"""Read webdataset tar shards as samples, streaming, without extracting anything to disk.
+
+The reading is pipeline.data_tar's, the training loader's own: the index, reshard and tokenizer
+see exactly the samples the loader sees (same key rule, same damage checks, same duplicates).
+"""
 from __future__ import annotations
 
-import tarfile
+import gzip
+import http.client
+import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from webdataset.tariterators import base_plus_ext  # webdataset's key rule: name up to first dot
-
-END_OF_ARCHIVE = 1024  # a tar ends with (at least) two zero blocks of 512 bytes
+from pipeline.data_sources import open_shard
+from pipeline.data_tar import DamagedShard, SkipCounter, group_samples, iter_members
 
 
 class ShardReadError(Exception):
@@ -22,35 +28,23 @@ def list_shards(shard_dir) -> list[Path]:
     return sorted(shard_dir.glob("*.tar"))
 
 
-def iter_samples(path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield (key, {extension: bytes}) per sample: consecutive members sharing a key.
+def iter_samples(path, skipped: SkipCounter | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {lower-case extension: bytes}) per sample: adjacent members sharing a key.
 
-    Raises ShardReadError when the tar is damaged; the sample being read at that point is
-    dropped, since its remaining members may be lost. A tar cut between members reads as a
-    shorter valid one to `tarfile`, so the end-of-archive marker is checked as well.
+    A key seen earlier in the shard, or a member repeated in a sample, is skipped as the loader
+    skips it, and counted as "duplicate_key" in `skipped` when given. Raises ShardReadError when
+    the tar is damaged (see pipeline.data_tar); the sample being read at that point is dropped,
+    since its remaining members may be lost.
     """
-    key, members = None, {}
+    skipped = SkipCounter() if skipped is None else skipped
     try:
-        with tarfile.open(path, mode="r|") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                prefix, extension = base_plus_ext(info.name)
-                if prefix is None:
-                    continue
-                data = tar.extractfile(info).read()
-                if prefix != key and members:
-                    yield key, members
-                    members = {}
-                key = prefix
-                members[extension] = data
-            end = tar.offset  # where the member after the last one would start
-        with open(path, "rb") as f:
-            f.seek(end)
-            tail = f.read()
-        if len(tail) < END_OF_ARCHIVE or tail.strip(b"\0"):
-            raise ShardReadError("truncated tar: no end-of-archive marker after the last member")
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise ShardReadError(f"truncated, corrupt or unreadable tar: {exc}") from exc
-    if members:
-        yield key, members
+        with open_shard(os.fspath(path)) as stream:
+            for sample in group_samples(iter_members(stream, None), skipped):
+                key = sample.pop("__key__")
+                yield key, sample
+    except DamagedShard as exc:
+        raise ShardReadError(f"{exc.kind}: {exc}") from exc
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:  # .tar.gz: truncated or corrupt
+        raise ShardReadError(f"corrupt_tar: compressed stream broken: {exc}") from exc
+    except (OSError, http.client.HTTPException) as exc:
+        raise ShardReadError(f"unreadable_shard: {exc}") from exc

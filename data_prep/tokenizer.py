@@ -14,6 +14,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from data_prep.shards import ShardReadError, iter_samples, list_shards
+from pipeline.data_tar import SkipCounter
 from pipeline.transforms import BadSample, decode_caption
 
 SPECIAL_TOKENS = {
@@ -29,8 +30,9 @@ def iter_shard_captions(shard_dir, counts: Counter | None = None) -> Iterator[st
     """Yield every usable caption in the shards; count the rest (and damaged tars) in `counts`."""
     counts = Counter() if counts is None else counts
     for tar in tqdm(list_shards(shard_dir), desc="read captions", unit="shard"):
+        skipped = SkipCounter()  # repeated keys, skipped as the loader skips them
         try:
-            for _, members in iter_samples(tar):
+            for _, members in iter_samples(tar, skipped):
                 try:
                     yield decode_caption(members.get("txt"))
                     counts["captions"] += 1
@@ -38,6 +40,7 @@ def iter_shard_captions(shard_dir, counts: Counter | None = None) -> Iterator[st
                     counts[bad.kind] += 1
         except ShardReadError:
             counts["corrupt_shards"] += 1
+        counts.update(skipped.counts)
 
 
 def iter_vqa_questions(questions_json) -> Iterator[str]:

@@ -33,7 +33,7 @@ def read_url_list(path, url_col: str = "url", caption_col: str = "caption") -> p
     if path.suffix == ".parquet":
         columns = pq.read_schema(path).names
     else:
-        # Read every column as bytes: captions are decoded (and checked) below.
+        # Read the url and caption columns as bytes: captions are decoded (and checked) below.
         types = {url_col: pa.binary(), caption_col: pa.binary()}
         options = pa_csv.ConvertOptions(column_types=types)
         parse = pa_csv.ParseOptions(delimiter=FORMATS[path.suffix])

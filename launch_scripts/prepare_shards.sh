@@ -4,7 +4,6 @@
 # Optional: IMAGE_SIZE (256), PROCESSES (nproc), THREADS (32), SAMPLES_PER_SHARD (10000),
 # VOCAB_SIZE (30522), DISTRIBUTOR (multiprocessing | pyspark).
 set -euo pipefail
-cd "$(dirname "$0")/.."
 : "${URL_LIST:?set URL_LIST to a parquet/csv/tsv file with url and caption columns}"
 : "${OUT:?set OUT to the output folder}"
 vlp data download --url-list "$URL_LIST" --out "$OUT/shards" \

@@ -77,40 +77,47 @@ def iter_samples(url: str, wanted: frozenset[str], skipped: SkipCounter) -> Iter
         skipped.shard_failed(url, "unreadable_shard", f"cannot open: {exc}")
         return
     with stream:
-        seen: set[str] = set()
-        current_key, group = None, None
         try:
-            for key, ext, data in iter_members(stream, wanted):
-                if key != current_key:
-                    if group is not None:
-                        yield group
-                    current_key = key
-                    group = None if key in seen else {"__key__": key}
-                    if group is None:
-                        skipped.add("duplicate_key")
-                    seen.add(key)
-                if group is None:
-                    continue
-                if ext in group:
-                    skipped.add("duplicate_key")
-                    group = None
-                    continue
-                group[ext] = data
-        except DamagedShard as exc:  # the pending sample may be incomplete: drop it
+            yield from group_samples(iter_members(stream, wanted), skipped)
+        except DamagedShard as exc:  # the pending sample may be incomplete: it was dropped
             skipped.shard_failed(url, exc.kind, str(exc))
-            return
         except (EOFError, zlib.error, gzip.BadGzipFile) as exc:  # .tar.gz: truncated or corrupt
             skipped.shard_failed(url, "corrupt_tar", f"compressed stream broken: {exc}")
-            return
         except (OSError, http.client.HTTPException) as exc:
             skipped.shard_failed(url, "unreadable_shard", f"read failed: {exc}")
-            return
-        if group is not None:
-            yield group
 
 
-def iter_members(stream, wanted: frozenset[str]) -> Iterator[tuple[str, str, bytes]]:
-    """Yield (key, lower-case extension, data) of regular members with an extension in `wanted`."""
+def group_samples(members: Iterator[tuple[str, str, bytes]], skipped: SkipCounter) -> Iterator[dict]:
+    """Group `iter_members` output into {"__key__": key, ext: bytes, ...}; duplicates (a key seen
+    earlier, or a member repeated in a sample) are skipped and counted as "duplicate_key".
+
+    Exceptions from `members` propagate; the sample pending at that point is not yielded.
+    """
+    seen: set[str] = set()
+    current_key, group = None, None
+    for key, ext, data in members:
+        if key != current_key:
+            if group is not None:
+                yield group
+            current_key = key
+            group = None if key in seen else {"__key__": key}
+            if group is None:
+                skipped.add("duplicate_key")
+            seen.add(key)
+        if group is None:
+            continue
+        if ext in group:
+            skipped.add("duplicate_key")
+            group = None
+            continue
+        group[ext] = data
+    if group is not None:
+        yield group
+
+
+def iter_members(stream, wanted: frozenset[str] | None) -> Iterator[tuple[str, str, bytes]]:
+    """Yield (key, lower-case extension, data) of regular members with an extension in `wanted`
+    (every member with a key and an extension when `wanted` is None)."""
     offset = 0
     long_name: str | None = None
     pax: dict[str, str] = {}
@@ -132,7 +139,7 @@ def iter_members(stream, wanted: frozenset[str]) -> Iterator[tuple[str, str, byt
         padding = -size % BLOCK
         if kind in REGULAR_TYPES:
             key, ext = _split_name(name)
-            if key is not None and ext in wanted:
+            if key is not None and (wanted is None or ext in wanted):
                 data = _read_exact(stream, size, offset)
                 _skip(stream, padding, offset + size)
                 yield key, ext, data
