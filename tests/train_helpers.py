@@ -24,9 +24,14 @@ def single_rank_env(**extra: str) -> dict[str, str]:
 
 
 def train_overrides(run_dir: Path, shard_dir: Path, tokenizer_dir: Path, *extra: str) -> list[str]:
+    return pattern_overrides(run_dir, shard_url_pattern(shard_dir), tokenizer_dir, *extra)
+
+
+def pattern_overrides(run_dir: Path, shards: str, tokenizer_dir: Path, *extra: str) -> list[str]:
+    """A short small-model run on the shards `shards` names; later `extra` entries win."""
     return [
         f"run_dir={run_dir}", f"ds_config={REPO / 'ds_configs/zero3_cpu.json'}",
-        f"data.shards={shard_url_pattern(shard_dir)}", f"data.tokenizer={tokenizer_dir}",
+        f"data.shards={shards}", f"data.tokenizer={tokenizer_dir}",
         "data.num_workers=1", "data.shuffle_buffer=50", SMALL_MODEL,
         "optim.batch_size=8", "optim.warmup_steps=2", "optim.max_steps=6",
         "checkpoint.every_steps=3", "logging.every_steps=1", "logging.peak_tflops=1",

@@ -17,7 +17,7 @@ from PIL import Image
 
 from data_prep.index import build_manifest
 from data_prep.shards import iter_samples
-from train_helpers import REPO, SMALL_MODEL
+from train_helpers import pattern_overrides
 
 # Every skip kind the fault shards hold, and how often one pass over them meets it.
 EXPECTED_SKIPS = {
@@ -119,16 +119,10 @@ def fault_overrides(run_dir: Path, shards: str, tokenizer_dir: Path, *extra: str
     """6 steps of 2 ranks x 4 samples, a checkpoint every 3 steps. The shuffle buffer holds a
     rank's whole epoch, so every shard is read (and every skip counted) before the first batch,
     and 6 steps stay inside epoch 0: the skip counts are exact at every logged step."""
-    return [
-        f"run_dir={run_dir}", f"ds_config={REPO / 'ds_configs/zero3_cpu.json'}",
-        f"data.shards={shards}", f"data.tokenizer={tokenizer_dir}",
-        "data.num_workers=1", "data.shuffle_buffer=200", SMALL_MODEL,
-        "optim.batch_size=4", "optim.warmup_steps=2", "optim.max_steps=6",
-        "checkpoint.every_steps=3", "logging.every_steps=1", "logging.peak_tflops=1",
-        "logging.sample_keys=true",
+    return pattern_overrides(
+        run_dir, shards, tokenizer_dir, "data.shuffle_buffer=200", "optim.batch_size=4",
         # Far longer than any bound asserted here: a run that ends quickly was not ended by it.
-        "dist_timeout_s=600", *extra,
-    ]
+        "dist_timeout_s=600", *extra)
 
 
 class JsonlTail:
