@@ -3,8 +3,9 @@
 Re-ranking follows ALBEF/BLIP: for each query the top `rerank_k` candidates by ITC similarity are
 scored by the fusion encoder and get ITC + P(match) as their score; the rest keep ITC. P(match) is
 a probability in [0, 1], so re-ranking reorders the top-k among themselves and nothing else.
-Under torch.distributed the encoding is split across ranks; scoring and re-ranking run on every
-rank (cheap next to encoding, except a large rerank_k), and rank 0 writes the result.
+Under torch.distributed the encoding is split across ranks; scoring runs on every rank, and so
+does re-ranking, unsplit: its rerank_k x (captions + images) fused passes usually cost more than
+the encoding, so re-rank on one rank. Rank 0 writes the result.
 """
 from __future__ import annotations
 
