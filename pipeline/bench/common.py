@@ -17,6 +17,28 @@ from collections.abc import Callable
 from pathlib import Path
 
 OUT_DIR = Path("bench_out")
+DEFAULT_VOCAB = 30522  # BERT's, for configs without a vocabulary (tiny)
+# --quick's shrunk model (bench train and zero); the keys in QUICK_CAPS only ever shrink a model
+QUICK_MODEL = {"depth": 2, "width": 64, "heads": 2, "fusion_layers": 1, "embed_dim": 32,
+               "image_size": 32, "patch_size": 8, "max_text_len": 16, "vocab_size": 1000}
+QUICK_CAPS = ("width", "heads", "max_text_len", "vocab_size")
+
+
+def load_model_config(name, vocab: int = DEFAULT_VOCAB, overrides: dict | None = None,
+                      quick: bool = False):
+    """models.config.load_config(name, **overrides), with `vocab` as the vocabulary when neither
+    the config nor the overrides set one; `quick` then shrinks it to QUICK_MODEL."""
+    from models.config import load_config
+
+    overrides = dict(overrides or {})
+    config = load_config(name, **overrides)
+    if config.vocab_size is None:
+        config = load_config(name, **{"vocab_size": vocab, **overrides})
+    if quick:
+        shrunk = {k: min(v, getattr(config, k)) if k in QUICK_CAPS else v
+                  for k, v in QUICK_MODEL.items()}
+        config = load_config(name, **{**overrides, "vocab_size": config.vocab_size, **shrunk})
+    return config
 
 
 def median(values) -> float:

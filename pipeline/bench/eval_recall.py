@@ -88,13 +88,7 @@ def worker(argv: list[str], quiet: bool = False) -> dict:
 
     p = argparse.ArgumentParser()
     p.add_argument("impl", choices=IMPLEMENTATIONS)
-    p.add_argument("--images", type=int)
-    p.add_argument("--captions-per-image", type=int)
-    p.add_argument("--dim", type=int)
-    p.add_argument("--noise", type=float)
-    p.add_argument("--chunk", type=int)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--seed", type=int)
+    add_arguments(p)  # the same options as `vlp bench eval`, passed on by _run_worker
     a = p.parse_args([str(x) for x in argv])
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -1,8 +1,9 @@
 """`vlp bench loader`: our training loader vs a plain webdataset + PIL pipeline, per worker.
 
-Data: real JPEG shards written directly with Pillow + tarfile in img2dataset's layout
-(`NNNNN.tar` holding `KEY.jpg`, `KEY.txt`, `KEY.json`, beside it `NNNNN_stats.json`), indexed
-with data_prep.index.build_manifest; images are synthetic scenes (data_prep.scenes) rendered at
+Data: real JPEG shards encoded with Pillow and written by data_prep.reshard's shard writer in
+img2dataset's layout (`NNNNN.tar` holding `KEY.jpg`, `KEY.txt`, `KEY.json`, beside it
+`NNNNN_stats.json`; each tar is renamed into place when complete), indexed with
+data_prep.index.build_manifest; images are synthetic scenes (data_prep.scenes) rendered at
 `--source-size` px and saved as quality-95 JPEG (img2dataset's default); captions from
 data_prep.captions; a WordPiece tokenizer trained on them (data_prep.tokenizer). Cached under
 bench_out/loader_data/ keyed by the parameters.
@@ -26,7 +27,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
 import time
 from pathlib import Path
 
@@ -62,6 +62,7 @@ def write_jpeg_shards(out_dir: Path, shards: int, per_shard: int, source_size: i
 
     from data_prep.captions import captions
     from data_prep.index import build_manifest
+    from data_prep.reshard import _ShardSink
     from data_prep.scenes import WorldSpec, render_scene, sample_scene
 
     out_dir = Path(out_dir)
@@ -70,26 +71,21 @@ def write_jpeg_shards(out_dir: Path, shards: int, per_shard: int, source_size: i
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = WorldSpec()
     texts = []
+    sink = _ShardSink(out_dir, per_shard)  # a new NNNNN.tar (+ NNNNN_stats.json) every per_shard
     for shard in range(shards):
-        with tarfile.open(out_dir / f"{shard:05d}.tar", "w") as tar:
-            for i in range(per_shard):
-                rng = np.random.default_rng([seed, shard, i])
-                scene = sample_scene(rng, spec)
-                buffer = io.BytesIO()
-                render_scene(scene, rng, source_size).save(buffer, format="JPEG", quality=95)
-                caption = captions(scene, rng, 1)[0]
-                texts.append(caption)
-                key = f"{shard:05d}{i:04d}"
-                meta = {"key": key, "caption": caption, "width": source_size,
-                        "height": source_size, "status": "success"}
-                for ext, data in (("jpg", buffer.getvalue()), ("txt", caption.encode()),
-                                  ("json", json.dumps(meta).encode())):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        stats = {"count": per_shard, "successes": per_shard, "failed_to_download": 0,
-                 "failed_to_resize": 0, "status_dict": {"success": per_shard}}
-        (out_dir / f"{shard:05d}_stats.json").write_text(json.dumps(stats))
+        for i in range(per_shard):
+            rng = np.random.default_rng([seed, shard, i])
+            scene = sample_scene(rng, spec)
+            buffer = io.BytesIO()
+            render_scene(scene, rng, source_size).save(buffer, format="JPEG", quality=95)
+            caption = captions(scene, rng, 1)[0]
+            texts.append(caption)
+            key = f"{shard:05d}{i:04d}"
+            meta = {"key": key, "caption": caption, "width": source_size,
+                    "height": source_size, "status": "success"}
+            sink.write(key, {"jpg": buffer.getvalue(), "txt": caption.encode(),
+                             "json": json.dumps(meta).encode()}, source="synthetic_scenes")
+    sink.close()
     build_manifest(out_dir)
     from data_prep.tokenizer import train_tokenizer
 
@@ -97,8 +93,11 @@ def write_jpeg_shards(out_dir: Path, shards: int, per_shard: int, source_size: i
     return out_dir
 
 
-def shard_urls(data_dir: Path, shards: int) -> str:
-    return str(Path(data_dir).resolve() / f"{{00000..{shards - 1:05d}}}.tar")
+def shard_urls(data_dir: Path) -> str:
+    """Brace pattern over the indexed shards (data_prep.index.shard_url_pattern), absolute."""
+    from data_prep.index import shard_url_pattern
+
+    return shard_url_pattern(Path(data_dir).resolve())
 
 
 # ---- the two pipelines ---------------------------------------------------------------------------
@@ -188,20 +187,21 @@ def time_batches(make, urls, tokenizer, args, num_workers: int) -> dict:
 
 # ---- optional: data-wait share of a short real training run -------------------------------------
 
-def train_data_wait(data_dir: Path, shards: int, steps: int, run_dir: Path) -> dict:
+def train_data_wait(data_dir: Path, steps: int, run_dir: Path) -> dict:
     """Run `vlp train` (tiny, 2 ranks, ZeRO-3 CPU config) and read its logged data-wait share."""
     import shutil
 
+    from data_prep.server import free_port
     from pipeline.train_cli import run_training
 
     shutil.rmtree(run_dir, ignore_errors=True)
-    overrides = [f"run_dir={run_dir}", f"data.shards={shard_urls(data_dir, shards)}",
+    overrides = [f"run_dir={run_dir}", f"data.shards={shard_urls(data_dir)}",
                  f"data.tokenizer={data_dir / 'tokenizer'}", f"optim.max_steps={steps}",
                  "optim.batch_size=32", "logging.every_steps=5", f"checkpoint.every_steps={steps}",
                  "data.num_workers=1"]
     start = time.perf_counter()
     code = run_training("pipeline/recipes/tiny_synth.yaml", overrides, nproc=2,
-                        master_port=29561)
+                        master_port=free_port())
     wall = time.perf_counter() - start
     records = []
     metrics = run_dir / "metrics.jsonl"
@@ -220,6 +220,7 @@ def run(args) -> int:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     import torch
 
+    from data_prep.index import load_manifest
     from data_prep.tokenizer import load_tokenizer
 
     torch.set_num_threads(1)
@@ -234,9 +235,8 @@ def run(args) -> int:
     write_jpeg_shards(data_dir, args.shards, args.per_shard, args.source_size)
     prepare_s = time.perf_counter() - start
     tokenizer = load_tokenizer(data_dir / "tokenizer")
-    urls = shard_urls(data_dir, args.shards)
-    jpeg_bytes = median([m["bytes"] / m["samples"] for m in
-                         json.loads((data_dir / "manifest.json").read_text())["shards"]])
+    urls = shard_urls(data_dir)
+    jpeg_bytes = median([m["bytes"] / m["samples"] for m in load_manifest(data_dir)["shards"]])
 
     results, rows = {}, []
     for n in workers:
@@ -262,10 +262,11 @@ def run(args) -> int:
     summary = {"speedup_per_core": verdict(min(speedups), GOAL_SPEEDUP),
                "ours_samples_per_s_per_core": results[f"workers_{workers[0]}"]["ours"][
                    "samples_per_s_median"]}
+    path = out_path(args, "loader")
     train = None
-    if args.train_steps and not args.quick:
-        train = train_data_wait(data_dir, args.shards, args.train_steps,
-                                OUT_DIR / "loader_train_run")
+    if args.train_steps and not args.quick:  # its run directory goes beside the JSON result
+        train = train_data_wait(data_dir, args.train_steps,
+                                path.with_name(path.stem + "_train_run"))
     payload = {"benchmark": "loader", "environment": environment("cpu"),
                "setup": {"batch": args.batch, "timed_batches": args.batches,
                          "image_size": args.image_size, "source_size": args.source_size,
@@ -273,10 +274,10 @@ def run(args) -> int:
                          "per_shard": args.per_shard, "shuffle_buffer": args.shuffle_buffer,
                          "repeats": repeats, "torch_threads": 1, "data_dir": str(data_dir),
                          "jpeg_shard_bytes_per_sample": jpeg_bytes,
-                         "data": "Pillow + tarfile img2dataset-layout JPEG shards (q95)",
+                         "data": "Pillow q95 JPEG, img2dataset-layout shards (data_prep.reshard)",
                          "prepare_s": prepare_s},
                "results": results, "summary": summary, "train_run": train}
-    path = write_json(out_path(args, "loader"), payload)
+    path = write_json(path, payload)
     print(format_table(["num_workers", "ours samples/s", "plain samples/s", "speed-up",
                         "per-round", "ours best", "plain best"], rows,
                        title=(f"bench loader: batch {args.batch}, {args.source_size}px JPEG -> "

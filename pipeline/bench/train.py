@@ -23,11 +23,13 @@ computes the pooled CLS position, CLIP's computes every position.
 """
 from __future__ import annotations
 
+import argparse
 import time
 
-from pipeline.bench.common import (environment, format_table, interleaved_timings, median,
-                                   out_path, repeats_for, resolve_device, round_ratio_median,
-                                   set_threads, verdict, write_json)
+from pipeline.bench.common import (DEFAULT_VOCAB, environment, format_table, interleaved_timings,
+                                   load_model_config, median, out_path, repeats_for,
+                                   resolve_device, round_ratio_median, set_threads, verdict,
+                                   write_json)
 
 GOAL_ITC_SPEEDUP = 1.5  # our ITC step vs HF CLIP, samples/s
 GOAL_FULL_COST = 2.0  # full ITC+ITM+MLM step time / our ITC step time
@@ -39,7 +41,7 @@ def add_arguments(p) -> None:
     p.add_argument("--config", help="model size or JSON (default: tiny on CPU, base on CUDA)")
     p.add_argument("--batch", type=int, help="per-step batch (default: 32 tiny, 16 small, "
                    "8 base/large on CPU; 128 on CUDA)")
-    p.add_argument("--vocab", type=int, default=30522,
+    p.add_argument("--vocab", type=int, default=DEFAULT_VOCAB,
                    help="vocabulary when the config has none (tiny); default BERT's 30522")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
@@ -50,10 +52,8 @@ def add_arguments(p) -> None:
                         "and with --quick)")
     p.add_argument("--compile-reference", action="store_true",
                    help="also time HF CLIP with its encoder layers compiled")
-    p.add_argument("--eager", action="store_true",
+    p.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
                    help="with --compile, also time our eager model (default: yes)")
-    p.add_argument("--no-eager", dest="eager", action="store_false")
-    p.set_defaults(eager=True)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
     p.add_argument("--seed", type=int, default=0)
@@ -62,18 +62,8 @@ def add_arguments(p) -> None:
 # ---- inputs and models -----------------------------------------------------------------------
 
 def model_config(args, device: str):
-    from models.config import load_config
-
     name = args.config or ("tiny" if args.quick or device == "cpu" else "base")
-    config = load_config(name)
-    if config.vocab_size is None:
-        config = load_config(name, vocab_size=args.vocab)
-    if args.quick:  # smoke test: shrink whatever was asked for
-        config = load_config(name, vocab_size=min(config.vocab_size, 1000), depth=2,
-                             fusion_layers=1, width=min(config.width, 64),
-                             heads=min(config.heads, 2), image_size=32, patch_size=8,
-                             max_text_len=min(config.max_text_len, 16), embed_dim=32)
-    return name, config
+    return name, load_model_config(name, vocab=args.vocab, quick=args.quick)
 
 
 def default_batch(name: str, device: str, quick: bool) -> int:

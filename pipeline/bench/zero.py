@@ -25,13 +25,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline.bench.common import (environment, format_table, median, out_path, repeats_for,
-                                   verdict, write_json)
+from pipeline.bench.common import (QUICK_MODEL, environment, format_table, median, out_path,
+                                   repeats_for, verdict, write_json)
+from pipeline.bench.zero_worker import DS_CONFIGS
 
 WORKER = Path(__file__).with_name("zero_worker.py")
-REPO = Path(__file__).resolve().parents[2]
-QUICK_MODEL = {"depth": 2, "width": 64, "heads": 2, "fusion_layers": 1, "embed_dim": 32,
-               "image_size": 32, "patch_size": 8, "max_text_len": 16, "vocab_size": 1000}
 # (mode, ranks): the memory pair first, then the step-time comparison
 PLAN = [("zero3", 1), ("zero3", 2), ("zero2", 2), ("single", 1)]
 QUICK_PLAN = [("zero3", 1), ("zero3", 2)]
@@ -54,10 +52,11 @@ def add_arguments(p) -> None:
 
 def _launch(mode: str, ranks: int, args, out_dir: Path) -> None:
     from data_prep.server import free_port
+    from pipeline.config import PROJECT_ROOT
 
     worker_args = ["--mode", mode, "--out-dir", str(out_dir), "--config", args.config,
                    "--batch", str(args.batch), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--ds-config-dir", str(REPO)]
+                   "--warmup", str(args.warmup)]
     if args.quick:
         worker_args += ["--overrides", json.dumps(QUICK_MODEL)]
     if mode == "single":
@@ -72,7 +71,7 @@ def _launch(mode: str, ranks: int, args, out_dir: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
                           timeout=args.timeout)
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-4000:]
@@ -150,8 +149,7 @@ def run(args) -> int:
                          "warmup": args.warmup, "launch_rounds": repeats,
                          "threads_per_process": args.threads or "cores / ranks",
                          "objectives": "ITC+ITM+MLM",
-                         "ds_configs": {"zero3": "ds_configs/zero3_cpu.json",
-                                        "zero2": "ds_configs/zero2_cpu.json"},
+                         "ds_configs": DS_CONFIGS,
                          "launcher": "deepspeed --num_accelerators N (CPU accelerator, gloo)",
                          "byte_counting": "see pipeline/bench/zero_worker.py docstring"},
                "results": results, "summary": summary}

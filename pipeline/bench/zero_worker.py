@@ -5,8 +5,9 @@
 
 Builds the model (ZeRO-3: under deepspeed.zero.Init, so it is partitioned at construction),
 runs warm-up steps, times `--steps` training steps (forward with all losses, backward, AdamW),
-then counts this rank's resident training-state bytes from the engine and writes
-D/<mode>_w<world>_rank<r>.json. How bytes are counted:
+then runs one more, untimed step in which it counts this rank's resident training-state bytes
+from the engine (gradients while they are resident, optimizer state after the optimizer step),
+and writes D/<mode>_w<world>_rank<r>.json. How bytes are counted:
 
   parameters  ZeRO-3: each parameter's local partition `param.ds_tensor` (bf16, padded to a
               multiple of the world size), plus the full tensor of parameters ZeRO-3 keeps
@@ -33,6 +34,7 @@ import statistics
 import time
 from pathlib import Path
 
+# relative to pipeline.config.PROJECT_ROOT (the checkout)
 DS_CONFIGS = {"zero3": "ds_configs/zero3_cpu.json", "zero2": "ds_configs/zero2_cpu.json"}
 
 
@@ -42,11 +44,9 @@ def _args(argv=None):
     p.add_argument("--out-dir", required=True)
     p.add_argument("--config", default="small")
     p.add_argument("--overrides", default="{}", help="JSON model config overrides")
-    p.add_argument("--vocab", type=int, default=30522)
     p.add_argument("--batch", type=int, default=4, help="per rank")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--ds-config-dir", default=None, help="where ds_configs/ lives")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by deepspeed
     return p.parse_args(argv)
 
@@ -95,13 +95,11 @@ def main(argv=None) -> int:
     args = _args(argv)
     import torch
 
-    from models.config import load_config
     from models.model import UnifiedModel
+    from pipeline.bench.common import load_model_config
     from pipeline.bench.train import make_batch
 
-    config = load_config(args.config, **json.loads(args.overrides))
-    if config.vocab_size is None:
-        config = load_config(args.config, vocab_size=args.vocab, **json.loads(args.overrides))
+    config = load_model_config(args.config, overrides=json.loads(args.overrides))
     torch.manual_seed(0)
     batch = make_batch(config, args.batch, "cpu", seed=0)
     model_params = None
@@ -111,23 +109,23 @@ def main(argv=None) -> int:
         model = UnifiedModel(config)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
 
-        def step():
+        def step(count: bool = False) -> dict | None:
             with torch.autocast("cpu", torch.bfloat16):
                 loss = model(**batch)["loss"]
             loss.backward()
             optimizer.step()
-            counted = single_bytes(model, optimizer)  # grads are resident until zero_grad
+            counted = single_bytes(model, optimizer) if count else None  # grads until zero_grad
             optimizer.zero_grad(set_to_none=True)
             return counted
         model_params = sum(p.numel() for p in model.parameters())
     else:
         import deepspeed
 
+        from pipeline.config import PROJECT_ROOT
         from pipeline.distributed import init_distributed
 
         rank, world = init_distributed(timeout_s=600)
-        root = Path(args.ds_config_dir or Path(__file__).resolve().parents[2])
-        ds_config = json.loads((root / DS_CONFIGS[args.mode]).read_text())
+        ds_config = json.loads((PROJECT_ROOT / DS_CONFIGS[args.mode]).read_text())
         ds_config.update(train_micro_batch_size_per_gpu=args.batch, gradient_accumulation_steps=1,
                          gradient_clipping=1.0)
         with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=args.mode == "zero3"):
@@ -138,11 +136,15 @@ def main(argv=None) -> int:
         bf16 = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in batch.items()}
         counter = zero3_bytes if args.mode == "zero3" else zero2_bytes
 
-        def step():
+        def step(count: bool = False) -> dict | None:
             loss = engine(**bf16)["loss"]
             engine.backward(loss)
-            counted = counter(engine)
+            counted = counter(engine) if count else None  # gradient partitions are filled now
             engine.step()
+            if count:  # Adam's state exists once the optimizer has stepped
+                after = counter(engine)
+                counted.update(optimizer_master=after["optimizer_master"],
+                               optimizer_adam=after["optimizer_adam"])
             return counted
 
     for _ in range(args.warmup):
@@ -150,14 +152,9 @@ def main(argv=None) -> int:
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
-        counted = step()
+        step()
         times.append(time.perf_counter() - start)
-    if args.mode != "single":  # after a step: Adam state exists; re-count optimizer bytes
-        after = counter(engine)
-        counted = {**counted, "optimizer_master": after["optimizer_master"],
-                   "optimizer_adam": after["optimizer_adam"]}
-    else:
-        counted["optimizer_adam"] = adam_state_bytes(optimizer)
+    counted = step(count=True)  # untimed: counting walks every parameter
     counted["total"] = sum(counted.values())
     result = {"mode": args.mode, "world_size": world, "rank": rank, "batch_per_rank": args.batch,
               "model_parameters": model_params, "torch_threads": torch.get_num_threads(),
