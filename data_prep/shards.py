@@ -5,15 +5,11 @@ see exactly the samples the loader sees (same key rule, same damage checks, same
 """
 from __future__ import annotations
 
-import gzip
-import http.client
 import os
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.data_sources import open_shard
-from pipeline.data_tar import DamagedShard, SkipCounter, group_samples, iter_members
+from pipeline.data_tar import DamagedShard, SkipCounter, read_samples
 
 
 class ShardReadError(Exception):
@@ -28,7 +24,8 @@ def list_shards(shard_dir) -> list[Path]:
     return sorted(shard_dir.glob("*.tar"))
 
 
-def iter_samples(path, skipped: SkipCounter | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_samples(path, skipped: SkipCounter | None = None
+                 ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield (key, {lower-case extension: bytes}) per sample: adjacent members sharing a key.
 
     A key seen earlier in the shard, or a member repeated in a sample, is skipped as the loader
@@ -38,13 +35,8 @@ def iter_samples(path, skipped: SkipCounter | None = None) -> Iterator[tuple[str
     """
     skipped = SkipCounter() if skipped is None else skipped
     try:
-        with open_shard(os.fspath(path)) as stream:
-            for sample in group_samples(iter_members(stream, None), skipped):
-                key = sample.pop("__key__")
-                yield key, sample
+        for sample in read_samples(os.fspath(path), None, skipped):
+            key = sample.pop("__key__")
+            yield key, sample
     except DamagedShard as exc:
         raise ShardReadError(f"{exc.kind}: {exc}") from exc
-    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:  # .tar.gz: truncated or corrupt
-        raise ShardReadError(f"corrupt_tar: compressed stream broken: {exc}") from exc
-    except (OSError, http.client.HTTPException) as exc:
-        raise ShardReadError(f"unreadable_shard: {exc}") from exc

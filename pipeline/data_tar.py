@@ -72,19 +72,25 @@ class DamagedShard(Exception):
 def iter_samples(url: str, wanted: frozenset[str], skipped: SkipCounter) -> Iterator[dict]:
     """Yield {"__key__": key, ext: bytes, ...} per sample of one shard; never raises for bad data."""
     try:
+        yield from read_samples(url, wanted, skipped)
+    except DamagedShard as exc:  # the pending sample may be incomplete: it was dropped
+        skipped.shard_failed(url, exc.kind, str(exc))
+
+
+def read_samples(url: str, wanted: frozenset[str] | None, skipped: SkipCounter) -> Iterator[dict]:
+    """Like `iter_samples`, but a damaged or unreadable shard raises DamagedShard, whose `kind`
+    names the skip ("corrupt_tar", "unreadable_shard", "empty_shard")."""
+    try:
         stream = open_shard(url)
     except (OSError, http.client.HTTPException) as exc:
-        skipped.shard_failed(url, "unreadable_shard", f"cannot open: {exc}")
-        return
+        raise DamagedShard("unreadable_shard", f"cannot open: {exc}") from exc
     with stream:
         try:
             yield from group_samples(iter_members(stream, wanted), skipped)
-        except DamagedShard as exc:  # the pending sample may be incomplete: it was dropped
-            skipped.shard_failed(url, exc.kind, str(exc))
         except (EOFError, zlib.error, gzip.BadGzipFile) as exc:  # .tar.gz: truncated or corrupt
-            skipped.shard_failed(url, "corrupt_tar", f"compressed stream broken: {exc}")
+            raise DamagedShard("corrupt_tar", f"compressed stream broken: {exc}") from exc
         except (OSError, http.client.HTTPException) as exc:
-            skipped.shard_failed(url, "unreadable_shard", f"read failed: {exc}")
+            raise DamagedShard("unreadable_shard", f"read failed: {exc}") from exc
 
 
 def group_samples(members: Iterator[tuple[str, str, bytes]], skipped: SkipCounter) -> Iterator[dict]:
