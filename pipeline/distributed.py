@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -39,3 +40,25 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
     else:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group and remove this rank's DeepSpeed shared-memory buffer.
+
+    On the CPU accelerator DeepSpeed backs intra-node allreduce with one /dev/shm file per rank
+    (69 MB) and never unlinks it, so every run used to leave its files in memory until reboot.
+    Unlinking at exit is safe: the other ranks' mappings stay valid.
+    """
+    if not torch.distributed.is_initialized():
+        return
+    rank = torch.distributed.get_rank()
+    torch.distributed.destroy_process_group()
+    remove_shm_buffers(os.environ.get("MASTER_PORT", "29500"), rank)
+
+
+def remove_shm_buffers(master_port: int | str, rank: int | str = "*") -> None:
+    """Unlink DeepSpeed's CPU allreduce buffers of the job on `master_port` (one rank or all),
+    e.g. after its launcher exits, which also covers ranks that were killed."""
+    pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_*_{master_port}_{rank}"
+    for path in Path("/dev/shm").glob(pattern):
+        path.unlink(missing_ok=True)

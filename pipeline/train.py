@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from pipeline.checkpoint import CheckpointError, read_state, resolve_resume, save_checkpoint
 from pipeline.config import TrainConfig, load_train_config
-from pipeline.distributed import init_distributed
+from pipeline.distributed import init_distributed, shutdown_distributed
 from pipeline.metrics import MetricsLogger, measure_peak_flops
 from pipeline.optim import build_optimizer, build_scheduler
 from pipeline.rng import get_rng_state, set_rng_state
@@ -325,8 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _train(args.recipe, overrides)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed()
 
 
 def _train(recipe: str | None, overrides: list[str]) -> int:

@@ -38,9 +38,14 @@ def launcher_command(recipe: str | None, overrides: list[str], nproc: int = 2,
 
 def run_training(recipe: str | None, overrides: list[str], **launch) -> int:
     """Run the launcher to completion; returns its exit code."""
+    from pipeline.distributed import remove_shm_buffers
+
     cmd = launcher_command(recipe, overrides, **launch)
     print("+ " + " ".join(cmd), flush=True)
-    return subprocess.call(cmd, env=os.environ.copy())
+    try:
+        return subprocess.call(cmd, env=os.environ.copy())
+    finally:  # the buffers of ranks that died before their own cleanup
+        remove_shm_buffers(launch.get("master_port", 29500))
 
 
 def _cmd_train(args) -> int:

@@ -89,3 +89,23 @@ def test_shipped_ds_config_is_found_from_any_directory(tmp_path, monkeypatch):
     assert load_train_config(overrides=["ds_config=mine.json"]).ds_config == "mine.json"
     with pytest.raises(ValueError, match="ds_config ds_configs/nope.json: no such file"):
         load_train_config(overrides=["ds_config=ds_configs/nope.json"])
+
+
+def test_shm_buffers_of_one_job_are_removed_and_others_kept():
+    import os
+
+    from pipeline.distributed import remove_shm_buffers
+
+    uid, shm = os.getuid(), Path("/dev/shm")
+    ours = [shm / f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_61234_{r}" for r in (0, 1)]
+    other = shm / f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_61235_0"
+    for path in (*ours, other):
+        path.write_bytes(b"x")
+    try:
+        remove_shm_buffers(61234, rank=1)
+        assert ours[0].exists() and not ours[1].exists()
+        remove_shm_buffers(61234)
+        assert not ours[0].exists() and other.exists()
+    finally:
+        for path in (*ours, other):
+            path.unlink(missing_ok=True)

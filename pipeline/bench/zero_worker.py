@@ -166,8 +166,10 @@ def main(argv=None) -> int:
     if world > 1:
         import torch.distributed as dist
 
+        from pipeline.distributed import shutdown_distributed
+
         dist.barrier()
-        dist.destroy_process_group()
+        shutdown_distributed()
     return 0
 
 
