@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_prep.scenes import Obj, Scene
+from vlp.data_prep.scenes import Obj, Scene
 
 POSITION_PHRASES = {
     (0, 0): ("in the top left", "at the upper left", "at the top left"),

@@ -1,11 +1,10 @@
 """`vlp data synth|serve|download|index|tokenizer|reshard`: the data stage's subcommands.
 
 Each long step ends with a one-screen summary of its counts. Bad arguments and bad input files
-end the command with a one-line error instead of a traceback.
+raise UserError, which `vlp` prints as a one-line error (exit 2) instead of a traceback.
 """
 from __future__ import annotations
 
-import functools
 import json
 import time
 from collections import Counter
@@ -14,7 +13,7 @@ from pathlib import Path
 # Only light constants at the top: every `vlp` command imports this module to build its parser,
 # so the data modules (torch, webdataset, transformers, pandas) are imported by the command
 # that uses them.
-from data_prep.download import DISTRIBUTORS, RESIZE_MODES
+from vlp.data_prep.download import DISTRIBUTORS, RESIZE_MODES
 
 MAX_PROBLEM_LINES = 10
 
@@ -40,22 +39,8 @@ def print_summary(title: str, summary: dict) -> None:
     show(summary, "  ")
 
 
-def _clear_errors(func):
-    """Turn input errors into a one-line message and exit status 1."""
-
-    @functools.wraps(func)
-    def wrapper(args):
-        try:
-            return func(args)
-        except (ValueError, OSError) as exc:  # OSError covers FileNotFoundError, FileExistsError
-            raise SystemExit(f"vlp data {args.data_command}: error: {exc}") from exc
-
-    return wrapper
-
-
-@_clear_errors
 def synth(args) -> int:
-    from data_prep.synth import generate_world
+    from vlp.data_prep.synth import generate_world
 
     world = generate_world(
         args.out, args.train, args.test, seed=args.seed, base_url=args.base_url,
@@ -66,9 +51,8 @@ def synth(args) -> int:
     return 0
 
 
-@_clear_errors
 def serve(args) -> int:
-    from data_prep.server import serve_directory, serve_world
+    from vlp.data_prep.server import serve_directory, serve_world
 
     directory = Path(args.dir)
     server = (
@@ -85,9 +69,8 @@ def serve(args) -> int:
             return 0
 
 
-@_clear_errors
 def download(args) -> int:
-    from data_prep.download import download_shards
+    from vlp.data_prep.download import download_shards
 
     summary = download_shards(
         args.url_list,
@@ -109,9 +92,8 @@ def download(args) -> int:
     return 0
 
 
-@_clear_errors
 def index(args) -> int:
-    from data_prep.index import build_manifest
+    from vlp.data_prep.index import build_manifest
 
     manifest = build_manifest(args.shards)
     summary = {key: value for key, value in manifest.items() if key != "shards"}
@@ -119,9 +101,8 @@ def index(args) -> int:
     return 0
 
 
-@_clear_errors
 def tokenizer(args) -> int:
-    from data_prep.tokenizer import iter_shard_captions, iter_vqa_questions, train_tokenizer
+    from vlp.data_prep.tokenizer import iter_shard_captions, iter_vqa_questions, train_tokenizer
 
     counts = Counter()
     texts = [iter_shard_captions(args.shards, counts)]
@@ -131,9 +112,8 @@ def tokenizer(args) -> int:
     return 0
 
 
-@_clear_errors
 def reshard_command(args) -> int:
-    from data_prep.reshard import reshard
+    from vlp.data_prep.reshard import reshard
 
     summary = reshard(args.in_dir, args.out, args.samples_per_shard)
     print_summary(f"reshard {args.in_dir} -> {args.out}", summary)

@@ -13,6 +13,8 @@ import signal
 import tempfile
 from pathlib import Path
 
+from vlp.pipeline.data.errors import UserError
+
 # data_prep.index (torch) and data_prep.urls (pandas, pyarrow) are imported where they are used:
 # `vlp` imports this module for RESIZE_MODES / DISTRIBUTORS on every command.
 
@@ -22,7 +24,7 @@ DISTRIBUTORS = ("multiprocessing", "pyspark")
 
 def _clear_previous(out: Path, incremental: bool) -> None:
     """Remove what must not be in `out` when img2dataset starts."""
-    from data_prep.index import MANIFEST, SIZES
+    from vlp.data_prep.index import MANIFEST, SIZES
 
     # img2dataset takes every *.json in the output folder for a shard's stats: remove ours
     # (rebuilt afterwards) or an incremental run fails parsing "manifest" as a shard number.
@@ -80,15 +82,15 @@ def download_shards(
     distributor uses the active SparkSession, or starts a local one.
     """
     if resize_mode not in RESIZE_MODES:
-        raise ValueError(f"resize_mode {resize_mode!r} is not one of {RESIZE_MODES}")
+        raise UserError(f"resize_mode {resize_mode!r} is not one of {RESIZE_MODES}")
     if distributor not in DISTRIBUTORS:
-        raise ValueError(f"distributor {distributor!r} is not one of {DISTRIBUTORS}")
-    from data_prep.index import build_manifest
-    from data_prep.urls import read_url_list, sanitize
+        raise UserError(f"distributor {distributor!r} is not one of {DISTRIBUTORS}")
+    from vlp.data_prep.index import build_manifest
+    from vlp.data_prep.urls import read_url_list, sanitize
 
     frame, sanitized = sanitize(read_url_list(url_list, url_col, caption_col), allow_private_hosts)
     if frame.empty:
-        raise ValueError(f"no URL in {url_list} is left to download: {sanitized['dropped']}")
+        raise UserError(f"no URL in {url_list} is left to download: {sanitized['dropped']}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _clear_previous(out, incremental)

@@ -17,15 +17,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_prep.shards import ShardReadError, iter_samples, list_shards
-from pipeline.data import IMAGE_EXTENSIONS
-from pipeline.data_tar import SkipCounter
-from pipeline.eval.files import write_json_atomic
-from pipeline.transforms import BadSample, decode_caption
+from vlp.pipeline.data.errors import BadData
+from vlp.pipeline.data.files import write_json_atomic
+from vlp.pipeline.data.manifest import FORMAT, MANIFEST, SIZES
+from vlp.pipeline.data.tar import SkipCounter, iter_shard, list_shards
+from vlp.pipeline.data.transforms import IMAGE_EXTENSIONS, decode_caption
 
-MANIFEST = "manifest.json"
-SIZES = "sizes.json"
-FORMAT = "vlp-shard-manifest/1"
 STATS_COUNTS = ("count", "successes", "failed_to_download", "failed_to_resize")
 
 
@@ -69,16 +66,16 @@ def inspect_shard(tar: Path) -> dict:
     samples, issues, problems = 0, Counter(), []
     skipped = SkipCounter()
     try:
-        for _, members in iter_samples(tar, skipped):
+        for _, members in iter_shard(tar, skipped):
             samples += 1
             if not any(ext in members for ext in IMAGE_EXTENSIONS):  # extensions are lower-case
                 issues["no_image"] += 1
             try:
                 decode_caption(members.get("txt"))
-            except BadSample as bad:
+            except BadData as bad:
                 issues[bad.kind] += 1
-    except ShardReadError as exc:
-        problems.append({"kind": "corrupt_tar", "detail": str(exc)})
+    except BadData as exc:  # the shard is damaged; the samples before the damage were counted
+        problems.append({"kind": "corrupt_tar", "detail": f"{exc.kind}: {exc}"})
     issues.update(skipped.counts)
     stats, stats_problem = read_stats(tar)
     if stats_problem:
@@ -131,35 +128,3 @@ def build_manifest(shard_dir) -> dict:
     write_json_atomic(shard_dir / MANIFEST, manifest)  # a reader never sees half a manifest
     write_json_atomic(shard_dir / SIZES, {s["name"]: s["samples"] for s in shards})
     return manifest
-
-
-def load_manifest(shard_dir) -> dict:
-    """Read manifest.json; a missing or foreign one is an error that says how to make it."""
-    path = Path(shard_dir) / MANIFEST
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; run `vlp data index {shard_dir}`")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} manifest; rebuild it with `vlp data index`")
-    return manifest
-
-
-def shard_url_pattern(shard_dir) -> str:
-    """A brace pattern naming every shard in the manifest, e.g. DIR/{00000..00031}.tar.
-
-    Works for img2dataset's `00000.tar` and OpenCLIP-style `shard-000000.tar` names; shards
-    whose numbering has gaps or mixed prefixes cannot be one pattern and raise ValueError.
-    """
-    names = sorted(shard["name"] for shard in load_manifest(shard_dir)["shards"])
-    if not names:
-        raise ValueError(f"{shard_dir} has no shards in its manifest")
-    if len(names) == 1:
-        return f"{Path(shard_dir)}/{names[0]}"
-    parts = [re.fullmatch(r"(.*?)(\d+)(\.tar(?:\.gz)?)", name) for name in names]
-    if not all(parts) or len({(p[1], p[3], len(p[2])) for p in parts}) != 1:
-        raise ValueError(f"shard names in {shard_dir} do not share one numbered pattern")
-    numbers = [int(p[2]) for p in parts]
-    if numbers != list(range(numbers[0], numbers[0] + len(numbers))):
-        raise ValueError(f"shard numbers in {shard_dir} have gaps; list the shards explicitly")
-    prefix, suffix = parts[0][1], parts[0][3]
-    return f"{Path(shard_dir)}/{prefix}{{{parts[0][2]}..{parts[-1][2]}}}{suffix}"

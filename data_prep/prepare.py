@@ -7,10 +7,10 @@ import itertools
 import json
 from pathlib import Path
 
-from data_prep.download import download_shards
-from data_prep.server import free_port, serve_world
-from data_prep.synth import generate_world
-from data_prep.tokenizer import iter_shard_captions, iter_vqa_questions, train_tokenizer
+from vlp.data_prep.download import download_shards
+from vlp.data_prep.server import free_port, serve_world
+from vlp.data_prep.synth import generate_world
+from vlp.data_prep.tokenizer import iter_shard_captions, iter_vqa_questions, train_tokenizer
 
 
 def world_paths(world_dir, world: dict | None = None) -> dict[str, Path]:

@@ -13,13 +13,13 @@ from pathlib import Path
 import webdataset as wds
 from tqdm import tqdm
 
-from data_prep.index import build_manifest
-from data_prep.shards import ShardReadError, iter_samples, list_shards
-from pipeline.data_tar import SkipCounter
-from pipeline.eval.files import write_json_atomic
+from vlp.data_prep.index import build_manifest
+from vlp.pipeline.data.errors import BadData, UserError
+from vlp.pipeline.data.files import write_json_atomic
+from vlp.pipeline.data.tar import SkipCounter, iter_shard, list_shards
 
 
-class _ShardSink:
+class ShardWriter:
     """Writes samples to OUT/00000.tar, 00001.tar, ... starting a new tar every K samples."""
 
     def __init__(self, out: Path, samples_per_shard: int):
@@ -65,23 +65,23 @@ def reshard(in_dir, out_dir, samples_per_shard: int) -> dict:
     them and counted under `duplicate_keys_dropped`.
     """
     if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+        raise UserError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     in_dir, out = Path(in_dir), Path(out_dir)
     tars = list_shards(in_dir)
     if not tars:
-        raise ValueError(f"no *.tar shards in {in_dir}")
+        raise UserError(f"no *.tar shards in {in_dir}")
     if out.exists() and any(out.glob("*.tar")):  # also refuses out == in_dir
-        raise FileExistsError(f"{out} already holds shards; choose an empty output directory")
+        raise UserError(f"{out} already holds shards; choose an empty output directory")
     out.mkdir(parents=True, exist_ok=True)
-    sink = _ShardSink(out, samples_per_shard)
+    sink = ShardWriter(out, samples_per_shard)
     samples_read, corrupt, skipped = 0, [], SkipCounter()
     for tar in tqdm(tars, desc="reshard", unit="shard"):
         try:
-            for key, members in iter_samples(tar, skipped):
+            for key, members in iter_shard(tar, skipped):
                 sink.write(key, members, tar.name)
                 samples_read += 1
-        except ShardReadError as exc:
-            corrupt.append({"shard": tar.name, "detail": str(exc)})
+        except BadData as exc:
+            corrupt.append({"shard": tar.name, "detail": f"{exc.kind}: {exc}"})
     sink.close()
     manifest = build_manifest(out)
     return {

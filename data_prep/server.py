@@ -12,6 +12,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from vlp.pipeline.data.errors import UserError
+
 HOST = "127.0.0.1"
 
 
@@ -33,11 +35,11 @@ def free_port() -> int:
 def serve_directory(root, port: int = 0, handler=QuietHandler):
     """Serve `root` on 127.0.0.1:`port` (0 = any free port) in a thread; yield the base URL."""
     if not Path(root).is_dir():
-        raise FileNotFoundError(f"cannot serve {root}: not a directory")
+        raise UserError(f"cannot serve {root}: not a directory")
     try:
         server = ThreadingHTTPServer((HOST, port), functools.partial(handler, directory=str(root)))
     except OSError as exc:
-        raise OSError(f"cannot listen on {HOST}:{port}: {exc}") from exc
+        raise UserError(f"cannot listen on {HOST}:{port}: {exc}") from exc
     thread = threading.Thread(target=server.serve_forever, daemon=True, name=f"serve {root}")
     thread.start()
     try:

@@ -16,9 +16,10 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from data_prep.captions import TEMPLATES, captions
-from data_prep.scenes import COLOURS, GRID, Scene, WorldSpec, render_scene, sample_scenes
-from data_prep.vqa import annotation, ask
+from vlp.data_prep.captions import TEMPLATES, captions
+from vlp.data_prep.scenes import COLOURS, GRID, Scene, WorldSpec, render_scene, sample_scenes
+from vlp.data_prep.vqa import annotation, ask
+from vlp.pipeline.data.errors import UserError
 
 RETRIEVAL_CAPTIONS = 5
 VQA_IMAGE_PATTERN = "vqa/images/{split}/{image_id:012d}.jpg"
@@ -33,7 +34,7 @@ def _prepare_dir(out: Path) -> None:
     """Create `out`; replace a previous world there, refuse to write over anything else."""
     if out.exists() and any(out.iterdir()):
         if not (out / "world.json").exists():
-            raise FileExistsError(f"{out} is not empty and holds no world.json; choose another")
+            raise UserError(f"{out} is not empty and holds no world.json; choose another")
         for sub in ("train", "retrieval", "vqa"):
             shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -139,7 +140,7 @@ def generate_world(
     n_vqa_train = n_train // 2 if n_vqa_train is None else n_vqa_train
     n_vqa_val = n_test // 2 if n_vqa_val is None else n_vqa_val
     if min(n_train, n_test, n_vqa_train, n_vqa_val) < 1:
-        raise ValueError("every split needs at least one image")
+        raise UserError("every split needs at least one image")
     out = Path(out_dir)
     base_url = base_url.rstrip("/")
     _prepare_dir(out)

@@ -1,5 +1,5 @@
-"""Train a lowercase WordPiece tokenizer (BERT-style [CLS] ... [SEP]) on shard captions, and load
-it, or any local HF tokenizer directory, as a transformers PreTrainedTokenizerFast.
+"""Train a lowercase WordPiece tokenizer (BERT-style [CLS] ... [SEP]) on shard captions and VQA
+questions; `vlp.pipeline.data.tokenizer.load_tokenizer` loads it.
 """
 from __future__ import annotations
 
@@ -8,22 +8,22 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from tokenizers import trainers
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from tqdm import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
-from data_prep.shards import ShardReadError, iter_samples, list_shards
-from pipeline.data_tar import SkipCounter
-from pipeline.transforms import BadSample, decode_caption
-
-SPECIAL_TOKENS = {
-    "pad_token": "[PAD]",
-    "unk_token": "[UNK]",
-    "cls_token": "[CLS]",
-    "sep_token": "[SEP]",
-    "mask_token": "[MASK]",
-}
+from vlp.pipeline.data.errors import BadData, UserError
+from vlp.pipeline.data.tar import SkipCounter, iter_shard, list_shards
+from vlp.pipeline.data.tokenizer import SPECIAL_TOKENS
+from vlp.pipeline.data.transforms import decode_caption
 
 
 def iter_shard_captions(shard_dir, counts: Counter | None = None) -> Iterator[str]:
@@ -32,13 +32,15 @@ def iter_shard_captions(shard_dir, counts: Counter | None = None) -> Iterator[st
     for tar in tqdm(list_shards(shard_dir), desc="read captions", unit="shard"):
         skipped = SkipCounter()  # repeated keys, skipped as the loader skips them
         try:
-            for _, members in iter_samples(tar, skipped):
+            for _, members in iter_shard(tar, skipped):
                 try:
-                    yield decode_caption(members.get("txt"))
-                    counts["captions"] += 1
-                except BadSample as bad:
+                    caption = decode_caption(members.get("txt"))
+                except BadData as bad:
                     counts[bad.kind] += 1
-        except ShardReadError:
+                    continue
+                counts["captions"] += 1
+                yield caption
+        except BadData:  # a damaged shard; the captions before the damage were used
             counts["corrupt_shards"] += 1
         counts.update(skipped.counts)
 
@@ -63,7 +65,7 @@ def train_tokenizer(texts: Iterable[str], out_dir, vocab_size: int) -> Path:
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     if tokenizer.get_vocab_size() <= len(SPECIAL_TOKENS):
-        raise ValueError("no text to train the tokenizer on")
+        raise UserError("no text to train the tokenizer on")
     cls, sep = SPECIAL_TOKENS["cls_token"], SPECIAL_TOKENS["sep_token"]
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{cls} $A {sep}",
@@ -74,22 +76,3 @@ def train_tokenizer(texts: Iterable[str], out_dir, vocab_size: int) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS).save_pretrained(out)
     return out / "tokenizer.json"
-
-
-def load_tokenizer(path) -> PreTrainedTokenizerFast:
-    """Load our tokenizer (its directory or tokenizer.json) or a local HF tokenizer directory
-    (e.g. bert-base-uncased's); pad/unk/cls/sep/mask tokens must all be defined.
-    """
-    path = Path(path)
-    if path.is_file():
-        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path), **SPECIAL_TOKENS)
-    elif path.is_dir():
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    else:
-        raise FileNotFoundError(f"no tokenizer at {path}")
-    if not isinstance(tokenizer, PreTrainedTokenizerFast):
-        raise ValueError(f"{path} holds a slow tokenizer; a fast (tokenizer.json) one is needed")
-    missing = [name for name in SPECIAL_TOKENS if getattr(tokenizer, name) is None]
-    if missing:
-        raise ValueError(f"tokenizer at {path} does not define {missing}")
-    return tokenizer

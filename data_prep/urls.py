@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from pipeline.transforms import BadSample, decode_caption
+from vlp.pipeline.data.errors import BadData, UserError
+from vlp.pipeline.data.transforms import decode_caption
 
 FORMATS = {".parquet": None, ".csv": ",", ".tsv": "\t"}
 EXAMPLES_PER_KIND = 3
@@ -29,7 +30,9 @@ def read_url_list(path, url_col: str = "url", caption_col: str = "caption") -> p
     """Read the url and caption columns; a missing column is an error that names it."""
     path = Path(path)
     if path.suffix not in FORMATS:
-        raise ValueError(f"URL list {path}: unsupported format; use one of {sorted(FORMATS)}")
+        raise UserError(f"URL list {path}: unsupported format; use one of {sorted(FORMATS)}")
+    if not path.is_file():
+        raise UserError(f"URL list {path} not found")
     if path.suffix == ".parquet":
         columns = pq.read_schema(path).names
     else:
@@ -41,7 +44,7 @@ def read_url_list(path, url_col: str = "url", caption_col: str = "caption") -> p
         columns = table.column_names
     for column, flag in ((url_col, "--url-col"), (caption_col, "--caption-col")):
         if column not in columns:
-            raise ValueError(
+            raise UserError(
                 f"URL list {path} has no column {column!r} (it has {columns}); "
                 f"name the right one with {flag}"
             )
@@ -102,7 +105,7 @@ def clean_caption(value) -> tuple[str | None, str | None]:
     data = value if value is None or isinstance(value, bytes) else str(value).encode("utf-8")
     try:
         return decode_caption(data), None
-    except BadSample as bad:
+    except BadData as bad:
         return None, bad.kind
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_prep.captions import POSITION_PHRASES, colour_word, pick, with_article
-from data_prep.scenes import Scene, WorldSpec
+from vlp.data_prep.captions import POSITION_PHRASES, colour_word, pick, with_article
+from vlp.data_prep.scenes import Scene, WorldSpec
 
 POSITION_ANSWERS = {
     (0, 0): "top left", (0, 1): "top", (0, 2): "top right",

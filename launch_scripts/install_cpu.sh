@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+export PIP_ROOT_USER_ACTION=ignore  # CI and containers install as root
 "$PY" -m pip install -q --upgrade pip
 "$PY" -m pip install -q torch==2.13.0
-"$PY" -m pip install -q -e ".[dev]"
+# Editable, so the checkout is what runs. setuptools announces every editable install with an
+# informational UserWarning; a plain `pip install .` prints no warning at all.
+PYTHONWARNINGS=ignore::UserWarning "$PY" -m pip install -q -e ".[dev]"

@@ -39,4 +39,4 @@ if ! flock --nonblock 9; then
   exit 75
 fi
 echo "$(date -u '+%F %T') nightly eval starting: $*"
-"$PY" -m pipeline.eval.cli nightly "$@"
+"$PY" -m vlp.pipeline.cli eval nightly "$@"

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# One node, N ranks, through the real deepspeed launcher.
-#   NPROC=8 RECIPE=pipeline/recipes/tiny_synth.yaml bash launch_scripts/train_local.sh run_dir=runs/x
-# Extra arguments are config overrides (section.key=value).
+# One node through the real deepspeed launcher (`vlp train`): one rank per visible GPU
+# (CUDA_VISIBLE_DEVICES is respected), or NPROC ranks.
+#   NPROC=8 RECIPE=base_pretrain.yaml bash launch_scripts/train_local.sh run_dir=runs/x
+# RECIPE is a file or a shipped recipe name (default tiny_synth.yaml). Extra arguments are config
+# overrides (section.key=value).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-exec deepspeed --num_accelerators "${NPROC:-2}" --master_port "${MASTER_PORT:-29500}" \
-  pipeline/train.py --recipe "${RECIPE:-pipeline/recipes/tiny_synth.yaml}" --set "$@"
+nproc_args=()
+[[ -n "${NPROC:-}" ]] && nproc_args=(--nproc "$NPROC")
+exec vlp train --recipe "${RECIPE:-tiny_synth.yaml}" "${nproc_args[@]}" \
+  --master-port "${MASTER_PORT:-29500}" --set "$@"

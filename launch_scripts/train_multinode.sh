@@ -18,14 +18,13 @@
 #
 # Extra arguments are config overrides (section.key=value). The shards and run_dir must be on
 # storage every node sees (checkpoints are written by every rank into run_dir/checkpoints).
+# RECIPE is a file or a shipped recipe name (default base_pretrain.yaml).
 set -euo pipefail
-cd "$(dirname "$0")/.."
 : "${HOSTFILE:?set HOSTFILE to a deepspeed hostfile}"
 : "${MASTER_ADDR:?set MASTER_ADDR to an address of the first node}"
 node_args=()
 if [[ -n "${NODE_RANK:-}" ]]; then
-  node_args=(--no_ssh --node_rank "$NODE_RANK")
+  node_args=(--node-rank "$NODE_RANK")
 fi
-exec deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" \
-  --master_port "${MASTER_PORT:-29500}" "${node_args[@]}" \
-  pipeline/train.py --recipe "${RECIPE:-pipeline/recipes/tiny_synth.yaml}" --set "$@"
+exec vlp train --recipe "${RECIPE:-base_pretrain.yaml}" --hostfile "$HOSTFILE" \
+  --master-addr "$MASTER_ADDR" --master-port "${MASTER_PORT:-29500}" "${node_args[@]}" --set "$@"

@@ -8,7 +8,6 @@ from .model import LossWeights
 def flops_per_sample(
     config: ModelConfig,
     text_len: int | None = None,
-    masked_tokens: float | None = None,
     global_batch: int = 1,
     weights: LossWeights | None = None,
     num_answers: int = 0,
@@ -31,13 +30,13 @@ def flops_per_sample(
         ITM      = 3 (top(Ti + Tt, 1) + 4 W)    positive + 2 hard negatives; head
         MLM      = (L - F) layer(Tt)            masked caption, bottom blocks
                  + top(Ti + Tt, Tt)             fused with the image, read at the text
-                 + m (2 W^2 + 2 W V)            head on the m masked tokens
+                 + Tt (2 W^2 + 2 W V)           head on every text position (masked ones count)
         VQA      = top(Ti + Tt, 1)              fused with the question
                  + 2 W H + 2 H A                MLP head (H hidden, A answers)
 
     Padded text positions are computed (masked, not skipped), so Tt is the padded length
-    (default max_text_len); m defaults to 15% of Tt. An objective with zero weight is not
-    counted; VQA is counted when num_answers > 0. ITM assumes a batch of at least 2.
+    (default max_text_len); the MLM head too runs on all Tt (static shapes: no host sync). An
+    objective with zero weight is not counted; VQA is counted when num_answers > 0. ITM assumes a batch of at least 2.
     Backward costs twice the forward (a gradient for the input and for the weight of every
     matmul), hence the factor 3.
     """
@@ -45,7 +44,6 @@ def flops_per_sample(
     W, M, L, F = config.width, config.mlp_hidden, config.depth, config.fusion_layers
     P, Ti = config.num_patches, config.num_patches + 1
     Tt = config.max_text_len if text_len is None else text_len
-    m = 0.15 * Tt if masked_tokens is None else masked_tokens
 
     def last(T: int, Q: int) -> float:
         return 6 * T * W * W + 4 * Q * T * W + Q * (2 * W * W + 4 * W * M)
@@ -67,7 +65,7 @@ def flops_per_sample(
         flops += 3 * (top(Ti + Tt, 1) + 2 * W * 2)
     if weights.mlm:
         flops += (L - F) * layer(Tt) + top(Ti + Tt, Tt)
-        flops += m * (2 * W * W + 2 * W * config.vocab_size)
+        flops += Tt * (2 * W * W + 2 * W * config.vocab_size)
     if weights.vqa and num_answers:
         hidden = config.vqa_hidden_mult * W
         flops += top(Ti + Tt, 1) + 2 * W * hidden + 2 * hidden * num_answers

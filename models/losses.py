@@ -46,15 +46,22 @@ def hard_negatives(sim: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one negative per row and per column of `sim` (B, B), B >= 2, as in ALBEF.
 
     Image i gets text j != i with probability softmax_j(sim[i]) renormalised without the positive;
-    text j gets image i != j likewise from sim[:, j]. Masking with -inf before the softmax makes
-    the positive's probability exactly zero and keeps the rest nonzero even when the positive
-    dominates. Returns (negative text per image (B,), negative image per text (B,)).
+    text j gets image i != j likewise from sim[:, j]. Masking with -inf makes the positive's
+    probability exactly zero. Sampling is Gumbel-max, argmax(logits + Gumbel noise), which draws
+    from the same distribution as torch.multinomial without its host-syncing validity checks.
+    Returns (negative text per image (B,), negative image per text (B,)).
     """
     positive = torch.eye(sim.size(0), dtype=torch.bool, device=sim.device)
     sim = sim.float().masked_fill(positive, float("-inf"))
-    text_for_image = torch.multinomial(sim.softmax(dim=1), 1).squeeze(1)
-    image_for_text = torch.multinomial(sim.T.softmax(dim=1), 1).squeeze(1)
+    text_for_image = gumbel_argmax(sim)
+    image_for_text = gumbel_argmax(sim.T)
     return text_for_image, image_for_text
+
+
+def gumbel_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """One sample per row of softmax(logits) (B, N) -> (B,), on the logits' device."""
+    uniform = torch.rand_like(logits).clamp_(min=torch.finfo(logits.dtype).tiny)
+    return (logits - torch.log(-torch.log(uniform))).argmax(dim=1)
 
 
 def vqa_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,9 @@ from .losses import contrastive_loss, hard_negatives, vqa_loss
 from .multiway import MultiwayBlock
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: temperature >= 0.01
+# CLIP's pixel statistics; any fixed choice works as long as training and evaluation agree.
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 CLS = slice(0, 1)  # the pooled position, as a `queries` selection
 
 
@@ -36,7 +39,11 @@ class LossWeights:
 
 
 class ImageEmbedding(nn.Module):
-    """Conv patch embedding + CLS + learned positions: (B, 3, S, S) -> (B, 1 + P, width)."""
+    """Conv patch embedding + CLS + learned positions: (B, 3, S, S) -> (B, 1 + P, width).
+
+    uint8 pixels are normalised here, on the model's device (the loader ships uint8: a quarter of
+    fp32's bytes); float images are taken as already normalised.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -44,11 +51,15 @@ class ImageEmbedding(nn.Module):
         self.patch = nn.Conv2d(3, config.width, config.patch_size, stride=config.patch_size)
         self.cls = nn.Parameter(torch.zeros(1, 1, config.width))
         self.pos = nn.Parameter(torch.zeros(1, 1 + config.num_patches, config.width))
+        self.register_buffer("mean", 255 * torch.tensor(IMAGE_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", 255 * torch.tensor(IMAGE_STD).view(3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"images are {tuple(images.shape[-2:])}, the model expects "
                              f"{self.image_size}x{self.image_size}")
+        if images.dtype == torch.uint8:
+            images = ((images.float() - self.mean) / self.std).to(self.patch.weight.dtype)
         x = self.patch(images).flatten(2).transpose(1, 2)  # (B, width, S/p, S/p) -> (B, P, width)
         x = torch.cat([self.cls.expand(x.size(0), -1, -1), x], dim=1)  # (B, 1 + P, width)
         return x + self.pos
@@ -321,14 +332,18 @@ class UnifiedModel(nn.Module):
         return F.cross_entropy(logits, labels), accuracy.detach()
 
     def _mlm_loss(self, image_states, mlm_ids, text_mask, mlm_labels):
-        """Predict the masked caption tokens from the caption fused with its image."""
+        """Predict the masked caption tokens from the caption fused with its image.
+
+        The head runs on every text position and unmasked ones are ignored (-100): static shapes,
+        so no host sync to count the masked tokens (a boolean index would need one).
+        """
         text_states = self.text_states(mlm_ids, text_mask)
         fused_text = self.fuse(image_states, text_states, text_mask,
                                queries=slice(image_states.size(1), None))  # (B, Tt, width)
-        selected = mlm_labels != -100  # (B, Tt)
-        logits = self.mlm_head(fused_text[selected]).float()  # (N, vocab), N = masked tokens
-        targets = mlm_labels[selected]
+        logits = self.mlm_head(fused_text).float().flatten(0, 1)  # (B * Tt, vocab)
+        targets = mlm_labels.flatten()
+        selected = targets != -100
         count = selected.sum().clamp(min=1)  # a batch without targets gives 0, not NaN
-        loss = F.cross_entropy(logits, targets, reduction="sum") / count
-        accuracy = (logits.argmax(1) == targets).sum() / count
+        loss = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / count
+        accuracy = ((logits.argmax(1) == targets) & selected).sum() / count
         return loss, accuracy.detach()

@@ -1,36 +1,71 @@
 """The `vlp` command line: one subcommand per stage.
 
 Each stage module exposes `register(subparsers)`, which adds its subcommands and sets
-`func(args) -> int | None` on each; the same functions are importable for tests.
+`func(args) -> int | None` on each; the same functions are importable for tests. Stage modules
+are imported by name here, and each imports its heavy dependencies inside the command that needs
+them, so `vlp --help` stays fast.
+
+One error convention for every command: bad input raises UserError, printed as one line,
+`vlp <command>: error: <message>`, on stderr, with exit status 2 and no traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from importlib.metadata import PackageNotFoundError, version
+
+from vlp.pipeline.data.errors import UserError
 
 # (subcommand, module that registers it)
 STAGES = [
-    ("data", "data_prep.cli"),
-    ("train", "pipeline.train_cli"),
-    ("export", "pipeline.export_cli"),
-    ("eval", "pipeline.eval.cli"),
-    ("bench", "pipeline.bench.cli"),
-    ("quickstart", "pipeline.quickstart"),
+    ("data", "vlp.data_prep.cli"),
+    ("train", "vlp.pipeline.train.launch"),
+    ("export", "vlp.pipeline.deploy.export"),
+    ("eval", "vlp.pipeline.eval.cli"),
+    ("bench", "vlp.pipeline.bench.cli"),
+    ("quickstart", "vlp.pipeline.quickstart"),
 ]
+
+
+def package_version() -> str:
+    try:
+        return version("vlp")
+    except PackageNotFoundError:  # running from a checkout that was never installed
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlp", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"vlp {package_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for _, module_name in STAGES:
         importlib.import_module(module_name).register(subparsers)
     return parser
 
 
+def command_name(args: argparse.Namespace) -> str:
+    """'data download', 'eval vqa', 'train': the words the user typed to pick the command."""
+    words = [args.command]
+    for attr in ("data_command", "eval_command", "bench"):
+        if getattr(args, attr, None):
+            words.append(getattr(args, attr))
+    return " ".join(words)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command under the one error convention."""
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        # One line (e.g. a weights/config mismatch lists its problems on separate lines).
+        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"vlp {command_name(args)}: error: {message}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    return run_command(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-RECIPE = Path(__file__).with_name("recipes") / "tiny_synth.yaml"
+RECIPE = "tiny_synth.yaml"  # shipped with the package (vlp/pipeline/recipes)
 RUN_NAME = "tiny_synth"
 
 
@@ -27,7 +28,7 @@ class QuickstartConfig:
     n_vqa_train: int = 3000  # VQA images (4 questions each)
     n_vqa_val: int = 500
     seed: int = 0
-    nproc: int = 2
+    nproc: int | None = None  # ranks; default: every visible GPU, else 2 CPU ranks
     max_steps: int = 540
     vocab_size: int = 256
     samples_per_shard: int = 1000
@@ -35,7 +36,7 @@ class QuickstartConfig:
 
 
 class QuickstartError(RuntimeError):
-    pass
+    """A stage of the quickstart failed (its own output says why)."""
 
 
 def _eval_suite(world: dict, cfg: QuickstartConfig) -> dict:
@@ -78,17 +79,19 @@ def summary_table(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def run_quickstart(cfg: QuickstartConfig) -> dict:
-    from data_prep.index import shard_url_pattern
-    from data_prep.prepare import prepare_synthetic_data
-    from data_prep.server import free_port
-    from pipeline.eval.nightly import read_results, run_nightly
-    from pipeline.train_cli import run_training
+    from vlp.data_prep.prepare import prepare_synthetic_data
+    from vlp.data_prep.server import free_port
+    from vlp.pipeline.data.errors import UserError
+    from vlp.pipeline.data.manifest import shard_url_pattern
+    from vlp.pipeline.eval.nightly.runner import read_results, run_nightly
+    from vlp.pipeline.train.config import recipe_path
+    from vlp.pipeline.train.launch import run_training
 
     out = Path(cfg.out_dir).resolve()
     runs = out / "runs"
     run_dir = runs / RUN_NAME
     if (run_dir / "checkpoints").exists():
-        raise QuickstartError(f"{run_dir} already has checkpoints; remove {out} to start over")
+        raise UserError(f"{run_dir} already has checkpoints; remove {out} to start over")
     timings = {}
     start = time.perf_counter()
 
@@ -103,7 +106,8 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
                  f"seed={cfg.seed}", "checkpoint.save_initial=true", "checkpoint.keep_last=0",
                  f"checkpoint.every_steps={max(1, cfg.max_steps // 2)}"]  # step 0, middle, end
     mark = time.perf_counter()
-    code = run_training(str(RECIPE), overrides, nproc=cfg.nproc, master_port=free_port())
+    code = run_training(str(recipe_path(RECIPE)), overrides, nproc=cfg.nproc,
+                        master_port=free_port())
     if code != 0:
         raise QuickstartError(f"training failed with exit code {code}; see the output above")
     timings["train"] = time.perf_counter() - mark
@@ -141,7 +145,7 @@ def _cmd_quickstart(args) -> int:
     try:
         summary = run_quickstart(cfg)
     except QuickstartError as exc:
-        print(f"error: {exc}")
+        print(f"vlp quickstart: error: {exc}", file=sys.stderr)
         return 1
     _print_summary(summary)
     return 0
@@ -151,6 +155,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("quickstart", help="synthetic world -> shards -> pretrain -> eval")
     defaults = QuickstartConfig()
     for name, value in asdict(defaults).items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None,
+        kind = int if name == "nproc" else type(value)  # the one optional field
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None,
                        help=f"default {value}")
     p.set_defaults(func=_cmd_quickstart)

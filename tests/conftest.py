@@ -3,14 +3,12 @@ from a loopback server) and a tokenizer trained on them. Each is built once per 
 """
 from __future__ import annotations
 
-import argparse
-
 import pytest
 
-from data_prep.cli import register
-from data_prep.prepare import download_world, train_world_tokenizer
-from data_prep.server import free_port
-from data_prep.synth import generate_world
+from vlp.data_prep.prepare import download_world, train_world_tokenizer
+from vlp.data_prep.server import free_port
+from vlp.data_prep.synth import generate_world
+from vlp.pipeline.cli import main as vlp
 
 WORLD_TRAIN, WORLD_TEST, WORLD_SEED = 160, 32, 0
 SHARD_IMAGE_SIZE, SAMPLES_PER_SHARD = 64, 32
@@ -44,12 +42,10 @@ def tokenizer_dir(world_dir, shard_dir, tmp_path_factory):
 
 @pytest.fixture
 def vlp_data():
-    """Run `vlp data ARG...` in-process (registered the way pipeline.cli registers stages)."""
+    """Run `vlp data ARG...` in-process, through the `vlp` command's own error handling; returns
+    the exit status."""
 
-    def run(*argv: str):
-        parser = argparse.ArgumentParser(prog="vlp")
-        register(parser.add_subparsers(dest="command", required=True))
-        args = parser.parse_args(["data", *map(str, argv)])
-        return args.func(args)
+    def run(*argv: str) -> int:
+        return vlp(["data", *map(str, argv)])
 
     return run

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from models.attention import attention
+from vlp.models.attention import attention
 
 
 def qkv_and_mask(dtype, B=3, heads=2, T=9, head_dim=16):

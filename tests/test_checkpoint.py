@@ -3,8 +3,14 @@ import json
 
 import pytest
 
-from pipeline.checkpoint import (CheckpointError, complete_tags, prune_checkpoints,
-                                 resolve_resume, validate_tag, file_sizes)
+from vlp.pipeline.data.checkpoints import (
+    CheckpointError,
+    complete_tags,
+    file_sizes,
+    resolve_resume,
+    validate_tag,
+)
+from vlp.pipeline.train.checkpointer import prune_checkpoints
 
 
 def make_tag(ckpt_dir, step, files=None):

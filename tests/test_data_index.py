@@ -8,7 +8,9 @@ import shutil
 import pytest
 import webdataset as wds
 
-from data_prep.index import build_manifest, load_manifest
+from vlp.data_prep.index import build_manifest
+from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.data.manifest import load_manifest
 
 
 def write_shard(path, samples):
@@ -77,5 +79,5 @@ def test_an_empty_directory_is_reported_not_fatal(tmp_path):
 
 
 def test_load_manifest_says_how_to_make_one(tmp_path):
-    with pytest.raises(FileNotFoundError, match="vlp data index"):
+    with pytest.raises(UserError, match="vlp data index"):
         load_manifest(tmp_path)

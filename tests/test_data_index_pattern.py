@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from data_prep.index import FORMAT, shard_url_pattern
+from vlp.pipeline.data.manifest import FORMAT, shard_url_pattern
 
 
 def write_manifest(path, names):

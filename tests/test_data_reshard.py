@@ -6,13 +6,14 @@ import tarfile
 
 import pytest
 
-from data_prep.index import load_manifest
-from data_prep.reshard import reshard
-from data_prep.shards import iter_samples, list_shards
+from vlp.data_prep.reshard import reshard
+from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.data.manifest import load_manifest
+from vlp.pipeline.data.tar import iter_shard, list_shards
 
 
 def all_samples(shard_dir):
-    return [sample for tar in list_shards(shard_dir) for sample in iter_samples(tar)]
+    return [sample for tar in list_shards(shard_dir) for sample in iter_shard(tar)]
 
 
 def test_split_and_merge_keep_every_sample_intact(shard_dir, tmp_path, vlp_data):
@@ -43,5 +44,5 @@ def test_damaged_input_keeps_what_precedes_the_damage(shard_dir, tmp_path):
 
 
 def test_reshard_refuses_to_write_over_shards(shard_dir):
-    with pytest.raises(FileExistsError, match="already holds shards"):
+    with pytest.raises(UserError, match="already holds shards"):
         reshard(shard_dir, shard_dir, 10)

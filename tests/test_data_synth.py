@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from data_prep.captions import (
+from vlp.data_prep.captions import (
     COLOUR_WORDS,
     MAX_CAPTION_TOKENS,
     NUMBER_WORDS,
@@ -22,8 +22,9 @@ from data_prep.captions import (
     TEMPLATES,
     captions,
 )
-from data_prep.scenes import WorldSpec, sample_scene
-from data_prep.synth import draw_scenes, generate_world
+from vlp.data_prep.scenes import WorldSpec, sample_scene
+from vlp.data_prep.synth import draw_scenes, generate_world
+from vlp.pipeline.data.errors import UserError
 
 
 def load(path: Path):
@@ -82,7 +83,7 @@ def test_world_is_deterministic_from_the_seed(tmp_path):
 
 def test_generate_world_refuses_a_directory_that_is_not_a_world(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="no world.json"):
+    with pytest.raises(UserError, match="no world.json"):
         generate_world(tmp_path, 4, 2)
 
 

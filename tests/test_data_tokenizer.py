@@ -7,7 +7,8 @@ from collections import Counter
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from data_prep.tokenizer import iter_shard_captions, load_tokenizer, train_tokenizer
+from vlp.data_prep.tokenizer import iter_shard_captions, train_tokenizer
+from vlp.pipeline.data.tokenizer import load_tokenizer
 
 
 def test_tokenizer_loads_with_transformers_and_wraps_text_in_cls_sep(tokenizer_dir):

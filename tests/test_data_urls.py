@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from data_prep.urls import read_url_list, sanitize, url_problem
+from vlp.data_prep.urls import read_url_list, sanitize, url_problem
 
 
 @pytest.mark.parametrize(

@@ -5,10 +5,10 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from pipeline.eval.checkpoint import load_model_for_eval
-from pipeline.eval.files import EvalInputError
 from test_eval_support import tiny_eval_model, train_world_tokenizer, train_zero3_run
+
+from vlp.pipeline.data.checkpoints import load_model
+from vlp.pipeline.data.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def assert_weights_equal(model, reference_path):
 
 
 def test_zero3_checkpoints_dir_resolves_latest_and_consolidates(zero3_run):
-    model, tokenizer, info = load_model_for_eval(zero3_run / "checkpoints")
+    model, tokenizer, info = load_model(zero3_run / "checkpoints")
     assert (info.kind, info.tag, info.step) == ("deepspeed", "global_step2", 2)
     assert not model.training
     assert tokenizer("a red circle")["input_ids"][0] == tokenizer.cls_token_id
@@ -39,7 +39,7 @@ def test_zero3_checkpoints_dir_resolves_latest_and_consolidates(zero3_run):
 
 
 def test_zero3_tag_dir_loads_that_step(zero3_run):
-    model, _, info = load_model_for_eval(zero3_run / "checkpoints/global_step1")
+    model, _, info = load_model(zero3_run / "checkpoints/global_step1")
     assert info.step == 1
     assert_weights_equal(model, zero3_run / "reference_step1.safetensors")
     step2 = load_file(zero3_run / "reference_step2.safetensors")
@@ -47,11 +47,11 @@ def test_zero3_tag_dir_loads_that_step(zero3_run):
 
 
 def test_export_directory(tokenizer_json, tmp_path):
-    from models.export import save_pretrained
+    from vlp.models.export import save_pretrained
 
     tiny = tiny_eval_model(tokenizer_json, seed=3)
     save_pretrained(tiny.model, tmp_path / "export", tokenizer_path=tokenizer_json)
-    model, _, info = load_model_for_eval(tmp_path / "export")
+    model, _, info = load_model(tmp_path / "export")
     assert (info.kind, info.step) == ("export", None)
     for name, weight in tiny.model.state_dict().items():
         assert torch.equal(model.state_dict()[name], weight), name
@@ -67,47 +67,47 @@ def test_missing_or_truncated_shard_is_reported_before_deepspeed_opens_it(zero3_
     tag = corrupt_copy(zero3_run, tmp_path)
     optim = next(tag.glob("*optim_states.pt"))
     optim.write_bytes(optim.read_bytes()[:100])
-    with pytest.raises(EvalInputError, match=rf"corrupt checkpoint .*{optim.name}.*truncated"):
-        load_model_for_eval(tag)
+    with pytest.raises(UserError, match=rf"corrupt checkpoint .*{optim.name}.*truncated"):
+        load_model(tag)
     optim.unlink()
-    with pytest.raises(EvalInputError, match=rf"{optim.name} is missing"):
-        load_model_for_eval(tag)
+    with pytest.raises(UserError, match=rf"{optim.name} is missing"):
+        load_model(tag)
 
 
 def test_garbage_shard_of_the_right_size_fails_consolidation(zero3_run, tmp_path):
     tag = corrupt_copy(zero3_run, tmp_path)
     model_states = next(tag.glob("*model_states.pt"))
     model_states.write_bytes(b"\0" * model_states.stat().st_size)
-    with pytest.raises(EvalInputError, match="cannot consolidate DeepSpeed checkpoint"):
-        load_model_for_eval(tag)
+    with pytest.raises(UserError, match="cannot consolidate DeepSpeed checkpoint"):
+        load_model(tag)
 
 
 def test_incomplete_tag_and_non_checkpoints(zero3_run, tmp_path):
     tag = corrupt_copy(zero3_run, tmp_path)
     (tag / "vlp_state.json").unlink()
-    with pytest.raises(EvalInputError, match="no vlp_state.json"):
-        load_model_for_eval(tag)
+    with pytest.raises(UserError, match="no vlp_state.json"):
+        load_model(tag)
     (tmp_path / "checkpoints/latest").write_text("global_step9")
-    with pytest.raises(EvalInputError, match="names tag 'global_step9'"):
-        load_model_for_eval(tmp_path / "checkpoints")
-    with pytest.raises(EvalInputError, match="is not a checkpoint"):
-        load_model_for_eval(tmp_path)
-    with pytest.raises(EvalInputError, match="not a directory"):
-        load_model_for_eval(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="names tag 'global_step9'"):
+        load_model(tmp_path / "checkpoints")
+    with pytest.raises(UserError, match="is not a checkpoint"):
+        load_model(tmp_path)
+    with pytest.raises(UserError, match="not a directory"):
+        load_model(tmp_path / "nowhere")
 
 
 def test_weights_of_another_config_are_refused(tokenizer_json, tmp_path):
-    from models.export import save_pretrained
+    from vlp.models.export import save_pretrained
 
     tiny = tiny_eval_model(tokenizer_json)
     save_pretrained(tiny.model, tmp_path / "export", tokenizer_path=tokenizer_json)
     config = json.loads((tmp_path / "export/config.json").read_text())
     (tmp_path / "export/config.json").write_text(json.dumps({**config, "depth": 3}))
-    with pytest.raises(EvalInputError, match="cannot load export .*probably from another config"):
-        load_model_for_eval(tmp_path / "export")
+    with pytest.raises(UserError, match="cannot load export .*probably from another config"):
+        load_model(tmp_path / "export")
     (tmp_path / "export/config.json").write_text(json.dumps({**config, "widht": 8}))
-    with pytest.raises(EvalInputError, match="widht"):
-        load_model_for_eval(tmp_path / "export")
+    with pytest.raises(UserError, match="widht"):
+        load_model(tmp_path / "export")
     (tmp_path / "export/config.json").write_text("{")
-    with pytest.raises(EvalInputError, match="cannot load export"):
-        load_model_for_eval(tmp_path / "export")
+    with pytest.raises(UserError, match="cannot load export"):
+        load_model(tmp_path / "export")

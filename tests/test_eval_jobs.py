@@ -7,12 +7,12 @@ import tarfile
 
 import pytest
 import torch
-
-from pipeline.eval.files import EvalInputError
-from pipeline.eval.retrieval import evaluate_retrieval
-from pipeline.eval.vqa import evaluate_vqa
-from pipeline.eval.vqa_metric import score_predictions
 from test_eval_support import tiny_eval_model, train_world_tokenizer
+
+from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.eval.retrieval.job import evaluate_retrieval
+from vlp.pipeline.eval.vqa.job import evaluate_vqa
+from vlp.pipeline.eval.vqa.metric import score_predictions
 
 RECALL_KEYS = [f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)]
 
@@ -87,18 +87,18 @@ def test_retrieval_bad_input_names_the_problem(tiny, world_dir, tmp_path):
     data = json.loads((root / "dataset_synth.json").read_text())
     (root / "images" / data["images"][3]["filename"]).unlink()
     out = tmp_path / "result.json"
-    with pytest.raises(EvalInputError, match=data["images"][3]["filename"]):
+    with pytest.raises(UserError, match=data["images"][3]["filename"]):
         evaluate_retrieval(tiny, karpathy_json=root / "dataset_synth.json", image_root=root,
                            out=out)
-    with pytest.raises(EvalInputError, match=r"split 'val' has no images; splits present: \['tes"):
+    with pytest.raises(UserError, match=r"split 'val' has no images; splits present: \['tes"):
         evaluate_retrieval(tiny, karpathy_json=root / "dataset_synth.json", image_root=root,
                            split="val", out=out)
     del data["images"][0]["sentences"][1]["raw"]
     (root / "bad.json").write_text(json.dumps(data))
-    with pytest.raises(EvalInputError, match=r"images\[0\]\.sentences\[1\]: missing field 'raw'"):
+    with pytest.raises(UserError, match=r"images\[0\]\.sentences\[1\]: missing field 'raw'"):
         evaluate_retrieval(tiny, karpathy_json=root / "bad.json", image_root=root, out=out)
     (root / "broken.json").write_text('{"images": [')
-    with pytest.raises(EvalInputError, match="broken.json is not valid JSON"):
+    with pytest.raises(UserError, match="broken.json is not valid JSON"):
         evaluate_retrieval(tiny, karpathy_json=root / "broken.json", image_root=root, out=out)
     assert not out.exists() and not list(tmp_path.glob(".result.json*"))
 
@@ -148,23 +148,23 @@ def test_vqa_bad_input_names_the_problem(tiny, world_dir, tmp_path):
     annotations = json.loads(annotations_path.read_text())
     dropped = annotations["annotations"].pop(0)["question_id"]
     annotations_path.write_text(json.dumps(annotations))
-    with pytest.raises(EvalInputError, match=rf"1 question\(s\) .* have no annotation .*{dropped}"):
+    with pytest.raises(UserError, match=rf"1 question\(s\) .* have no annotation .*{dropped}"):
         evaluate_vqa(tiny, vqa_dir=vqa, steps=1)
-    with pytest.raises(EvalInputError, match=r"expected one \*_test_questions.json"):
+    with pytest.raises(UserError, match=r"expected one \*_test_questions.json"):
         evaluate_vqa(tiny, vqa_dir=vqa, eval_split="test", steps=1)
     questions_path = vqa / "v2_OpenEnded_synth_train_questions.json"
     questions = json.loads(questions_path.read_text())
     (vqa / "empty_questions.json").write_text(json.dumps({**questions, "questions": []}))
-    with pytest.raises(EvalInputError, match="no questions"):
+    with pytest.raises(UserError, match="no questions"):
         evaluate_vqa(tiny, vqa_dir=vqa, train_questions=vqa / "empty_questions.json", steps=1)
     shutil.rmtree(vqa / "images" / "train")
-    with pytest.raises(EvalInputError, match="no image for question 0"):
+    with pytest.raises(UserError, match="no image for question 0"):
         evaluate_vqa(tiny, vqa_dir=vqa, steps=1)
 
 
 def test_vqa_uses_the_soft_score_targets(tiny, world_dir):
-    from pipeline.eval.vqa_data import find_split_files, load_vqa_split
-    from pipeline.eval.vqa_finetune import AnswerVocab
+    from vlp.pipeline.eval.vqa.data import find_split_files, load_vqa_split
+    from vlp.pipeline.eval.vqa.finetune import AnswerVocab
 
     files = find_split_files(world_dir / "vqa", "train")
     train = load_vqa_split(*files, world_dir / "vqa")
@@ -179,7 +179,7 @@ def test_vqa_uses_the_soft_score_targets(tiny, world_dir):
 def _encode_on_rank(rank, world, port, queue):
     import torch.distributed as dist
 
-    from pipeline.eval.encode import distributed_map
+    from vlp.pipeline.eval.encode import distributed_map
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
@@ -221,8 +221,8 @@ def test_encoding_splits_items_across_ranks_and_gathers_them_in_order():
 def test_finetune_trains_the_head_and_the_backbone_only_when_asked(tiny, world_dir, backbone):
     import copy
 
-    from pipeline.eval.vqa_data import find_split_files, load_vqa_split
-    from pipeline.eval.vqa_finetune import AnswerVocab, FinetuneConfig, finetune_vqa
+    from vlp.pipeline.eval.vqa.data import find_split_files, load_vqa_split
+    from vlp.pipeline.eval.vqa.finetune import AnswerVocab, FinetuneConfig, finetune_vqa
 
     train = load_vqa_split(*find_split_files(world_dir / "vqa", "train"), world_dir / "vqa")
     vocab = AnswerVocab.build(train, min_count=3)
@@ -236,7 +236,7 @@ def test_finetune_trains_the_head_and_the_backbone_only_when_asked(tiny, world_d
 
 
 def test_answer_prior_is_the_mean_soft_score():
-    from pipeline.eval.vqa_finetune import AnswerVocab
+    from vlp.pipeline.eval.vqa.finetune import AnswerVocab
 
     vocab = AnswerVocab(("yes", "no", "2"))
     sparse = [{0: 1.0}, {1: 0.6, 2: 0.3}, {}]

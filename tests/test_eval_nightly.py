@@ -8,12 +8,12 @@ import subprocess
 import pandas as pd
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from pipeline.eval.cli import main as vlp_eval
-from pipeline.eval.files import EvalInputError
-from pipeline.eval.nightly import run_nightly
-from pipeline.eval.suite import load_suite
 from test_eval_support import tiny_eval_model, train_world_tokenizer, train_zero3_run
+
+from vlp.pipeline.cli import main as vlp
+from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.eval.nightly.runner import run_nightly
+from vlp.pipeline.eval.nightly.suite import load_suite
 
 SCRIPT = "launch_scripts/nightly_eval.sh"
 RETRIEVAL_METRICS, VQA_METRICS = 7, 4
@@ -33,7 +33,7 @@ def suite(world_dir):
 @pytest.fixture(scope="module")
 def runs(world_dir, tmp_path_factory):
     """runs/tiny: ZeRO-3 tags at steps 1 and 2, a corrupt tag 3, and an export directory."""
-    from models.export import save_pretrained
+    from vlp.models.export import save_pretrained
 
     root = tmp_path_factory.mktemp("runs")
     tokenizer = train_world_tokenizer(world_dir, root / "tokenizer")
@@ -143,25 +143,25 @@ def test_suite_file_paths_and_unknown_keys(tmp_path):
     (benchmark,) = load_suite(tmp_path / "suite.yaml")
     assert benchmark.kwargs == {"karpathy_json": str(tmp_path / "world/r.json"),
                                 "image_root": str(tmp_path / "world"), "rerank_k": 4}
-    with pytest.raises(EvalInputError, match=r"unknown key\(s\) \['rerank'\]; valid keys: .*k"):
+    with pytest.raises(UserError, match=r"unknown key\(s\) \['rerank'\]; valid keys: .*k"):
         load_suite({"synth": {"task": "retrieval", "rerank": 4}})
-    with pytest.raises(EvalInputError, match="needs 'task: retrieval | vqa'"):
+    with pytest.raises(UserError, match="needs 'task: retrieval | vqa'"):
         load_suite({"synth": {"karpathy_json": "x"}})
 
 
 def test_cli_retrieval_and_vqa(runs, world_dir, tmp_path, capsys):
     export = str(runs / "tiny/export")
-    code = vlp_eval(["retrieval", "--checkpoint", export, "--karpathy-json",
+    code = vlp(["eval", "retrieval", "--checkpoint", export, "--karpathy-json",
                 str(world_dir / "retrieval/dataset_synth.json"), "--image-root",
                 str(world_dir / "retrieval"), "--bf16", "--out", str(tmp_path / "r.json")])
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads((tmp_path / "r.json").read_text())
-    code = vlp_eval(["vqa", "--checkpoint", export, "--vqa-dir", str(world_dir / "vqa"),
+    code = vlp(["eval", "vqa", "--checkpoint", export, "--vqa-dir", str(world_dir / "vqa"),
                 "--steps", "1", "--min-answer-count", "3", "--out", str(tmp_path / "v.json")])
     assert code == 0 and (tmp_path / "v.results.json").exists()
     capsys.readouterr()
-    code = vlp_eval(["retrieval", "--checkpoint", export, "--karpathy-json",
+    code = vlp(["eval", "retrieval", "--checkpoint", export, "--karpathy-json",
                 str(tmp_path / "missing.json"), "--image-root", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "Karpathy split JSON not found" in err and "missing.json" in err

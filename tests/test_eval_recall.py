@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from pipeline.eval.recall import chance_recalls, retrieval_recalls
+from vlp.pipeline.eval.retrieval.recall import chance_recalls, retrieval_recalls
 
 
 def brute_force_recalls(image_emb, text_emb, text_to_image, ks=(1, 5, 10)):

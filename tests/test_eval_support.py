@@ -17,19 +17,19 @@ def world_texts(world: Path) -> list[str]:
 
 
 def train_world_tokenizer(world: Path, out_dir: Path) -> Path:
-    from data_prep.tokenizer import train_tokenizer
+    from vlp.data_prep.tokenizer import train_tokenizer
 
     return train_tokenizer(world_texts(world), out_dir, vocab_size=300)
 
 
 def tiny_eval_model(tokenizer_json: Path, seed: int = 0):
-    """An EvalModel (untrained tiny UnifiedModel + tokenizer) built in memory."""
+    """An LoadedModel (untrained tiny UnifiedModel + tokenizer) built in memory."""
     import torch
 
-    from data_prep.tokenizer import load_tokenizer
-    from models.config import load_config
-    from models.model import UnifiedModel
-    from pipeline.eval.checkpoint import CheckpointInfo, EvalModel
+    from vlp.models.config import load_config
+    from vlp.models.model import UnifiedModel
+    from vlp.pipeline.data.checkpoints import CheckpointInfo, LoadedModel
+    from vlp.pipeline.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_json)
     config = load_config("tiny", vocab_size=len(tokenizer), **TINY)
@@ -37,7 +37,7 @@ def tiny_eval_model(tokenizer_json: Path, seed: int = 0):
     model = UnifiedModel(config).eval()
     info = CheckpointInfo(path="memory", kind="export", tag=None, step=None,
                           config=config.to_dict())
-    return EvalModel(model, tokenizer, info)
+    return LoadedModel(model, tokenizer, info)
 
 
 # Train a tiny model a few steps with a single-rank DeepSpeed ZeRO-3 engine (CPU, gloo, fp32) and
@@ -48,11 +48,11 @@ import json, sys
 from pathlib import Path
 import deepspeed, torch
 from safetensors.torch import save_file
-from data_prep.tokenizer import load_tokenizer
-from models.config import load_config
-from models.export import config_meta
-from models.model import LossWeights, UnifiedModel
-from pipeline.checkpoint import save_checkpoint
+from vlp.pipeline.data.tokenizer import load_tokenizer
+from vlp.models.config import load_config
+from vlp.models.export import config_meta
+from vlp.models.model import LossWeights, UnifiedModel
+from vlp.pipeline.train.checkpointer import save_checkpoint
 
 run_dir, tokenizer_json, tiny = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
 save_steps = [int(s) for s in sys.argv[4].split(",")]

@@ -1,7 +1,7 @@
 """The official VQA accuracy and answer normalisation, on hand-computed cases."""
 import pytest
 
-from pipeline.eval.vqa_metric import (
+from vlp.pipeline.eval.vqa.metric import (
     answer_soft_scores,
     normalize_answer,
     process_punctuation,

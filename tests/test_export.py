@@ -4,9 +4,14 @@ import json
 import pytest
 import torch
 
-from models import (UnifiedModel, from_pretrained, load_config, load_state_dict_checked,
-                    save_pretrained)
-from models.export import CONFIG_FILE
+from vlp.models import (
+    UnifiedModel,
+    from_pretrained,
+    load_config,
+    load_state_dict_checked,
+    save_pretrained,
+)
+from vlp.models.export import CONFIG_FILE
 
 
 def trained_model(**overrides) -> UnifiedModel:

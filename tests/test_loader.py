@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data import LoaderConfig, build_train_loader
-from pipeline.data_stream import iter_batches
-from pipeline.data_tar import SkipCounter
-from pipeline.transforms import tokenize
+from vlp.pipeline.data.loader import DataConfig, build_train_loader
+from vlp.pipeline.data.stream import iter_batches
+from vlp.pipeline.data.tar import SkipCounter
+from vlp.pipeline.data.tokenizer import tokenize
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = "a red blue green small big circle square triangle on the left right of and".split()
@@ -71,9 +71,9 @@ def good_members(key: str, i: int) -> list[tuple[str, bytes]]:
 
 
 def make_dataset(root: Path, shards: int, per_shard: int, extra: list | None = None,
-                 prefix: str = "") -> str:
+                 prefix: str = "", extra_samples: int = 0) -> str:
     """Good shards with keys PREFIX + SSS + JJJJ, then `extra` shards (member lists or raw
-    bytes), and a manifest; returns the brace pattern of them all."""
+    bytes, listed with `extra_samples` each), and a manifest; returns their brace pattern."""
     root.mkdir(parents=True, exist_ok=True)
     entries = []
     for s in range(shards):
@@ -85,7 +85,7 @@ def make_dataset(root: Path, shards: int, per_shard: int, extra: list | None = N
     for s, content in enumerate(extra or [], start=shards):
         path = root / f"{s:05d}.tar"
         path.write_bytes(content if isinstance(content, bytes) else tar_bytes(content))
-        entries.append({"name": path.name, "samples": 0})
+        entries.append({"name": path.name, "samples": extra_samples})
     total = sum(e["samples"] for e in entries)
     (root / "manifest.json").write_text(json.dumps({"shards": entries, "total_samples": total}))
     return f"{root}/{{00000..{len(entries) - 1:05d}}}.tar"
@@ -119,11 +119,16 @@ def dataset(tmp_path_factory) -> str:
     return make_dataset(tmp_path_factory.mktemp("shards"), shards=6, per_shard=10)
 
 
-def config(shards: str, **overrides) -> LoaderConfig:
-    values = dict(shards=shards, batch_size=4, num_workers=0, seed=7, image_size=32,
-                  max_text_len=12, shuffle_buffer=8, block_shards=2)
-    values.update(overrides)
-    return LoaderConfig(**values)
+STREAM_ARGS = dict(batch_size=4, seed=7, image_size=32, max_text_len=12)
+
+
+def loader_for(shards: str, tokenizer, rank: int = 0, world: int = 1, **overrides):
+    """build_train_loader on `shards` with small test settings; `overrides` go to DataConfig or
+    to the stream arguments (batch_size, seed, image_size, max_text_len)."""
+    stream = {**STREAM_ARGS, **{k: v for k, v in overrides.items() if k in STREAM_ARGS}}
+    data = dict(shards=shards, num_workers=0, shuffle_buffer=8, block_shards=2)
+    data.update({k: v for k, v in overrides.items() if k not in STREAM_ARGS})
+    return build_train_loader(DataConfig(**data), tokenizer, rank=rank, world_size=world, **stream)
 
 
 def take(loader, n: int) -> list[dict]:
@@ -134,8 +139,8 @@ def take(loader, n: int) -> list[dict]:
 def epoch_keys(shards: str, tokenizer, rank: int, world: int, workers: int, worker: int,
                epoch: int, **overrides) -> list[str]:
     """Keys one (rank, worker) stream yields in `epoch`, in order (batch_size 1: no leftovers)."""
-    loader = build_train_loader(config(shards, batch_size=1, num_workers=workers, **overrides),
-                                tokenizer, rank, world)
+    loader = loader_for(shards, tokenizer, rank, world, batch_size=1, num_workers=workers,
+                        **overrides)
     batches = iter_batches(loader.stream.spec, tokenizer, worker, (epoch, 0, 0), SkipCounter(),
                            stop_epoch=epoch + 1)
     return [key for batch in batches for key in batch["keys"]]
@@ -144,11 +149,11 @@ def epoch_keys(shards: str, tokenizer, rank: int, world: int, workers: int, work
 # ------------------------------------------------------------------------------------- the tests
 
 def test_batch_contents(dataset, tokenizer):
-    loader = build_train_loader(config(dataset, max_text_len=10), tokenizer, rank=0, world_size=1)
-    assert loader.steps_per_epoch == 60 // 4
+    loader = loader_for(dataset, tokenizer, max_text_len=10)
     batch = next(iter(loader))
-    assert batch["images"].shape == (4, 3, 32, 32) and batch["images"].dtype == torch.float32
-    assert batch["images"].is_contiguous() and -3 < batch["images"].mean() < 3
+    # uint8 pixels (the model normalises them on its device): a quarter of fp32's bytes to copy
+    assert batch["images"].shape == (4, 3, 32, 32) and batch["images"].dtype == torch.uint8
+    assert batch["images"].is_contiguous() and batch["images"].float().std() > 10
     for name in ("text_ids", "mlm_ids", "mlm_labels"):
         assert batch[name].shape == (4, 10) and batch[name].dtype == torch.long
     assert batch["text_mask"].dtype == torch.bool
@@ -174,8 +179,8 @@ def test_rank_and_worker_split_is_a_partition_each_epoch(dataset, tokenizer):
     # stream holds at most 2 shards (20 samples), so 42 batches take every worker past epoch 0.
     seen = []
     for rank in (0, 1):
-        loader = build_train_loader(config(dataset, batch_size=1, num_workers=2, block_shards=1),
-                                    tokenizer, rank, 2)
+        loader = loader_for(dataset, tokenizer, rank, 2, batch_size=1, num_workers=2,
+                            block_shards=1)
         seen += [b["keys"][0] for b in take(loader, 42) if b["position"][0] == 0]
         loader.close()
     assert sorted(seen) == all_keys
@@ -194,22 +199,22 @@ def test_resume_is_sample_exact(tmp_path, tokenizer, workers, world, resampled):
     # A bad shard and a bad sample make the skip counters part of what must resume exactly.
     bad = good_members("bad00001", 1)[1:] + good_members("bad00002", 2)
     shards = make_dataset(tmp_path, shards=8, per_shard=9, extra=[bad, b""])
-    cfg = config(shards, num_workers=workers, resampled=resampled)
+    settings = dict(num_workers=workers, sampling="resampled" if resampled else "epochs")
     rank = world - 1
-    reference = take(build_train_loader(cfg, tokenizer, rank, world), 23)  # ~2.5 epochs
+    reference = take(loader_for(shards, tokenizer, rank, world, **settings), 23)  # ~2.5 epochs
 
-    interrupted = build_train_loader(cfg, tokenizer, rank, world)
+    interrupted = loader_for(shards, tokenizer, rank, world, **settings)
     take(interrupted, 9)  # odd: resumed workers must rotate
     state = json.loads(json.dumps(interrupted.state_dict()))
     interrupted.close()
 
-    resumed = build_train_loader(cfg, tokenizer, rank, world)
+    resumed = loader_for(shards, tokenizer, rank, world, **settings)
     resumed.load_state_dict(state)
     for expected, got in zip(reference[9:], take(resumed, 14)):
         assert got["keys"] == expected["keys"]
         for name in ("images", "text_ids", "mlm_ids", "mlm_labels"):
             assert torch.equal(got[name], expected[name]), name
-    uninterrupted = build_train_loader(cfg, tokenizer, rank, world)
+    uninterrupted = loader_for(shards, tokenizer, rank, world, **settings)
     take(uninterrupted, 23)
     assert resumed.skipped_counts() == uninterrupted.skipped_counts()
     assert resumed.state_dict() == uninterrupted.state_dict()
@@ -240,7 +245,7 @@ def test_every_bad_sample_kind_is_skipped_and_counted(tmp_path, tokenizer):
     garbled[member_span(members[0][1]) + 5] ^= 0xFF  # a byte of cut0.txt's header name
     shards = make_dataset(tmp_path, shards=1, per_shard=3,
                           extra=[bad_samples, cut_in_data, cut_at_header, bytes(garbled), b""])
-    loader = build_train_loader(config(shards, batch_size=1), tokenizer, 0, 1)
+    loader = loader_for(shards, tokenizer, batch_size=1)
 
     skipped = SkipCounter()
     batches = iter_batches(loader.stream.spec, tokenizer, 0, (0, 0, 0), skipped, stop_epoch=1)
@@ -267,9 +272,8 @@ def test_http_shards_and_manifest(dataset, tokenizer):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_port}/{{00000..00005}}.tar"
-        remote = build_train_loader(config(url), tokenizer, 0, 1)
-        local = build_train_loader(config(dataset), tokenizer, 0, 1)
-        assert remote.steps_per_epoch == local.steps_per_epoch  # manifest read over http
+        remote = loader_for(url, tokenizer)  # the manifest is read over http too
+        local = loader_for(dataset, tokenizer)
         for got, expected in zip(take(remote, 5), take(local, 5)):
             assert got["keys"] == expected["keys"]  # same stream wherever the shards live
             assert torch.equal(got["images"], expected["images"])
@@ -281,8 +285,8 @@ def test_http_shards_and_manifest(dataset, tokenizer):
 
 def test_all_bad_data_stops_with_an_error_instead_of_looping(tmp_path, tokenizer):
     bad = [("a.jpg", b"not an image"), ("a.txt", b"caption")]
-    shards = make_dataset(tmp_path, shards=0, per_shard=0, extra=[bad, bad])
-    loader = build_train_loader(config(shards, samples_per_epoch=100), tokenizer, 0, 1)
+    shards = make_dataset(tmp_path, shards=0, per_shard=0, extra=[bad, bad], extra_samples=50)
+    loader = loader_for(shards, tokenizer)
     with pytest.raises(RuntimeError, match="no usable sample in any of the 2 shards"):
         next(iter(loader))
 
@@ -290,10 +294,8 @@ def test_all_bad_data_stops_with_an_error_instead_of_looping(tmp_path, tokenizer
 def test_resampled_mode_follows_source_weights(tmp_path, tokenizer):
     a = make_dataset(tmp_path / "a", shards=2, per_shard=5, prefix="a")
     b = make_dataset(tmp_path / "b", shards=6, per_shard=5, prefix="b")
-    loader = build_train_loader(
-        config(f"{a}::{b}", resampled=True, weights=[3.0, 1.0], block_shards=1, batch_size=16),
-        tokenizer, 0, 1)
-    assert loader.steps_per_epoch == 40 // 16
+    loader = loader_for(f"{a}::{b}", tokenizer, sampling="resampled", weights=[3.0, 1.0],
+                        block_shards=1, batch_size=16)
     keys = [key for batch in take(loader, 30) for key in batch["keys"]]
     share_a = np.mean([key.startswith("a") for key in keys])
     assert abs(share_a - 0.75) < 0.1, share_a  # by weight, not by shard count (which is 1:3)
@@ -306,29 +308,29 @@ def test_resampled_mode_follows_source_weights(tmp_path, tokenizer):
 ])
 def test_bad_urls_are_refused_before_any_work(tokenizer, shards, message):
     with pytest.raises(ValueError, match=message):
-        build_train_loader(config(shards), tokenizer, 0, 1)
+        loader_for(shards, tokenizer)
 
 
 def test_missing_shards_and_missing_counts_are_errors(tmp_path, dataset, tokenizer):
     with pytest.raises(ValueError, match="does not exist"):
-        build_train_loader(config(str(tmp_path / "{00000..00003}.tar")), tokenizer, 0, 1)
+        loader_for(str(tmp_path / "{00000..00003}.tar"), tokenizer)
     bare = tmp_path / "bare"
     bare.mkdir()
     for s in range(2):
         (bare / f"{s}.tar").write_bytes(tar_bytes(good_members(f"k{s}", s)))
     with pytest.raises(ValueError, match="manifest.json or sizes.json"):
-        build_train_loader(config(f"{bare}/{{0..1}}.tar"), tokenizer, 0, 1)
-    given = build_train_loader(config(f"{bare}/{{0..1}}.tar", samples_per_epoch=50), tokenizer, 0, 1)
-    assert given.steps_per_epoch == 50 // 4
+        loader_for(f"{bare}/{{0..1}}.tar", tokenizer)
     (bare / "sizes.json").write_text(json.dumps({"0.tar": 20, "1.tar": 21}))  # OpenCLIP layout
-    assert build_train_loader(config(f"{bare}/{{0..1}}.tar"), tokenizer, 0, 1).steps_per_epoch == 10
+    loader = loader_for(f"{bare}/{{0..1}}.tar", tokenizer, block_shards=None)
+    assert loader.stream.spec.block_shards == 1  # 2 x 8-sample buffer fits in one 20-sample shard
+    assert len(next(iter(loader))["keys"]) == 4
 
 
 def test_too_few_shards_for_ranks_times_workers(dataset, tokenizer):
     with pytest.raises(ValueError, match=r"6 shards cannot feed 2 ranks x 4 workers = 8 streams.*"
                                          r"num_workers to at most 3"):
-        build_train_loader(config(dataset, num_workers=4), tokenizer, 0, 2)
-    build_train_loader(config(dataset, num_workers=4, resampled=True), tokenizer, 0, 2)
+        loader_for(dataset, tokenizer, 0, 2, num_workers=4)
+    loader_for(dataset, tokenizer, 0, 2, num_workers=4, sampling="resampled")
 
 
 def test_batch_tokenize_matches_the_transformers_call(tokenizer):
@@ -342,13 +344,13 @@ def test_batch_tokenize_matches_the_transformers_call(tokenizer):
 
 def test_pickle_members_are_never_decoded(dataset, tokenizer):
     with pytest.raises(ValueError, match="never unpickled"):
-        build_train_loader(config(dataset, caption_key="pyd"), tokenizer, 0, 1)
+        loader_for(dataset, tokenizer, caption_key="pyd")
 
 
 def test_resume_refuses_a_changed_stream(dataset, tokenizer):
-    loader = build_train_loader(config(dataset, num_workers=0), tokenizer, 0, 1)
+    loader = loader_for(dataset, tokenizer, num_workers=0)
     take(loader, 2)
-    other = build_train_loader(config(dataset, num_workers=2), tokenizer, 0, 1)
+    other = loader_for(dataset, tokenizer, num_workers=2)
     with pytest.raises(ValueError, match="num_workers: checkpoint 1, now 2"):
         other.load_state_dict(loader.state_dict())
 
@@ -360,13 +362,13 @@ def test_data_prep_fixtures_load(request):
         tokenizer_dir = Path(request.getfixturevalue("tokenizer_dir"))
     except pytest.FixtureLookupError:
         pytest.skip("data_prep fixtures shard_dir/tokenizer_dir not available")
-    from data_prep.tokenizer import load_tokenizer
+    from vlp.pipeline.data.tokenizer import load_tokenizer
 
     manifest = json.loads((shard_dir / "manifest.json").read_text())
     stems = sorted(entry["name"].split(".")[0] for entry in manifest["shards"])
     pattern = f"{shard_dir}/{{{stems[0]}..{stems[-1]}}}.tar"
     real = load_tokenizer(tokenizer_dir)
-    loader = build_train_loader(config(pattern, block_shards=None), real, 0, 1)
+    loader = loader_for(pattern, real, block_shards=None)
     batch = next(iter(loader))
     assert batch["images"].shape == (4, 3, 32, 32) and len(batch["keys"]) == 4
     assert sum(loader.skipped_counts().values()) == 0

@@ -7,9 +7,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from data_prep.server import free_port
-from models import LossWeights, UnifiedModel, load_config
-from models.losses import contrastive_loss, hard_negatives, vqa_loss
+from vlp.data_prep.server import free_port
+from vlp.models import LossWeights, UnifiedModel, load_config
+from vlp.models.losses import contrastive_loss, hard_negatives, vqa_loss
 
 WORLD, LOCAL_B, T = 2, 3, 8
 

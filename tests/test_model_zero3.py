@@ -10,7 +10,6 @@ import sys
 import textwrap
 
 import pytest
-
 from train_helpers import REPO, single_rank_env
 
 pytestmark = pytest.mark.slow
@@ -18,7 +17,7 @@ pytestmark = pytest.mark.slow
 SCRIPT = textwrap.dedent("""
     import json, sys, torch, deepspeed
     from deepspeed.utils import safe_get_full_grad
-    from models import UnifiedModel, load_config
+    from vlp.models import UnifiedModel, load_config
 
     deepspeed.init_distributed(dist_backend="gloo")
     config = load_config("tiny", vocab_size=50, width=32, heads=2, depth=3, fusion_layers=2)

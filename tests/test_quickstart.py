@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from pipeline.cli import main as vlp
+from vlp.pipeline.cli import main as vlp
 
 pytestmark = pytest.mark.slow
 
@@ -27,4 +27,6 @@ def test_quickstart_runs_every_stage(tmp_path, capsys):
     ckpts = out / "runs" / "tiny_synth" / "checkpoints"
     assert (ckpts / "global_step0").is_dir() and (ckpts / "global_step3").is_dir()
 
-    assert vlp(["quickstart", "--out-dir", str(out)]) == 1  # refuses to mix with an old run
+    capsys.readouterr()
+    assert vlp(["quickstart", "--out-dir", str(out)]) == 2  # refuses to mix with an old run
+    assert "vlp quickstart: error:" in capsys.readouterr().err

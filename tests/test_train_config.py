@@ -4,16 +4,17 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_train_config
-from pipeline.optim import warmup_cosine
-from pipeline.train import build_ds_config
+from vlp.pipeline.train.config import load_train_config
+from vlp.pipeline.train.optim import warmup_cosine
+from vlp.pipeline.train.trainer import build_ds_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_recipe_loads_and_overrides_apply():
     cfg = load_train_config(REPO / "pipeline/recipes/tiny_synth.yaml",
-                            ["optim.lr=3e-4", "optim.max_steps=20", "data.weights=[1, 2]"])
+                            ["optim.lr=3e-4", "optim.max_steps=20", "data.sampling=resampled",
+                             "data.weights=[1, 2]"])
     assert cfg.model.name == "tiny"
     assert cfg.optim.lr == pytest.approx(3e-4)  # YAML reads "3e-4" as text; it is converted
     assert cfg.optim.max_steps == 20
@@ -65,8 +66,8 @@ def test_warmup_then_cosine_to_the_floor():
 
 
 def test_weight_decay_spares_positions_cls_types_and_vectors():
-    from models import UnifiedModel, load_config
-    from pipeline.optim import parameter_groups
+    from vlp.models import UnifiedModel, load_config
+    from vlp.pipeline.train.optim import parameter_groups
 
     model = UnifiedModel(load_config("tiny", vocab_size=50))
     decay, no_decay = parameter_groups(model, weight_decay=0.1)
@@ -94,7 +95,7 @@ def test_shipped_ds_config_is_found_from_any_directory(tmp_path, monkeypatch):
 def test_shm_buffers_of_one_job_are_removed_and_others_kept():
     import os
 
-    from pipeline.distributed import remove_shm_buffers
+    from vlp.pipeline.distributed import remove_shm_buffers
 
     uid, shm = os.getuid(), Path("/dev/shm")
     ours = [shm / f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_61234_{r}" for r in (0, 1)]

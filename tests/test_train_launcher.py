@@ -3,9 +3,16 @@ import json
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from train_helpers import (free_port, keys_by_step, kill_group, metrics_by_step, run_training,
-                           start_training, train_overrides, wait_for)
+from train_helpers import (
+    free_port,
+    keys_by_step,
+    kill_group,
+    metrics_by_step,
+    run_training,
+    start_training,
+    train_overrides,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 

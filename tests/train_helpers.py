@@ -8,9 +8,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from data_prep.index import shard_url_pattern
-from data_prep.server import free_port
-from pipeline.train_cli import launcher_command
+from vlp.data_prep.server import free_port
+from vlp.pipeline.data.manifest import shard_url_pattern
+from vlp.pipeline.train.launch import launcher_command
 
 REPO = Path(__file__).resolve().parents[1]
 # A model small enough that a launcher run is dominated by start-up, not steps.
@@ -78,10 +78,14 @@ def metrics_by_step(run_dir: Path) -> dict[int, dict]:
 
 
 def keys_by_step(run_dir: Path, rank: int) -> dict[int, list[str]]:
-    records = {}
+    """{step: keys of all its micro-batches}; a step logged again after a resume replaces the
+    old one."""
+    records: dict[int, list[str]] = {}
     for line in (Path(run_dir) / "samples" / f"rank{rank}.jsonl").read_text().splitlines():
         record = json.loads(line)
-        records[record["step"]] = record["keys"]
+        if record["micro"] == 0:
+            records[record["step"]] = []
+        records[record["step"]] += record["keys"]
     return records
 
 

@@ -11,12 +11,14 @@ import importlib
 
 # (subcommand, module, help); each module defines add_arguments(parser) and run(args) -> int
 BENCHMARKS = [
-    ("train", "pipeline.bench.train",
+    ("train", "vlp.pipeline.bench.train",
      "training-step samples/s and MFU: ours (ITC, full) vs HF CLIPModel"),
-    ("attention", "pipeline.bench.attention", "attention backends sdpa vs reference, fwd+bwd"),
-    ("loader", "pipeline.bench.loader", "our loader vs a plain webdataset+PIL pipeline"),
-    ("zero", "pipeline.bench.zero", "ZeRO-3 memory per rank and step time vs ZeRO-2 / 1 process"),
-    ("eval", "pipeline.bench.eval_recall", "chunked retrieval recall vs full score matrix"),
+    ("attention", "vlp.pipeline.bench.attention", "attention backends sdpa vs reference, fwd+bwd"),
+    ("loader", "vlp.pipeline.bench.loader", "our loader vs a plain webdataset+PIL pipeline"),
+    ("zero", "vlp.pipeline.bench.zero", "ZeRO-3 memory per rank and step time vs ZeRO-2 / 1 process"),
+    ("eval", "vlp.pipeline.bench.eval_recall", "chunked retrieval recall vs full score matrix"),
+    ("smoke", "vlp.pipeline.bench.smoke",
+     "a short real training run on this machine's devices, resumed, then evaluated"),
 ]
 
 

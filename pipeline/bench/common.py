@@ -28,7 +28,7 @@ def load_model_config(name, vocab: int = DEFAULT_VOCAB, overrides: dict | None =
                       quick: bool = False):
     """models.config.load_config(name, **overrides), with `vocab` as the vocabulary when neither
     the config nor the overrides set one; `quick` then shrinks it to QUICK_MODEL."""
-    from models.config import load_config
+    from vlp.models.config import load_config
 
     overrides = dict(overrides or {})
     config = load_config(name, **overrides)
@@ -46,10 +46,11 @@ def median(values) -> float:
 
 
 def synchronize(device: str) -> None:
+    """Wait for the work queued on `device` (a no-op on the CPU)."""
     if str(device).startswith("cuda"):
         import torch
 
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def interleaved_timings(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
@@ -57,10 +58,12 @@ def interleaved_timings(variants: dict[str, Callable[[], object]], repeats: int,
     """Run each variant `warmup` times, then `repeats` rounds of one call each, interleaved.
 
     The order rotates every round, so no variant always runs right after the same neighbour.
-    Returns {name: {"wall_s": [...], "cpu_s": [...]}}, entry r from round r. CPU time is this
-    process's (all threads; OpenMP threads that spin while waiting count too); wall time is what
-    the benchmark figures use.
+    Returns {name: {"wall_s": [...], "cpu_s": [...]}}, entry r from round r. Wall time, what the
+    figures use, is measured from an idle device to the end of the call's work on `device`.
+    On the CPU, "cpu_s" is this process's CPU time (all threads; OpenMP threads that spin while
+    waiting count too); on a GPU it means nothing and is left empty.
     """
+    on_cpu = not str(device).startswith("cuda")
     for fn in variants.values():
         for _ in range(warmup):
             fn()
@@ -74,8 +77,13 @@ def interleaved_timings(variants: dict[str, Callable[[], object]], repeats: int,
             fn()
             synchronize(device)
             times[name]["wall_s"].append(time.perf_counter() - wall0)
-            times[name]["cpu_s"].append(time.process_time() - cpu0)
+            if on_cpu:
+                times[name]["cpu_s"].append(time.process_time() - cpu0)
     return times
+
+
+def median_or_none(values) -> float | None:
+    return median(values) if values else None
 
 
 def round_ratio_median(times: dict, numerator: str, denominator: str,
@@ -120,7 +128,9 @@ def resolve_device(requested: str | None) -> str:
 
     if requested:
         if requested.startswith("cuda") and not torch.cuda.is_available():
-            raise SystemExit(f"--device {requested}: no CUDA device is visible to torch")
+            from vlp.pipeline.data.errors import UserError
+
+            raise UserError(f"--device {requested}: no CUDA device is visible to torch")
         return requested
     return "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -22,8 +22,14 @@ import json
 import subprocess
 import sys
 
-from pipeline.bench.common import (environment, format_table, median, out_path, repeats_for,
-                                   write_json)
+from vlp.pipeline.bench.common import (
+    environment,
+    format_table,
+    median,
+    out_path,
+    repeats_for,
+    write_json,
+)
 
 IMPLEMENTATIONS = ("chunked", "naive")
 
@@ -45,7 +51,7 @@ def naive_recalls(image_emb, text_emb, text_to_image, ks=(1, 5, 10)) -> dict[str
     """Full score matrix + full argsort in both directions (the memory-hungry baseline)."""
     import torch
 
-    from pipeline.eval.recall import recalls_from_ranks
+    from vlp.pipeline.eval.retrieval.recall import recalls_from_ranks
 
     scores = text_emb @ image_emb.T  # (N_txt, N_img)
     order = scores.argsort(dim=1, descending=True)  # (N_txt, N_img) int64
@@ -92,7 +98,7 @@ def worker(argv: list[str], quiet: bool = False) -> dict:
     a = p.parse_args([str(x) for x in argv])
     if a.threads:
         torch.set_num_threads(a.threads)
-    from pipeline.eval.recall import retrieval_recalls
+    from vlp.pipeline.eval.retrieval.recall import retrieval_recalls
 
     image_emb, text_emb, t2i = make_embeddings(a.images, a.captions_per_image, a.dim, a.noise,
                                                a.seed)
@@ -122,7 +128,7 @@ def _run_worker(impl: str, args) -> dict:
         argv += ["--threads", str(args.threads)]
     if args.quick:  # smoke test: in this process (memory figures then mean little)
         return worker(argv, quiet=True)
-    cmd = [sys.executable, "-m", "pipeline.bench.eval_recall", "--worker", *argv]
+    cmd = [sys.executable, "-m", "vlp.pipeline.bench.eval_recall", "--worker", *argv]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"eval worker {impl} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")

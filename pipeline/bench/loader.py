@@ -1,6 +1,6 @@
 """`vlp bench loader`: our training loader vs a plain webdataset + PIL pipeline, per worker.
 
-Data: real JPEG shards encoded with Pillow and written by data_prep.reshard's shard writer in
+Data: real JPEG shards encoded with Pillow and written by data_prep.reshard's ShardWriter in
 img2dataset's layout (`NNNNN.tar` holding `KEY.jpg`, `KEY.txt`, `KEY.json`, beside it
 `NNNNN_stats.json`; each tar is renamed into place when complete), indexed with
 data_prep.index.build_manifest; images are synthetic scenes (data_prep.scenes) rendered at
@@ -9,10 +9,11 @@ data_prep.captions; a WordPiece tokenizer trained on them (data_prep.tokenizer).
 bench_out/loader_data/ keyed by the parameters.
 
 Both pipelines do the same work per sample: shuffle (same buffer size) -> JPEG decode -> resize
-the shorter side to `image_size` (bicubic) -> centre crop -> normalised float (3, S, S) ->
-tokenize to fixed length with [CLS]...[SEP] -> batch -> BERT MLM masking. Ours:
-pipeline.data.build_train_loader. Plain: wds.WebDataset(...).shuffle().decode("pil") with
-explicit skip handlers, a per-sample image transform (what torchvision's Resize/CenterCrop/
+the shorter side to `image_size` (bicubic) -> centre crop -> (3, S, S) image -> tokenize to fixed
+length with [CLS]...[SEP] -> batch -> BERT MLM masking. Ours: vlp.pipeline.data.loader's
+build_train_loader, which hands over uint8 pixels (the model normalises them on its device, and a
+GPU copy moves a quarter of fp32's bytes). Plain: wds.WebDataset(...).shuffle().decode("pil") with
+normalised float images as users usually write it, explicit skip handlers, a per-sample image transform (what torchvision's Resize/CenterCrop/
 ToTensor/Normalize do, in PIL + torch), per-sample `tokenizer(caption, padding="max_length",
 ...)` as users typically write it, batched by webdataset's default collation, masked per batch
 with the same mask_tokens.
@@ -30,8 +31,16 @@ import os
 import time
 from pathlib import Path
 
-from pipeline.bench.common import (OUT_DIR, environment, format_table, median, out_path,
-                                   repeats_for, verdict, write_json)
+from vlp.pipeline.bench.common import (
+    OUT_DIR,
+    environment,
+    format_table,
+    median,
+    out_path,
+    repeats_for,
+    verdict,
+    write_json,
+)
 
 GOAL_SPEEDUP = 1.5
 
@@ -60,10 +69,10 @@ def write_jpeg_shards(out_dir: Path, shards: int, per_shard: int, source_size: i
     """img2dataset-layout JPEG shards of synthetic scenes, indexed; returns out_dir."""
     import numpy as np
 
-    from data_prep.captions import captions
-    from data_prep.index import build_manifest
-    from data_prep.reshard import _ShardSink
-    from data_prep.scenes import WorldSpec, render_scene, sample_scene
+    from vlp.data_prep.captions import captions
+    from vlp.data_prep.index import build_manifest
+    from vlp.data_prep.reshard import ShardWriter
+    from vlp.data_prep.scenes import WorldSpec, render_scene, sample_scene
 
     out_dir = Path(out_dir)
     if (out_dir / "manifest.json").exists() and (out_dir / "tokenizer" / "tokenizer.json").exists():
@@ -71,7 +80,7 @@ def write_jpeg_shards(out_dir: Path, shards: int, per_shard: int, source_size: i
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = WorldSpec()
     texts = []
-    sink = _ShardSink(out_dir, per_shard)  # a new NNNNN.tar (+ NNNNN_stats.json) every per_shard
+    sink = ShardWriter(out_dir, per_shard)  # a new NNNNN.tar (+ NNNNN_stats.json) every per_shard
     for shard in range(shards):
         for i in range(per_shard):
             rng = np.random.default_rng([seed, shard, i])
@@ -87,7 +96,7 @@ def write_jpeg_shards(out_dir: Path, shards: int, per_shard: int, source_size: i
                              "json": json.dumps(meta).encode()}, source="synthetic_scenes")
     sink.close()
     build_manifest(out_dir)
-    from data_prep.tokenizer import train_tokenizer
+    from vlp.data_prep.tokenizer import train_tokenizer
 
     train_tokenizer(texts, out_dir / "tokenizer", vocab_size=1000)
     return out_dir
@@ -95,7 +104,7 @@ def write_jpeg_shards(out_dir: Path, shards: int, per_shard: int, source_size: i
 
 def shard_urls(data_dir: Path) -> str:
     """Brace pattern over the indexed shards (data_prep.index.shard_url_pattern), absolute."""
-    from data_prep.index import shard_url_pattern
+    from vlp.pipeline.data.manifest import shard_url_pattern
 
     return shard_url_pattern(Path(data_dir).resolve())
 
@@ -103,12 +112,12 @@ def shard_urls(data_dir: Path) -> str:
 # ---- the two pipelines ---------------------------------------------------------------------------
 
 def ours(urls: str, tokenizer, args, num_workers: int):
-    from pipeline.data import LoaderConfig, build_train_loader
+    from vlp.pipeline.data.loader import DataConfig, build_train_loader
 
-    config = LoaderConfig(shards=urls, batch_size=args.batch, num_workers=num_workers,
-                          image_size=args.image_size, max_text_len=args.max_text_len,
-                          shuffle_buffer=args.shuffle_buffer)
-    loader = build_train_loader(config, tokenizer, rank=0, world_size=1)
+    config = DataConfig(shards=urls, num_workers=num_workers, shuffle_buffer=args.shuffle_buffer)
+    loader = build_train_loader(config, tokenizer, batch_size=args.batch, seed=0,
+                                image_size=args.image_size, max_text_len=args.max_text_len,
+                                rank=0, world_size=1)
     return loader, loader.close
 
 
@@ -119,8 +128,9 @@ def plain(urls: str, tokenizer, args, num_workers: int):
     import webdataset as wds
     from PIL import Image
 
-    from pipeline.data import masking_spec
-    from pipeline.transforms import IMAGE_MEAN, IMAGE_STD, mask_tokens
+    from vlp.models.model import IMAGE_MEAN, IMAGE_STD
+    from vlp.pipeline.data.tokenizer import masking_spec
+    from vlp.pipeline.data.transforms import mask_tokens
 
     size, max_len = args.image_size, args.max_text_len
     mean, std = torch.tensor(IMAGE_MEAN).view(3, 1, 1), torch.tensor(IMAGE_STD).view(3, 1, 1)
@@ -191,8 +201,9 @@ def train_data_wait(data_dir: Path, steps: int, run_dir: Path) -> dict:
     """Run `vlp train` (tiny, 2 ranks, ZeRO-3 CPU config) and read its logged data-wait share."""
     import shutil
 
-    from data_prep.server import free_port
-    from pipeline.train_cli import run_training
+    from vlp.data_prep.server import free_port
+    from vlp.pipeline.train.config import recipe_path
+    from vlp.pipeline.train.launch import run_training
 
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [f"run_dir={run_dir}", f"data.shards={shard_urls(data_dir)}",
@@ -200,7 +211,7 @@ def train_data_wait(data_dir: Path, steps: int, run_dir: Path) -> dict:
                  "optim.batch_size=32", "logging.every_steps=5", f"checkpoint.every_steps={steps}",
                  "data.num_workers=1"]
     start = time.perf_counter()
-    code = run_training("pipeline/recipes/tiny_synth.yaml", overrides, nproc=2,
+    code = run_training(str(recipe_path("tiny_synth.yaml")), overrides, nproc=2,
                         master_port=free_port())
     wall = time.perf_counter() - start
     records = []
@@ -220,8 +231,8 @@ def run(args) -> int:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     import torch
 
-    from data_prep.index import load_manifest
-    from data_prep.tokenizer import load_tokenizer
+    from vlp.pipeline.data.manifest import load_manifest
+    from vlp.pipeline.data.tokenizer import load_tokenizer
 
     torch.set_num_threads(1)
     if args.quick:

@@ -15,8 +15,10 @@ blocks of the same shape; `whole`: the whole forward); compile time is measured 
 the first compiled call minus a steady-state step. `--compile-reference` compiles CLIP's
 encoder layers the same way, to show how much of the gap is compilation.
 
-MFU = model FLOPs per sample x samples/s / peak, the peak being a large matmul in the step's
-dtype measured in the same run (pipeline.metrics.measure_peak_flops). Our FLOPs come from
+MFU has training's definition (vlp.pipeline.train.metrics): model FLOPs per sample x samples/s /
+peak, the peak a dense square matmul in the step's dtype measured in the same run by the same
+function training uses (measure_peak_flops: 8192^3 with CUDA events on a GPU, 2048^3 on the CPU
+with this process's threads). Our FLOPs come from
 models.flops.flops_per_sample; CLIP's are counted by torch's FlopCounterMode on one forward
 (math SDPA, so attention is seen) x 3. They differ by one thing: our encoders' last block only
 computes the pooled CLS position, CLIP's computes every position.
@@ -26,10 +28,23 @@ from __future__ import annotations
 import argparse
 import time
 
-from pipeline.bench.common import (DEFAULT_VOCAB, environment, format_table, interleaved_timings,
-                                   load_model_config, median, out_path, repeats_for,
-                                   resolve_device, round_ratio_median, set_threads, verdict,
-                                   write_json)
+from vlp.pipeline.bench.common import (
+    DEFAULT_VOCAB,
+    environment,
+    format_table,
+    interleaved_timings,
+    load_model_config,
+    median,
+    median_or_none,
+    out_path,
+    repeats_for,
+    resolve_device,
+    round_ratio_median,
+    set_threads,
+    synchronize,
+    verdict,
+    write_json,
+)
 
 GOAL_ITC_SPEEDUP = 1.5  # our ITC step vs HF CLIP, samples/s
 GOAL_FULL_COST = 2.0  # full ITC+ITM+MLM step time / our ITC step time
@@ -44,8 +59,9 @@ def add_arguments(p) -> None:
     p.add_argument("--vocab", type=int, default=DEFAULT_VOCAB,
                    help="vocabulary when the config has none (tiny); default BERT's 30522")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
-                   help="bf16: autocast forward with fp32 master weights (both models)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                   help="bf16: autocast forward with fp32 master weights (both models); default "
+                        "bf16 where it is fast (GPUs, CPUs with native bf16), else fp32")
     p.add_argument("--compile", choices=["none", "blocks", "whole"], default=None,
                    help="torch.compile our model; the compiled variants are then the headline "
                         "(default: blocks on CUDA; none on CPU, where it was measured not to pay, "
@@ -78,7 +94,7 @@ def make_batch(config, batch: int, device: str, seed: int) -> dict:
     """Random images, captions of random length ([CLS] w... [SEP], padded) and BERT masking."""
     import torch
 
-    from pipeline.transforms import MaskingSpec, mask_tokens
+    from vlp.pipeline.data.transforms import MaskingSpec, mask_tokens
 
     g = torch.Generator().manual_seed(seed)
     T = config.max_text_len
@@ -173,8 +189,7 @@ def hf_clip_flops_per_sample(model, batch: dict, samples: int = 4) -> float:
 
 
 def timed_first_step(stepper: Stepper, device: str) -> float:
-    from pipeline.bench.common import synchronize
-
+    synchronize(device)
     start = time.perf_counter()
     stepper.step()
     synchronize(device)
@@ -186,12 +201,14 @@ def timed_first_step(stepper: Stepper, device: str) -> float:
 def run(args) -> int:
     import torch
 
-    from models.flops import flops_per_sample
-    from models.model import LossWeights, UnifiedModel
-    from pipeline.metrics import measure_peak_flops
+    from vlp.models.flops import flops_per_sample
+    from vlp.models.model import LossWeights, UnifiedModel
+    from vlp.pipeline.distributed import fast_bf16
+    from vlp.pipeline.train.metrics import PEAK_MATMUL_SIZE, measure_peak_flops, mfu
 
     set_threads(args.threads)
     device = resolve_device(args.device)
+    args.dtype = args.dtype or ("bf16" if fast_bf16(device) else "fp32")
     name, config = model_config(args, device)
     batch_size = args.batch or default_batch(name, device, args.quick)
     compile_mode = args.compile or ("none" if args.quick or device == "cpu" else "blocks")
@@ -231,10 +248,8 @@ def run(args) -> int:
                                                               device)
 
     peak_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    peak_size = 512 if args.quick else (8192 if device != "cpu" else 2048)
-    peaks = {dt: measure_peak_flops(getattr(torch, dt), size=peak_size, device=device)
-             for dt in ("bfloat16", "float32")}
-    peak = peaks[str(peak_dtype).removeprefix("torch.")]
+    peak_size = 512 if args.quick else PEAK_MATMUL_SIZE.get(torch.device(device).type, 2048)
+    peak = measure_peak_flops(peak_dtype, device=device, size=peak_size)
 
     timings = interleaved_timings({k: v.step for k, v in variants.items()}, repeats,
                                   warmup=warmup, device=device)
@@ -252,9 +267,10 @@ def run(args) -> int:
         sps = batch_size / step_s
         results[label] = {
             "model": model_name, "objective": objective, "mode": mode,
-            "step_s_median": step_s, "step_s": t["wall_s"], "cpu_s_median": median(t["cpu_s"]),
+            "step_s_median": step_s, "step_s": t["wall_s"],
+            "cpu_s_median": median_or_none(t["cpu_s"]),
             "samples_per_s": sps, "flops_per_sample": model_flops,
-            "mfu": model_flops * sps / peak,
+            "mfu": mfu(model_flops, sps, peak),
             "compile_s": (max(0.0, compile_s[label] - step_s) if label in compile_s else None),
             "final_loss": float(variants[label].last_loss.float().item()),
         }
@@ -270,7 +286,8 @@ def run(args) -> int:
         "itc_speedup_vs_hf_clip": verdict(results[head_itc]["samples_per_s"]
                                           / ref["samples_per_s"], GOAL_ITC_SPEEDUP),
         "itc_speedup_round_ratio_median": round_ratio_median(timings, "hf_clip_itc", head_itc),
-        "itc_speedup_cpu_time": ref["cpu_s_median"] / results[head_itc]["cpu_s_median"],
+        "itc_speedup_cpu_time": (ref["cpu_s_median"] / results[head_itc]["cpu_s_median"]
+                                 if ref["cpu_s_median"] else None),
         "full_step_cost_vs_itc": verdict(results[head_full]["step_s_median"]
                                          / results[head_itc]["step_s_median"], GOAL_FULL_COST,
                                          higher_is_better=False),
@@ -296,8 +313,7 @@ def run(args) -> int:
                   "attention": "SDPA (ours: models.attention sdpa; HF: attn_implementation=sdpa)",
                   "compile": compile_mode, "repeats": repeats, "warmup": warmup,
                   "device": device},
-        "peak_flops": {"bfloat16": peaks["bfloat16"], "float32": peaks["float32"],
-                       "used": str(peak_dtype), "matmul_size": peak_size},
+        "peak_flops": {"flops_per_s": peak, "dtype": str(peak_dtype), "matmul_size": peak_size},
         "results": results, "summary": summary,
     }
     path = write_json(out_path(args, "train"), payload)
@@ -311,8 +327,8 @@ def run(args) -> int:
     s = summary
     print(f"ours ITC vs HF CLIP: {s['itc_speedup_vs_hf_clip']['value']:.2f}x samples/s "
           f"(goal >= {GOAL_ITC_SPEEDUP}x: {_met(s['itc_speedup_vs_hf_clip'])}) [{head_itc}; "
-          f"per-round median {s['itc_speedup_round_ratio_median']:.2f}x, CPU time "
-          f"{s['itc_speedup_cpu_time']:.2f}x]")
+          f"per-round median {s['itc_speedup_round_ratio_median']:.2f}x"
+          + (f", CPU time {s['itc_speedup_cpu_time']:.2f}x]" if s["itc_speedup_cpu_time"] else "]"))
     print(f"full step / ITC step: {s['full_step_cost_vs_itc']['value']:.2f}x time "
           f"(goal <= {GOAL_FULL_COST}x: {_met(s['full_step_cost_vs_itc'])}; per-round median "
           f"{s['full_step_cost_round_ratio_median']:.2f}x; FLOP ratio "

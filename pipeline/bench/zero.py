@@ -3,15 +3,15 @@ ZeRO-3 vs ZeRO-2 vs a single process without DeepSpeed.
 
 Every DeepSpeed run goes through the real launcher, exactly as training does:
 
-    deepspeed --master_port P --num_accelerators N pipeline/bench/zero_worker.py --mode zero3 ...
+    deepspeed --master_port P --num_accelerators N --module vlp.pipeline.bench.zero_worker ...
 
 (CPU accelerator, gloo, bf16; ds_configs/zero3_cpu.json and zero2_cpu.json with the batch set
 here). The single process runs the same worker with plain torch (fp32 weights, bf16 autocast,
 fused AdamW). Each worker times `--steps` full training steps (ITC+ITM+MLM) after `--warmup`,
 counts its rank's parameter, gradient and optimizer-state bytes from the engine (how: see
-pipeline/bench/zero_worker.py) and writes a JSON file per rank, which this command collects.
+vlp/pipeline/bench/zero_worker.py) and writes a JSON file per rank, which this command collects.
 Ranks on one machine share its cores: the launcher's ranks each get cores / ranks torch threads
-(pipeline.distributed.init_distributed), the single process all of them, so step times compare
+(vlp.pipeline.distributed.init_distributed), the single process all of them, so step times compare
 whole-machine throughput (samples/s = batch per rank x ranks / step time). `--threads 1` runs
 every process on one thread instead (steadier on a shared machine); then compare samples/s per
 thread.
@@ -25,11 +25,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline.bench.common import (QUICK_MODEL, environment, format_table, median, out_path,
-                                   repeats_for, verdict, write_json)
-from pipeline.bench.zero_worker import DS_CONFIGS
+from vlp.pipeline.bench.common import (
+    QUICK_MODEL,
+    environment,
+    format_table,
+    median,
+    out_path,
+    repeats_for,
+    verdict,
+    write_json,
+)
+from vlp.pipeline.bench.zero_worker import DS_CONFIGS
 
-WORKER = Path(__file__).with_name("zero_worker.py")
+WORKER = "vlp.pipeline.bench.zero_worker"
 # (mode, ranks): the memory pair first, then the step-time comparison
 PLAN = [("zero3", 1), ("zero3", 2), ("zero2", 2), ("single", 1)]
 QUICK_PLAN = [("zero3", 1), ("zero3", 2)]
@@ -51,8 +59,7 @@ def add_arguments(p) -> None:
 
 
 def _launch(mode: str, ranks: int, args, out_dir: Path) -> None:
-    from data_prep.server import free_port
-    from pipeline.config import PROJECT_ROOT
+    from vlp.data_prep.server import free_port
 
     worker_args = ["--mode", mode, "--out-dir", str(out_dir), "--config", args.config,
                    "--batch", str(args.batch), "--steps", str(args.steps),
@@ -60,19 +67,18 @@ def _launch(mode: str, ranks: int, args, out_dir: Path) -> None:
     if args.quick:
         worker_args += ["--overrides", json.dumps(QUICK_MODEL)]
     if mode == "single":
-        cmd = [sys.executable, str(WORKER), *worker_args]
+        cmd = [sys.executable, "-m", WORKER, *worker_args]
     else:
-        from pipeline.train_cli import launcher_command
+        from vlp.pipeline.train.launch import TRAIN_MODULE, launcher_command
 
-        # training's own launcher line, with this worker in place of pipeline/train.py
+        # training's own launcher line, with this worker in place of the training module
         launcher = launcher_command(None, [], nproc=ranks, master_port=free_port())
-        assert launcher[-1].endswith("train.py"), launcher
-        cmd = [*launcher[:-1], str(WORKER), *worker_args]
+        assert launcher[-1] == TRAIN_MODULE, launcher
+        cmd = [*launcher[:-1], WORKER, *worker_args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
-                          timeout=args.timeout)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-4000:]
         raise RuntimeError(f"{mode} on {ranks} rank(s) failed ({proc.returncode}): "
@@ -151,7 +157,7 @@ def run(args) -> int:
                          "objectives": "ITC+ITM+MLM",
                          "ds_configs": DS_CONFIGS,
                          "launcher": "deepspeed --num_accelerators N (CPU accelerator, gloo)",
-                         "byte_counting": "see pipeline/bench/zero_worker.py docstring"},
+                         "byte_counting": "see vlp/pipeline/bench/zero_worker.py docstring"},
                "results": results, "summary": summary}
     path = write_json(out_path(args, "zero"), payload)
     print(format_table(

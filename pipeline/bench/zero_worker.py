@@ -1,7 +1,7 @@
 """Worker of `vlp bench zero`: one rank of a DeepSpeed run (or a plain single process).
 
-    deepspeed --num_accelerators 2 pipeline/bench/zero_worker.py --mode zero3 --out-dir D ...
-    python pipeline/bench/zero_worker.py --mode single --out-dir D ...
+    deepspeed --num_accelerators 2 --module vlp.pipeline.bench.zero_worker --mode zero3 --out-dir D
+    python -m vlp.pipeline.bench.zero_worker --mode single --out-dir D ...
 
 Builds the model (ZeRO-3: under deepspeed.zero.Init, so it is partitioned at construction),
 runs warm-up steps, times `--steps` training steps (forward with all losses, backward, AdamW),
@@ -34,8 +34,8 @@ import statistics
 import time
 from pathlib import Path
 
-# relative to pipeline.config.PROJECT_ROOT (the checkout)
-DS_CONFIGS = {"zero3": "ds_configs/zero3_cpu.json", "zero2": "ds_configs/zero2_cpu.json"}
+# shipped configs (vlp.ds_configs), found by vlp.pipeline.train.config.find_ds_config
+DS_CONFIGS = {"zero3": "zero3_cpu.json", "zero2": "zero2_cpu.json"}
 
 
 def _args(argv=None):
@@ -95,17 +95,17 @@ def main(argv=None) -> int:
     args = _args(argv)
     import torch
 
-    from models.model import UnifiedModel
-    from pipeline.bench.common import load_model_config
-    from pipeline.bench.train import make_batch
+    from vlp.models.model import UnifiedModel
+    from vlp.pipeline.bench.common import load_model_config
+    from vlp.pipeline.bench.train import make_batch
 
     config = load_model_config(args.config, overrides=json.loads(args.overrides))
     torch.manual_seed(0)
-    batch = make_batch(config, args.batch, "cpu", seed=0)
     model_params = None
 
     if args.mode == "single":
         rank, world = 0, 1
+        batch = make_batch(config, args.batch, "cpu", seed=0)
         model = UnifiedModel(config)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
 
@@ -121,11 +121,12 @@ def main(argv=None) -> int:
     else:
         import deepspeed
 
-        from pipeline.config import PROJECT_ROOT
-        from pipeline.distributed import init_distributed
+        from vlp.pipeline.distributed import init_distributed
+        from vlp.pipeline.train.config import find_ds_config
 
-        rank, world = init_distributed(timeout_s=600)
-        ds_config = json.loads((PROJECT_ROOT / DS_CONFIGS[args.mode]).read_text())
+        rank, world, device = init_distributed(timeout_s=600)
+        batch = make_batch(config, args.batch, device, seed=0)  # where the engine runs
+        ds_config = json.loads(find_ds_config(DS_CONFIGS[args.mode]).read_text())
         ds_config.update(train_micro_batch_size_per_gpu=args.batch, gradient_accumulation_steps=1,
                          gradient_clipping=1.0)
         with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=args.mode == "zero3"):
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
     if world > 1:
         import torch.distributed as dist
 
-        from pipeline.distributed import shutdown_distributed
+        from vlp.pipeline.distributed import shutdown_distributed
 
         dist.barrier()
         shutdown_distributed()

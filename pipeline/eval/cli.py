@@ -3,9 +3,7 @@ run_nightly. Results go to stdout as JSON (and to --out); bad input exits with s
 message naming the file or field.
 
 Retrieval encoding runs on several ranks when started by torchrun/deepspeed (WORLD_SIZE > 1):
-    torchrun --nproc_per_node 8 -m pipeline.cli eval retrieval --checkpoint ... --out r.json
-`python -m pipeline.eval.cli nightly ...` runs the same commands without the other stages'
-imports (the cron script uses it, so a broken unrelated stage cannot stop the nightly job).
+    torchrun --nproc_per_node 8 -m vlp.pipeline.cli eval retrieval --checkpoint ... --out r.json
 """
 from __future__ import annotations
 
@@ -17,11 +15,17 @@ import sys
 
 
 def _device(args) -> str:
+    """--device, else this rank's GPU (vlp.pipeline.distributed.local_device), else the CPU."""
     import torch
 
-    if args.device:
-        return args.device
-    return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    from vlp.pipeline.data.errors import UserError
+    from vlp.pipeline.distributed import local_device
+
+    if not args.device:
+        return str(local_device())
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: no CUDA device is visible to torch")
+    return args.device
 
 
 def _print(result: dict, stdout) -> None:
@@ -29,15 +33,15 @@ def _print(result: dict, stdout) -> None:
 
 
 def _cmd_retrieval(args, stdout) -> int:
-    from pipeline.eval.checkpoint import load_model_for_eval
-    from pipeline.eval.retrieval import evaluate_retrieval
+    from vlp.pipeline.data.checkpoints import load_model
+    from vlp.pipeline.eval.retrieval.job import evaluate_retrieval
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from pipeline.distributed import init_distributed
+        from vlp.pipeline.distributed import init_distributed
 
         init_distributed(timeout_s=1800)
     result = evaluate_retrieval(
-        load_model_for_eval(args.checkpoint, device=_device(args)),
+        load_model(args.checkpoint, device=_device(args)),
         karpathy_json=args.karpathy_json, image_root=args.image_root, split=args.split,
         shards=args.shards, rerank_k=args.rerank_k, batch_size=args.batch_size,
         chunk=args.chunk, bf16=args.bf16, out=args.out,
@@ -48,11 +52,11 @@ def _cmd_retrieval(args, stdout) -> int:
 
 
 def _cmd_vqa(args, stdout) -> int:
-    from pipeline.eval.checkpoint import load_model_for_eval
-    from pipeline.eval.vqa import evaluate_vqa
+    from vlp.pipeline.data.checkpoints import load_model
+    from vlp.pipeline.eval.vqa.job import evaluate_vqa
 
     _print(evaluate_vqa(
-        load_model_for_eval(args.checkpoint, device=_device(args)),
+        load_model(args.checkpoint, device=_device(args)),
         vqa_dir=args.vqa_dir, train_split=args.train_split, eval_split=args.eval_split,
         train_questions=args.train_questions, train_annotations=args.train_annotations,
         eval_questions=args.eval_questions, eval_annotations=args.eval_annotations,
@@ -65,7 +69,7 @@ def _cmd_vqa(args, stdout) -> int:
 
 
 def _cmd_nightly(args, stdout) -> int:
-    from pipeline.eval.nightly import run_nightly
+    from vlp.pipeline.eval.nightly.runner import run_nightly
 
     summary = run_nightly(args.runs, suite=args.suite, out_dir=args.out,
                           retry_failed=args.retry_failed, device=args.device)
@@ -73,23 +77,15 @@ def _cmd_nightly(args, stdout) -> int:
     return 1 if summary["failures"] else 0
 
 
-def _with_input_errors(func):
-    """Bad input -> one clear line on stderr and exit status 2, no traceback. Only the result
-    JSON goes to stdout: what libraries print meanwhile (DeepSpeed logs its accelerator choice
-    to stdout on import) goes to stderr, so `vlp eval ... > result.json` stays valid JSON."""
+def _results_on_stdout(func):
+    """Only the result JSON goes to stdout: what libraries print meanwhile (DeepSpeed logs its
+    accelerator choice to stdout on import) goes to stderr, so `vlp eval ... > result.json` stays
+    valid JSON. Bad input raises UserError, which the `vlp` command prints as one line (exit 2)."""
 
     def run(args) -> int:
-        from pipeline.eval.files import EvalInputError
-
         stdout = sys.stdout
-        try:
-            with contextlib.redirect_stdout(sys.stderr):
-                return func(args, stdout)
-        except EvalInputError as exc:
-            # One line (e.g. a weights/config mismatch lists its problems on separate lines).
-            message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-            print(f"vlp eval {args.eval_command}: error: {message}", file=sys.stderr)
-            return 2
+        with contextlib.redirect_stdout(sys.stderr):
+            return func(args, stdout)
 
     return run
 
@@ -100,7 +96,7 @@ def register(subparsers) -> None:
 
     def add(name: str, func, help: str) -> argparse.ArgumentParser:
         p = commands.add_parser(name, help=help, description=help)
-        p.set_defaults(func=_with_input_errors(func))
+        p.set_defaults(func=_results_on_stdout(func))
         p.add_argument("--device", help="e.g. cpu, cuda:0 (default: this rank's GPU, else cpu)")
         return p
 
@@ -158,15 +154,3 @@ def register(subparsers) -> None:
     p.add_argument("--out", help="output folder (default RUNS/nightly)")
     p.add_argument("--retry-failed", action="store_true",
                    help="evaluate again what failed before (default: failures are final)")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`vlp eval ...` on its own: python -m pipeline.eval.cli retrieval|vqa|nightly ..."""
-    parser = argparse.ArgumentParser(prog="vlp")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

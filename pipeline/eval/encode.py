@@ -13,8 +13,9 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from pipeline.eval.images import ImageRef, load_images
-from pipeline.transforms import tokenize
+from vlp.pipeline.data.tokenizer import tokenize
+from vlp.pipeline.distributed import fast_bf16
+from vlp.pipeline.eval.images import ImageRef, load_images
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -22,8 +23,9 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def autocast(device: torch.device, bf16: bool):
-    """bf16 autocast on `device` when asked, else a no-op context."""
-    if not bf16:
+    """bf16 autocast on `device` when asked and bf16 is fast there (vlp.pipeline.distributed's
+    fast_bf16), else a no-op context."""
+    if not bf16 or not fast_bf16(device):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 

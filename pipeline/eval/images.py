@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.eval.files import EvalInputError
-from pipeline.transforms import BadSample, preprocess_image
+from vlp.pipeline.data.errors import BadData, UserError
+from vlp.pipeline.data.transforms import preprocess_image
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def path_under(root: str | Path, relative: str, where: str) -> Path:
     base = os.path.abspath(root)
     path = os.path.abspath(os.path.join(base, relative))
     if os.path.commonpath([base, path]) != base:
-        raise EvalInputError(
+        raise UserError(
             f"{where}: image path {relative!r} leads outside the image root {base}; paths in "
             "annotation files must stay under the image root (pass a common parent as the root)"
         )
@@ -52,7 +52,7 @@ def check_images_exist(images: list[ImageRef], context: str) -> None:
     """Fail before any model work when image files are missing, naming a few of them."""
     missing = sorted({ref.path for ref in images if not Path(ref.path).is_file()})
     if missing:
-        raise EvalInputError(
+        raise UserError(
             f"{len(missing)} image file(s) missing for {context}, e.g. {', '.join(missing[:3])}"
         )
 
@@ -61,8 +61,8 @@ def load_image(ref: ImageRef, image_size: int) -> torch.Tensor:
     """Normalised (3, S, S) tensor; an undecodable image is an error naming its file."""
     try:
         return preprocess_image(ref.read(), image_size)
-    except (BadSample, OSError) as exc:
-        raise EvalInputError(f"cannot read image {ref}: {exc}") from exc
+    except (BadData, OSError) as exc:
+        raise UserError(f"cannot read image {ref}: {exc}") from exc
 
 
 def load_images(

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from fault_helpers import RunLogs, fault_overrides, write_fault_shards
 from train_helpers import run_training
 

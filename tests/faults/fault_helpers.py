@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
-from data_prep.index import build_manifest
-from data_prep.shards import iter_samples
 from train_helpers import pattern_overrides
+
+from vlp.data_prep.index import build_manifest
+from vlp.pipeline.data.tar import iter_shard
 
 # Every skip kind the fault shards hold, and how often one pass over them meets it.
 EXPECTED_SKIPS = {
@@ -80,7 +80,7 @@ def write_fault_shards(good_dir: Path, out: Path, pickle_marker: Path) -> str:
     Small on purpose: 6 steps of 4 samples per rank read every rank's share more than once.
     Returns the brace pattern of all 7."""
     out.mkdir(parents=True)
-    source = iter_samples(sorted(good_dir.glob("*.tar"))[0])
+    source = iter_shard(sorted(good_dir.glob("*.tar"))[0])
     for shard in range(4):
         members = [(f"{key}.{ext}", data) for key, sample in itertools.islice(source, 4)
                    for ext, data in sample.items()]
@@ -148,9 +148,15 @@ class RunLogs:
         self.keys = [JsonlTail(run_dir / "samples" / f"rank{rank}.jsonl") for rank in (0, 1)]
 
     def new(self) -> tuple[dict[int, dict], list[dict[int, list[str]]]]:
-        """({step: metrics}, [{step: keys} per rank]) written since the previous call."""
+        """({step: metrics}, [{step: keys} per rank]) written since the previous call; a step's
+        keys are those of all its micro-batches, in order."""
         metrics = {r["step"]: r for r in self.metrics.new()}
-        keys = [{r["step"]: r["keys"] for r in tail.new()} for tail in self.keys]
+        keys = []
+        for tail in self.keys:
+            by_step: dict[int, list[str]] = {}
+            for record in tail.new():
+                by_step.setdefault(record["step"], []).extend(record["keys"])
+            keys.append(by_step)
         return metrics, keys
 
 

@@ -11,10 +11,11 @@ import time
 
 import pandas as pd
 import pytest
-
-from data_prep.index import build_manifest, load_manifest
-from data_prep.server import QuietHandler, serve_directory
 from train_helpers import REPO
+
+from vlp.data_prep.index import build_manifest
+from vlp.data_prep.server import QuietHandler, serve_directory
+from vlp.pipeline.data.manifest import load_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +41,7 @@ class SlowLoggingHandler(QuietHandler):
 
 def download_command(url_list, out) -> list[str]:
     vlp = shutil.which("vlp")
-    return [*([vlp] if vlp else ["python", "-m", "pipeline.cli"]), "data", "download",
+    return [*([vlp] if vlp else ["python", "-m", "vlp.pipeline.cli"]), "data", "download",
             "--url-list", str(url_list), "--out", str(out), "--image-size", "32",
             "--number-sample-per-shard", str(PER_SHARD), "--processes", "1", "--threads", "2",
             "--timeout", "10", "--allow-private-hosts"]

@@ -12,7 +12,6 @@ import sys
 
 import pandas as pd
 import pytest
-
 from train_helpers import REPO
 
 pytestmark = pytest.mark.slow
@@ -21,7 +20,7 @@ VLP = shutil.which("vlp")
 
 
 def vlp(*args, timeout: float = 300) -> subprocess.CompletedProcess:
-    command = [VLP] if VLP else [sys.executable, "-m", "pipeline.cli"]
+    command = [VLP] if VLP else [sys.executable, "-m", "vlp.pipeline.cli"]
     return subprocess.run([*command, *map(str, args)], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
 

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-from data_prep.reshard import reshard
-from data_prep.server import QuietHandler, serve_directory
-from pipeline.eval.files import EvalInputError
-from pipeline.eval.retrieval_data import load_karpathy
-from pipeline.eval.suite import load_suite
-from pipeline.eval.vqa_data import load_vqa_split
 from train_helpers import REPO, single_rank_env
+
+from vlp.data_prep.reshard import reshard
+from vlp.data_prep.server import QuietHandler, serve_directory
+from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.eval.nightly.suite import load_suite
+from vlp.pipeline.eval.retrieval.data import load_karpathy
+from vlp.pipeline.eval.vqa.data import load_vqa_split
 
 # Code that ships (the packages and the launch scripts). Tests are not scanned: they load only
 # files they wrote themselves.
@@ -36,7 +36,7 @@ def test_training_refuses_a_pipe_url_before_running_anything(tokenizer_dir, tmp_
     marker = tmp_path / "PIPE_RAN"
     env = single_rank_env(OMP_NUM_THREADS="1")
     done = subprocess.run(
-        [sys.executable, "pipeline/train.py", "--set", f"run_dir={tmp_path / 'run'}",
+        [sys.executable, "-m", "vlp.pipeline.train", "--set", f"run_dir={tmp_path / 'run'}",
          f"data.shards=pipe:touch {marker}", f"data.tokenizer={tokenizer_dir}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
@@ -135,7 +135,7 @@ def test_url_list_pointing_inside_the_network_fetches_nothing(world_dir, tmp_pat
             [shutil.which("vlp") or "vlp", "data", "download", "--url-list", str(url_list),
              "--out", str(tmp_path / "shards")],
             cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.returncode == 2, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("vlp data download: error: no URL in")
     assert "'bad_scheme': 1" in last and "'private_host': 7" in last
@@ -156,7 +156,7 @@ def test_karpathy_paths_outside_the_image_root_are_refused(world_dir, tmp_path):
         entry = {**data["images"][1], "filepath": filepath, "filename": filename}
         bad = {**data, "images": [data["images"][0], entry]}
         (root / "bad.json").write_text(json.dumps(bad))
-        with pytest.raises(EvalInputError, match=r"images\[1\]: image path .* leads outside the "
+        with pytest.raises(UserError, match=r"images\[1\]: image path .* leads outside the "
                                                  r"image root"):
             load_karpathy(root / "bad.json", root)
     # Inside the root, `..` that stays inside and a symlinked folder are fine.
@@ -178,15 +178,15 @@ def test_vqa_paths_outside_the_image_root_are_refused(world_dir, tmp_path):
     shutil.copytree(vqa / "images" / questions["data_subtype"], tmp_path / "outside")
     bad = vqa / "v2_OpenEnded_evil_val_questions.json"
     bad.write_text(json.dumps({**questions, "data_subtype": "../../../outside"}))
-    with pytest.raises(EvalInputError, match="leads outside the image root"):
+    with pytest.raises(UserError, match="leads outside the image root"):
         load_vqa_split(bad, annotations_path, vqa)  # pattern detection
-    with pytest.raises(EvalInputError, match="leads outside the image root"):
+    with pytest.raises(UserError, match="leads outside the image root"):
         load_vqa_split(bad, annotations_path, vqa,
                        image_pattern="images/{split}/{image_id:012d}.jpg")
     # Image ids are integers by the format; a string id is refused before it becomes a path.
     first = {**questions["questions"][0], "image_id": "../../../outside/x"}
     bad.write_text(json.dumps({**questions, "questions": [first]}))
-    with pytest.raises(EvalInputError, match=r"field 'image_id' should be int"):
+    with pytest.raises(UserError, match=r"field 'image_id' should be int"):
         load_vqa_split(bad, annotations_path, vqa)
 
 
@@ -194,7 +194,7 @@ def test_benchmark_names_cannot_place_results_outside_the_run(world_dir):
     spec = {"task": "retrieval", "karpathy_json": str(world_dir / "retrieval/dataset_synth.json"),
             "image_root": str(world_dir / "retrieval")}
     for name in ("../../../evil", "a/b", ".hidden", "/tmp/evil"):
-        with pytest.raises(EvalInputError, match="a benchmark name is a file name"):
+        with pytest.raises(UserError, match="a benchmark name is a file name"):
             load_suite({name: spec})
     assert [b.name for b in load_suite({"synth_retrieval-v2.1": spec})] == ["synth_retrieval-v2.1"]
 

@@ -11,12 +11,20 @@ import shutil
 import time
 
 import pytest
+import torch
+from fault_helpers import (
+    BAD_KEYS,
+    EXPECTED_SKIPS,
+    TRAVERSAL_KEY,
+    RunLogs,
+    fault_overrides,
+    metric_differences,
+    rank_process,
+)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from fault_helpers import (BAD_KEYS, EXPECTED_SKIPS, TRAVERSAL_KEY, RunLogs, fault_overrides,
-                           metric_differences, rank_process)
-from pipeline.checkpoint import complete_tags, validate_tag
 from train_helpers import REPO, kill_group, run_training, start_training
+
+from vlp.pipeline.data.checkpoints import complete_tags, validate_tag
 
 pytestmark = pytest.mark.slow
 
@@ -140,9 +148,9 @@ def interrupted(fault_data, tokenizer_dir, tmp_path_factory):
         "complete": [p.name for p in complete_tags(ckpt)],
         "step3_problems": validate_tag(ckpt / "global_step3"),
     }
-    from pipeline.eval.checkpoint import load_model_for_eval
+    from vlp.pipeline.data.checkpoints import load_model
 
-    seen["launch2"]["eval_load"] = load_model_for_eval(ckpt).info  # what `latest` loads now
+    seen["launch2"]["eval_load"] = load_model(ckpt).info  # what `latest` loads now
 
     rc = run_training(overrides, root / "launch3.txt", resume="latest")
     metrics, keys = logs.new()
@@ -238,18 +246,19 @@ def test_nonfinite_losses_skip_the_update_then_stop_the_run(reference_run, fault
     print(f"non-finite run: exit {rc} after {time.monotonic() - start:.1f} s")
     log = (tmp_path / "log.txt").read_text()
     assert rc == 3, log[-3000:]
-    assert "step 2: non-finite loss, update skipped (1 in a row)" in log
-    assert "error: 2 consecutive steps had a non-finite loss (last at step 5); stopping" in log
+    assert "step 2: 1 update(s) in a row skipped for a non-finite loss (1 in the run)" in log
+    assert "error: 2 consecutive steps had a non-finite loss (seen at step 5); stopping" in log
 
     metrics, keys = RunLogs(run_dir).new()
     ref = reference_run.metrics
-    assert sorted(metrics) == [1, 2, 3, 4]  # step 5 stopped the run before it was logged
+    assert sorted(metrics) == [1, 2, 3, 4, 5]  # step 5 was logged, then the run stopped
     assert metric_differences(metrics, ref, [1]) == []
-    assert [metrics[s]["train/skipped_updates"] for s in (1, 2, 3, 4)] == [0, 1, 1, 2]
-    assert math.isnan(metrics[2]["loss/total"]) and math.isnan(metrics[4]["loss/total"])
+    assert [metrics[s]["train/skipped_updates"] for s in (1, 2, 3, 4, 5)] == [0, 1, 1, 2, 3]
+    assert all(math.isnan(metrics[s]["loss/total"]) for s in (2, 4, 5))
     assert math.isfinite(metrics[3]["loss/total"])  # training went on after the skipped step
-    # No update at step 2: the schedule did not advance, and step 3 starts from step 1's weights.
-    assert metrics[3]["train/lr"] == metrics[2]["train/lr"] == ref[2]["train/lr"]
+    # No update at step 2: step 3 starts from step 1's weights. A skipped step still counts as a
+    # step, so the schedule stays a function of the step number.
+    assert [metrics[s]["train/lr"] for s in (2, 3)] == [ref[2]["train/lr"], ref[3]["train/lr"]]
     assert metrics[3]["loss/total"] != ref[3]["loss/total"]
     for rank in (0, 1):  # the data moves on: a skipped batch is not fed again
         assert keys[rank] == {s: reference_run.keys[rank][s] for s in range(1, 6)}
@@ -257,5 +266,53 @@ def test_nonfinite_losses_skip_the_update_then_stop_the_run(reference_run, fault
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()  # what was logged before the stop reached TensorBoard too
     assert [(e.step, e.value) for e in events.Scalars("train/skipped_updates")] == [
-        (1, 0), (2, 1), (3, 1), (4, 2)]
+        (1, 0), (2, 1), (3, 1), (4, 2), (5, 3)]
     assert (run_dir / "checkpoints/latest").read_text() == "global_step3"
+
+
+def test_a_nonfinite_micro_step_skips_the_whole_accumulated_update(shard_dir, tokenizer_dir,
+                                                                    tmp_path):
+    """grad_accum=2, NaN in the first micro-step of step 2 on rank 0: both ranks skip step 2's
+    update (weights unchanged), the next updates land on DeepSpeed's accumulation boundary as
+    before (a run resumed from step 2 reproduces them exactly), and no batch is fed twice."""
+    from train_helpers import train_overrides
+
+    from vlp.pipeline.data.checkpoints import load_model
+
+    def overrides(run_dir):
+        return train_overrides(run_dir, shard_dir, tokenizer_dir, "optim.grad_accum=2",
+                               "optim.max_steps=4", "checkpoint.every_steps=1",
+                               "checkpoint.keep_last=0", "faults.inject_nonfinite_at=[2]")
+
+    run_dir = tmp_path / "nan"
+    logs = RunLogs(run_dir)
+    rc = run_training(overrides(run_dir), tmp_path / "nan.txt")
+    assert rc == 0, (tmp_path / "nan.txt").read_text()[-3000:]
+    metrics, keys = logs.new()
+    assert [metrics[s]["train/skipped_updates"] for s in range(1, 5)] == [0, 1, 1, 1]
+    assert [math.isnan(metrics[s]["loss/total"]) for s in range(1, 5)] == [False, True, False,
+                                                                            False]
+    for rank in (0, 1):  # 4 steps x 2 micro-batches x 8 fit in each rank's share of the epoch
+        assert all(len(keys[rank][s]) == 2 * 8 for s in range(1, 5))
+        seen = [k for s in range(1, 5) for k in keys[rank][s]]
+        assert len(seen) == len(set(seen))
+
+    weights = {step: load_model(run_dir / f"checkpoints/global_step{step}").model.state_dict()
+               for step in (1, 2, 3)}
+    assert all(torch.equal(weights[1][k], weights[2][k]) for k in weights[1])  # skipped, whole
+    assert not all(torch.equal(weights[2][k], weights[3][k]) for k in weights[2])
+
+    resumed_dir = tmp_path / "resumed"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    for step in (1, 2):
+        shutil.copytree(run_dir / f"checkpoints/global_step{step}",
+                        resumed_dir / f"checkpoints/global_step{step}")
+    (resumed_dir / "checkpoints/latest").write_text("global_step2")
+    resumed_logs = RunLogs(resumed_dir)
+    rc = run_training(overrides(resumed_dir), tmp_path / "resumed.txt")
+    assert rc == 0, (tmp_path / "resumed.txt").read_text()[-3000:]
+    resumed_metrics, resumed_keys = resumed_logs.new()
+    assert sorted(resumed_metrics) == [3, 4]
+    assert metric_differences(resumed_metrics, metrics, [3, 4]) == []
+    for rank in (0, 1):
+        assert {s: resumed_keys[rank][s] for s in (3, 4)} == {s: keys[rank][s] for s in (3, 4)}

@@ -1,0 +1,1 @@
+"""Named model sizes (JSON) for `vlp.models.config.load_config`."""

@@ -1,0 +1,285 @@
+"""The training data loader: webdataset shards -> batches, with a position that resumes exactly.
+
+    loader = build_train_loader(DataConfig(shards="shards/{00000..00099}.tar"), tokenizer,
+                                batch_size=64, seed=0, image_size=224, max_text_len=40,
+                                rank=rank, world_size=world_size)
+    for step, batch in zip(range(max_steps), loader):   # endless: epochs roll over inside
+        ...
+    checkpoint["loader"] = loader.state_dict()          # per rank, JSON-serialisable
+    loader.load_state_dict(checkpoint["loader"])         # before iterating again
+
+Stream (stream.py). Each rank runs `num_workers` logical workers (one in-process
+when num_workers=0), each an endless stream of epochs. In epoch e every worker orders the shard
+list (by source, then file name: moving the data does not change the stream), shuffles it with
+Random(seed, e), takes shards[rank::world][worker::num_workers] and cuts that into blocks of
+`block_shards` shards. Each stream advances through its epochs at its own pace (streams hold
+different sample counts), so a stream never waits and never repeats a sample within an epoch.
+A block's raw samples (undecoded bytes grouped by key) pass a bounded shuffle buffer seeded from (seed, e, rank, worker, block) that drains at the
+block's end; then they are decoded (bad ones skipped and counted), and batched, tokenized and
+MLM-masked inside the worker, so a DataLoader item is a whole batch. Resampled mode draws each
+block's shards with replacement (source by weight, then a shard of it uniformly) from an RNG
+seeded by (seed, rank, worker, block); it has no epochs. MLM masks are drawn from an RNG seeded
+by the batch's position, so they too are the same after a resume.
+
+Position. Every batch carries `worker` (logical id), `position` = [epoch, block, raw samples the
+block's shuffle had emitted when the batch filled] and `skipped` (that worker's cumulative skip
+counts). TrainLoader keeps, per logical worker, the position of its last *consumed* batch, plus
+the number of batches consumed: that is `state_dict()`. On resume each worker regenerates its
+block from the seeds, re-reads its tar bytes through the same shuffle and drops the first N
+emitted samples without decoding or counting them: exact, and costs at most one block of
+reading (why blocks exist: a plain wds shuffle would need the whole epoch replayed). DataLoader
+hands out batches round-robin from physical worker 0, so after k consumed batches physical
+worker p plays logical worker (p + k) % num_workers; the global batch order is then identical.
+
+Skip counts: `skipped_counts()` is cumulative for the run on this rank (restored from the
+checkpoint), summed over workers, with every kind in errors.SKIP_KINDS present.
+
+Shards are webdataset tars (img2dataset / OpenCLIP layouts) read by tar.py, not by webdataset's
+stages: a position needs the shuffle's emitted count, and damage must be seen (tarfile, under
+webdataset, takes a truncated tar for a complete one). URL handling, including brace expansion,
+is in sources.py.
+
+Security: `pipe:` URLs are refused, only jpg/jpeg/png/webp (PIL, restricted to those formats)
+and UTF-8 text captions are decoded, nothing is ever unpickled (no webdataset decoders).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch.utils.data import DataLoader
+
+from vlp.pipeline.data.errors import SKIP_KINDS, UserError
+from vlp.pipeline.data.manifest import count_samples
+from vlp.pipeline.data.sources import check_not_all_empty, parse_sources
+from vlp.pipeline.data.stream import ShardStream, StreamSpec
+from vlp.pipeline.data.tokenizer import masking_spec
+from vlp.pipeline.data.transforms import IMAGE_EXTENSIONS, TEXT_EXTENSIONS
+
+STATE_FORMAT = 1
+MAX_AUTO_BLOCK_SHARDS = 16
+
+
+@dataclass
+class DataConfig:
+    """The training data: shards, sampling, and the work done in the loader's workers.
+
+    The `data:` section of a training recipe. The batch size, seed, image size and text length
+    come from the rest of the training config; `build_train_loader` joins them into one
+    StreamSpec.
+    """
+
+    shards: str = ""
+    """Brace-expanded shard URLs, e.g. 'shards/{00000..00099}.tar'; sources separated by '::'."""
+    sampling: Literal["epochs", "resampled"] = "epochs"
+    """epochs: every shard once per epoch, split by rank then worker. resampled: each block's
+    shards drawn with replacement (source by `weights`, then a shard uniformly); no epochs."""
+    weights: list[float] | None = None
+    """Sampling weight of each '::'-separated source (resampled only); default equal."""
+    tokenizer: str = ""
+    """tokenizer.json, its directory, or a local HF tokenizer directory."""
+    num_workers: int = 2
+    """Loader worker processes per rank; 0 decodes in the training process."""
+    prefetch_factor: int = 2
+    """Batches in flight per worker."""
+    shuffle_buffer: int = 1000
+    """Samples in the shuffle buffer (per worker)."""
+    block_shards: int | None = None
+    """Shards shuffled together; also the most a resume re-reads. None: enough shards to hold
+    twice the shuffle buffer (from the manifest's mean shard size), at most 16."""
+    mlm_probability: float = 0.15
+    """Share of caption tokens the MLM objective predicts (BERT's 80/10/10 split of them)."""
+    image_keys: list[str] = field(default_factory=lambda: list(IMAGE_EXTENSIONS))
+    """Member extensions tried for the image, first present wins."""
+    caption_key: str = "txt"
+    """Member extension of the caption."""
+
+    def __post_init__(self):
+        checks = [
+            (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
+            (self.prefetch_factor >= 1, f"prefetch_factor must be >= 1, got {self.prefetch_factor}"),
+            (self.shuffle_buffer >= 0, f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}"),
+            (self.block_shards is None or self.block_shards >= 1,
+             f"block_shards must be >= 1 or null, got {self.block_shards}"),
+            (0.0 < self.mlm_probability < 1.0,
+             f"mlm_probability must be in (0, 1), got {self.mlm_probability}"),
+            (self.weights is None or self.sampling == "resampled",
+             "weights only apply with sampling=resampled: set it or drop the weights"),
+            (self.weights is None or min(self.weights, default=0) > 0,
+             f"weights {self.weights} must be positive numbers"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"data.{message}")
+        refused = [k for k in (*self.image_keys, self.caption_key)
+                   if k.lower() not in IMAGE_EXTENSIONS + TEXT_EXTENSIONS]
+        if refused:
+            raise UserError(
+                f"refusing to decode {refused} members: only images ({', '.join(IMAGE_EXTENSIONS)})"
+                f" and captions ({', '.join(TEXT_EXTENSIONS)}) are decoded; pickle-based formats "
+                "(.pyd, .pth, .pickle) run code when loaded and are never unpickled.")
+        if not self.image_keys or any(k.lower() not in IMAGE_EXTENSIONS for k in self.image_keys):
+            raise UserError(f"data.image_keys {self.image_keys} must be among {IMAGE_EXTENSIONS}")
+        if self.caption_key.lower() not in TEXT_EXTENSIONS:
+            raise UserError(f"data.caption_key {self.caption_key!r} must be one of "
+                            f"{TEXT_EXTENSIONS}")
+
+
+class TrainLoader:
+    """Endless iterator of batch dicts that knows the position of the last batch it handed out.
+
+    A batch: images uint8 (B, 3, S, S), text_ids long (B, L), text_mask bool (B, L), mlm_ids
+    long (B, L), mlm_labels long (B, L) (-100 where nothing is predicted), keys list[str], and
+    bookkeeping: worker int, position [epoch, block, emitted], skipped {kind: count}.
+    """
+
+    def __init__(self, stream: ShardStream, num_workers: int, prefetch_factor: int):
+        self.stream = stream
+        self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
+        self._iterator: Iterator[dict] | None = None
+        self._batches_consumed = 0
+        self._positions: dict[int, list[int]] = {}
+        self._base_skipped: dict[str, int] = {}
+        self._worker_skipped: dict[int, dict[str, int]] = {}
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            if self._iterator is None:
+                self._iterator = self._start()
+            batch = next(self._iterator)
+            self._record(batch)
+            yield batch
+
+    def _start(self) -> Iterator[dict]:
+        self._base_skipped = self.skipped_counts()  # new workers count from zero
+        self._worker_skipped = {}
+        self.stream.positions = {w: tuple(p) for w, p in self._positions.items()}
+        self.stream.batches_consumed = self._batches_consumed
+        if self.num_workers == 0:
+            return iter(self.stream)
+        # An own generator: DataLoader draws its workers' base seed from it, which must not
+        # consume the trainer's global RNG (that would shift it after a resume).
+        return iter(DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
+                               prefetch_factor=self.prefetch_factor,
+                               pin_memory=torch.cuda.is_available(),
+                               generator=torch.Generator().manual_seed(0)))
+
+    def _record(self, batch: dict) -> None:
+        expected = self._batches_consumed % self.stream.spec.num_workers
+        if batch["worker"] != expected:  # the round-robin order resume relies on was broken
+            raise RuntimeError(f"batch {self._batches_consumed} came from loader worker "
+                               f"{batch['worker']}, expected {expected}")
+        self._positions[expected] = list(batch["position"])
+        self._worker_skipped[expected] = batch["skipped"]
+        self._batches_consumed += 1
+
+    def skipped_counts(self) -> dict[str, int]:
+        """Samples (or shard reads) skipped so far on this rank, by kind; all kinds present."""
+        total = dict.fromkeys(SKIP_KINDS, 0)
+        for counts in (self._base_skipped, *self._worker_skipped.values()):
+            for kind, n in counts.items():
+                total[kind] = total.get(kind, 0) + n
+        return total
+
+    def state_dict(self) -> dict:
+        """This rank's position (JSON-serialisable); ranks differ, so save one per rank."""
+        return {
+            "format": STATE_FORMAT,
+            "stream": _stream_identity(self.stream.spec),
+            "batches_consumed": self._batches_consumed,
+            "positions": {str(w): list(p) for w, p in sorted(self._positions.items())},
+            "skipped": self.skipped_counts(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue after the last batch consumed when `state` was taken."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a loader state of format {STATE_FORMAT}: {str(state)[:200]}")
+        mine = _stream_identity(self.stream.spec)
+        theirs = state["stream"]
+        changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if changed:
+            details = "; ".join(f"{k}: checkpoint {theirs.get(k)!r}, now {mine.get(k)!r}"
+                                for k in changed)
+            raise ValueError(
+                f"cannot resume the data stream exactly, its inputs changed ({details}). Use the "
+                "checkpoint's values, or start the data order afresh by not loading the loader "
+                "state.")
+        self.close()
+        self._batches_consumed = int(state["batches_consumed"])
+        self._positions = {int(w): list(p) for w, p in state["positions"].items()}
+        self._base_skipped = dict(state["skipped"])
+        self._worker_skipped = {}
+
+    def close(self) -> None:
+        """Stop the worker processes; iterating again restarts them at the current position."""
+        iterator, self._iterator = self._iterator, None
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def _stream_identity(spec: StreamSpec) -> dict:
+    """The inputs that decide which samples each logical worker emits, in which order."""
+    names = [[url.rsplit("/", 1)[-1] for url in source] for source in spec.sources]
+    shards = json.dumps(names).encode()  # file names only: moving the data keeps the stream
+    return {
+        "shards_sha256": hashlib.sha256(shards).hexdigest(), "num_shards": len(spec.all_urls),
+        "weights": list(spec.weights) if spec.weights else None, "resampled": spec.resampled,
+        "seed": spec.seed, "rank": spec.rank, "world_size": spec.world_size,
+        "num_workers": spec.num_workers, "block_shards": spec.block_shards,
+        "shuffle_buffer": spec.shuffle_buffer,
+    }
+
+
+def build_train_loader(config: DataConfig, tokenizer, *, batch_size: int, seed: int,
+                       image_size: int, max_text_len: int, rank: int,
+                       world_size: int) -> TrainLoader:
+    """Validate everything that can be checked up front, then build the (lazy) loader."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise UserError(f"rank {rank} is not in a world of size {world_size}")
+    sources = parse_sources(config.shards)
+    urls = sources.all_urls
+    resampled = config.sampling == "resampled"
+    streams = world_size * max(1, config.num_workers)
+    if not resampled and len(urls) < streams:
+        most = len(urls) // world_size
+        fix = (f"set data.num_workers to at most {most}" if most else
+               f"use at most {len(urls)} ranks") + (", write more (smaller) shards with `vlp data "
+                                                     "reshard`, or use data.sampling=resampled")
+        raise UserError(
+            f"{len(urls)} shards cannot feed {world_size} ranks x {max(1, config.num_workers)} "
+            f"workers = {streams} streams (each needs at least one shard per epoch): {fix}.")
+    if config.weights is not None and len(config.weights) != len(sources.urls):
+        raise UserError(f"data.weights {config.weights} must be {len(sources.urls)} numbers, "
+                        "one per '::'-separated source")
+    check_not_all_empty(urls)
+    counts = count_samples(urls)
+    samples = sum(counts.values())
+    if samples < batch_size * world_size:
+        raise UserError(f"an epoch of {samples} samples is less than one step of batch_size "
+                        f"{batch_size} x {world_size} ranks; lower optim.batch_size")
+    spec = StreamSpec(
+        sources=sources.urls,
+        weights=tuple(config.weights) if config.weights else None,
+        resampled=resampled, seed=seed, rank=rank, world_size=world_size,
+        num_workers=max(1, config.num_workers),
+        block_shards=config.block_shards or _auto_block_shards(counts, config.shuffle_buffer),
+        shuffle_buffer=config.shuffle_buffer, batch_size=batch_size,
+        image_size=image_size, max_text_len=max_text_len,
+        image_keys=tuple(k.lower() for k in config.image_keys),
+        caption_key=config.caption_key.lower(),
+        masking=masking_spec(tokenizer, config.mlm_probability))
+    return TrainLoader(ShardStream(spec, tokenizer), config.num_workers, config.prefetch_factor)
+
+
+def _auto_block_shards(counts: dict[str, int], shuffle_buffer: int) -> int:
+    """Enough shards per block to hold twice the shuffle buffer, so blocks rarely limit mixing."""
+    mean_shard = max(1.0, sum(counts.values()) / len(counts))
+    return min(MAX_AUTO_BLOCK_SHARDS, max(1, math.ceil(2 * shuffle_buffer / mean_shard)))

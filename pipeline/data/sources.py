@@ -1,0 +1,118 @@
+"""Shard URLs: expand, validate, open, and read the files beside them.
+
+Accepted: local paths, `file://` and `http(s)://` URLs. `pipe:` URLs are refused: a shard list
+that runs shell commands turns a config file into code execution.
+"""
+from __future__ import annotations
+
+import collections
+import gzip
+import io
+import os
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+
+from webdataset.shardlists import expand_urls
+
+from vlp.pipeline.data.errors import UserError
+
+REMOTE_SCHEMES = ("http", "https")
+HTTP_TIMEOUT_S = 60
+READ_BUFFER = 1 << 20
+
+
+@dataclass(frozen=True)
+class Sources:
+    """The expanded shard URLs of each `::`-separated source, in the order given."""
+
+    urls: tuple[tuple[str, ...], ...]
+
+    @property
+    def all_urls(self) -> list[str]:
+        return [url for source in self.urls for url in source]
+
+
+def parse_sources(shards: str) -> Sources:
+    """Split `a/{000..009}.tar::b/{00..99}.tar` into sources and brace-expand each one."""
+    if not shards or not shards.strip():
+        raise UserError(
+            "no training shards given: set data.shards to e.g. 'shards/{00000..00099}.tar'")
+    sources = []
+    for pattern in shards.split("::"):
+        urls = tuple(url.strip() for url in expand_urls(pattern.strip()) if url.strip())
+        if not urls:
+            raise UserError(f"shard pattern {pattern!r} in {shards!r} expands to no URLs")
+        for url in urls:
+            check_url(url)
+        sources.append(urls)
+    counts = collections.Counter(url for source in sources for url in source)
+    duplicates = sorted(url for url, n in counts.items() if n > 1)
+    if duplicates:
+        raise UserError(f"shard(s) listed more than once: {duplicates[:5]}; each epoch would "
+                         "repeat their samples. Remove the overlap from the shard patterns.")
+    return Sources(tuple(sources))
+
+
+def check_url(url: str) -> None:
+    """Refuse `pipe:` and schemes we cannot read; a local shard must exist."""
+    scheme = _scheme(url)
+    if scheme == "pipe":
+        raise UserError(f"refusing shard URL {url!r}: pipe: URLs run shell commands. Download the "
+                         "shards, or serve them over http(s) and list those URLs.")
+    if scheme in REMOTE_SCHEMES:
+        return
+    if scheme not in ("", "file"):
+        raise UserError(f"unsupported shard URL {url!r}: use a local path, file://, http:// or "
+                         "https:// (copy other stores locally or serve them over http).")
+    path = local_path(url)
+    if not os.path.isfile(path):
+        raise UserError(f"shard {url!r} does not exist (looked for {os.path.abspath(path)}); "
+                         "check data.shards or run `vlp data download`.")
+
+
+def check_not_all_empty(urls: list[str]) -> None:
+    """Zero-byte shards are skipped and counted while training, but not when they are all."""
+    local = [url for url in urls if _scheme(url) not in REMOTE_SCHEMES]
+    if local and len(local) == len(urls) and all(os.path.getsize(local_path(u)) == 0 for u in local):
+        raise UserError(f"all {len(urls)} shards are empty (0 bytes), e.g. {urls[0]!r}; "
+                         "the download wrote nothing. Re-run `vlp data download`.")
+
+
+def local_path(url: str) -> str:
+    return urllib.parse.urlparse(url).path if url.startswith("file://") else url
+
+
+def _scheme(url: str) -> str:
+    if url.startswith("pipe:"):
+        return "pipe"
+    scheme = urllib.parse.urlparse(url).scheme
+    return "" if len(scheme) <= 1 else scheme.lower()  # "C:" is a drive letter, not a scheme
+
+
+def open_shard(url: str):
+    """A binary stream of the shard's tar bytes (gunzipped for .tar.gz / .tgz)."""
+    if _scheme(url) in REMOTE_SCHEMES:
+        stream = io.BufferedReader(urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S), READ_BUFFER)
+    else:
+        stream = open(local_path(url), "rb", buffering=READ_BUFFER)
+    if url.endswith((".gz", ".tgz")):
+        return gzip.GzipFile(fileobj=stream, mode="rb")
+    return stream
+
+
+def read_beside(url: str, name: str) -> bytes | None:
+    """The bytes of file `name` in the shard's directory, or None if there is none."""
+    base = url.rsplit("/", 1)[0] if "/" in url else "."
+    target = f"{base}/{name}"
+    try:
+        if _scheme(url) in REMOTE_SCHEMES:
+            with urllib.request.urlopen(target, timeout=HTTP_TIMEOUT_S) as response:
+                return response.read()
+        path = local_path(target)
+        if not os.path.isfile(path):
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:  # no such file, not served
+        return None

@@ -1,0 +1,243 @@
+"""Read webdataset tar shards into raw samples: dicts of undecoded bytes grouped by key.
+
+A member `dir/000123.jpg` belongs to sample `dir/000123` (webdataset's rule: the key ends at the
+first dot of the file name). A sample's members must be adjacent; a key that comes back later in
+the same shard, or a member name repeated inside a sample, is a duplicate: the later group is
+skipped and counted. Only members whose extension the caller asks for are kept in memory.
+
+Why not `tarfile`: in stream mode it takes a cut-off header or a missing end-of-archive marker
+for a normal end, so a truncated shard would pass as complete. This reader checks each header's
+checksum and requires the end marker; it understands ustar, pax (`path`, `size`) and GNU long
+names, and skips other member types (directories, links, global headers).
+"""
+from __future__ import annotations
+
+import gzip
+import http.client
+import logging
+import os
+import re
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from vlp.pipeline.data.errors import BadData, UserError
+from vlp.pipeline.data.sources import open_shard
+
+log = logging.getLogger(__name__)
+
+BLOCK = 512
+ZERO_BLOCK = bytes(BLOCK)
+REGULAR_TYPES = (b"0", b"\0", b"7")
+_META_NAME = re.compile(r"(^|/)__[^/]*__($|/)")  # webdataset's __key__-style metadata members
+
+
+class SkipCounter:
+    """Per-worker counts of skipped samples by kind; `paused` while replaying to a position."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+        self.paused = False
+
+    def add(self, kind: str) -> None:
+        if not self.paused:
+            self.counts[kind] = self.counts.get(kind, 0) + 1
+
+    def shard_failed(self, url: str, kind: str, reason: str) -> None:
+        if not self.paused:
+            log.warning("shard %s: %s (%s); continuing with the next shard", url, reason, kind)
+        self.add(kind)
+
+
+def iter_samples(url: str, wanted: frozenset[str], skipped: SkipCounter) -> Iterator[dict]:
+    """Yield {"__key__": key, ext: bytes, ...} per sample of one shard; never raises for bad data."""
+    try:
+        yield from read_samples(url, wanted, skipped)
+    except BadData as exc:  # the pending sample may be incomplete: it was dropped
+        skipped.shard_failed(url, exc.kind, str(exc))
+
+
+def read_samples(url: str, wanted: frozenset[str] | None, skipped: SkipCounter) -> Iterator[dict]:
+    """Like `iter_samples`, but a damaged or unreadable shard raises BadData, whose `kind`
+    names the skip ("corrupt_tar", "unreadable_shard", "empty_shard"); the sample being read at
+    that point is dropped, since its remaining members may be lost."""
+    try:
+        stream = open_shard(url)
+    except (OSError, http.client.HTTPException) as exc:
+        raise BadData("unreadable_shard", f"cannot open: {exc}") from exc
+    with stream:
+        try:
+            yield from group_samples(iter_members(stream, wanted), skipped)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:  # .tar.gz: truncated or corrupt
+            raise BadData("corrupt_tar", f"compressed stream broken: {exc}") from exc
+        except (OSError, http.client.HTTPException) as exc:
+            raise BadData("unreadable_shard", f"read failed: {exc}") from exc
+
+
+def list_shards(shard_dir) -> list[Path]:
+    """The *.tar files directly in `shard_dir`, sorted by name."""
+    shard_dir = Path(shard_dir)
+    if not shard_dir.is_dir():
+        raise UserError(f"shard directory {shard_dir} does not exist")
+    return sorted(shard_dir.glob("*.tar"))
+
+
+def iter_shard(path, skipped: SkipCounter | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {lower-case extension: bytes}) per sample of one local shard, every member kept;
+    duplicates are skipped as the loader skips them and counted in `skipped`. Raises BadData
+    for a damaged shard (data_prep reports it; the loader counts it)."""
+    skipped = SkipCounter() if skipped is None else skipped
+    for sample in read_samples(os.fspath(path), None, skipped):
+        key = sample.pop("__key__")
+        yield key, sample
+
+
+def group_samples(members: Iterator[tuple[str, str, bytes]], skipped: SkipCounter) -> Iterator[dict]:
+    """Group `iter_members` output into {"__key__": key, ext: bytes, ...}; duplicates (a key seen
+    earlier, or a member repeated in a sample) are skipped and counted as "duplicate_key".
+
+    Exceptions from `members` propagate; the sample pending at that point is not yielded.
+    """
+    seen: set[str] = set()
+    current_key, group = None, None
+    for key, ext, data in members:
+        if key != current_key:
+            if group is not None:
+                yield group
+            current_key = key
+            group = None if key in seen else {"__key__": key}
+            if group is None:
+                skipped.add("duplicate_key")
+            seen.add(key)
+        if group is None:
+            continue
+        if ext in group:
+            skipped.add("duplicate_key")
+            group = None
+            continue
+        group[ext] = data
+    if group is not None:
+        yield group
+
+
+def iter_members(stream, wanted: frozenset[str] | None) -> Iterator[tuple[str, str, bytes]]:
+    """Yield (key, lower-case extension, data) of regular members with an extension in `wanted`
+    (every member with a key and an extension when `wanted` is None)."""
+    offset = 0
+    long_name: str | None = None
+    pax: dict[str, str] = {}
+    while True:
+        header = stream.read(BLOCK)
+        if len(header) < BLOCK:
+            if offset == 0 and not header:
+                raise BadData("empty_shard", "file is empty (0 bytes)")
+            raise BadData("corrupt_tar", f"truncated: ends at byte {offset + len(header)} "
+                                              "without the end-of-archive marker")
+        if header == ZERO_BLOCK:
+            return
+        _check_header(header, offset)
+        name = long_name or pax.get("path") or _ustar_name(header)
+        size = int(pax["size"]) if "size" in pax else _number(header[124:136], offset)
+        long_name, pax = None, {}
+        kind = header[156:157]
+        offset += BLOCK
+        padding = -size % BLOCK
+        if kind in REGULAR_TYPES:
+            key, ext = _split_name(name)
+            if key is not None and (wanted is None or ext in wanted):
+                data = _read_exact(stream, size, offset)
+                _skip(stream, padding, offset + size)
+                yield key, ext, data
+            else:
+                _skip(stream, size + padding, offset)
+        elif kind == b"L":  # GNU long name: the data is the next member's name
+            long_name = _read_exact(stream, size, offset).rstrip(b"\0").decode("utf-8", "surrogateescape")
+            _skip(stream, padding, offset + size)
+        elif kind == b"x":  # pax extended header for the next member
+            pax = _parse_pax(_read_exact(stream, size, offset), offset)
+            _skip(stream, padding, offset + size)
+        else:
+            _skip(stream, size + padding, offset)
+        offset += size + padding
+
+
+def _split_name(name: str) -> tuple[str | None, str]:
+    if _META_NAME.search(name):
+        return None, ""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot <= slash:  # no extension, or a hidden file
+        return None, ""
+    return name[:dot], name[dot + 1:].lower()
+
+
+def _check_header(header: bytes, offset: int) -> None:
+    stored = _number(header[148:156], offset)
+    field = sum(header[148:156]) - 8 * 32  # the checksum is summed with its field as spaces
+    if stored != int(np.frombuffer(header, dtype=np.uint8).sum()) - field:
+        signed = np.frombuffer(header, dtype=np.int8)  # some old writers summed signed bytes
+        if stored != int(signed.sum()) - int(signed[148:156].sum()) + 8 * 32:
+            raise BadData("corrupt_tar", f"bad header checksum at byte {offset}")
+
+
+def _number(field: bytes, offset: int) -> int:
+    if field[0] & 0x80:  # GNU base-256 for large values
+        if field[0] & 0x40:
+            raise BadData("corrupt_tar", f"negative number in header at byte {offset}")
+        return int.from_bytes(bytes([field[0] & 0x3F]) + field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise BadData("corrupt_tar", f"malformed header at byte {offset}") from None
+
+
+def _ustar_name(header: bytes) -> str:
+    name = header[:100].split(b"\0", 1)[0]
+    if header[257:262] == b"ustar":
+        prefix = header[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = prefix + b"/" + name
+    return name.decode("utf-8", "surrogateescape")
+
+
+def _parse_pax(data: bytes, offset: int) -> dict[str, str]:
+    """Records are `LENGTH KEY=VALUE\\n`, LENGTH counting the whole record."""
+    records, pos = {}, 0
+    while pos < len(data) and data[pos:pos + 1] != b"\0":
+        space = data.find(b" ", pos)
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            raise BadData("corrupt_tar", f"malformed pax header at byte {offset}") from None
+        if space < 0 or length <= 0:
+            raise BadData("corrupt_tar", f"malformed pax header at byte {offset}")
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        records[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return records
+
+
+def _read_exact(stream, size: int, offset: int) -> bytes:
+    data = stream.read(size)
+    if len(data) == size:
+        return data
+    buffer = bytearray(data)  # raw streams (sockets) may return short reads before the end
+    while len(buffer) < size and (chunk := stream.read(size - len(buffer))):
+        buffer += chunk
+    if len(buffer) < size:
+        raise BadData("corrupt_tar", f"truncated: member data at byte {offset} ends after "
+                                          f"{len(buffer)} of {size} bytes")
+    return bytes(buffer)
+
+
+def _skip(stream, size: int, offset: int) -> None:
+    if size == 0:
+        return
+    if stream.seekable():  # seeking past the end shows up as a short header read next
+        stream.seek(size, 1)
+        return
+    for start in range(0, size, 1 << 20):
+        _read_exact(stream, min(1 << 20, size - start), offset + start)

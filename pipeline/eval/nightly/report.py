@@ -1,0 +1,122 @@
+"""The nightly HTML report: a plot per metric against training step, latest vs best, failures.
+
+Plots are PNGs (matplotlib's Agg backend, no display needed) in OUT/plots/, one line per run and
+the primary baseline (retrieval: chance, VQA: majority answer) as a dashed line. The table lists,
+per run, benchmark and metric, the latest checkpoint's value, the best so far (all metrics are
+higher-is-better) and the baseline. Every file is written atomically.
+"""
+from __future__ import annotations
+
+import html
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from vlp.pipeline.data.files import atomic_path  # noqa: E402
+
+
+def render_report(results: pd.DataFrame, out_dir: str | Path) -> Path:
+    """Write OUT/report.html and OUT/plots/*.png from the results table; returns the HTML path."""
+    out_dir = Path(out_dir)
+    ok = results[results["status"] == "ok"]
+    sections = []
+    for (benchmark, metric), rows in ok.groupby(["benchmark", "metric"], sort=True):
+        image = plot_metric(rows, benchmark, metric, out_dir / "plots")
+        sections.append(f'<figure><img src="plots/{image.name}" alt="{_e(benchmark)} {_e(metric)}">'
+                        f"<figcaption>{_e(benchmark)}: {_e(metric)}</figcaption></figure>")
+    failures = results[results["status"] == "failed"]
+    page = _PAGE.format(
+        generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        checkpoints=len(results[["run", "tag"]].drop_duplicates()),
+        table=_html_table(summary_table(ok)),
+        plots="\n".join(sections) or "<p>No results yet.</p>",
+        failures=_html_table(failures[["run", "tag", "benchmark", "time", "error"]]),
+    )
+    path = out_dir / "report.html"
+    with atomic_path(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return path
+
+
+def summary_table(ok: pd.DataFrame) -> pd.DataFrame:
+    """Per run/benchmark/metric: latest checkpoint's value, best value and its tag, baseline."""
+    records = []
+    for (run, benchmark, metric), rows in ok.groupby(["run", "benchmark", "metric"], sort=True):
+        # Latest = highest step; exports (no step) rank after the tags, by evaluation time.
+        ordered = rows.assign(_step=rows["step"].astype("float64").fillna(float("inf")))
+        latest = ordered.sort_values(["_step", "time"]).iloc[-1]
+        best = rows.loc[rows["value"].idxmax()]
+        records.append({
+            "run": run, "benchmark": benchmark, "metric": metric,
+            "latest tag": latest["tag"], "latest": latest["value"],
+            "best tag": best["tag"], "best": best["value"],
+            "baseline": f"{latest['baseline']:.4g} ({latest['baseline_name']})",
+        })
+    return pd.DataFrame(records)
+
+
+def plot_metric(rows: pd.DataFrame, benchmark: str, metric: str, plot_dir: Path) -> Path:
+    """PNG of `metric` against step, one line per run, baseline dashed."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    try:
+        for run, run_rows in rows.dropna(subset=["step"]).groupby("run"):
+            run_rows = run_rows.sort_values("step")
+            ax.plot(run_rows["step"].astype(float), run_rows["value"], marker="o", label=str(run))
+        baseline = rows["baseline"].dropna()
+        if len(baseline):
+            ax.axhline(baseline.iloc[-1], linestyle="--", color="grey",
+                       label=f"{rows['baseline_name'].iloc[-1]} baseline")
+        ax.set(title=f"{benchmark}: {metric}", xlabel="training step", ylabel=metric)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        path = plot_dir / f"{_slug(benchmark)}__{_slug(metric)}.png"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
+def _e(text) -> str:
+    return html.escape(str(text))
+
+
+def _html_table(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "<p>None.</p>"
+    return frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="", escape=True,
+                         border=0, classes="results")
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>vlp nightly evaluation</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; }}
+table.results {{ border-collapse: collapse; font-size: 0.9em; }}
+table.results td, table.results th {{ padding: 0.2em 0.8em; border-bottom: 1px solid #ddd; }}
+figure {{ display: inline-block; margin: 0.5em; }}
+</style></head><body>
+<h1>vlp nightly evaluation</h1>
+<p>Generated {generated}; {checkpoints} checkpoint(s) evaluated. Retrieval recalls are fractions
+(CLIP_benchmark), VQA accuracies percentages (official evaluator).</p>
+<h2>Latest vs best</h2>
+{table}
+<h2>Metrics against training step</h2>
+{plots}
+<h2>Failures</h2>
+{failures}
+</body></html>
+"""

@@ -1,0 +1,175 @@
+"""Nightly benchmark: evaluate every checkpoint not yet evaluated, keep going past failures.
+
+    runs/NAME/checkpoints/global_step{N}/   complete tags (with vlp_state.json) are evaluated
+    runs/NAME/**/model.safetensors          export directories too (step unknown)
+    OUT/results.parquet                     one row per (run, tag, benchmark, metric), or one
+                                            failure row per (run, tag, benchmark)
+    OUT/tensorboard/NAME/                   scalars "<benchmark>/<metric>" against step
+    OUT/report.html + OUT/plots/*.png       see report.py
+    runs/NAME/eval/<tag>/<benchmark>.json   each benchmark's full result (DESIGN's layout)
+
+A (run, tag, benchmark) with any row in results.parquet is done, failed or not (pass
+`retry_failed` to try failures again), so a re-run does no duplicate work. Rows are appended after
+each checkpoint, atomically, so a crash loses at most the checkpoint being evaluated.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import traceback
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from vlp.pipeline.data.checkpoints import complete_tags, load_model, tag_step
+from vlp.pipeline.data.files import atomic_path
+from vlp.pipeline.eval.nightly.report import render_report
+from vlp.pipeline.eval.nightly.suite import Benchmark, load_suite
+
+RESULT_COLUMNS = ["run", "tag", "step", "benchmark", "task", "metric", "value", "baseline",
+                  "baseline_name", "time", "status", "error"]
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    run: str
+    run_dir: Path
+    tag: str  # DeepSpeed tag, or the export directory's path inside the run
+    path: Path
+    step: int | None
+
+
+def discover_checkpoints(runs_dir: str | Path) -> list[CheckpointRef]:
+    """Complete DeepSpeed tags and export directories of every run under `runs_dir` (or of
+    `runs_dir` itself when it is one run), ordered by run then step."""
+    runs_dir = Path(runs_dir)
+    run_dirs = [runs_dir] if (runs_dir / "checkpoints").is_dir() else sorted(
+        p for p in runs_dir.iterdir() if p.is_dir())
+    refs = []
+    for run_dir in run_dirs:
+        for tag_dir in complete_tags(run_dir / "checkpoints"):
+            refs.append(CheckpointRef(run_dir.name, run_dir, tag_dir.name, tag_dir,
+                                      tag_step(tag_dir)))
+        for weights in sorted(run_dir.rglob("model.safetensors")):
+            export = weights.parent
+            if export.relative_to(run_dir).parts[0] not in ("checkpoints", "eval"):
+                refs.append(CheckpointRef(run_dir.name, run_dir,
+                                          export.relative_to(run_dir).as_posix(), export, None))
+    return refs
+
+
+def read_results(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.exists():
+        return pd.DataFrame({c: pd.Series(dtype=_DTYPES.get(c, "object")) for c in RESULT_COLUMNS})
+    return pd.read_parquet(path)
+
+
+def run_nightly(
+    runs_dir: str | Path,
+    suite: str | Path | dict | None = None,
+    out_dir: str | Path | None = None,
+    retry_failed: bool = False,
+    device: str | None = None,
+) -> dict:
+    """Evaluate new checkpoints under `runs_dir` with `suite` (default RUNS/eval_suite.yaml);
+    returns counts, the failures and the output paths."""
+    runs_dir = Path(runs_dir)
+    benchmarks = load_suite(suite if suite is not None else runs_dir / "eval_suite.yaml")
+    out_dir = Path(out_dir) if out_dir is not None else runs_dir / "nightly"
+    results_path = out_dir / "results.parquet"
+    results = read_results(results_path)
+    done_rows = results[results["status"] == "ok"] if retry_failed else results
+    done = set(zip(done_rows["run"], done_rows["tag"], done_rows["benchmark"]))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    evaluated, failures = 0, []
+    for ref in discover_checkpoints(runs_dir):
+        todo = [b for b in benchmarks if (ref.run, ref.tag, b.name) not in done]
+        if not todo:
+            continue
+        rows = evaluate_checkpoint(ref, todo, device)
+        failures += [r for r in rows if r["status"] == "failed"]
+        # A retried benchmark's new rows replace its old failure row.
+        retried = (results["run"] == ref.run) & (results["tag"] == ref.tag) & results[
+            "benchmark"].isin([b.name for b in todo])
+        results = results[~retried]
+        new_rows = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+        results = new_rows if results.empty else pd.concat([results, new_rows], ignore_index=True)
+        write_results(results, results_path)
+        write_tensorboard(rows, out_dir / "tensorboard" / ref.run)
+        evaluated += 1
+
+    report = out_dir / "report.html"
+    if evaluated or not report.exists():
+        render_report(results, out_dir)
+    return {
+        "checkpoints_evaluated": evaluated,
+        "failures": [{k: f[k] for k in ("run", "tag", "benchmark", "error")} for f in failures],
+        "results": str(results_path),
+        "report": str(report),
+        "tensorboard": str(out_dir / "tensorboard"),
+    }
+
+
+def evaluate_checkpoint(ref: CheckpointRef, benchmarks: list[Benchmark], device: str) -> list[dict]:
+    """Result rows for one checkpoint: metric rows per benchmark, or a failure row for each
+    benchmark that raised (all of them when the checkpoint does not load)."""
+    base = {"run": ref.run, "tag": ref.tag, "step": ref.step}
+    try:
+        loaded = load_model(ref.path, device=device)
+    except Exception as exc:  # a bad checkpoint is recorded, the others still run
+        return [_failure(base, b, exc) for b in benchmarks]
+    rows = []
+    eval_dir = ref.run_dir / "eval" / ref.tag
+    for benchmark in benchmarks:
+        try:
+            result = benchmark.run(loaded, out=eval_dir / f"{benchmark.name}.json")
+        except Exception as exc:  # one failing benchmark does not stop the others
+            rows.append(_failure(base, benchmark, exc))
+            continue
+        baseline_name, baseline = next(iter(result["baselines"].items()))
+        now = datetime.now(timezone.utc)
+        for metric, value in result["metrics"].items():
+            rows.append({**base, "benchmark": benchmark.name, "task": benchmark.task,
+                         "metric": metric, "value": float(value),
+                         "baseline": float(baseline.get(metric, math.nan)),
+                         "baseline_name": baseline_name, "time": now, "status": "ok", "error": ""})
+    return rows
+
+
+def _failure(base: dict, benchmark: Benchmark, exc: Exception) -> dict:
+    print(f"nightly: {base['run']}/{base['tag']} {benchmark.name} failed:\n"
+          f"{''.join(traceback.format_exception(exc))}", file=sys.stderr, flush=True)
+    return {**base, "benchmark": benchmark.name, "task": benchmark.task, "metric": "",
+            "value": math.nan, "baseline": math.nan, "baseline_name": "",
+            "time": datetime.now(timezone.utc), "status": "failed",
+            "error": f"{type(exc).__name__}: {exc}"}
+
+
+_DTYPES = {"step": "Int64", "value": "float64", "baseline": "float64",
+           "time": "datetime64[ns, UTC]"}
+
+
+def write_results(results: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        results.astype(_DTYPES).to_parquet(tmp, index=False)
+
+
+def write_tensorboard(rows: list[dict], log_dir: Path) -> None:
+    """Scalars `<benchmark>/<metric>` at the checkpoint's step (exports have none: skipped)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    ok = [r for r in rows if r["status"] == "ok" and r["step"] is not None]
+    if not ok:
+        return
+    writer = SummaryWriter(log_dir=str(log_dir))
+    try:
+        for row in ok:
+            writer.add_scalar(f"{row['benchmark']}/{row['metric']}", row["value"],
+                              global_step=row["step"])
+    finally:
+        writer.close()

@@ -1,0 +1,128 @@
+"""VQA evaluation of a checkpoint: fine-tune on the training split, score the eval split.
+
+Steps: load both splits (all files checked first), build the answer vocabulary, fine-tune a copy
+of the model (the loaded one is untouched, so a caller can reuse it), predict, score with the
+official accuracy overall and per answer type, and write the official results file
+`[{"question_id": ..., "answer": ...}]`. Baselines beside the result: always answering the most
+common training answer (`majority`, the primary baseline), and the most common one per answer
+type (`type_prior`).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from vlp.pipeline.data.checkpoints import LoadedModel, load_model
+from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.data.files import write_json_atomic
+from vlp.pipeline.eval.vqa.data import VQAExample, find_split_files, load_vqa_split
+from vlp.pipeline.eval.vqa.finetune import AnswerVocab, FinetuneConfig, finetune_vqa, predict_vqa
+from vlp.pipeline.eval.vqa.metric import normalize_answer, score_predictions
+
+
+def evaluate_vqa(
+    checkpoint: str | Path | LoadedModel,
+    *,
+    vqa_dir: str | Path | None = None,
+    train_split: str = "train",
+    eval_split: str = "val",
+    train_questions: str | Path | None = None,
+    train_annotations: str | Path | None = None,
+    eval_questions: str | Path | None = None,
+    eval_annotations: str | Path | None = None,
+    image_root: str | Path | None = None,
+    image_pattern: str | None = None,
+    min_answer_count: int = 9,
+    steps: int | None = None,
+    epochs: float = 1.0,
+    lr: float | None = None,
+    batch_size: int = 32,
+    finetune_backbone: bool = False,
+    bf16: bool = False,
+    seed: int = 0,
+    out: str | Path | None = None,
+    results_out: str | Path | None = None,
+) -> dict:
+    """Official VQA accuracy (percent) after a fixed-budget fine-tune, with baselines.
+
+    Files come from `vqa_dir` (found by split name, images under it) or explicit paths, which
+    override. `out` gets the metrics JSON and `results_out` (default: beside `out`,
+    `<out stem>.results.json`) the predictions in the official results format.
+    """
+    files = _split_files(vqa_dir, train_split, train_questions, train_annotations,
+                         eval_split, eval_questions, eval_annotations)
+    root = Path(image_root) if image_root is not None else None
+    train = load_vqa_split(*files["train"], root or files["train"][0].parent, image_pattern)
+    evaluation = load_vqa_split(*files["eval"], root or files["eval"][0].parent, image_pattern)
+    vocab = AnswerVocab.build(train, min_answer_count)
+    loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint)
+
+    start = time.perf_counter()
+    model = copy.deepcopy(loaded.model)
+    cfg = FinetuneConfig(steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
+                         finetune_backbone=finetune_backbone, bf16=bf16, seed=seed)
+    finetune = finetune_vqa(model, loaded.tokenizer, train, vocab, cfg)
+    predictions = predict_vqa(model, loaded.tokenizer, evaluation, vocab, batch_size * 2, bf16)
+    del model
+    baselines, baseline_answers = _baselines(train, evaluation)
+    result = {
+        "task": "vqa",
+        "dataset": {"train": [str(p) for p in files["train"]],
+                    "eval": [str(p) for p in files["eval"]]},
+        "model": loaded.info.path,
+        "step": loaded.info.step,
+        "num_train_questions": len(train),
+        "num_eval_questions": len(evaluation),
+        "num_answers": len(vocab.answers),
+        "finetune": finetune,
+        "metrics": _score(predictions, evaluation),
+        "baselines": baselines,
+        "baseline_answers": baseline_answers,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    if out is not None or results_out is not None:
+        results_out = Path(results_out or Path(out).with_suffix(".results.json"))
+        official = [{"question_id": q, "answer": a} for q, a in predictions.items()]
+        write_json_atomic(results_out, official)
+        result["results_file"] = str(results_out)
+    if out is not None:
+        write_json_atomic(out, result)
+    return result
+
+
+def _split_files(vqa_dir, train_split, train_q, train_a, eval_split, eval_q, eval_a) -> dict:
+    """{"train"|"eval": (questions, annotations)}; explicit paths win over `vqa_dir` discovery."""
+    files = {}
+    for name, split, questions, annotations in (("train", train_split, train_q, train_a),
+                                                ("eval", eval_split, eval_q, eval_a)):
+        if questions is None or annotations is None:
+            if vqa_dir is None:
+                raise UserError(f"give vqa_dir or both {name} questions and annotations files")
+            found = find_split_files(vqa_dir, split)
+            questions, annotations = questions or found[0], annotations or found[1]
+        files[name] = (Path(questions), Path(annotations))
+    return files
+
+
+def _score(predictions: dict[int, str], examples: list[VQAExample]) -> dict[str, float]:
+    return score_predictions(predictions, {e.question_id: list(e.answers) for e in examples},
+                             {e.question_id: e.answer_type for e in examples})
+
+
+def _baselines(train: list[VQAExample], evaluation: list[VQAExample]) -> tuple[dict, dict]:
+    """(metrics, answers) of the majority and per-answer-type majority baselines."""
+    overall, by_type = Counter(), defaultdict(Counter)
+    for example in train:
+        for answer in map(normalize_answer, example.answers):
+            overall[answer] += 1
+            by_type[example.answer_type][answer] += 1
+    majority = overall.most_common(1)[0][0]
+    per_type = {t: c.most_common(1)[0][0] for t, c in sorted(by_type.items())}
+    metrics = {
+        "majority": _score({e.question_id: majority for e in evaluation}, evaluation),
+        "type_prior": _score({e.question_id: per_type.get(e.answer_type, majority)
+                              for e in evaluation}, evaluation),
+    }
+    return metrics, {"majority": majority, "type_prior": per_type}

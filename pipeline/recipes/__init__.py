@@ -1,0 +1,1 @@
+"""Training recipes shipped with vlp (YAML; `vlp train --recipe`)."""

@@ -1,0 +1,123 @@
+"""Saving training checkpoints: DeepSpeed's sharded files plus our metadata, published atomically.
+
+The Checkpointer owns the interval (every `checkpoint.every_steps` steps, at the end, and the
+untrained weights when asked). A tag is first written as `global_step{N}.partial` and renamed
+when every rank has finished, so a kill during saving leaves the previous checkpoint and `latest`
+untouched; `vlp_state.json`, written last, records every file's size so resume refuses a truncated
+checkpoint before DeepSpeed opens it. The layout and the reading side are in
+vlp.pipeline.data.checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch.distributed as dist
+
+from vlp.pipeline.data.checkpoints import (
+    LATEST_FILE,
+    PARTIAL_SUFFIX,
+    STATE_FILE,
+    CheckpointError,
+    complete_tags,
+    file_sizes,
+    tag_for_step,
+)
+from vlp.pipeline.data.files import write_text_atomic
+
+
+class Checkpointer:
+    """Saves and restores one run's checkpoints in `ckpt_dir`.
+
+    `shared_state()` returns what every rank agrees on (counters); `rank_state()` this rank's
+    own part (loader position, RNG states), gathered from every rank so each resumes its own.
+    `metadata` maps file names to the text written into each tag (config.json, tokenizer.json).
+    """
+
+    def __init__(self, engine, ckpt_dir: Path, *, every_steps: int, keep_last: int,
+                 save_initial: bool, max_steps: int, metadata: dict[str, str],
+                 shared_state: Callable[[], dict], rank_state: Callable[[], dict],
+                 before_publish: Callable[[int, Path], None] | None = None):
+        self.engine, self.ckpt_dir = engine, Path(ckpt_dir)
+        self.every_steps, self.keep_last = every_steps, keep_last
+        self.save_initial, self.max_steps = save_initial, max_steps
+        self.metadata = metadata
+        self.shared_state, self.rank_state = shared_state, rank_state
+        self.before_publish = before_publish
+
+    def due(self, step: int) -> bool:
+        if step == 0:
+            return self.save_initial
+        return step % self.every_steps == 0 or step == self.max_steps
+
+    def maybe_save(self, step: int) -> None:
+        if self.due(step):
+            self.save(step)
+
+    def save(self, step: int) -> Path:
+        """Save on all ranks; publish and prune on rank 0."""
+        per_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, self.rank_state())
+        client_state = {**self.shared_state(), "step": step, "world_size": dist.get_world_size(),
+                        "ranks": per_rank}
+        return save_checkpoint(self.engine, self.ckpt_dir, step, client_state, self.metadata,
+                               self.keep_last, self._hook(step))
+
+    def _hook(self, step: int):
+        if self.before_publish is None:
+            return None
+        return lambda partial_dir: self.before_publish(step, partial_dir)
+
+    def load(self, tag_dir: Path) -> dict:
+        """Restore the engine (weights, optimizer, schedule) from `tag_dir`; its client_state."""
+        _, client_state = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag_dir.name)
+        if client_state is None:
+            raise CheckpointError(f"DeepSpeed could not load {tag_dir}")
+        return client_state
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, metadata_files: dict,
+                    keep_last: int, before_publish: Callable[[Path], None] | None = None) -> Path:
+    """Save on all ranks; publish the tag and prune old ones on rank 0. Returns the tag dir.
+
+    `metadata_files` maps a file name to the text to write into the tag (config, tokenizer).
+    `before_publish` is called on rank 0 with the partial tag directory once every file but
+    vlp_state.json is written (fault-injection tests kill the process there).
+    """
+    tag = tag_for_step(step)
+    partial = tag + PARTIAL_SUFFIX
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(ckpt_dir / partial, ignore_errors=True)
+    dist.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=partial, client_state=client_state, save_latest=False)
+    dist.barrier()  # every rank's shard files are on disk
+    final = ckpt_dir / tag
+    if rank == 0:
+        partial_dir = ckpt_dir / partial
+        for name, text in metadata_files.items():
+            (partial_dir / name).write_text(text)
+        if before_publish is not None:
+            before_publish(partial_dir)
+        state = {"step": step, "tag": tag, "world_size": dist.get_world_size(),
+                 "time": time.time(), "files": file_sizes(partial_dir)}
+        (partial_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial_dir, final)
+        write_text_atomic(ckpt_dir / LATEST_FILE, tag)
+        prune_checkpoints(ckpt_dir, keep_last)
+    dist.barrier()
+    return final
+
+
+def prune_checkpoints(ckpt_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete tags, and leftover partial tags."""
+    for partial in Path(ckpt_dir).glob(f"*{PARTIAL_SUFFIX}"):
+        shutil.rmtree(partial, ignore_errors=True)
+    if keep_last > 0:
+        for old in complete_tags(ckpt_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,268 @@
+"""Pretraining: the Trainer that sets up a run and the loop that reads as the sequence of a step.
+
+Started on every rank by the `deepspeed` launcher (`vlp train` builds the command):
+
+    deepspeed --num_accelerators 2 --module vlp.pipeline.train \\
+        --recipe tiny_synth.yaml --set run_dir=runs/tiny optim.max_steps=500
+
+A step (step.py): fetch grad_accum batches, forward (all losses inside the module, as ZeRO-3
+requires), backward, update (skipped on every rank together when a loss is not finite). Then the
+metrics meter logs when its window is due and the checkpointer saves when its interval is due.
+The loader position and RNG states travel in the checkpoint, so a resumed run continues with
+exactly the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from vlp.pipeline.data.checkpoints import CheckpointError, read_state, resolve_resume
+from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.distributed import fast_bf16, init_distributed
+from vlp.pipeline.train.checkpointer import Checkpointer
+from vlp.pipeline.train.config import TrainConfig, load_train_config
+from vlp.pipeline.train.faults import FaultInjector
+from vlp.pipeline.train.metrics import MetricsLogger, MetricsMeter, measure_peak_flops
+from vlp.pipeline.train.optim import build_optimizer, build_scheduler
+from vlp.pipeline.train.rng import get_rng_state, set_rng_state
+from vlp.pipeline.train.step import TrainStep
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a NaN/inf loss."""
+
+
+def build_ds_config(cfg: TrainConfig) -> dict:
+    """The DeepSpeed JSON config with batch size, accumulation and clipping from the recipe."""
+    ds_config = json.loads(Path(cfg.ds_config).read_text())
+    owned = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+             "gradient_clipping", "optimizer", "scheduler")
+    clashes = [key for key in owned if key in ds_config]
+    if clashes:
+        raise UserError(f"{cfg.ds_config} sets {', '.join(clashes)}; these come from the recipe "
+                        "(optim.batch_size, optim.grad_accum, optim.grad_clip, optim.*)")
+    ds_config.update(train_micro_batch_size_per_gpu=cfg.optim.batch_size,
+                     gradient_accumulation_steps=cfg.optim.grad_accum,
+                     gradient_clipping=cfg.optim.grad_clip)
+    return ds_config
+
+
+def train_dtype(ds_config: dict) -> torch.dtype:
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+class Trainer:
+    """One pretraining run on this rank: engine, loader, step, meter and checkpointer."""
+
+    def __init__(self, cfg: TrainConfig):
+        import deepspeed
+
+        from vlp.models.config import load_config
+        from vlp.models.export import config_meta
+        from vlp.models.flops import flops_per_sample
+        from vlp.models.model import LossWeights, UnifiedModel
+        from vlp.pipeline.data.loader import build_train_loader
+        from vlp.pipeline.data.tokenizer import load_tokenizer
+
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.rank, self.world, self.device = init_distributed(cfg.dist_timeout_s, cfg.dist_backend)
+        self.is_main = self.rank == 0
+        ckpt_dir = self.run_dir / "checkpoints"
+        resume_tag = resolve_resume(ckpt_dir, cfg.checkpoint.resume)
+        if resume_tag is not None:
+            _check_world_size(resume_tag, self.world)
+
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        try:
+            model_config = load_config(cfg.model.name, vocab_size=len(self.tokenizer),
+                                       **cfg.model.overrides)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"model: {exc}") from exc
+        self.loader = build_train_loader(
+            cfg.data, self.tokenizer, batch_size=cfg.optim.batch_size, seed=cfg.seed,
+            image_size=model_config.image_size, max_text_len=model_config.max_text_len,
+            rank=self.rank, world_size=self.world)
+
+        ds_config = build_ds_config(cfg)
+        if ds_config.get("bf16", {}).get("enabled") and not fast_bf16(self.device):
+            ds_config["bf16"]["enabled"] = False
+            if self.is_main:
+                print(f"{cfg.ds_config} asks for bf16, but this {self.device.type} has no native "
+                      "bf16 matmul (about 60x slower than fp32 here): training in fp32", flush=True)
+        zero = ds_config.get("zero_optimization", {})
+        offload = zero.get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme")
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        weights = LossWeights(itc=cfg.model.itc_weight, itm=cfg.model.itm_weight,
+                              mlm=cfg.model.mlm_weight)
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero.get("stage") == 3):
+            model = UnifiedModel(model_config, loss_weights=weights)
+        self.optimizer = build_optimizer(model, cfg.optim, offload)
+        # A factory: ZeRO wraps the optimizer and the schedule must drive the wrapped one.
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=self.optimizer, config=ds_config,
+            lr_scheduler=lambda wrapped: build_scheduler(wrapped, cfg.optim))
+
+        self.faults = FaultInjector(cfg.faults, self.rank)
+        self.checkpointer = Checkpointer(
+            self.engine, ckpt_dir, every_steps=cfg.checkpoint.every_steps,
+            keep_last=cfg.checkpoint.keep_last, save_initial=cfg.checkpoint.save_initial,
+            max_steps=cfg.optim.max_steps,
+            metadata={"config.json": json.dumps(config_meta(model), indent=1),
+                      "tokenizer.json": _tokenizer_json(cfg.data.tokenizer)},
+            shared_state=lambda: {"skipped_updates": int(self.meter.skipped.item())},
+            rank_state=lambda: {"loader": self.loader.state_dict(), "rng": get_rng_state()},
+            before_publish=self.faults.before_publish)
+        self.key_log = self._open_key_log()
+        self.train_step = TrainStep(self.engine, self.optimizer, cfg.optim.grad_accum,
+                                    self.faults, on_batch=self._log_keys if self.key_log else None)
+        dtype = train_dtype(ds_config)
+        self.meter = MetricsMeter(
+            every_steps=cfg.logging.every_steps, max_steps=cfg.optim.max_steps,
+            samples_per_step=cfg.optim.batch_size * cfg.optim.grad_accum * self.world,
+            flops_per_sample=flops_per_sample(model_config, weights=weights,
+                                              global_batch=cfg.optim.batch_size * self.world),
+            peak_flops_total=self._peak_flops(dtype), device=self.device)
+
+        self.step = 0
+        torch.manual_seed(cfg.seed + 1000 + self.rank)  # per-rank stream (hard-negative sampling)
+        if resume_tag is not None:
+            self._resume(resume_tag)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        self.logger = MetricsLogger(self.run_dir, enabled=self.is_main)
+
+    def _peak_flops(self, dtype: torch.dtype) -> float:
+        """Peak FLOP/s of the whole job: configured per device, or measured on every rank."""
+        if self.cfg.logging.peak_tflops:
+            return self.cfg.logging.peak_tflops * 1e12 * self.world
+        measured = torch.tensor(measure_peak_flops(dtype, self.device), device=self.device)
+        dist.all_reduce(measured)  # on the device: NCCL has no CPU backend
+        return measured.item()
+
+    def _resume(self, tag_dir: Path) -> None:
+        client_state = self.checkpointer.load(tag_dir)
+        own = client_state["ranks"][self.rank]
+        self.step = client_state["step"]
+        self.meter.restore(client_state.get("skipped_updates", 0))  # absent in older tags
+        self.loader.load_state_dict(own["loader"])
+        set_rng_state(own["rng"])
+        if self.is_main:
+            print(f"resumed from {tag_dir} at step {self.step}", flush=True)
+
+    def run(self) -> dict:
+        """Train to optim.max_steps; returns the summary also written to train_summary.json."""
+        max_steps = self.cfg.optim.max_steps
+        bar = _progress_bar(self.is_main and self.cfg.logging.progress_bar, self.step, max_steps)
+        batches = iter(self.loader)
+        record: dict[str, float] = {}
+        try:
+            if self.step == 0:
+                self.checkpointer.maybe_save(0)
+            while self.step < max_steps:
+                lr = self.engine.get_lr()[0]  # the rate this step's update uses
+                self.step += 1
+                result = self.train_step(batches, self.step)
+                self.meter.update(result.scalars, result.nonfinite, result.data_wait_s)
+                if self.meter.due(self.step):
+                    record = self._log(lr)
+                self.checkpointer.maybe_save(self.step)
+                if bar is not None:
+                    bar.update(1)
+        finally:  # also on the non-finite stop, so TensorBoard and the logs are flushed
+            if bar is not None:
+                bar.close()
+            if self.key_log is not None:
+                self.key_log.close()
+            self.logger.close()
+        summary = {"step": self.step, "final": record,
+                   "skipped_updates": int(self.meter.skipped.item()),
+                   "skipped_samples": self._skipped_samples()}
+        if self.is_main:
+            (self.run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    def _log(self, lr: float) -> dict[str, float]:
+        """Write the logging record of the window ending at this step; stop on a NaN streak."""
+        worst = self.meter.worst_nonfinite_run()
+        extra = {"train/lr": lr,
+                 "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                 **{f"data/skipped_{kind}": n for kind, n in self._skipped_samples().items()}}
+        record = self.meter.collect(extra)
+        self.logger.log(self.step, record)
+        if worst and self.is_main:
+            print(f"step {self.step}: {worst} update(s) in a row skipped for a non-finite loss "
+                  f"({record['train/skipped_updates']} in the run)", flush=True)
+        if worst >= self.cfg.faults.max_nonfinite_in_row:
+            raise NonFiniteLossError(
+                f"{worst} consecutive steps had a non-finite loss (seen at step {self.step}); "
+                "stopping. Lower optim.lr or check the data; resume from the last checkpoint "
+                "with --resume latest.")
+        return record
+
+    def _skipped_samples(self) -> dict[str, int]:
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, self.loader.skipped_counts())
+        total: dict[str, int] = {}
+        for counts in gathered:
+            for kind, n in counts.items():
+                total[kind] = total.get(kind, 0) + n
+        return total
+
+    def _open_key_log(self):
+        if not self.cfg.logging.sample_keys:
+            return None
+        path = self.run_dir / "samples" / f"rank{self.rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "a", buffering=1)
+
+    def _log_keys(self, step: int, micro_step: int, batch: dict) -> None:
+        record = {"step": step, "micro": micro_step, "keys": batch["keys"]}
+        self.key_log.write(json.dumps(record) + "\n")
+
+
+def _check_world_size(tag_dir: Path, world: int) -> None:
+    saved_world = read_state(tag_dir)["world_size"]
+    if saved_world != world:
+        raise CheckpointError(
+            f"{tag_dir} was written by {saved_world} ranks; this run has {world}. "
+            "The loader position is per rank, so resuming needs the same world size. "
+            "Run with the original size, or start a new run (checkpoint.resume=none) from "
+            "weights exported with `vlp export`.")
+
+
+def _tokenizer_json(path: str) -> str:
+    path = Path(path)
+    return (path / "tokenizer.json" if path.is_dir() else path).read_text()
+
+
+def _progress_bar(enabled: bool, start: int, total: int):
+    if not (enabled and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step")
+
+
+def train(recipe: str | None, overrides: list[str]) -> int:
+    """Exit codes: 0 done, 2 invalid config/data/checkpoint (before any step), 3 non-finite loss."""
+    try:
+        trainer = Trainer(load_train_config(recipe, overrides))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        trainer.run()
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 3
+    return 0

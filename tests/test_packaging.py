@@ -1,0 +1,70 @@
+"""The design card's folders install as one import namespace, `vlp`, with their data files, and a
+plain (non-editable) install works from any directory."""
+from __future__ import annotations
+
+import configparser
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+from train_helpers import REPO
+
+
+def _setup_cfg() -> configparser.ConfigParser:
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    return cfg
+
+
+def test_setup_cfg_lists_every_package_of_the_tree():
+    cfg = _setup_cfg()
+    mapping = dict(line.split(" = ") for line in cfg["options"]["package_dir"].strip().splitlines())
+    listed = set(cfg["options"]["packages"].split())
+    on_disk = set()
+    for package, folder in mapping.items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            relative = init.parent.relative_to(REPO / folder).parts
+            on_disk.add(".".join((package, *relative)))
+    assert listed == on_disk
+
+
+@pytest.mark.slow
+def test_a_plain_install_works_from_any_directory(tmp_path):
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                            "--no-build-isolation", str(REPO), "-w", str(tmp_path / "wheel")],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    assert "warning" not in (build.stdout + build.stderr).lower(), build.stdout + build.stderr
+    (wheel,) = (tmp_path / "wheel").glob("vlp-*.whl")
+
+    env_dir = tmp_path / "venv"  # the dependencies come from this interpreter's site-packages
+    venv.create(env_dir, system_site_packages=True, with_pip=False)
+    python = env_dir / "bin" / "python"
+    env = {**os.environ, "PIP_ROOT_USER_ACTION": "ignore", "PYTHONWARNINGS": "ignore"}
+    install = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install",
+                              "-q", "--no-deps", str(wheel)], capture_output=True, text=True,
+                             timeout=300, env=env)
+    assert install.returncode == 0, install.stderr[-3000:]
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    def vlp(*args: str) -> str:
+        done = subprocess.run([str(env_dir / "bin" / "vlp"), *args], cwd=elsewhere,
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    assert vlp("--version").strip() == f"vlp {_setup_cfg()['metadata']['version']}"
+    assert "--n-train" in vlp("quickstart", "--help")
+    command = vlp("train", "--dry-run", "--recipe", "tiny_synth.yaml")
+    assert "--module vlp.pipeline.train" in command
+    where = subprocess.run([str(python), "-c", "import vlp.models, vlp.pipeline.train.config as c;"
+                            "print(vlp.models.__file__); print(c.find_ds_config('zero3_bf16.json'))"],
+                           cwd=elsewhere, capture_output=True, text=True, timeout=60, env=env)
+    module_file, ds_config = where.stdout.split()
+    assert module_file.startswith(str(env_dir)) and Path(ds_config).is_file()
+    assert str(env_dir) in ds_config  # shipped as package data, not read from the checkout
