@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from train_helpers import (
     free_port,
@@ -19,9 +20,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, shard_dir, tokenizer_dir):
-    """An uninterrupted 6-step run, checkpointing every 3 steps."""
+    """An uninterrupted 6-step run, checkpointing every 3 steps. Its process group serves CPU
+    tensors only (`cpu:gloo`), as NCCL serves only CUDA ones: a collective on a tensor of another
+    device fails instead of being served by gloo's second device type."""
     run_dir = tmp_path_factory.mktemp("reference")
-    rc = run_training(train_overrides(run_dir, shard_dir, tokenizer_dir), run_dir / "log.txt")
+    rc = run_training(train_overrides(run_dir, shard_dir, tokenizer_dir, "dist_backend=cpu:gloo"),
+                      run_dir / "log.txt")
     assert rc == 0, (run_dir / "log.txt").read_text()[-3000:]
     return run_dir
 
@@ -102,3 +106,33 @@ def test_two_launchers_as_two_nodes_train_as_one_world(tmp_path, shard_dir, toke
     state = json.loads((run_dir / "checkpoints/global_step2/vlp_state.json").read_text())
     assert state["world_size"] == 2
     assert set(keys_by_step(run_dir, 0)) == set(keys_by_step(run_dir, 1)) == {1, 2}
+
+
+def test_warm_start_takes_the_weights_on_another_world_size(reference_run, tmp_path, shard_dir,
+                                                            tokenizer_dir):
+    """model.init_from: a new run on 1 rank starts from the 2-rank run's step-6 weights (the way
+    to change world size), with a fresh optimizer and data order, and says so."""
+    from vlp.pipeline.data.checkpoints import load_model
+
+    run_dir = tmp_path / "warm"
+    overrides = train_overrides(run_dir, shard_dir, tokenizer_dir, "optim.max_steps=1",
+                                f"model.init_from={reference_run / 'checkpoints'}",
+                                "checkpoint.save_initial=true")
+    rc = run_training(overrides, tmp_path / "log.txt", nproc=1)
+    log = (tmp_path / "log.txt").read_text()
+    assert rc == 0, log[-3000:]
+    assert f"warm start: weights of {reference_run / 'checkpoints' / 'global_step6'} (step 6)" in log
+    source = load_model(reference_run / "checkpoints").model.state_dict()
+    started = load_model(run_dir / "checkpoints" / "global_step0").model.state_dict()
+    # ZeRO-3 keeps fp32 masters of the engine's weights: equal once both are in the engine dtype
+    assert all(torch.equal(started[k].bfloat16(), source[k].bfloat16()) for k in source)
+    assert json.loads((run_dir / "train_summary.json").read_text())["step"] == 1
+
+    wrong = train_overrides(tmp_path / "other", shard_dir, tokenizer_dir,
+                            f"model.init_from={reference_run / 'checkpoints'}",
+                            "model.overrides={depth: 3, width: 64, heads: 2, fusion_layers: 1, "
+                            "embed_dim: 32}")
+    rc = run_training(wrong, tmp_path / "wrong.txt", nproc=1)
+    assert rc == 2
+    assert "its model config differs from this run's in depth (2 vs 3)" in \
+        (tmp_path / "wrong.txt").read_text()

@@ -44,6 +44,10 @@ class ModelSection:
     """Weight of the image-text matching loss with hard negatives (0 skips it)."""
     mlm_weight: float = 1.0
     """Weight of the masked-language loss on the fused caption (0 skips it)."""
+    init_from: str | None = None
+    """Warm start: the weights of an export or a training checkpoint (any path `vlp export`
+    takes) with this run's model config; fresh optimizer, schedule and data order. Ignored when
+    the run resumes from its own checkpoint."""
 
     def __post_init__(self):
         weights = (self.itc_weight, self.itm_weight, self.mlm_weight)

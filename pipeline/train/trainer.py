@@ -105,6 +105,8 @@ class Trainer:
                               mlm=cfg.model.mlm_weight)
         with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero.get("stage") == 3):
             model = UnifiedModel(model_config, loss_weights=weights)
+        if cfg.model.init_from and resume_tag is None:
+            self._warm_start(model, cfg.model.init_from)
         self.optimizer = build_optimizer(model, cfg.optim, offload)
         # A factory: ZeRO wraps the optimizer and the schedule must drive the wrapped one.
         self.engine, _, _, _ = deepspeed.initialize(
@@ -140,6 +142,32 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main)
+
+    def _warm_start(self, model: torch.nn.Module, path: str) -> None:
+        """Copy the weights of a checkpoint or export into `model` before DeepSpeed builds its
+        optimizer from them (ZeRO-3: each parameter gathered, written on rank 0, re-partitioned)."""
+        import deepspeed
+
+        from vlp.pipeline.data.checkpoints import load_model
+
+        source = load_model(path)
+        theirs, ours = source.info.config, model.config.to_dict()
+        differing = sorted(k for k in ours if theirs.get(k) != ours[k])
+        if differing:
+            raise UserError(f"model.init_from {path}: its model config differs from this run's in "
+                            + ", ".join(f"{k} ({theirs.get(k)!r} vs {ours[k]!r})"
+                                        for k in differing))
+        weights = source.model.state_dict()
+        params = dict(model.named_parameters())
+        partitioned = any(hasattr(p, "ds_id") for p in params.values())
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0,
+                                               enabled=partitioned), torch.no_grad():
+            if self.rank == 0 or not partitioned:
+                for name, param in params.items():
+                    param.copy_(weights[name])
+        if self.is_main:
+            print(f"warm start: weights of {source.info.path} (step {source.info.step}); "
+                  "optimizer, schedule and data order start fresh", flush=True)
 
     def _peak_flops(self, dtype: torch.dtype) -> float:
         """Peak FLOP/s of the whole job: configured per device, or measured on every rank."""
