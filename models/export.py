@@ -32,7 +32,7 @@ def config_meta(model: UnifiedModel) -> dict:
     """The config.json of an export and of a training tag: format version, model config and the
     VQA head's answer count (None without one)."""
     return {"format_version": FORMAT_VERSION, **model.config.to_dict(),
-            "vqa_num_answers": model.num_answers}
+            "vqa_num_answers": model.num_answers, "vqa_fusion": model.vqa_fusion}
 
 
 def model_from_meta(meta: dict) -> UnifiedModel:
@@ -43,9 +43,10 @@ def model_from_meta(meta: dict) -> UnifiedModel:
     if version != FORMAT_VERSION:
         raise ValueError(f"format_version {version!r}, this code reads {FORMAT_VERSION}")
     num_answers = values.pop("vqa_num_answers", None)
+    fusion = values.pop("vqa_fusion", "fused")
     model = UnifiedModel(ModelConfig.from_dict(values))
     if num_answers:
-        model.attach_vqa_head(num_answers)
+        model.attach_vqa_head(num_answers, fusion=fusion)
     return model
 
 

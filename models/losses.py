@@ -42,17 +42,23 @@ def contrastive_loss(
     return loss, accuracy.detach(), local_sim
 
 
-def hard_negatives(sim: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def hard_negatives(sim: torch.Tensor, same: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one negative per row and per column of `sim` (B, B), B >= 2, as in ALBEF.
 
     Image i gets text j != i with probability softmax_j(sim[i]) renormalised without the positive;
     text j gets image i != j likewise from sim[:, j]. Masking with -inf makes the positive's
-    probability exactly zero. Sampling is Gumbel-max, argmax(logits + Gumbel noise), which draws
-    from the same distribution as torch.multinomial without its host-syncing validity checks.
+    probability exactly zero. Pairs marked in `same` (B, B) (e.g. identical captions: false
+    negatives) are only drawn when a row has nothing else. Sampling is Gumbel-max,
+    argmax(logits + Gumbel noise), which draws from the same distribution as torch.multinomial
+    without its host-syncing validity checks.
     Returns (negative text per image (B,), negative image per text (B,)).
     """
     positive = torch.eye(sim.size(0), dtype=torch.bool, device=sim.device)
-    sim = sim.float().masked_fill(positive, float("-inf"))
+    sim = sim.float()
+    if same is not None:
+        sim = sim.masked_fill(same, -1e9)
+    sim = sim.masked_fill(positive, float("-inf"))
     text_for_image = gumbel_argmax(sim)
     image_for_text = gumbel_argmax(sim.T)
     return text_for_image, image_for_text

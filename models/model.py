@@ -3,8 +3,13 @@
     images (B, 3, S, S) -> patch embed + CLS + pos -> bottom blocks (V-FFN) -> image states
     text ids (B, T)     -> token + pos             -> bottom blocks (L-FFN) -> text states
     dual encoder: states -> top blocks (V-FFN | L-FFN) -> LN -> CLS -> projection -> L2 norm
-    fused:        [image states; text states] + type -> top blocks (VL-FFN) -> LN -> heads
+    fused:        text states + type attend over [image memory; text] in the top blocks
+                  (shared attention, VL-FFN) -> LN -> text CLS (ITM, VQA) | text (MLM)
 
+In the fused pass only text tokens are queries: image tokens are keys and values (each top
+block's "memory" of an image, computed once per image), as in ALBEF's cross-attention but with
+the blocks' own shared attention weights. An image is fused with many texts (ITM's positive and
+negative, every re-ranking candidate, every step of generation) at the cost of its memory once.
 The image and caption bottom states are computed once per step and reused by ITC, ITM and the
 MLM fused pass (MLM adds one bottom pass over the masked caption).
 """
@@ -22,6 +27,7 @@ from .losses import contrastive_loss, hard_negatives, vqa_loss
 from .multiway import MultiwayBlock
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: temperature >= 0.01
+VQA_FUSION = ("fused", "late")
 # CLIP's pixel statistics; any fixed choice works as long as training and evaluation agree.
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -126,6 +132,7 @@ class UnifiedModel(nn.Module):
         self.itm_head = nn.Linear(W, 2)
         self.mlm_head = MLMHead(config, self.text_embed.token)
         self.vqa_head: nn.Sequential | None = None
+        self.vqa_fusion = "fused"
         # Under deepspeed.zero.Init, DeepSpeed wraps Module.apply to gather each module's
         # partitioned parameters around the init function, so this init is not lost.
         self.apply(self._init_weights)
@@ -143,17 +150,24 @@ class UnifiedModel(nn.Module):
             for param in module.parameters(recurse=False):
                 nn.init.trunc_normal_(param, std=std, a=-2 * std, b=2 * std)
 
-    def attach_vqa_head(self, num_answers: int, answer_prior: torch.Tensor | None = None) -> None:
-        """Add the VQA classifier: MLP over the fused CLS -> (B, num_answers) logits.
+    def attach_vqa_head(self, num_answers: int, answer_prior: torch.Tensor | None = None,
+                        fusion: str = "fused") -> None:
+        """Add the VQA classifier: an MLP over the question -> (B, num_answers) logits.
 
+        fusion="fused": over the text CLS of the fused pass (the question attends to the image).
+        fusion="late": over the unimodal CLS states of image and question, concatenated, with no
+        fused layer: the baseline that shows what fusion buys.
         `answer_prior` (num_answers,), each answer's mean soft score on the training set, sets the
         output bias to its logit, so the head starts at the prior (as RetinaNet initialises its
         classifier) instead of spending the first steps of a short fine-tune pushing every
         sigmoid from 0.5 down.
         """
+        if fusion not in VQA_FUSION:
+            raise ValueError(f"VQA fusion {fusion!r} is not one of {VQA_FUSION}")
         W, hidden = self.config.width, self.config.vqa_hidden_mult * self.config.width
         head = nn.Sequential(
-            nn.Linear(W, hidden), nn.LayerNorm(hidden, eps=self.config.layer_norm_eps),
+            nn.Linear(W if fusion == "fused" else 2 * W, hidden),
+            nn.LayerNorm(hidden, eps=self.config.layer_norm_eps),
             nn.GELU(), nn.Linear(hidden, num_answers),
         )
         head.apply(self._init_weights)
@@ -164,6 +178,7 @@ class UnifiedModel(nn.Module):
             with torch.no_grad():
                 head[-1].bias.copy_(torch.logit(answer_prior.float().clamp(1e-4, 1 - 1e-4)))
         self.vqa_head = head.to(self.itm_head.weight.device, self.itm_head.weight.dtype)
+        self.vqa_fusion = fusion
 
     @property
     def num_bottom(self) -> int:
@@ -226,22 +241,34 @@ class UnifiedModel(nn.Module):
 
     # ---- fusion encoder --------------------------------------------------------------------
 
-    def fuse(self, image_states: torch.Tensor, text_states: torch.Tensor,
-             text_mask: torch.Tensor, queries: slice | None = None) -> torch.Tensor:
-        """Joint pass of the top blocks (VL-FFN) over [image; text], text padding masked.
+    def image_memory(self, image_states: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """What the fused pass attends to for these images: per top block, the keys and values of
+        the image tokens (type embedding added), each (B, heads, Ti, head_dim)."""
+        image_type = self.type_embed(self.type_ids[:1])  # (1, width)
+        x = image_states + image_type
+        return [block.memory(x) for block in self.top]
 
-        (B, Ti, width), (B, Tt, width), (B, Tt) -> final-LN states (B, Ti + Tt, width), or only
-        the positions in `queries` (the last block computes no others): position 0 is the image
-        CLS, pooled by the ITM and VQA heads; `slice(Ti, None)` are the text states for MLM.
+    def fuse(self, memory: list[tuple[torch.Tensor, torch.Tensor]], text_states: torch.Tensor,
+             text_mask: torch.Tensor, queries: slice | None = None) -> torch.Tensor:
+        """The fused pass: text attends over [image; text] in the top blocks (VL-FFN).
+
+        memory from `image_memory` (B images), text_states (B, Tt, width), text_mask (B, Tt) ->
+        final-LN text states (B, Tt, width), or only the positions in `queries` (the last block
+        computes no others): CLS, slice(0, 1), is pooled by the ITM and VQA heads.
         """
-        image_type, text_type = self.type_embed(self.type_ids)  # (2, width)
-        x = torch.cat([image_states + image_type, text_states + text_type], dim=1)
-        mask = torch.cat([text_mask.new_ones(image_states.shape[:2]), text_mask], dim=1).bool()
-        return self._top(x, image_states.size(1), mask, queries)
+        text_type = self.type_embed(self.type_ids[1:])  # (1, width)
+        x = text_states + text_type
+        image_len = memory[0][0].size(2)
+        mask = torch.cat([text_mask.new_ones(text_mask.size(0), image_len), text_mask], dim=1)
+        *body, last = range(len(self.top))
+        for i in body:
+            x = self.top[i].fused(x, memory[i], mask.bool())
+        return self.norm(self.top[last].fused(x, memory[last], mask.bool(), queries))
 
     def _top(self, x: torch.Tensor, split: int, mask: torch.Tensor | None,
              queries: slice | None) -> torch.Tensor:
-        """The top blocks, the last computing only `queries` (None: all), then the final LN."""
+        """The top blocks for one modality, the last computing only `queries` (None: all), then
+        the final LN."""
         *body, last = self.top
         for block in body:
             x = block(x, split, mask)
@@ -249,10 +276,15 @@ class UnifiedModel(nn.Module):
 
     def itm_logits(self, images: torch.Tensor, text_ids: torch.Tensor,
                    text_mask: torch.Tensor) -> torch.Tensor:
-        """Image-text match logits (B, 2), class 1 = match; for re-ranking retrieval candidates."""
-        text_states = self.text_states(text_ids, text_mask)
-        fused = self.fuse(self.image_states(images), text_states, text_mask, queries=CLS)
-        return self.itm_head(fused[:, 0])
+        """Image-text match logits (B, 2), class 1 = match, for pairs (images[b], texts[b])."""
+        memory = self.image_memory(self.image_states(images))
+        return self.itm_scores(memory, self.text_states(text_ids, text_mask), text_mask)
+
+    def itm_scores(self, memory: list[tuple[torch.Tensor, torch.Tensor]],
+                   text_states: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """ITM logits (B, 2) from precomputed image memory and text states (re-ranking reuses
+        both across candidates)."""
+        return self.itm_head(self.fuse(memory, text_states, text_mask, queries=CLS)[:, 0])
 
     def vqa_logits(self, images: torch.Tensor, q_ids: torch.Tensor,
                    q_mask: torch.Tensor) -> torch.Tensor:
@@ -262,7 +294,12 @@ class UnifiedModel(nn.Module):
     def _vqa_logits(self, image_states, text_states, text_mask) -> torch.Tensor:
         if self.vqa_head is None:
             raise RuntimeError("no VQA head: call model.attach_vqa_head(num_answers) first")
-        return self.vqa_head(self.fuse(image_states, text_states, text_mask, queries=CLS)[:, 0])
+        if self.vqa_fusion == "late":
+            image_cls = self._top(image_states, image_states.size(1), None, CLS)[:, 0]
+            text_cls = self._top(text_states, 0, text_mask.bool(), CLS)[:, 0]
+            return self.vqa_head(torch.cat([image_cls, text_cls], dim=-1))
+        pooled = self.fuse(self.image_memory(image_states), text_states, text_mask, queries=CLS)
+        return self.vqa_head(pooled[:, 0])
 
     # ---- training --------------------------------------------------------------------------
 
@@ -296,12 +333,13 @@ class UnifiedModel(nn.Module):
             text_emb = self.text_embedding(text_states, text_mask)
             losses["itc"], out["itc_acc"], sim = contrastive_loss(image_emb, text_emb, scale)
             out["temperature"] = 1.0 / scale.detach()
+        if weights.itm or weights.mlm:
+            memory = self.image_memory(image_states)  # once, for every fused pass below
         if weights.itm:
             losses["itm"], out["itm_acc"] = self._itm_loss(
-                image_states, text_states, text_mask, sim)
+                memory, text_states, text_ids, text_mask, sim)
         if weights.mlm:
-            losses["mlm"], out["mlm_acc"] = self._mlm_loss(
-                image_states, mlm_ids, text_mask, mlm_labels)
+            losses["mlm"], out["mlm_acc"] = self._mlm_loss(memory, mlm_ids, text_mask, mlm_labels)
         if weights.vqa and vqa_targets is not None:
             logits = self._vqa_logits(image_states, text_states, text_mask)
             losses["vqa"] = vqa_loss(logits, vqa_targets)
@@ -311,35 +349,36 @@ class UnifiedModel(nn.Module):
         out.update({f"{name}_loss": loss for name, loss in losses.items()})
         return out
 
-    def _itm_loss(self, image_states, text_states, text_mask, sim):
+    def _itm_loss(self, memory, text_states, text_ids, text_mask, sim):
         """Match/no-match over B positives, B hard-negative texts and B hard-negative images.
 
-        Negatives are sampled from the ITC similarities `sim` (B, B); a batch of one has no
-        negative and trains on its positive alone.
+        Negatives are sampled from the ITC similarities `sim` (B, B); a caption identical to the
+        positive's (duplicate captions of look-alike scenes) is never a negative. The negative
+        images' memory is taken from the batch's, not recomputed. A batch of one has no negative
+        and trains on its positive alone.
         """
-        B = image_states.size(0)
+        B = text_states.size(0)
         if B > 1:
-            sim = image_states.new_zeros(B, B) if sim is None else sim  # uniform without ITC
-            neg_text, neg_image = hard_negatives(sim)
+            sim = text_states.new_zeros(B, B) if sim is None else sim  # uniform without ITC
+            same_text = (text_ids[:, None] == text_ids[None, :]).all(dim=-1)  # (B, B)
+            neg_text, neg_image = hard_negatives(sim, same_text)
             # (B, ...) -> (3B, ...): positives, (image, negative text), (negative image, text)
-            image_states = torch.cat([image_states, image_states, image_states[neg_image]])
+            memory = [(torch.cat([k, k, k[neg_image]]), torch.cat([v, v, v[neg_image]]))
+                      for k, v in memory]
             text_states = torch.cat([text_states, text_states[neg_text], text_states])
             text_mask = torch.cat([text_mask, text_mask[neg_text], text_mask])
-        labels = (torch.arange(image_states.size(0), device=image_states.device) < B).long()
-        fused = self.fuse(image_states, text_states, text_mask, queries=CLS)  # (3B, 1, width)
-        logits = self.itm_head(fused[:, 0]).float()
+        labels = (torch.arange(text_states.size(0), device=text_states.device) < B).long()
+        logits = self.itm_scores(memory, text_states, text_mask).float()  # (3B, 2)
         accuracy = (logits.argmax(1) == labels).float().mean()
         return F.cross_entropy(logits, labels), accuracy.detach()
 
-    def _mlm_loss(self, image_states, mlm_ids, text_mask, mlm_labels):
+    def _mlm_loss(self, memory, mlm_ids, text_mask, mlm_labels):
         """Predict the masked caption tokens from the caption fused with its image.
 
         The head runs on every text position and unmasked ones are ignored (-100): static shapes,
         so no host sync to count the masked tokens (a boolean index would need one).
         """
-        text_states = self.text_states(mlm_ids, text_mask)
-        fused_text = self.fuse(image_states, text_states, text_mask,
-                               queries=slice(image_states.size(1), None))  # (B, Tt, width)
+        fused_text = self.fuse(memory, self.text_states(mlm_ids, text_mask), text_mask)
         logits = self.mlm_head(fused_text).float().flatten(0, 1)  # (B * Tt, vocab)
         targets = mlm_labels.flatten()
         selected = targets != -100

@@ -19,16 +19,30 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(config.width, config.width)
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None,
-                queries: slice | None = None) -> torch.Tensor:
+                queries: slice | None = None,
+                memory: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """(B, T, C) -> (B, T, C); with `queries`, only those positions attend (all T positions
-        stay keys and values): (B, Tq, C)."""
+        stay keys and values): (B, Tq, C). With `memory`, the (keys, values) of other tokens
+        from `keys_values` are put before x's own: x attends over [memory; x], and
+        `key_padding_mask` covers both, (B, Tm + T)."""
         B, T, C = x.shape
-        # (B, T, 3C) -> (3, B, heads, T, head_dim)
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self._split(self.qkv(x))  # each (B, heads, T, head_dim)
         if queries is not None:
             q = q[:, :, queries]
+        if memory is not None:
+            k, v = torch.cat([memory[0], k], dim=2), torch.cat([memory[1], v], dim=2)
         y = attention(q, k, v, key_padding_mask, self.backend)  # (B, heads, Tq, head_dim)
         return self.proj(y.transpose(1, 2).reshape(B, q.size(2), C))
+
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of x (B, T, C), each (B, heads, T, head_dim), to attend to as memory."""
+        _, k, v = self._split(self.qkv(x))
+        return k, v
+
+    def _split(self, qkv: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3C) -> (3, B, heads, T, head_dim)."""
+        B, T, C3 = qkv.shape
+        return qkv.view(B, T, 3, self.heads, C3 // 3 // self.heads).permute(2, 0, 3, 1, 4)
 
 
 class FeedForward(nn.Module):
@@ -48,8 +62,8 @@ class MultiwayBlock(nn.Module):
     """Pre-LN block: x + Attn(LN(x)), then x + Expert(x) with the expert chosen by modality.
 
     Tokens `[:split]` are image tokens (V-FFN), `[split:]` text tokens (L-FFN). A block built with
-    `vl_ffn=True` sends a sequence holding both modalities (0 < split < T) wholly through the
-    VL-FFN instead, as VLMo does in its top fusion layers.
+    `vl_ffn=True` also runs the fused pass (`fused`): text tokens attend over the image tokens and
+    the text with the same shared attention, then go through the VL-FFN.
     """
 
     def __init__(self, config: ModelConfig, vl_ffn: bool):
@@ -68,24 +82,37 @@ class MultiwayBlock(nn.Module):
         """x: (B, T, width); key_padding_mask: bool (B, T) or None. Returns (B, T, width).
 
         With `queries`, only those positions are computed and returned, (B, Tq, width), all T
-        still serving as keys: the last block needs no more when its output is pooled at CLS
-        (ITC, ITM, VQA) or read at the text positions (MLM). Experts are chosen as for the whole
-        sequence.
+        still serving as keys: the last block needs no more when its output is pooled at CLS.
+        Experts are chosen as for the whole sequence.
         """
-        fused = 0 < split < x.size(1)
         attended = self.attn(self.norm(x), key_padding_mask, queries)
         if queries is not None:
             start = queries.indices(x.size(1))[0]
             x = x[:, queries]
             split = min(max(split - start, 0), x.size(1))  # the image/text boundary within x
         x = x + self.dropout(attended)
-        return x + self.dropout(self.experts(x, split, fused))
+        return x + self.dropout(self.experts(x, split))
 
-    def experts(self, x: torch.Tensor, split: int, fused: bool) -> torch.Tensor:
-        """Image tokens `[:split]` to the V-FFN, text to the L-FFN; a fused sequence in a top
-        block wholly to the VL-FFN."""
-        if fused and self.ffn_vl is not None:
-            return self.ffn_vl(x)
+    def memory(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of image tokens (B, Ti, width) for `fused`: what text attends to in
+        this block. Image tokens are not updated by the fused pass, so this is computed once
+        per image and shared by every text the image is fused with (ITM negatives, re-ranking
+        candidates, generation steps)."""
+        return self.attn.keys_values(self.norm(image))
+
+    def fused(self, text: torch.Tensor, memory: tuple[torch.Tensor, torch.Tensor],
+              key_padding_mask: torch.Tensor, queries: slice | None = None) -> torch.Tensor:
+        """Text tokens (B, Tt, width) attend over [image memory; text] with the shared attention,
+        then go through the VL-FFN: (B, Tt, width), or (B, Tq, width) for `queries`.
+        `key_padding_mask` (B, Ti + Tt) marks the real keys."""
+        attended = self.attn(self.norm(text), key_padding_mask, queries, memory)
+        if queries is not None:
+            text = text[:, queries]
+        text = text + self.dropout(attended)
+        return text + self.dropout(self.ffn_vl(text))
+
+    def experts(self, x: torch.Tensor, split: int) -> torch.Tensor:
+        """Image tokens `[:split]` to the V-FFN, text tokens `[split:]` to the L-FFN."""
         if split >= x.size(1):
             return self.ffn_v(x)
         if split <= 0:

@@ -45,23 +45,31 @@ def test_retrieval_result_has_clip_benchmark_keys_and_chance(retrieval_result):
     assert chance["text_retrieval_recall@1"] == pytest.approx(5 / 160)
 
 
-def test_rerank_scores_top_k_pairs_and_keeps_recall_beyond_k(
+def test_rerank_scores_each_top_k_pair_once_and_keeps_recall_beyond_k(
     tiny, karpathy, retrieval_result, monkeypatch
 ):
-    pairs = []
-    itm_logits = tiny.model.itm_logits
+    pairs, memories = [], []
+    itm_scores, image_memory = tiny.model.itm_scores, tiny.model.image_memory
 
-    def counting(images, ids, mask):
-        pairs.append(len(images))
-        return itm_logits(images, ids, mask)
+    def counting_pairs(memory, states, mask):
+        pairs.append(len(states))
+        return itm_scores(memory, states, mask)
 
-    monkeypatch.setattr(tiny.model, "itm_logits", counting)
-    reranked = evaluate_retrieval(tiny, **karpathy, rerank_k=3)["metrics"]
-    assert sum(pairs) == (160 + 32) * 3  # every text query and every image query, top 3 each
+    def counting_memories(image_states):
+        memories.append(len(image_states))
+        return image_memory(image_states)
+
+    monkeypatch.setattr(tiny.model, "itm_scores", counting_pairs)
+    monkeypatch.setattr(tiny.model, "image_memory", counting_memories)
+    metrics = evaluate_retrieval(tiny, **karpathy, rerank_k=3)["metrics"]
+    # the top 3 of 160 text queries and of 32 image queries: distinct pairs, each scored once
+    assert (160 + 32) * 3 - 32 * 3 <= sum(pairs) <= (160 + 32) * 3
+    assert sum(memories) <= 32  # each candidate image's fused-layer memory computed once
     plain = retrieval_result[0]["metrics"]
     for key in RECALL_KEYS:
+        assert metrics[key] == pytest.approx(plain[key]), key  # the ITC recalls, unchanged
         if not key.endswith("@1"):  # reordering inside the top 3 cannot change recall@5/@10
-            assert reranked[key] == pytest.approx(plain[key]), key
+            assert metrics[f"reranked_{key}"] == pytest.approx(plain[key]), key
 
 
 def test_retrieval_shards_give_the_same_result_as_the_json(

@@ -84,33 +84,40 @@ def test_image_to_text_hit_if_any_caption_in_top_k():
     assert metrics["image_retrieval_recall@1"] == pytest.approx(2 / 3)
 
 
-def test_rerank_reorders_only_the_top_k():
+def test_an_oracle_reranker_lifts_every_hit_in_the_top_k_to_rank_one():
     images, texts, t2i = random_set(num_images=30, per_image=2, seed=3)
+    truth = torch.as_tensor(t2i)
     calls = []
 
-    def oracle(queries, candidates, truth):  # bonus 1 for the true pairs
-        calls.append(candidates.shape)
-        return truth(queries, candidates).float()
-
-    def t2i_truth(q, c):
-        return c == torch.as_tensor(t2i)[q][:, None]
-
-    def i2t_truth(q, c):
-        return torch.as_tensor(t2i)[c] == q[:, None]
+    def oracle(text_idx, image_idx):  # log-odds +5 for the true pairs, -5 for the others
+        calls.append((text_idx.clone(), image_idx.clone()))
+        return (truth[text_idx] == image_idx).float() * 10 - 5
 
     base = retrieval_recalls(images, texts, t2i)
-    reranked = retrieval_recalls(
-        images, texts, t2i, rerank_k=5,
-        rerank_t2i=lambda q, c: oracle(q, c, t2i_truth),
-        rerank_i2t=lambda q, c: oracle(q, c, i2t_truth),
-    )
-    assert all(shape[1] == 5 for shape in calls)
-    # an oracle inside the top 5 lifts every hit@5 to rank 1 and cannot create hits beyond it
+    metrics = retrieval_recalls(images, texts, t2i, rerank_k=5, pair_scorer=oracle)
+    assert {k: v for k, v in metrics.items() if not k.startswith("reranked_")} == base
     for direction in ("image", "text"):
-        key = f"{direction}_retrieval_recall@"
-        assert reranked[key + "1"] == pytest.approx(base[key + "5"])
-        assert reranked[key + "5"] == pytest.approx(base[key + "5"])
-        assert reranked[key + "10"] == pytest.approx(base[key + "10"])
+        key = f"reranked_{direction}_retrieval_recall@"
+        assert metrics[key + "1"] == pytest.approx(base[key[9:] + "5"])
+        assert metrics[key + "5"] == pytest.approx(base[key[9:] + "5"])
+        assert metrics[key + "10"] == pytest.approx(base[key[9:] + "10"])
+    # one call; every pair of both directions' top 5, each distinct pair once
+    ((text_idx, image_idx),) = calls
+    pairs = set(zip(text_idx.tolist(), image_idx.tolist()))
+    assert len(pairs) == len(text_idx) <= 60 * 5 + 30 * 5
+
+
+def test_an_inverted_reranker_drops_each_hit_to_the_bottom_of_the_top_k():
+    """Scores that prefer the wrong pairs: a positive found in the top 5 ends up behind the other
+    candidates there (rank 4 when it is the only positive), never beyond the top 5."""
+    images, texts, t2i = random_set(num_images=30, per_image=1, seed=4)
+    truth = torch.as_tensor(t2i)
+    metrics = retrieval_recalls(images, texts, t2i, rerank_k=5,
+                                pair_scorer=lambda t, i: (truth[t] != i).float())
+    base = retrieval_recalls(images, texts, t2i)
+    assert metrics["reranked_image_retrieval_recall@1"] == 0.0
+    assert metrics["reranked_image_retrieval_recall@5"] == pytest.approx(
+        base["image_retrieval_recall@5"])
 
 
 def test_chance_is_the_average_of_random_embeddings():

@@ -34,6 +34,54 @@ def test_hard_negatives_prefer_similar_pairs():
     assert sum(i[2].item() == 0 for _, i in draws) > 150
 
 
+def test_identical_captions_are_not_drawn_as_negatives_while_others_exist():
+    sim = torch.zeros(4, 4)
+    sim[0, 1] = sim[1, 0] = 50.0  # image 0 looks most like caption 1 (and caption 0 like image 1)
+    same = torch.zeros(4, 4, dtype=torch.bool)
+    same[0, 1] = same[1, 0] = True  # captions 0 and 1 are the same text
+    for _ in range(50):
+        text_for_image, image_for_text = hard_negatives(sim, same)
+        assert text_for_image[0] not in (0, 1) and image_for_text[0] not in (0, 1)
+    only = torch.tensor([[False, True], [True, False]])  # a batch of two identical captions
+    assert hard_negatives(torch.zeros(2, 2), only)[0].tolist() == [1, 0]  # still never itself
+
+
+def test_itm_pairs_and_labels_are_wired_as_documented(monkeypatch):
+    """_itm_loss fuses (image i, caption i) labelled 1, (image i, its sampled negative caption)
+    and (its sampled negative image, caption i) labelled 0, with the negatives drawn from the
+    rows and columns of the ITC similarities."""
+    torch.manual_seed(0)
+    config = load_config("tiny", vocab_size=50, width=32, heads=2, depth=2, fusion_layers=1)
+    model = UnifiedModel(config).eval()
+    B, T_ = 4, 6
+    ids = torch.randint(5, 50, (B, T_))
+    mask = torch.ones(B, T_, dtype=torch.bool)
+    images = torch.randint(0, 256, (B, 3, 64, 64), dtype=torch.uint8)
+    sim = torch.zeros(B, B)
+    text_of = {0: 1, 1: 2, 2: 3, 3: 0}  # image i looks like caption text_of[i] (its row)
+    for i, j in text_of.items():
+        sim[i, j] = 100.0
+    image_of = {j: i for i, j in text_of.items()}  # so caption j looks like image_of[j] (column)
+    seen = {}
+    real_scores = model.itm_scores
+
+    def capture(memory, text_states, text_mask):
+        seen.update(memory=memory, text_states=text_states)
+        return real_scores(memory, text_states, text_mask)
+
+    monkeypatch.setattr(model, "itm_scores", capture)
+    with torch.no_grad():
+        image_states, text_states = model.image_states(images), model.text_states(ids, mask)
+        memory = model.image_memory(image_states)
+        model._itm_loss(memory, text_states, ids, mask, sim)
+    keys, fused_texts = seen["memory"][0][0], seen["text_states"]
+    image_rows = [i for i in range(B)] * 2 + [image_of[j] for j in range(B)]
+    text_rows = [i for i in range(B)] + [text_of[i] for i in range(B)] + [j for j in range(B)]
+    for row, (i, j) in enumerate(zip(image_rows, text_rows)):
+        assert torch.equal(keys[row], memory[0][0][i]), row
+        assert torch.equal(fused_texts[row], text_states[j]), row
+
+
 def test_contrastive_loss_on_one_process_is_clip_loss():
     torch.manual_seed(0)
     image, text = F.normalize(torch.randn(5, 8), dim=-1), F.normalize(torch.randn(5, 8), dim=-1)

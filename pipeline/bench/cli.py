@@ -17,6 +17,8 @@ BENCHMARKS = [
     ("loader", "vlp.pipeline.bench.loader", "our loader vs a plain webdataset+PIL pipeline"),
     ("zero", "vlp.pipeline.bench.zero", "ZeRO-3 memory per rank and step time vs ZeRO-2 / 1 process"),
     ("eval", "vlp.pipeline.bench.eval_recall", "chunked retrieval recall vs full score matrix"),
+    ("rerank", "vlp.pipeline.bench.rerank",
+     "ITM re-ranking of the top k both ways vs its FLOP-bound time and the per-pair path"),
     ("smoke", "vlp.pipeline.bench.smoke",
      "a short real training run on this machine's devices, resumed, then evaluated"),
 ]

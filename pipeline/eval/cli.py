@@ -63,7 +63,8 @@ def _cmd_vqa(args, stdout) -> int:
         image_root=args.image_root, image_pattern=args.image_pattern,
         min_answer_count=args.min_answer_count, steps=args.steps, epochs=args.epochs,
         lr=args.lr, batch_size=args.batch_size, finetune_backbone=args.finetune_backbone,
-        bf16=args.bf16, seed=args.seed, out=args.out, results_out=args.results,
+        bf16=args.bf16, seed=args.seed, late_fusion_baseline=args.late_fusion_baseline,
+        out=args.out, results_out=args.results,
     ), stdout)
     return 0
 
@@ -141,6 +142,9 @@ def register(subparsers) -> None:
                    help="train the whole model, not only the VQA head")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for training and inference")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--late-fusion-baseline", action="store_true",
+                   help="also fine-tune a late-fusion head (unimodal CLS states, no fused "
+                        "layer) with the same budget and report it as a baseline")
     p.add_argument("--out", help="write the metrics JSON here")
     p.add_argument("--results",
                    help="official results file [{question_id, answer}] "

@@ -134,9 +134,10 @@ def evaluate_checkpoint(ref: CheckpointRef, benchmarks: list[Benchmark], device:
         baseline_name, baseline = next(iter(result["baselines"].items()))
         now = datetime.now(timezone.utc)
         for metric, value in result["metrics"].items():
+            # "variant/metric" (e.g. late_fusion/overall) is compared with the metric's baseline
             rows.append({**base, "benchmark": benchmark.name, "task": benchmark.task,
                          "metric": metric, "value": float(value),
-                         "baseline": float(baseline.get(metric, math.nan)),
+                         "baseline": float(baseline.get(metric.split("/")[-1], math.nan)),
                          "baseline_name": baseline_name, "time": now, "status": "ok", "error": ""})
     return rows
 

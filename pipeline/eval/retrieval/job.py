@@ -1,15 +1,16 @@
 """Zero-shot image-text retrieval: encode a test set, recall@k both ways, optional ITM re-ranking.
 
-Re-ranking follows ALBEF/BLIP: for each query the top `rerank_k` candidates by ITC similarity are
-scored by the fusion encoder and get ITC + P(match) as their score; the rest keep ITC. P(match) is
-a probability in [0, 1], so re-ranking reorders the top-k among themselves and nothing else.
+Re-ranking follows ALBEF: each query's top `rerank_k` candidates by ITC similarity are put in the
+order of the fusion encoder's match log-odds; the rest keep their ITC order below them. The result
+then holds both the ITC recalls and the re-ranked ones ("reranked_<key>"), side by side. Every
+distinct (caption, image) pair of both directions is scored once; a caption's bottom states are
+computed once and an image's fused-layer memory once (ItmScorer).
 Under torch.distributed the encoding is split across ranks; scoring runs on every rank, and so
-does re-ranking, unsplit: its rerank_k x (captions + images) fused passes usually cost more than
-the encoding, so re-rank on one rank. Rank 0 writes the result.
+does re-ranking, unsplit: its fused passes usually cost more than the encoding, so re-rank on one
+rank. Rank 0 writes the result.
 """
 from __future__ import annotations
 
-import functools
 import time
 from pathlib import Path
 
@@ -58,12 +59,9 @@ def evaluate_retrieval(
     image_emb = encode_images(loaded.model, dataset.images, config["image_size"], batch_size, bf16)
     text_emb = encode_texts(loaded.model, loaded.tokenizer, dataset.captions,
                             config["max_text_len"], batch_size * 4, bf16)
-    rerankers = {}
-    if rerank_k > 0:
-        itm = ItmScorer(loaded, dataset, batch_size, bf16)
-        rerankers = {"rerank_t2i": itm.text_queries, "rerank_i2t": itm.image_queries}
+    scorer = ItmScorer(loaded, dataset, batch_size, bf16) if rerank_k > 0 else None
     metrics = retrieval_recalls(image_emb, text_emb, dataset.text_to_image, chunk=chunk,
-                                rerank_k=rerank_k, **rerankers)
+                                rerank_k=rerank_k, pair_scorer=scorer)
     result = {
         "task": "zeroshot_retrieval",
         "dataset": dataset.source,
@@ -73,7 +71,7 @@ def evaluate_retrieval(
         "num_texts": len(dataset.captions),
         "rerank_k": rerank_k,
         "metrics": metrics,
-        "baselines": {"chance": chance_recalls(len(dataset.images), dataset.text_to_image)},
+        "baselines": {"chance": _chance(len(dataset.images), dataset.text_to_image, rerank_k)},
         "seconds": round(time.perf_counter() - start, 3),
     }
     if out is not None and (not dist.is_initialized() or dist.get_rank() == 0):
@@ -81,38 +79,70 @@ def evaluate_retrieval(
     return result
 
 
+def _chance(num_images: int, text_to_image, rerank_k: int) -> dict[str, float]:
+    """Chance recalls, also under the re-ranked keys (a random ranking stays random)."""
+    chance = chance_recalls(num_images, text_to_image)
+    if rerank_k > 0:
+        chance.update({f"reranked_{key}": value for key, value in list(chance.items())})
+    return chance
+
+
 class ItmScorer:
-    """P(match) from the fusion encoder for (text, image) pairs of a retrieval set, batched."""
+    """Match log-odds of the fusion encoder for (caption, image) pairs of a retrieval set.
+
+    Pairs are grouped by image: `batch_size` images at a time are decoded and their memory (the
+    keys and values the fused layers attend to) computed once, then all pairs of those images
+    go through the fused layers in batches, with the captions' bottom states (computed once per
+    caption, kept on the host) gathered in.
+    """
 
     def __init__(self, loaded: LoadedModel, dataset: RetrievalSet, batch_size: int, bf16: bool):
-        self.model, self.batch_size, self.bf16 = loaded.model, batch_size, bf16
+        self.model, self.dataset, self.bf16 = loaded.model, dataset, bf16
+        self.batch_size = batch_size
         self.device = model_device(self.model)
-        config = loaded.info.config
-        self.ids, self.mask = tokenize(loaded.tokenizer, dataset.captions, config["max_text_len"])
-        # Candidates repeat across neighbouring queries; keep recently decoded images.
-        self.image = functools.lru_cache(maxsize=512)(
-            lambda i: load_image(dataset.images[i], config["image_size"])
-        )
+        self.image_size = loaded.info.config["image_size"]
+        self.ids, self.mask = tokenize(loaded.tokenizer, dataset.captions,
+                                       loaded.info.config["max_text_len"])
+        self.text_states: dict[int, torch.Tensor] = {}
 
     @torch.inference_mode()
-    def pairs(self, text_idx: torch.Tensor, image_idx: torch.Tensor) -> torch.Tensor:
-        """(P,) match probabilities for the pairs (text_idx[p], image_idx[p])."""
-        probs = []
-        for lo in range(0, len(text_idx), self.batch_size):
-            t = text_idx[lo : lo + self.batch_size]
-            images = torch.stack([self.image(int(i)) for i in image_idx[lo : lo + self.batch_size]])
+    def __call__(self, text_idx: torch.Tensor, image_idx: torch.Tensor) -> torch.Tensor:
+        """(P,) match log-odds, logit(match) - logit(no match), for pairs (text, image)."""
+        self._encode_texts(torch.unique(text_idx))
+        scores = torch.empty(len(text_idx))
+        order = torch.argsort(image_idx, stable=True)
+        images = torch.unique(image_idx)
+        for lo in range(0, len(images), self.batch_size):
+            chunk = images[lo:lo + self.batch_size]
+            memory = self._memory(chunk)
+            pairs = order[torch.isin(image_idx[order], chunk)]
+            slot = torch.searchsorted(chunk, image_idx[pairs])  # image -> its place in the chunk
+            for start in range(0, len(pairs), self.batch_size * 4):
+                batch = slice(start, start + self.batch_size * 4)
+                scores[pairs[batch]] = self._score(memory, slot[batch], text_idx[pairs[batch]])
+        return scores
+
+    def _encode_texts(self, needed: torch.Tensor) -> None:
+        todo = [int(t) for t in needed if int(t) not in self.text_states]
+        for lo in range(0, len(todo), self.batch_size * 4):
+            idx = torch.tensor(todo[lo:lo + self.batch_size * 4])
             with autocast(self.device, self.bf16):
-                logits = self.model.itm_logits(images.to(self.device), self.ids[t].to(self.device),
-                                               self.mask[t].to(self.device))
-            probs.append(logits.float().softmax(dim=-1)[:, 1].cpu())
-        return torch.cat(probs)
+                states = self.model.text_states(self.ids[idx].to(self.device),
+                                                self.mask[idx].to(self.device))
+            for i, state in zip(idx.tolist(), states.cpu()):
+                self.text_states[i] = state
 
-    def text_queries(self, texts: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """Bonus (Q, K) for text queries (Q,) and their candidate images (Q, K)."""
-        pair_texts = texts[:, None].expand_as(images).reshape(-1)
-        return self.pairs(pair_texts, images.reshape(-1)).view_as(images)
+    def _memory(self, images: torch.Tensor):
+        pixels = torch.stack([load_image(self.dataset.images[int(i)], self.image_size)
+                              for i in images]).to(self.device)
+        with autocast(self.device, self.bf16):
+            return self.model.image_memory(self.model.image_states(pixels))
 
-    def image_queries(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
-        """Bonus (Q, K) for image queries (Q,) and their candidate captions (Q, K)."""
-        pair_images = images[:, None].expand_as(texts).reshape(-1)
-        return self.pairs(texts.reshape(-1), pair_images).view_as(texts)
+    def _score(self, memory, slot: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        slot = slot.to(self.device)
+        states = torch.stack([self.text_states[int(t)] for t in texts]).to(self.device)
+        with autocast(self.device, self.bf16):
+            logits = self.model.itm_scores([(k[slot], v[slot]) for k, v in memory], states,
+                                           self.mask[texts].to(self.device))
+        logits = logits.float()
+        return (logits[:, 1] - logits[:, 0]).cpu()

@@ -1,9 +1,13 @@
-"""Retrieval recall@k from embeddings, in bounded memory, plus the chance-level baseline.
+"""Retrieval recall@k from embeddings, in bounded memory, re-ranking, and the chance baseline.
 
 Scores are computed one block of queries at a time (`chunk` x #candidates), so 5k images x 25k
 captions never materialise the full 5k x 25k matrix (nor its argsort). For every query we only
 need the rank of its best positive: the number of negatives scoring at least as high. Ties count
 against the query, so a collapsed model (all embeddings equal) scores 0, not 1.
+
+Re-ranking (ALBEF/BLIP): each query's top `rerank_k` candidates by ITC are put in the order of a
+pair score (the ITM head's match log-odds); the rest keep their ITC order below them. The pairs
+of both directions are scored in one call, each distinct (caption, image) pair once.
 
 Key names follow CLIP_benchmark: `image_retrieval_recall@k` is text->image (a caption retrieves
 its image), `text_retrieval_recall@k` is image->text (an image retrieves any of its captions).
@@ -15,39 +19,45 @@ from typing import Callable, Sequence
 
 import torch
 
-# (query_indices (Q,), candidate_indices (Q, K)) -> score bonus (Q, K) for those pairs.
+# (text indices (P,), image indices (P,)) -> score of each (text, image) pair (P,), higher = match
 PairScorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def best_positive_ranks(
-    query_emb: torch.Tensor,
-    cand_emb: torch.Tensor,
-    positives: torch.Tensor,
-    chunk: int = 1024,
-    rerank_k: int = 0,
-    rerank: PairScorer | None = None,
-) -> torch.Tensor:
-    """Rank (0 = first) of each query's best-scoring positive among its candidates.
+def itc_ranks(query_emb: torch.Tensor, cand_emb: torch.Tensor, positives: torch.Tensor,
+              chunk: int = 1024, top_k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank (0 = first) of each query's best-scoring positive, and its top `top_k` candidates.
 
-    positives (N_query, P): candidate indices of each query's positives, padded with -1. With
-    `rerank`, each query's top `rerank_k` candidates get `rerank(query_idx, cand_idx)` added to
-    their score; a non-negative bonus reorders only the top-k. Queries without a positive get -1.
+    positives (N_query, P): candidate indices of each query's positives, padded with -1. Returns
+    (ranks (N_query,), -1 for a query without positive; top candidates (N_query, top_k)).
     """
     query_emb, cand_emb = query_emb.float(), cand_emb.float()
     ranks = torch.empty(len(query_emb), dtype=torch.long)
+    top = torch.empty(len(query_emb), min(top_k, len(cand_emb)), dtype=torch.long)
     for start in range(0, len(query_emb), chunk):
         idx = torch.arange(start, min(start + chunk, len(query_emb)))
         scores = query_emb[idx] @ cand_emb.T  # (Q, N)
-        if rerank is not None and rerank_k > 0:
-            top = scores.topk(min(rerank_k, scores.shape[1]), dim=1).indices  # (Q, K)
-            scores.scatter_add_(1, top, rerank(idx, top).to(scores.dtype))
         pos = positives[idx]  # (Q, P)
         pos_scores = scores.gather(1, pos.clamp(min=0)).masked_fill(pos < 0, float("-inf"))
         best = pos_scores.amax(dim=1, keepdim=True)  # (Q, 1)
         # candidates at least as good as the best positive, minus the positives among them
         rank = (scores >= best).sum(dim=1) - (pos_scores >= best).sum(dim=1)
         ranks[idx] = torch.where(pos.ge(0).any(dim=1), rank, torch.full_like(rank, -1))
-    return ranks
+        if top.size(1):
+            top[idx] = scores.topk(top.size(1), dim=1).indices
+    return ranks, top
+
+
+def reranked_ranks(ranks: torch.Tensor, top: torch.Tensor, top_scores: torch.Tensor,
+                   positives: torch.Tensor) -> torch.Tensor:
+    """Ranks after ordering each query's top candidates (Q, K) by `top_scores` (Q, K).
+
+    A query with a positive among its top K gets its best positive's place in the new order;
+    one without keeps its ITC rank (which is K or more).
+    """
+    is_pos = (top[:, :, None] == positives[:, None, :]).any(dim=2)  # (Q, K)
+    best = top_scores.masked_fill(~is_pos, float("-inf")).amax(dim=1, keepdim=True)
+    ahead = (top_scores >= best) & ~is_pos  # negatives scoring at least as high
+    return torch.where(is_pos.any(dim=1), ahead.sum(dim=1), ranks)
 
 
 def retrieval_recalls(
@@ -57,23 +67,44 @@ def retrieval_recalls(
     ks: Sequence[int] = (1, 5, 10),
     chunk: int = 1024,
     rerank_k: int = 0,
-    rerank_t2i: PairScorer | None = None,
-    rerank_i2t: PairScorer | None = None,
+    pair_scorer: PairScorer | None = None,
 ) -> dict[str, float]:
     """Text->image and image->text recall@k and their mean, CLIP_benchmark key names.
 
     image_emb (N_img, D) and text_emb (N_txt, D) are L2-normalised; text_to_image[t] is the image
     of caption t. Images without captions stay in the text->image gallery and are left out of the
-    image->text average. Optional ITM re-rankers score (text, image) pairs for the top `rerank_k`.
+    image->text average. With `pair_scorer` and `rerank_k`, each query's top `rerank_k` are also
+    re-ranked by the scorer, and the same metrics after re-ranking are added as "reranked_<key>".
     """
     t2i = torch.as_tensor(text_to_image, dtype=torch.long)
     if len(t2i) != len(text_emb):
         raise ValueError(f"text_to_image has {len(t2i)} entries for {len(text_emb)} captions")
-    t2i_ranks = best_positive_ranks(text_emb, image_emb, t2i[:, None], chunk, rerank_k, rerank_t2i)
-    i2t_ranks = best_positive_ranks(image_emb, text_emb, captions_per_image(t2i, len(image_emb)),
-                                    chunk, rerank_k, rerank_i2t)
-    i2t_ranks = i2t_ranks[i2t_ranks >= 0]
-    return recalls_from_ranks(t2i_ranks, i2t_ranks, ks)
+    k = rerank_k if pair_scorer is not None else 0
+    t2i_pos, i2t_pos = t2i[:, None], captions_per_image(t2i, len(image_emb))
+    t2i_ranks, t2i_top = itc_ranks(text_emb, image_emb, t2i_pos, chunk, k)  # top images
+    i2t_ranks, i2t_top = itc_ranks(image_emb, text_emb, i2t_pos, chunk, k)  # top captions
+    has_caption = i2t_ranks >= 0
+    metrics = recalls_from_ranks(t2i_ranks, i2t_ranks[has_caption], ks)
+    if k:
+        t2i_scores, i2t_scores = score_pairs(pair_scorer, t2i_top, i2t_top)
+        t2i_ranks = reranked_ranks(t2i_ranks, t2i_top, t2i_scores, t2i_pos)
+        i2t_ranks = reranked_ranks(i2t_ranks, i2t_top, i2t_scores, i2t_pos)
+        reranked = recalls_from_ranks(t2i_ranks, i2t_ranks[has_caption], ks)
+        metrics.update({f"reranked_{key}": value for key, value in reranked.items()})
+    return metrics
+
+
+def score_pairs(scorer: PairScorer, t2i_top: torch.Tensor, i2t_top: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of every (caption, image) pair in the top candidates of both directions, each
+    distinct pair scored once: (t2i scores (N_txt, K), i2t scores (N_img, K))."""
+    n_txt, n_img = len(t2i_top), len(i2t_top)
+    t2i_pairs = torch.arange(n_txt)[:, None] * n_img + t2i_top  # text * n_img + image
+    i2t_pairs = i2t_top * n_img + torch.arange(n_img)[:, None]
+    unique, inverse = torch.unique(torch.cat([t2i_pairs.flatten(), i2t_pairs.flatten()]),
+                                   return_inverse=True)
+    scores = scorer(unique // n_img, unique % n_img).float()[inverse]
+    return scores[:t2i_pairs.numel()].view_as(t2i_top), scores[t2i_pairs.numel():].view_as(i2t_top)
 
 
 def recalls_from_ranks(t2i_ranks: torch.Tensor, i2t_ranks: torch.Tensor, ks) -> dict[str, float]:

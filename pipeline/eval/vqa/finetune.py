@@ -77,6 +77,7 @@ class FinetuneConfig:
     finetune_backbone: bool = False
     bf16: bool = False
     seed: int = 0
+    fusion: str = "fused"  # "late": the head reads the unimodal CLS states (the baseline)
 
     def num_steps(self, num_examples: int) -> int:
         if self.steps is not None:
@@ -123,7 +124,7 @@ def finetune_vqa(model, tokenizer, examples: list[VQAExample], vocab: AnswerVoca
     prior = vocab.prior([targets[i] for i in keep])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model.attach_vqa_head(len(vocab.answers), answer_prior=prior)
+        model.attach_vqa_head(len(vocab.answers), answer_prior=prior, fusion=cfg.fusion)
     model.loss_weights = LossWeights(itc=0, itm=0, mlm=0, vqa=1)
     for name, param in model.named_parameters():
         param.requires_grad_(cfg.finetune_backbone or name.startswith("vqa_head."))
@@ -157,6 +158,7 @@ def finetune_vqa(model, tokenizer, examples: list[VQAExample], vocab: AnswerVoca
         "lr": cfg.learning_rate(),
         "batch_size": cfg.batch_size,
         "finetune_backbone": cfg.finetune_backbone,
+        "fusion": cfg.fusion,
         "first_loss": losses[0],
         "final_loss": sum(tail) / len(tail),
         "seconds": round(time.perf_counter() - start, 3),

@@ -4,12 +4,15 @@ Steps: load both splits (all files checked first), build the answer vocabulary, 
 of the model (the loaded one is untouched, so a caller can reuse it), predict, score with the
 official accuracy overall and per answer type, and write the official results file
 `[{"question_id": ..., "answer": ...}]`. Baselines beside the result: always answering the most
-common training answer (`majority`, the primary baseline), and the most common one per answer
-type (`type_prior`).
+common training answer (`majority`, the primary baseline), the most common one per answer type
+(`type_prior`). With `late_fusion_baseline` the job also runs the same fine-tune with the answer
+head on the unimodal CLS states of image and question instead of the fused pass, and reports it
+beside the fused result as "late_fusion/<metric>": what fusion buys.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -42,6 +45,7 @@ def evaluate_vqa(
     finetune_backbone: bool = False,
     bf16: bool = False,
     seed: int = 0,
+    late_fusion_baseline: bool = False,
     out: str | Path | None = None,
     results_out: str | Path | None = None,
 ) -> dict:
@@ -60,12 +64,15 @@ def evaluate_vqa(
     loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint)
 
     start = time.perf_counter()
-    model = copy.deepcopy(loaded.model)
     cfg = FinetuneConfig(steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
                          finetune_backbone=finetune_backbone, bf16=bf16, seed=seed)
-    finetune = finetune_vqa(model, loaded.tokenizer, train, vocab, cfg)
-    predictions = predict_vqa(model, loaded.tokenizer, evaluation, vocab, batch_size * 2, bf16)
-    del model
+    finetune, predictions = _finetune_and_predict(loaded, train, evaluation, vocab, cfg)
+    metrics = _score(predictions, evaluation)
+    if late_fusion_baseline:  # the same budget, the head on the unimodal CLS states
+        late = dataclasses.replace(cfg, fusion="late")
+        _, late_predictions = _finetune_and_predict(loaded, train, evaluation, vocab, late)
+        metrics.update({f"late_fusion/{key}": value
+                        for key, value in _score(late_predictions, evaluation).items()})
     baselines, baseline_answers = _baselines(train, evaluation)
     result = {
         "task": "vqa",
@@ -77,7 +84,7 @@ def evaluate_vqa(
         "num_eval_questions": len(evaluation),
         "num_answers": len(vocab.answers),
         "finetune": finetune,
-        "metrics": _score(predictions, evaluation),
+        "metrics": metrics,
         "baselines": baselines,
         "baseline_answers": baseline_answers,
         "seconds": round(time.perf_counter() - start, 3),
@@ -90,6 +97,16 @@ def evaluate_vqa(
     if out is not None:
         write_json_atomic(out, result)
     return result
+
+
+def _finetune_and_predict(loaded: LoadedModel, train, evaluation, vocab, cfg: FinetuneConfig
+                          ) -> tuple[dict, dict[int, str]]:
+    """Fine-tune a copy of the loaded model (the original stays untouched for the caller);
+    (fine-tune stats, question_id -> answer on the eval split)."""
+    model = copy.deepcopy(loaded.model)
+    stats = finetune_vqa(model, loaded.tokenizer, train, vocab, cfg)
+    return stats, predict_vqa(model, loaded.tokenizer, evaluation, vocab, cfg.batch_size * 2,
+                              cfg.bf16)
 
 
 def _split_files(vqa_dir, train_split, train_q, train_a, eval_split, eval_q, eval_a) -> dict:
