@@ -27,11 +27,12 @@ def flops_per_sample(
         image    = 2 P (3 p^2) W + U(Ti)        patch conv; U(T) = (L-F) layer(T) + top(T, 1)
         text     = U(Tt)                        with ITC, else (L-F) layer(T) (bottom only)
         ITC      = 4 W E + 4 E N                two projections; i2t and t2i logit rows
-        memory   = F 6 Ti W^2                   the image's keys and values in each top block
+        memory   = F 6 P W^2                    the patches' keys and values in each top block
                                                 (once per image, with any fused objective)
-        flast(Q) = 6 Tt W^2 + 4 Q (Ti + Tt) W   a fused block: text qkv, Q text queries over
-                 + Q (2 W^2 + 4 W M)            image and text keys, out proj + VL-FFN
-        fused(Q) = (F-1) flast(Tt) + flast(Q)
+        flast(Q) = 6 (1 + Tt) W^2               a fused block: qkv of image CLS + text, Q of
+                 + 4 Q (Ti + Tt) W              them as queries over patches, CLS and text,
+                 + Q (2 W^2 + 4 W M)            out proj + VL-FFN
+        fused(Q) = (F-1) flast(1 + Tt) + flast(Q)
         ITM      = 3 (fused(1) + 4 W)           positive + 2 hard negatives; head
         MLM      = (L - F) layer(Tt)            masked caption, bottom blocks
                  + fused(Tt)                    fused with the image, read at every text position
@@ -103,11 +104,11 @@ class _Blocks:
         return 2 * self.config.num_patches * 3 * self.config.patch_size**2 * self.W
 
     def memory(self) -> float:
-        return self.F * 6 * self.Ti * self.W * self.W
+        return self.F * 6 * (self.Ti - 1) * self.W * self.W
 
     def fused_last(self, Q: int) -> float:
         W, M, Tt = self.W, self.M, self.Tt
-        return 6 * Tt * W * W + 4 * Q * (self.Ti + Tt) * W + Q * (2 * W * W + 4 * W * M)
+        return 6 * (1 + Tt) * W * W + 4 * Q * (self.Ti + Tt) * W + Q * (2 * W * W + 4 * W * M)
 
     def fused(self, Q: int) -> float:
-        return (self.F - 1) * self.fused_last(self.Tt) + self.fused_last(Q)
+        return (self.F - 1) * self.fused_last(1 + self.Tt) + self.fused_last(Q)

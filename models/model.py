@@ -3,13 +3,16 @@
     images (B, 3, S, S) -> patch embed + CLS + pos -> bottom blocks (V-FFN) -> image states
     text ids (B, T)     -> token + pos             -> bottom blocks (L-FFN) -> text states
     dual encoder: states -> top blocks (V-FFN | L-FFN) -> LN -> CLS -> projection -> L2 norm
-    fused:        text states + type attend over [image memory; text] in the top blocks
-                  (shared attention, VL-FFN) -> LN -> text CLS (ITM, VQA) | text (MLM)
+    fused:        [image CLS; text states] + type attend over [image patch memory; themselves]
+                  in the top blocks (shared attention, VL-FFN) -> LN -> image CLS (ITM, VQA)
+                  | text (MLM)
 
-In the fused pass only text tokens are queries: image tokens are keys and values (each top
-block's "memory" of an image, computed once per image), as in ALBEF's cross-attention but with
-the blocks' own shared attention weights. An image is fused with many texts (ITM's positive and
-negative, every re-ranking candidate, every step of generation) at the cost of its memory once.
+In the fused pass the image's patch tokens are only keys and values (each top block's "memory"
+of the image, computed once per image), as in ALBEF's cross-attention but with the blocks' own
+shared attention weights; the queries are the text tokens and the image CLS, which carries the
+image's summary into the pooled state as VLMo's fused CLS does. An image is fused with many texts
+(ITM's positive and negatives, every re-ranking candidate, every step of generation) at the cost
+of its memory once.
 The image and caption bottom states are computed once per step and reused by ITC, ITM and the
 MLM fused pass (MLM adds one bottom pass over the masked caption).
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -32,6 +36,19 @@ VQA_FUSION = ("fused", "late")
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 CLS = slice(0, 1)  # the pooled position, as a `queries` selection
+
+
+class ImageMemory(NamedTuple):
+    """An image batch as the fused pass sees it: the CLS state (B, 1, width), a query of the
+    fused blocks, and per top block the keys and values of the patch tokens,
+    [(B, heads, P, head_dim)] * 2."""
+
+    cls: torch.Tensor
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+    def select(self, index: torch.Tensor) -> ImageMemory:
+        """The memory of images `index` (a gather, nothing recomputed)."""
+        return ImageMemory(self.cls[index], [(k[index], v[index]) for k, v in self.kv])
 
 
 @dataclass
@@ -241,29 +258,29 @@ class UnifiedModel(nn.Module):
 
     # ---- fusion encoder --------------------------------------------------------------------
 
-    def image_memory(self, image_states: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """What the fused pass attends to for these images: per top block, the keys and values of
-        the image tokens (type embedding added), each (B, heads, Ti, head_dim)."""
-        image_type = self.type_embed(self.type_ids[:1])  # (1, width)
-        x = image_states + image_type
-        return [block.memory(x) for block in self.top]
+    def image_memory(self, image_states: torch.Tensor) -> ImageMemory:
+        """What the fused pass needs of these images (B, Ti, width): the CLS state, and per top
+        block the keys and values of the patch tokens (type embedding added)."""
+        x = image_states + self.type_embed(self.type_ids[:1])  # (B, Ti, width)
+        return ImageMemory(x[:, :1], [block.memory(x[:, 1:]) for block in self.top])
 
-    def fuse(self, memory: list[tuple[torch.Tensor, torch.Tensor]], text_states: torch.Tensor,
-             text_mask: torch.Tensor, queries: slice | None = None) -> torch.Tensor:
-        """The fused pass: text attends over [image; text] in the top blocks (VL-FFN).
+    def fuse(self, memory: ImageMemory, text_states: torch.Tensor, text_mask: torch.Tensor,
+             queries: slice | None = None) -> torch.Tensor:
+        """The fused pass: [image CLS; text] attend over [image patches; image CLS; text] in the
+        top blocks (VL-FFN).
 
         memory from `image_memory` (B images), text_states (B, Tt, width), text_mask (B, Tt) ->
-        final-LN text states (B, Tt, width), or only the positions in `queries` (the last block
-        computes no others): CLS, slice(0, 1), is pooled by the ITM and VQA heads.
+        final-LN states (B, 1 + Tt, width), or only the positions in `queries` (the last block
+        computes no others): position 0 is the image CLS, pooled by the ITM and VQA heads;
+        slice(1, None) are the text states (MLM).
         """
-        text_type = self.type_embed(self.type_ids[1:])  # (1, width)
-        x = text_states + text_type
-        image_len = memory[0][0].size(2)
-        mask = torch.cat([text_mask.new_ones(text_mask.size(0), image_len), text_mask], dim=1)
+        x = torch.cat([memory.cls, text_states + self.type_embed(self.type_ids[1:])], dim=1)
+        patches = memory.kv[0][0].size(2)
+        mask = torch.cat([text_mask.new_ones(text_mask.size(0), patches + 1), text_mask], dim=1)
         *body, last = range(len(self.top))
         for i in body:
-            x = self.top[i].fused(x, memory[i], mask.bool())
-        return self.norm(self.top[last].fused(x, memory[last], mask.bool(), queries))
+            x = self.top[i].fused(x, memory.kv[i], mask.bool())
+        return self.norm(self.top[last].fused(x, memory.kv[last], mask.bool(), queries))
 
     def _top(self, x: torch.Tensor, split: int, mask: torch.Tensor | None,
              queries: slice | None) -> torch.Tensor:
@@ -280,8 +297,8 @@ class UnifiedModel(nn.Module):
         memory = self.image_memory(self.image_states(images))
         return self.itm_scores(memory, self.text_states(text_ids, text_mask), text_mask)
 
-    def itm_scores(self, memory: list[tuple[torch.Tensor, torch.Tensor]],
-                   text_states: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def itm_scores(self, memory: ImageMemory, text_states: torch.Tensor,
+                   text_mask: torch.Tensor) -> torch.Tensor:
         """ITM logits (B, 2) from precomputed image memory and text states (re-ranking reuses
         both across candidates)."""
         return self.itm_head(self.fuse(memory, text_states, text_mask, queries=CLS)[:, 0])
@@ -363,8 +380,8 @@ class UnifiedModel(nn.Module):
             same_text = (text_ids[:, None] == text_ids[None, :]).all(dim=-1)  # (B, B)
             neg_text, neg_image = hard_negatives(sim, same_text)
             # (B, ...) -> (3B, ...): positives, (image, negative text), (negative image, text)
-            memory = [(torch.cat([k, k, k[neg_image]]), torch.cat([v, v, v[neg_image]]))
-                      for k, v in memory]
+            memory = memory.select(torch.cat([torch.arange(B, device=neg_image.device)] * 2
+                                             + [neg_image]))
             text_states = torch.cat([text_states, text_states[neg_text], text_states])
             text_mask = torch.cat([text_mask, text_mask[neg_text], text_mask])
         labels = (torch.arange(text_states.size(0), device=text_states.device) < B).long()
@@ -378,7 +395,8 @@ class UnifiedModel(nn.Module):
         The head runs on every text position and unmasked ones are ignored (-100): static shapes,
         so no host sync to count the masked tokens (a boolean index would need one).
         """
-        fused_text = self.fuse(memory, self.text_states(mlm_ids, text_mask), text_mask)
+        fused_text = self.fuse(memory, self.text_states(mlm_ids, text_mask), text_mask,
+                               queries=slice(1, None))  # (B, Tt, width)
         logits = self.mlm_head(fused_text).float().flatten(0, 1)  # (B * Tt, vocab)
         targets = mlm_labels.flatten()
         selected = targets != -100

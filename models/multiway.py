@@ -93,23 +93,22 @@ class MultiwayBlock(nn.Module):
         x = x + self.dropout(attended)
         return x + self.dropout(self.experts(x, split))
 
-    def memory(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of image tokens (B, Ti, width) for `fused`: what text attends to in
-        this block. Image tokens are not updated by the fused pass, so this is computed once
-        per image and shared by every text the image is fused with (ITM negatives, re-ranking
-        candidates, generation steps)."""
-        return self.attn.keys_values(self.norm(image))
+    def memory(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of image patch tokens (B, P, width) for `fused`. Patch tokens are not
+        updated by the fused pass, so this is computed once per image and shared by every text
+        the image is fused with (ITM negatives, re-ranking candidates, generation steps)."""
+        return self.attn.keys_values(self.norm(patches))
 
-    def fused(self, text: torch.Tensor, memory: tuple[torch.Tensor, torch.Tensor],
+    def fused(self, x: torch.Tensor, memory: tuple[torch.Tensor, torch.Tensor],
               key_padding_mask: torch.Tensor, queries: slice | None = None) -> torch.Tensor:
-        """Text tokens (B, Tt, width) attend over [image memory; text] with the shared attention,
-        then go through the VL-FFN: (B, Tt, width), or (B, Tq, width) for `queries`.
-        `key_padding_mask` (B, Ti + Tt) marks the real keys."""
-        attended = self.attn(self.norm(text), key_padding_mask, queries, memory)
+        """The fused tokens x (B, T, width), image CLS and text, attend over [patch memory; x]
+        with the shared attention, then go through the VL-FFN: (B, T, width), or (B, Tq, width)
+        for `queries`. `key_padding_mask` (B, P + T) marks the real keys."""
+        attended = self.attn(self.norm(x), key_padding_mask, queries, memory)
         if queries is not None:
-            text = text[:, queries]
-        text = text + self.dropout(attended)
-        return text + self.dropout(self.ffn_vl(text))
+            x = x[:, queries]
+        x = x + self.dropout(attended)
+        return x + self.dropout(self.ffn_vl(x))
 
     def experts(self, x: torch.Tensor, split: int) -> torch.Tensor:
         """Image tokens `[:split]` to the V-FFN, text tokens `[split:]` to the L-FFN."""

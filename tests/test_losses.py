@@ -74,11 +74,12 @@ def test_itm_pairs_and_labels_are_wired_as_documented(monkeypatch):
         image_states, text_states = model.image_states(images), model.text_states(ids, mask)
         memory = model.image_memory(image_states)
         model._itm_loss(memory, text_states, ids, mask, sim)
-    keys, fused_texts = seen["memory"][0][0], seen["text_states"]
+    fused_memory, fused_texts = seen["memory"], seen["text_states"]
     image_rows = [i for i in range(B)] * 2 + [image_of[j] for j in range(B)]
     text_rows = [i for i in range(B)] + [text_of[i] for i in range(B)] + [j for j in range(B)]
     for row, (i, j) in enumerate(zip(image_rows, text_rows)):
-        assert torch.equal(keys[row], memory[0][0][i]), row
+        assert torch.equal(fused_memory.kv[0][0][row], memory.kv[0][0][i]), row
+        assert torch.equal(fused_memory.cls[row], memory.cls[i]), row
         assert torch.equal(fused_texts[row], text_states[j]), row
 
 

@@ -76,9 +76,10 @@ def test_public_methods_shapes():
         assert text_states.shape == (3, 10, config.width)
         memory = model.image_memory(image_states)
         head_dim = config.width // config.heads
-        assert [tuple(t.shape) for kv in memory for t in kv] == \
-            [(3, config.heads, Ti, head_dim)] * 2 * config.fusion_layers
-        assert model.fuse(memory, text_states, mask).shape == (3, 10, config.width)
+        assert memory.cls.shape == (3, 1, config.width)
+        assert [tuple(t.shape) for kv in memory.kv for t in kv] == \
+            [(3, config.heads, config.num_patches, head_dim)] * 2 * config.fusion_layers
+        assert model.fuse(memory, text_states, mask).shape == (3, 1 + 10, config.width)
         for emb in (model.encode_image(images), model.encode_text(ids, mask)):
             assert emb.shape == (3, config.embed_dim)
             torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
@@ -107,7 +108,8 @@ def test_more_padding_gives_the_same_outputs():
         memory = model.image_memory(model.image_states(images))
         fused = model.fuse(memory, model.text_states(ids, mask), mask)
         fused_long = model.fuse(memory, model.text_states(long_ids, long_mask), long_mask)
-    torch.testing.assert_close(fused_long[:, :12][mask], fused[mask])
+    torch.testing.assert_close(fused_long[:, :13][:, 1:][mask], fused[:, 1:][mask])
+    torch.testing.assert_close(fused_long[:, 0], fused[:, 0])  # the pooled image CLS
 
 
 @pytest.mark.parametrize("vl_ffn, split, queries", [
@@ -150,9 +152,9 @@ def test_tokens_are_routed_to_their_expert(vl_ffn, split, changed_by):
 
 
 def test_fused_block_is_text_attending_over_image_then_text_with_the_vl_ffn():
-    """The fused pass equals the textbook computation: text queries over keys/values of
-    [image; text] (the image's from the same shared qkv), out proj, then the VL-FFN only; the
-    image tokens themselves are not updated."""
+    """The fused block equals the textbook computation: the fused tokens' queries over
+    keys/values of [image patches; fused tokens] (the patches' from the same shared qkv), out
+    proj, then the VL-FFN only; the patch tokens themselves are not updated."""
     torch.manual_seed(0)
     config = small_config(attention_backend="reference")
     block = MultiwayBlock(config, vl_ffn=True).eval()

@@ -19,7 +19,8 @@ def test_quickstart_runs_every_stage(tmp_path, capsys):
 
     summary = json.loads((out / "quickstart_summary.json").read_text())
     metrics = {row["metric (%)"] for row in summary["results"]}
-    assert {"text->image R@1", "text->image R@10", "VQA accuracy"} <= metrics
+    assert {"text->image R@1 (ITC)", "text->image R@1 (ITM re-rank)", "text->image R@10 (ITC)",
+            "VQA accuracy (fused)", "VQA accuracy (late fusion)"} <= metrics
     for row in summary["results"]:
         assert {"untrained (step 0)", "trained (step 3)", "baseline"} <= set(row)
     report = out / "runs" / "nightly" / "report.html"

@@ -142,7 +142,7 @@ class ItmScorer:
         slot = slot.to(self.device)
         states = torch.stack([self.text_states[int(t)] for t in texts]).to(self.device)
         with autocast(self.device, self.bf16):
-            logits = self.model.itm_scores([(k[slot], v[slot]) for k, v in memory], states,
+            logits = self.model.itm_scores(memory.select(slot), states,
                                            self.mask[texts].to(self.device))
         logits = logits.float()
         return (logits[:, 1] - logits[:, 0]).cpu()
