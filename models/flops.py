@@ -31,11 +31,15 @@ def flops_per_sample(
         MLM      = (L - F) layer(Tt)            masked caption, bottom blocks
                  + top(Ti + Tt, Tt)             fused with the image, read at the text
                  + Tt (2 W^2 + 2 W V)           head on every text position (masked ones count)
+        LM       = (L - F) layer(Tt)            caption, bottom blocks (causal mask)
+                 + top(Ti + Tt, Tt)             fused under the seq2seq mask, read at the text
+                 + (Tt - 1) (2 W^2 + 2 W V)     head on every text position but the last
         VQA      = top(Ti + Tt, 1)              fused with the question
                  + 2 W H + 2 H A                MLP head (H hidden, A answers)
 
     Padded text positions are computed (masked, not skipped), so Tt is the padded length
-    (default max_text_len); the MLM head too runs on all Tt (static shapes: no host sync). An
+    (default max_text_len); the MLM head too runs on all Tt (static shapes: no host sync), and
+    masked attention scores (causal, seq2seq) are computed, then discarded, like the rest. An
     objective with zero weight is not counted; VQA is counted when num_answers > 0. ITM assumes a batch of at least 2.
     Backward costs twice the forward (a gradient for the input and for the weight of every
     matmul), hence the factor 3.
@@ -66,6 +70,9 @@ def flops_per_sample(
     if weights.mlm:
         flops += (L - F) * layer(Tt) + top(Ti + Tt, Tt)
         flops += Tt * (2 * W * W + 2 * W * config.vocab_size)
+    if weights.lm:
+        flops += (L - F) * layer(Tt) + top(Ti + Tt, Tt)
+        flops += (Tt - 1) * (2 * W * W + 2 * W * config.vocab_size)
     if weights.vqa and num_answers:
         hidden = config.vqa_hidden_mult * W
         flops += top(Ti + Tt, 1) + 2 * W * hidden + 2 * hidden * num_answers

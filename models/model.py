@@ -4,9 +4,11 @@
     text ids (B, T)     -> token + pos             -> bottom blocks (L-FFN) -> text states
     dual encoder: states -> top blocks (V-FFN | L-FFN) -> LN -> CLS -> projection -> L2 norm
     fused:        [image states; text states] + type -> top blocks (VL-FFN) -> LN -> heads
+    captioning:   text -> bottom blocks, causal -> [image states; text] + type -> top blocks
+                  under the seq2seq mask -> LN -> tied MLM head predicts the next token
 
 The image and caption bottom states are computed once per step and reused by ITC, ITM and the
-MLM fused pass (MLM adds one bottom pass over the masked caption).
+MLM fused pass (MLM adds one bottom pass over the masked caption, LM one causal bottom pass).
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .losses import contrastive_loss, hard_negatives, vqa_loss
-from .multiway import MultiwayBlock
+from .attention import causal_mask, seq2seq_mask
+from .losses import contrastive_loss, hard_negatives, token_cross_entropy, vqa_loss
+from .multiway import KVCache, MultiwayBlock
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: temperature >= 0.01
 # CLIP's pixel statistics; any fixed choice works as long as training and evaluation agree.
@@ -36,6 +39,7 @@ class LossWeights:
     itm: float = 1.0
     mlm: float = 1.0
     vqa: float = 1.0  # used when forward() gets vqa_targets
+    lm: float = 0.0  # captioning: next-token prediction under the seq2seq mask
 
 
 class ImageEmbedding(nn.Module):
@@ -73,10 +77,12 @@ class TextEmbedding(nn.Module):
         self.token = nn.Embedding(config.vocab_size, config.width)
         self.pos = nn.Parameter(torch.zeros(1, config.max_text_len, config.width))
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if ids.size(1) > self.pos.size(1):
-            raise ValueError(f"text length {ids.size(1)} exceeds max_text_len {self.pos.size(1)}")
-        return self.token(ids) + self.pos[:, : ids.size(1)]
+    def forward(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Positions start..start + T - 1 (start > 0: a continuation, in incremental decoding)."""
+        end = start + ids.size(1)
+        if end > self.pos.size(1):
+            raise ValueError(f"text length {end} exceeds max_text_len {self.pos.size(1)}")
+        return self.token(ids) + self.pos[:, start:end]
 
 
 class MLMHead(nn.Module):
@@ -280,7 +286,8 @@ class UnifiedModel(nn.Module):
         images (B, 3, S, S); text_ids, text_mask (B, T); mlm_ids/mlm_labels (B, T) from
         `pipeline.transforms.mask_tokens` (labels -100 = no prediction), needed when the MLM
         weight is nonzero; vqa_targets (B, num_answers) soft scores, for VQA fine-tuning (then
-        usually with `LossWeights(itc=0, itm=0, mlm=0)`). Diagnostics are detached.
+        usually with `LossWeights(itc=0, itm=0, mlm=0)`). The LM (captioning) loss reads
+        text_ids and text_mask. Diagnostics are detached.
         """
         weights = self.loss_weights
         if weights.mlm and (mlm_ids is None or mlm_labels is None):
@@ -302,6 +309,8 @@ class UnifiedModel(nn.Module):
         if weights.mlm:
             losses["mlm"], out["mlm_acc"] = self._mlm_loss(
                 image_states, mlm_ids, text_mask, mlm_labels)
+        if weights.lm:
+            losses["lm"], out["lm_acc"] = self._lm_loss(image_states, text_ids, text_mask)
         if weights.vqa and vqa_targets is not None:
             logits = self._vqa_logits(image_states, text_states, text_mask)
             losses["vqa"] = vqa_loss(logits, vqa_targets)
@@ -332,18 +341,58 @@ class UnifiedModel(nn.Module):
         return F.cross_entropy(logits, labels), accuracy.detach()
 
     def _mlm_loss(self, image_states, mlm_ids, text_mask, mlm_labels):
-        """Predict the masked caption tokens from the caption fused with its image.
-
-        The head runs on every text position and unmasked ones are ignored (-100): static shapes,
-        so no host sync to count the masked tokens (a boolean index would need one).
-        """
+        """Predict the masked caption tokens from the caption fused with its image (the head runs
+        on every text position, unmasked ones ignored: `token_cross_entropy`)."""
         text_states = self.text_states(mlm_ids, text_mask)
         fused_text = self.fuse(image_states, text_states, text_mask,
                                queries=slice(image_states.size(1), None))  # (B, Tt, width)
         logits = self.mlm_head(fused_text).float().flatten(0, 1)  # (B * Tt, vocab)
-        targets = mlm_labels.flatten()
-        selected = targets != -100
-        count = selected.sum().clamp(min=1)  # a batch without targets gives 0, not NaN
-        loss = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / count
-        accuracy = ((logits.argmax(1) == targets) & selected).sum() / count
-        return loss, accuracy.detach()
+        return token_cross_entropy(logits, mlm_labels.flatten())
+
+    # ---- captioning (LM) ---------------------------------------------------------------------
+
+    def _lm_loss(self, image_states, text_ids, text_mask):
+        """Predict each caption token from the image and the caption before it."""
+        states = self.lm_text_states(image_states, text_ids, text_mask)  # (B, Tt, width)
+        logits = self.mlm_head(states[:, :-1]).float().flatten(0, 1)  # state t -> token t + 1
+        targets = text_ids[:, 1:].masked_fill(~text_mask[:, 1:].bool(), -100)
+        return token_cross_entropy(logits, targets.flatten())
+
+    def lm_text_states(self, image_states: torch.Tensor, text_ids: torch.Tensor,
+                       text_mask: torch.Tensor, caches: list[KVCache] | None = None
+                       ) -> torch.Tensor:
+        """Final-LN text states for captioning: (B, Ti, width), (B, Tt) -> (B, Tt, width).
+
+        State t predicts token t + 1 and depends on the image and tokens 0..t only: the bottom
+        blocks run the text causally (its unimodal states are bidirectional, so they cannot be
+        reused) and the top blocks use the sequence-to-sequence mask. With `caches` (empty, one
+        per block), every block's keys and values are kept for `lm_step`.
+        """
+        caches = caches or [None] * len(self.blocks)
+        text_mask = text_mask.bool()
+        x = self.text_embed(text_ids)
+        causal = causal_mask(text_mask)  # (B, Tt, Tt)
+        for block, cache in zip(self.bottom, caches):
+            x = block(x, split=0, attn_mask=causal, cache=cache)
+        Ti = image_states.size(1)
+        image_type, text_type = self.type_embed(self.type_ids)
+        x = torch.cat([image_states + image_type, x + text_type], dim=1)
+        mask = seq2seq_mask(Ti, text_mask)  # (B, Ti + Tt, Ti + Tt)
+        *body, last = zip(self.top, caches[self.num_bottom :])
+        for block, cache in body:
+            x = block(x, Ti, attn_mask=mask, cache=cache)
+        block, cache = last
+        return self.norm(block(x, Ti, attn_mask=mask, queries=slice(Ti, None), cache=cache))
+
+    def lm_step(self, token_ids: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """One decoding step: the next token (N,) of each sequence after the cached positions
+        (`lm_text_states` filled the caches) -> its final-LN state (N, width)."""
+        past = caches[0].length  # text positions so far; the top caches also hold the image
+        image_len = caches[self.num_bottom].length - past
+        x = self.text_embed(token_ids[:, None], start=past)  # (N, 1, width)
+        for block, cache in zip(self.bottom, caches):
+            x = block(x, split=0, cache=cache)
+        x = x + self.type_embed(self.type_ids[1])
+        for block, cache in zip(self.top, caches[self.num_bottom :]):
+            x = block(x, image_len, cache=cache)
+        return self.norm(x)[:, 0]

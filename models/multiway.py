@@ -1,4 +1,5 @@
-"""The multiway transformer block: shared self-attention, modality-expert feed-forward networks."""
+"""The multiway transformer block: shared self-attention, modality-expert feed-forward networks,
+and the key/value cache of a block for incremental decoding."""
 from __future__ import annotations
 
 import torch
@@ -6,6 +7,38 @@ import torch.nn as nn
 
 from .attention import attention
 from .config import ModelConfig
+
+
+class KVCache:
+    """One block's keys and values of the positions computed so far (incremental decoding).
+
+    Storage for `capacity` positions is allocated at the first `append`, so a decoding step
+    writes its one position in place instead of concatenating the whole past again.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity, self.length = capacity, 0
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add (B, heads, T, head_dim) keys and values; returns all of them so far."""
+        end = self.length + k.size(2)
+        if end > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions, {end} were asked for")
+        if self.k is None:
+            B, heads, _, head_dim = k.shape
+            self.k = k.new_empty(B, heads, self.capacity, head_dim)
+            self.v = v.new_empty(B, heads, self.capacity, head_dim)
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep (and repeat) the batch rows `rows`: beam reordering, dropping finished rows."""
+        if self.k is not None:
+            self.k, self.v = self.k[rows], self.v[rows]
 
 
 class SelfAttention(nn.Module):
@@ -19,15 +52,21 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(config.width, config.width)
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None,
-                queries: slice | None = None) -> torch.Tensor:
+                queries: slice | None = None, attn_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         """(B, T, C) -> (B, T, C); with `queries`, only those positions attend (all T positions
-        stay keys and values): (B, Tq, C)."""
+        stay keys and values): (B, Tq, C). With `cache`, x continues the cached positions: its
+        keys and values are appended and it attends the cached ones too (masks then cover all
+        keys, cached first)."""
         B, T, C = x.shape
         # (B, T, 3C) -> (3, B, heads, T, head_dim)
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, heads, cached + T, head_dim)
         if queries is not None:
             q = q[:, :, queries]
-        y = attention(q, k, v, key_padding_mask, self.backend)  # (B, heads, Tq, head_dim)
+            attn_mask = None if attn_mask is None else attn_mask[:, queries]
+        y = attention(q, k, v, key_padding_mask, self.backend, attn_mask)  # (B, heads, Tq, hd)
         return self.proj(y.transpose(1, 2).reshape(B, q.size(2), C))
 
 
@@ -63,21 +102,26 @@ class MultiwayBlock(nn.Module):
 
     def forward(
         self, x: torch.Tensor, split: int, key_padding_mask: torch.Tensor | None = None,
-        queries: slice | None = None,
+        queries: slice | None = None, attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """x: (B, T, width); key_padding_mask: bool (B, T) or None. Returns (B, T, width).
+        """x: (B, T, width); key_padding_mask: bool (B, T) or None; attn_mask: bool (B, T, T) or
+        None (see models.attention). Returns (B, T, width).
 
         With `queries`, only those positions are computed and returned, (B, Tq, width), all T
         still serving as keys: the last block needs no more when its output is pooled at CLS
         (ITC, ITM, VQA) or read at the text positions (MLM). Experts are chosen as for the whole
-        sequence.
+        sequence. With `cache`, x holds the positions after the cached ones of a sequence whose
+        first `split` positions are image tokens (incremental decoding).
         """
-        fused = 0 < split < x.size(1)
-        attended = self.attn(self.norm(x), key_padding_mask, queries)
+        past = 0 if cache is None else cache.length
+        fused = 0 < split < past + x.size(1)
+        attended = self.attn(self.norm(x), key_padding_mask, queries, attn_mask, cache)
+        start = past
         if queries is not None:
-            start = queries.indices(x.size(1))[0]
+            start += queries.indices(x.size(1))[0]
             x = x[:, queries]
-            split = min(max(split - start, 0), x.size(1))  # the image/text boundary within x
+        split = min(max(split - start, 0), x.size(1))  # the image/text boundary within x
         x = x + self.dropout(attended)
         return x + self.dropout(self.experts(x, split, fused))
 
