@@ -40,7 +40,8 @@ def flops_per_sample(
     Padded text positions are computed (masked, not skipped), so Tt is the padded length
     (default max_text_len); the MLM head too runs on all Tt (static shapes: no host sync), and
     masked attention scores (causal, seq2seq) are computed, then discarded, like the rest. An
-    objective with zero weight is not counted; VQA is counted when num_answers > 0. ITM assumes a batch of at least 2.
+    objective with zero weight is not counted; VQA is counted when num_answers > 0. ITM assumes
+    a batch of at least 2.
     Backward costs twice the forward (a gradient for the input and for the weight of every
     matmul), hence the factor 3.
     """
