@@ -121,8 +121,11 @@ def test_caption_bad_input_names_the_problem(tiny, world_dir, tmp_path, capsys):
     with pytest.raises(UserError, match=r"split 'test' has no images; splits present: \['res"):
         evaluate_caption(tiny, karpathy_json=tmp_path / "no_test.json", image_root=world_dir,
                          **FAST)
+    with pytest.raises(UserError, match="beam_size must be >= 1"):
+        evaluate_caption(tiny, karpathy_json=world_dir / "dataset_synth.json",
+                         image_root=world_dir, beam_size=0)
     code = vlp(["eval", "caption", "--checkpoint", str(tmp_path / "missing"), "--karpathy-json",
                 str(world_dir / "dataset_synth.json"), "--image-root", str(world_dir),
                 "--split", "val"])
     assert code == 2
-    assert "vlp eval: error:" in capsys.readouterr().err
+    assert "vlp eval caption: error: checkpoint not found" in capsys.readouterr().err

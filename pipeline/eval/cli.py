@@ -106,6 +106,14 @@ def _results_on_stdout(func):
     return run
 
 
+def _add_finetune_outputs(p: argparse.ArgumentParser, results_file: str) -> None:
+    """The options every fine-tuning job shares: precision, seed and its two output files."""
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for training and inference")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the metrics JSON here")
+    p.add_argument("--results", help=f"{results_file} (default: beside --out, .results.json)")
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("eval",
                                    help="evaluate checkpoints: retrieval, VQA, captioning, nightly")
@@ -156,12 +164,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--finetune-backbone", action="store_true",
                    help="train the whole model, not only the VQA head")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for training and inference")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="write the metrics JSON here")
-    p.add_argument("--results",
-                   help="official results file [{question_id, answer}] "
-                        "(default: beside --out, .results.json)")
+    _add_finetune_outputs(p, "official results file [{question_id, answer}]")
 
     p = add("caption", _cmd_caption,
             "image captioning on a Karpathy split: COCO caption metrics (BLEU, METEOR, ROUGE-L, "
@@ -189,12 +192,7 @@ def register(subparsers) -> None:
                    help="forbid repeating an n-gram of this size (0 = off)")
     p.add_argument("--no-spice", action="store_true",
                    help="skip SPICE (it is reported unavailable anyway without its models)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for training and inference")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="write the metrics JSON here")
-    p.add_argument("--results",
-                   help="COCO results file [{image_id, caption}] "
-                        "(default: beside --out, .results.json)")
+    _add_finetune_outputs(p, "COCO results file [{image_id, caption}]")
 
     p = add("nightly", _cmd_nightly,
             "evaluate new checkpoints of all runs; results.parquet, TensorBoard, report.html "

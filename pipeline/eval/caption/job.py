@@ -57,14 +57,17 @@ def evaluate_caption(
     `out` gets the metrics JSON and `results_out` (default: beside `out`,
     `<out stem>.results.json`) the captions in COCO's results format.
     """
-    decoding = DecodingConfig(max_length=max_length, beam_size=beam_size,
-                              length_penalty=length_penalty,
-                              no_repeat_ngram_size=no_repeat_ngram_size)
+    if steps < 0:
+        raise UserError(f"steps must be >= 0, got {steps}")
+    try:
+        decoding = DecodingConfig(max_length=max_length, beam_size=beam_size,
+                                  length_penalty=length_penalty,
+                                  no_repeat_ngram_size=no_repeat_ngram_size)
+    except ValueError as exc:
+        raise UserError(f"decoding: {exc}") from exc
     test = load_test_split(karpathy_json, image_root, split)
     train = load_train_pairs(karpathy_json, image_root, train_splits)
     loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint)
-    if steps < 0:
-        raise UserError(f"steps must be >= 0, got {steps}")
     if steps == 0:
         _require_trained_lm(loaded)
 
