@@ -128,7 +128,8 @@ def register(subparsers) -> None:
     p = commands.add_parser("synth", help="render the synthetic world")
     p.add_argument("--out", required=True, help="world directory to write")
     p.add_argument("--train", type=int, required=True, help="training images (URL list rows)")
-    p.add_argument("--test", type=int, required=True, help="retrieval images, 5 captions each")
+    p.add_argument("--test", type=int, required=True,
+                   help="retrieval (and captioning) test images, 5 captions each")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vqa-train", type=int, default=None, help="VQA train images (default train/2)")
     p.add_argument("--vqa-val", type=int, default=None, help="VQA val images (default test/2)")

@@ -25,6 +25,9 @@ def world_paths(world_dir, world: dict | None = None) -> dict[str, Path]:
         "train_url_list": world_dir / files["train_url_list"],
         "retrieval_json": world_dir / files["retrieval_json"],
         "retrieval_image_root": world_dir / files["retrieval_image_root"],
+        # Karpathy JSON with train and test splits, for captioning
+        "caption_json": world_dir / files["caption_json"],
+        "caption_image_root": world_dir / files["caption_image_root"],
         # The VQA directory: question/annotation files, and images/{split}/ (vqa_image_pattern).
         "vqa_image_root": world_dir / Path(files["vqa"]["train"]["questions"]).parent,
     }

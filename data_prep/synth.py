@@ -1,5 +1,7 @@
 """Write the synthetic world in the real formats: an img2dataset URL list for pretraining, a
-Karpathy-style retrieval test set and VQAv2 question/annotation files.
+Karpathy-style retrieval test set, a Karpathy JSON of the whole world for captioning (its training
+images with their captions, and the retrieval test set as the test split) and VQAv2
+question/annotation files.
 
 Held-out scenes (retrieval test, VQA val) are drawn first and are unique; training scenes (URL
 list, VQA train) are drawn excluding them, so no scene appears on both sides. Each image's pixels
@@ -22,6 +24,7 @@ from vlp.data_prep.vqa import annotation, ask
 from vlp.pipeline.data.errors import UserError
 
 RETRIEVAL_CAPTIONS = 5
+CAPTION_JSON = "dataset_synth.json"  # at the world's root, which is its image root
 VQA_IMAGE_PATTERN = "vqa/images/{split}/{image_id:012d}.jpg"
 SPLIT_STREAMS = {"train": 0, "retrieval": 1, "vqa_train": 2, "vqa_val": 3}
 
@@ -37,6 +40,7 @@ def _prepare_dir(out: Path) -> None:
             raise UserError(f"{out} is not empty and holds no world.json; choose another")
         for sub in ("train", "retrieval", "vqa"):
             shutil.rmtree(out / sub, ignore_errors=True)
+        (out / CAPTION_JSON).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -49,7 +53,8 @@ def _render(scenes: list[Scene], paths: list[Path], seed: int, split: str, size:
         yield scene, rng
 
 
-def _write_train(out, scenes, seed, base_url, size) -> None:
+def _write_train(out, scenes, seed, base_url, size) -> list[str]:
+    """Render the training images and write their URL list; returns their captions."""
     names = [f"train/images/{i:06d}.jpg" for i in range(len(scenes))]
     texts = [
         captions(scene, rng, 1)[0]
@@ -57,28 +62,45 @@ def _write_train(out, scenes, seed, base_url, size) -> None:
     ]
     urls = [f"{base_url}/{name}" for name in names]
     pd.DataFrame({"url": urls, "caption": texts}).to_parquet(out / "train/url_list.parquet")
+    return texts
 
 
-def _write_retrieval(out, scenes, seed, size) -> None:
+def _karpathy_image(filepath: str, filename: str, split: str, imgid: int, first_sentid: int,
+                    raws: list[str]) -> dict:
+    sentids = list(range(first_sentid, first_sentid + len(raws)))
+    sentences = [
+        {"raw": raw, "tokens": re.findall(r"[a-z0-9]+", raw), "imgid": imgid, "sentid": s}
+        for raw, s in zip(raws, sentids)
+    ]
+    return {"filename": filename, "filepath": filepath, "split": split, "imgid": imgid,
+            "sentids": sentids, "sentences": sentences}
+
+
+def _write_retrieval(out, scenes, seed, size) -> list[list[str]]:
+    """Render the retrieval test images and write their Karpathy JSON; returns their captions."""
     paths = [out / f"retrieval/images/{i:06d}.jpg" for i in range(len(scenes))]
-    images = []
+    images, texts = [], []
     for imgid, (scene, rng) in enumerate(_render(scenes, paths, seed, "retrieval", size)):
-        sentids = list(range(imgid * RETRIEVAL_CAPTIONS, (imgid + 1) * RETRIEVAL_CAPTIONS))
-        sentences = [
-            {"raw": raw, "tokens": re.findall(r"[a-z0-9]+", raw), "imgid": imgid, "sentid": s}
-            for raw, s in zip(captions(scene, rng, RETRIEVAL_CAPTIONS), sentids)
-        ]
-        images.append(
-            {
-                "filename": paths[imgid].name,
-                "filepath": "images",
-                "split": "test",
-                "imgid": imgid,
-                "sentids": sentids,
-                "sentences": sentences,
-            }
-        )
+        texts.append(captions(scene, rng, RETRIEVAL_CAPTIONS))
+        images.append(_karpathy_image("images", paths[imgid].name, "test", imgid,
+                                      imgid * RETRIEVAL_CAPTIONS, texts[-1]))
     with open(out / "retrieval/dataset_synth.json", "w") as f:
+        json.dump({"images": images, "dataset": "synth"}, f)
+    return texts
+
+
+def _write_captioning(out, train_texts: list[str], test_texts: list[list[str]]) -> None:
+    """CAPTION_JSON, COCO's Karpathy layout with the world as image root: split "train" is the
+    training images with their one caption, split "test" the retrieval test images with their
+    five (the captioning test set)."""
+    images = [_karpathy_image("train/images", f"{i:06d}.jpg", "train", i, i, [raw])
+              for i, raw in enumerate(train_texts)]
+    sentid = len(train_texts)
+    for i, raws in enumerate(test_texts):
+        images.append(_karpathy_image("retrieval/images", f"{i:06d}.jpg", "test",
+                                      len(train_texts) + i, sentid, raws))
+        sentid += len(raws)
+    with open(out / CAPTION_JSON, "w") as f:
         json.dump({"images": images, "dataset": "synth"}, f)
 
 
@@ -146,8 +168,8 @@ def generate_world(
     _prepare_dir(out)
 
     scenes = draw_scenes(seed, spec, n_train, n_test, n_vqa_train, n_vqa_val)
-    _write_train(out, scenes["train"], seed, base_url, render_size)
-    _write_retrieval(out, scenes["test"], seed, render_size)
+    train_texts = _write_train(out, scenes["train"], seed, base_url, render_size)
+    _write_captioning(out, train_texts, _write_retrieval(out, scenes["test"], seed, render_size))
     vqa = {
         "train": _write_vqa(out, "train", scenes["vqa_train"], 1, spec, seed, render_size),
         "val": _write_vqa(out, "val", scenes["vqa_val"], 1 + n_vqa_train, spec, seed, render_size),
@@ -173,6 +195,8 @@ def generate_world(
             "train_url_list": "train/url_list.parquet",
             "retrieval_json": "retrieval/dataset_synth.json",
             "retrieval_image_root": "retrieval",
+            "caption_json": CAPTION_JSON,
+            "caption_image_root": ".",
             "vqa_image_pattern": VQA_IMAGE_PATTERN,
             "vqa": vqa,
         },

@@ -7,6 +7,10 @@ On CPU, torch's fused kernel is 2-4x slower for bf16/fp16 inputs than for fp32 o
 sequence lengths (forward + backward, 65-577 tokens; `vlp bench attention`), while it
 accumulates in fp32 either way. So half-precision CPU inputs are attended in fp32 and the result
 cast back: faster and at least as accurate. fp32 inputs and CUDA are untouched.
+
+Masks are boolean, True = may be attended: a key-padding mask (B, Tk) for bidirectional
+sequences, or a general mask (B, Tq, Tk) for causal text and the sequence-to-sequence mask of
+captioning (`causal_mask`, `seq2seq_mask`).
 """
 from __future__ import annotations
 
@@ -20,14 +24,18 @@ def attention(
     v: torch.Tensor,
     key_padding_mask: torch.Tensor | None = None,
     backend: str = "sdpa",
+    attn_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T / sqrt(head_dim)) v over keys where `key_padding_mask` is True.
+    """softmax(q k^T / sqrt(head_dim)) v over the keys each query may attend.
 
-    q, k, v: (B, heads, T, head_dim); key_padding_mask: bool (B, T), True = real token.
-    Returns (B, heads, T, head_dim).
+    q: (B, heads, Tq, head_dim); k, v: (B, heads, Tk, head_dim); key_padding_mask: bool (B, Tk),
+    True = real token; attn_mask: bool (B, Tq, Tk), True = query may attend key. With both, a key
+    must pass both. Every query must keep at least one key. Returns (B, heads, Tq, head_dim).
     """
-    # (B, T) -> (B, 1, 1, T): broadcast over heads and queries; True = may be attended to.
+    # (B, Tk) -> (B, 1, 1, Tk) and (B, Tq, Tk) -> (B, 1, Tq, Tk): broadcast over heads.
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+    if attn_mask is not None:
+        mask = attn_mask[:, None] if mask is None else mask & attn_mask[:, None]
     if backend == "sdpa":
         if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
             # Outside autocast, which would cast the fp32 inputs straight back to half precision.
@@ -37,8 +45,29 @@ def attention(
             return out.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if backend == "reference":
-        scores = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5  # (B, heads, T, T)
+        scores = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5  # (B, heads, Tq, Tk)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         return scores.float().softmax(dim=-1).to(v.dtype) @ v
     raise ValueError(f"unknown attention backend {backend!r}; use 'sdpa' or 'reference'")
+
+
+def causal_mask(text_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool, True = real token -> (B, T, T): token t attends the real tokens 0..t."""
+    T = text_mask.size(1)
+    before = torch.ones(T, T, dtype=torch.bool, device=text_mask.device).tril()
+    return before & text_mask.bool()[:, None, :]
+
+
+def seq2seq_mask(num_image: int, text_mask: torch.Tensor) -> torch.Tensor:
+    """The captioning mask over [image; text]: (B, Ti + Tt, Ti + Tt), True = may attend.
+
+    Image tokens attend all image tokens and no text, so the image side never depends on the
+    caption; text token t attends every image token and the real text tokens 0..t (UniLM, BEiT-3).
+    """
+    B, Tt = text_mask.shape
+    T = num_image + Tt
+    mask = torch.zeros(B, T, T, dtype=torch.bool, device=text_mask.device)
+    mask[:, :, :num_image] = True
+    mask[:, num_image:, num_image:] = causal_mask(text_mask)
+    return mask

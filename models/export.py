@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_model
 
 from .config import ModelConfig
-from .model import UnifiedModel
+from .model import LossWeights, UnifiedModel
 
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
@@ -29,10 +30,12 @@ def save_pretrained(
 
 
 def config_meta(model: UnifiedModel) -> dict:
-    """The config.json of an export and of a training tag: format version, model config and the
-    VQA head's answer count (None without one)."""
+    """The config.json of an export and of a training tag: format version, model config, the
+    VQA head's answer count (None without one) and the loss weights the weights were trained with
+    (an evaluation can tell, say, whether the captioning head was ever trained)."""
     return {"format_version": FORMAT_VERSION, **model.config.to_dict(),
-            "vqa_num_answers": model.num_answers, "vqa_fusion": model.vqa_fusion}
+            "vqa_num_answers": model.num_answers, "vqa_fusion": model.vqa_fusion,
+            "loss_weights": asdict(model.loss_weights)}
 
 
 def model_from_meta(meta: dict) -> UnifiedModel:
@@ -44,7 +47,13 @@ def model_from_meta(meta: dict) -> UnifiedModel:
         raise ValueError(f"format_version {version!r}, this code reads {FORMAT_VERSION}")
     num_answers = values.pop("vqa_num_answers", None)
     fusion = values.pop("vqa_fusion", "fused")
-    model = UnifiedModel(ModelConfig.from_dict(values))
+    # Files written before the weights were recorded: the defaults, which have no LM.
+    weights = values.pop("loss_weights", {})
+    unknown = sorted(set(weights) - {f.name for f in fields(LossWeights)})
+    if unknown:
+        raise ValueError(f"unknown loss_weights key(s) {unknown}")
+    weights = LossWeights(**weights)
+    model = UnifiedModel(ModelConfig.from_dict(values), weights)
     if num_answers:
         model.attach_vqa_head(num_answers, fusion=fusion)
     return model

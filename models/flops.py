@@ -37,12 +37,16 @@ def flops_per_sample(
         MLM      = (L - F) layer(Tt)            masked caption, bottom blocks
                  + fused(Tt)                    fused with the image, read at every text position
                  + Tt (2 W^2 + 2 W V)           head on every text position (masked ones count)
+        LM       = (L - F) layer(Tt)            caption, bottom blocks (causal mask)
+                 + fused(Tt)                    fused under the seq2seq mask, read at the text
+                 + (Tt - 1) (2 W^2 + 2 W V)     head on every text position but the last
         VQA      = fused(1) + 2 W H + 2 H A     fused question, MLP head (H hidden, A answers)
 
     Padded text positions are computed (masked, not skipped), so Tt is the padded length
-    (default max_text_len); the MLM head too runs on all Tt (static shapes: no host sync). An
-    objective with zero weight is not counted; VQA is counted when num_answers > 0. ITM assumes a
-    batch of at least 2. Backward costs twice the forward (a gradient for the input and for the
+    (default max_text_len); the MLM head too runs on all Tt (static shapes: no host sync), and
+    masked attention scores (causal, seq2seq) are computed, then discarded, like the rest. An
+    objective with zero weight is not counted; VQA is counted when num_answers > 0. ITM assumes
+    a batch of at least 2. Backward costs twice the forward (a gradient for the input and for the
     weight of every matmul), hence the factor 3.
     """
     weights = weights or LossWeights()
@@ -56,12 +60,14 @@ def flops_per_sample(
     flops = c.patch_embed() + unimodal(Ti) + unimodal(Tt)
     if weights.itc:
         flops += 2 * 2 * W * config.embed_dim + 2 * 2 * config.embed_dim * global_batch
-    if weights.itm or weights.mlm or vqa:
+    if weights.itm or weights.mlm or weights.lm or vqa:
         flops += c.memory()
     if weights.itm:
         flops += 3 * (c.fused(1) + 2 * W * 2)
     if weights.mlm:
         flops += c.bottom(Tt) + c.fused(Tt) + Tt * (2 * W * W + 2 * W * config.vocab_size)
+    if weights.lm:
+        flops += c.bottom(Tt) + c.fused(Tt) + (Tt - 1) * (2 * W * W + 2 * W * config.vocab_size)
     if vqa:
         hidden = config.vqa_hidden_mult * W
         flops += c.fused(1) + 2 * W * hidden + 2 * hidden * num_answers

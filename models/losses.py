@@ -1,4 +1,5 @@
-"""Pretraining objectives that need more than a one-line cross-entropy: ITC, ITM negatives, VQA."""
+"""Pretraining objectives that need more than a one-line cross-entropy: ITC, ITM negatives, VQA,
+and the token cross-entropy that MLM and LM share."""
 from __future__ import annotations
 
 import torch
@@ -77,3 +78,18 @@ def vqa_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """
     bce = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="sum")
     return bce / logits.size(0)
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy and accuracy over the tokens with a target (MLM, LM).
+
+    logits (N, vocab); targets (N,), -100 = no prediction. The head runs on every position and the
+    rest are ignored: static shapes, so no host sync to count the targets (a boolean index would
+    need one). A batch without targets gives 0, not NaN. Returns (loss, accuracy detached).
+    """
+    selected = targets != -100
+    count = selected.sum().clamp(min=1)
+    loss = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / count
+    accuracy = ((logits.argmax(1) == targets) & selected).sum() / count
+    return loss, accuracy.detach()

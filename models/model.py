@@ -6,6 +6,8 @@
     fused:        [image CLS; text states] + type attend over [image patch memory; themselves]
                   in the top blocks (shared attention, VL-FFN) -> LN -> image CLS (ITM, VQA)
                   | text (MLM)
+    captioning:   text -> bottom blocks, causal -> the fused pass under the sequence-to-sequence
+                  mask -> LN -> tied MLM head predicts the next token
 
 In the fused pass the image's patch tokens are only keys and values (each top block's "memory"
 of the image, computed once per image), as in ALBEF's cross-attention but with the blocks' own
@@ -14,7 +16,7 @@ image's summary into the pooled state as VLMo's fused CLS does. An image is fuse
 (ITM's positive and negatives, every re-ranking candidate, every step of generation) at the cost
 of its memory once.
 The image and caption bottom states are computed once per step and reused by ITC, ITM and the
-MLM fused pass (MLM adds one bottom pass over the masked caption).
+MLM fused pass (MLM adds one bottom pass over the masked caption, LM one causal bottom pass).
 """
 from __future__ import annotations
 
@@ -26,9 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import causal_mask, seq2seq_mask
 from .config import ModelConfig
-from .losses import contrastive_loss, hard_negatives, vqa_loss
-from .multiway import MultiwayBlock
+from .losses import contrastive_loss, hard_negatives, token_cross_entropy, vqa_loss
+from .multiway import KVCache, MultiwayBlock
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: temperature >= 0.01
 VQA_FUSION = ("fused", "late")
@@ -59,6 +62,7 @@ class LossWeights:
     itm: float = 1.0
     mlm: float = 1.0
     vqa: float = 1.0  # used when forward() gets vqa_targets
+    lm: float = 0.0  # captioning: next-token prediction under the seq2seq mask
 
 
 class ImageEmbedding(nn.Module):
@@ -96,10 +100,12 @@ class TextEmbedding(nn.Module):
         self.token = nn.Embedding(config.vocab_size, config.width)
         self.pos = nn.Parameter(torch.zeros(1, config.max_text_len, config.width))
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if ids.size(1) > self.pos.size(1):
-            raise ValueError(f"text length {ids.size(1)} exceeds max_text_len {self.pos.size(1)}")
-        return self.token(ids) + self.pos[:, : ids.size(1)]
+    def forward(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Positions start..start + T - 1 (start > 0: a continuation, in incremental decoding)."""
+        end = start + ids.size(1)
+        if end > self.pos.size(1):
+            raise ValueError(f"text length {end} exceeds max_text_len {self.pos.size(1)}")
+        return self.token(ids) + self.pos[:, start:end]
 
 
 class MLMHead(nn.Module):
@@ -265,7 +271,8 @@ class UnifiedModel(nn.Module):
         return ImageMemory(x[:, :1], [block.memory(x[:, 1:]) for block in self.top])
 
     def fuse(self, memory: ImageMemory, text_states: torch.Tensor, text_mask: torch.Tensor,
-             queries: slice | None = None) -> torch.Tensor:
+             queries: slice | None = None, causal: bool = False,
+             caches: list[KVCache] | None = None) -> torch.Tensor:
         """The fused pass: [image CLS; text] attend over [image patches; image CLS; text] in the
         top blocks (VL-FFN).
 
@@ -273,14 +280,26 @@ class UnifiedModel(nn.Module):
         final-LN states (B, 1 + Tt, width), or only the positions in `queries` (the last block
         computes no others): position 0 is the image CLS, pooled by the ITM and VQA heads;
         slice(1, None) are the text states (MLM).
+
+        causal=True is the captioning pass: the image CLS attends the image only, text token t the
+        image and the real text tokens 0..t (the sequence-to-sequence mask of UniLM and BEiT-3).
+        With `caches` (one per top block), the fused tokens' keys and values are kept for
+        `lm_step`.
         """
         x = torch.cat([memory.cls, text_states + self.type_embed(self.type_ids[1:])], dim=1)
         patches = memory.kv[0][0].size(2)
-        mask = torch.cat([text_mask.new_ones(text_mask.size(0), patches + 1), text_mask], dim=1)
+        padding, attn_mask = None, None
+        if causal:
+            attn_mask = seq2seq_mask(patches + 1, text_mask.bool())[:, patches:]
+        else:
+            padding = torch.cat([text_mask.new_ones(text_mask.size(0), patches + 1), text_mask],
+                                dim=1).bool()
+        caches = caches or [None] * len(self.top)
         *body, last = range(len(self.top))
         for i in body:
-            x = self.top[i].fused(x, memory.kv[i], mask.bool())
-        return self.norm(self.top[last].fused(x, memory.kv[last], mask.bool(), queries))
+            x = self.top[i].fused(x, memory.kv[i], padding, attn_mask=attn_mask, cache=caches[i])
+        return self.norm(self.top[last].fused(x, memory.kv[last], padding, queries, attn_mask,
+                                              caches[last]))
 
     def _top(self, x: torch.Tensor, split: int, mask: torch.Tensor | None,
              queries: slice | None) -> torch.Tensor:
@@ -334,7 +353,8 @@ class UnifiedModel(nn.Module):
         images (B, 3, S, S); text_ids, text_mask (B, T); mlm_ids/mlm_labels (B, T) from
         `pipeline.transforms.mask_tokens` (labels -100 = no prediction), needed when the MLM
         weight is nonzero; vqa_targets (B, num_answers) soft scores, for VQA fine-tuning (then
-        usually with `LossWeights(itc=0, itm=0, mlm=0)`). Diagnostics are detached.
+        usually with `LossWeights(itc=0, itm=0, mlm=0)`). The LM (captioning) loss reads
+        text_ids and text_mask. Diagnostics are detached.
         """
         weights = self.loss_weights
         if weights.mlm and (mlm_ids is None or mlm_labels is None):
@@ -350,13 +370,15 @@ class UnifiedModel(nn.Module):
             text_emb = self.text_embedding(text_states, text_mask)
             losses["itc"], out["itc_acc"], sim = contrastive_loss(image_emb, text_emb, scale)
             out["temperature"] = 1.0 / scale.detach()
-        if weights.itm or weights.mlm:
+        if weights.itm or weights.mlm or weights.lm:
             memory = self.image_memory(image_states)  # once, for every fused pass below
         if weights.itm:
             losses["itm"], out["itm_acc"] = self._itm_loss(
                 memory, text_states, text_ids, text_mask, sim)
         if weights.mlm:
             losses["mlm"], out["mlm_acc"] = self._mlm_loss(memory, mlm_ids, text_mask, mlm_labels)
+        if weights.lm:
+            losses["lm"], out["lm_acc"] = self._lm_loss(memory, text_ids, text_mask)
         if weights.vqa and vqa_targets is not None:
             logits = self._vqa_logits(image_states, text_states, text_mask)
             losses["vqa"] = vqa_loss(logits, vqa_targets)
@@ -390,17 +412,49 @@ class UnifiedModel(nn.Module):
         return F.cross_entropy(logits, labels), accuracy.detach()
 
     def _mlm_loss(self, memory, mlm_ids, text_mask, mlm_labels):
-        """Predict the masked caption tokens from the caption fused with its image.
-
-        The head runs on every text position and unmasked ones are ignored (-100): static shapes,
-        so no host sync to count the masked tokens (a boolean index would need one).
-        """
+        """Predict the masked caption tokens from the caption fused with its image (the head runs
+        on every text position, unmasked ones ignored: `token_cross_entropy`)."""
         fused_text = self.fuse(memory, self.text_states(mlm_ids, text_mask), text_mask,
                                queries=slice(1, None))  # (B, Tt, width)
         logits = self.mlm_head(fused_text).float().flatten(0, 1)  # (B * Tt, vocab)
-        targets = mlm_labels.flatten()
-        selected = targets != -100
-        count = selected.sum().clamp(min=1)  # a batch without targets gives 0, not NaN
-        loss = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / count
-        accuracy = ((logits.argmax(1) == targets) & selected).sum() / count
-        return loss, accuracy.detach()
+        return token_cross_entropy(logits, mlm_labels.flatten())
+
+    # ---- captioning (LM) ---------------------------------------------------------------------
+
+    def _lm_loss(self, memory, text_ids, text_mask):
+        """Predict each caption token from the image and the caption before it."""
+        states = self.lm_text_states(memory, text_ids, text_mask)  # (B, Tt, width)
+        logits = self.mlm_head(states[:, :-1]).float().flatten(0, 1)  # state t -> token t + 1
+        targets = text_ids[:, 1:].masked_fill(~text_mask[:, 1:].bool(), -100)
+        return token_cross_entropy(logits, targets.flatten())
+
+    def lm_text_states(self, memory: ImageMemory, text_ids: torch.Tensor,
+                       text_mask: torch.Tensor, caches: list[KVCache] | None = None
+                       ) -> torch.Tensor:
+        """Final-LN text states for captioning: memory of B images, (B, Tt) -> (B, Tt, width).
+
+        State t predicts token t + 1 and depends on the image and tokens 0..t only: the bottom
+        blocks run the text causally (its unimodal states are bidirectional, so they cannot be
+        reused) and the fused pass uses the sequence-to-sequence mask. With `caches` (empty, one
+        per block), every block's keys and values are kept for `lm_step`.
+        """
+        caches = caches or [None] * len(self.blocks)
+        text_mask = text_mask.bool()
+        x = self.text_embed(text_ids)
+        causal = causal_mask(text_mask)  # (B, Tt, Tt)
+        for block, cache in zip(self.bottom, caches):
+            x = block(x, split=0, attn_mask=causal, cache=cache)
+        return self.fuse(memory, x, text_mask, queries=slice(1, None), causal=True,
+                         caches=caches[self.num_bottom :])
+
+    def lm_step(self, memory: ImageMemory, token_ids: torch.Tensor,
+                caches: list[KVCache]) -> torch.Tensor:
+        """One decoding step: the next token (N,) of each sequence after the cached positions
+        (`lm_text_states` filled the caches) -> its final-LN state (N, width)."""
+        x = self.text_embed(token_ids[:, None], start=caches[0].length)  # (N, 1, width)
+        for block, cache in zip(self.bottom, caches):
+            x = block(x, split=0, cache=cache)
+        x = x + self.type_embed(self.type_ids[1:])
+        for block, kv, cache in zip(self.top, memory.kv, caches[self.num_bottom :]):
+            x = block.fused(x, kv, None, cache=cache)
+        return self.norm(x)[:, 0]

@@ -1,4 +1,5 @@
-"""The multiway transformer block: shared self-attention, modality-expert feed-forward networks."""
+"""The multiway transformer block: shared self-attention, modality-expert feed-forward networks,
+and the key/value cache of a block for incremental decoding."""
 from __future__ import annotations
 
 import torch
@@ -6,6 +7,38 @@ import torch.nn as nn
 
 from .attention import attention
 from .config import ModelConfig
+
+
+class KVCache:
+    """One block's keys and values of the positions computed so far (incremental decoding).
+
+    Storage for `capacity` positions is allocated at the first `append`, so a decoding step
+    writes its one position in place instead of concatenating the whole past again.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity, self.length = capacity, 0
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add (B, heads, T, head_dim) keys and values; returns all of them so far."""
+        end = self.length + k.size(2)
+        if end > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions, {end} were asked for")
+        if self.k is None:
+            B, heads, _, head_dim = k.shape
+            self.k = k.new_empty(B, heads, self.capacity, head_dim)
+            self.v = v.new_empty(B, heads, self.capacity, head_dim)
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep (and repeat) the batch rows `rows`: beam reordering, dropping finished rows."""
+        if self.k is not None:
+            self.k, self.v = self.k[rows], self.v[rows]
 
 
 class SelfAttention(nn.Module):
@@ -20,18 +53,26 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None,
                 queries: slice | None = None,
-                memory: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                memory: tuple[torch.Tensor, torch.Tensor] | None = None,
+                attn_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         """(B, T, C) -> (B, T, C); with `queries`, only those positions attend (all T positions
-        stay keys and values): (B, Tq, C). With `memory`, the (keys, values) of other tokens
-        from `keys_values` are put before x's own: x attends over [memory; x], and
-        `key_padding_mask` covers both, (B, Tm + T)."""
+        stay keys and values): (B, Tq, C).
+
+        The keys are [memory; cached; x]: with `memory`, the (keys, values) of other tokens from
+        `keys_values` come first; with `cache`, x continues the cached positions (its keys and
+        values are appended). `key_padding_mask` (B, Tk) and `attn_mask` (B, T, Tk) cover all
+        keys (models.attention)."""
         B, T, C = x.shape
         q, k, v = self._split(self.qkv(x))  # each (B, heads, T, head_dim)
-        if queries is not None:
-            q = q[:, :, queries]
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, heads, cached + T, head_dim)
         if memory is not None:
             k, v = torch.cat([memory[0], k], dim=2), torch.cat([memory[1], v], dim=2)
-        y = attention(q, k, v, key_padding_mask, self.backend)  # (B, heads, Tq, head_dim)
+        if queries is not None:
+            q = q[:, :, queries]
+            attn_mask = None if attn_mask is None else attn_mask[:, queries]
+        y = attention(q, k, v, key_padding_mask, self.backend, attn_mask)  # (B, heads, Tq, hd)
         return self.proj(y.transpose(1, 2).reshape(B, q.size(2), C))
 
     def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,15 +118,19 @@ class MultiwayBlock(nn.Module):
 
     def forward(
         self, x: torch.Tensor, split: int, key_padding_mask: torch.Tensor | None = None,
-        queries: slice | None = None,
+        queries: slice | None = None, attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """x: (B, T, width); key_padding_mask: bool (B, T) or None. Returns (B, T, width).
+        """x: (B, T, width); key_padding_mask: bool (B, T) or None; attn_mask: bool (B, T, T) or
+        None (see models.attention). Returns (B, T, width).
 
         With `queries`, only those positions are computed and returned, (B, Tq, width), all T
         still serving as keys: the last block needs no more when its output is pooled at CLS.
-        Experts are chosen as for the whole sequence.
+        Experts are chosen as for the whole sequence. With `cache`, x continues the cached
+        positions of a text sequence (incremental decoding of the captioning pass).
         """
-        attended = self.attn(self.norm(x), key_padding_mask, queries)
+        attended = self.attn(self.norm(x), key_padding_mask, queries, attn_mask=attn_mask,
+                             cache=cache)
         if queries is not None:
             start = queries.indices(x.size(1))[0]
             x = x[:, queries]
@@ -100,11 +145,14 @@ class MultiwayBlock(nn.Module):
         return self.attn.keys_values(self.norm(patches))
 
     def fused(self, x: torch.Tensor, memory: tuple[torch.Tensor, torch.Tensor],
-              key_padding_mask: torch.Tensor, queries: slice | None = None) -> torch.Tensor:
+              key_padding_mask: torch.Tensor | None, queries: slice | None = None,
+              attn_mask: torch.Tensor | None = None, cache: KVCache | None = None
+              ) -> torch.Tensor:
         """The fused tokens x (B, T, width), image CLS and text, attend over [patch memory; x]
         with the shared attention, then go through the VL-FFN: (B, T, width), or (B, Tq, width)
-        for `queries`. `key_padding_mask` (B, P + T) marks the real keys."""
-        attended = self.attn(self.norm(x), key_padding_mask, queries, memory)
+        for `queries`. `key_padding_mask` (B, P + T) marks the real keys; `attn_mask`
+        (B, T, P + T) is the captioning pass's; `cache` holds the fused tokens before x."""
+        attended = self.attn(self.norm(x), key_padding_mask, queries, memory, attn_mask, cache)
         if queries is not None:
             x = x[:, queries]
         x = x + self.dropout(attended)

@@ -1,4 +1,5 @@
-"""The fused SDPA backend agrees with the plain matmul-softmax reference, padding included."""
+"""The fused SDPA backend agrees with the plain matmul-softmax reference, padding and general
+(causal, sequence-to-sequence) masks included."""
 import pytest
 import torch
 
@@ -50,3 +51,46 @@ def test_unknown_backend_is_an_error():
     q, k, v, _ = qkv_and_mask(torch.float32)
     with pytest.raises(ValueError, match="flash3"):
         attention(q, k, v, backend="flash3")
+
+
+def general_mask(T=9):
+    """A causal mask for rows 0-1 and a sequence-to-sequence one (3 'image' keys) for row 2."""
+    from vlp.models.attention import causal_mask, seq2seq_mask
+
+    causal = causal_mask(torch.ones(2, T, dtype=torch.bool))
+    seq2seq = seq2seq_mask(3, (torch.arange(T - 3) < 4)[None])  # 4 real text tokens, 2 padding
+    return torch.cat([causal, seq2seq])  # (3, T, T)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_backends_agree_with_a_general_mask(dtype, tol):
+    q, k, v, padding = qkv_and_mask(dtype)
+    out_grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    for key_padding in (None, padding):
+        results = []
+        for backend in ("sdpa", "reference"):
+            out = attention(q, k, v, key_padding, backend, attn_mask=general_mask())
+            results.append((out, *torch.autograd.grad(out, (q, k, v), out_grad)))
+        for fused, plain in zip(*results):
+            torch.testing.assert_close(fused.float(), plain.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "reference"])
+def test_a_general_mask_hides_exactly_the_keys_it_excludes(backend):
+    q, k, v, _ = qkv_and_mask(torch.float32)
+    mask = general_mask()
+    out = attention(q, k, v, backend=backend, attn_mask=mask)
+    # Query i of row b, alone, over only the keys it may attend: the same result.
+    for b in range(3):
+        for i in range(9):
+            keys = mask[b, i]
+            alone = attention(q[b:b + 1, :, i:i + 1], k[b:b + 1, :, keys], v[b:b + 1, :, keys],
+                              backend=backend)
+            torch.testing.assert_close(out[b:b + 1, :, i:i + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_key_padding_and_a_general_mask_combine():
+    q, k, v, padding = qkv_and_mask(torch.float32)
+    mask = general_mask()
+    both = attention(q, k, v, padding, attn_mask=mask)
+    torch.testing.assert_close(both, attention(q, k, v, attn_mask=mask & padding[:, None, :]))

@@ -73,6 +73,15 @@ def test_eval_quick_implementations_agree(tmp_path):
     assert 0 < recalls["mean_recall"] <= 1
 
 
+def test_caption_quick_cached_and_uncached_decode_the_same_tokens(tmp_path):
+    result = run_bench(tmp_path, "caption")
+    assert [c["length"] for c in result["results"]] == [4, 8]
+    for case in result["results"]:
+        assert case["same_tokens"] is True and case["tokens"] == 2 * case["length"]
+        assert case["cached_tokens_per_s"] > 0 and case["uncached_tokens_per_s"] > 0
+    assert result["summary"]["all_same_tokens"] is True
+
+
 def test_naive_and_chunked_recalls_are_identical():
     from vlp.pipeline.bench.eval_recall import make_embeddings, naive_recalls
     from vlp.pipeline.eval.retrieval.recall import retrieval_recalls

@@ -69,6 +69,32 @@ def test_world_layout_and_formats(world_dir):
         assert {a["answer_type"] for a in annotations} == {"yes/no", "number", "other"}
 
 
+def test_caption_json_is_the_world_in_cocos_karpathy_layout(world_dir):
+    """Training images with their URL-list caption, and the retrieval test set (the same images
+    and 5 references) as the test split; every path resolves under the world, ids are unique."""
+    world = load(world_dir / "world.json")
+    caption = load(world_dir / world["files"]["caption_json"])
+    root = world_dir / world["files"]["caption_image_root"]
+    train = [image for image in caption["images"] if image["split"] == "train"]
+    test = [image for image in caption["images"] if image["split"] == "test"]
+    assert (len(train), len(test)) == (160, 32) and len(caption["images"]) == 192
+    url_list = pd.read_parquet(world_dir / world["files"]["train_url_list"])
+    assert [image["sentences"][0]["raw"] for image in train] == url_list.caption.tolist()
+    assert all(len(image["sentences"]) == 1 for image in train)
+    retrieval = load(world_dir / world["files"]["retrieval_json"])["images"]
+    assert [[s["raw"] for s in image["sentences"]] for image in test] == [
+        [s["raw"] for s in image["sentences"]] for image in retrieval]
+    for image in caption["images"]:
+        assert (root / image["filepath"] / image["filename"]).is_file()
+    assert len({image["imgid"] for image in caption["images"]}) == 192
+    sentids = [s["sentid"] for image in caption["images"] for s in image["sentences"]]
+    assert len(set(sentids)) == len(sentids) == 160 + 32 * 5
+    # The splits are the world's training and retrieval images, whose scenes are disjoint
+    # (test_held_out_scenes_never_appear_in_training).
+    assert {i["filepath"] for i in train} == {"train/images"}
+    assert {i["filepath"] for i in test} == {"retrieval/images"}
+
+
 def test_world_is_deterministic_from_the_seed(tmp_path):
     def digest(world_dir):
         files = sorted(p for p in world_dir.rglob("*") if p.is_file())

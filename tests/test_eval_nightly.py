@@ -1,7 +1,9 @@
-"""Nightly evaluation over a runs folder: new checkpoints only, failures recorded, outputs written;
-the `vlp eval` command line; the cron script's lock."""
+"""Nightly evaluation over a runs folder: new checkpoints only, failures recorded, outputs written
+(captioning's generated captions in the report too); the `vlp eval` command line; the cron
+script's lock."""
 import fcntl
 import json
+from html import escape as html_escape
 import shutil
 import subprocess
 
@@ -185,3 +187,35 @@ def test_nightly_script_runs_and_refuses_to_overlap(tmp_path):
                               capture_output=True, text=True, timeout=60)
     assert held.returncode == 75
     assert "already running" in held.stderr and held.stdout == ""
+
+
+def test_captioning_in_the_nightly_results_tensorboard_and_report(runs, world_dir, tmp_path):
+    """One caption benchmark over a copy of the step-2 tag: its metrics are rows with the
+    retrieval baseline, TensorBoard scalars and plots, and the report shows its captions beside
+    their images."""
+    run = tmp_path / "runs/captioned"
+    shutil.copytree(runs / "tiny/checkpoints/global_step2", run / "checkpoints/global_step2")
+    suite = {"synth_caption": {"task": "caption", "karpathy_json": "world/dataset_synth.json",
+                               "image_root": "world", "steps": 2, "batch_size": 8,
+                               "max_length": 6, "spice": False}}
+    shutil.copytree(world_dir / "retrieval", tmp_path / "runs/world/retrieval")
+    shutil.copytree(world_dir / "train", tmp_path / "runs/world/train")
+    shutil.copy(world_dir / "dataset_synth.json", tmp_path / "runs/world")
+    (tmp_path / "runs/suite.yaml").write_text(json.dumps(suite))
+    out = tmp_path / "nightly"
+    summary = run_nightly(run, suite=tmp_path / "runs/suite.yaml", out_dir=out)
+    assert summary["failures"] == [] and summary["checkpoints_evaluated"] == 1
+    rows = pd.read_parquet(out / "results.parquet")
+    assert sorted(rows["metric"]) == sorted(["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR",
+                                             "ROUGE_L", "CIDEr"])
+    assert set(rows["baseline_name"]) == {"retrieval"} and set(rows["task"]) == {"caption"}
+    events = EventAccumulator(str(out / "tensorboard/captioned"))
+    events.Reload()
+    assert [s.step for s in events.Scalars("synth_caption/CIDEr")] == [2]
+    html = (out / "report.html").read_text()
+    assert 'src="plots/synth_caption__CIDEr.png"' in html
+    result = json.loads((run / "eval/global_step2/synth_caption.json").read_text())
+    assert html.count('<img src="data:image/jpeg;base64,') == len(result["examples"]) == 8
+    for example in result["examples"]:
+        assert html_escape(example["caption"]) in html
+        assert html_escape(example["references"][0]) in html

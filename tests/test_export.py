@@ -82,3 +82,21 @@ def test_unknown_format_version_is_refused(tmp_path):
     (out / CONFIG_FILE).write_text(json.dumps({**meta, "format_version": 99}))
     with pytest.raises(ValueError, match="format_version 99"):
         from_pretrained(out)
+
+
+def test_the_loss_weights_travel_with_the_weights(tmp_path):
+    """config.json records the objectives the weights were trained with (the captioning job
+    refuses to decode with an LM head that never trained); older files mean the defaults."""
+    from vlp.models import LossWeights
+
+    model = trained_model()
+    model.loss_weights = LossWeights(mlm=0.5, lm=0.25)
+    out = save_pretrained(model, tmp_path / "export")
+    assert from_pretrained(out).loss_weights == LossWeights(mlm=0.5, lm=0.25)
+    meta = json.loads((out / CONFIG_FILE).read_text())
+    (out / CONFIG_FILE).write_text(json.dumps({k: v for k, v in meta.items()
+                                               if k != "loss_weights"}))
+    assert from_pretrained(out).loss_weights == LossWeights()  # lm = 0: never trained
+    (out / CONFIG_FILE).write_text(json.dumps({**meta, "loss_weights": {"lm": 1, "cap": 1}}))
+    with pytest.raises(ValueError, match=r"unknown loss_weights key\(s\) \['cap'\]"):
+        from_pretrained(out)

@@ -17,17 +17,18 @@ pytestmark = pytest.mark.slow
 SCRIPT = textwrap.dedent("""
     import json, sys, torch, deepspeed
     from deepspeed.utils import safe_get_full_grad
-    from vlp.models import UnifiedModel, load_config
+    from vlp.models import LossWeights, UnifiedModel, load_config
 
     deepspeed.init_distributed(dist_backend="gloo")
     config = load_config("tiny", vocab_size=50, width=32, heads=2, depth=3, fusion_layers=2)
     ds_config = {"train_micro_batch_size_per_gpu": 4,
                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
     torch.manual_seed(0)
-    plain = UnifiedModel(config)
+    weights = LossWeights(lm=0.5)  # every objective of pretraining
+    plain = UnifiedModel(config, weights)
     torch.manual_seed(0)
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        sharded = UnifiedModel(config)
+        sharded = UnifiedModel(config, weights)
     engine, *_ = deepspeed.initialize(model=sharded, config=ds_config,
                                       optimizer=torch.optim.AdamW(sharded.parameters()))
     params = list(engine.module.parameters())

@@ -1,4 +1,5 @@
-"""The quickstart end to end at toy scale: data -> launcher training -> nightly eval -> summary."""
+"""The quickstart end to end at toy scale: data -> launcher training -> nightly eval (retrieval,
+VQA, captioning) -> summary."""
 import json
 
 import pytest
@@ -12,7 +13,7 @@ def test_quickstart_runs_every_stage(tmp_path, capsys):
     out = tmp_path / "qs"
     code = vlp(["quickstart", "--out-dir", str(out), "--n-train", "256", "--n-test", "24",
                 "--n-vqa-train", "24", "--n-vqa-val", "8", "--max-steps", "3", "--vqa-steps", "2",
-                "--samples-per-shard", "64"])
+                "--caption-steps", "2", "--samples-per-shard", "64"])
     printed = capsys.readouterr().out
     assert code == 0, printed[-3000:]
     assert "text->image R@1" in printed and "TensorBoard: tensorboard --logdir" in printed
@@ -20,7 +21,10 @@ def test_quickstart_runs_every_stage(tmp_path, capsys):
     summary = json.loads((out / "quickstart_summary.json").read_text())
     metrics = {row["metric (%)"] for row in summary["results"]}
     assert {"text->image R@1 (ITC)", "text->image R@1 (ITM re-rank)", "text->image R@10 (ITC)",
-            "VQA accuracy (fused)", "VQA accuracy (late fusion)"} <= metrics
+            "VQA accuracy (fused)", "VQA accuracy (late fusion)", "caption CIDEr"} <= metrics
+    cider = [row["baseline is"] for row in summary["results"]
+             if row["metric (%)"] == "caption CIDEr"]
+    assert cider == ["retrieved train caption", "most frequent train caption"]
     for row in summary["results"]:
         assert {"untrained (step 0)", "trained (step 3)", "baseline"} <= set(row)
     report = out / "runs" / "nightly" / "report.html"

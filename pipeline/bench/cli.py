@@ -1,4 +1,4 @@
-"""`vlp bench train | attention | loader | zero | eval`: performance benchmarks.
+"""`vlp bench train | attention | loader | zero | eval | caption`: performance benchmarks.
 
 Each benchmark times our implementation and a reference in the same run, reports the ratio of
 medians over `--repeats`, prints a table and writes JSON (`--out`, default bench_out/NAME.json).
@@ -19,6 +19,8 @@ BENCHMARKS = [
     ("eval", "vlp.pipeline.bench.eval_recall", "chunked retrieval recall vs full score matrix"),
     ("rerank", "vlp.pipeline.bench.rerank",
      "ITM re-ranking of the top k both ways vs its FLOP-bound time and the per-pair path"),
+    ("caption", "vlp.pipeline.bench.caption",
+     "caption decoding tokens/s with the key/value cache vs without"),
     ("smoke", "vlp.pipeline.bench.smoke",
      "a short real training run on this machine's devices, resumed, then evaluated"),
 ]

@@ -1,5 +1,5 @@
-"""`vlp eval retrieval | vqa | nightly`: thin wrappers over evaluate_retrieval, evaluate_vqa and
-run_nightly. Results go to stdout as JSON (and to --out); bad input exits with status 2 and a
+"""`vlp eval retrieval | vqa | caption | nightly`: thin wrappers over evaluate_retrieval,
+evaluate_vqa, evaluate_caption and run_nightly. Results go to stdout as JSON (and to --out); bad input exits with status 2 and a
 message naming the file or field.
 
 Retrieval encoding runs on several ranks when started by torchrun/deepspeed (WORLD_SIZE > 1):
@@ -69,6 +69,22 @@ def _cmd_vqa(args, stdout) -> int:
     return 0
 
 
+def _cmd_caption(args, stdout) -> int:
+    from vlp.pipeline.data.checkpoints import load_model
+    from vlp.pipeline.eval.caption.job import evaluate_caption
+
+    _print(evaluate_caption(
+        load_model(args.checkpoint, device=_device(args)),
+        karpathy_json=args.karpathy_json, image_root=args.image_root, split=args.split,
+        train_splits=args.train_split or ("train", "restval"), steps=args.steps, lr=args.lr,
+        batch_size=args.batch_size, beam_size=args.beam_size, max_length=args.max_length,
+        length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+        spice=not args.no_spice, bf16=args.bf16, seed=args.seed, out=args.out,
+        results_out=args.results,
+    ), stdout)
+    return 0
+
+
 def _cmd_nightly(args, stdout) -> int:
     from vlp.pipeline.eval.nightly.runner import run_nightly
 
@@ -91,8 +107,17 @@ def _results_on_stdout(func):
     return run
 
 
+def _add_finetune_outputs(p: argparse.ArgumentParser, results_file: str) -> None:
+    """The options every fine-tuning job shares: precision, seed and its two output files."""
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for training and inference")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the metrics JSON here")
+    p.add_argument("--results", help=f"{results_file} (default: beside --out, .results.json)")
+
+
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("eval", help="evaluate checkpoints: retrieval, VQA, nightly")
+    parser = subparsers.add_parser("eval",
+                                   help="evaluate checkpoints: retrieval, VQA, captioning, nightly")
     commands = parser.add_subparsers(dest="eval_command", required=True)
 
     def add(name: str, func, help: str) -> argparse.ArgumentParser:
@@ -140,15 +165,38 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--finetune-backbone", action="store_true",
                    help="train the whole model, not only the VQA head")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for training and inference")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--late-fusion-baseline", action="store_true",
                    help="also fine-tune a late-fusion head (unimodal CLS states, no fused "
                         "layer) with the same budget and report it as a baseline")
-    p.add_argument("--out", help="write the metrics JSON here")
-    p.add_argument("--results",
-                   help="official results file [{question_id, answer}] "
-                        "(default: beside --out, .results.json)")
+    _add_finetune_outputs(p, "official results file [{question_id, answer}]")
+
+    p = add("caption", _cmd_caption,
+            "image captioning on a Karpathy split: COCO caption metrics (BLEU, METEOR, ROUGE-L, "
+            "CIDEr, SPICE when installed) with baselines, optionally after a fine-tune")
+    p.add_argument("--checkpoint", required=True,
+                   help="export dir, DeepSpeed tag dir, or checkpoints dir (uses `latest`)")
+    p.add_argument("--karpathy-json", required=True,
+                   help="Karpathy split JSON (dataset_coco.json layout) with references")
+    p.add_argument("--image-root", required=True,
+                   help="folder the JSON's filepath/filename are relative to")
+    p.add_argument("--split", default="test", help="split to caption (default test)")
+    p.add_argument("--train-split", action="append",
+                   help="training split for the fine-tune and the baselines; repeat for several "
+                        "(default: train and restval, those present)")
+    p.add_argument("--steps", type=int, default=0,
+                   help="captioning fine-tune steps before decoding (default 0: the checkpoint "
+                        "must have been pretrained with model.lm_weight > 0)")
+    p.add_argument("--lr", type=float, default=1e-4, help="fine-tune learning rate")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--beam-size", type=int, default=1, help="1 = greedy (default)")
+    p.add_argument("--max-length", type=int, default=30, help="most tokens per caption")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam score = log-probability / length ** this")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0,
+                   help="forbid repeating an n-gram of this size (0 = off)")
+    p.add_argument("--no-spice", action="store_true",
+                   help="skip SPICE (it is reported unavailable anyway without its models)")
+    _add_finetune_outputs(p, "COCO results file [{image_id, caption}]")
 
     p = add("nightly", _cmd_nightly,
             "evaluate new checkpoints of all runs; results.parquet, TensorBoard, report.html "

@@ -71,3 +71,21 @@ def load_images(
     """Stack of `load_image` for a batch: (B, 3, S, S)."""
     mapper = pool.map if pool is not None else map
     return torch.stack(list(mapper(lambda ref: load_image(ref, image_size), refs)))
+
+
+def load_images_skipping(
+    refs: list[ImageRef], image_size: int, pool: Executor | None = None
+) -> tuple[torch.Tensor | None, list[int]]:
+    """Like `load_images`, leaving out images that do not decode: (stack of the others or None,
+    their positions in `refs`). For jobs that skip and count bad images instead of stopping."""
+    mapper = pool.map if pool is not None else map
+    decoded = list(mapper(lambda ref: _decode_or_none(ref, image_size), refs))
+    kept = [i for i, pixels in enumerate(decoded) if pixels is not None]
+    return (torch.stack([decoded[i] for i in kept]) if kept else None), kept
+
+
+def _decode_or_none(ref: ImageRef, image_size: int) -> torch.Tensor | None:
+    try:
+        return preprocess_image(ref.read(), image_size)
+    except BadData:
+        return None

@@ -44,13 +44,16 @@ class ModelSection:
     """Weight of the image-text matching loss with hard negatives (0 skips it)."""
     mlm_weight: float = 1.0
     """Weight of the masked-language loss on the fused caption (0 skips it)."""
+    lm_weight: float = 0.0
+    """Weight of the captioning loss: next-token prediction of the caption from its image under
+    the sequence-to-sequence mask (0 skips it; `vlp eval caption --steps N` fine-tunes it)."""
     init_from: str | None = None
     """Warm start: the weights of an export or a training checkpoint (any path `vlp export`
     takes) with this run's model config; fresh optimizer, schedule and data order. Ignored when
     the run resumes from its own checkpoint."""
 
     def __post_init__(self):
-        weights = (self.itc_weight, self.itm_weight, self.mlm_weight)
+        weights = (self.itc_weight, self.itm_weight, self.mlm_weight, self.lm_weight)
         _check("model", [(min(weights) >= 0 and max(weights) > 0,
                           f"*_weight must be >= 0 and not all 0, got {weights}")])
 

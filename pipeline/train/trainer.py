@@ -102,7 +102,7 @@ class Trainer:
         offload = zero.get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         weights = LossWeights(itc=cfg.model.itc_weight, itm=cfg.model.itm_weight,
-                              mlm=cfg.model.mlm_weight)
+                              mlm=cfg.model.mlm_weight, lm=cfg.model.lm_weight)
         with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero.get("stage") == 3):
             model = UnifiedModel(model_config, loss_weights=weights)
         if cfg.model.init_from and resume_tag is None:

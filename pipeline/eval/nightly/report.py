@@ -1,13 +1,18 @@
-"""The nightly HTML report: a plot per metric against training step, latest vs best, failures.
+"""The nightly HTML report: a plot per metric against training step, latest vs best, failures,
+and a few generated captions beside their images.
 
 Plots are PNGs (matplotlib's Agg backend, no display needed) in OUT/plots/, one line per run and
-the primary baseline (retrieval: chance, VQA: majority answer) as a dashed line. The table lists,
-per run, benchmark and metric, the latest checkpoint's value, the best so far (all metrics are
-higher-is-better) and the baseline. Every file is written atomically.
+the primary baseline (retrieval: chance, VQA: majority answer, captioning: retrieved training
+caption) as a dashed line. The table lists, per run, benchmark and metric, the latest checkpoint's
+value, the best so far (all metrics are higher-is-better) and the baseline. Caption examples come
+from each caption benchmark's latest result, their images inlined as small JPEG thumbnails so the
+page stands alone. Every file is written atomically.
 """
 from __future__ import annotations
 
+import base64
 import html
+import io
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,8 +27,12 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from vlp.pipeline.data.files import atomic_path  # noqa: E402
 
 
-def render_report(results: pd.DataFrame, out_dir: str | Path) -> Path:
-    """Write OUT/report.html and OUT/plots/*.png from the results table; returns the HTML path."""
+def render_report(results: pd.DataFrame, out_dir: str | Path,
+                  captions: list[dict] | None = None) -> Path:
+    """Write OUT/report.html and OUT/plots/*.png from the results table; returns the HTML path.
+
+    `captions`: per caption benchmark, {"run", "benchmark", "tag", "examples"} with the
+    examples of its result JSON (image path, caption, retrieval baseline, references)."""
     out_dir = Path(out_dir)
     ok = results[results["status"] == "ok"]
     sections = []
@@ -38,6 +47,7 @@ def render_report(results: pd.DataFrame, out_dir: str | Path) -> Path:
         table=_html_table(summary_table(ok)),
         plots="\n".join(sections) or "<p>No results yet.</p>",
         failures=_html_table(failures[["run", "tag", "benchmark", "time", "error"]]),
+        captions="\n".join(_caption_section(c) for c in captions or []) or "<p>None.</p>",
     )
     path = out_dir / "report.html"
     with atomic_path(path) as tmp:
@@ -49,9 +59,7 @@ def summary_table(ok: pd.DataFrame) -> pd.DataFrame:
     """Per run/benchmark/metric: latest checkpoint's value, best value and its tag, baseline."""
     records = []
     for (run, benchmark, metric), rows in ok.groupby(["run", "benchmark", "metric"], sort=True):
-        # Latest = highest step; exports (no step) rank after the tags, by evaluation time.
-        ordered = rows.assign(_step=rows["step"].astype("float64").fillna(float("inf")))
-        latest = ordered.sort_values(["_step", "time"]).iloc[-1]
+        latest = latest_row(rows)
         best = rows.loc[rows["value"].idxmax()]
         records.append({
             "run": run, "benchmark": benchmark, "metric": metric,
@@ -60,6 +68,13 @@ def summary_table(ok: pd.DataFrame) -> pd.DataFrame:
             "baseline": f"{latest['baseline']:.4g} ({latest['baseline_name']})",
         })
     return pd.DataFrame(records)
+
+
+def latest_row(rows: pd.DataFrame) -> pd.Series:
+    """The row of the latest checkpoint: highest step; exports (no step) rank after the tags,
+    by evaluation time."""
+    ordered = rows.assign(_step=rows["step"].astype("float64").fillna(float("inf")))
+    return ordered.sort_values(["_step", "time"]).iloc[-1]
 
 
 def plot_metric(rows: pd.DataFrame, benchmark: str, metric: str, plot_dir: Path) -> Path:
@@ -84,6 +99,35 @@ def plot_metric(rows: pd.DataFrame, benchmark: str, metric: str, plot_dir: Path)
     finally:
         plt.close(fig)
     return path
+
+
+def _caption_section(section: dict) -> str:
+    rows = []
+    for example in section["examples"]:
+        references = "<br>".join(_e(r) for r in example["references"][:3])
+        rows.append(f"<tr><td>{_thumbnail(example['image'])}</td>"
+                    f"<td><b>{_e(example['caption'])}</b></td><td>{_e(example['retrieval'])}</td>"
+                    f"<td>{references}</td></tr>")
+    return (f"<h3>{_e(section['run'])} / {_e(section['tag'])}: {_e(section['benchmark'])}</h3>"
+            '<table class="results"><tr><th>image</th><th>generated</th>'
+            "<th>retrieval baseline</th><th>references (first 3)</th></tr>"
+            + "".join(rows) + "</table>")
+
+
+def _thumbnail(path: str, size: int = 96) -> str:
+    """An <img> with the image inlined as a small JPEG, or a note when it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            image.thumbnail((size, size))
+            data = io.BytesIO()
+            image.save(data, format="JPEG", quality=85)
+    except OSError:
+        return "(unreadable)"
+    encoded = base64.b64encode(data.getvalue()).decode("ascii")
+    return f'<img src="data:image/jpeg;base64,{encoded}" alt="{_e(Path(path).name)}">'
 
 
 def _slug(text: str) -> str:
@@ -111,11 +155,14 @@ figure {{ display: inline-block; margin: 0.5em; }}
 </style></head><body>
 <h1>vlp nightly evaluation</h1>
 <p>Generated {generated}; {checkpoints} checkpoint(s) evaluated. Retrieval recalls are fractions
-(CLIP_benchmark), VQA accuracies percentages (official evaluator).</p>
+(CLIP_benchmark), VQA accuracies percentages (official evaluator), caption metrics as the COCO
+caption evaluation reports them (fractions; CIDEr up to 10).</p>
 <h2>Latest vs best</h2>
 {table}
 <h2>Metrics against training step</h2>
 {plots}
+<h2>Generated captions (latest checkpoint)</h2>
+{captions}
 <h2>Failures</h2>
 {failures}
 </body></html>

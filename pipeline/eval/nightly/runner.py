@@ -14,6 +14,7 @@ each checkpoint, atomically, so a crash loses at most the checkpoint being evalu
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 import traceback
@@ -26,7 +27,7 @@ import torch
 
 from vlp.pipeline.data.checkpoints import complete_tags, load_model, tag_step
 from vlp.pipeline.data.files import atomic_path
-from vlp.pipeline.eval.nightly.report import render_report
+from vlp.pipeline.eval.nightly.report import latest_row, render_report
 from vlp.pipeline.eval.nightly.suite import Benchmark, load_suite
 
 RESULT_COLUMNS = ["run", "tag", "step", "benchmark", "task", "metric", "value", "baseline",
@@ -87,7 +88,8 @@ def run_nightly(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     evaluated, failures = 0, []
-    for ref in discover_checkpoints(runs_dir):
+    checkpoints = discover_checkpoints(runs_dir)
+    for ref in checkpoints:
         todo = [b for b in benchmarks if (ref.run, ref.tag, b.name) not in done]
         if not todo:
             continue
@@ -105,7 +107,7 @@ def run_nightly(
 
     report = out_dir / "report.html"
     if evaluated or not report.exists():
-        render_report(results, out_dir)
+        render_report(results, out_dir, caption_examples(results, checkpoints))
     return {
         "checkpoints_evaluated": evaluated,
         "failures": [{k: f[k] for k in ("run", "tag", "benchmark", "error")} for f in failures],
@@ -140,6 +142,22 @@ def evaluate_checkpoint(ref: CheckpointRef, benchmarks: list[Benchmark], device:
                          "baseline": float(baseline.get(metric.split("/")[-1], math.nan)),
                          "baseline_name": baseline_name, "time": now, "status": "ok", "error": ""})
     return rows
+
+
+def caption_examples(results: pd.DataFrame, checkpoints: list[CheckpointRef]) -> list[dict]:
+    """The example captions of each run's latest checkpoint, per caption benchmark, read from
+    its result JSON (runs/NAME/eval/TAG/BENCHMARK.json) for the report."""
+    ok = results[(results["status"] == "ok") & (results["task"] == "caption")]
+    run_dirs = {ref.run: ref.run_dir for ref in checkpoints}
+    sections = []
+    for (run, benchmark), rows in ok.groupby(["run", "benchmark"], sort=True):
+        tag = latest_row(rows)["tag"]
+        path = run_dirs[run] / "eval" / tag / f"{benchmark}.json" if run in run_dirs else None
+        if path is not None and path.is_file():
+            examples = json.loads(path.read_text()).get("examples", [])
+            sections.append({"run": run, "benchmark": benchmark, "tag": tag,
+                             "examples": examples})
+    return sections
 
 
 def _failure(base: dict, benchmark: Benchmark, exc: Exception) -> dict:

@@ -10,6 +10,11 @@
       vqa_dir: world/vqa
       steps: 200
       min_answer_count: 3
+    synth_caption:
+      task: caption
+      karpathy_json: world/dataset_synth.json
+      image_root: world
+      steps: 200
 
 A key that the task's function does not take is an error naming it and the valid keys.
 """
@@ -24,10 +29,12 @@ from typing import Any, Callable
 import yaml
 
 from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.eval.caption.job import evaluate_caption
 from vlp.pipeline.eval.retrieval.job import evaluate_retrieval
 from vlp.pipeline.eval.vqa.job import evaluate_vqa
 
-TASKS: dict[str, Callable[..., dict]] = {"retrieval": evaluate_retrieval, "vqa": evaluate_vqa}
+TASKS: dict[str, Callable[..., dict]] = {"retrieval": evaluate_retrieval, "vqa": evaluate_vqa,
+                                         "caption": evaluate_caption}
 # Arguments the nightly job sets itself.
 RESERVED = {"checkpoint", "out", "results_out"}
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")

@@ -7,7 +7,6 @@ any model work: a missing image or an empty split is an error naming the file.
 """
 from __future__ import annotations
 
-import os
 import re
 import tarfile
 from dataclasses import dataclass
@@ -16,9 +15,9 @@ from pathlib import Path
 from braceexpand import braceexpand
 
 from vlp.pipeline.data.errors import UserError
-from vlp.pipeline.data.files import read_json, require
 from vlp.pipeline.data.transforms import IMAGE_EXTENSIONS
-from vlp.pipeline.eval.images import ImageRef, check_images_exist, path_under
+from vlp.pipeline.eval.images import ImageRef
+from vlp.pipeline.eval.karpathy import read_karpathy
 
 # webdataset's rule: the key is the member path up to the first dot of its file name.
 _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
@@ -42,32 +41,14 @@ class RetrievalSet:
 def load_karpathy(
     json_path: str | Path, image_root: str | Path, split: str = "test"
 ) -> RetrievalSet:
-    """Karpathy JSON (Flickr30k/COCO layouts): images[].filename, optional filepath, split and
-    sentences[].raw. An image's path is image_root/filepath/filename and must stay under
-    image_root."""
-    data = read_json(json_path, "Karpathy split JSON")
-    entries = require(data, "images", str(json_path), list)
-    image_root = Path(image_root)
-    images, captions, text_to_image, splits = [], [], [], set()
-    for i, entry in enumerate(entries):
-        where = f"{json_path}: images[{i}]"
-        entry_split = require(entry, "split", where, str)
-        splits.add(entry_split)
-        if entry_split != split:
-            continue
-        filename = require(entry, "filename", where, str)
-        filepath = require(entry, "filepath", where, str) if "filepath" in entry else ""
-        path = path_under(image_root, os.path.join(filepath, filename), where)
-        for j, sentence in enumerate(require(entry, "sentences", where, list)):
-            captions.append(require(sentence, "raw", f"{where}.sentences[{j}]", str))
-            text_to_image.append(len(images))
-        images.append(ImageRef(str(path)))
-    if not images:
-        raise UserError(
-            f"{json_path}: split {split!r} has no images; splits present: {sorted(splits)}"
-        )
-    check_images_exist(images, f"{json_path} (split {split!r}, image root {image_root})")
-    return RetrievalSet(images, captions, text_to_image, source=f"{json_path}:{split}")
+    """A split of a Karpathy JSON (Flickr30k/COCO layouts; `vlp.pipeline.eval.karpathy`)."""
+    entries = read_karpathy(json_path, image_root, [split])
+    captions, text_to_image = [], []
+    for index, entry in enumerate(entries):
+        captions.extend(entry.sentences)
+        text_to_image.extend([index] * len(entry.sentences))
+    return RetrievalSet([entry.image for entry in entries], captions, text_to_image,
+                        source=f"{json_path}:{split}")
 
 
 def load_retrieval_shards(urls: str | list[str]) -> RetrievalSet:

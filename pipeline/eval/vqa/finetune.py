@@ -3,24 +3,20 @@
 The vocabulary holds the normalised training answers given at least `min_count` times (VQAv2's
 usual 3,129 answers are those given more than 8 times). A question's target for each vocabulary
 answer is the official accuracy that answer would score (`answer_soft_scores`). Fine-tuning
-trains the VQA head (or the whole model) with AdamW at a constant learning rate for a fixed number
-of steps, so every checkpoint gets the same budget and the results compare.
+trains the VQA head (or the whole model) with the shared fixed-budget loop
+(`vlp.pipeline.eval.finetune`), so every checkpoint gets the same budget and the results compare.
 """
 from __future__ import annotations
 
 import functools
-import math
-import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from vlp.pipeline.data.errors import UserError
-from vlp.pipeline.data.tokenizer import tokenize
 from vlp.pipeline.eval.encode import autocast, model_device
-from vlp.pipeline.eval.images import load_images
+from vlp.pipeline.eval.finetune import FinetuneConfig, ImageTextBatches, finetune
 from vlp.pipeline.eval.vqa.data import VQAExample
 from vlp.pipeline.eval.vqa.metric import answer_soft_scores, normalize_answer
 
@@ -67,50 +63,11 @@ class AnswerVocab:
         return target
 
 
-@dataclass(frozen=True)
-class FinetuneConfig:
-    steps: int | None = None  # fixed step budget; else `epochs` passes over the training set
-    epochs: float = 1.0
-    lr: float | None = None  # default 1e-3 for the head alone, 1e-4 with the backbone
-    batch_size: int = 32
-    weight_decay: float = 0.01
-    finetune_backbone: bool = False
-    bf16: bool = False
-    seed: int = 0
-    fusion: str = "fused"  # "late": the head reads the unimodal CLS states (the baseline)
-
-    def num_steps(self, num_examples: int) -> int:
-        if self.steps is not None:
-            return self.steps
-        return max(1, math.ceil(self.epochs * math.ceil(num_examples / self.batch_size)))
-
-    def learning_rate(self) -> float:
-        if self.lr is not None:
-            return self.lr
-        return 1e-4 if self.finetune_backbone else 1e-3
-
-
-class _Batches:
-    """(images, question ids, mask) batches of VQA examples, decoded with a thread pool."""
-
-    def __init__(self, tokenizer, max_len: int, image_size: int, device: torch.device):
-        self.tokenizer, self.max_len = tokenizer, max_len
-        self.image_size, self.device = image_size, device
-        self.pool = ThreadPoolExecutor(max_workers=4)
-
-    def __call__(self, examples: list[VQAExample]):
-        images = load_images([e.image for e in examples], self.image_size, self.pool)
-        ids, mask = tokenize(self.tokenizer, [e.question for e in examples], self.max_len)
-        return images.to(self.device), ids.to(self.device), mask.to(self.device)
-
-    def close(self) -> None:
-        self.pool.shutdown()
-
-
 def finetune_vqa(model, tokenizer, examples: list[VQAExample], vocab: AnswerVocab,
-                 cfg: FinetuneConfig) -> dict:
+                 cfg: FinetuneConfig, fusion: str = "fused") -> dict:
     """Attach a fresh VQA head to `model` (in place), its output bias at the training answers'
-    prior, and train it; returns training stats.
+    prior, and train it (with the backbone when cfg.finetune_backbone); returns training stats.
+    fusion="late": the head reads the unimodal CLS states, the baseline without fused layers.
 
     Questions with no vocabulary answer are left out (their target would be all zeros).
     """
@@ -120,49 +77,25 @@ def finetune_vqa(model, tokenizer, examples: list[VQAExample], vocab: AnswerVoca
     keep = [i for i, t in enumerate(targets) if t]
     if not keep:
         raise UserError("no training question has an answer in the vocabulary")
-    generator = torch.Generator().manual_seed(cfg.seed)
     prior = vocab.prior([targets[i] for i in keep])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model.attach_vqa_head(len(vocab.answers), answer_prior=prior, fusion=cfg.fusion)
+        model.attach_vqa_head(len(vocab.answers), answer_prior=prior, fusion=fusion)
     model.loss_weights = LossWeights(itc=0, itm=0, mlm=0, vqa=1)
-    for name, param in model.named_parameters():
-        param.requires_grad_(cfg.finetune_backbone or name.startswith("vqa_head."))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate(), weight_decay=cfg.weight_decay)
     device = model_device(model)
-    batches = _Batches(tokenizer, model.config.max_text_len, model.config.image_size, device)
-    num_steps, order, losses = cfg.num_steps(len(keep)), [], []
-    start = time.perf_counter()
-    model.train()
-    try:
-        for _ in range(num_steps):
-            if len(order) < cfg.batch_size:  # next epoch: a fresh permutation
-                order += [keep[i] for i in torch.randperm(len(keep), generator=generator)]
-            batch, order = order[: cfg.batch_size], order[cfg.batch_size :]
-            images, ids, mask = batches([examples[i] for i in batch])
-            target = vocab.dense_targets([targets[i] for i in batch]).to(device)
-            with autocast(device, cfg.bf16):
-                loss = model(images, ids, mask, vqa_targets=target)["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-    finally:
-        batches.close()
-        model.eval()
-    tail = losses[-max(1, len(losses) // 10):]
-    return {
-        "steps": num_steps,
-        "train_questions": len(keep),
-        "lr": cfg.learning_rate(),
-        "batch_size": cfg.batch_size,
-        "finetune_backbone": cfg.finetune_backbone,
-        "fusion": cfg.fusion,
-        "first_loss": losses[0],
-        "final_loss": sum(tail) / len(tail),
-        "seconds": round(time.perf_counter() - start, 3),
-    }
+
+    def batch_loss(batch: list[int]) -> torch.Tensor:
+        images, ids, mask, _ = batches([examples[i].image for i in batch],
+                                       [examples[i].question for i in batch])
+        target = vocab.dense_targets([targets[i] for i in batch]).to(device)
+        return model(images, ids, mask, vqa_targets=target)["loss"]
+
+    with ImageTextBatches(tokenizer, model.config.max_text_len, model.config.image_size,
+                          device) as batches:
+        stats = finetune(model, keep, cfg, batch_loss, trainable=lambda name: (
+            cfg.finetune_backbone or name.startswith("vqa_head.")))
+    return {"steps": stats.pop("steps"), "train_questions": len(keep), **stats,
+            "finetune_backbone": cfg.finetune_backbone, "fusion": fusion}
 
 
 @torch.inference_mode()
@@ -170,15 +103,14 @@ def predict_vqa(model, tokenizer, examples: list[VQAExample], vocab: AnswerVocab
                 batch_size: int = 64, bf16: bool = False) -> dict[int, str]:
     """question_id -> highest-scoring vocabulary answer."""
     device = model_device(model)
-    batches = _Batches(tokenizer, model.config.max_text_len, model.config.image_size, device)
     predictions = {}
-    try:
+    with ImageTextBatches(tokenizer, model.config.max_text_len, model.config.image_size,
+                          device) as batches:
         for lo in range(0, len(examples), batch_size):
             chunk = examples[lo : lo + batch_size]
+            images, ids, mask, _ = batches([e.image for e in chunk], [e.question for e in chunk])
             with autocast(device, bf16):
-                logits = model.vqa_logits(*batches(chunk))
+                logits = model.vqa_logits(images, ids, mask)
             for example, index in zip(chunk, logits.argmax(dim=1).tolist()):
                 predictions[example.question_id] = vocab.answers[index]
-    finally:
-        batches.close()
     return predictions

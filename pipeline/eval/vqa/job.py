@@ -12,7 +12,6 @@ beside the fused result as "late_fusion/<metric>": what fusion buys.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -20,8 +19,9 @@ from pathlib import Path
 from vlp.pipeline.data.checkpoints import LoadedModel, load_model
 from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.data.files import write_json_atomic
+from vlp.pipeline.eval.finetune import FinetuneConfig
 from vlp.pipeline.eval.vqa.data import VQAExample, find_split_files, load_vqa_split
-from vlp.pipeline.eval.vqa.finetune import AnswerVocab, FinetuneConfig, finetune_vqa, predict_vqa
+from vlp.pipeline.eval.vqa.finetune import AnswerVocab, finetune_vqa, predict_vqa
 from vlp.pipeline.eval.vqa.metric import normalize_answer, score_predictions
 
 
@@ -69,8 +69,8 @@ def evaluate_vqa(
     finetune, predictions = _finetune_and_predict(loaded, train, evaluation, vocab, cfg)
     metrics = _score(predictions, evaluation)
     if late_fusion_baseline:  # the same budget, the head on the unimodal CLS states
-        late = dataclasses.replace(cfg, fusion="late")
-        _, late_predictions = _finetune_and_predict(loaded, train, evaluation, vocab, late)
+        _, late_predictions = _finetune_and_predict(loaded, train, evaluation, vocab, cfg,
+                                                    fusion="late")
         metrics.update({f"late_fusion/{key}": value
                         for key, value in _score(late_predictions, evaluation).items()})
     baselines, baseline_answers = _baselines(train, evaluation)
@@ -99,12 +99,12 @@ def evaluate_vqa(
     return result
 
 
-def _finetune_and_predict(loaded: LoadedModel, train, evaluation, vocab, cfg: FinetuneConfig
-                          ) -> tuple[dict, dict[int, str]]:
+def _finetune_and_predict(loaded: LoadedModel, train, evaluation, vocab, cfg: FinetuneConfig,
+                          fusion: str = "fused") -> tuple[dict, dict[int, str]]:
     """Fine-tune a copy of the loaded model (the original stays untouched for the caller);
     (fine-tune stats, question_id -> answer on the eval split)."""
     model = copy.deepcopy(loaded.model)
-    stats = finetune_vqa(model, loaded.tokenizer, train, vocab, cfg)
+    stats = finetune_vqa(model, loaded.tokenizer, train, vocab, cfg, fusion)
     return stats, predict_vqa(model, loaded.tokenizer, evaluation, vocab, cfg.batch_size * 2,
                               cfg.bf16)
 
