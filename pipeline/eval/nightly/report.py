@@ -111,7 +111,8 @@ figure {{ display: inline-block; margin: 0.5em; }}
 </style></head><body>
 <h1>vlp nightly evaluation</h1>
 <p>Generated {generated}; {checkpoints} checkpoint(s) evaluated. Retrieval recalls are fractions
-(CLIP_benchmark), VQA accuracies percentages (official evaluator).</p>
+(CLIP_benchmark), VQA accuracies percentages (official evaluator), classification accuracies
+fractions (CLIP_benchmark).</p>
 <h2>Latest vs best</h2>
 {table}
 <h2>Metrics against training step</h2>

@@ -10,6 +10,12 @@
       vqa_dir: world/vqa
       steps: 200
       min_answer_count: 3
+    synth_shape_zeroshot:
+      task: zeroshot
+      dataset: world/classification/shape/wds
+    synth_shape_probe:
+      task: linear_probe
+      dataset: world/classification/shape/imagefolder
 
 A key that the task's function does not take is an error naming it and the valid keys.
 """
@@ -24,10 +30,13 @@ from typing import Any, Callable
 import yaml
 
 from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.eval.classification.probe import evaluate_linear_probe
+from vlp.pipeline.eval.classification.zeroshot import evaluate_zeroshot
 from vlp.pipeline.eval.retrieval.job import evaluate_retrieval
 from vlp.pipeline.eval.vqa.job import evaluate_vqa
 
 TASKS: dict[str, Callable[..., dict]] = {"retrieval": evaluate_retrieval, "vqa": evaluate_vqa}
+TASKS |= {"zeroshot": evaluate_zeroshot, "linear_probe": evaluate_linear_probe}  # classification
 # Arguments the nightly job sets itself.
 RESERVED = {"checkpoint", "out", "results_out"}
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
@@ -35,6 +44,7 @@ PATH_KEYS = {
     "karpathy_json", "image_root", "shards", "vqa_dir", "train_questions", "train_annotations",
     "eval_questions", "eval_annotations",
 }
+PATH_KEYS |= {"dataset", "classnames", "templates"}  # classification
 
 
 @dataclass(frozen=True)
