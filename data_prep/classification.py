@@ -105,7 +105,7 @@ def _write_shards(split_dir: Path, jpegs: list[bytes], labels: list[int]) -> Non
     split_dir.mkdir(parents=True)
     shards = range(0, len(jpegs), SAMPLES_PER_SHARD)
     for shard, lo in enumerate(shards):
-        with wds.TarWriter(str(split_dir / f"{shard}.tar"), encoder=False) as sink:
+        with wds.TarWriter(str(split_dir / f"{shard}.tar"), encoder=False, mtime=0) as sink:
             for i in range(lo, min(lo + SAMPLES_PER_SHARD, len(jpegs))):
                 label = str(labels[i]).encode()
                 sink.write({"__key__": f"s{i:07d}", "jpg": jpegs[i], "cls": label})
