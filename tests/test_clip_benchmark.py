@@ -4,6 +4,7 @@ retrieval` and `vlp eval zeroshot` give on the same data."""
 import pandas as pd
 import pytest
 import torch
+from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
 from PIL import Image
 from test_eval_support import tiny_eval_model, train_world_tokenizer
 
@@ -16,9 +17,6 @@ from vlp.pipeline.eval.classification.zeroshot import evaluate_zeroshot
 from vlp.pipeline.eval.openclip import classification_loader, load_openclip, retrieval_loader
 from vlp.pipeline.eval.retrieval.data import load_karpathy
 from vlp.pipeline.eval.retrieval.job import evaluate_retrieval
-
-zeroshot_classification = pytest.importorskip("clip_benchmark.metrics.zeroshot_classification")
-zeroshot_retrieval = pytest.importorskip("clip_benchmark.metrics.zeroshot_retrieval")
 
 
 @pytest.fixture(scope="module")

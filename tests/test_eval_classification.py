@@ -182,6 +182,21 @@ def test_missing_classnames_and_empty_class_folder_are_errors(world_dir, tmp_pat
         load_classification(folders, "validation")
 
 
+def test_a_damaged_shard_or_a_sample_without_label_is_an_error(world_dir, tmp_path):
+    import webdataset as wds
+
+    shards = tmp_path / "wds"
+    shutil.copytree(dataset(world_dir, "shape", "wds"), shards)
+    tar = shards / "test/0.tar"
+    tar.write_bytes(tar.read_bytes()[:3000])
+    with pytest.raises(UserError, match=r"0.tar is unreadable \(corrupt_tar\): truncated"):
+        load_classification(shards)
+    with wds.TarWriter(str(tar), encoder=False) as sink:
+        sink.write({"__key__": "nolabel", "jpg": b"\xff\xd8"})
+    with pytest.raises(UserError, match="sample 'nolabel' has no .cls member"):
+        load_classification(shards)
+
+
 def test_undecodable_images_are_skipped_and_counted(tiny, world_dir, tmp_path):
     import webdataset as wds
 
