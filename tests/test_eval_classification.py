@@ -71,10 +71,14 @@ def test_known_confusion_gives_hand_computed_metrics():
     assert metrics["mean_per_class_recall"] == pytest.approx((1 / 3 + 1 / 2 + 1) / 3)
 
 
-def test_ties_count_against_the_image():
+def test_ties_and_nan_scores_count_against_the_image():
     labels = torch.tensor([0, 1, 2])
     metrics = classification_metrics(torch.ones(3, 3), labels)  # a collapsed model
     assert metrics == {"acc1": 0.0, "mean_per_class_recall": 0.0}
+    scores = torch.eye(3)
+    scores[0, 0] = scores[1, 2] = float("nan")  # image 0: its own score, image 1: another's
+    assert classification_metrics(scores, labels) == pytest.approx(
+        {"acc1": 1 / 3, "mean_per_class_recall": 1 / 3})
 
 
 # ---- the synthetic world's datasets -------------------------------------------------------------

@@ -5,7 +5,8 @@
                             (sklearn's balanced_accuracy_score, as CLIP_benchmark computes it)
 
 Ties count against the image (the true class ranks behind every class scoring at least as high),
-as in retrieval: a collapsed model that scores every class the same gets 0, not 1/C.
+as in retrieval: a collapsed model that scores every class the same gets 0, not 1/C. So do NaN
+scores (a diverged linear probe must not look perfect).
 acc5 is left out below 5 classes, where CLIP_benchmark reports NaN.
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ TOP_K = 5
 def true_class_ranks(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(N,) rank (0 = first) of each image's true class among the classes: scores (N, C)."""
     true = scores.gather(1, labels[:, None])  # (N, 1)
-    return (scores >= true).sum(dim=1) - 1
+    # classes not scoring below the true one, itself included; any comparison with NaN is False
+    return (~(scores < true)).sum(dim=1) - 1
 
 
 def classification_metrics(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
