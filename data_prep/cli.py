@@ -45,8 +45,10 @@ def synth(args) -> int:
     world = generate_world(
         args.out, args.train, args.test, seed=args.seed, base_url=args.base_url,
         n_vqa_train=args.vqa_train, n_vqa_val=args.vqa_val, render_size=args.render_size,
+        n_classify=args.classify,
     )  # fmt: skip
-    summary = {"base_url": world["base_url"], **world["counts"]}
+    summary = {"base_url": world["base_url"], **world["counts"],
+               "classification (shape, colour)": world["classification"]["counts"]}
     print_summary(f"synthetic world in {args.out}", summary)
     return 0
 
@@ -135,6 +137,8 @@ def register(subparsers) -> None:
     p.add_argument("--vqa-val", type=int, default=None, help="VQA val images (default test/2)")
     p.add_argument("--base-url", default="http://127.0.0.1:8765", help="where `serve` will listen")
     p.add_argument("--render-size", type=int, default=128, help="image side in pixels")
+    p.add_argument("--classify", type=int, default=None,
+                   help="classification train and test images, val half (default test/2)")
     p.set_defaults(func=synth)
 
     p = commands.add_parser("serve", help="serve a world (at its base URL) or any directory")

@@ -34,6 +34,10 @@ def world_paths(world_dir, world: dict | None = None) -> dict[str, Path]:
     for split, split_files in files["vqa"].items():
         paths[f"vqa_{split}_questions"] = world_dir / split_files["questions"]
         paths[f"vqa_{split}_annotations"] = world_dir / split_files["annotations"]
+    # Classification datasets: classification_shape_wds, classification_colour_imagefolder, ...
+    for task, layouts in world.get("classification", {}).get("files", {}).items():
+        for layout, path in layouts.items():
+            paths[f"classification_{task}_{layout}"] = world_dir / path
     return paths
 
 

@@ -1,7 +1,8 @@
 """Write the synthetic world in the real formats: an img2dataset URL list for pretraining, a
 Karpathy-style retrieval test set, a Karpathy JSON of the whole world for captioning (its training
-images with their captions, and the retrieval test set as the test split) and VQAv2
-question/annotation files.
+images with their captions, and the retrieval test set as the test split), VQAv2
+question/annotation files, and classification sets in ImageFolder and CLIP_benchmark webdataset
+layouts (classification.py).
 
 Held-out scenes (retrieval test, VQA val) are drawn first and are unique; training scenes (URL
 list, VQA train) are drawn excluding them, so no scene appears on both sides. Each image's pixels
@@ -19,6 +20,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from vlp.data_prep.captions import TEMPLATES, captions
+from vlp.data_prep.classification import classification_counts, write_classification
 from vlp.data_prep.scenes import COLOURS, GRID, Scene, WorldSpec, render_scene, sample_scenes
 from vlp.data_prep.vqa import annotation, ask
 from vlp.pipeline.data.errors import UserError
@@ -38,7 +40,7 @@ def _prepare_dir(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
         if not (out / "world.json").exists():
             raise UserError(f"{out} is not empty and holds no world.json; choose another")
-        for sub in ("train", "retrieval", "vqa"):
+        for sub in ("train", "retrieval", "vqa", "classification"):
             shutil.rmtree(out / sub, ignore_errors=True)
         (out / CAPTION_JSON).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -152,17 +154,20 @@ def generate_world(
     n_vqa_val: int | None = None,
     render_size: int = 128,
     spec: WorldSpec | None = None,
+    n_classify: int | None = None,
 ) -> dict:
     """Render the world into `out_dir` and return what world.json records.
 
     `n_vqa_train`/`n_vqa_val` count VQA images (default n_train // 2 and n_test // 2), each with
-    up to spec.questions_per_image questions.
+    up to spec.questions_per_image questions. `n_classify` counts the classification sets'
+    training and test images (see classification.py; default n_test // 2).
     """
     spec = spec or WorldSpec()
     n_vqa_train = n_train // 2 if n_vqa_train is None else n_vqa_train
     n_vqa_val = n_test // 2 if n_vqa_val is None else n_vqa_val
     if min(n_train, n_test, n_vqa_train, n_vqa_val) < 1:
         raise UserError("every split needs at least one image")
+    classify_counts = classification_counts(n_classify, n_test, spec)
     out = Path(out_dir)
     base_url = base_url.rstrip("/")
     _prepare_dir(out)
@@ -174,6 +179,7 @@ def generate_world(
         "train": _write_vqa(out, "train", scenes["vqa_train"], 1, spec, seed, render_size),
         "val": _write_vqa(out, "val", scenes["vqa_val"], 1 + n_vqa_train, spec, seed, render_size),
     }
+    classification = write_classification(out, classify_counts, spec, seed, render_size)
     world = {
         "seed": seed,
         "base_url": base_url,
@@ -200,6 +206,7 @@ def generate_world(
             "vqa_image_pattern": VQA_IMAGE_PATTERN,
             "vqa": vqa,
         },
+        "classification": classification,
     }
     with open(out / "world.json", "w") as f:
         json.dump(world, f, indent=2)

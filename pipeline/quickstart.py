@@ -2,7 +2,8 @@
 
     render world -> serve on loopback -> img2dataset shards -> index -> tokenizer
     -> pretrain `tiny` with DeepSpeed ZeRO-3 on N ranks (real deepspeed launcher)
-    -> nightly evaluation of the untrained and trained checkpoints (retrieval, VQA, captioning)
+    -> nightly evaluation of the untrained and trained checkpoints (retrieval, VQA, captioning,
+       zero-shot classification and linear probe)
     -> a summary table with the baselines (chance, majority answer, retrieved and most frequent
        training caption), the report and TensorBoard paths.
 """
@@ -55,6 +56,12 @@ def _eval_suite(world: dict, cfg: QuickstartConfig) -> dict:
                           "image_root": str(world["caption_image_root"]),
                           "steps": cfg.caption_steps, "lr": 5e-4, "batch_size": 32,
                           "bf16": True, "seed": cfg.seed},
+        **{f"synth_{task}_zeroshot": {"task": "zeroshot",
+                                      "dataset": str(world[f"classification_{task}_wds"])}
+           for task in ("shape", "colour")},
+        **{f"synth_{task}_probe": {"task": "linear_probe",
+                                   "dataset": str(world[f"classification_{task}_imagefolder"])}
+           for task in ("shape", "colour")},
     }
 
 
@@ -85,6 +92,10 @@ def summary_table(results: pd.DataFrame, caption_baselines: dict | None = None) 
         ("synth_caption", "Bleu_4"): "caption BLEU-4",
         ("synth_caption", "METEOR"): "caption METEOR",
         ("synth_caption", "ROUGE_L"): "caption ROUGE-L",
+        ("synth_shape_zeroshot", "acc1"): "shape zero-shot top-1",
+        ("synth_colour_zeroshot", "acc1"): "colour zero-shot top-1",
+        ("synth_shape_probe", "acc1"): "shape linear probe top-1",
+        ("synth_colour_probe", "acc1"): "colour linear probe top-1",
     }
     rows = []
     first_step, last_step = ok["step"].min(), ok["step"].max()

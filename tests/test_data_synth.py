@@ -22,7 +22,7 @@ from vlp.data_prep.captions import (
     TEMPLATES,
     captions,
 )
-from vlp.data_prep.scenes import WorldSpec, sample_scene
+from vlp.data_prep.scenes import COLOURS, SHAPES, WorldSpec, sample_scene
 from vlp.data_prep.synth import draw_scenes, generate_world
 from vlp.pipeline.data.errors import UserError
 
@@ -93,6 +93,27 @@ def test_caption_json_is_the_world_in_cocos_karpathy_layout(world_dir):
     # (test_held_out_scenes_never_appear_in_training).
     assert {i["filepath"] for i in train} == {"train/images"}
     assert {i["filepath"] for i in test} == {"retrieval/images"}
+
+
+def test_classification_sets_in_both_layouts_and_never_training_images(world_dir):
+    def digests(paths):
+        return {hashlib.sha256(p.read_bytes()).digest() for p in paths}
+
+    entry = load(world_dir / "world.json")["classification"]
+    assert entry["counts"] == {"train": 16, "val": 8, "test": 16}  # default: test // 2
+    assert entry["classes"] == {"shape": list(SHAPES), "colour": list(COLOURS)}
+    other_images = digests(p for p in world_dir.rglob("*.jpg") if "classification" not in p.parts)
+    for task, layouts in entry["files"].items():
+        shards, folders = world_dir / layouts["wds"], world_dir / layouts["imagefolder"]
+        assert (shards / "classnames.txt").read_text().split() == entry["classes"][task]
+        assert "{c}" in (folders / "zeroshot_classification_templates.txt").read_text()
+        for split, count in entry["counts"].items():
+            assert (shards / split / "nshards.txt").read_text() == "1\n"
+            assert (shards / split / "0.tar").is_file()
+            images = sorted((folders / split).glob("*/*.jpg"))
+            assert len(images) == count
+            assert {p.parent.name for p in images} == set(entry["classes"][task])  # all classes
+            assert not digests(images) & other_images
 
 
 def test_world_is_deterministic_from_the_seed(tmp_path):

@@ -19,6 +19,8 @@ from vlp.pipeline.eval.nightly.suite import load_suite
 
 SCRIPT = "launch_scripts/nightly_eval.sh"
 RETRIEVAL_METRICS, VQA_METRICS = 7, 4
+CLASSIFICATION = {"synth_shape_zeroshot": 3, "synth_colour_probe": 3}  # acc1, acc5, recall
+CLASSIFICATION_METRICS = sum(CLASSIFICATION.values())
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +31,10 @@ def suite(world_dir):
                             "image_root": str(world_dir / "retrieval")},
         "synth_vqa": {"task": "vqa", "vqa_dir": str(world_dir / "vqa"), "steps": 2,
                       "batch_size": 8, "min_answer_count": 3},
+        "synth_shape_zeroshot": {"task": "zeroshot",
+                                 "dataset": str(world_dir / "classification/shape/wds")},
+        "synth_colour_probe": {"task": "linear_probe", "epochs": 2,
+                               "dataset": str(world_dir / "classification/colour/imagefolder")},
     }
 
 
@@ -72,16 +78,21 @@ def test_first_night_evaluates_everything_and_records_the_corrupt_tag(first_nigh
     for tag, rows in ok.groupby("tag"):
         assert (rows["benchmark"] == "synth_retrieval").sum() == RETRIEVAL_METRICS
         assert (rows["benchmark"] == "synth_vqa").sum() == VQA_METRICS
+        for benchmark, metrics in CLASSIFICATION.items():
+            assert (rows["benchmark"] == benchmark).sum() == metrics
     assert ok[ok["tag"] == "global_step2"]["step"].unique().tolist() == [2]
     assert ok[ok["tag"] == "export"]["step"].isna().all()
     chance = ok[(ok["metric"] == "image_retrieval_recall@1")]["baseline"]
     assert chance.tolist() == pytest.approx([1 / 32] * 3)
     assert set(ok[ok["task"] == "vqa"]["baseline_name"]) == {"majority"}
+    chance = ok[ok["benchmark"] == "synth_colour_probe"].set_index(["tag", "metric"])["baseline"]
+    assert chance[("export", "acc1")] == pytest.approx(1 / 7)  # 7 colours
+    assert chance[("export", "acc5")] == pytest.approx(5 / 7)
     failed = results[results["status"] == "failed"]
-    assert sorted(failed["benchmark"]) == ["synth_retrieval", "synth_vqa"]
+    assert sorted(failed["benchmark"]) == sorted(["synth_retrieval", "synth_vqa", *CLASSIFICATION])
     assert (failed["tag"] == "global_step3").all()
     assert failed["error"].str.contains("truncated").all()
-    assert [f["tag"] for f in summary["failures"]] == ["global_step3", "global_step3"]
+    assert [f["tag"] for f in summary["failures"]] == ["global_step3"] * 4
 
 
 def test_per_checkpoint_json_results_follow_the_design_layout(first_night, runs):
@@ -94,7 +105,7 @@ def test_report_and_plots(first_night):
     out = first_night[1]
     html = (out / "report.html").read_text()
     plots = sorted((out / "plots").glob("*.png"))
-    assert len(plots) == RETRIEVAL_METRICS + VQA_METRICS
+    assert len(plots) == RETRIEVAL_METRICS + VQA_METRICS + CLASSIFICATION_METRICS
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
     for plot in plots:
         assert f'src="plots/{plot.name}"' in html
@@ -113,6 +124,10 @@ def test_tensorboard_scalars_read_back(first_night):
     assert [s.step for s in scalars] == [1, 2]
     expected_values = expected.sort_values("step")["value"].tolist()
     assert [s.value for s in scalars] == pytest.approx(expected_values)
+    assert len(events.Scalars("synth_shape_zeroshot/acc1")) == 2
+    chance = events.Scalars("synth_shape_zeroshot/chance/acc1")  # beside it, its baseline
+    assert [s.step for s in chance] == [1, 2]
+    assert [s.value for s in chance] == pytest.approx([1 / 5, 1 / 5])
 
 
 def test_second_night_does_no_duplicate_work_and_picks_up_new_tags(first_night, runs, suite):
@@ -129,12 +144,12 @@ def test_second_night_does_no_duplicate_work_and_picks_up_new_tags(first_night, 
     third = run_nightly(runs, suite=suite, out_dir=out)
     assert third["checkpoints_evaluated"] == 1
     results = pd.read_parquet(out / "results.parquet")
-    assert len(results) == len(before) + RETRIEVAL_METRICS + VQA_METRICS
+    assert len(results) == len(before) + RETRIEVAL_METRICS + VQA_METRICS + CLASSIFICATION_METRICS
     assert set(results["tag"]) == {"export", "global_step1", "global_step2", "global_step3",
                                    "global_step4"}
 
     retried = run_nightly(runs, suite=suite, out_dir=out, retry_failed=True)
-    assert retried["checkpoints_evaluated"] == 1 and len(retried["failures"]) == 2
+    assert retried["checkpoints_evaluated"] == 1 and len(retried["failures"]) == 4
     assert len(pd.read_parquet(out / "results.parquet")) == len(results)  # failures replaced
 
 

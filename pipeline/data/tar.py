@@ -9,6 +9,9 @@ Why not `tarfile`: in stream mode it takes a cut-off header or a missing end-of-
 for a normal end, so a truncated shard would pass as complete. This reader checks each header's
 checksum and requires the end marker; it understands ustar, pax (`path`, `size`) and GNU long
 names, and skips other member types (directories, links, global headers).
+
+Evaluation sets read their images lazily: members whose extension is in `spans` are not read but
+yielded as a MemberSpan, the byte range of their data in the (uncompressed) tar.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import os
 import re
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +36,15 @@ BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
 REGULAR_TYPES = (b"0", b"\0", b"7")
 _META_NAME = re.compile(r"(^|/)__[^/]*__($|/)")  # webdataset's __key__-style metadata members
+
+
+@dataclass(frozen=True)
+class MemberSpan:
+    """Where a member's data lies in an uncompressed tar: `size` bytes from byte `offset`."""
+
+    name: str
+    offset: int
+    size: int
 
 
 class SkipCounter:
@@ -59,17 +72,21 @@ def iter_samples(url: str, wanted: frozenset[str], skipped: SkipCounter) -> Iter
         skipped.shard_failed(url, exc.kind, str(exc))
 
 
-def read_samples(url: str, wanted: frozenset[str] | None, skipped: SkipCounter) -> Iterator[dict]:
+def read_samples(
+    url: str, wanted: frozenset[str] | None, skipped: SkipCounter,
+    spans: frozenset[str] = frozenset(),
+) -> Iterator[dict]:
     """Like `iter_samples`, but a damaged or unreadable shard raises BadData, whose `kind`
     names the skip ("corrupt_tar", "unreadable_shard", "empty_shard"); the sample being read at
-    that point is dropped, since its remaining members may be lost."""
+    that point is dropped, since its remaining members may be lost. Members with an extension in
+    `spans` come as MemberSpan instead of bytes (offsets are only usable in an uncompressed tar)."""
     try:
         stream = open_shard(url)
     except (OSError, http.client.HTTPException) as exc:
         raise BadData("unreadable_shard", f"cannot open: {exc}") from exc
     with stream:
         try:
-            yield from group_samples(iter_members(stream, wanted), skipped)
+            yield from group_samples(iter_members(stream, wanted, spans), skipped)
         except (EOFError, zlib.error, gzip.BadGzipFile) as exc:  # .tar.gz: truncated or corrupt
             raise BadData("corrupt_tar", f"compressed stream broken: {exc}") from exc
         except (OSError, http.client.HTTPException) as exc:
@@ -122,9 +139,12 @@ def group_samples(members: Iterator[tuple[str, str, bytes]], skipped: SkipCounte
         yield group
 
 
-def iter_members(stream, wanted: frozenset[str] | None) -> Iterator[tuple[str, str, bytes]]:
+def iter_members(
+    stream, wanted: frozenset[str] | None, spans: frozenset[str] = frozenset()
+) -> Iterator[tuple[str, str, bytes | MemberSpan]]:
     """Yield (key, lower-case extension, data) of regular members with an extension in `wanted`
-    (every member with a key and an extension when `wanted` is None)."""
+    (every member with a key and an extension when `wanted` is None); for an extension in `spans`
+    the data is not read and comes as its MemberSpan."""
     offset = 0
     long_name: str | None = None
     pax: dict[str, str] = {}
@@ -146,7 +166,10 @@ def iter_members(stream, wanted: frozenset[str] | None) -> Iterator[tuple[str, s
         padding = -size % BLOCK
         if kind in REGULAR_TYPES:
             key, ext = _split_name(name)
-            if key is not None and (wanted is None or ext in wanted):
+            if key is not None and ext in spans:
+                _skip(stream, size + padding, offset)
+                yield key, ext, MemberSpan(name, offset, size)
+            elif key is not None and (wanted is None or ext in wanted):
                 data = _read_exact(stream, size, offset)
                 _skip(stream, padding, offset + size)
                 yield key, ext, data

@@ -1,5 +1,6 @@
-"""`vlp eval retrieval | vqa | caption | nightly`: thin wrappers over evaluate_retrieval,
-evaluate_vqa, evaluate_caption and run_nightly. Results go to stdout as JSON (and to --out); bad input exits with status 2 and a
+"""`vlp eval retrieval | vqa | caption | zeroshot | linear-probe | nightly`: thin wrappers over
+evaluate_retrieval, evaluate_vqa, evaluate_caption, evaluate_zeroshot, evaluate_linear_probe and
+run_nightly. Results go to stdout as JSON (and to --out); bad input exits with status 2 and a
 message naming the file or field.
 
 Retrieval encoding runs on several ranks when started by torchrun/deepspeed (WORLD_SIZE > 1):
@@ -85,6 +86,32 @@ def _cmd_caption(args, stdout) -> int:
     return 0
 
 
+def _cmd_zeroshot(args, stdout) -> int:
+    from vlp.pipeline.data.checkpoints import load_model
+    from vlp.pipeline.eval.classification.zeroshot import evaluate_zeroshot
+
+    _print(evaluate_zeroshot(
+        load_model(args.checkpoint, device=_device(args)), dataset=args.dataset, split=args.split,
+        classnames=args.classnames, templates=args.templates, batch_size=args.batch_size,
+        bf16=args.bf16, out=args.out,
+    ), stdout)
+    return 0
+
+
+def _cmd_linear_probe(args, stdout) -> int:
+    from vlp.pipeline.data.checkpoints import load_model
+    from vlp.pipeline.eval.classification.probe import evaluate_linear_probe
+
+    _print(evaluate_linear_probe(
+        load_model(args.checkpoint, device=_device(args)), dataset=args.dataset,
+        train_split=args.train_split, val_split=args.val_split, test_split=args.test_split,
+        val_proportion=args.val_proportion, classnames=args.classnames, lr=args.lr,
+        epochs=args.epochs, probe_batch_size=args.probe_batch_size, seed=args.seed,
+        batch_size=args.batch_size, bf16=args.bf16, out=args.out,
+    ), stdout)
+    return 0
+
+
 def _cmd_nightly(args, stdout) -> int:
     from vlp.pipeline.eval.nightly.runner import run_nightly
 
@@ -116,8 +143,8 @@ def _add_finetune_outputs(p: argparse.ArgumentParser, results_file: str) -> None
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("eval",
-                                   help="evaluate checkpoints: retrieval, VQA, captioning, nightly")
+    parser = subparsers.add_parser(
+        "eval", help="evaluate checkpoints: retrieval, VQA, captioning, classification, nightly")
     commands = parser.add_subparsers(dest="eval_command", required=True)
 
     def add(name: str, func, help: str) -> argparse.ArgumentParser:
@@ -197,6 +224,41 @@ def register(subparsers) -> None:
     p.add_argument("--no-spice", action="store_true",
                    help="skip SPICE (it is reported unavailable anyway without its models)")
     _add_finetune_outputs(p, "COCO results file [{image_id, caption}]")
+
+    def add_classification(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = add(name, func, help)
+        p.add_argument("--checkpoint", required=True,
+                       help="export dir, DeepSpeed tag dir, or checkpoints dir (uses `latest`)")
+        p.add_argument("--dataset", required=True,
+                       help="ImageFolder root (DATASET/SPLIT/<class>/<image>) or CLIP_benchmark "
+                            "webdataset root (DATASET/SPLIT/*.tar + DATASET/classnames.txt)")
+        p.add_argument("--classnames", help="class names file, one per line in label order "
+                                            "(default: DATASET/classnames.txt, or folder names)")
+        p.add_argument("--batch-size", type=int, default=64, help="images per encoding batch")
+        p.add_argument("--bf16", action="store_true", help="encode under bf16 autocast")
+        p.add_argument("--out", help="write the result JSON here (CLIP_benchmark keys)")
+        return p
+
+    p = add_classification("zeroshot", _cmd_zeroshot,
+                           "zero-shot classification: acc1, acc5, mean per-class recall")
+    p.add_argument("--split", default="test")
+    p.add_argument("--templates",
+                   help="prompt templates file, one per line with {c} for the class name "
+                        "(default: DATASET/zeroshot_classification_templates.txt, else a small "
+                        "CLIP set)")
+
+    p = add_classification("linear-probe", _cmd_linear_probe,
+                           "logistic regression on frozen image features, L2 chosen on "
+                           "validation (CLIP_benchmark's procedure)")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--val-split", default="val",
+                   help="validation split; when DATASET has none, --val-proportion of train")
+    p.add_argument("--test-split", default="test")
+    p.add_argument("--val-proportion", type=float, default=0.2)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--probe-batch-size", type=int, default=64, help="features per probe step")
+    p.add_argument("--seed", type=int, default=0)
 
     p = add("nightly", _cmd_nightly,
             "evaluate new checkpoints of all runs; results.parquet, TensorBoard, report.html "

@@ -13,9 +13,10 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from vlp.pipeline.data.tar import SkipCounter
 from vlp.pipeline.data.tokenizer import tokenize
 from vlp.pipeline.distributed import fast_bf16
-from vlp.pipeline.eval.images import ImageRef, load_images
+from vlp.pipeline.eval.images import ImageRef, load_decodable_images, load_images
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -51,16 +52,29 @@ def distributed_map(
 @torch.inference_mode()
 def encode_images(
     model, images: Sequence[ImageRef], image_size: int, batch_size: int = 64, bf16: bool = False,
-    workers: int = 4,
+    workers: int = 4, skipped: SkipCounter | None = None,
 ) -> torch.Tensor:
-    """(N, D) float32 normalised image embeddings, in the order of `images`."""
+    """(N, D) float32 normalised image embeddings, in the order of `images`.
+
+    An image that does not decode is a UserError naming it; with `skipped`, it is counted there
+    instead and its row is NaN (the caller drops those rows).
+    """
     device = model_device(model)
     with ThreadPoolExecutor(max_workers=workers) as pool:
 
         def encode(batch: range) -> torch.Tensor:
-            pixels = load_images([images[i] for i in batch], image_size, pool).to(device)
+            refs = [images[i] for i in batch]
+            if skipped is None:
+                pixels, decoded = load_images(refs, image_size, pool), None
+            else:
+                pixels, decoded = load_decodable_images(refs, image_size, skipped, pool)
             with autocast(device, bf16):
-                return model.encode_image(pixels).float().cpu()
+                emb = model.encode_image(pixels.to(device)).float().cpu()
+            if decoded is None:
+                return emb
+            rows = torch.full((len(refs), emb.shape[1]), float("nan"))
+            rows[decoded] = emb
+            return rows
 
         return distributed_map(len(images), batch_size, encode)
 

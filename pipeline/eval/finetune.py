@@ -14,9 +14,10 @@ from typing import Callable
 
 import torch
 
+from vlp.pipeline.data.tar import SkipCounter
 from vlp.pipeline.data.tokenizer import tokenize
 from vlp.pipeline.eval.encode import autocast, model_device
-from vlp.pipeline.eval.images import ImageRef, load_images, load_images_skipping
+from vlp.pipeline.eval.images import ImageRef, load_decodable_images, load_images
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,9 @@ class ImageTextBatches:
 
     def __call__(self, images: list[ImageRef], texts: list[str]):
         if self.skip_undecodable:
-            pixels, kept = load_images_skipping(images, self.image_size, self.pool)
+            pixels, decoded = load_decodable_images(images, self.image_size, SkipCounter(),
+                                                    self.pool)
+            kept = decoded.nonzero().flatten().tolist()
             self.skipped += len(images) - len(kept)
             texts = [texts[i] for i in kept]
         else:

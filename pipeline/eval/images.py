@@ -1,11 +1,14 @@
 """Evaluation images: where their bytes are, and decoding a batch into model input.
 
-Decoding uses the training transforms (`pipeline.transforms.preprocess_image`), so evaluation sees
-exactly what training saw. A thread pool overlaps file reads and decodes (PIL releases the GIL).
+Images are files or byte ranges of uncompressed webdataset tars (read with the project's tar
+reader, so a test set costs no memory until it is encoded). Decoding uses the training transforms
+(`pipeline.transforms.preprocess_image`), so evaluation sees exactly what training saw. A thread
+pool overlaps file reads and decodes (PIL releases the GIL).
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +16,8 @@ from pathlib import Path
 import torch
 
 from vlp.pipeline.data.errors import BadData, UserError
-from vlp.pipeline.data.transforms import preprocess_image
+from vlp.pipeline.data.tar import SkipCounter, read_samples
+from vlp.pipeline.data.transforms import IMAGE_EXTENSIONS, preprocess_image
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,32 @@ def path_under(root: str | Path, relative: str, where: str) -> Path:
     return Path(path)
 
 
+def tar_samples(
+    path: str | Path, wanted: frozenset[str]
+) -> Iterator[tuple[str, ImageRef | None, dict[str, bytes]]]:
+    """(key, image, {ext: bytes} of its `wanted` members) per sample of a local, uncompressed
+    webdataset tar; the image (jpg/jpeg/png/webp, None when the sample has none) is a byte range
+    of the tar. A missing, compressed or damaged tar is a UserError: a test set that is not
+    complete gives numbers no one can compare. Repeated keys are dropped as the training loader
+    drops them."""
+    path = os.fspath(path).removeprefix("file://")
+    if "://" in path:
+        raise UserError(f"evaluation shards must be local files (copy them first): {path}")
+    if not path.endswith(".tar"):
+        raise UserError(f"evaluation shard {path} is not an uncompressed .tar: images are read "
+                        "in place from the tar, so decompress it first")
+    if not Path(path).is_file():
+        raise UserError(f"evaluation shard not found: {path}")
+    try:
+        for sample in read_samples(path, wanted, SkipCounter(), frozenset(IMAGE_EXTENSIONS)):
+            key = sample.pop("__key__")
+            spans = [sample.pop(ext) for ext in IMAGE_EXTENSIONS if ext in sample]
+            image = ImageRef(path, spans[0].offset, spans[0].size, spans[0].name) if spans else None
+            yield key, image, sample
+    except BadData as exc:
+        raise UserError(f"evaluation shard {path} is unreadable ({exc.kind}): {exc}") from exc
+
+
 def check_images_exist(images: list[ImageRef], context: str) -> None:
     """Fail before any model work when image files are missing, naming a few of them."""
     missing = sorted({ref.path for ref in images if not Path(ref.path).is_file()})
@@ -73,19 +103,25 @@ def load_images(
     return torch.stack(list(mapper(lambda ref: load_image(ref, image_size), refs)))
 
 
-def load_images_skipping(
-    refs: list[ImageRef], image_size: int, pool: Executor | None = None
-) -> tuple[torch.Tensor | None, list[int]]:
-    """Like `load_images`, leaving out images that do not decode: (stack of the others or None,
-    their positions in `refs`). For jobs that skip and count bad images instead of stopping."""
-    mapper = pool.map if pool is not None else map
-    decoded = list(mapper(lambda ref: _decode_or_none(ref, image_size), refs))
-    kept = [i for i, pixels in enumerate(decoded) if pixels is not None]
-    return (torch.stack([decoded[i] for i in kept]) if kept else None), kept
+def load_decodable_images(
+    refs: list[ImageRef], image_size: int, skipped: SkipCounter, pool: Executor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like `load_images`, but an image that does not decode is counted in `skipped` (by
+    BadData kind) and left out: (pixels of the decodable ones (G, 3, S, S), bool mask (B,))."""
 
+    def decode(ref: ImageRef) -> torch.Tensor | BadData:
+        try:
+            return preprocess_image(ref.read(), image_size)
+        except BadData as exc:
+            return exc
+        except OSError as exc:
+            raise UserError(f"cannot read image {ref}: {exc}") from exc
 
-def _decode_or_none(ref: ImageRef, image_size: int) -> torch.Tensor | None:
-    try:
-        return preprocess_image(ref.read(), image_size)
-    except BadData:
-        return None
+    decoded = list((pool.map if pool is not None else map)(decode, refs))
+    for bad in decoded:
+        if isinstance(bad, BadData):
+            skipped.add(bad.kind)
+    images = [image for image in decoded if isinstance(image, torch.Tensor)]
+    pixels = torch.stack(images) if images else torch.empty(0, 3, image_size, image_size,
+                                                           dtype=torch.uint8)
+    return pixels, torch.tensor([isinstance(image, torch.Tensor) for image in decoded])

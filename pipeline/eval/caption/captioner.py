@@ -12,9 +12,10 @@ from typing import Iterator
 import torch
 
 from vlp.models.decoding import DecodingConfig, generate
+from vlp.pipeline.data.tar import SkipCounter
 from vlp.pipeline.eval.encode import autocast, model_device
 from vlp.pipeline.eval.finetune import FinetuneConfig, ImageTextBatches, finetune
-from vlp.pipeline.eval.images import ImageRef, load_images_skipping
+from vlp.pipeline.eval.images import ImageRef, load_decodable_images
 from vlp.pipeline.eval.karpathy import KarpathyImage
 
 
@@ -43,12 +44,11 @@ def image_batches(images: list[KarpathyImage], image_size: int, batch_size: int,
     with ThreadPoolExecutor(max_workers=4) as pool:
         for lo in range(0, len(images), batch_size):
             chunk = images[lo : lo + batch_size]
-            pixels, kept = load_images_skipping([image.image for image in chunk], image_size,
-                                                pool)
-            decoded = set(kept)
-            skipped.extend(image for i, image in enumerate(chunk) if i not in decoded)
-            if kept:
-                yield [chunk[i] for i in kept], pixels
+            pixels, decoded = load_decodable_images([image.image for image in chunk],
+                                                    image_size, SkipCounter(), pool)
+            skipped.extend(image for image, ok in zip(chunk, decoded.tolist()) if not ok)
+            if decoded.any():
+                yield [image for image, ok in zip(chunk, decoded.tolist()) if ok], pixels
 
 
 def special_ids(tokenizer) -> tuple[int, ...]:

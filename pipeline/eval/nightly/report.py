@@ -156,7 +156,8 @@ figure {{ display: inline-block; margin: 0.5em; }}
 <h1>vlp nightly evaluation</h1>
 <p>Generated {generated}; {checkpoints} checkpoint(s) evaluated. Retrieval recalls are fractions
 (CLIP_benchmark), VQA accuracies percentages (official evaluator), caption metrics as the COCO
-caption evaluation reports them (fractions; CIDEr up to 10).</p>
+caption evaluation reports them (fractions; CIDEr up to 10), classification accuracies fractions
+(CLIP_benchmark).</p>
 <h2>Latest vs best</h2>
 {table}
 <h2>Metrics against training step</h2>

@@ -4,7 +4,8 @@
     runs/NAME/**/model.safetensors          export directories too (step unknown)
     OUT/results.parquet                     one row per (run, tag, benchmark, metric), or one
                                             failure row per (run, tag, benchmark)
-    OUT/tensorboard/NAME/                   scalars "<benchmark>/<metric>" against step
+    OUT/tensorboard/NAME/                   scalars "<benchmark>/<metric>" against step, and
+                                            its baseline "<benchmark>/<baseline>/<metric>"
     OUT/report.html + OUT/plots/*.png       see report.py
     runs/NAME/eval/<tag>/<benchmark>.json   each benchmark's full result (DESIGN's layout)
 
@@ -179,7 +180,8 @@ def write_results(results: pd.DataFrame, path: Path) -> None:
 
 
 def write_tensorboard(rows: list[dict], log_dir: Path) -> None:
-    """Scalars `<benchmark>/<metric>` at the checkpoint's step (exports have none: skipped)."""
+    """Scalars `<benchmark>/<metric>` at the checkpoint's step, and beside each its baseline as
+    `<benchmark>/<baseline name>/<metric>` (exports have no step: skipped)."""
     from torch.utils.tensorboard import SummaryWriter
 
     ok = [r for r in rows if r["status"] == "ok" and r["step"] is not None]
@@ -190,5 +192,8 @@ def write_tensorboard(rows: list[dict], log_dir: Path) -> None:
         for row in ok:
             writer.add_scalar(f"{row['benchmark']}/{row['metric']}", row["value"],
                               global_step=row["step"])
+            if math.isfinite(row["baseline"]):
+                writer.add_scalar(f"{row['benchmark']}/{row['baseline_name']}/{row['metric']}",
+                                  row["baseline"], global_step=row["step"])
     finally:
         writer.close()

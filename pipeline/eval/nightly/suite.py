@@ -15,6 +15,12 @@
       karpathy_json: world/dataset_synth.json
       image_root: world
       steps: 200
+    synth_shape_zeroshot:
+      task: zeroshot
+      dataset: world/classification/shape/wds
+    synth_shape_probe:
+      task: linear_probe
+      dataset: world/classification/shape/imagefolder
 
 A key that the task's function does not take is an error naming it and the valid keys.
 """
@@ -30,11 +36,14 @@ import yaml
 
 from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.eval.caption.job import evaluate_caption
+from vlp.pipeline.eval.classification.probe import evaluate_linear_probe
+from vlp.pipeline.eval.classification.zeroshot import evaluate_zeroshot
 from vlp.pipeline.eval.retrieval.job import evaluate_retrieval
 from vlp.pipeline.eval.vqa.job import evaluate_vqa
 
 TASKS: dict[str, Callable[..., dict]] = {"retrieval": evaluate_retrieval, "vqa": evaluate_vqa,
                                          "caption": evaluate_caption}
+TASKS |= {"zeroshot": evaluate_zeroshot, "linear_probe": evaluate_linear_probe}  # classification
 # Arguments the nightly job sets itself.
 RESERVED = {"checkpoint", "out", "results_out"}
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
@@ -42,6 +51,7 @@ PATH_KEYS = {
     "karpathy_json", "image_root", "shards", "vqa_dir", "train_questions", "train_annotations",
     "eval_questions", "eval_annotations",
 }
+PATH_KEYS |= {"dataset", "classnames", "templates"}  # classification
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,6 @@ any model work: a missing image or an empty split is an error naming the file.
 """
 from __future__ import annotations
 
-import re
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,11 +14,8 @@ from braceexpand import braceexpand
 
 from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.data.transforms import IMAGE_EXTENSIONS
-from vlp.pipeline.eval.images import ImageRef
+from vlp.pipeline.eval.images import ImageRef, tar_samples
 from vlp.pipeline.eval.karpathy import read_karpathy
-
-# webdataset's rule: the key is the member path up to the first dot of its file name.
-_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 
 @dataclass
@@ -58,10 +53,14 @@ def load_retrieval_shards(urls: str | list[str]) -> RetrievalSet:
     paths = [p for url in ([urls] if isinstance(urls, str) else urls) for p in braceexpand(url)]
     images, captions, text_to_image = [], [], []
     for path in paths:
-        if "://" in path and not path.startswith("file://"):
-            raise UserError(f"retrieval shards must be local files (copy them first): {path}")
-        path = path.removeprefix("file://")
-        for key, image, text in _tar_samples(path):
+        for key, image, members in tar_samples(path, frozenset({"txt"})):
+            if image is None or "txt" not in members:
+                missing = f"an image ({'/'.join(IMAGE_EXTENSIONS)})" if image is None else "a .txt"
+                raise UserError(f"{path}: sample {key!r} has no {missing}")
+            try:
+                text = members["txt"].decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserError(f"{path}: sample {key!r} has a .txt that is not UTF-8") from exc
             lines = [line.strip() for line in text.splitlines() if line.strip()]
             if not lines:
                 raise UserError(f"{path}: sample {key!r} has an empty .txt (no captions)")
@@ -69,30 +68,4 @@ def load_retrieval_shards(urls: str | list[str]) -> RetrievalSet:
             text_to_image.extend([len(images)] * len(lines))
             images.append(image)
     return RetrievalSet(images, captions, text_to_image, source=",".join(paths))
-
-
-def _tar_samples(path: str):
-    """(key, ImageRef, caption text) per sample of an uncompressed webdataset tar."""
-    if not Path(path).is_file():
-        raise UserError(f"retrieval shard not found: {path}")
-    members: dict[str, dict[str, tarfile.TarInfo]] = {}
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                match = _KEY_RE.match(member.name)
-                if member.isfile() and match:
-                    members.setdefault(match.group(1), {})[match.group(2).lower()] = member
-            texts = {
-                key: tar.extractfile(parts["txt"]).read().decode("utf-8")
-                for key, parts in members.items()
-                if "txt" in parts
-            }
-    except (tarfile.TarError, UnicodeDecodeError, EOFError) as exc:
-        raise UserError(f"retrieval shard {path} is unreadable: {exc}") from exc
-    for key, parts in members.items():
-        image = next((parts[ext] for ext in IMAGE_EXTENSIONS if ext in parts), None)
-        if image is None or key not in texts:
-            missing = "an image (" + "/".join(IMAGE_EXTENSIONS) + ")" if image is None else "a .txt"
-            raise UserError(f"{path}: sample {key!r} has no {missing}")
-        yield key, ImageRef(path, image.offset_data, image.size, image.name), texts[key]
 

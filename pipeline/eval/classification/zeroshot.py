@@ -1,0 +1,79 @@
+"""Zero-shot classification: class names in prompt templates become the classifier.
+
+Every (class, template) prompt is encoded; a class's embedding is the mean of its prompts'
+normalised embeddings, normalised again (CLIP's prompt ensembling, as CLIP_benchmark's
+`zero_shot_classifier` builds it). An image is scored against every class by cosine similarity.
+Templates come from a file, else the dataset's own templates file, else DEFAULT_TEMPLATES.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vlp.pipeline.data.checkpoints import LoadedModel, load_model
+from vlp.pipeline.data.files import write_json_atomic
+from vlp.pipeline.eval.classification.data import load_classification, read_templates
+from vlp.pipeline.eval.classification.features import encode_set, result_header
+from vlp.pipeline.eval.classification.metrics import chance_metrics, classification_metrics
+from vlp.pipeline.eval.encode import encode_texts
+
+# The seven ImageNet prompts CLIP's authors found to ensemble best (CLIP's prompt-engineering
+# notebook), a small general-purpose default.
+DEFAULT_TEMPLATES = (
+    "itap of a {c}.",
+    "a bad photo of the {c}.",
+    "a origami {c}.",
+    "a photo of the large {c}.",
+    "a {c} in a video game.",
+    "art of the {c}.",
+    "a photo of the small {c}.",
+)
+
+
+def class_embeddings(loaded: LoadedModel, classnames: list[str], templates: list[str],
+                     batch_size: int = 256, bf16: bool = False) -> torch.Tensor:
+    """(C, D) normalised class embeddings: the normalised mean over templates per class."""
+    texts = [template.format(c=name) for name in classnames for template in templates]
+    emb = encode_texts(loaded.model, loaded.tokenizer, texts, loaded.info.config["max_text_len"],
+                       batch_size, bf16)  # (C * T, D), normalised
+    return F.normalize(emb.view(len(classnames), len(templates), -1).mean(dim=1), dim=-1)
+
+
+def evaluate_zeroshot(
+    checkpoint: str | Path | LoadedModel,
+    *,
+    dataset: str | Path,
+    split: str = "test",
+    classnames: str | Path | None = None,
+    templates: str | Path | None = None,
+    batch_size: int = 64,
+    bf16: bool = False,
+    out: str | Path | None = None,
+) -> dict:
+    """Zero-shot acc1/acc5/mean_per_class_recall on DATASET/SPLIT, with the chance baseline.
+
+    `dataset` is an ImageFolder or CLIP_benchmark webdataset root (see data.py); `classnames`
+    and `templates` are files that replace the dataset's own. Writes `out` when given.
+    """
+    data = load_classification(dataset, split, classnames)
+    prompts = (read_templates(templates) if templates is not None
+               else data.templates or list(DEFAULT_TEMPLATES))
+    loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint)
+    start = time.perf_counter()
+    classes = class_embeddings(loaded, data.classnames, prompts, batch_size * 4, bf16)
+    features = encode_set(loaded, data, batch_size, bf16)
+    result = {
+        **result_header("zeroshot_classification", loaded, data),
+        "num_images": len(features.y),
+        "num_templates": len(prompts),
+        "metrics": classification_metrics(features.x @ classes.T, features.y),
+        "baselines": {"chance": chance_metrics(len(data.classnames))},
+        "skipped": features.skipped,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    if out is not None:
+        write_json_atomic(out, result)
+    return result

@@ -1,0 +1,271 @@
+"""Zero-shot classification and the linear probe: metrics on oracle scores, both dataset layouts
+of the synthetic world, a perfect zero-shot model, the probe's search and fit, and bad input."""
+import json
+import shutil
+
+import pytest
+import torch
+from test_eval_support import tiny_eval_model, train_world_tokenizer
+
+from vlp.data_prep.scenes import COLOURS
+from vlp.pipeline.cli import main as vlp
+from vlp.pipeline.data.checkpoints import LoadedModel
+from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.eval.classification.data import load_classification
+from vlp.pipeline.eval.classification.features import Features
+from vlp.pipeline.eval.classification.metrics import chance_metrics, classification_metrics
+from vlp.pipeline.eval.classification.probe import (
+    COARSE,
+    WEIGHT_DECAYS,
+    ProbeSettings,
+    probe_metrics,
+    search_weight_decay,
+)
+from vlp.pipeline.eval.classification.zeroshot import DEFAULT_TEMPLATES, evaluate_zeroshot
+from vlp.pipeline.eval.images import tar_samples
+
+KEYS = ["acc1", "acc5", "mean_per_class_recall"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json(world_dir, tmp_path_factory):
+    return train_world_tokenizer(world_dir, tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer_json):
+    return tiny_eval_model(tokenizer_json)
+
+
+def dataset(world_dir, task, layout):
+    return world_dir / "classification" / task / layout
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+
+def test_perfect_scores_give_one_and_chance_is_one_over_classes():
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 5, 5])
+    metrics = classification_metrics(torch.eye(6)[labels], labels)
+    assert metrics == {"acc1": 1.0, "acc5": 1.0, "mean_per_class_recall": 1.0}
+    assert chance_metrics(6) == pytest.approx(
+        {"acc1": 1 / 6, "acc5": 5 / 6, "mean_per_class_recall": 1 / 6})
+    assert list(chance_metrics(3)) == ["acc1", "mean_per_class_recall"]  # no top-5 of 3
+
+
+def test_known_confusion_gives_hand_computed_metrics():
+    # 6 classes; class scores rank the classes in the order of each row's list.
+    orders = [[0, 1, 2, 3, 4, 5],   # label 0: rank 0
+              [1, 0, 2, 3, 4, 5],   # label 0: rank 1
+              [5, 4, 3, 2, 1, 0],   # label 0: rank 5 (outside the top 5)
+              [1, 2, 3, 4, 5, 0],   # label 1: rank 0
+              [2, 3, 4, 5, 1, 0],   # label 1: rank 4
+              [2, 0, 1, 3, 4, 5]]   # label 2: rank 0
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])
+    scores = torch.zeros(6, 6)
+    for row, order in enumerate(orders):
+        scores[row, order] = torch.arange(6, 0, -1).float()
+    metrics = classification_metrics(scores, labels)
+    assert metrics["acc1"] == pytest.approx(3 / 6)
+    assert metrics["acc5"] == pytest.approx(5 / 6)
+    # recall per class present: class 0 1/3, class 1 1/2, class 2 1/1
+    assert metrics["mean_per_class_recall"] == pytest.approx((1 / 3 + 1 / 2 + 1) / 3)
+
+
+def test_ties_and_nan_scores_count_against_the_image():
+    labels = torch.tensor([0, 1, 2])
+    metrics = classification_metrics(torch.ones(3, 3), labels)  # a collapsed model
+    assert metrics == {"acc1": 0.0, "mean_per_class_recall": 0.0}
+    scores = torch.eye(3)
+    scores[0, 0] = scores[1, 2] = float("nan")  # image 0: its own score, image 1: another's
+    assert classification_metrics(scores, labels) == pytest.approx(
+        {"acc1": 1 / 3, "mean_per_class_recall": 1 / 3})
+
+
+# ---- the synthetic world's datasets -------------------------------------------------------------
+
+def test_both_layouts_hold_the_same_images_and_labels(world_dir):
+    for task in ("shape", "colour"):
+        shards = load_classification(dataset(world_dir, task, "wds"), "test")
+        folders = load_classification(dataset(world_dir, task, "imagefolder"), "test")
+        assert len(shards.images) == len(folders.images) == 16
+        by_bytes = {ref.read(): shards.classnames[label]
+                    for ref, label in zip(shards.images, shards.labels)}
+        assert {ref.read(): folders.classnames[label]
+                for ref, label in zip(folders.images, folders.labels)} == by_bytes
+        assert shards.templates == folders.templates and "{c}" in shards.templates[0]
+
+
+def test_tar_images_are_byte_ranges_of_the_shard(world_dir):
+    shard = dataset(world_dir, "shape", "wds") / "test/0.tar"
+    samples = list(tar_samples(shard, frozenset({"cls"})))
+    key, image, members = samples[0]
+    assert key == "s0000000" and members == {"cls": b"0"}
+    folder = dataset(world_dir, "shape", "imagefolder") / "test/circle/000000.jpg"
+    assert image.read() == folder.read_bytes()
+
+
+def test_zeroshot_gives_the_same_result_on_both_layouts(tiny, world_dir, tmp_path):
+    results = [evaluate_zeroshot(tiny, dataset=dataset(world_dir, "colour", layout),
+                                 out=tmp_path / f"{layout}.json")
+               for layout in ("wds", "imagefolder")]
+    assert json.loads((tmp_path / "wds.json").read_text()) == results[0]
+    for result in results:
+        assert list(result["metrics"]) == KEYS
+        assert (result["num_images"], result["num_classes"], result["num_templates"]) == (16, 7, 10)
+        assert result["baselines"]["chance"]["acc1"] == pytest.approx(1 / 7)
+    assert results[0]["metrics"] == pytest.approx(results[1]["metrics"])
+
+
+class ColourOracle(torch.nn.Module):
+    """A perfect zero-shot model of the colour task: an image's embedding is the one-hot of the
+    palette colour nearest to its object's pixels, a text's the one-hot of its colour word."""
+
+    def __init__(self, tokenizer, colours):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # the jobs find the device from it
+        self.palette = torch.tensor([COLOURS[c] for c in colours], dtype=torch.float)
+        self.word_ids = torch.tensor(tokenizer.convert_tokens_to_ids(colours))
+        assert tokenizer.unk_token_id not in self.word_ids
+
+    def encode_image(self, images):
+        pixels = images.float().flatten(2).transpose(1, 2)  # (B, P, 3)
+        # the dark backgrounds stay below 100 in every channel, every object colour reaches 150
+        object_mask = (pixels.amax(dim=2) > 120).float()[..., None]
+        mean = (pixels * object_mask).sum(1) / object_mask.sum(1)
+        nearest = torch.cdist(mean, self.palette).argmin(dim=1)
+        return torch.eye(len(self.palette))[nearest]
+
+    def encode_text(self, ids, mask):
+        return (ids[:, :, None] == self.word_ids).any(dim=1).float()
+
+
+def test_a_perfect_zero_shot_model_scores_one_on_both_layouts(tiny, world_dir):
+    colours = load_classification(dataset(world_dir, "colour", "wds")).classnames
+    oracle = LoadedModel(ColourOracle(tiny.tokenizer, colours), tiny.tokenizer, tiny.info)
+    for layout in ("wds", "imagefolder"):
+        for split in ("train", "test"):
+            result = evaluate_zeroshot(oracle, dataset=dataset(world_dir, "colour", layout),
+                                       split=split)
+            assert result["metrics"] == {"acc1": 1.0, "acc5": 1.0, "mean_per_class_recall": 1.0}
+
+
+def test_templates_from_a_file_and_the_default_set(tiny, world_dir, tmp_path):
+    root = tmp_path / "shape"
+    shutil.copytree(dataset(world_dir, "shape", "imagefolder"), root)
+    (root / "zeroshot_classification_templates.txt").unlink()
+    assert evaluate_zeroshot(tiny, dataset=root)["num_templates"] == len(DEFAULT_TEMPLATES)
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a {c}\n\nthere is a {c}\n")
+    with pytest.raises(UserError, match="blank line"):
+        evaluate_zeroshot(tiny, dataset=root, templates=templates)
+    templates.write_text("a {c}\nthere is a {}\n")
+    with pytest.raises(UserError, match=r"templates.txt:2: .*\{c\}"):
+        evaluate_zeroshot(tiny, dataset=root, templates=templates)
+    templates.write_text("a {c}\n")
+    assert evaluate_zeroshot(tiny, dataset=root, templates=templates)["num_templates"] == 1
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+def test_missing_classnames_and_empty_class_folder_are_errors(world_dir, tmp_path):
+    shards = tmp_path / "wds"
+    shutil.copytree(dataset(world_dir, "shape", "wds"), shards)
+    (shards / "classnames.txt").unlink()
+    with pytest.raises(UserError, match="no classnames.txt"):
+        load_classification(shards)
+    (shards / "classnames.txt").write_text("circle\nsquare\n")
+    with pytest.raises(UserError, match="label 2, but .* names only 2 classes"):
+        load_classification(shards)
+
+    folders = tmp_path / "imagefolder"
+    shutil.copytree(dataset(world_dir, "shape", "imagefolder"), folders)
+    (folders / "test/hexagon").mkdir()
+    with pytest.raises(UserError, match=r"class folder\(s\) \['hexagon'\] hold no images"):
+        load_classification(folders)
+    with pytest.raises(UserError, match="split .*validation not found"):
+        load_classification(folders, "validation")
+
+
+def test_a_damaged_shard_or_a_sample_without_label_is_an_error(world_dir, tmp_path):
+    import webdataset as wds
+
+    shards = tmp_path / "wds"
+    shutil.copytree(dataset(world_dir, "shape", "wds"), shards)
+    tar = shards / "test/0.tar"
+    tar.write_bytes(tar.read_bytes()[:3000])
+    with pytest.raises(UserError, match=r"0.tar is unreadable \(corrupt_tar\): truncated"):
+        load_classification(shards)
+    with wds.TarWriter(str(tar), encoder=False) as sink:
+        sink.write({"__key__": "nolabel", "jpg": b"\xff\xd8"})
+    with pytest.raises(UserError, match="sample 'nolabel' has no .cls member"):
+        load_classification(shards)
+
+
+def test_undecodable_images_are_skipped_and_counted(tiny, world_dir, tmp_path):
+    import webdataset as wds
+
+    folders = tmp_path / "imagefolder"
+    shutil.copytree(dataset(world_dir, "shape", "imagefolder"), folders)
+    (folders / "test/circle/broken.jpg").write_bytes(b"not a jpeg")
+    result = evaluate_zeroshot(tiny, dataset=folders)
+    assert result["skipped"] == {"bad_image": 1} and result["num_images"] == 16
+
+    shards = tmp_path / "wds"
+    shutil.copytree(dataset(world_dir, "shape", "wds"), shards)
+    with wds.TarWriter(str(shards / "test/1.tar"), encoder=False) as sink:
+        sink.write({"__key__": "broken", "jpg": b"\xff\xd8 truncated", "cls": b"0"})
+    (shards / "test/nshards.txt").write_text("2\n")
+    result = evaluate_zeroshot(tiny, dataset=shards)
+    assert result["skipped"] == {"bad_image": 1} and result["num_images"] == 16
+
+
+# ---- linear probe -------------------------------------------------------------------------------
+
+def test_weight_decay_search_follows_clip_benchmark():
+    tried = []
+
+    def val_acc1(weight_decay):
+        index = WEIGHT_DECAYS.index(weight_decay)
+        tried.append(index)
+        return 1 - abs(index - 37) / 100
+
+    # decades: best 32; spans 8 [24 32 40] -> 40, 4 [36 40 44] -> 36, 2 [34 36 38] -> 36 (38
+    # ties it and comes later), 1 [35 36 37] -> 37
+    assert search_weight_decay(val_acc1) == 37
+    assert tried == COARSE + [24, 40, 36, 44, 34, 38, 35, 37]  # each fit once
+
+
+def test_probe_on_one_hot_features_is_exact():
+    labels = torch.arange(60) % 6
+    one_hot = Features(torch.eye(6)[labels], labels, {})
+    test_labels = torch.tensor([5, 4, 3, 2, 1, 0, 0])
+    test = Features(torch.eye(6)[test_labels], test_labels, {})
+    metrics, weight_decay = probe_metrics(one_hot, one_hot, test, 6, ProbeSettings(epochs=3))
+    assert metrics == {"acc1": 1.0, "acc5": 1.0, "mean_per_class_recall": 1.0}
+    assert weight_decay in WEIGHT_DECAYS
+
+
+def test_linear_probe_command(tiny, tokenizer_json, world_dir, tmp_path, capsys):
+    from vlp.models.export import save_pretrained
+
+    export = save_pretrained(tiny.model, tmp_path / "export", tokenizer_path=tokenizer_json)
+    out = tmp_path / "probe.json"
+    args = ["eval", "linear-probe", "--checkpoint", str(export), "--epochs", "2",
+            "--dataset", str(dataset(world_dir, "colour", "imagefolder")), "--out", str(out)]
+    assert vlp(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result == json.loads(out.read_text())
+    assert (result["num_train"], result["num_val"], result["num_test"]) == (16, 8, 16)
+    assert list(result["metrics"]) == KEYS and result["weight_decay"] in WEIGHT_DECAYS
+    assert result["validation"].endswith("imagefolder/val")
+
+    held_out = tmp_path / "no_val"
+    shutil.copytree(dataset(world_dir, "colour", "imagefolder"), held_out)
+    shutil.rmtree(held_out / "val")
+    assert vlp([*args[:-4], "--dataset", str(held_out), "--val-proportion", "0.25"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["num_train"], result["num_val"]) == (12, 4)
+    assert result["validation"] == f"0.25 of {held_out / 'train'}"
+
+    assert vlp([*args[:-4], "--dataset", str(held_out), "--lr", "0"]) == 2
+    assert "linear probe needs lr > 0" in capsys.readouterr().err
