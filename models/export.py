@@ -10,6 +10,8 @@ from safetensors.torch import load_file, save_model
 
 from .config import ModelConfig
 from .model import UnifiedModel
+from .quantize import apply_quantization_record, quantization_record
+from .sparsity import pruning_record, set_pruning_record
 
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
@@ -29,10 +31,13 @@ def save_pretrained(
 
 
 def config_meta(model: UnifiedModel) -> dict:
-    """The config.json of an export and of a training tag: format version, model config and the
-    VQA head's answer count (None without one)."""
-    return {"format_version": FORMAT_VERSION, **model.config.to_dict(),
+    """The config.json of an export and of a training tag: format version, model config, the
+    VQA head's answer count (None without one) and, for a compressed model, what was quantized
+    (models/quantize.py) or pruned (models/sparsity.py)."""
+    meta = {"format_version": FORMAT_VERSION, **model.config.to_dict(),
             "vqa_num_answers": model.num_answers}
+    records = {"quantization": quantization_record(model), "pruning": pruning_record(model)}
+    return meta | {key: record for key, record in records.items() if record is not None}
 
 
 def model_from_meta(meta: dict) -> UnifiedModel:
@@ -43,9 +48,13 @@ def model_from_meta(meta: dict) -> UnifiedModel:
     if version != FORMAT_VERSION:
         raise ValueError(f"format_version {version!r}, this code reads {FORMAT_VERSION}")
     num_answers = values.pop("vqa_num_answers", None)
+    quantization, pruning = values.pop("quantization", None), values.pop("pruning", None)
     model = UnifiedModel(ModelConfig.from_dict(values))
     if num_answers:
         model.attach_vqa_head(num_answers)
+    if quantization is not None:
+        apply_quantization_record(model, quantization)
+    set_pruning_record(model, pruning)
     return model
 
 
