@@ -94,7 +94,10 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, metad
     if rank == 0:
         shutil.rmtree(ckpt_dir / partial, ignore_errors=True)
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=partial, client_state=client_state, save_latest=False)
+    # Frozen parameters (a distillation teacher) are not the run's weights: they are left out,
+    # so the tag consolidates to exactly the trained model.
+    engine.save_checkpoint(str(ckpt_dir), tag=partial, client_state=client_state, save_latest=False,
+                           exclude_frozen_parameters=True)
     dist.barrier()  # every rank's shard files are on disk
     final = ckpt_dir / tag
     if rank == 0:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from vlp.pipeline.data.checkpoints import LoadedModel, load_model
+from vlp.pipeline.data.checkpoints import LoadedModel, load_model, require_full_model
 from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.data.files import write_json_atomic
 from vlp.pipeline.data.tokenizer import tokenize
@@ -60,6 +60,7 @@ def evaluate_retrieval(
                             config["max_text_len"], batch_size * 4, bf16)
     rerankers = {}
     if rerank_k > 0:
+        require_full_model(loaded, "ITM re-ranking (rerank_k > 0)")
         itm = ItmScorer(loaded, dataset, batch_size, bf16)
         rerankers = {"rerank_t2i": itm.text_queries, "rerank_i2t": itm.image_queries}
     metrics = retrieval_recalls(image_emb, text_emb, dataset.text_to_image, chunk=chunk,
