@@ -37,10 +37,9 @@ def max_differences(model, encoders, config) -> dict[str, float]:
 
     images, ids, mask = probe_inputs(config)
     with torch.inference_mode():
-        return {
-            "image": (model.encode_image(images) - encoders.encode_image(images)).abs().max().item(),
-            "text": (model.encode_text(ids, mask) - encoders.encode_text(ids, mask)).abs().max().item(),
-        }
+        image = model.encode_image(images) - encoders.encode_image(images)
+        text = model.encode_text(ids, mask) - encoders.encode_text(ids, mask)
+    return {"image": image.abs().max().item(), "text": text.abs().max().item()}
 
 
 def export_onnx(checkpoint: str | Path, out_dir: str | Path, atol: float = DEFAULT_ATOL) -> dict:

@@ -94,7 +94,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("prune", help="magnitude pruning, optionally a recovery fine-tune")
     p.add_argument("--checkpoint", required=True, help="export, tag or checkpoints directory")
     p.add_argument("--out", required=True, help="output export directory")
-    p.add_argument("--sparsity", type=float, required=True, help="share of weights zeroed, e.g. 0.5")
+    p.add_argument("--sparsity", type=float, required=True,
+                   help="share of the pruned layers' weights zeroed, e.g. 0.5")
     p.add_argument("--scope", choices=("global", "layer"), default="global",
                    help="one magnitude threshold over all pruned layers, or one per layer")
     p.add_argument("--recover-steps", type=int, default=0,
