@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
-from deploy_helpers import write_tiny_export
+from deploy_helpers import data_overrides, write_tiny_export
 from test_eval_support import TINY
-from train_helpers import metrics_by_step, pattern_overrides
+from train_helpers import metrics_by_step
 
 from vlp.data_prep.server import free_port
 from vlp.models.config import load_config
@@ -15,7 +15,6 @@ from vlp.models.distill import DistilledModel, DistillWeights, mlm_distillation,
 from vlp.models.model import UnifiedModel
 from vlp.pipeline.cli import main as vlp
 from vlp.pipeline.data.checkpoints import load_model
-from vlp.pipeline.data.manifest import shard_url_pattern
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
@@ -82,9 +81,7 @@ def test_a_teacher_with_other_images_is_refused():
 def test_distill_command_trains_a_half_width_student_under_zero3(tmp_path, world_dir, shard_dir):
     teacher = write_tiny_export(world_dir, tmp_path / "teacher")
     out = tmp_path / "student"
-    overrides = [o for o in pattern_overrides(tmp_path / "unused", shard_url_pattern(shard_dir),
-                                              tmp_path / "unused")
-                 if o.split("=")[0] not in ("run_dir", "data.tokenizer", "model.overrides")]
+    overrides = data_overrides(shard_dir)
     student_model = dict(TINY, width=TINY["width"] // 2)
     code = vlp(["deploy", "distill", "--teacher", str(teacher), "--out", str(out),
                 "--nproc", "2", "--master-port", str(free_port()), "--set", *overrides,

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
-from deploy_helpers import write_tiny_export
-from train_helpers import pattern_overrides
+from deploy_helpers import data_overrides, write_tiny_export
 
+from vlp.data_prep.server import free_port
 from vlp.models.sparsity import (
     MaskedLinear,
     keep_zeros,
@@ -15,10 +15,8 @@ from vlp.models.sparsity import (
     zero_fraction,
     zero_masks,
 )
-from vlp.data_prep.server import free_port
 from vlp.pipeline.cli import main as vlp
 from vlp.pipeline.data.checkpoints import load_model
-from vlp.pipeline.data.manifest import shard_url_pattern
 
 WEIGHTS = {"a": torch.tensor([[1.0, -2.0], [3.0, -4.0]]),
            "b": torch.tensor([[0.5, 5.0], [6.0, -0.1]])}
@@ -73,10 +71,7 @@ def test_prune_command_writes_exact_sparsity_into_the_export(tmp_path, world_dir
 def test_recovery_fine_tune_keeps_every_zero_under_zero3(tmp_path, world_dir, shard_dir):
     source = write_tiny_export(world_dir, tmp_path / "fp32")
     out = tmp_path / "recovered"
-    # The recovery trains on the world's shards, with the source's own tokenizer and model.
-    overrides = [o for o in pattern_overrides(tmp_path / "unused", shard_url_pattern(shard_dir),
-                                              tmp_path / "unused")
-                 if o.split("=")[0] not in ("run_dir", "data.tokenizer", "model.overrides")]
+    overrides = data_overrides(shard_dir)
     code = vlp(["deploy", "prune", "--checkpoint", str(source), "--out", str(out),
                 "--sparsity", "0.5", "--recover-steps", "3", "--nproc", "2",
                 "--master-port", str(free_port()),

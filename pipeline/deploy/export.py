@@ -23,6 +23,13 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     return save_export(load_model(checkpoint), out_dir)
 
 
+def add_io_arguments(parser, out_help: str) -> None:
+    """--checkpoint (what a deploy command reads) and --out (what it writes)."""
+    parser.add_argument("--checkpoint", required=True,
+                        help="export, tag or checkpoints directory (uses `latest`)")
+    parser.add_argument("--out", required=True, help=out_help)
+
+
 def add_launch_arguments(parser) -> None:
     """The launcher options of a deploy command that trains (as `vlp train` has them)."""
     parser.add_argument("--nproc", type=int, help="ranks on this node (as `vlp train --nproc`)")

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.deploy.export import add_io_arguments
 
 DEFAULT_ATOL = 1e-4
 PROBE_BATCH = 8
@@ -76,8 +77,7 @@ def _cmd_onnx(args) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("onnx", help="image and text encoders as ONNX (ONNX Runtime)")
-    p.add_argument("--checkpoint", required=True, help="export, tag or checkpoints directory")
-    p.add_argument("--out", required=True, help="output directory (a retrieval eval backend)")
+    add_io_arguments(p, "output directory (a retrieval eval backend)")
     p.add_argument("--atol", type=float, default=DEFAULT_ATOL,
                    help=f"largest allowed embedding difference from torch (default {DEFAULT_ATOL})")
     p.set_defaults(func=_cmd_onnx)

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from vlp.pipeline.data.errors import UserError
-from vlp.pipeline.deploy.export import add_launch_arguments
+from vlp.pipeline.deploy.export import add_io_arguments, add_launch_arguments
 
 
 def prune_checkpoint(checkpoint: str | Path, out_dir: str | Path, sparsity: float,
@@ -92,8 +92,7 @@ def _cmd_prune(args) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("prune", help="magnitude pruning, optionally a recovery fine-tune")
-    p.add_argument("--checkpoint", required=True, help="export, tag or checkpoints directory")
-    p.add_argument("--out", required=True, help="output export directory")
+    add_io_arguments(p, "output export directory")
     p.add_argument("--sparsity", type=float, required=True,
                    help="share of the pruned layers' weights zeroed, e.g. 0.5")
     p.add_argument("--scope", choices=("global", "layer"), default="global",

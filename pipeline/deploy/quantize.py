@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vlp.pipeline.deploy.export import add_io_arguments
+
 FUSED_MODES = ("weight_only", "dynamic", "fp32")
 
 
@@ -52,8 +54,7 @@ def _cmd_quantize(args) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("quantize", help="int8 export for CPU serving (dynamic int8 Linear)")
-    p.add_argument("--checkpoint", required=True, help="export, tag or checkpoints directory")
-    p.add_argument("--out", required=True, help="output export directory")
+    add_io_arguments(p, "output export directory")
     p.add_argument("--fused", choices=FUSED_MODES, default="weight_only",
                    help="the fusion layers' VL-FFN: int8 weight-only (default), dynamic, or fp32")
     p.set_defaults(func=_cmd_quantize)
