@@ -15,6 +15,8 @@ from vlp.models.distill import DistilledModel, DistillWeights, mlm_distillation,
 from vlp.models.model import UnifiedModel
 from vlp.pipeline.cli import main as vlp
 from vlp.pipeline.data.checkpoints import load_model
+from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.train.config import load_train_config
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
@@ -70,6 +72,13 @@ def test_a_teacher_equal_to_the_student_adds_nothing_and_gets_no_gradient():
     assert not student.train().teacher.training
 
 
+def test_distill_keys_are_checked_before_any_work():
+    with pytest.raises(UserError, match="model.itc_weight is 0"):
+        load_train_config(None, ["distill.teacher=t", "model.itc_weight=0"])
+    with pytest.raises(UserError, match="temperature must be > 0"):
+        load_train_config(None, ["distill.temperature=0"])
+
+
 def test_a_teacher_with_other_images_is_refused():
     student = DistilledModel(load_config("tiny", vocab_size=300, **TINY))
     teacher = UnifiedModel(load_config("tiny", vocab_size=300, **(TINY | {"image_size": 32})))
@@ -98,3 +107,12 @@ def test_distill_command_trains_a_half_width_student_under_zero3(tmp_path, world
     student = load_model(out)  # a plain student export: the teacher is in no checkpoint
     assert student.model.config.width == TINY["width"] // 2
     assert not any(k.startswith("teacher.") for k in student.model.state_dict())
+
+    # The same command with a longer budget resumes the run from its step-3 checkpoint.
+    code = vlp(["deploy", "distill", "--teacher", str(teacher), "--out", str(out),
+                "--nproc", "2", "--master-port", str(free_port()), "--set", *overrides,
+                f"model.overrides={json.dumps(student_model)}", "optim.max_steps=4"])
+    assert code == 0
+    assert sorted(metrics_by_step(tmp_path / "student.run")) == [1, 2, 3, 4]
+    assert load_model(out).info.step is None  # an export, now of step 4
+    assert (tmp_path / "student.run/checkpoints/latest").read_text() == "global_step4"
