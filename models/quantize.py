@@ -70,13 +70,14 @@ class Int8Linear(nn.Module):
         if (self.mode == "dynamic" and x.device.type == "cpu" and x.dtype == torch.float32
                 and not (x.requires_grad and torch.is_grad_enabled())
                 and not torch.onnx.is_in_onnx_export()):
-            y = torch.ops.quantized.linear_dynamic(x, self._packed_weight(), True)
-            return y if self.bias is None else y + self.bias
+            return torch.ops.quantized.linear_dynamic(x, self._packed_weight(), True)
         return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
 
     def _packed_weight(self):
-        """fbgemm's prepacked weight, built on first use and again if the weight changes."""
-        version = (self.weight.data_ptr(), self.weight._version)
+        """fbgemm's prepacked weight and bias (added inside the GEMM's output pass), built on
+        first use and again if either changes (a fine-tune trains the bias)."""
+        version = (self.weight.data_ptr(), self.weight._version,
+                   None if self.bias is None else (self.bias.data_ptr(), self.bias._version))
         if self._packed is None or self._packed[0] != version:
             with warnings.catch_warnings():
                 # torch marks its quantized dtypes deprecated (pytorch#184982); fbgemm's packing
@@ -85,7 +86,8 @@ class Int8Linear(nn.Module):
                 qweight = torch._make_per_channel_quantized_tensor(
                     self.weight, self.weight_scale.double(),
                     torch.zeros(self.out_features, dtype=torch.long), 0)
-                packed = torch.ops.quantized.linear_prepack(qweight, None)
+                bias = None if self.bias is None else self.bias.detach().float()
+                packed = torch.ops.quantized.linear_prepack(qweight, bias)
             self._packed = (version, packed)
         return self._packed[1]
 
