@@ -11,6 +11,8 @@ from safetensors.torch import load_file, save_model
 
 from .config import ModelConfig
 from .model import LossWeights, UnifiedModel
+from .quantize import apply_quantization_record, quantization_record
+from .sparsity import pruning_record, set_pruning_record
 
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
@@ -31,11 +33,14 @@ def save_pretrained(
 
 def config_meta(model: UnifiedModel) -> dict:
     """The config.json of an export and of a training tag: format version, model config, the
-    VQA head's answer count (None without one) and the loss weights the weights were trained with
-    (an evaluation can tell, say, whether the captioning head was ever trained)."""
-    return {"format_version": FORMAT_VERSION, **model.config.to_dict(),
+    VQA head's answer count (None without one), the loss weights the weights were trained with
+    (an evaluation can tell, say, whether the captioning head was ever trained) and, for a
+    compressed model, what was quantized (models/quantize.py) or pruned (models/sparsity.py)."""
+    meta = {"format_version": FORMAT_VERSION, **model.config.to_dict(),
             "vqa_num_answers": model.num_answers, "vqa_fusion": model.vqa_fusion,
             "loss_weights": asdict(model.loss_weights)}
+    records = {"quantization": quantization_record(model), "pruning": pruning_record(model)}
+    return meta | {key: record for key, record in records.items() if record is not None}
 
 
 def model_from_meta(meta: dict) -> UnifiedModel:
@@ -47,15 +52,18 @@ def model_from_meta(meta: dict) -> UnifiedModel:
         raise ValueError(f"format_version {version!r}, this code reads {FORMAT_VERSION}")
     num_answers = values.pop("vqa_num_answers", None)
     fusion = values.pop("vqa_fusion", "fused")
+    quantization, pruning = values.pop("quantization", None), values.pop("pruning", None)
     # Files written before the weights were recorded: the defaults, which have no LM.
     weights = values.pop("loss_weights", {})
     unknown = sorted(set(weights) - {f.name for f in fields(LossWeights)})
     if unknown:
         raise ValueError(f"unknown loss_weights key(s) {unknown}")
-    weights = LossWeights(**weights)
-    model = UnifiedModel(ModelConfig.from_dict(values), weights)
+    model = UnifiedModel(ModelConfig.from_dict(values), LossWeights(**weights))
     if num_answers:
         model.attach_vqa_head(num_answers, fusion=fusion)
+    if quantization is not None:
+        apply_quantization_record(model, quantization)
+    set_pruning_record(model, pruning)
     return model
 
 

@@ -22,6 +22,7 @@ STAGES = [
     ("data", "vlp.data_prep.cli"),
     ("train", "vlp.pipeline.train.launch"),
     ("export", "vlp.pipeline.deploy.export"),
+    ("deploy", "vlp.pipeline.deploy.cli"),
     ("eval", "vlp.pipeline.eval.cli"),
     ("bench", "vlp.pipeline.bench.cli"),
     ("quickstart", "vlp.pipeline.quickstart"),
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 def command_name(args: argparse.Namespace) -> str:
     """'data download', 'eval vqa', 'train': the words the user typed to pick the command."""
     words = [args.command]
-    for attr in ("data_command", "eval_command", "bench"):
+    for attr in ("data_command", "eval_command", "deploy_command", "bench"):
         if getattr(args, attr, None):
             words.append(getattr(args, attr))
     return " ".join(words)

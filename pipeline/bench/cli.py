@@ -1,4 +1,5 @@
-"""`vlp bench train | attention | loader | zero | eval | caption`: performance benchmarks.
+"""`vlp bench train | attention | loader | zero | eval | rerank | caption | compress`: performance
+benchmarks.
 
 Each benchmark times our implementation and a reference in the same run, reports the ratio of
 medians over `--repeats`, prints a table and writes JSON (`--out`, default bench_out/NAME.json).
@@ -21,6 +22,8 @@ BENCHMARKS = [
      "ITM re-ranking of the top k both ways vs its FLOP-bound time and the per-pair path"),
     ("caption", "vlp.pipeline.bench.caption",
      "caption decoding tokens/s with the key/value cache vs without"),
+    ("compress", "vlp.pipeline.bench.compress",
+     "int8 / pruned / distilled / ONNX exports vs fp32: size, encode speed, accuracy"),
     ("smoke", "vlp.pipeline.bench.smoke",
      "a short real training run on this machine's devices, resumed, then evaluated"),
 ]

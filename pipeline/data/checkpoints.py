@@ -9,7 +9,10 @@ Layout of `run_dir/checkpoints/` (written by vlp.pipeline.train.checkpointer):
         vlp_state.json          written last: step, world size and the size of every file
 
 Paths `load_model` accepts:
-    export directory      config.json + model.safetensors + tokenizer.json (`vlp export`)
+    export directory      config.json + model.safetensors + tokenizer.json (`vlp export`; also
+                          the int8 and pruned exports of `vlp deploy quantize|prune`)
+    ONNX export directory config.json + image_encoder.onnx + text_encoder.onnx + tokenizer.json
+                          (`vlp deploy onnx`): the dual encoder only, run by ONNX Runtime
     DeepSpeed tag         runs/NAME/checkpoints/global_step{N}/ (complete: has vlp_state.json)
     checkpoints directory runs/NAME/checkpoints/ (its `latest` file names the tag)
 ZeRO-3 shards are consolidated with DeepSpeed's own zero_to_fp32 on CPU: no engine, no process
@@ -29,6 +32,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from vlp.models.onnx_encoders import GRAPH_FILES
 from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.data.files import read_json
 
@@ -38,6 +42,7 @@ STATE_FILE = "vlp_state.json"
 LATEST_FILE = "latest"
 RESUME_MODES = ("auto", "latest", "latest-valid", "none")
 EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+ONNX_FILES = tuple(GRAPH_FILES.values())
 _TAG = re.compile(rf"{TAG_PREFIX}(\d+)")
 
 
@@ -134,7 +139,7 @@ def resolve_resume(ckpt_dir: Path, mode: str) -> Path | None:
 @dataclass(frozen=True)
 class CheckpointInfo:
     path: str  # the export or tag directory actually loaded
-    kind: str  # "export" | "deepspeed"
+    kind: str  # "export" | "deepspeed" | "onnx"
     tag: str | None
     step: int | None
     config: dict
@@ -147,13 +152,18 @@ class LoadedModel(NamedTuple):
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[str, Path]:
-    """("export" | "deepspeed", directory) for any accepted path; resolves `latest`."""
+    """("export" | "onnx" | "deepspeed", directory) for any accepted path; resolves `latest`."""
     path = Path(path)
     if not path.is_dir():
         what = " (it is a file)" if path.is_file() else ""
         raise CheckpointError(f"checkpoint not found: {path} is not a directory{what}")
     if (path / "model.safetensors").exists():
         return "export", path
+    if any((path / name).exists() for name in ONNX_FILES):
+        missing = [name for name in ONNX_FILES if not (path / name).is_file()]
+        if missing:
+            raise CheckpointError(f"ONNX export {path} has no {', '.join(missing)}")
+        return "onnx", path
     if (path / LATEST_FILE).is_file():
         tag = (path / LATEST_FILE).read_text().strip()
         if not tag or not (path / tag).is_dir():
@@ -176,13 +186,55 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
             raise CheckpointError(f"checkpoint {directory} has no {name}")
     if kind == "export":
         model, tag, step = _load_export(directory), None, None
+    elif kind == "onnx":
+        model, tag, step = _load_onnx(directory, device), None, None
     else:
         tag, step = directory.name, read_state(directory)["step"]
         model = _build_model(read_json(directory / "config.json", "model config"), directory)
         _load_weights(model, _consolidate_zero(directory), directory)
     tokenizer = _load_tokenizer(directory / "tokenizer.json")
     info = CheckpointInfo(str(directory), kind, tag, step, model.config.to_dict())
-    return LoadedModel(model.to(device).eval(), tokenizer, info)
+    if kind != "onnx":  # ONNX Runtime sessions stay where they were created (the CPU)
+        model = model.to(device)
+    return LoadedModel(model.eval(), tokenizer, info)
+
+
+def require_full_model(loaded: LoadedModel, use: str) -> None:
+    """CheckpointError unless `loaded` has the whole model: an ONNX export holds the two encoders
+    only, enough for retrieval by embeddings but not for `use` (re-ranking, VQA, training)."""
+    if loaded.info.kind == "onnx":
+        raise CheckpointError(
+            f"{loaded.info.path} is an ONNX export of the image and text encoders only; {use} "
+            "needs the fusion layers and heads: use the export it was made from")
+
+
+def load_float_model(path: str | Path, use: str,
+                     device: str | torch.device = "cpu") -> LoadedModel:
+    """`load_model` for a use that needs the float weights (a warm start, a teacher, pruning):
+    CheckpointError for an ONNX export (encoders only) or an int8 one (rounded weights)."""
+    from vlp.models.quantize import quantization_record
+
+    loaded = load_model(path, device=device)
+    require_full_model(loaded, use)
+    if quantization_record(loaded.model) is not None:
+        raise CheckpointError(f"{use}: {loaded.info.path} is an int8 export (`vlp deploy "
+                              "quantize`); give the float export or checkpoint it was made from")
+    return loaded
+
+
+def _load_onnx(directory: Path, device: str | torch.device):
+    if torch.device(device).type != "cpu":
+        raise CheckpointError(f"ONNX export {directory} runs on the CPU (ONNX Runtime's CPU "
+                              f"provider), not on {device}")
+    from vlp.models.onnx_encoders import OnnxEncoders
+
+    try:
+        return OnnxEncoders(directory)
+    except ImportError as exc:
+        raise CheckpointError(f"{directory} is an ONNX export: install onnxruntime "
+                              "(pip install 'vlp[deploy]')") from exc
+    except Exception as exc:  # onnxruntime raises its own exception types for a bad graph
+        raise CheckpointError(f"cannot load ONNX export {directory}: {exc}") from exc
 
 
 def _load_export(directory: Path) -> torch.nn.Module:

@@ -1,1 +1,2 @@
-"""Deployment: turn a checkpoint into an export that serving and the eval jobs load (`vlp export`)."""
+"""Deployment: exports of a checkpoint for serving (`vlp export`) and compressed ones (`vlp
+deploy quantize|prune|distill|onnx`) that the eval jobs load unchanged."""

@@ -7,14 +7,33 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Consolidate `checkpoint` (tag dir, checkpoints dir or export dir) into `out_dir`."""
+def save_export(loaded, out_dir: str | Path) -> Path:
+    """Write a LoadedModel (its model, possibly changed in memory, and the tokenizer it was
+    loaded with) to `out_dir` in the export format."""
     from vlp.models.export import save_pretrained
-    from vlp.pipeline.data.checkpoints import load_model
 
-    loaded = load_model(checkpoint)
     tokenizer_path = Path(loaded.info.path) / "tokenizer.json"
     return save_pretrained(loaded.model, out_dir, tokenizer_path=tokenizer_path)
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Consolidate `checkpoint` (tag dir, checkpoints dir or export dir) into `out_dir`."""
+    from vlp.pipeline.data.checkpoints import load_model
+
+    return save_export(load_model(checkpoint), out_dir)
+
+
+def add_io_arguments(parser, out_help: str) -> None:
+    """--checkpoint (what a deploy command reads) and --out (what it writes)."""
+    parser.add_argument("--checkpoint", required=True,
+                        help="export, tag or checkpoints directory (uses `latest`)")
+    parser.add_argument("--out", required=True, help=out_help)
+
+
+def add_launch_arguments(parser) -> None:
+    """The launcher options of a deploy command that trains (as `vlp train` has them)."""
+    parser.add_argument("--nproc", type=int, help="ranks on this node (as `vlp train --nproc`)")
+    parser.add_argument("--master-port", type=int, default=29500)
 
 
 def _cmd_export(args) -> int:

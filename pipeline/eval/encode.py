@@ -19,8 +19,12 @@ from vlp.pipeline.distributed import fast_bf16
 from vlp.pipeline.eval.images import ImageRef, load_decodable_images, load_images
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def model_device(model) -> torch.device:
+    """Where `model` computes: its parameters' device, or the `device` an encoder backend without
+    parameters (vlp.models.onnx_encoders.OnnxEncoders) names."""
+    if isinstance(model, torch.nn.Module):
+        return next(model.parameters()).device
+    return model.device
 
 
 def autocast(device: torch.device, bf16: bool):

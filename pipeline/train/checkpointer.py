@@ -73,8 +73,13 @@ class Checkpointer:
         return lambda partial_dir: self.before_publish(step, partial_dir)
 
     def load(self, tag_dir: Path) -> dict:
-        """Restore the engine (weights, optimizer, schedule) from `tag_dir`; its client_state."""
-        _, client_state = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag_dir.name)
+        """Restore the engine (weights, optimizer, schedule) from `tag_dir`; its client_state.
+
+        Frozen parameters (a distillation teacher) were left out when saving and keep the
+        values the run loaded from their own source, so their absence is not an error."""
+        frozen = any(not p.requires_grad for p in self.engine.module.parameters())
+        _, client_state = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag_dir.name,
+                                                      load_module_strict=not frozen)
         if client_state is None:
             raise CheckpointError(f"DeepSpeed could not load {tag_dir}")
         return client_state
@@ -94,7 +99,10 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, metad
     if rank == 0:
         shutil.rmtree(ckpt_dir / partial, ignore_errors=True)
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=partial, client_state=client_state, save_latest=False)
+    # Frozen parameters (a distillation teacher) are not the run's weights: they are left out,
+    # so the tag consolidates to exactly the trained model.
+    engine.save_checkpoint(str(ckpt_dir), tag=partial, client_state=client_state, save_latest=False,
+                           exclude_frozen_parameters=True)
     dist.barrier()  # every rank's shard files are on disk
     final = ckpt_dir / tag
     if rank == 0:

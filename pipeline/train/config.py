@@ -50,12 +50,38 @@ class ModelSection:
     init_from: str | None = None
     """Warm start: the weights of an export or a training checkpoint (any path `vlp export`
     takes) with this run's model config; fresh optimizer, schedule and data order. Ignored when
-    the run resumes from its own checkpoint."""
+    the run resumes from its own checkpoint, except that the zeros of a pruned source (`vlp
+    deploy prune`) stay zero for the whole run."""
 
     def __post_init__(self):
         weights = (self.itc_weight, self.itm_weight, self.mlm_weight, self.lm_weight)
         _check("model", [(min(weights) >= 0 and max(weights) > 0,
                           f"*_weight must be >= 0 and not all 0, got {weights}")])
+
+
+@dataclass
+class DistillSection:
+    teacher: str | None = None
+    """Knowledge distillation: the frozen teacher, an export or a training checkpoint (any path
+    `vlp export` takes) with this run's image size and tokenizer; it runs under no_grad inside
+    the student's forward. None: no distillation."""
+    itc_weight: float = 1.0
+    """Weight of the KL between the teacher's and the student's softened ITC similarities
+    (needs model.itc_weight > 0)."""
+    mlm_weight: float = 0.0
+    """Weight of the KL between their masked-token predictions on the fused caption (needs
+    model.mlm_weight > 0; 0 skips the teacher's fused pass)."""
+    temperature: float = 1.0
+    """Softening temperature T: both sides' logits are divided by T, the KL multiplied by T^2."""
+
+    def __post_init__(self):
+        _check("distill", [
+            (min(self.itc_weight, self.mlm_weight) >= 0,
+             f"itc_weight and mlm_weight must be >= 0, got {self.itc_weight}, {self.mlm_weight}"),
+            (self.teacher is None or self.itc_weight + self.mlm_weight > 0,
+             "itc_weight and mlm_weight are both 0: give one a weight, or unset distill.teacher"),
+            (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+        ])
 
 
 @dataclass
@@ -166,6 +192,7 @@ class TrainConfig:
     """torch.distributed backend; None: nccl on CUDA, gloo on CPU. Per device type with e.g.
     'cpu:gloo,cuda:nccl'."""
     model: ModelSection = field(default_factory=ModelSection)
+    distill: DistillSection = field(default_factory=DistillSection)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimSection = field(default_factory=OptimSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
@@ -173,8 +200,14 @@ class TrainConfig:
     faults: FaultSection = field(default_factory=FaultSection)
 
     def __post_init__(self):
-        _check("config", [(self.dist_timeout_s >= 1,
-                           f"dist_timeout_s must be >= 1, got {self.dist_timeout_s}")])
+        distill, model = self.distill, self.model
+        _check("config", [
+            (self.dist_timeout_s >= 1, f"dist_timeout_s must be >= 1, got {self.dist_timeout_s}"),
+            (not distill.teacher or not distill.itc_weight or model.itc_weight,
+             "distill.itc_weight > 0 reads the student's ITC pass: model.itc_weight is 0"),
+            (not distill.teacher or not distill.mlm_weight or model.mlm_weight,
+             "distill.mlm_weight > 0 reads the student's MLM pass: model.mlm_weight is 0"),
+        ])
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -20,7 +20,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from vlp.pipeline.data.checkpoints import CheckpointError, read_state, resolve_resume
+from vlp.pipeline.data.checkpoints import (
+    CheckpointError,
+    load_float_model,
+    read_state,
+    resolve_resume,
+)
 from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.distributed import fast_bf16, init_distributed
 from vlp.pipeline.train.checkpointer import Checkpointer
@@ -68,7 +73,7 @@ class Trainer:
         from vlp.models.config import load_config
         from vlp.models.export import config_meta
         from vlp.models.flops import flops_per_sample
-        from vlp.models.model import LossWeights, UnifiedModel
+        from vlp.models.model import LossWeights
         from vlp.pipeline.data.loader import build_train_loader
         from vlp.pipeline.data.tokenizer import load_tokenizer
 
@@ -104,9 +109,14 @@ class Trainer:
         weights = LossWeights(itc=cfg.model.itc_weight, itm=cfg.model.itm_weight,
                               mlm=cfg.model.mlm_weight, lm=cfg.model.lm_weight)
         with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero.get("stage") == 3):
-            model = UnifiedModel(model_config, loss_weights=weights)
-        if cfg.model.init_from and resume_tag is None:
-            self._warm_start(model, cfg.model.init_from)
+            model = self._build_model(model_config, weights)
+        if cfg.model.init_from:
+            source = load_float_model(cfg.model.init_from, "model.init_from")
+            if resume_tag is None:
+                self._warm_start(model, source)
+            self._keep_pruned(model, source.model)
+        if cfg.distill.teacher:
+            self._attach_teacher(model, cfg.distill.teacher)
         self.optimizer = build_optimizer(model, cfg.optim, offload)
         # A factory: ZeRO wraps the optimizer and the schedule must drive the wrapped one.
         self.engine, _, _, _ = deepspeed.initialize(
@@ -143,14 +153,53 @@ class Trainer:
             (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main)
 
-    def _warm_start(self, model: torch.nn.Module, path: str) -> None:
-        """Copy the weights of a checkpoint or export into `model` before DeepSpeed builds its
-        optimizer from them (ZeRO-3: each parameter gathered, written on rank 0, re-partitioned)."""
+    def _build_model(self, model_config, weights) -> torch.nn.Module:
+        """The model to train: a UnifiedModel, or a DistilledModel when distill.teacher is set."""
+        from vlp.models.distill import DistilledModel, DistillWeights
+        from vlp.models.model import UnifiedModel
+
+        distill = self.cfg.distill
+        if not distill.teacher:
+            return UnifiedModel(model_config, loss_weights=weights)
+        return DistilledModel(model_config, loss_weights=weights, distill=DistillWeights(
+            itc=distill.itc_weight, mlm=distill.mlm_weight, temperature=distill.temperature))
+
+    def _attach_teacher(self, model: torch.nn.Module, path: str) -> None:
+        """Load the frozen teacher (full weights on every rank; deepspeed.initialize then
+        partitions it under ZeRO-3) and attach it to the student."""
+        teacher = load_float_model(path, "distill.teacher", self.device)
+        try:
+            model.attach_teacher(teacher.model)
+        except ValueError as exc:
+            raise UserError(f"distill.teacher {path}: {exc}") from exc
+        if self.is_main:
+            print(f"distillation: teacher {teacher.info.path} (step {teacher.info.step}, width "
+                  f"{teacher.model.config.width}), frozen, in the student's forward", flush=True)
+
+    def _keep_pruned(self, model: torch.nn.Module, source: torch.nn.Module) -> None:
+        """A pruned warm start keeps its zeros: its pruned layers are masked in forward
+        (vlp.models.sparsity), so they get zero gradient and stay exactly zero; the run's
+        checkpoints carry the pruning record."""
+        from vlp.models.sparsity import keep_zeros, pruning_record, set_pruning_record, zero_masks
+
+        masks = zero_masks(source)
+        if not masks:
+            return
+        keep_zeros(model, masks)
+        set_pruning_record(model, pruning_record(source))
+        if self.is_main:
+            kept = sum(int(m.sum()) for m in masks.values())
+            total = sum(m.numel() for m in masks.values())
+            print(f"pruned warm start: {len(masks)} layers keep their zeros "
+                  f"(sparsity {1 - kept / total:.3f})", flush=True)
+
+    def _warm_start(self, model: torch.nn.Module, source) -> None:
+        """Copy the weights of a loaded checkpoint or export into `model` before DeepSpeed builds
+        its optimizer from them (ZeRO-3: each parameter gathered, written on rank 0,
+        re-partitioned)."""
         import deepspeed
 
-        from vlp.pipeline.data.checkpoints import load_model
-
-        source = load_model(path)
+        path = source.info.path
         theirs, ours = source.info.config, model.config.to_dict()
         differing = sorted(k for k in ours if theirs.get(k) != ours[k])
         if differing:

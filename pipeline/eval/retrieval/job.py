@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from vlp.pipeline.data.checkpoints import LoadedModel, load_model
+from vlp.pipeline.data.checkpoints import LoadedModel, load_model, require_full_model
 from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.data.files import write_json_atomic
 from vlp.pipeline.data.tokenizer import tokenize
@@ -59,7 +59,10 @@ def evaluate_retrieval(
     image_emb = encode_images(loaded.model, dataset.images, config["image_size"], batch_size, bf16)
     text_emb = encode_texts(loaded.model, loaded.tokenizer, dataset.captions,
                             config["max_text_len"], batch_size * 4, bf16)
-    scorer = ItmScorer(loaded, dataset, batch_size, bf16) if rerank_k > 0 else None
+    scorer = None
+    if rerank_k > 0:
+        require_full_model(loaded, "ITM re-ranking (rerank_k > 0)")
+        scorer = ItmScorer(loaded, dataset, batch_size, bf16)
     metrics = retrieval_recalls(image_emb, text_emb, dataset.text_to_image, chunk=chunk,
                                 rerank_k=rerank_k, pair_scorer=scorer)
     result = {

@@ -16,7 +16,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from vlp.pipeline.data.checkpoints import LoadedModel, load_model
+from vlp.pipeline.data.checkpoints import LoadedModel, load_model, require_full_model
 from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.data.files import write_json_atomic
 from vlp.pipeline.eval.finetune import FinetuneConfig
@@ -62,6 +62,7 @@ def evaluate_vqa(
     evaluation = load_vqa_split(*files["eval"], root or files["eval"][0].parent, image_pattern)
     vocab = AnswerVocab.build(train, min_answer_count)
     loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint)
+    require_full_model(loaded, "VQA (a fine-tuned head on the fused encoder)")
 
     start = time.perf_counter()
     cfg = FinetuneConfig(steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,

@@ -1,0 +1,98 @@
+"""int8 exports: the Int8Linear kernels on inputs with known answers, and `vlp deploy quantize`
+writing an export that load_model and the retrieval eval load unchanged."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from deploy_helpers import write_tiny_export
+
+from vlp.models.quantize import Int8Linear, quantize_layers, quantize_weight
+from vlp.pipeline.cli import main as vlp
+from vlp.pipeline.data.checkpoints import CheckpointError, load_model
+from vlp.pipeline.eval.retrieval.job import evaluate_retrieval
+
+
+def representable_linear(out_features=6, in_features=10, seed=0) -> torch.nn.Linear:
+    """A Linear layer whose weights are exactly int8 * scale, with each row reaching 127 and
+    power-of-two scales (so max|row| / 127 gives the scale back without rounding)."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (out_features, in_features), generator=generator)
+    q[:, 0] = 127
+    scale = 2.0 ** -torch.randint(3, 9, (out_features,), generator=generator).float()
+    linear = torch.nn.Linear(in_features, out_features)
+    with torch.no_grad():
+        linear.weight.copy_(q.float() * scale[:, None])
+        linear.bias.copy_(torch.randn(out_features, generator=generator))
+    return linear
+
+
+def test_quantize_weight_recovers_representable_weights_exactly():
+    linear = representable_linear()
+    q, scale = quantize_weight(linear.weight)
+    assert q.dtype == torch.int8 and int(q[:, 0].min()) == 127
+    assert torch.equal(q.float() * scale[:, None], linear.weight.detach())
+    zero_row = quantize_weight(torch.zeros(2, 3))  # a pruned row stays zero
+    assert torch.equal(zero_row[0], torch.zeros(2, 3, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "weight_only"])
+def test_int8_linear_equals_the_float_layer_on_representable_inputs(mode):
+    # Weights are int8 * scale and the inputs integers in [0, 127] (7-bit activations with
+    # scale 1): the int8 GEMM accumulates exactly, so only fp32 rounding separates the two.
+    linear = representable_linear()
+    layer = Int8Linear.from_linear(linear, mode)
+    x = torch.randint(0, 128, (3, 4, 10)).float()
+    x[0, 0, 0] = 127  # the activation range is [0, 127] exactly
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-4)
+
+
+def test_dynamic_int8_runs_the_int8_kernel_and_weight_only_does_not():
+    # Inputs off the 7-bit grid: the dynamic layer rounds them, the weight-only one does not.
+    linear = representable_linear()
+    x = torch.linspace(-3, 3, 40).reshape(4, 10)
+    with torch.no_grad():
+        exact = F.linear(x, linear.weight, linear.bias)
+        weight_only = Int8Linear.from_linear(linear, "weight_only")(x)
+        dynamic = Int8Linear.from_linear(linear, "dynamic")(x)
+    torch.testing.assert_close(weight_only, exact, rtol=1e-6, atol=1e-5)
+    assert (dynamic - exact).abs().max() > 1e-4
+    # ...and trains through the dequantized weights when the input needs a gradient.
+    x.requires_grad_(True)
+    Int8Linear.from_linear(linear, "dynamic")(x).sum().backward()
+    torch.testing.assert_close(x.grad, linear.weight.detach().sum(0).expand(4, 10))
+
+
+def test_quantize_command_writes_an_export_every_eval_loads(tmp_path, world_dir):
+    fp32 = write_tiny_export(world_dir, tmp_path / "fp32")
+    out = tmp_path / "int8"
+    assert vlp(["deploy", "quantize", "--checkpoint", str(fp32), "--out", str(out)]) == 0
+
+    layers = json.loads((out / "config.json").read_text())["quantization"]["layers"]
+    assert layers["blocks.0.attn.qkv"] == "dynamic" and layers["text_proj"] == "dynamic"
+    assert layers["blocks.1.ffn_vl.fc1"] == "weight_only"  # the fusion layer (TINY: depth 2)
+    assert "itm_head" not in layers and "mlm_head.dense" not in layers
+    loaded = load_model(out)
+    assert {n for n, m in loaded.model.named_modules() if isinstance(m, Int8Linear)} == set(layers)
+    size = {p: (p / "model.safetensors").stat().st_size for p in (fp32, out)}
+    assert size[out] < 0.6 * size[fp32]
+
+    # The export holds exactly the weights an in-memory conversion gives.
+    reference = quantize_layers(load_model(fp32).model, layers)
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(loaded.model.encode_image(images), reference.encode_image(images))
+
+    result = evaluate_retrieval(out, karpathy_json=world_dir / "retrieval/dataset_synth.json",
+                                image_root=world_dir / "retrieval", rerank_k=2)
+    assert result["num_images"] == 32 and result["model"] == str(out)
+
+
+def test_unknown_quantization_scheme_is_a_clear_error(tmp_path, world_dir):
+    out = write_tiny_export(world_dir, tmp_path / "export")
+    config = json.loads((out / "config.json").read_text())
+    config["quantization"] = {"scheme": "int4-groupwise", "layers": {}}
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="int4-groupwise"):
+        load_model(out)
