@@ -157,8 +157,8 @@ class DistilledModel(UnifiedModel):
                "text": teacher.encode_text(text_ids, text_mask)}
         if self.distill.mlm:
             masked = teacher.text_states(mlm_ids, text_mask)
-            fused = teacher.fuse(image_states, masked, text_mask,
-                                 queries=slice(image_states.size(1), None))
+            fused = teacher.fuse(teacher.image_memory(image_states), masked, text_mask,
+                                 queries=slice(1, None))
             out["mlm"] = teacher.mlm_head(fused)  # (B, T, vocab)
         return out
 
