@@ -132,7 +132,8 @@ class MultiwayBlock(nn.Module):
         attended = self.attn(self.norm(x), key_padding_mask, queries, attn_mask=attn_mask,
                              cache=cache)
         if queries is not None:
-            start = queries.indices(x.size(1))[0]
+            # queries are plain slices (CLS, the text); slice.indices would fix a traced length
+            start = queries.start or 0
             x = x[:, queries]
             split = min(max(split - start, 0), x.size(1))  # the image/text boundary within x
         x = x + self.dropout(attended)
