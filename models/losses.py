@@ -43,25 +43,33 @@ def contrastive_loss(
     return loss, accuracy.detach(), local_sim
 
 
-def hard_negatives(sim: torch.Tensor, same: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def hard_negatives(sim: torch.Tensor, same: torch.Tensor | None = None,
+                   uniform_share: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one negative per row and per column of `sim` (B, B), B >= 2, as in ALBEF.
 
     Image i gets text j != i with probability softmax_j(sim[i]) renormalised without the positive;
     text j gets image i != j likewise from sim[:, j]. Masking with -inf makes the positive's
     probability exactly zero. Pairs marked in `same` (B, B) (e.g. identical captions: false
-    negatives) are only drawn when a row has nothing else. Sampling is Gumbel-max,
-    argmax(logits + Gumbel noise), which draws from the same distribution as torch.multinomial
-    without its host-syncing validity checks.
+    negatives) are only drawn when a row has nothing else. Each image and each text draws
+    uniformly instead with probability `uniform_share`: a fusion encoder trained from scratch on
+    hard negatives alone can stay at the constant prediction for hundreds of steps, and easier
+    negatives give it a signal to start from. Sampling is Gumbel-max, argmax(logits + Gumbel
+    noise), which draws from the same distribution as torch.multinomial without its host-syncing
+    validity checks.
     Returns (negative text per image (B,), negative image per text (B,)).
     """
-    positive = torch.eye(sim.size(0), dtype=torch.bool, device=sim.device)
+    B = sim.size(0)
+    positive = torch.eye(B, dtype=torch.bool, device=sim.device)
+    uniform = torch.rand(2, B, device=sim.device) < uniform_share  # (images, texts) drawing so
+
+    def candidates(logits: torch.Tensor) -> torch.Tensor:
+        if same is not None:
+            logits = logits.masked_fill(same, -1e9)
+        return logits.masked_fill(positive, float("-inf"))
+
     sim = sim.float()
-    if same is not None:
-        sim = sim.masked_fill(same, -1e9)
-    sim = sim.masked_fill(positive, float("-inf"))
-    text_for_image = gumbel_argmax(sim)
-    image_for_text = gumbel_argmax(sim.T)
+    text_for_image = gumbel_argmax(candidates(sim.masked_fill(uniform[0][:, None], 0.0)))
+    image_for_text = gumbel_argmax(candidates(sim.masked_fill(uniform[1][None, :], 0.0)).T)
     return text_for_image, image_for_text
 
 

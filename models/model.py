@@ -156,6 +156,7 @@ class UnifiedModel(nn.Module):
         self.mlm_head = MLMHead(config, self.text_embed.token)
         self.vqa_head: nn.Sequential | None = None
         self.vqa_fusion = "fused"
+        self.itm_uniform_negatives = 0.0  # share of ITM negatives drawn uniformly (hard_negatives)
         # Under deepspeed.zero.Init, DeepSpeed wraps Module.apply to gather each module's
         # partitioned parameters around the init function, so this init is not lost.
         self.apply(self._init_weights)
@@ -262,6 +263,10 @@ class UnifiedModel(nn.Module):
         """(B, T) ids and mask -> L2-normalised retrieval embedding (B, embed_dim)."""
         return self.text_embedding(self.text_states(text_ids, text_mask), text_mask)
 
+    def itc_logit_scale(self) -> torch.Tensor:
+        """The ITC logits' scale, 1 / temperature, clamped as CLIP's (0-dim)."""
+        return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp().squeeze(0)
+
     # ---- fusion encoder --------------------------------------------------------------------
 
     def image_memory(self, image_states: torch.Tensor) -> ImageMemory:
@@ -365,7 +370,7 @@ class UnifiedModel(nn.Module):
         losses, out = {}, {}
         sim = None
         if weights.itc:
-            scale = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp().squeeze(0)
+            scale = self.itc_logit_scale()
             image_emb = self.image_embedding(image_states)  # (B, embed_dim)
             text_emb = self.text_embedding(text_states, text_mask)
             losses["itc"], out["itc_acc"], sim = contrastive_loss(image_emb, text_emb, scale)
@@ -400,7 +405,7 @@ class UnifiedModel(nn.Module):
         if B > 1:
             sim = text_states.new_zeros(B, B) if sim is None else sim  # uniform without ITC
             same_text = (text_ids[:, None] == text_ids[None, :]).all(dim=-1)  # (B, B)
-            neg_text, neg_image = hard_negatives(sim, same_text)
+            neg_text, neg_image = hard_negatives(sim, same_text, self.itm_uniform_negatives)
             # (B, ...) -> (3B, ...): positives, (image, negative text), (negative image, text)
             memory = memory.select(torch.cat([torch.arange(B, device=neg_image.device)] * 2
                                              + [neg_image]))

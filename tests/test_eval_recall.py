@@ -120,6 +120,29 @@ def test_an_inverted_reranker_drops_each_hit_to_the_bottom_of_the_top_k():
         base["image_retrieval_recall@5"])
 
 
+def test_the_itc_logit_decides_where_the_pair_score_is_silent():
+    """Re-ranking by pair score + itc_weight * cosine: a constant pair score keeps the ITC order
+    exactly; a pair score that separates by more than the ITC logits' spread overrides it."""
+    images, texts, t2i = random_set(num_images=30, per_image=1, seed=5)
+    truth = torch.as_tensor(t2i)
+    base = retrieval_recalls(images, texts, t2i)
+    silent = retrieval_recalls(images, texts, t2i, rerank_k=5, itc_weight=10.0,
+                               pair_scorer=lambda t, i: torch.full(t.shape, 3.0))
+    assert {key[9:]: value for key, value in silent.items() if key.startswith("reranked_")} == (
+        pytest.approx(base))
+    # A weak oracle (+-0.5) under a large ITC weight moves nothing; under ITC weight 0 it lifts
+    # every hit of the top 5 to rank 1.
+    weak = lambda t, i: (truth[t] == i).float() - 0.5  # noqa: E731
+    outvoted = retrieval_recalls(images, texts, t2i, rerank_k=5, itc_weight=1000.0,
+                                 pair_scorer=weak)
+    assert outvoted["reranked_image_retrieval_recall@1"] == pytest.approx(
+        base["image_retrieval_recall@1"])
+    alone = retrieval_recalls(images, texts, t2i, rerank_k=5, pair_scorer=weak)
+    assert alone["reranked_image_retrieval_recall@1"] == pytest.approx(
+        base["image_retrieval_recall@5"])
+    assert base["image_retrieval_recall@1"] < base["image_retrieval_recall@5"]  # room to move
+
+
 def test_chance_is_the_average_of_random_embeddings():
     t2i = [i for i in range(50) for _ in range(5)]
     chance = chance_recalls(50, t2i)

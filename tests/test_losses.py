@@ -34,6 +34,18 @@ def test_hard_negatives_prefer_similar_pairs():
     assert sum(i[2].item() == 0 for _, i in draws) > 150
 
 
+def test_a_uniform_share_of_negatives_ignores_the_similarities():
+    """Image 0 looks like caption 2 only: with uniform_share u it draws caption 2 with probability
+    (1 - u) * ~1 + u / 3 (a uniform draw among the 3 other captions), and never itself."""
+    torch.manual_seed(0)
+    sim = torch.zeros(4, 4)
+    sim[0, 2] = sim[2, 0] = 50.0
+    for share, expected in ((0.0, 1.0), (0.5, 0.5 + 0.5 / 3), (1.0, 1 / 3)):
+        draws = torch.stack([hard_negatives(sim, uniform_share=share)[0] for _ in range(3000)])
+        assert not (draws == torch.arange(4)).any()
+        assert (draws[:, 0] == 2).float().mean().item() == pytest.approx(expected, abs=0.03)
+
+
 def test_identical_captions_are_not_drawn_as_negatives_while_others_exist():
     sim = torch.zeros(4, 4)
     sim[0, 1] = sim[1, 0] = 50.0  # image 0 looks most like caption 1 (and caption 0 like image 1)

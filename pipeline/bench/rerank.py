@@ -100,9 +100,9 @@ def run(args) -> int:
         text_emb = encode_texts(model, loaded.tokenizer, dataset.captions, config.max_text_len,
                                 args.batch * 4, bf16)
     t2i = torch.as_tensor(dataset.text_to_image)
-    _, t2i_top = itc_ranks(text_emb, image_emb, t2i[:, None], top_k=args.k)
-    _, i2t_top = itc_ranks(image_emb, text_emb, captions_per_image(t2i, len(image_emb)),
-                           top_k=args.k)
+    _, t2i_top, _ = itc_ranks(text_emb, image_emb, t2i[:, None], top_k=args.k)
+    _, i2t_top, _ = itc_ranks(image_emb, text_emb, captions_per_image(t2i, len(image_emb)),
+                              top_k=args.k)
     pairs = []
 
     def scorer(text_idx, image_idx):

@@ -44,6 +44,10 @@ class ModelSection:
     """Weight of the image-text matching loss with hard negatives (0 skips it)."""
     mlm_weight: float = 1.0
     """Weight of the masked-language loss on the fused caption (0 skips it)."""
+    itm_uniform_negatives: float = 0.0
+    """Share of ITM negatives drawn uniformly from the batch instead of by ITC similarity (hard
+    negatives): a fusion encoder trained from scratch on hard negatives alone can sit at the
+    constant prediction for hundreds of steps (docs/fusion.md)."""
     lm_weight: float = 0.0
     """Weight of the captioning loss: next-token prediction of the caption from its image under
     the sequence-to-sequence mask (0 skips it; `vlp eval caption --steps N` fine-tunes it)."""
@@ -55,8 +59,12 @@ class ModelSection:
 
     def __post_init__(self):
         weights = (self.itc_weight, self.itm_weight, self.mlm_weight, self.lm_weight)
-        _check("model", [(min(weights) >= 0 and max(weights) > 0,
-                          f"*_weight must be >= 0 and not all 0, got {weights}")])
+        _check("model", [
+            (min(weights) >= 0 and max(weights) > 0,
+             f"*_weight must be >= 0 and not all 0, got {weights}"),
+            (0 <= self.itm_uniform_negatives <= 1,
+             f"itm_uniform_negatives must be in [0, 1], got {self.itm_uniform_negatives}"),
+        ])
 
 
 @dataclass

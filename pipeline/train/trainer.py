@@ -110,6 +110,7 @@ class Trainer:
                               mlm=cfg.model.mlm_weight, lm=cfg.model.lm_weight)
         with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero.get("stage") == 3):
             model = self._build_model(model_config, weights)
+        model.itm_uniform_negatives = cfg.model.itm_uniform_negatives
         if cfg.model.init_from:
             source = load_float_model(cfg.model.init_from, "model.init_from")
             if resume_tag is None:

@@ -6,8 +6,11 @@ need the rank of its best positive: the number of negatives scoring at least as 
 against the query, so a collapsed model (all embeddings equal) scores 0, not 1.
 
 Re-ranking (ALBEF/BLIP): each query's top `rerank_k` candidates by ITC are put in the order of a
-pair score (the ITM head's match log-odds); the rest keep their ITC order below them. The pairs
-of both directions are scored in one call, each distinct (caption, image) pair once.
+pair score, the rest keep their ITC order below them. The score is the ITM head's match log-odds
+plus the ITC logit (the cosine times the model's learnt logit scale): a product of the two
+experts, log p_ITC + log-odds_ITM up to a per-query constant, so the fused encoder re-orders
+where it is confident and ITC decides where it is not (with `itc_weight=0`, ITM alone, as
+ALBEF). The pairs of both directions are scored in one call, each distinct pair once.
 
 Key names follow CLIP_benchmark: `image_retrieval_recall@k` is text->image (a caption retrieves
 its image), `text_retrieval_recall@k` is image->text (an image retrieves any of its captions).
@@ -24,15 +27,18 @@ PairScorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def itc_ranks(query_emb: torch.Tensor, cand_emb: torch.Tensor, positives: torch.Tensor,
-              chunk: int = 1024, top_k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+              chunk: int = 1024, top_k: int = 0
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rank (0 = first) of each query's best-scoring positive, and its top `top_k` candidates.
 
     positives (N_query, P): candidate indices of each query's positives, padded with -1. Returns
-    (ranks (N_query,), -1 for a query without positive; top candidates (N_query, top_k)).
+    (ranks (N_query,), -1 for a query without positive; top candidates (N_query, top_k); their
+    similarities (N_query, top_k)).
     """
     query_emb, cand_emb = query_emb.float(), cand_emb.float()
     ranks = torch.empty(len(query_emb), dtype=torch.long)
     top = torch.empty(len(query_emb), min(top_k, len(cand_emb)), dtype=torch.long)
+    top_sims = torch.empty(top.shape)
     for start in range(0, len(query_emb), chunk):
         idx = torch.arange(start, min(start + chunk, len(query_emb)))
         scores = query_emb[idx] @ cand_emb.T  # (Q, N)
@@ -43,8 +49,8 @@ def itc_ranks(query_emb: torch.Tensor, cand_emb: torch.Tensor, positives: torch.
         rank = (scores >= best).sum(dim=1) - (pos_scores >= best).sum(dim=1)
         ranks[idx] = torch.where(pos.ge(0).any(dim=1), rank, torch.full_like(rank, -1))
         if top.size(1):
-            top[idx] = scores.topk(top.size(1), dim=1).indices
-    return ranks, top
+            top_sims[idx], top[idx] = scores.topk(top.size(1), dim=1)
+    return ranks, top, top_sims
 
 
 def reranked_ranks(ranks: torch.Tensor, top: torch.Tensor, top_scores: torch.Tensor,
@@ -68,27 +74,31 @@ def retrieval_recalls(
     chunk: int = 1024,
     rerank_k: int = 0,
     pair_scorer: PairScorer | None = None,
+    itc_weight: float = 0.0,
 ) -> dict[str, float]:
     """Text->image and image->text recall@k and their mean, CLIP_benchmark key names.
 
     image_emb (N_img, D) and text_emb (N_txt, D) are L2-normalised; text_to_image[t] is the image
     of caption t. Images without captions stay in the text->image gallery and are left out of the
     image->text average. With `pair_scorer` and `rerank_k`, each query's top `rerank_k` are also
-    re-ranked by the scorer, and the same metrics after re-ranking are added as "reranked_<key>".
+    re-ranked by the scorer's score plus `itc_weight` times the cosine, and the same metrics after
+    re-ranking are added as "reranked_<key>".
     """
     t2i = torch.as_tensor(text_to_image, dtype=torch.long)
     if len(t2i) != len(text_emb):
         raise ValueError(f"text_to_image has {len(t2i)} entries for {len(text_emb)} captions")
     k = rerank_k if pair_scorer is not None else 0
     t2i_pos, i2t_pos = t2i[:, None], captions_per_image(t2i, len(image_emb))
-    t2i_ranks, t2i_top = itc_ranks(text_emb, image_emb, t2i_pos, chunk, k)  # top images
-    i2t_ranks, i2t_top = itc_ranks(image_emb, text_emb, i2t_pos, chunk, k)  # top captions
+    t2i_ranks, t2i_top, t2i_sims = itc_ranks(text_emb, image_emb, t2i_pos, chunk, k)  # images
+    i2t_ranks, i2t_top, i2t_sims = itc_ranks(image_emb, text_emb, i2t_pos, chunk, k)  # captions
     has_caption = i2t_ranks >= 0
     metrics = recalls_from_ranks(t2i_ranks, i2t_ranks[has_caption], ks)
     if k:
         t2i_scores, i2t_scores = score_pairs(pair_scorer, t2i_top, i2t_top)
-        t2i_ranks = reranked_ranks(t2i_ranks, t2i_top, t2i_scores, t2i_pos)
-        i2t_ranks = reranked_ranks(i2t_ranks, i2t_top, i2t_scores, i2t_pos)
+        t2i_ranks = reranked_ranks(t2i_ranks, t2i_top, t2i_scores + itc_weight * t2i_sims,
+                                   t2i_pos)
+        i2t_ranks = reranked_ranks(i2t_ranks, i2t_top, i2t_scores + itc_weight * i2t_sims,
+                                   i2t_pos)
         reranked = recalls_from_ranks(t2i_ranks, i2t_ranks[has_caption], ks)
         metrics.update({f"reranked_{key}": value for key, value in reranked.items()})
     return metrics
