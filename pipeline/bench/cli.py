@@ -1,4 +1,4 @@
-"""`vlp bench train | attention | loader | zero | eval`: performance benchmarks.
+"""`vlp bench train | attention | loader | zero | eval | comms | smoke`: performance benchmarks.
 
 Each benchmark times our implementation and a reference in the same run, reports the ratio of
 medians over `--repeats`, prints a table and writes JSON (`--out`, default bench_out/NAME.json).
@@ -17,6 +17,8 @@ BENCHMARKS = [
     ("loader", "vlp.pipeline.bench.loader", "our loader vs a plain webdataset+PIL pipeline"),
     ("zero", "vlp.pipeline.bench.zero", "ZeRO-3 memory per rank and step time vs ZeRO-2 / 1 process"),
     ("eval", "vlp.pipeline.bench.eval_recall", "chunked retrieval recall vs full score matrix"),
+    ("comms", "vlp.pipeline.bench.comms",
+     "collectives per ZeRO step on a 2-node loopback world, measured vs predicted; hook time"),
     ("smoke", "vlp.pipeline.bench.smoke",
      "a short real training run on this machine's devices, resumed, then evaluated"),
 ]
