@@ -151,3 +151,72 @@ def test_two_node_run_sends_exactly_the_predicted_collectives(tmp_path):
     assert kinds["post_sub_module_forward_function"]["calls_per_step"] == entries
     assert hooks["calls_per_step"] == sum(kind["calls_per_step"] for kind in kinds.values())
     assert hooks["fit"]["calls"] == hooks["calls_per_step"]  # one timed step in --quick
+
+
+def test_projection_exposes_what_compute_cannot_hide():
+    """The first two forward all-gathers, the last gradient bucket and everything after backward
+    are exposed; the rest only beyond the forward (1/3) and backward (2/3) compute time."""
+    from vlp.pipeline.bench.scaling import collective_seconds, exposed_comm
+
+    zero = ZeroSettings(stage=3, reduce_bucket_size=200, prefetch_bucket_size=100,
+                        persistence_threshold=4)
+    step = step_collectives(TRACE, zero, world=8, dtype_bytes=2)
+    cluster = Cluster()
+    forward = [c for c in step if c.phase == "forward"]
+    backward = [c for c in step if c.phase == "backward"]
+    after = [c for c in step if c.phase == "step"]
+    assert len(forward) == 3 and len(backward) == 3
+
+    def seconds(calls):
+        return sum(collective_seconds(c, 8, 1, cluster) for c in calls)
+
+    always = seconds(forward[:2]) + seconds(backward[-1:]) + seconds(after)
+    assert exposed_comm(step, 8, 1, cluster, compute_s=1.0) == pytest.approx(always)
+    assert exposed_comm(step, 8, 1, cluster, compute_s=0.0) == pytest.approx(seconds(step))
+
+
+def test_projection_bounds_the_step_with_compute_communication_and_zero3_hooks():
+    """1 TFLOP per sample at batch 128 on 8 nodes: compute is 128 / (MFU x 989) s; ZeRO-3 adds
+    the hooks' host time (calls x seconds x 0.5-2), ZeRO-2 none; the step's low end overlaps
+    everything, its high end adds it all up; the first bottleneck is the largest middle."""
+    from vlp.pipeline.bench.scaling import project
+
+    def flops(config, global_batch):
+        assert global_batch == 128 * 64
+        return 1e12
+
+    zero3 = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 200,
+                                   "stage3_prefetch_bucket_size": 100,
+                                   "stage3_param_persistence_threshold": 4}}
+    cheap_hooks = {"calls_per_step": 1000, "mean_s": 100e-6}  # 0.1 s of host time per step
+    p = project(TRACE, zero3, 8, None, cheap_hooks, flops)
+    compute = (128 / (0.35 * 989), 128 / (0.25 * 989))
+    assert (p["compute_s"].low, p["compute_s"].high) == pytest.approx(compute)
+    assert (p["host_s"].low, p["host_s"].high) == pytest.approx((0.05, 0.2))
+    comm = p["exposed_comm_s"]
+    assert p["step_s"].low == pytest.approx(compute[0] + comm.low)
+    assert p["step_s"].high == pytest.approx(compute[1] + comm.high + 0.2)
+    assert p["first_bottleneck"] == "GPU compute"
+    assert p["wall_hours"].high == pytest.approx(4e9 / (64 * 128 / p["step_s"].high) / 3600)
+
+    slow_hooks = {"calls_per_step": 1000, "mean_s": 1e-3}  # 1 s: more than the compute
+    p = project(TRACE, zero3, 8, None, slow_hooks, flops)
+    assert p["step_s"].low == pytest.approx(0.5)  # the host, running ahead, sets the pace
+    assert p["first_bottleneck"] == "host (ZeRO-3 hooks)"
+
+    zero2 = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 200}}
+    p = project(TRACE, zero2, 8, None, slow_hooks, flops)
+    assert (p["host_s"].low, p["host_s"].high) == (0.0, 0.0)
+    assert p["first_bottleneck"] == "GPU compute"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "2"], "--steps 2: the steady state starts at step 3"),
+    (["--ds-configs", "", "--hook-steps", "0"], "nothing to measure"),
+    (["--hooks-ds-config", "zero2_bf16.json"], "is not a ZeRO-3 config"),
+])
+def test_bad_comms_arguments_fail_before_any_work(tmp_path, capsys, argv, message):
+    assert main(["bench", "comms", *argv, "--out", str(tmp_path / "comms.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vlp bench comms: error: ") and message in err
+    assert not list(tmp_path.iterdir())  # no shards written, no launcher started

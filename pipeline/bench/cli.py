@@ -1,4 +1,4 @@
-"""`vlp bench train | attention | loader | zero | eval | comms | smoke`: performance benchmarks.
+"""`vlp bench train | attention | loader | zero | eval | comms | scaling | smoke`: benchmarks.
 
 Each benchmark times our implementation and a reference in the same run, reports the ratio of
 medians over `--repeats`, prints a table and writes JSON (`--out`, default bench_out/NAME.json).
@@ -19,6 +19,8 @@ BENCHMARKS = [
     ("eval", "vlp.pipeline.bench.eval_recall", "chunked retrieval recall vs full score matrix"),
     ("comms", "vlp.pipeline.bench.comms",
      "collectives per ZeRO step on a 2-node loopback world, measured vs predicted; hook time"),
+    ("scaling", "vlp.pipeline.bench.scaling",
+     "docs/scaling.md's projection for base on 1/8/64 H100 nodes (no GPU needed)"),
     ("smoke", "vlp.pipeline.bench.smoke",
      "a short real training run on this machine's devices, resumed, then evaluated"),
 ]

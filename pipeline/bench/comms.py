@@ -44,7 +44,7 @@ def add_arguments(p) -> None:
     p.add_argument("--config", default="small", help="model size (default small)")
     p.add_argument("--ds-configs", default=DEFAULT_CONFIGS,
                    help=f"comma-separated DeepSpeed configs, shipped names or paths "
-                        f"(default {DEFAULT_CONFIGS})")
+                        f"(default {DEFAULT_CONFIGS}; empty: only time the hooks)")
     p.add_argument("--steps", type=int, default=4, help=f"training steps (>= {STEADY_FROM})")
     p.add_argument("--batch", type=int, default=2, help="per rank")
     p.add_argument("--image-size", type=int, default=96,
@@ -65,8 +65,6 @@ def model_overrides(args) -> dict:
 
 
 def run(args) -> int:
-    import torch  # noqa: F401  (fail early, before any launcher, if torch is missing)
-
     from vlp.pipeline.bench.loader import write_jpeg_shards
     from vlp.pipeline.data.errors import UserError
 
@@ -74,10 +72,17 @@ def run(args) -> int:
         args.steps, args.hook_steps = STEADY_FROM, 1
     if args.steps < STEADY_FROM:
         raise UserError(f"--steps {args.steps}: the steady state starts at step {STEADY_FROM}")
+    names = [name.strip() for name in args.ds_configs.split(",") if name.strip()]
+    if not names and not args.hook_steps:
+        raise UserError("nothing to measure: --ds-configs is empty and --hook-steps is 0")
+    configs = {name: _read_ds_config(name) for name in names}  # bad names fail before any work
+    if args.hook_steps and _read_ds_config(args.hooks_ds_config).get(
+            "zero_optimization", {}).get("stage") != 3:
+        raise UserError(f"--hooks-ds-config {args.hooks_ds_config} is not a ZeRO-3 config: "
+                        "only ZeRO-3 has per-module hooks")
     path = out_path(args, "comms")
     data_dir = Path(args.data_dir) if args.data_dir else path.with_name("comms_data")
     write_jpeg_shards(data_dir, shards=2, per_shard=max(32, 4 * args.batch), source_size=96)
-    names = [name.strip() for name in args.ds_configs.split(",") if name.strip()]
     probe = run_probe(args.config, _model_overrides_with_vocab(args, data_dir),
                       hook_steps=args.hook_steps, ds_config=args.hooks_ds_config,
                       batch=args.batch, timeout=args.timeout)
@@ -85,8 +90,8 @@ def run(args) -> int:
     hooks = summarize_hooks(probe["hooks"]) if "hooks" in probe else None
     results = {}
     with tempfile.TemporaryDirectory(prefix="vlp_bench_comms_") as tmp:
-        for name in names:
-            results[name] = measure_config(name, trace, args, data_dir, Path(tmp))
+        for name, ds_config in configs.items():
+            results[name] = measure_config(name, ds_config, trace, args, data_dir, Path(tmp))
     payload = {"benchmark": "comms", "environment": environment("cpu"),
                "setup": {"model": args.config, "model_overrides": model_overrides(args),
                          "world": "2 nodes x 1 rank on loopback (two launchers, --no_ssh)",
@@ -95,20 +100,26 @@ def run(args) -> int:
                "results": results, "hooks": hooks,
                "all_match": all(r["match"] for r in results.values())}
     write_json(path, payload)
-    print(_table(results))
+    if results:
+        print(_table(results))
+        print(f"measured == predicted for every op and size: {payload['all_match']}")
     if hooks:
         print(_hooks_line(hooks))
-    print(f"measured == predicted for every op and size: {payload['all_match']}; wrote {path}")
+    print(f"wrote {path}")
     return 0 if payload["all_match"] else 1
 
 
 # ---- collectives -----------------------------------------------------------------------------
 
-def measure_config(name: str, trace, args, data_dir: Path, tmp: Path) -> dict:
-    """Train two nodes with `name` (comms logger on); the steady step, measured and predicted."""
+def _read_ds_config(name: str) -> dict:
     from vlp.pipeline.train.config import find_ds_config
 
-    ds_config = json.loads(find_ds_config(name).read_text())
+    return json.loads(find_ds_config(name).read_text())
+
+
+def measure_config(name: str, ds_config: dict, trace, args, data_dir: Path, tmp: Path) -> dict:
+    """Train two nodes with `ds_config` (comms logger on); the steady step, measured and
+    predicted."""
     logged = tmp / f"logged_{Path(name).name}"
     logged.write_text(json.dumps({**ds_config, "comms_logger": {"enabled": True}}))
     run_dir = tmp / f"run_{Path(name).stem}"

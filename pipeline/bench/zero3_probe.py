@@ -15,10 +15,10 @@
    runs around every module (DeepSpeedZeRoOffload.pre/post_sub_module_forward/backward_function:
    trace bookkeeping, fetch and prefetch, release) are wrapped in timers while the real model
    under --ds-config runs two untimed steps (trace recording), then N timed forward+backward
-   passes interleaved with the same passes of a plain copy without DeepSpeed. One rank: no
-   collective runs and no rank waits for another, so what is timed is host work. Hooks are timed
-   in this thread's CPU time (time a shared machine gives other processes is not counted), the
-   passes in wall time.
+   passes interleaved with the same passes of a plain copy without DeepSpeed (in the engine's
+   dtype). One rank: no collective runs and no rank waits for another, so what is timed is host
+   work. Hooks are timed in this thread's CPU time (time a shared machine gives other processes
+   is not counted), the passes in wall time (on a GPU, synchronised: the GPU's work included).
 """
 from __future__ import annotations
 
@@ -168,25 +168,30 @@ def time_hooks(config, args, device) -> dict:
         model = UnifiedModel(config)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-4), config=ds_config)
-    torch.manual_seed(0)
-    plain = UnifiedModel(config).to(device)
-    batch = make_batch(config, args.batch, device, seed=0)
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
-    engine_batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+    torch.manual_seed(0)
+    plain = UnifiedModel(config).to(device=device, dtype=dtype)  # the engine's weights' dtype
+    batch = make_batch(config, args.batch, device, seed=0)
+    batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+    # wall times must include the GPU's work, not only its launch
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def plain_pass():
         plain(**batch)["loss"].backward()
         plain.zero_grad(set_to_none=True)
+        sync()
 
     for _ in range(2):  # DeepSpeed: a step without a trace, then one recording it
-        engine.backward(engine(**engine_batch)["loss"])
+        engine.backward(engine(**batch)["loss"])
         engine.step()
     plain_pass()
     zero3_s, plain_s = [], []
     for _ in range(args.hook_steps):
+        sync()
         timer.recording = True
         start = time.perf_counter()
-        engine.backward(engine(**engine_batch)["loss"])
+        engine.backward(engine(**batch)["loss"])
+        sync()
         zero3_s.append(time.perf_counter() - start)
         timer.recording = False
         engine.step()  # the optimizer is not hook work
