@@ -177,8 +177,9 @@ def test_projection_exposes_what_compute_cannot_hide():
 
 def test_projection_bounds_the_step_with_compute_communication_and_zero3_hooks():
     """1 TFLOP per sample at batch 128 on 8 nodes: compute is 128 / (MFU x 989) s; ZeRO-3 adds
-    the hooks' host time (calls x seconds x 0.5-2), ZeRO-2 none; the step's low end overlaps
-    everything, its high end adds it all up; the first bottleneck is the largest middle."""
+    the hooks' host time (calls x seconds, x 0.5-2 when timed on a CPU only), ZeRO-2 none; the
+    step's low end overlaps everything, its high end adds it all up; the first bottleneck is
+    the largest middle."""
     from vlp.pipeline.bench.scaling import project
 
     def flops(config, global_batch):
@@ -188,7 +189,7 @@ def test_projection_bounds_the_step_with_compute_communication_and_zero3_hooks()
     zero3 = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 200,
                                    "stage3_prefetch_bucket_size": 100,
                                    "stage3_param_persistence_threshold": 4}}
-    cheap_hooks = {"calls_per_step": 1000, "mean_s": 100e-6}  # 0.1 s of host time per step
+    cheap_hooks = {"calls_per_step": 1000, "mean_s": 100e-6, "device": "cpu"}  # 0.1 s a step
     p = project(TRACE, zero3, 8, None, cheap_hooks, flops)
     compute = (128 / (0.35 * 989), 128 / (0.25 * 989))
     assert (p["compute_s"].low, p["compute_s"].high) == pytest.approx(compute)
@@ -199,10 +200,13 @@ def test_projection_bounds_the_step_with_compute_communication_and_zero3_hooks()
     assert p["first_bottleneck"] == "GPU compute"
     assert p["wall_hours"].high == pytest.approx(4e9 / (64 * 128 / p["step_s"].high) / 3600)
 
-    slow_hooks = {"calls_per_step": 1000, "mean_s": 1e-3}  # 1 s: more than the compute
+    slow_hooks = {"calls_per_step": 1000, "mean_s": 1e-3, "device": "cpu"}  # > the compute
     p = project(TRACE, zero3, 8, None, slow_hooks, flops)
     assert p["step_s"].low == pytest.approx(0.5)  # the host, running ahead, sets the pace
     assert p["first_bottleneck"] == "host (ZeRO-3 hooks)"
+
+    timed_on_a_gpu_host = project(TRACE, zero3, 8, None, dict(slow_hooks, device="cuda"), flops)
+    assert (timed_on_a_gpu_host["host_s"].low, timed_on_a_gpu_host["host_s"].high) == (1.0, 1.0)
 
     zero2 = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 200}}
     p = project(TRACE, zero2, 8, None, slow_hooks, flops)

@@ -30,6 +30,7 @@ from vlp.pipeline.bench.common import (
     format_table,
     median,
     out_path,
+    resolve_device,
     worker_launch_command,
     write_json,
 )
@@ -92,7 +93,7 @@ def run(args) -> int:
     with tempfile.TemporaryDirectory(prefix="vlp_bench_comms_") as tmp:
         for name, ds_config in configs.items():
             results[name] = measure_config(name, ds_config, trace, args, data_dir, Path(tmp))
-    payload = {"benchmark": "comms", "environment": environment("cpu"),
+    payload = {"benchmark": "comms", "environment": environment(resolve_device(None)),
                "setup": {"model": args.config, "model_overrides": model_overrides(args),
                          "world": "2 nodes x 1 rank on loopback (two launchers, --no_ssh)",
                          "steps": args.steps, "steady_from_step": STEADY_FROM,

@@ -12,7 +12,8 @@ ranges. Per step and GPU:
               refresh, ZeRO-2's parameter all-gather), and whatever the overlapped rest needs
               beyond the forward (1/3 of compute) or backward (2/3) time
     host      ZeRO-3's per-module hooks: hook calls per step x the per-call host CPU time that
-              `vlp bench comms` measures (`--comms-json`), x1-2 on a GPU host (below)
+              `vlp bench comms` measures (`--comms-json`), x0.5-2 if it was timed on a CPU-only
+              machine (INPUTS["host_factor"]), as measured if on a GPU host
     step      low: max(compute + comm, host), everything optimistic (the host runs ahead of the
               GPU); high: compute + comm + host, everything pessimistic (no overlap)
 
@@ -52,9 +53,10 @@ INPUTS = {
     "network_bus_gbs": ((200.0, 330.0), "8 x 400 Gb/s NICs per node = 400 GB/s; 200 measured "
                                         "for all-gather on 32 x 8 H100s (NVIDIA/nccl#1218); 330 "
                                         "at NCCL's NVLink efficiency (370 of 450, nccl-tests#212)"),
-    "host_factor": ((0.5, 2.0), "hook CPU time on a GPU host vs this shared 2-core CPU: x0.5 on "
+    "host_factor": ((0.5, 2.0), "hook CPU time on a GPU host vs a CPU-only measurement: x0.5 on "
                                 "a host core twice as fast, x2 for the CUDA stream/event calls "
-                                "DeepSpeed's CPU accelerator skips (assumption)"),
+                                "DeepSpeed's CPU accelerator skips (assumption; 1 when the hooks "
+                                "were timed on a GPU host)"),
     "decode_per_core": (300.0, "JPEG decode+preprocess per core, planned (bench loader measured "
                                "683 median, 286 loaded; docs/benchmarks.md)"),
     "cores_per_node": (112, "DGX H100 (2 x 56 cores)"),
@@ -127,7 +129,8 @@ def _ds_config(name: str) -> dict:
 
 def _hooks(comms_json: str | None) -> dict:
     if not comms_json:
-        return dict(MEASURED_HOOKS, source="recorded in vlp/pipeline/bench/scaling.py")
+        return dict(MEASURED_HOOKS, device="cpu",
+                    source="recorded in vlp/pipeline/bench/scaling.py")
     from vlp.pipeline.data.errors import UserError
     from vlp.pipeline.data.files import read_json
 
@@ -136,7 +139,7 @@ def _hooks(comms_json: str | None) -> dict:
         raise UserError(f"--comms-json {comms_json}: no hook timing in it (run `vlp bench comms` "
                         "with --hook-steps > 0)")
     return {"calls_per_step": measured["calls_per_step"], "mean_s": measured["fit"]["mean_s"],
-            "source": comms_json}
+            "device": measured.get("device", "cpu"), "source": comms_json}
 
 
 def project(trace, ds_config: dict, nodes: int, config, hooks: dict, flops_per_sample) -> dict:
@@ -156,7 +159,7 @@ def project(trace, ds_config: dict, nodes: int, config, hooks: dict, flops_per_s
     slow = Cluster(nvlink_bus_gbs=value("nvlink_bus_gbs"), network_bus_gbs=bw_low)
     comm = Range(exposed_comm(calls, world, nodes, fast, compute.low),
                  exposed_comm(calls, world, nodes, slow, compute.high))
-    factor_low, factor_high = value("host_factor")
+    factor_low, factor_high = value("host_factor") if hooks["device"] == "cpu" else (1.0, 1.0)
     host_cpu = hooks["calls_per_step"] * hooks["mean_s"] if zero.stage == 3 else 0.0
     host = Range(host_cpu * factor_low, host_cpu * factor_high)
     step = Range(max(compute.low + comm.low, host.low), compute.high + comm.high + host.high)
@@ -277,8 +280,8 @@ def compute_table(projections: dict) -> str:
 
 def collectives_table(projections: dict, nodes: int) -> str:
     """Each config's collectives per step at `nodes`, and how NCCL runs the largest of each."""
-    out = [f"| config | collective | calls | MB (whole tensors) | NCCL's pick for the largest "
-           f"| its time, ms |", "|---|---|---:|---:|---|---:|"]
+    out = ["| config | collective | calls | MB (whole tensors) | NCCL's pick for the largest "
+           "| its time, ms |", "|---|---|---:|---:|---|---:|"]
     for name, by_nodes in projections.items():
         projection = by_nodes[nodes]
         for kind, count in projection["collectives"].items():

@@ -204,7 +204,8 @@ def time_hooks(config, args, device) -> dict:
         times = [seconds for kind, _, seconds in timer.calls if kind == name]
         per_kind[name] = {"calls_per_step": len(times) // args.hook_steps,
                           "seconds_per_step": sum(times) / args.hook_steps}
-    return {"ds_config": args.ds_config, "dtype": str(dtype), "batch": args.batch,
+    return {"ds_config": args.ds_config, "device": device.type, "dtype": str(dtype),
+            "batch": args.batch,
             "torch_threads": torch.get_num_threads(), "steps": args.hook_steps,
             "modules": sum(1 for _ in engine.module.modules()),
             "fwd_bwd_wall_s": {"zero3": zero3_s, "plain": plain_s},
