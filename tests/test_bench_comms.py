@@ -127,6 +127,7 @@ def test_hook_cost_fit_recovers_a_known_line():
     assert fit["calls"] == 6
 
 
+@pytest.mark.slow
 def test_two_node_run_sends_exactly_the_predicted_collectives(tmp_path):
     """Two `vlp train` launchers on loopback with DeepSpeed's comms logger: every steady-state
     step sends the calls and message sizes the model predicts, with buckets small enough that
