@@ -1,5 +1,5 @@
-"""`vlp bench train | attention | loader | zero | eval | rerank | caption | compress`: performance
-benchmarks.
+"""`vlp bench train | attention | loader | zero | eval | rerank | caption | compress | comms |
+scaling | smoke`: benchmarks.
 
 Each benchmark times our implementation and a reference in the same run, reports the ratio of
 medians over `--repeats`, prints a table and writes JSON (`--out`, default bench_out/NAME.json).
@@ -24,6 +24,10 @@ BENCHMARKS = [
      "caption decoding tokens/s with the key/value cache vs without"),
     ("compress", "vlp.pipeline.bench.compress",
      "int8 / pruned / distilled / ONNX exports vs fp32: size, encode speed, accuracy"),
+    ("comms", "vlp.pipeline.bench.comms",
+     "collectives per ZeRO step on a 2-node loopback world, measured vs predicted; hook time"),
+    ("scaling", "vlp.pipeline.bench.scaling",
+     "docs/scaling.md's projection for base on 1/8/64 H100 nodes (no GPU needed)"),
     ("smoke", "vlp.pipeline.bench.smoke",
      "a short real training run on this machine's devices, resumed, then evaluated"),
 ]

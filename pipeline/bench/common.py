@@ -41,6 +41,17 @@ def load_model_config(name, vocab: int = DEFAULT_VOCAB, overrides: dict | None =
     return config
 
 
+def worker_launch_command(module: str, worker_args: list[str], ranks: int) -> list[str]:
+    """Training's own deepspeed launcher line on this node, with `module` in place of the training
+    module (benchmarks run their workers exactly as training runs its ranks)."""
+    from vlp.data_prep.server import free_port
+    from vlp.pipeline.train.launch import TRAIN_MODULE, launcher_command
+
+    launcher = launcher_command(None, [], nproc=ranks, master_port=free_port())
+    assert launcher[-1] == TRAIN_MODULE, launcher
+    return [*launcher[:-1], module, *worker_args]
+
+
 def median(values) -> float:
     return float(statistics.median(values))
 

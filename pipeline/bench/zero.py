@@ -33,6 +33,7 @@ from vlp.pipeline.bench.common import (
     out_path,
     repeats_for,
     verdict,
+    worker_launch_command,
     write_json,
 )
 from vlp.pipeline.bench.zero_worker import DS_CONFIGS
@@ -59,8 +60,6 @@ def add_arguments(p) -> None:
 
 
 def _launch(mode: str, ranks: int, args, out_dir: Path) -> None:
-    from vlp.data_prep.server import free_port
-
     worker_args = ["--mode", mode, "--out-dir", str(out_dir), "--config", args.config,
                    "--batch", str(args.batch), "--steps", str(args.steps),
                    "--warmup", str(args.warmup)]
@@ -69,12 +68,7 @@ def _launch(mode: str, ranks: int, args, out_dir: Path) -> None:
     if mode == "single":
         cmd = [sys.executable, "-m", WORKER, *worker_args]
     else:
-        from vlp.pipeline.train.launch import TRAIN_MODULE, launcher_command
-
-        # training's own launcher line, with this worker in place of the training module
-        launcher = launcher_command(None, [], nproc=ranks, master_port=free_port())
-        assert launcher[-1] == TRAIN_MODULE, launcher
-        cmd = [*launcher[:-1], WORKER, *worker_args]
+        cmd = worker_launch_command(WORKER, worker_args, ranks)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)

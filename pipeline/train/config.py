@@ -190,8 +190,8 @@ class TrainConfig:
     run_dir: str = "runs/default"
     """Checkpoints, TensorBoard, metrics.jsonl and the resolved config go here."""
     ds_config: str = "zero3_cpu.json"
-    """DeepSpeed JSON: a path, or the name of a shipped config (zero3_bf16.json, zero3_offload.json,
-    zero3_cpu.json, zero2_cpu.json)."""
+    """DeepSpeed JSON: a path, or the name of a shipped config (zero3_bf16.json, zero2_bf16.json,
+    zero3_offload.json, zero3_cpu.json, zero2_cpu.json)."""
     seed: int = 0
     """Initial weights, data order, masks and negatives all derive from it."""
     dist_timeout_s: int = 300

@@ -29,6 +29,7 @@ from vlp.pipeline.data.checkpoints import (
 from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.distributed import fast_bf16, init_distributed
 from vlp.pipeline.train.checkpointer import Checkpointer
+from vlp.pipeline.train.comms import CommsRecorder, comms_logging_enabled
 from vlp.pipeline.train.config import TrainConfig, load_train_config
 from vlp.pipeline.train.faults import FaultInjector
 from vlp.pipeline.train.metrics import MetricsLogger, MetricsMeter, measure_peak_flops
@@ -135,6 +136,7 @@ class Trainer:
             rank_state=lambda: {"loader": self.loader.state_dict(), "rng": get_rng_state()},
             before_publish=self.faults.before_publish)
         self.key_log = self._open_key_log()
+        self.comms = CommsRecorder(self.run_dir, self.rank, comms_logging_enabled(ds_config))
         self.train_step = TrainStep(self.engine, self.optimizer, cfg.optim.grad_accum,
                                     self.faults, on_batch=self._log_keys if self.key_log else None)
         dtype = train_dtype(ds_config)
@@ -249,7 +251,8 @@ class Trainer:
             while self.step < max_steps:
                 lr = self.engine.get_lr()[0]  # the rate this step's update uses
                 self.step += 1
-                result = self.train_step(batches, self.step)
+                with self.comms.step(self.step):
+                    result = self.train_step(batches, self.step)
                 self.meter.update(result.scalars, result.nonfinite, result.data_wait_s)
                 if self.meter.due(self.step):
                     record = self._log(lr)
