@@ -24,8 +24,9 @@ def reference_run(tmp_path_factory, shard_dir, tokenizer_dir):
     tensors only (`cpu:gloo`), as NCCL serves only CUDA ones: a collective on a tensor of another
     device fails instead of being served by gloo's second device type."""
     run_dir = tmp_path_factory.mktemp("reference")
-    rc = run_training(train_overrides(run_dir, shard_dir, tokenizer_dir, "dist_backend=cpu:gloo"),
-                      run_dir / "log.txt")
+    overrides = train_overrides(run_dir, shard_dir, tokenizer_dir, "dist_backend=cpu:gloo",
+                                "logging.status_every_steps=2")
+    rc = run_training(overrides, run_dir / "log.txt")
     assert rc == 0, (run_dir / "log.txt").read_text()[-3000:]
     return run_dir
 
@@ -41,6 +42,24 @@ def test_training_logs_every_curve_to_tensorboard(reference_run):
     assert [e.step for e in events.Scalars("loss/total")] == [1, 2, 3, 4, 5, 6]
     lrs = [e.value for e in events.Scalars("train/lr")]
     assert lrs[0] < lrs[1] == max(lrs) and lrs[-1] < lrs[1]  # 2 warmup steps, then cosine decay
+
+
+def test_a_log_file_gets_status_lines_and_one_copy_of_each_warning(reference_run):
+    """The launcher's output goes to a file (as under sbatch or nohup): rank 0 prints a status
+    line every 2 steps with the logged values, and each rank's repeated warnings appear once."""
+    log = (reference_run / "log.txt").read_text().splitlines()
+    metrics = metrics_by_step(reference_run)
+    lines = [line for line in log if line.startswith("step ") and " | loss " in line]
+    assert [line.split(" ")[1] for line in lines] == ["2/6", "4/6", "6/6"]
+    for line, step in zip(lines, (2, 4, 6)):
+        fields = dict(part.split(" ", 1) for part in line.split(" | ")[1:3])
+        assert fields == {"loss": f"{metrics[step]['loss/total']:.4f}",
+                          "lr": f"{metrics[step]['train/lr']:.2e}"}
+    assert "ETA" in lines[0] and lines[-1].endswith("ETA 0s")
+    warnings = [line for line in log if "Warning: " in line]
+    assert warnings and len(warnings) == len(set(warnings)), "\n".join(warnings)
+    # DeepSpeed's accelerator notice: once from the runner, the node launcher and rank 0 only
+    assert sum("Setting accelerator to CPU" in line for line in log) == 3
 
 
 def test_checkpoints_are_published_with_metadata(reference_run):
