@@ -1,4 +1,4 @@
-"""Plain-log status lines and the one-copy rule for warnings (training output under sbatch/nohup)."""
+"""Plain-log status lines and the one-copy rule for warnings (training output under nohup)."""
 import io
 import logging
 import warnings

@@ -51,7 +51,8 @@ def status_line(step: int, max_steps: int, record: dict[str, float], eta_s: floa
 
 class Progress:
     """Rank 0's progress display: the tqdm bar on a terminal (stderr), status lines when stdout
-    is not a terminal. Both can be on (`vlp train > log` from a terminal); neither on other ranks."""
+    is not a terminal. Both can be on (`vlp train > log` from a terminal); neither on other
+    ranks."""
 
     def __init__(self, enabled: bool, start: int, max_steps: int, status_every: int,
                  bar: bool, stream=None):
