@@ -9,4 +9,4 @@ export PIP_ROOT_USER_ACTION=ignore  # CI and containers install as root
 "$PY" -m pip install -q torch==2.13.0
 # Editable, so the checkout is what runs. setuptools announces every editable install with an
 # informational UserWarning; a plain `pip install .` prints no warning at all.
-PYTHONWARNINGS=ignore::UserWarning "$PY" -m pip install -q -e ".[dev]"
+PYTHONWARNINGS=ignore::UserWarning "$PY" -m pip install -q -e ".[dev,s3]"

@@ -1,0 +1,122 @@
+"""Shards and their manifest in S3, served by moto's S3 server on 127.0.0.1: the same stream as
+from local files, a sample-exact resume, and one clear error for an unreachable endpoint."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from test_loader import build_tokenizer, loader_for, make_dataset, take
+
+from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.data.sources import read_beside
+
+pytest.importorskip("s3fs", reason="install the s3 extra: pip install '.[s3]'")
+moto_server = pytest.importorskip("moto.server", reason="install the s3 extra: pip install '.[s3]'")
+
+SECRET = "not-a-real-secret-key-0123456789"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": SECRET,
+               "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def clear_filesystems() -> None:
+    """fsspec keeps one filesystem per set of options: forget them when the endpoint changes."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def bucket(tmp_path_factory):
+    """A bucket holding 6 shards x 10 samples and their manifest; yields (s3 pattern, local
+    pattern). Credentials and endpoint come from the environment, as on a cluster."""
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    saved = {k: os.environ.get(k) for k in [*CREDENTIALS, "AWS_ENDPOINT_URL"]}
+    os.environ.update(CREDENTIALS, AWS_ENDPOINT_URL=f"http://{host}:{port}")
+    clear_filesystems()
+    import fsspec
+
+    local = make_dataset(tmp_path_factory.mktemp("shards"), shards=6, per_shard=10)
+    root = Path(local.split("{")[0])
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("vlp-data")
+    for path in sorted(root.iterdir()):
+        fs.pipe_file(f"vlp-data/train/{path.name}", path.read_bytes())
+    try:
+        yield "s3://vlp-data/train/{00000..00005}.tar", local
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        clear_filesystems()
+        server.stop()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_s3_shards_give_the_same_stream_as_local_files(bucket, tokenizer, workers):
+    remote_pattern, local_pattern = bucket
+    remote = loader_for(remote_pattern, tokenizer, num_workers=workers)  # reads the manifest
+    local = loader_for(local_pattern, tokenizer, num_workers=workers)
+    for got, expected in zip(take(remote, 8), take(local, 8)):
+        assert got["keys"] == expected["keys"]
+        assert torch.equal(got["images"], expected["images"])
+    assert remote.state_dict() == local.state_dict()
+    assert remote.skipped_counts() == local.skipped_counts()
+    assert not any(remote.skipped_counts().values())
+    remote.close()
+    local.close()
+
+
+def test_manifest_beside_s3_shards_is_read_and_a_missing_file_is_none(bucket):
+    manifest = json.loads(read_beside("s3://vlp-data/train/00000.tar", "manifest.json"))
+    assert manifest["total_samples"] == 60
+    assert read_beside("s3://vlp-data/train/00000.tar", "sizes.json") is None
+
+
+def test_resume_from_s3_is_sample_exact(bucket, tokenizer):
+    remote_pattern, local_pattern = bucket
+    reference = take(loader_for(local_pattern, tokenizer), 20)  # 80 samples: over an epoch
+    interrupted = loader_for(remote_pattern, tokenizer)
+    take(interrupted, 7)
+    state = json.loads(json.dumps(interrupted.state_dict()))
+    resumed = loader_for(remote_pattern, tokenizer)
+    resumed.load_state_dict(state)
+    for expected, got in zip(reference[7:], take(resumed, 13)):
+        assert got["keys"] == expected["keys"]
+        assert torch.equal(got["text_ids"], expected["text_ids"])
+
+
+def test_a_missing_object_is_a_clear_error(bucket, tokenizer):
+    with pytest.raises(UserError, match=r"shard 's3://vlp-data/nothing/00000.tar' does not exist"):
+        loader_for("s3://vlp-data/nothing/{00000..00001}.tar", tokenizer)
+
+
+def test_an_unreachable_endpoint_is_one_clear_error_without_credentials(bucket, tokenizer,
+                                                                        monkeypatch, capfd):
+    from vlp.data_prep.server import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    clear_filesystems()
+    try:
+        with pytest.raises(UserError) as error:
+            loader_for(bucket[0], tokenizer)
+    finally:
+        clear_filesystems()
+    message = str(error.value)
+    assert message.startswith("cannot read 's3://vlp-data/train/00000.tar': "
+                              "EndpointConnectionError")
+    assert "AWS_ENDPOINT_URL" in message
+    printed = capfd.readouterr()
+    assert SECRET not in message + printed.out + printed.err
