@@ -2,13 +2,15 @@
 from local files, a sample-exact resume, and one clear error for an unreachable endpoint."""
 from __future__ import annotations
 
+import io
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import pytest
 import torch
-from test_loader import build_tokenizer, loader_for, make_dataset, take
+from test_loader import build_tokenizer, jpeg, loader_for, make_dataset, take
 
 from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.data.sources import read_beside
@@ -47,10 +49,12 @@ def bucket(tmp_path_factory):
 
     local = make_dataset(tmp_path_factory.mktemp("shards"), shards=6, per_shard=10)
     root = Path(local.split("{")[0])
+    write_retrieval_shard(root / "retrieval-000000.tar")
     fs = fsspec.filesystem("s3")
     fs.mkdir("vlp-data")
     for path in sorted(root.iterdir()):
-        fs.pipe_file(f"vlp-data/train/{path.name}", path.read_bytes())
+        folder = "eval" if path.name.startswith("retrieval") else "train"
+        fs.pipe_file(f"vlp-data/{folder}/{path.name}", path.read_bytes())
     try:
         yield "s3://vlp-data/train/{00000..00005}.tar", local
     finally:
@@ -61,6 +65,17 @@ def bucket(tmp_path_factory):
                 os.environ[key] = value
         clear_filesystems()
         server.stop()
+
+
+def write_retrieval_shard(path: Path) -> None:
+    """A CLIP_benchmark-style retrieval shard: 4 images, 2 captions each."""
+    with tarfile.open(path, "w") as tar:
+        for i in range(4):
+            for name, data in ((f"{i:06d}.jpg", jpeg(i)),
+                               (f"{i:06d}.txt", f"caption {i} a\ncaption {i} b".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -95,6 +110,19 @@ def test_resume_from_s3_is_sample_exact(bucket, tokenizer):
     for expected, got in zip(reference[7:], take(resumed, 13)):
         assert got["keys"] == expected["keys"]
         assert torch.equal(got["text_ids"], expected["text_ids"])
+
+
+def test_retrieval_shards_in_s3_load_as_from_local_files(bucket):
+    from vlp.pipeline.eval.images import load_image
+    from vlp.pipeline.eval.retrieval.data import load_retrieval_shards
+
+    local_root = bucket[1].split("{")[0]
+    remote = load_retrieval_shards("s3://vlp-data/eval/retrieval-{000000..000000}.tar")
+    local = load_retrieval_shards(f"{local_root}retrieval-000000.tar")
+    assert remote.captions == local.captions and len(remote.captions) == 8
+    assert remote.text_to_image == local.text_to_image == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [ref.read() for ref in remote.images] == [jpeg(i) for i in range(4)]
+    assert torch.equal(load_image(remote.images[2], 32), load_image(local.images[2], 32))
 
 
 def test_a_missing_object_is_a_clear_error(bucket, tokenizer):

@@ -1,4 +1,5 @@
-"""Shards and the files beside them in object storage (`s3://`, `gs://`, ...), through fsspec.
+"""Shards, the files beside them and evaluation shards in object storage (`s3://`, `gs://`, ...),
+through fsspec.
 
 Reads are streamed: a shard is read front to back in ranged requests of `buffer` bytes, and
 nothing is copied to local disk. Credentials come from each store's standard chain, never from
@@ -78,6 +79,24 @@ def open_object(url: str, buffer: int) -> _StreamedObject:
     try:
         return _StreamedObject(url, fs.open(path, "rb", block_size=buffer,
                                             cache_type="readahead"))
+    except Exception as exc:
+        raise _as_os_error(url, exc) from exc
+
+
+def open_random_access(url: str, buffer: int):
+    """A seekable binary file over the object (for tarfile's index of an evaluation shard)."""
+    fs, path = _filesystem(url)
+    try:
+        return fs.open(path, "rb", block_size=buffer, cache_type="readahead")
+    except Exception as exc:
+        raise _as_os_error(url, exc) from exc
+
+
+def read_range(url: str, offset: int, size: int) -> bytes:
+    """`size` bytes at `offset` (one ranged request; size -1: to the end)."""
+    fs, path = _filesystem(url)
+    try:
+        return fs.cat_file(path, start=offset, end=None if size < 0 else offset + size)
     except Exception as exc:
         raise _as_os_error(url, exc) from exc
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from vlp.pipeline.data.errors import BadData, UserError
+from vlp.pipeline.data.object_store import is_object_url, read_range
 from vlp.pipeline.data.transforms import preprocess_image
 
 
@@ -26,6 +27,8 @@ class ImageRef:
     name: str = ""
 
     def read(self) -> bytes:
+        if is_object_url(self.path):
+            return read_range(self.path, self.offset, self.size)
         with open(self.path, "rb") as f:
             f.seek(self.offset)
             return f.read(self.size)

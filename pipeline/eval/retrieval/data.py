@@ -7,6 +7,7 @@ any model work: a missing image or an empty split is an error naming the file.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tarfile
@@ -17,6 +18,8 @@ from braceexpand import braceexpand
 
 from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.data.files import read_json, require
+from vlp.pipeline.data.object_store import is_object_url, open_random_access
+from vlp.pipeline.data.sources import READ_BUFFER
 from vlp.pipeline.data.transforms import IMAGE_EXTENSIONS
 from vlp.pipeline.eval.images import ImageRef, check_images_exist, path_under
 
@@ -72,13 +75,13 @@ def load_karpathy(
 
 def load_retrieval_shards(urls: str | list[str]) -> RetrievalSet:
     """CLIP_benchmark-style retrieval shards: per sample an image (jpg/jpeg/png/webp) and a .txt
-    with one caption per line. `urls`: local, uncompressed tars; brace patterns expand
-    ("a/{000..009}.tar")."""
+    with one caption per line. `urls`: uncompressed tars, local or in object storage (s3://...);
+    brace patterns expand ("a/{000..009}.tar")."""
     paths = [p for url in ([urls] if isinstance(urls, str) else urls) for p in braceexpand(url)]
     images, captions, text_to_image = [], [], []
     for path in paths:
-        if "://" in path and not path.startswith("file://"):
-            raise UserError(f"retrieval shards must be local files (copy them first): {path}")
+        if "://" in path and not path.startswith("file://") and not is_object_url(path):
+            raise UserError(f"retrieval shards must be local files or in object storage: {path}")
         path = path.removeprefix("file://")
         for key, image, text in _tar_samples(path):
             lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -90,13 +93,23 @@ def load_retrieval_shards(urls: str | list[str]) -> RetrievalSet:
     return RetrievalSet(images, captions, text_to_image, source=",".join(paths))
 
 
+@contextlib.contextmanager
+def _open_tar(path: str):
+    if is_object_url(path):  # tarfile reads the headers and seeks past the data: ranged requests
+        with open_random_access(path, READ_BUFFER) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            yield tar
+    else:
+        with tarfile.open(path, "r:") as tar:
+            yield tar
+
+
 def _tar_samples(path: str):
     """(key, ImageRef, caption text) per sample of an uncompressed webdataset tar."""
-    if not Path(path).is_file():
+    if not is_object_url(path) and not Path(path).is_file():
         raise UserError(f"retrieval shard not found: {path}")
     members: dict[str, dict[str, tarfile.TarInfo]] = {}
     try:
-        with tarfile.open(path, "r:") as tar:
+        with _open_tar(path) as tar:
             for member in tar:
                 match = _KEY_RE.match(member.name)
                 if member.isfile() and match:
@@ -106,7 +119,7 @@ def _tar_samples(path: str):
                 for key, parts in members.items()
                 if "txt" in parts
             }
-    except (tarfile.TarError, UnicodeDecodeError, EOFError) as exc:
+    except (tarfile.TarError, UnicodeDecodeError, EOFError, OSError) as exc:
         raise UserError(f"retrieval shard {path} is unreadable: {exc}") from exc
     for key, parts in members.items():
         image = next((parts[ext] for ext in IMAGE_EXTENSIONS if ext in parts), None)
