@@ -4,30 +4,19 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
+from s3_helpers import SECRET, clear_filesystems, moto_s3, upload_folder
 from test_loader import build_tokenizer, jpeg, loader_for, make_dataset, take
 
 from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.data.sources import read_beside
 
 pytest.importorskip("s3fs", reason="install the s3 extra: pip install '.[s3]'")
-moto_server = pytest.importorskip("moto.server", reason="install the s3 extra: pip install '.[s3]'")
-
-SECRET = "not-a-real-secret-key-0123456789"
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": SECRET,
-               "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def clear_filesystems() -> None:
-    """fsspec keeps one filesystem per set of options: forget them when the endpoint changes."""
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
+pytest.importorskip("moto.server", reason="install the dev extra: pip install '.[dev]'")
 
 
 @pytest.fixture(scope="module")
@@ -37,34 +26,15 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def bucket(tmp_path_factory):
-    """A bucket holding 6 shards x 10 samples and their manifest; yields (s3 pattern, local
-    pattern). Credentials and endpoint come from the environment, as on a cluster."""
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    saved = {k: os.environ.get(k) for k in [*CREDENTIALS, "AWS_ENDPOINT_URL"]}
-    os.environ.update(CREDENTIALS, AWS_ENDPOINT_URL=f"http://{host}:{port}")
-    clear_filesystems()
-    import fsspec
-
+    """6 shards x 10 samples and their manifest in s3://vlp-data/train/, a retrieval shard in
+    s3://vlp-data/eval/; yields (s3 pattern, local pattern, local folder of the retrieval shard)."""
     local = make_dataset(tmp_path_factory.mktemp("shards"), shards=6, per_shard=10)
-    root = Path(local.split("{")[0])
-    write_retrieval_shard(root / "retrieval-000000.tar")
-    fs = fsspec.filesystem("s3")
-    fs.mkdir("vlp-data")
-    for path in sorted(root.iterdir()):
-        folder = "eval" if path.name.startswith("retrieval") else "train"
-        fs.pipe_file(f"vlp-data/{folder}/{path.name}", path.read_bytes())
-    try:
-        yield "s3://vlp-data/train/{00000..00005}.tar", local
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        clear_filesystems()
-        server.stop()
+    eval_dir = tmp_path_factory.mktemp("eval")
+    write_retrieval_shard(eval_dir / "retrieval-000000.tar")
+    with moto_s3():
+        upload_folder(Path(local.split("{")[0]), "vlp-data/train")
+        upload_folder(eval_dir, "vlp-data/eval")
+        yield "s3://vlp-data/train/{00000..00005}.tar", local, eval_dir
 
 
 def write_retrieval_shard(path: Path) -> None:
@@ -80,7 +50,7 @@ def write_retrieval_shard(path: Path) -> None:
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_s3_shards_give_the_same_stream_as_local_files(bucket, tokenizer, workers):
-    remote_pattern, local_pattern = bucket
+    remote_pattern, local_pattern, _ = bucket
     remote = loader_for(remote_pattern, tokenizer, num_workers=workers)  # reads the manifest
     local = loader_for(local_pattern, tokenizer, num_workers=workers)
     for got, expected in zip(take(remote, 8), take(local, 8)):
@@ -100,7 +70,7 @@ def test_manifest_beside_s3_shards_is_read_and_a_missing_file_is_none(bucket):
 
 
 def test_resume_from_s3_is_sample_exact(bucket, tokenizer):
-    remote_pattern, local_pattern = bucket
+    remote_pattern, local_pattern, _ = bucket
     reference = take(loader_for(local_pattern, tokenizer), 20)  # 80 samples: over an epoch
     interrupted = loader_for(remote_pattern, tokenizer)
     take(interrupted, 7)
@@ -116,9 +86,8 @@ def test_retrieval_shards_in_s3_load_as_from_local_files(bucket):
     from vlp.pipeline.eval.images import load_image
     from vlp.pipeline.eval.retrieval.data import load_retrieval_shards
 
-    local_root = bucket[1].split("{")[0]
     remote = load_retrieval_shards("s3://vlp-data/eval/retrieval-{000000..000000}.tar")
-    local = load_retrieval_shards(f"{local_root}retrieval-000000.tar")
+    local = load_retrieval_shards(str(bucket[2] / "retrieval-000000.tar"))
     assert remote.captions == local.captions and len(remote.captions) == 8
     assert remote.text_to_image == local.text_to_image == [0, 0, 1, 1, 2, 2, 3, 3]
     assert [ref.read() for ref in remote.images] == [jpeg(i) for i in range(4)]

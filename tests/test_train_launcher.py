@@ -1,5 +1,6 @@
 """Pretraining through the real deepspeed launcher with 2 CPU ranks on data_prep's shards."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -9,11 +10,14 @@ from train_helpers import (
     keys_by_step,
     kill_group,
     metrics_by_step,
+    pattern_overrides,
     run_training,
     start_training,
     train_overrides,
     wait_for,
 )
+
+from vlp.pipeline.data.manifest import shard_url_pattern
 
 pytestmark = pytest.mark.slow
 
@@ -94,6 +98,36 @@ def test_sigkill_then_resume_is_sample_exact(reference_run, tmp_path, shard_dir,
         assert keys_by_step(run_dir, rank) == keys_by_step(reference_run, rank)
     seen = [k for rank in (0, 1) for keys in keys_by_step(run_dir, rank).values() for k in keys]
     assert len(seen) == len(set(seen)) == 6 * 2 * 8  # nothing repeated within the epoch
+
+
+def test_resume_on_shards_in_s3_is_sample_exact(reference_run, tmp_path, shard_dir,
+                                               tokenizer_dir):
+    """The reference run's step-3 checkpoint, continued on the same shards served from S3
+    (moto's server on 127.0.0.1, credentials in the environment): steps 4-6 train on the same
+    batches, with the same losses, as the uninterrupted run on local files."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    from s3_helpers import moto_s3, upload_folder
+
+    run_dir = tmp_path / "s3"
+    shutil.copytree(reference_run / "checkpoints/global_step3", run_dir / "checkpoints/global_step3")
+    (run_dir / "checkpoints/latest").write_text("global_step3")
+    with moto_s3():
+        upload_folder(shard_dir, "vlp-data/shards")
+        pattern = shard_url_pattern(shard_dir).replace(str(shard_dir), "s3://vlp-data/shards")
+        rc = run_training(pattern_overrides(run_dir, pattern, tokenizer_dir), tmp_path / "log.txt")
+    log = (tmp_path / "log.txt").read_text()
+    assert rc == 0, log[-3000:]
+    assert "resumed from" in log and "unreadable" not in log
+
+    expected, resumed = metrics_by_step(reference_run), metrics_by_step(run_dir)
+    assert sorted(resumed) == [4, 5, 6]
+    for step in (4, 5, 6):
+        for name in ("loss/total", "loss/itc", "loss/itm", "loss/mlm"):
+            assert resumed[step][name] == expected[step][name], (step, name)
+    for rank in (0, 1):
+        reference_keys = {s: k for s, k in keys_by_step(reference_run, rank).items() if s > 3}
+        assert keys_by_step(run_dir, rank) == reference_keys
 
 
 def test_resume_with_another_world_size_is_a_clear_error(reference_run, tmp_path, shard_dir,
