@@ -94,6 +94,17 @@ def test_retrieval_shards_in_s3_load_as_from_local_files(bucket):
     assert torch.equal(load_image(remote.images[2], 32), load_image(local.images[2], 32))
 
 
+def test_a_shard_the_store_fails_to_serve_mid_run_is_skipped_and_counted(bucket):
+    from vlp.pipeline.data.tar import SkipCounter, iter_samples
+
+    skipped = SkipCounter()
+    urls = ("s3://vlp-data/train/gone.tar", "s3://vlp-data/train/00001.tar")
+    keys = [sample["__key__"] for url in urls
+            for sample in iter_samples(url, frozenset({"jpg", "txt"}), skipped)]
+    assert skipped.counts == {"unreadable_shard": 1}
+    assert keys == [f"001{j:04d}" for j in range(10)]  # the next shard is read as usual
+
+
 def test_a_missing_object_is_a_clear_error(bucket, tokenizer):
     with pytest.raises(UserError, match=r"shard 's3://vlp-data/nothing/00000.tar' does not exist"):
         loader_for("s3://vlp-data/nothing/{00000..00001}.tar", tokenizer)
