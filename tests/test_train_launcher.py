@@ -110,7 +110,8 @@ def test_resume_on_shards_in_s3_is_sample_exact(reference_run, tmp_path, shard_d
     from s3_helpers import moto_s3, upload_folder
 
     run_dir = tmp_path / "s3"
-    shutil.copytree(reference_run / "checkpoints/global_step3", run_dir / "checkpoints/global_step3")
+    tag = "checkpoints/global_step3"
+    shutil.copytree(reference_run / tag, run_dir / tag)
     (run_dir / "checkpoints/latest").write_text("global_step3")
     with moto_s3():
         upload_folder(shard_dir, "vlp-data/shards")

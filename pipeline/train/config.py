@@ -132,7 +132,7 @@ class LoggingSection:
         _check("logging", [
             (self.every_steps >= 1, f"every_steps must be >= 1, got {self.every_steps}"),
             (self.status_every_steps >= 0,
-             f"status_every_steps must be >= 0 (0: no status lines), got {self.status_every_steps}"),
+             f"status_every_steps must be >= 0 (0: none), got {self.status_every_steps}"),
             (self.peak_tflops is None or self.peak_tflops > 0,
              f"peak_tflops must be > 0 or null, got {self.peak_tflops}"),
         ])
