@@ -26,6 +26,7 @@ STAGES = [
     ("eval", "vlp.pipeline.eval.cli"),
     ("bench", "vlp.pipeline.bench.cli"),
     ("quickstart", "vlp.pipeline.quickstart"),
+    ("doctor", "vlp.pipeline.doctor"),
 ]
 
 

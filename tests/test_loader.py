@@ -303,7 +303,7 @@ def test_resampled_mode_follows_source_weights(tmp_path, tokenizer):
 
 @pytest.mark.parametrize("shards,message", [
     ("pipe:curl -s http://example.com/{0..3}.tar", "pipe: URLs run shell commands"),
-    ("s3://bucket/{0..3}.tar", "unsupported shard URL"),
+    ("ftp://host/{0..3}.tar", "unsupported shard URL"),
     ("", "no training shards"),
 ])
 def test_bad_urls_are_refused_before_any_work(tokenizer, shards, message):

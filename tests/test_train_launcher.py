@@ -1,5 +1,6 @@
 """Pretraining through the real deepspeed launcher with 2 CPU ranks on data_prep's shards."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -9,11 +10,14 @@ from train_helpers import (
     keys_by_step,
     kill_group,
     metrics_by_step,
+    pattern_overrides,
     run_training,
     start_training,
     train_overrides,
     wait_for,
 )
+
+from vlp.pipeline.data.manifest import shard_url_pattern
 
 pytestmark = pytest.mark.slow
 
@@ -24,8 +28,9 @@ def reference_run(tmp_path_factory, shard_dir, tokenizer_dir):
     tensors only (`cpu:gloo`), as NCCL serves only CUDA ones: a collective on a tensor of another
     device fails instead of being served by gloo's second device type."""
     run_dir = tmp_path_factory.mktemp("reference")
-    rc = run_training(train_overrides(run_dir, shard_dir, tokenizer_dir, "dist_backend=cpu:gloo"),
-                      run_dir / "log.txt")
+    overrides = train_overrides(run_dir, shard_dir, tokenizer_dir, "dist_backend=cpu:gloo",
+                                "logging.status_every_steps=2")
+    rc = run_training(overrides, run_dir / "log.txt")
     assert rc == 0, (run_dir / "log.txt").read_text()[-3000:]
     return run_dir
 
@@ -41,6 +46,24 @@ def test_training_logs_every_curve_to_tensorboard(reference_run):
     assert [e.step for e in events.Scalars("loss/total")] == [1, 2, 3, 4, 5, 6]
     lrs = [e.value for e in events.Scalars("train/lr")]
     assert lrs[0] < lrs[1] == max(lrs) and lrs[-1] < lrs[1]  # 2 warmup steps, then cosine decay
+
+
+def test_a_log_file_gets_status_lines_and_one_copy_of_each_warning(reference_run):
+    """The launcher's output goes to a file (as under sbatch or nohup): rank 0 prints a status
+    line every 2 steps with the logged values, and each rank's repeated warnings appear once."""
+    log = (reference_run / "log.txt").read_text().splitlines()
+    metrics = metrics_by_step(reference_run)
+    lines = [line for line in log if line.startswith("step ") and " | loss " in line]
+    assert [line.split(" ")[1] for line in lines] == ["2/6", "4/6", "6/6"]
+    for line, step in zip(lines, (2, 4, 6)):
+        fields = dict(part.split(" ", 1) for part in line.split(" | ")[1:3])
+        assert fields == {"loss": f"{metrics[step]['loss/total']:.4f}",
+                          "lr": f"{metrics[step]['train/lr']:.2e}"}
+    assert "ETA" in lines[0] and lines[-1].endswith("ETA 0s")
+    warnings = [line for line in log if "Warning: " in line]
+    assert warnings and len(warnings) == len(set(warnings)), "\n".join(warnings)
+    # DeepSpeed's accelerator notice: once from the runner, the node launcher and rank 0 only
+    assert sum("Setting accelerator to CPU" in line for line in log) == 3
 
 
 def test_checkpoints_are_published_with_metadata(reference_run):
@@ -75,6 +98,37 @@ def test_sigkill_then_resume_is_sample_exact(reference_run, tmp_path, shard_dir,
         assert keys_by_step(run_dir, rank) == keys_by_step(reference_run, rank)
     seen = [k for rank in (0, 1) for keys in keys_by_step(run_dir, rank).values() for k in keys]
     assert len(seen) == len(set(seen)) == 6 * 2 * 8  # nothing repeated within the epoch
+
+
+def test_resume_on_shards_in_s3_is_sample_exact(reference_run, tmp_path, shard_dir,
+                                               tokenizer_dir):
+    """The reference run's step-3 checkpoint, continued on the same shards served from S3
+    (moto's server on 127.0.0.1, credentials in the environment): steps 4-6 train on the same
+    batches, with the same losses, as the uninterrupted run on local files."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    from s3_helpers import moto_s3, upload_folder
+
+    run_dir = tmp_path / "s3"
+    tag = "checkpoints/global_step3"
+    shutil.copytree(reference_run / tag, run_dir / tag)
+    (run_dir / "checkpoints/latest").write_text("global_step3")
+    with moto_s3():
+        upload_folder(shard_dir, "vlp-data/shards")
+        pattern = shard_url_pattern(shard_dir).replace(str(shard_dir), "s3://vlp-data/shards")
+        rc = run_training(pattern_overrides(run_dir, pattern, tokenizer_dir), tmp_path / "log.txt")
+    log = (tmp_path / "log.txt").read_text()
+    assert rc == 0, log[-3000:]
+    assert "resumed from" in log and "unreadable" not in log
+
+    expected, resumed = metrics_by_step(reference_run), metrics_by_step(run_dir)
+    assert sorted(resumed) == [4, 5, 6]
+    for step in (4, 5, 6):
+        for name in ("loss/total", "loss/itc", "loss/itm", "loss/mlm"):
+            assert resumed[step][name] == expected[step][name], (step, name)
+    for rank in (0, 1):
+        reference_keys = {s: k for s, k in keys_by_step(reference_run, rank).items() if s > 3}
+        assert keys_by_step(run_dir, rank) == reference_keys
 
 
 def test_resume_with_another_world_size_is_a_clear_error(reference_run, tmp_path, shard_dir,

@@ -1,7 +1,8 @@
 """Shard URLs: expand, validate, open, and read the files beside them.
 
-Accepted: local paths, `file://` and `http(s)://` URLs. `pipe:` URLs are refused: a shard list
-that runs shell commands turns a config file into code execution.
+Accepted: local paths, `file://` and `http(s)://` URLs, and object storage (`s3://`, `gs://`, ...:
+object_store.py). `pipe:` URLs are refused: a shard list that runs shell commands turns a config
+file into code execution.
 """
 from __future__ import annotations
 
@@ -16,6 +17,13 @@ from dataclasses import dataclass
 from webdataset.shardlists import expand_urls
 
 from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.data.object_store import (
+    OBJECT_STORES,
+    check_reachable,
+    is_object_url,
+    open_object,
+    read_object,
+)
 
 REMOTE_SCHEMES = ("http", "https")
 HTTP_TIMEOUT_S = 60
@@ -45,6 +53,8 @@ def parse_sources(shards: str) -> Sources:
             raise UserError(f"shard pattern {pattern!r} in {shards!r} expands to no URLs")
         for url in urls:
             check_url(url)
+        if is_object_url(urls[0]):
+            check_reachable(urls[0])
         sources.append(urls)
     counts = collections.Counter(url for source in sources for url in source)
     duplicates = sorted(url for url, n in counts.items() if n > 1)
@@ -60,11 +70,11 @@ def check_url(url: str) -> None:
     if scheme == "pipe":
         raise UserError(f"refusing shard URL {url!r}: pipe: URLs run shell commands. Download the "
                          "shards, or serve them over http(s) and list those URLs.")
-    if scheme in REMOTE_SCHEMES:
+    if scheme in REMOTE_SCHEMES or scheme in OBJECT_STORES:
         return
     if scheme not in ("", "file"):
-        raise UserError(f"unsupported shard URL {url!r}: use a local path, file://, http:// or "
-                         "https:// (copy other stores locally or serve them over http).")
+        raise UserError(f"unsupported shard URL {url!r}: use a local path, file://, http(s)://, "
+                        f"or an object store ({', '.join(s + '://' for s in OBJECT_STORES)}).")
     path = local_path(url)
     if not os.path.isfile(path):
         raise UserError(f"shard {url!r} does not exist (looked for {os.path.abspath(path)}); "
@@ -73,7 +83,7 @@ def check_url(url: str) -> None:
 
 def check_not_all_empty(urls: list[str]) -> None:
     """Zero-byte shards are skipped and counted while training, but not when they are all."""
-    local = [url for url in urls if _scheme(url) not in REMOTE_SCHEMES]
+    local = [url for url in urls if _scheme(url) in ("", "file")]
     if local and len(local) == len(urls) and all(os.path.getsize(local_path(u)) == 0 for u in local):
         raise UserError(f"all {len(urls)} shards are empty (0 bytes), e.g. {urls[0]!r}; "
                          "the download wrote nothing. Re-run `vlp data download`.")
@@ -94,6 +104,8 @@ def open_shard(url: str):
     """A binary stream of the shard's tar bytes (gunzipped for .tar.gz / .tgz)."""
     if _scheme(url) in REMOTE_SCHEMES:
         stream = io.BufferedReader(urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S), READ_BUFFER)
+    elif is_object_url(url):
+        stream = open_object(url, READ_BUFFER)
     else:
         stream = open(local_path(url), "rb", buffering=READ_BUFFER)
     if url.endswith((".gz", ".tgz")):
@@ -109,6 +121,8 @@ def read_beside(url: str, name: str) -> bytes | None:
         if _scheme(url) in REMOTE_SCHEMES:
             with urllib.request.urlopen(target, timeout=HTTP_TIMEOUT_S) as response:
                 return response.read()
+        if is_object_url(url):
+            return read_object(target)
         path = local_path(target)
         if not os.path.isfile(path):
             return None

@@ -113,12 +113,16 @@ def _cmd_linear_probe(args, stdout) -> int:
 
 
 def _cmd_nightly(args, stdout) -> int:
+    from vlp.pipeline.eval.nightly.regressions import check_margin
     from vlp.pipeline.eval.nightly.runner import run_nightly
 
     summary = run_nightly(args.runs, suite=args.suite, out_dir=args.out,
-                          retry_failed=args.retry_failed, device=args.device)
+                          retry_failed=args.retry_failed, device=args.device,
+                          regression_margin=check_margin(args.regression_margin))
     _print(summary, stdout)
-    return 1 if summary["failures"] else 0
+    if summary["failures"]:
+        return 1
+    return 4 if args.fail_on_regression and summary["regressions"] else 0
 
 
 def _results_on_stdout(func):
@@ -262,9 +266,15 @@ def register(subparsers) -> None:
 
     p = add("nightly", _cmd_nightly,
             "evaluate new checkpoints of all runs; results.parquet, TensorBoard, report.html "
-            "(exit status 1 when a checkpoint failed in this run)")
+            "(exit status 1 when a checkpoint failed in this run, 4 on a regression with "
+            "--fail-on-regression)")
     p.add_argument("--runs", required=True, help="folder of runs (runs/NAME/checkpoints/...)")
     p.add_argument("--suite", help="benchmark suite YAML/JSON (default RUNS/eval_suite.yaml)")
     p.add_argument("--out", help="output folder (default RUNS/nightly)")
     p.add_argument("--retry-failed", action="store_true",
                    help="evaluate again what failed before (default: failures are final)")
+    p.add_argument("--regression-margin", type=float, default=0.05,
+                   help="flag a metric whose latest value is more than this fraction below its "
+                        "run's best (default 0.05)")
+    p.add_argument("--fail-on-regression", action="store_true",
+                   help="exit with status 4 when a metric regressed (for cron or CI)")

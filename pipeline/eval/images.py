@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from vlp.pipeline.data.errors import BadData, UserError
+from vlp.pipeline.data.object_store import is_object_url, read_range
 from vlp.pipeline.data.tar import SkipCounter, read_samples
 from vlp.pipeline.data.transforms import IMAGE_EXTENSIONS, preprocess_image
 
@@ -30,6 +31,8 @@ class ImageRef:
     name: str = ""
 
     def read(self) -> bytes:
+        if is_object_url(self.path):
+            return read_range(self.path, self.offset, self.size)
         with open(self.path, "rb") as f:
             f.seek(self.offset)
             return f.read(self.size)
@@ -55,18 +58,18 @@ def path_under(root: str | Path, relative: str, where: str) -> Path:
 def tar_samples(
     path: str | Path, wanted: frozenset[str]
 ) -> Iterator[tuple[str, ImageRef | None, dict[str, bytes]]]:
-    """(key, image, {ext: bytes} of its `wanted` members) per sample of a local, uncompressed
-    webdataset tar; the image (jpg/jpeg/png/webp, None when the sample has none) is a byte range
-    of the tar. A missing, compressed or damaged tar is a UserError: a test set that is not
+    """(key, image, {ext: bytes} of its `wanted` members) per sample of an uncompressed webdataset
+    tar, local or in object storage; the image (jpg/jpeg/png/webp, None when the sample has none)
+    is a byte range of the tar (a ranged read in object storage). A missing, compressed or damaged tar is a UserError: a test set that is not
     complete gives numbers no one can compare. Repeated keys are dropped as the training loader
     drops them."""
     path = os.fspath(path).removeprefix("file://")
-    if "://" in path:
-        raise UserError(f"evaluation shards must be local files (copy them first): {path}")
+    if "://" in path and not is_object_url(path):
+        raise UserError(f"evaluation shards must be local files or in object storage: {path}")
     if not path.endswith(".tar"):
         raise UserError(f"evaluation shard {path} is not an uncompressed .tar: images are read "
                         "in place from the tar, so decompress it first")
-    if not Path(path).is_file():
+    if not is_object_url(path) and not Path(path).is_file():
         raise UserError(f"evaluation shard not found: {path}")
     try:
         for sample in read_samples(path, wanted, SkipCounter(), frozenset(IMAGE_EXTENSIONS)):

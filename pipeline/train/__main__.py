@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from vlp.pipeline.distributed import shutdown_distributed
+from vlp.pipeline.train.status import keep_one_copy_of_warnings
 from vlp.pipeline.train.trainer import train
 
 
@@ -17,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", help="shorthand for --set checkpoint.resume=MODE")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by deepspeed
     args = parser.parse_args(argv)
+    # before DeepSpeed is imported; srun sets SLURM_PROCID, launchers RANK
+    keep_one_copy_of_warnings(int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))))
     overrides = list(args.set) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     try:
         return train(args.recipe, overrides)

@@ -158,12 +158,18 @@ class LoggingSection:
     """Peak TFLOP/s per device for MFU (e.g. 989 for an H100 in dense bf16); None: measured."""
     progress_bar: bool = True
     """A tqdm bar on rank 0 when attached to a terminal."""
+    status_every_steps: int = 50
+    """When stdout is not a terminal (sbatch, nohup), rank 0 prints a status line (step, loss, lr,
+    samples/s, MFU, data wait, ETA) on the first logging step at or after every this many steps;
+    0: never."""
     sample_keys: bool = False
     """Write the keys of every batch to samples/rank{R}.jsonl (data-order audits)."""
 
     def __post_init__(self):
         _check("logging", [
             (self.every_steps >= 1, f"every_steps must be >= 1, got {self.every_steps}"),
+            (self.status_every_steps >= 0,
+             f"status_every_steps must be >= 0 (0: none), got {self.status_every_steps}"),
             (self.peak_tflops is None or self.peak_tflops > 0,
              f"peak_tflops must be > 0 or null, got {self.peak_tflops}"),
         ])

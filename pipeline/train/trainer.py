@@ -35,6 +35,7 @@ from vlp.pipeline.train.faults import FaultInjector
 from vlp.pipeline.train.metrics import MetricsLogger, MetricsMeter, measure_peak_flops
 from vlp.pipeline.train.optim import build_optimizer, build_scheduler
 from vlp.pipeline.train.rng import get_rng_state, set_rng_state
+from vlp.pipeline.train.status import Progress
 from vlp.pipeline.train.step import TrainStep
 
 
@@ -242,7 +243,9 @@ class Trainer:
     def run(self) -> dict:
         """Train to optim.max_steps; returns the summary also written to train_summary.json."""
         max_steps = self.cfg.optim.max_steps
-        bar = _progress_bar(self.is_main and self.cfg.logging.progress_bar, self.step, max_steps)
+        log_cfg = self.cfg.logging
+        progress = Progress(self.is_main, self.step, max_steps, log_cfg.status_every_steps,
+                            bar=log_cfg.progress_bar)
         batches = iter(self.loader)
         record: dict[str, float] = {}
         try:
@@ -254,14 +257,12 @@ class Trainer:
                 with self.comms.step(self.step):
                     result = self.train_step(batches, self.step)
                 self.meter.update(result.scalars, result.nonfinite, result.data_wait_s)
-                if self.meter.due(self.step):
-                    record = self._log(lr)
+                logged = self._log(lr) if self.meter.due(self.step) else None
+                record = logged or record
                 self.checkpointer.maybe_save(self.step)
-                if bar is not None:
-                    bar.update(1)
+                progress.step_done(self.step, logged)
         finally:  # also on the non-finite stop, so TensorBoard and the logs are flushed
-            if bar is not None:
-                bar.close()
+            progress.close()
             if self.key_log is not None:
                 self.key_log.close()
             self.logger.close()
@@ -324,14 +325,6 @@ def _check_world_size(tag_dir: Path, world: int) -> None:
 def _tokenizer_json(path: str) -> str:
     path = Path(path)
     return (path / "tokenizer.json" if path.is_dir() else path).read_text()
-
-
-def _progress_bar(enabled: bool, start: int, total: int):
-    if not (enabled and sys.stderr.isatty()):
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, desc="train", unit="step")
 
 
 def train(recipe: str | None, overrides: list[str]) -> int:

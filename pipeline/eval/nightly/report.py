@@ -1,12 +1,14 @@
-"""The nightly HTML report: a plot per metric against training step, latest vs best, failures,
-and a few generated captions beside their images.
+"""The nightly HTML report: latest vs best with regressions highlighted (regressions.py), the
+eval metrics and each run's training curves as small multiples (figures.py), failures, and a few
+generated captions beside their images.
 
-Plots are PNGs (matplotlib's Agg backend, no display needed) in OUT/plots/, one line per run and
-the primary baseline (retrieval: chance, VQA: majority answer, captioning: retrieved training
-caption) as a dashed line. The table lists, per run, benchmark and metric, the latest checkpoint's
-value, the best so far (all metrics are higher-is-better) and the baseline. Caption examples come
-from each caption benchmark's latest result, their images inlined as small JPEG thumbnails so the
-page stands alone. Every file is written atomically.
+Per-metric plots at full size are PNGs (matplotlib's Agg backend, no display needed) in
+OUT/plots/, one line per run and the primary baseline (retrieval: chance, VQA: majority answer,
+captioning: retrieved training caption) as a dashed line. The table lists, per run, benchmark and
+metric, the latest checkpoint's value, the best so far (all metrics are higher-is-better), the
+change and the baseline. Caption examples come from each caption benchmark's latest result, their
+images inlined as small JPEG thumbnails so the page stands alone. Every file is written
+atomically.
 """
 from __future__ import annotations
 
@@ -25,16 +27,24 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from vlp.pipeline.data.files import atomic_path  # noqa: E402
+from vlp.pipeline.eval.nightly import figures, regressions  # noqa: E402
 
 
 def render_report(results: pd.DataFrame, out_dir: str | Path,
+                  margin: float = regressions.DEFAULT_MARGIN,
+                  run_dirs: dict[str, Path] | None = None,
                   captions: list[dict] | None = None) -> Path:
-    """Write OUT/report.html and OUT/plots/*.png from the results table; returns the HTML path.
+    """Write OUT/report.html, OUT/summary.md, OUT/plots/ and OUT/grids/ from the results and the
+    runs' metrics.jsonl (`run_dirs`: run name -> folder); returns the HTML path.
 
     `captions`: per caption benchmark, {"run", "benchmark", "tag", "examples"} with the
     examples of its result JSON (image path, caption, retrieval baseline, references)."""
     out_dir = Path(out_dir)
     ok = results[results["status"] == "ok"]
+    flagged = regressions.flag_regressions(summary_table(ok), margin)
+    grids = [figures.draw_grid(figures.eval_panels(ok), out_dir / "grids" / "eval_grid.png"),
+             figures.draw_grid(figures.training_panels(run_dirs or {}),
+                               out_dir / "grids" / "training_grid.png")]
     sections = []
     for (benchmark, metric), rows in ok.groupby(["benchmark", "metric"], sort=True):
         image = plot_metric(rows, benchmark, metric, out_dir / "plots")
@@ -44,15 +54,26 @@ def render_report(results: pd.DataFrame, out_dir: str | Path,
     page = _PAGE.format(
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         checkpoints=len(results[["run", "tag"]].drop_duplicates()),
-        table=_html_table(summary_table(ok)),
-        plots="\n".join(sections) or "<p>No results yet.</p>",
+        margin=f"{margin:.0%}", regressed=int(flagged["regressed"].sum()),
+        table=regressions.flagged_table_html(flagged),
+        eval_grid=_grid_html(grids[0], "eval metrics"),
+        training_grid=_grid_html(grids[1], "training curves"),
+        plots="\n".join(sections),
         failures=_html_table(failures[["run", "tag", "benchmark", "time", "error"]]),
         captions="\n".join(_caption_section(c) for c in captions or []) or "<p>None.</p>",
     )
     path = out_dir / "report.html"
     with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
+    regressions.write_markdown_summary(
+        regressions.markdown_summary(flagged, margin, len(failures)), out_dir)
     return path
+
+
+def _grid_html(path: Path | None, what: str) -> str:
+    if path is None:
+        return f"<p>No {what} yet.</p>"
+    return f'<img class="grid" src="grids/{path.name}" alt="{what}">'
 
 
 def summary_table(ok: pd.DataFrame) -> pd.DataFrame:
@@ -151,6 +172,9 @@ _PAGE = """<!DOCTYPE html>
 body {{ font-family: sans-serif; margin: 2em; }}
 table.results {{ border-collapse: collapse; font-size: 0.9em; }}
 table.results td, table.results th {{ padding: 0.2em 0.8em; border-bottom: 1px solid #ddd; }}
+tr.regressed td {{ background: #fde2e1; }}
+tr.regressed td:nth-child(8) {{ color: #b3261e; font-weight: bold; }}
+img.grid {{ max-width: 100%; }}
 figure {{ display: inline-block; margin: 0.5em; }}
 </style></head><body>
 <h1>vlp nightly evaluation</h1>
@@ -159,9 +183,16 @@ figure {{ display: inline-block; margin: 0.5em; }}
 caption evaluation reports them (fractions; CIDEr up to 10), classification accuracies fractions
 (CLIP_benchmark).</p>
 <h2>Latest vs best</h2>
+<p>{regressed} regression(s): a latest value more than {margin} below its run's best
+(highlighted).</p>
 {table}
 <h2>Metrics against training step</h2>
+{eval_grid}
+<h2>Training curves</h2>
+{training_grid}
+<details><summary>Each metric at full size</summary>
 {plots}
+</details>
 <h2>Generated captions (latest checkpoint)</h2>
 {captions}
 <h2>Failures</h2>

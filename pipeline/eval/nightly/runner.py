@@ -6,7 +6,8 @@
                                             failure row per (run, tag, benchmark)
     OUT/tensorboard/NAME/                   scalars "<benchmark>/<metric>" against step, and
                                             its baseline "<benchmark>/<baseline>/<metric>"
-    OUT/report.html + OUT/plots/*.png       see report.py
+    OUT/report.html + plots/, grids/        see report.py
+    OUT/summary.md                          regressions against each run's best (regressions.py)
     runs/NAME/eval/<tag>/<benchmark>.json   each benchmark's full result (DESIGN's layout)
 
 A (run, tag, benchmark) with any row in results.parquet is done, failed or not (pass
@@ -28,7 +29,12 @@ import torch
 
 from vlp.pipeline.data.checkpoints import complete_tags, load_model, tag_step
 from vlp.pipeline.data.files import atomic_path
-from vlp.pipeline.eval.nightly.report import latest_row, render_report
+from vlp.pipeline.eval.nightly.regressions import (
+    DEFAULT_MARGIN,
+    flag_regressions,
+    regression_records,
+)
+from vlp.pipeline.eval.nightly.report import latest_row, render_report, summary_table
 from vlp.pipeline.eval.nightly.suite import Benchmark, load_suite
 
 RESULT_COLUMNS = ["run", "tag", "step", "benchmark", "task", "metric", "value", "baseline",
@@ -76,6 +82,7 @@ def run_nightly(
     out_dir: str | Path | None = None,
     retry_failed: bool = False,
     device: str | None = None,
+    regression_margin: float = DEFAULT_MARGIN,
 ) -> dict:
     """Evaluate new checkpoints under `runs_dir` with `suite` (default RUNS/eval_suite.yaml);
     returns counts, the failures and the output paths."""
@@ -89,8 +96,8 @@ def run_nightly(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     evaluated, failures = 0, []
-    checkpoints = discover_checkpoints(runs_dir)
-    for ref in checkpoints:
+    refs = discover_checkpoints(runs_dir)
+    for ref in refs:
         todo = [b for b in benchmarks if (ref.run, ref.tag, b.name) not in done]
         if not todo:
             continue
@@ -108,12 +115,17 @@ def run_nightly(
 
     report = out_dir / "report.html"
     if evaluated or not report.exists():
-        render_report(results, out_dir, caption_examples(results, checkpoints))
+        render_report(results, out_dir, regression_margin,
+                      {ref.run: ref.run_dir for ref in refs}, caption_examples(results, refs))
+    flagged = flag_regressions(summary_table(results[results["status"] == "ok"]),
+                               regression_margin)
     return {
         "checkpoints_evaluated": evaluated,
         "failures": [{k: f[k] for k in ("run", "tag", "benchmark", "error")} for f in failures],
         "results": str(results_path),
         "report": str(report),
+        "regressions": regression_records(flagged),
+        "summary": str(out_dir / "summary.md"),
         "tensorboard": str(out_dir / "tensorboard"),
     }
 

@@ -48,8 +48,8 @@ def load_karpathy(
 
 def load_retrieval_shards(urls: str | list[str]) -> RetrievalSet:
     """CLIP_benchmark-style retrieval shards: per sample an image (jpg/jpeg/png/webp) and a .txt
-    with one caption per line. `urls`: local, uncompressed tars; brace patterns expand
-    ("a/{000..009}.tar")."""
+    with one caption per line. `urls`: uncompressed tars, local or in object storage (s3://...);
+    brace patterns expand ("a/{000..009}.tar")."""
     paths = [p for url in ([urls] if isinstance(urls, str) else urls) for p in braceexpand(url)]
     images, captions, text_to_image = [], [], []
     for path in paths:
