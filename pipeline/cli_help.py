@@ -9,21 +9,29 @@ from __future__ import annotations
 
 import argparse
 
+EXAMPLES_HEADINGS = ("example:", "examples:")
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends `(default: X)` to an argument's help when it has a default worth showing (not
-    None, not a flag's False, not already in the text), and keeps the example's line breaks."""
+    None, not a flag's False, not already in the text), and keeps the examples' line breaks."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith(EXAMPLES_HEADINGS):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in text:
+        unshown = action.default is None or action.default is False or action.default == []
+        if unshown or action.default == argparse.SUPPRESS or "(default" in text:
             return text
         return super()._get_help_string(action)
 
 
 def examples_epilog(examples: list[str]) -> str:
     """The `example:` block ending a command's help."""
-    heading = "example:" if len(examples) == 1 else "examples:"
+    heading = EXAMPLES_HEADINGS[len(examples) > 1]
     return heading + "\n" + "\n".join(f"  {line}" for line in examples)
 
 
