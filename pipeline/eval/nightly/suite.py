@@ -29,7 +29,7 @@ from vlp.pipeline.eval.vqa.job import evaluate_vqa
 
 TASKS: dict[str, Callable[..., dict]] = {"retrieval": evaluate_retrieval, "vqa": evaluate_vqa}
 # Arguments the nightly job sets itself.
-RESERVED = {"checkpoint", "out", "results_out"}
+RESERVED = {"checkpoint", "out", "results_out", "device"}
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 PATH_KEYS = {
     "karpathy_json", "image_root", "shards", "vqa_dir", "train_questions", "train_annotations",
