@@ -95,9 +95,9 @@ def download(args) -> int:
 def index(args) -> int:
     from vlp.data_prep.index import build_manifest
 
-    manifest = build_manifest(args.shards)
+    manifest = build_manifest(args.shard_dir)
     summary = {key: value for key, value in manifest.items() if key != "shards"}
-    print_summary(f"index of {args.shards} (manifest.json, sizes.json)", summary)
+    print_summary(f"index of {args.shard_dir} (manifest.json, sizes.json)", summary)
     return 0
 
 
@@ -105,7 +105,7 @@ def tokenizer(args) -> int:
     from vlp.data_prep.tokenizer import iter_shard_captions, iter_vqa_questions, train_tokenizer
 
     counts = Counter()
-    texts = [iter_shard_captions(args.shards, counts)]
+    texts = [iter_shard_captions(args.shard_dir, counts)]
     texts += [iter_vqa_questions(path) for path in args.extra_text]
     path = train_tokenizer((t for source in texts for t in source), args.out, args.vocab_size)
     print_summary(f"tokenizer {path}", {"texts_from_shards": dict(counts)})
@@ -186,12 +186,14 @@ def register(subparsers) -> None:
 
     p = add_command(commands, "index", "write manifest.json and sizes.json for a shard directory",
                     ["vlp data index shards"])
-    p.add_argument("shards", help="directory holding the NNNNN.tar shards (and their stats)")
+    p.add_argument("shard_dir", metavar="SHARD_DIR",
+                   help="directory holding the NNNNN.tar shards (and their stats)")
     p.set_defaults(func=index)
 
     p = add_command(commands, "tokenizer", "train a WordPiece tokenizer on shard captions",
-                    ["vlp data tokenizer --shards shards --out tokenizer --vocab-size 8000"])
-    p.add_argument("--shards", required=True, help="directory holding the NNNNN.tar shards")
+                    ["vlp data tokenizer --shard-dir shards --out tokenizer --vocab-size 8000"])
+    p.add_argument("--shard-dir", "--shards", dest="shard_dir", required=True,
+                   help="directory holding the NNNNN.tar shards")
     p.add_argument("--out", required=True, help="directory for tokenizer.json")
     p.add_argument("--vocab-size", type=int, required=True,
                    help="WordPiece vocabulary size, special tokens included")

@@ -31,7 +31,7 @@ def a_file(tmp_path):
 @pytest.mark.parametrize("argv,command,message", [
     (["data", "index", "{file}"], "data index", "notes.txt is a file, not a directory"),
     (["data", "index", "{tmp}"], "data index", "no *.tar shards in"),
-    (["data", "tokenizer", "--shards", "{file}", "--out", "{tmp}/t", "--vocab-size", 100],
+    (["data", "tokenizer", "--shard-dir", "{file}", "--out", "{tmp}/t", "--vocab-size", 100],
      "data tokenizer", "is a file, not a directory"),
     (["data", "reshard", "--in", "{file}", "--out", "{tmp}/o", "--samples-per-shard", 5],
      "data reshard", "is a file, not a directory"),

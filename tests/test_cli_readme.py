@@ -58,8 +58,8 @@ SHORTENED = {
         "vlp data download --url-list world/train/url_list.parquet --out shards --image-size 64 "
         "--allow-private-hosts --samples-per-shard 16 --threads 4",
     "vlp data index shards": "vlp data index shards",
-    "vlp data tokenizer --shards shards --out tokenizer --vocab-size 8000":
-        "vlp data tokenizer --shards shards --out tokenizer --vocab-size 300",
+    "vlp data tokenizer --shard-dir shards --out tokenizer --vocab-size 8000":
+        "vlp data tokenizer --shard-dir shards --out tokenizer --vocab-size 300",
     "vlp data reshard --in shards --out shards_256 --samples-per-shard 256":
         "vlp data reshard --in shards --out shards_256 --samples-per-shard 8",
     "vlp train --recipe tiny_synth.yaml --set run_dir=runs/tiny "

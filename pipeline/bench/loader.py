@@ -52,7 +52,8 @@ def add_arguments(p) -> None:
     p.add_argument("--image-size", type=int, default=224, help="model input size")
     p.add_argument("--source-size", type=int, default=256, help="JPEG size in the shards")
     p.add_argument("--max-text-len", type=int, default=40, help="caption tokens per sample")
-    p.add_argument("--shards", type=int, default=8, help="shards to write and read")
+    p.add_argument("--num-shards", "--shards", dest="shards", type=int, default=8,
+                   help="shards to write and read")
     p.add_argument("--samples-per-shard", "--per-shard", dest="per_shard", type=int, default=256,
                    help="samples per shard")
     p.add_argument("--shuffle-buffer", type=int, default=500, help="samples in the shuffle buffer")
