@@ -10,4 +10,5 @@ vlp data download --url-list "$URL_LIST" --out "$OUT/shards" \
   --image-size "${IMAGE_SIZE:-256}" --processes "${PROCESSES:-$(nproc)}" \
   --threads "${THREADS:-32}" --samples-per-shard "${SAMPLES_PER_SHARD:-10000}" \
   --distributor "${DISTRIBUTOR:-multiprocessing}"
-vlp data tokenizer --shard-dir "$OUT/shards" --out "$OUT/tokenizer" --vocab-size "${VOCAB_SIZE:-30522}"
+vlp data tokenizer --shard-dir "$OUT/shards" --out "$OUT/tokenizer" \
+  --vocab-size "${VOCAB_SIZE:-30522}"

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 TRAIN_MODULE = "vlp.pipeline.train"
 CPU_DEFAULT_RANKS = 2
@@ -71,7 +73,7 @@ def run_training(recipe: str | None, overrides: list[str], **launch) -> int:
     from vlp.pipeline.distributed import remove_shm_buffers
 
     cmd = launcher_command(recipe, overrides, **launch)
-    print("+ " + " ".join(cmd), flush=True)
+    print("+ " + shlex.join(cmd), flush=True)
     try:
         return subprocess.call(cmd, env=os.environ.copy())
     finally:  # the buffers of ranks that died before their own cleanup
@@ -89,7 +91,7 @@ def hostfile_slots(path: str) -> dict[str, int]:
         what = "is a directory" if os.path.isdir(path) else "does not exist"
         raise UserError(f"--hostfile {path} {what}; expected a file of 'HOST slots=N' lines")
     slots: dict[str, int] = {}
-    for number, line in enumerate(open(path).read().splitlines(), 1):
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
@@ -147,15 +149,16 @@ def _cmd_train(args) -> int:
     from vlp.pipeline.train.trainer import check_run
 
     check_launch_flags(args)
+    launch = dict(nproc=args.nproc, hostfile=args.hostfile, master_addr=args.master_addr,
+                  master_port=args.master_port, node_rank=args.node_rank, resume=args.resume)
+    command = launcher_command(args.recipe, args.set, **launch)  # checks --nproc
     world = world_size(args.nproc, args.hostfile)
     resume = [f"checkpoint.resume={args.resume}"] if args.resume else []
     cfg = check_run(args.recipe, args.set + resume, world)
-    launch = dict(nproc=args.nproc, hostfile=args.hostfile, master_addr=args.master_addr,
-                  master_port=args.master_port, node_rank=args.node_rank, resume=args.resume)
     if args.dry_run:
         print(f"config, tokenizer, shards and DeepSpeed config are valid for {world} ranks "
               f"(run_dir {cfg.run_dir}); the launch command:", file=sys.stderr)
-        print(" ".join(launcher_command(args.recipe, args.set, **launch)))
+        print(shlex.join(command))
         return 0
     return run_training(args.recipe, args.set, **launch)
 
