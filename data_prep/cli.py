@@ -81,7 +81,7 @@ def download(args) -> int:
         resize_mode=args.resize_mode,
         processes=args.processes,
         threads=args.threads,
-        number_sample_per_shard=args.number_sample_per_shard,
+        number_sample_per_shard=args.samples_per_shard,
         timeout=args.timeout,
         allow_private_hosts=args.allow_private_hosts,
         distributor=args.distributor,
@@ -97,9 +97,9 @@ def download(args) -> int:
 def index(args) -> int:
     from vlp.data_prep.index import build_manifest
 
-    manifest = build_manifest(args.shards)
+    manifest = build_manifest(args.shard_dir)
     summary = {key: value for key, value in manifest.items() if key != "shards"}
-    print_summary(f"index of {args.shards} (manifest.json, sizes.json)", summary)
+    print_summary(f"index of {args.shard_dir} (manifest.json, sizes.json)", summary)
     return 0
 
 
@@ -107,7 +107,7 @@ def tokenizer(args) -> int:
     from vlp.data_prep.tokenizer import iter_shard_captions, iter_vqa_questions, train_tokenizer
 
     counts = Counter()
-    texts = [iter_shard_captions(args.shards, counts)]
+    texts = [iter_shard_captions(args.shard_dir, counts)]
     texts += [iter_vqa_questions(path) for path in args.extra_text]
     path = train_tokenizer((t for source in texts for t in source), args.out, args.vocab_size)
     print_summary(f"tokenizer {path}", {"texts_from_shards": dict(counts)})
@@ -123,68 +123,93 @@ def reshard_command(args) -> int:
 
 
 def register(subparsers) -> None:
-    """Add `data` and its subcommands to the `vlp` parser."""
+    """Add `data` and its subcommands to the `vlp` parser.
+
+    `download` wraps img2dataset: its option spellings (--thread_count, --processes_count,
+    --number_sample_per_shard, ...) are accepted as aliases. Defaults that differ from
+    img2dataset's are listed in docs/data_prep.md."""
+    from vlp.pipeline.cli_help import add_command
+
     data = subparsers.add_parser("data", help="prepare data: synthetic world, shards, tokenizer")
     commands = data.add_subparsers(dest="data_command", required=True)
 
-    p = commands.add_parser("synth", help="render the synthetic world")
+    p = add_command(commands, "synth", "render the synthetic world",
+                    ["vlp data synth --out world --train 12000 --test 1000 --seed 0"])
     p.add_argument("--out", required=True, help="world directory to write")
     p.add_argument("--train", type=int, required=True, help="training images (URL list rows)")
-    p.add_argument("--test", type=int, required=True,
-                   help="retrieval (and captioning) test images, 5 captions each")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vqa-train", type=int, default=None, help="VQA train images (default train/2)")
-    p.add_argument("--vqa-val", type=int, default=None, help="VQA val images (default test/2)")
-    p.add_argument("--base-url", default="http://127.0.0.1:8765", help="where `serve` will listen")
+    p.add_argument("--test", type=int, required=True, help="retrieval (and captioning) test images, 5 captions each")
+    p.add_argument("--seed", type=int, default=0, help="everything in the world derives from it")
+    p.add_argument("--vqa-train", type=int, default=None,
+                   help="VQA train images (default: train/2)")
+    p.add_argument("--vqa-val", type=int, default=None, help="VQA val images (default: test/2)")
+    p.add_argument("--base-url", default="http://127.0.0.1:8765",
+                   help="where `vlp data serve` will serve the world's images")
     p.add_argument("--render-size", type=int, default=128, help="image side in pixels")
     p.add_argument("--classify", type=int, default=None,
                    help="classification train and test images, val half (default test/2)")
     p.set_defaults(func=synth)
 
-    p = commands.add_parser("serve", help="serve a world (at its base URL) or any directory")
-    p.add_argument("dir")
+    p = add_command(commands, "serve", "serve a world (at its base URL) or any directory",
+                    ["vlp data serve world"])
+    p.add_argument("dir", help="a synthetic world (served at its base URL) or any directory")
     p.add_argument("--port", type=int, default=8765, help="port for a directory that is no world")
     p.set_defaults(func=serve)
 
-    p = commands.add_parser("download", help="img2dataset a URL list into webdataset shards")
-    p.add_argument("--url-list", required=True, help="parquet, csv or tsv with url and caption")
-    p.add_argument("--out", required=True, help="shard directory")
-    p.add_argument("--url-col", default="url")
-    p.add_argument("--caption-col", default="caption")
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--resize-mode", choices=RESIZE_MODES, default="center_crop")
-    p.add_argument("--processes", type=int, default=1)
-    p.add_argument("--threads", type=int, default=8)
-    p.add_argument("--number-sample-per-shard", type=int, default=1000)
+    p = add_command(
+        commands, "download", "img2dataset a URL list into webdataset shards, then index them",
+        ["vlp data download --url-list world/train/url_list.parquet --out shards "
+         "--image-size 64 --allow-private-hosts"])
+    p.add_argument("--url-list", "--url_list", required=True,
+                   help="parquet, csv or tsv with a url and a caption column")
+    p.add_argument("--out", "--output_folder", required=True,
+                   help="shard directory (NNNNN.tar + _stats.json + .parquet, then manifest.json)")
+    p.add_argument("--url-col", "--url_col", default="url", help="URL column of the list")
+    p.add_argument("--caption-col", "--caption_col", default="caption",
+                   help="caption column of the list")
+    p.add_argument("--image-size", "--image_size", type=int, default=256,
+                   help="images are resized to this side")
+    p.add_argument("--resize-mode", "--resize_mode", choices=RESIZE_MODES, default="center_crop",
+                   help="img2dataset resize mode (img2dataset's default: border)")
+    p.add_argument("--processes", "--processes_count", type=int, default=1,
+                   help="download processes")
+    p.add_argument("--threads", "--thread_count", type=int, default=8,
+                   help="download threads per process (img2dataset's default: 256)")
+    p.add_argument("--samples-per-shard", "--number_sample_per_shard",
+                   "--number-sample-per-shard", dest="samples_per_shard", type=int, default=1000,
+                   help="samples per output shard (img2dataset's default: 10000)")
     p.add_argument("--timeout", type=int, default=10, help="seconds per HTTP request")
-    p.add_argument("--retries", type=int, default=0)
-    p.add_argument("--distributor", choices=DISTRIBUTORS, default="multiprocessing")
-    p.add_argument(
-        "--allow-private-hosts", action="store_true",
-        help="fetch from loopback/private/link-local addresses (the synthetic world needs this)",
-    )  # fmt: skip
-    p.add_argument(
-        "--no-resume", action="store_true",
-        help="delete the shards already in --out instead of resuming the job",
-    )  # fmt: skip
+    p.add_argument("--retries", type=int, default=0, help="retries per failed URL")
+    p.add_argument("--distributor", choices=DISTRIBUTORS, default="multiprocessing",
+                   help="img2dataset distributor (pyspark: install .[spark])")
+    p.add_argument("--allow-private-hosts", action="store_true",
+                   help="fetch from loopback/private/link-local addresses (the synthetic world "
+                        "needs this)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="delete the shards already in --out instead of resuming the job")
     p.set_defaults(func=download)
 
-    p = commands.add_parser("index", help="write manifest.json and sizes.json for a shard dir")
-    p.add_argument("shards")
+    p = add_command(commands, "index", "write manifest.json and sizes.json for a shard directory",
+                    ["vlp data index shards"])
+    p.add_argument("shard_dir", metavar="SHARD_DIR",
+                   help="directory holding the NNNNN.tar shards (and their stats)")
     p.set_defaults(func=index)
 
-    p = commands.add_parser("tokenizer", help="train a WordPiece tokenizer on shard captions")
-    p.add_argument("--shards", required=True)
+    p = add_command(commands, "tokenizer", "train a WordPiece tokenizer on shard captions",
+                    ["vlp data tokenizer --shard-dir shards --out tokenizer --vocab-size 8000"])
+    p.add_argument("--shard-dir", "--shards", dest="shard_dir", required=True,
+                   help="directory holding the NNNNN.tar shards")
     p.add_argument("--out", required=True, help="directory for tokenizer.json")
-    p.add_argument("--vocab-size", type=int, required=True)
-    p.add_argument(
-        "--extra-text", nargs="*", default=[], metavar="VQA_QUESTIONS_JSON",
-        help="VQAv2 question files whose questions are added to the training text",
-    )  # fmt: skip
+    p.add_argument("--vocab-size", type=int, required=True,
+                   help="WordPiece vocabulary size, special tokens included")
+    p.add_argument("--extra-text", nargs="*", default=[], metavar="VQA_QUESTIONS_JSON",
+                   help="VQAv2 question files whose questions are added to the training text")
     p.set_defaults(func=tokenizer)
 
-    p = commands.add_parser("reshard", help="rewrite shards with K samples per shard")
-    p.add_argument("--in", dest="in_dir", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--samples-per-shard", type=int, required=True)
+    p = add_command(commands, "reshard", "rewrite shards with K samples per shard, then index",
+                    ["vlp data reshard --in shards --out shards_256 --samples-per-shard 256"])
+    p.add_argument("--in", dest="in_dir", required=True,
+                   help="directory holding the NNNNN.tar shards to read")
+    p.add_argument("--out", required=True, help="empty directory for the new shards")
+    p.add_argument("--samples-per-shard", type=int, required=True,
+                   help="samples per output shard (the last one may hold fewer)")
     p.set_defaults(func=reshard_command)

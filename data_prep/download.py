@@ -90,7 +90,9 @@ def download_shards(
 
     frame, sanitized = sanitize(read_url_list(url_list, url_col, caption_col), allow_private_hosts)
     if frame.empty:
-        raise UserError(f"no URL in {url_list} is left to download: {sanitized['dropped']}")
+        hint = ("; private, loopback and link-local hosts are refused unless "
+                "--allow-private-hosts is given" if "private_host" in sanitized["dropped"] else "")
+        raise UserError(f"no URL in {url_list} is left to download: {sanitized['dropped']}{hint}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _clear_previous(out, incremental)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vlp.pipeline.data.errors import BadData
+from vlp.pipeline.data.errors import BadData, UserError
 from vlp.pipeline.data.files import write_json_atomic
 from vlp.pipeline.data.manifest import FORMAT, MANIFEST, SIZES
 from vlp.pipeline.data.tar import SkipCounter, iter_shard, list_shards
@@ -100,6 +100,9 @@ def build_manifest(shard_dir) -> dict:
     """Index every shard in `shard_dir` into manifest.json and sizes.json; return the manifest."""
     shard_dir = Path(shard_dir)
     tars = list_shards(shard_dir)
+    if not tars:
+        raise UserError(f"no *.tar shards in {shard_dir}: nothing to index; give the directory "
+                        "that holds the NNNNN.tar files (`vlp data download` writes them)")
     shards = [inspect_shard(tar) for tar in tqdm(tars, desc="index shards", unit="shard")]
     problems = [{"shard": s["name"], **p} for s in shards for p in s["problems"]]
     tar_stems = {tar.stem for tar in tars}
@@ -107,8 +110,6 @@ def build_manifest(shard_dir) -> dict:
         stem = stats.name[: -len("_stats.json")]
         if stem not in tar_stems:
             problems.append({"shard": f"{stem}.tar", "kind": "missing_tar", "detail": stats.name})
-    if not tars:
-        problems.append({"shard": None, "kind": "no_shards", "detail": f"no *.tar in {shard_dir}"})
     totals, errors, issues = Counter(), Counter(), Counter()
     for shard in shards:
         issues.update(shard["sample_issues"])

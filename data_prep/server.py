@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.data.files import require_dir
 
 HOST = "127.0.0.1"
 
@@ -34,8 +35,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def serve_directory(root, port: int = 0, handler=QuietHandler):
     """Serve `root` on 127.0.0.1:`port` (0 = any free port) in a thread; yield the base URL."""
-    if not Path(root).is_dir():
-        raise UserError(f"cannot serve {root}: not a directory")
+    require_dir(root, "directory to serve")
     try:
         server = ThreadingHTTPServer((HOST, port), functools.partial(handler, directory=str(root)))
     except OSError as exc:

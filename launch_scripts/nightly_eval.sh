@@ -11,7 +11,6 @@
 #              --runs /data/runs --suite /data/runs/eval_suite.yaml --out /data/runs/nightly
 #              >> /data/runs/nightly/cron.log 2>&1
 set -euo pipefail
-cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
 # The lock lives in the output folder: --out if given, else RUNS/nightly (the command's default).

@@ -8,6 +8,7 @@ set -euo pipefail
 : "${OUT:?set OUT to the output folder}"
 vlp data download --url-list "$URL_LIST" --out "$OUT/shards" \
   --image-size "${IMAGE_SIZE:-256}" --processes "${PROCESSES:-$(nproc)}" \
-  --threads "${THREADS:-32}" --number-sample-per-shard "${SAMPLES_PER_SHARD:-10000}" \
+  --threads "${THREADS:-32}" --samples-per-shard "${SAMPLES_PER_SHARD:-10000}" \
   --distributor "${DISTRIBUTOR:-multiprocessing}"
-vlp data tokenizer --shards "$OUT/shards" --out "$OUT/tokenizer" --vocab-size "${VOCAB_SIZE:-30522}"
+vlp data tokenizer --shard-dir "$OUT/shards" --out "$OUT/tokenizer" \
+  --vocab-size "${VOCAB_SIZE:-30522}"

@@ -18,7 +18,9 @@
 #
 # Extra arguments are config overrides (section.key=value). The shards and run_dir must be on
 # storage every node sees (checkpoints are written by every rank into run_dir/checkpoints).
-# RECIPE is a file or a shipped recipe name (default base_pretrain.yaml).
+# RECIPE is a file or a shipped recipe name (default base_pretrain.yaml). DRY_RUN=1 validates the
+# whole run on this node (config, tokenizer, shards for the hostfile's ranks) and prints the
+# launch command.
 set -euo pipefail
 : "${HOSTFILE:?set HOSTFILE to a deepspeed hostfile}"
 : "${MASTER_ADDR:?set MASTER_ADDR to an address of the first node}"
@@ -26,5 +28,6 @@ node_args=()
 if [[ -n "${NODE_RANK:-}" ]]; then
   node_args=(--node-rank "$NODE_RANK")
 fi
+[[ -n "${DRY_RUN:-}" ]] && node_args+=(--dry-run)
 exec vlp train --recipe "${RECIPE:-base_pretrain.yaml}" --hostfile "$HOSTFILE" \
   --master-addr "$MASTER_ADDR" --master-port "${MASTER_PORT:-29500}" "${node_args[@]}" --set "$@"

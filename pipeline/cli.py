@@ -5,6 +5,8 @@ Each stage module exposes `register(subparsers)`, which adds its subcommands and
 are imported by name here, and each imports its heavy dependencies inside the command that needs
 them, so `vlp --help` stays fast.
 
+One help layout for every command: stage modules build their commands with
+`vlp.pipeline.cli_help.add_command` (each argument's default shown, an example per command).
 One error convention for every command: bad input raises UserError, printed as one line,
 `vlp <command>: error: <message>`, on stderr, with exit status 2 and no traceback.
 """

@@ -25,18 +25,36 @@ RUN_NAME = "tiny_synth"
 @dataclass
 class QuickstartConfig:
     out_dir: str = "quickstart_out"
-    n_train: int = 12000  # training images (one caption row each in the URL list)
-    n_test: int = 1000  # retrieval test images, 5 captions each
-    n_vqa_train: int = 3000  # VQA images (4 questions each)
+    n_train: int = 12000
+    n_test: int = 1000
+    n_vqa_train: int = 3000
     n_vqa_val: int = 500
     seed: int = 0
-    nproc: int | None = None  # ranks; default: every visible GPU, else 2 CPU ranks
+    nproc: int | None = None
     max_steps: int = 540
     vocab_size: int = 256
     samples_per_shard: int = 1000
-    vqa_steps: int = 150  # fixed fine-tune budget (whole model: a head alone barely learns here)
-    rerank_k: int = 16  # retrieval candidates the ITM head re-ranks per query, both directions
-    caption_steps: int = 150  # captioning fine-tune budget (the recipe pretrains without LM)
+    vqa_steps: int = 150  # the whole model is fine-tuned: a head alone barely learns here
+    rerank_k: int = 16
+    caption_steps: int = 150  # the recipe pretrains without the LM objective
+
+
+# The help of each `vlp quickstart --flag` (one per QuickstartConfig field).
+FIELD_HELP = {
+    "out_dir": "everything goes here: world, data, runs, quickstart_summary.json",
+    "n_train": "training images (one caption row each in the URL list)",
+    "n_test": "retrieval test images, 5 captions each",
+    "n_vqa_train": "VQA training images, 4 questions each",
+    "n_vqa_val": "VQA evaluation images, 4 questions each",
+    "seed": "world, training and fine-tune seed",
+    "nproc": "training ranks (default: every visible GPU, else 2 CPU ranks)",
+    "max_steps": "pretraining steps",
+    "vocab_size": "WordPiece vocabulary size",
+    "samples_per_shard": "samples per downloaded shard",
+    "vqa_steps": "VQA fine-tune steps per evaluated checkpoint",
+    "rerank_k": "retrieval candidates the ITM head re-ranks per query, both directions",
+    "caption_steps": "captioning fine-tune steps per evaluated checkpoint",
+}
 
 
 class QuickstartError(RuntimeError):
@@ -201,10 +219,14 @@ def _cmd_quickstart(args) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("quickstart", help="synthetic world -> shards -> pretrain -> eval")
-    defaults = QuickstartConfig()
-    for name, value in asdict(defaults).items():
+    from vlp.pipeline.cli_help import add_command
+
+    p = add_command(subparsers, "quickstart", "synthetic world -> shards -> pretrain -> eval",
+                    ["vlp quickstart",
+                     "vlp quickstart --out-dir qs --n-train 2000 --n-test 200 --max-steps 100"])
+    for name, value in asdict(QuickstartConfig()).items():
         kind = int if name == "nproc" else type(value)  # the one optional field
+        shown = "" if value is None else f" (default: {value})"
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None,
-                       help=f"default {value}")
+                       help=FIELD_HELP[name] + shown)
     p.set_defaults(func=_cmd_quickstart)

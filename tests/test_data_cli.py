@@ -20,8 +20,8 @@ def test_synth_then_index_print_their_summaries(tmp_path, capsys, vlp_data):
     assert "train: 8" in capsys.readouterr().out
     assert len(pd.read_parquet(tmp_path / "world/train/url_list.parquet")) == 8
 
-    vlp_data("index", tmp_path / "world")  # no shards there: reported, not fatal
-    assert "no_shards" in capsys.readouterr().out
+    assert vlp_data("index", tmp_path / "world") == 2  # no shards there: nothing to index
+    assert "vlp data index: error: no *.tar shards in" in capsys.readouterr().err
 
 
 def test_bad_arguments_end_with_a_one_line_error(tmp_path, capsys, vlp_data):

@@ -73,9 +73,10 @@ def test_damaged_and_inconsistent_img2dataset_shards_are_reported(shard_dir, tmp
     assert sizes["00000.tar"] == 32 and 0 < sizes["00001.tar"] < 32 and "00004.tar" not in sizes
 
 
-def test_an_empty_directory_is_reported_not_fatal(tmp_path):
-    manifest = build_manifest(tmp_path)
-    assert manifest["total_samples"] == 0 and problems_by_kind(manifest) == {(None, "no_shards")}
+def test_a_directory_without_shards_is_an_error_and_writes_no_manifest(tmp_path):
+    with pytest.raises(UserError, match="no \\*.tar shards"):
+        build_manifest(tmp_path)
+    assert not (tmp_path / "manifest.json").exists()
 
 
 def test_load_manifest_says_how_to_make_one(tmp_path):

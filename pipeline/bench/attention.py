@@ -28,8 +28,8 @@ def add_arguments(p) -> None:
     p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16")
     p.add_argument("--masks", default="none,padding", help="comma-separated: none, padding")
     p.add_argument("--batch", type=int, help="default 8 on CPU, 64 on CUDA")
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--heads", type=int, default=12, help="attention heads")
+    p.add_argument("--head-dim", type=int, default=64, help="width of each head")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--sdpa-kernel", default="auto",

@@ -40,10 +40,13 @@ def _lazy(module_name: str):
 
 
 def register(subparsers) -> None:
+    from vlp.pipeline.cli_help import add_command
+
     p = subparsers.add_parser("bench", help="performance benchmarks (each vs a reference)")
     sub = p.add_subparsers(dest="bench", required=True)
     for name, module_name, help_text in BENCHMARKS:
-        q = sub.add_parser(name, help=help_text)
+        q = add_command(sub, name, help_text, [f"vlp bench {name} --quick   # a smoke test",
+                                               f"vlp bench {name} --out bench_out/{name}.json"])
         q.add_argument("--quick", action="store_true", help="tiny smoke-test sizes, 1 repeat")
         q.add_argument("--repeats", type=int, default=None, help="timed repeats (median reported)")
         q.add_argument("--out", default=None, help=f"JSON result (default bench_out/{name}.json)")

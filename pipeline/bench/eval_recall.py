@@ -35,14 +35,15 @@ IMPLEMENTATIONS = ("chunked", "naive")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--images", type=int, default=5000)
-    p.add_argument("--captions-per-image", type=int, default=5)
-    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--images", type=int, default=5000, help="synthetic test images")
+    p.add_argument("--captions-per-image", type=int, default=5,
+                   help="captions per test image")
+    p.add_argument("--dim", type=int, default=256, help="embedding width")
     p.add_argument("--noise", type=float, default=4.5,
                    help="caption = normalise(image + noise * N(0, I/dim)); sets recall levels")
     p.add_argument("--chunk", type=int, default=1024, help="queries per block (chunked)")
     p.add_argument("--threads", type=int, help="torch CPU threads in the workers")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic embeddings")
 
 
 # ---- the two implementations ---------------------------------------------------------------------

@@ -47,14 +47,16 @@ GOAL_SPEEDUP = 1.5
 
 def add_arguments(p) -> None:
     p.add_argument("--workers", default="0,1", help="comma-separated num_workers values")
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=32, help="samples per batch")
     p.add_argument("--batches", type=int, default=12, help="timed batches per repeat")
     p.add_argument("--image-size", type=int, default=224, help="model input size")
     p.add_argument("--source-size", type=int, default=256, help="JPEG size in the shards")
-    p.add_argument("--max-text-len", type=int, default=40)
-    p.add_argument("--shards", type=int, default=8)
-    p.add_argument("--per-shard", type=int, default=256)
-    p.add_argument("--shuffle-buffer", type=int, default=500)
+    p.add_argument("--max-text-len", type=int, default=40, help="caption tokens per sample")
+    p.add_argument("--num-shards", "--shards", dest="shards", type=int, default=8,
+                   help="shards to write and read")
+    p.add_argument("--samples-per-shard", "--per-shard", dest="per_shard", type=int, default=256,
+                   help="samples per shard")
+    p.add_argument("--shuffle-buffer", type=int, default=500, help="samples in the shuffle buffer")
     p.add_argument("--data-dir", help="where to write/reuse the shards "
                    "(default bench_out/loader_data/<params>)")
     p.add_argument("--train-steps", type=int, default=0,

@@ -38,7 +38,7 @@ def add_arguments(p) -> None:
     p.add_argument("--image-root", help="with --karpathy-json")
     p.add_argument("--images", type=int, default=1000, help="synthetic test images (5 captions)")
     p.add_argument("--k", type=int, default=16, help="candidates re-ranked per query")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=int, default=64, help="images or pairs per forward pass")
     p.add_argument("--reference-pairs", type=int, default=256,
                    help="pairs the per-pair reference is timed on")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")

@@ -72,7 +72,7 @@ def add_arguments(p) -> None:
                    help="with --compile, also time our eager model (default: yes)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch")
 
 
 # ---- inputs and models -----------------------------------------------------------------------

@@ -49,7 +49,7 @@ def add_arguments(p) -> None:
     p.add_argument("--config", default="small", help="model size (default small)")
     p.add_argument("--batch", type=int, default=4, help="per rank")
     p.add_argument("--steps", type=int, default=4, help="timed steps per launch")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per launch")
     p.add_argument("--runs", default=None,
                    help="comma-separated MODE:RANKS to run (default zero3:1,zero3:2,zero2:2,"
                         "single:1; --quick: zero3:1,zero3:2)")

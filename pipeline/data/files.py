@@ -17,6 +17,15 @@ from typing import Any, Iterator
 from vlp.pipeline.data.errors import UserError
 
 
+def require_dir(path: str | os.PathLike, what: str) -> Path:
+    """`path` as a Path if it is a directory; else a UserError saying what it is instead."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    found = "is a file, not a directory" if path.exists() else "does not exist"
+    raise UserError(f"{what} {path} {found}")
+
+
 def read_json(path: str | os.PathLike, what: str) -> Any:
     """Parse a JSON file; `what` says what the file should be, for the error message."""
     path = Path(path)

@@ -76,6 +76,13 @@ def check_url(url: str) -> None:
         raise UserError(f"unsupported shard URL {url!r}: use a local path, file://, http(s)://, "
                         f"or an object store ({', '.join(s + '://' for s in OBJECT_STORES)}).")
     path = local_path(url)
+    if any(char in path for char in "*?[") and not os.path.isfile(path):
+        raise UserError(f"shard {url!r}: wildcards are not expanded; list shards with a brace "
+                        "pattern such as 'shards/{00000..00011}.tar' (one number range, "
+                        "zero-padded like the file names)")
+    if os.path.isdir(path):
+        raise UserError(f"shard {url!r} is a directory; name its tar files with a brace pattern "
+                        "such as 'shards/{00000..00011}.tar'")
     if not os.path.isfile(path):
         raise UserError(f"shard {url!r} does not exist (looked for {os.path.abspath(path)}); "
                          "check data.shards or run `vlp data download`.")

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vlp.pipeline.data.errors import BadData, UserError
+from vlp.pipeline.data.errors import BadData
+from vlp.pipeline.data.files import require_dir
 from vlp.pipeline.data.sources import open_shard
 
 log = logging.getLogger(__name__)
@@ -95,10 +96,7 @@ def read_samples(
 
 def list_shards(shard_dir) -> list[Path]:
     """The *.tar files directly in `shard_dir`, sorted by name."""
-    shard_dir = Path(shard_dir)
-    if not shard_dir.is_dir():
-        raise UserError(f"shard directory {shard_dir} does not exist")
-    return sorted(shard_dir.glob("*.tar"))
+    return sorted(require_dir(shard_dir, "shard directory").glob("*.tar"))
 
 
 def iter_shard(path, skipped: SkipCounter | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:

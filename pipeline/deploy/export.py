@@ -43,8 +43,11 @@ def _cmd_export(args) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("export", help="export a checkpoint to config.json + model.safetensors")
+    from vlp.pipeline.cli_help import add_command
+
+    p = add_command(subparsers, "export", "export a checkpoint to config.json + model.safetensors",
+                    ["vlp export --checkpoint runs/tiny/checkpoints --out export/tiny"])
     p.add_argument("--checkpoint", required=True,
                    help="runs/NAME/checkpoints (uses `latest`) or one tag directory")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (loadable without DeepSpeed)")
     p.set_defaults(func=_cmd_export)

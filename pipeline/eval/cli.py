@@ -34,7 +34,6 @@ def _print(result: dict, stdout) -> None:
 
 
 def _cmd_retrieval(args, stdout) -> int:
-    from vlp.pipeline.data.checkpoints import load_model
     from vlp.pipeline.eval.retrieval.job import evaluate_retrieval
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -42,7 +41,7 @@ def _cmd_retrieval(args, stdout) -> int:
 
         init_distributed(timeout_s=1800)
     result = evaluate_retrieval(
-        load_model(args.checkpoint, device=_device(args)),
+        args.checkpoint, device=_device(args),
         karpathy_json=args.karpathy_json, image_root=args.image_root, split=args.split,
         shards=args.shards, rerank_k=args.rerank_k, batch_size=args.batch_size,
         chunk=args.chunk, bf16=args.bf16, out=args.out,
@@ -53,11 +52,10 @@ def _cmd_retrieval(args, stdout) -> int:
 
 
 def _cmd_vqa(args, stdout) -> int:
-    from vlp.pipeline.data.checkpoints import load_model
     from vlp.pipeline.eval.vqa.job import evaluate_vqa
 
     _print(evaluate_vqa(
-        load_model(args.checkpoint, device=_device(args)),
+        args.checkpoint, device=_device(args),
         vqa_dir=args.vqa_dir, train_split=args.train_split, eval_split=args.eval_split,
         train_questions=args.train_questions, train_annotations=args.train_annotations,
         eval_questions=args.eval_questions, eval_annotations=args.eval_annotations,
@@ -117,7 +115,7 @@ def _cmd_nightly(args, stdout) -> int:
     from vlp.pipeline.eval.nightly.runner import run_nightly
 
     summary = run_nightly(args.runs, suite=args.suite, out_dir=args.out,
-                          retry_failed=args.retry_failed, device=args.device,
+                          retry_failed=args.retry_failed, device=_device(args),
                           regression_margin=check_margin(args.regression_margin))
     _print(summary, stdout)
     if summary["failures"]:
@@ -141,23 +139,27 @@ def _results_on_stdout(func):
 def _add_finetune_outputs(p: argparse.ArgumentParser, results_file: str) -> None:
     """The options every fine-tuning job shares: precision, seed and its two output files."""
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for training and inference")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="fine-tune seed (head init, order)")
     p.add_argument("--out", help="write the metrics JSON here")
     p.add_argument("--results", help=f"{results_file} (default: beside --out, .results.json)")
 
 
 def register(subparsers) -> None:
+    from vlp.pipeline.cli_help import add_command
+
     parser = subparsers.add_parser(
         "eval", help="evaluate checkpoints: retrieval, VQA, captioning, classification, nightly")
     commands = parser.add_subparsers(dest="eval_command", required=True)
 
-    def add(name: str, func, help: str) -> argparse.ArgumentParser:
-        p = commands.add_parser(name, help=help, description=help)
+    def add(name: str, func, help: str, example: str) -> argparse.ArgumentParser:
+        p = add_command(commands, name, help, [example])
         p.set_defaults(func=_results_on_stdout(func))
         p.add_argument("--device", help="e.g. cpu, cuda:0 (default: this rank's GPU, else cpu)")
         return p
 
-    p = add("retrieval", _cmd_retrieval, "zero-shot image<->text retrieval recall@1/5/10")
+    p = add("retrieval", _cmd_retrieval, "zero-shot image<->text retrieval recall@1/5/10",
+            "vlp eval retrieval --checkpoint runs/tiny/checkpoints "
+            "--karpathy-json world/retrieval/dataset_synth.json --image-root world/retrieval")
     p.add_argument("--checkpoint", required=True,
                    help="export dir, DeepSpeed tag dir, or checkpoints dir (uses `latest`)")
     data = p.add_mutually_exclusive_group(required=True)
@@ -165,20 +167,22 @@ def register(subparsers) -> None:
     data.add_argument("--shards", nargs="+",
                       help="retrieval webdataset tars (image + .txt, one caption per line)")
     p.add_argument("--image-root", help="folder the JSON's filepath/filename are relative to")
-    p.add_argument("--split", default="test", help="Karpathy split to evaluate (default test)")
+    p.add_argument("--split", default="test", help="Karpathy split to evaluate")
     p.add_argument("--rerank-k", type=int, default=0,
                    help="re-rank each query's top K candidates with the ITM head (0 = off)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per encoder batch")
     p.add_argument("--chunk", type=int, default=1024, help="queries per score block")
     p.add_argument("--bf16", action="store_true", help="encode under bf16 autocast")
     p.add_argument("--out", help="write the result JSON here (CLIP_benchmark keys)")
 
-    p = add("vqa", _cmd_vqa, "VQAv2: fine-tune the VQA head, official accuracy on the eval split")
+    p = add("vqa", _cmd_vqa, "VQAv2: fine-tune the VQA head, official accuracy on the eval split",
+            "vlp eval vqa --checkpoint runs/tiny/checkpoints --vqa-dir world/vqa --steps 400")
     p.add_argument("--checkpoint", required=True,
                    help="export dir, DeepSpeed tag dir, or checkpoints dir (uses `latest`)")
     p.add_argument("--vqa-dir", help="folder with *_{split}_questions.json / _annotations.json")
-    p.add_argument("--train-split", default="train")
-    p.add_argument("--eval-split", default="val")
+    p.add_argument("--train-split", default="train",
+                   help="split name in --vqa-dir's file names to fine-tune on")
+    p.add_argument("--eval-split", default="val", help="split name in --vqa-dir to score")
     for split in ("train", "eval"):
         for kind in ("questions", "annotations"):
             p.add_argument(f"--{split}-{kind}", help=f"explicit {split} {kind} JSON")
@@ -191,9 +195,9 @@ def register(subparsers) -> None:
                    help="answer vocabulary: normalised training answers given this often")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, help="fine-tune for exactly this many steps")
-    budget.add_argument("--epochs", type=float, default=1.0, help="or this many epochs (default 1)")
+    budget.add_argument("--epochs", type=float, default=1.0, help="or this many epochs")
     p.add_argument("--lr", type=float, help="default 1e-3 (head only), 1e-4 (--finetune-backbone)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="questions per fine-tune step")
     p.add_argument("--finetune-backbone", action="store_true",
                    help="train the whole model, not only the VQA head")
     p.add_argument("--late-fusion-baseline", action="store_true",
@@ -203,14 +207,16 @@ def register(subparsers) -> None:
 
     p = add("caption", _cmd_caption,
             "image captioning on a Karpathy split: COCO caption metrics (BLEU, METEOR, ROUGE-L, "
-            "CIDEr, SPICE when installed) with baselines, optionally after a fine-tune")
+            "CIDEr, SPICE when installed) with baselines, optionally after a fine-tune",
+            "vlp eval caption --checkpoint runs/tiny/checkpoints "
+            "--karpathy-json world/dataset_synth.json --image-root world --steps 150")
     p.add_argument("--checkpoint", required=True,
                    help="export dir, DeepSpeed tag dir, or checkpoints dir (uses `latest`)")
     p.add_argument("--karpathy-json", required=True,
                    help="Karpathy split JSON (dataset_coco.json layout) with references")
     p.add_argument("--image-root", required=True,
                    help="folder the JSON's filepath/filename are relative to")
-    p.add_argument("--split", default="test", help="split to caption (default test)")
+    p.add_argument("--split", default="test", help="split to caption")
     p.add_argument("--train-split", action="append",
                    help="training split for the fine-tune and the baselines; repeat for several "
                         "(default: train and restval, those present)")
@@ -218,8 +224,8 @@ def register(subparsers) -> None:
                    help="captioning fine-tune steps before decoding (default 0: the checkpoint "
                         "must have been pretrained with model.lm_weight > 0)")
     p.add_argument("--lr", type=float, default=1e-4, help="fine-tune learning rate")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--beam-size", type=int, default=1, help="1 = greedy (default)")
+    p.add_argument("--batch-size", type=int, default=32, help="pairs per fine-tune step")
+    p.add_argument("--beam-size", type=int, default=1, help="1 = greedy")
     p.add_argument("--max-length", type=int, default=30, help="most tokens per caption")
     p.add_argument("--length-penalty", type=float, default=1.0,
                    help="beam score = log-probability / length ** this")
@@ -229,8 +235,8 @@ def register(subparsers) -> None:
                    help="skip SPICE (it is reported unavailable anyway without its models)")
     _add_finetune_outputs(p, "COCO results file [{image_id, caption}]")
 
-    def add_classification(name: str, func, help: str) -> argparse.ArgumentParser:
-        p = add(name, func, help)
+    def add_classification(name: str, func, help: str, example: str) -> argparse.ArgumentParser:
+        p = add(name, func, help, example)
         p.add_argument("--checkpoint", required=True,
                        help="export dir, DeepSpeed tag dir, or checkpoints dir (uses `latest`)")
         p.add_argument("--dataset", required=True,
@@ -244,8 +250,10 @@ def register(subparsers) -> None:
         return p
 
     p = add_classification("zeroshot", _cmd_zeroshot,
-                           "zero-shot classification: acc1, acc5, mean per-class recall")
-    p.add_argument("--split", default="test")
+                           "zero-shot classification: acc1, acc5, mean per-class recall",
+                           "vlp eval zeroshot --checkpoint runs/tiny/checkpoints "
+                           "--dataset world/classification/shape/wds")
+    p.add_argument("--split", default="test", help="split of DATASET to classify")
     p.add_argument("--templates",
                    help="prompt templates file, one per line with {c} for the class name "
                         "(default: DATASET/zeroshot_classification_templates.txt, else a small "
@@ -253,21 +261,25 @@ def register(subparsers) -> None:
 
     p = add_classification("linear-probe", _cmd_linear_probe,
                            "logistic regression on frozen image features, L2 chosen on "
-                           "validation (CLIP_benchmark's procedure)")
-    p.add_argument("--train-split", default="train")
+                           "validation (CLIP_benchmark's procedure)",
+                           "vlp eval linear-probe --checkpoint runs/tiny/checkpoints "
+                           "--dataset world/classification/colour/imagefolder")
+    p.add_argument("--train-split", default="train", help="split the probe is fitted on")
     p.add_argument("--val-split", default="val",
                    help="validation split; when DATASET has none, --val-proportion of train")
-    p.add_argument("--test-split", default="test")
-    p.add_argument("--val-proportion", type=float, default=0.2)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--test-split", default="test", help="split the probe is scored on")
+    p.add_argument("--val-proportion", type=float, default=0.2,
+                   help="share of train held out for validation when there is no val split")
+    p.add_argument("--lr", type=float, default=0.1, help="probe learning rate")
+    p.add_argument("--epochs", type=int, default=10, help="probe training epochs")
     p.add_argument("--probe-batch-size", type=int, default=64, help="features per probe step")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="probe seed (init, order, val split)")
 
     p = add("nightly", _cmd_nightly,
             "evaluate new checkpoints of all runs; results.parquet, TensorBoard, report.html "
             "(exit status 1 when a checkpoint failed in this run, 4 on a regression with "
-            "--fail-on-regression)")
+            "--fail-on-regression)",
+            "vlp eval nightly --runs runs --suite eval_suite.yaml")
     p.add_argument("--runs", required=True, help="folder of runs (runs/NAME/checkpoints/...)")
     p.add_argument("--suite", help="benchmark suite YAML/JSON (default RUNS/eval_suite.yaml)")
     p.add_argument("--out", help="output folder (default RUNS/nightly)")

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 TRAIN_MODULE = "vlp.pipeline.train"
 CPU_DEFAULT_RANKS = 2
+HOSTFILE_LINE = re.compile(r"(?P<host>\S+)\s+slots=(?P<slots>\d+)")
 
 
 def device_selection(nproc: int | None) -> list[str]:
@@ -69,35 +73,128 @@ def run_training(recipe: str | None, overrides: list[str], **launch) -> int:
     from vlp.pipeline.distributed import remove_shm_buffers
 
     cmd = launcher_command(recipe, overrides, **launch)
-    print("+ " + " ".join(cmd), flush=True)
+    print("+ " + shlex.join(cmd), flush=True)
     try:
         return subprocess.call(cmd, env=os.environ.copy())
     finally:  # the buffers of ranks that died before their own cleanup
         remove_shm_buffers(launch.get("master_port", 29500))
 
 
+def hostfile_slots(path: str) -> dict[str, int]:
+    """Host -> ranks from a DeepSpeed hostfile ('node-a slots=8' lines, '#' comments).
+
+    Checked here because the launcher itself falls back to this node alone when the file is
+    missing, and each node would then train as its own world."""
+    from vlp.pipeline.data.errors import UserError
+
+    if not os.path.isfile(path):
+        what = "is a directory" if os.path.isdir(path) else "does not exist"
+        raise UserError(f"--hostfile {path} {what}; expected a file of 'HOST slots=N' lines")
+    slots: dict[str, int] = {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = HOSTFILE_LINE.fullmatch(line)
+        if not match or int(match["slots"]) < 1 or match["host"] in slots:
+            raise UserError(f"--hostfile {path} line {number}: {line!r} is not 'HOST slots=N' "
+                            "with N >= 1 and each host once")
+        slots[match["host"]] = int(match["slots"])
+    if not slots:
+        raise UserError(f"--hostfile {path} lists no hosts; expected 'HOST slots=N' lines")
+    return slots
+
+
+def world_size(nproc: int | None, hostfile: str | None) -> int:
+    """Ranks the launch will start: the hostfile's slots, else this node's (device_selection)."""
+    if hostfile:
+        return sum(hostfile_slots(hostfile).values())
+    import torch
+
+    if nproc is not None:
+        return nproc
+    return torch.cuda.device_count() if torch.cuda.is_available() else CPU_DEFAULT_RANKS
+
+
+def check_launch_flags(args) -> None:
+    """Refuse flag combinations the launcher would silently ignore."""
+    from vlp.pipeline.data.errors import UserError
+
+    if not args.hostfile:
+        given = [flag for flag, value in (("--master-addr", args.master_addr),
+                                          ("--node-rank", args.node_rank)) if value is not None]
+        if given:
+            verb = "needs" if len(given) == 1 else "need"
+            raise UserError(f"{' and '.join(given)} {verb} --hostfile: without one the launcher "
+                            "starts this node alone and each node would train as its own world")
+    elif args.nproc is not None:
+        raise UserError("--nproc applies without --hostfile only; with one, its 'slots=N' set "
+                        "the ranks of each node")
+    if args.node_rank is not None and not args.master_addr:
+        raise UserError("--node-rank needs --master-addr (an address of node 0 every node reaches)")
+
+
+def print_keys() -> None:
+    """Every config key with its type, default and docstring (`vlp train --list-keys`)."""
+    from vlp.pipeline.train.config import list_keys
+
+    for key, type_name, default, doc in list_keys():
+        print(f"{key} ({type_name}, default {default!r})\n    {doc}")
+
+
 def _cmd_train(args) -> int:
+    if args.list_keys:
+        print_keys()
+        return 0
+    from vlp.pipeline.train.trainer import check_run
+
+    check_launch_flags(args)
     launch = dict(nproc=args.nproc, hostfile=args.hostfile, master_addr=args.master_addr,
                   master_port=args.master_port, node_rank=args.node_rank, resume=args.resume)
+    command = launcher_command(args.recipe, args.set, **launch)  # checks --nproc
+    world = world_size(args.nproc, args.hostfile)
+    resume = [f"checkpoint.resume={args.resume}"] if args.resume else []
+    cfg = check_run(args.recipe, args.set + resume, world)
     if args.dry_run:
-        print(" ".join(launcher_command(args.recipe, args.set, **launch)))
+        print(f"config, tokenizer, shards and DeepSpeed config are valid for {world} ranks "
+              f"(run_dir {cfg.run_dir}); the launch command:", file=sys.stderr)
+        print(shlex.join(command))
         return 0
     return run_training(args.recipe, args.set, **launch)
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="pretrain with DeepSpeed ZeRO-3 (real deepspeed launcher)")
-    p.add_argument("--recipe", help="YAML training recipe (shipped: vlp/pipeline/recipes/)")
+    from vlp.pipeline.cli_help import add_command
+
+    p = add_command(
+        subparsers, "train", "pretrain with DeepSpeed ZeRO-3 (real deepspeed launcher)",
+        ["vlp train --recipe tiny_synth.yaml --set run_dir=runs/tiny optim.max_steps=200",
+         "vlp train --recipe tiny_synth.yaml --dry-run   # validate everything, print the launch",
+         "vlp train --list-keys                          # every config key with its doc"],
+        description="Pretrain with DeepSpeed ZeRO-3 through the real deepspeed launcher. The "
+                    "whole run (config keys and values, recipe, tokenizer, shards for the "
+                    "number of ranks, DeepSpeed config, resume checkpoint, hostfile) is "
+                    "validated here before any rank starts. Config keys: `vlp train "
+                    "--list-keys`, or pipeline/train/config.py.")
+    p.add_argument("--recipe", help="YAML training recipe: a file or a shipped name "
+                                    "(tiny_synth.yaml, base_pretrain.yaml)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="config overrides, e.g. optim.max_steps=200 run_dir=runs/tiny")
-    p.add_argument("--resume", choices=["auto", "latest", "latest-valid", "none"])
+                   help="config overrides, e.g. optim.max_steps=200 run_dir=runs/tiny "
+                        "(keys: --list-keys)")
+    p.add_argument("--resume", choices=["auto", "latest", "latest-valid", "none"],
+                   help="shorthand for --set checkpoint.resume=MODE (default: the config's, auto)")
     p.add_argument("--nproc", type=int,
                    help="ranks on this node without a hostfile (default: every visible GPU; "
                         f"{CPU_DEFAULT_RANKS} on a CPU node)")
     p.add_argument("--hostfile", help="DeepSpeed hostfile ('host slots=N' lines) for multi-node")
-    p.add_argument("--master-addr", help="address of node 0, reachable from every node")
-    p.add_argument("--master-port", type=int, default=29500)
+    p.add_argument("--master-addr", help="address of node 0, reachable from every node "
+                                         "(with --hostfile)")
+    p.add_argument("--master-port", type=int, default=29500, help="rendezvous port on node 0")
     p.add_argument("--node-rank", type=int,
-                   help="start only this node's ranks, without ssh (run once per node)")
-    p.add_argument("--dry-run", action="store_true", help="print the launcher command and exit")
+                   help="start only this node's ranks, without ssh (run once per node; with "
+                        "--hostfile and --master-addr)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the whole run, print the launcher command and exit")
+    p.add_argument("--list-keys", action="store_true",
+                   help="print every config key with its type, default and doc, and exit")
     p.set_defaults(func=_cmd_train)

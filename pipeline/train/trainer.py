@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -66,40 +67,75 @@ def train_dtype(ds_config: dict) -> torch.dtype:
     return torch.float32
 
 
+class RunInputs(NamedTuple):
+    """What a run reads before it builds anything: each part validated, UserError if bad."""
+
+    resume_tag: Path | None
+    tokenizer: object
+    model_config: object
+    loader: object  # a lazy TrainLoader: no worker starts before the first batch
+    ds_config: dict
+
+
+def prepare_inputs(cfg: TrainConfig, rank: int, world: int) -> RunInputs:
+    """Resume tag, tokenizer, model config, this rank's loader and the DeepSpeed config.
+
+    Cheap enough for the `vlp train` parent to run before launching (`check_run`), so a bad
+    input is one error line there instead of a traceback from every rank."""
+    from vlp.models.config import load_config
+    from vlp.pipeline.data.checkpoints import resolve_checkpoint
+    from vlp.pipeline.data.loader import build_train_loader
+    from vlp.pipeline.data.tokenizer import load_tokenizer
+
+    resume_tag = resolve_resume(Path(cfg.run_dir) / "checkpoints", cfg.checkpoint.resume)
+    if resume_tag is not None:
+        _check_world_size(resume_tag, world)
+    elif cfg.model.init_from:
+        try:
+            resolve_checkpoint(cfg.model.init_from)
+        except UserError as exc:
+            raise UserError(f"model.init_from: {exc}") from exc
+    try:
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+    except UserError as exc:
+        raise UserError(f"data.tokenizer: {exc}") from exc
+    try:
+        model_config = load_config(cfg.model.name, vocab_size=len(tokenizer), **cfg.model.overrides)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"model: {exc}") from exc
+    loader = build_train_loader(
+        cfg.data, tokenizer, batch_size=cfg.optim.batch_size, seed=cfg.seed,
+        image_size=model_config.image_size, max_text_len=model_config.max_text_len,
+        rank=rank, world_size=world)
+    return RunInputs(resume_tag, tokenizer, model_config, loader, build_ds_config(cfg))
+
+
+def check_run(recipe: str | None, overrides: list[str], world: int) -> TrainConfig:
+    """Load and validate a whole run (config, tokenizer, shards for `world` ranks, DeepSpeed
+    config, resume tag) as rank 0 would, without starting anything; UserError if bad."""
+    cfg = load_train_config(recipe, overrides)
+    prepare_inputs(cfg, 0, world).loader.close()
+    return cfg
+
+
 class Trainer:
     """One pretraining run on this rank: engine, loader, step, meter and checkpointer."""
 
     def __init__(self, cfg: TrainConfig):
         import deepspeed
 
-        from vlp.models.config import load_config
         from vlp.models.export import config_meta
         from vlp.models.flops import flops_per_sample
         from vlp.models.model import LossWeights
-        from vlp.pipeline.data.loader import build_train_loader
-        from vlp.pipeline.data.tokenizer import load_tokenizer
 
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.rank, self.world, self.device = init_distributed(cfg.dist_timeout_s, cfg.dist_backend)
         self.is_main = self.rank == 0
         ckpt_dir = self.run_dir / "checkpoints"
-        resume_tag = resolve_resume(ckpt_dir, cfg.checkpoint.resume)
-        if resume_tag is not None:
-            _check_world_size(resume_tag, self.world)
-
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        try:
-            model_config = load_config(cfg.model.name, vocab_size=len(self.tokenizer),
-                                       **cfg.model.overrides)
-        except (TypeError, ValueError) as exc:
-            raise UserError(f"model: {exc}") from exc
-        self.loader = build_train_loader(
-            cfg.data, self.tokenizer, batch_size=cfg.optim.batch_size, seed=cfg.seed,
-            image_size=model_config.image_size, max_text_len=model_config.max_text_len,
-            rank=self.rank, world_size=self.world)
-
-        ds_config = build_ds_config(cfg)
+        inputs = prepare_inputs(cfg, self.rank, self.world)
+        resume_tag, self.tokenizer, self.loader = inputs.resume_tag, inputs.tokenizer, inputs.loader
+        model_config, ds_config = inputs.model_config, inputs.ds_config
         if ds_config.get("bf16", {}).get("enabled") and not fast_bf16(self.device):
             ds_config["bf16"]["enabled"] = False
             if self.is_main:

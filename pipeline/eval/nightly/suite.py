@@ -45,7 +45,7 @@ TASKS: dict[str, Callable[..., dict]] = {"retrieval": evaluate_retrieval, "vqa":
                                          "caption": evaluate_caption}
 TASKS |= {"zeroshot": evaluate_zeroshot, "linear_probe": evaluate_linear_probe}  # classification
 # Arguments the nightly job sets itself.
-RESERVED = {"checkpoint", "out", "results_out"}
+RESERVED = {"checkpoint", "out", "results_out", "device"}
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 PATH_KEYS = {
     "karpathy_json", "image_root", "shards", "vqa_dir", "train_questions", "train_annotations",

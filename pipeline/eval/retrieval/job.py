@@ -39,21 +39,24 @@ def evaluate_retrieval(
     chunk: int = 1024,
     bf16: bool = False,
     out: str | Path | None = None,
+    device: str = "cpu",
 ) -> dict:
     """Recall@1/5/10 both ways and mean recall, with chance baselines (CLIP_benchmark layout).
 
     The test set is a Karpathy JSON + image root or retrieval webdataset `shards`. `checkpoint` is
-    any path `load_model` accepts, or an already loaded LoadedModel. Writes `out` (rank 0).
+    any path `load_model` accepts (loaded onto `device` after the test set is read and checked),
+    or an already loaded LoadedModel. Writes `out` (rank 0).
     """
     if (karpathy_json is None) == (shards is None):
-        raise UserError("give either karpathy_json (+ image_root) or shards, not both/neither")
+        raise UserError("give either --karpathy-json (with --image-root) or --shards")
     if karpathy_json is not None:
         if image_root is None:
-            raise UserError("karpathy_json needs image_root (the folder the filepaths are in)")
+            raise UserError("--karpathy-json needs --image-root (the folder its filepaths are in)")
         dataset = load_karpathy(karpathy_json, image_root, split)
     else:
         dataset = load_retrieval_shards(shards)
-    loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint)
+    loaded = (checkpoint if isinstance(checkpoint, LoadedModel)
+              else load_model(checkpoint, device=device))
     config = loaded.info.config
     start = time.perf_counter()
     image_emb = encode_images(loaded.model, dataset.images, config["image_size"], batch_size, bf16)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlp.pipeline.data.errors import UserError
-from vlp.pipeline.data.files import read_json, require
+from vlp.pipeline.data.files import read_json, require, require_dir
 from vlp.pipeline.eval.images import ImageRef, check_images_exist, path_under
 
 IMAGE_PATTERNS = (
@@ -35,7 +35,7 @@ class VQAExample:
 
 def find_split_files(vqa_dir: str | Path, split: str) -> tuple[Path, Path]:
     """(questions, annotations) JSON of `split` in `vqa_dir`; an error lists what is there."""
-    vqa_dir = Path(vqa_dir)
+    vqa_dir = require_dir(vqa_dir, "--vqa-dir")
     found = []
     for kind in ("questions", "annotations"):
         matches = sorted(vqa_dir.glob(f"*_{split}_{kind}.json"))

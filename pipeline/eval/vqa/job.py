@@ -48,12 +48,14 @@ def evaluate_vqa(
     late_fusion_baseline: bool = False,
     out: str | Path | None = None,
     results_out: str | Path | None = None,
+    device: str = "cpu",
 ) -> dict:
     """Official VQA accuracy (percent) after a fixed-budget fine-tune, with baselines.
 
     Files come from `vqa_dir` (found by split name, images under it) or explicit paths, which
     override. `out` gets the metrics JSON and `results_out` (default: beside `out`,
-    `<out stem>.results.json`) the predictions in the official results format.
+    `<out stem>.results.json`) the predictions in the official results format. The data is
+    read and checked before a checkpoint path is loaded (onto `device`).
     """
     files = _split_files(vqa_dir, train_split, train_questions, train_annotations,
                          eval_split, eval_questions, eval_annotations)
@@ -61,7 +63,8 @@ def evaluate_vqa(
     train = load_vqa_split(*files["train"], root or files["train"][0].parent, image_pattern)
     evaluation = load_vqa_split(*files["eval"], root or files["eval"][0].parent, image_pattern)
     vocab = AnswerVocab.build(train, min_answer_count)
-    loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint)
+    loaded = (checkpoint if isinstance(checkpoint, LoadedModel)
+              else load_model(checkpoint, device=device))
     require_full_model(loaded, "VQA (a fine-tuned head on the fused encoder)")
 
     start = time.perf_counter()
@@ -117,7 +120,8 @@ def _split_files(vqa_dir, train_split, train_q, train_a, eval_split, eval_q, eva
                                                 ("eval", eval_split, eval_q, eval_a)):
         if questions is None or annotations is None:
             if vqa_dir is None:
-                raise UserError(f"give vqa_dir or both {name} questions and annotations files")
+                raise UserError(f"give --vqa-dir, or both --{name}-questions and "
+                                f"--{name}-annotations")
             found = find_split_files(vqa_dir, split)
             questions, annotations = questions or found[0], annotations or found[1]
         files[name] = (Path(questions), Path(annotations))
