@@ -232,6 +232,7 @@ def test_every_bad_sample_kind_is_skipped_and_counted(tmp_path, tokenizer):
         + [("nocap.jpg", jpeg(3)), ("nocap.json", b"{}")]
         + [("noimg.txt", b"a caption"), ("noimg.pyd", b"\x80\x04 a pickle, never loaded")]
         + [("ok0.jpg", jpeg(4)), ("ok0.txt", b"the same key again")]
+        # the image again, then the caption: the first copy (an image alone) is used
         + [("twice.jpg", jpeg(5)), ("twice.jpg", jpeg(6)), ("twice.txt", b"x")]
         + [("ok1.jpg", jpeg(7)), ("ok1.txt", b"a blue square")]
     )
@@ -253,7 +254,7 @@ def test_every_bad_sample_kind_is_skipped_and_counted(tmp_path, tokenizer):
     assert keys == ["0000000", "0000001", "0000002", "cut0", "ok0", "ok1"]
     assert skipped.counts == {
         "bad_image": 1, "decompression_bomb": 1, "non_utf8_caption": 1, "empty_caption": 1,
-        "missing_caption": 1, "missing_image": 1, "duplicate_key": 2, "corrupt_tar": 3,
+        "missing_caption": 2, "missing_image": 1, "duplicate_key": 2, "corrupt_tar": 3,
         "empty_shard": 1}
 
     # Through the loader: the stream goes on epoch after epoch and the counts reach the caller.

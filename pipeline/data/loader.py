@@ -89,6 +89,10 @@ class DataConfig:
     """Batches in flight per worker."""
     shuffle_buffer: int = 1000
     """Samples in the shuffle buffer (per worker)."""
+    max_member_mb: float = 16.0
+    """Largest image or caption member read into memory (MiB); a sample with a larger one is
+    skipped unread (oversized_member). A worker holds at most shuffle_buffer samples of at most
+    this size per member."""
     block_shards: int | None = None
     """Shards shuffled together; also the most a resume re-reads. None: enough shards to hold
     twice the shuffle buffer (from the manifest's mean shard size), at most 16."""
@@ -104,6 +108,7 @@ class DataConfig:
             (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
             (self.prefetch_factor >= 1, f"prefetch_factor must be >= 1, got {self.prefetch_factor}"),
             (self.shuffle_buffer >= 0, f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}"),
+            (self.max_member_mb > 0, f"max_member_mb must be > 0, got {self.max_member_mb}"),
             (self.block_shards is None or self.block_shards >= 1,
              f"block_shards must be >= 1 or null, got {self.block_shards}"),
             (0.0 < self.mlm_probability < 1.0,
@@ -271,7 +276,8 @@ def build_train_loader(config: DataConfig, tokenizer, *, batch_size: int, seed: 
         resampled=resampled, seed=seed, rank=rank, world_size=world_size,
         num_workers=max(1, config.num_workers),
         block_shards=config.block_shards or _auto_block_shards(counts, config.shuffle_buffer),
-        shuffle_buffer=config.shuffle_buffer, batch_size=batch_size,
+        shuffle_buffer=config.shuffle_buffer, max_member_bytes=int(config.max_member_mb * 2**20),
+        batch_size=batch_size,
         image_size=image_size, max_text_len=max_text_len,
         image_keys=tuple(k.lower() for k in config.image_keys),
         caption_key=config.caption_key.lower(),
