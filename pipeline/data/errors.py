@@ -12,6 +12,7 @@ from __future__ import annotations
 SKIP_KINDS = {
     "bad_image": "image member PIL cannot decode (corrupt, not an image, unsupported format)",
     "decompression_bomb": "image header claims more pixels than transforms.MAX_IMAGE_PIXELS",
+    "extreme_aspect_ratio": "image sides differ more than transforms.MAX_ASPECT_RATIO times",
     "missing_image": "sample has no member with an image extension",
     "missing_caption": "sample has no caption member",
     "non_utf8_caption": "caption bytes are not UTF-8",
