@@ -327,6 +327,29 @@ def test_missing_shards_and_missing_counts_are_errors(tmp_path, dataset, tokeniz
     assert len(next(iter(loader))["keys"]) == 4
 
 
+def test_shards_changed_since_indexing_are_named_before_training(tmp_path, tokenizer):
+    """The manifest's sizes and sha256s were written but never read: a shard replaced with other
+    content silently changed the epoch and broke exact resume."""
+    from vlp.data_prep.index import build_manifest
+
+    shards = make_dataset(tmp_path, shards=3, per_shard=6)
+    build_manifest(tmp_path)  # what `vlp data index` writes: bytes and sha256 per shard
+    loader_for(shards, tokenizer, verify="sha256")
+    changed = tmp_path / "00001.tar"
+    data = bytearray(changed.read_bytes())
+    data[2048] ^= 0xFF  # same size, other content
+    changed.write_bytes(bytes(data))
+    loader_for(shards, tokenizer)  # the default checks sizes only
+    with pytest.raises(ValueError, match=r"shard .*00001.tar has the manifest's size but not its "
+                                         r"sha256: it changed since `vlp data index`"):
+        loader_for(shards, tokenizer, verify="sha256")
+    changed.write_bytes(bytes(data) + bytes(512))
+    with pytest.raises(ValueError, match=rf"shard .*00001.tar has {len(data) + 512} bytes, the "
+                                         rf"manifest {len(data)}"):
+        loader_for(shards, tokenizer)
+    loader_for(shards, tokenizer, verify="none")
+
+
 def test_too_few_shards_for_ranks_times_workers(dataset, tokenizer):
     with pytest.raises(ValueError, match=r"6 shards cannot feed 2 ranks x 4 workers = 8 streams.*"
                                          r"num_workers to at most 3"):

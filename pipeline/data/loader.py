@@ -55,7 +55,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vlp.pipeline.data.errors import SKIP_KINDS, UserError
-from vlp.pipeline.data.manifest import count_samples
+from vlp.pipeline.data.manifest import check_shards, count_samples
 from vlp.pipeline.data.sources import check_not_all_empty, parse_sources
 from vlp.pipeline.data.stream import ShardStream, StreamSpec
 from vlp.pipeline.data.tokenizer import masking_spec
@@ -89,6 +89,10 @@ class DataConfig:
     """Batches in flight per worker."""
     shuffle_buffer: int = 1000
     """Samples in the shuffle buffer (per worker)."""
+    verify: Literal["size", "sha256", "none"] = "size"
+    """Before training, compare the local shards with manifest.json: size (cheap), or size and
+    sha256 (reads every shard once, shared out between the ranks), or not at all. A shard that
+    changed since `vlp data index` would change the epoch and break exact resume."""
     max_member_mb: float = 16.0
     """Largest image or caption member read into memory (MiB); a sample with a larger one is
     skipped unread (oversized_member). A worker holds at most shuffle_buffer samples of at most
@@ -265,6 +269,7 @@ def build_train_loader(config: DataConfig, tokenizer, *, batch_size: int, seed: 
         raise UserError(f"data.weights {config.weights} must be {len(sources.urls)} numbers, "
                         "one per '::'-separated source")
     check_not_all_empty(urls)
+    check_shards(urls, config.verify, part=(rank, world_size))
     counts = count_samples(urls)
     samples = sum(counts.values())
     if samples < batch_size * world_size:

@@ -103,8 +103,12 @@ class CheckpointSection:
     save_initial: bool = False
     """Also save the untrained weights as global_step0 (a baseline for evaluation)."""
     resume: ResumeMode = "auto"
-    """auto: resume from `latest` when the run has one; latest: require it; latest-valid: the
-    newest checkpoint that passes validation; none: start fresh."""
+    """auto: resume from `latest` when the run has one (else the newest valid checkpoint, else
+    start afresh); latest: require it; latest-valid: the newest checkpoint that passes
+    validation; none: start afresh."""
+    overwrite: bool = False
+    """Starting afresh where the run already has checkpoints is refused unless this is true;
+    then they are deleted first (a new run's tags never mix with an old run's)."""
 
     def __post_init__(self):
         _check("checkpoint", [

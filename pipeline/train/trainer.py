@@ -20,10 +20,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from vlp.pipeline.data.checkpoints import CheckpointError, read_state, resolve_resume
+from vlp.pipeline.data.checkpoints import (
+    CheckpointError,
+    complete_tags,
+    load_state,
+    resolve_resume,
+    validate_tag,
+)
 from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.distributed import fast_bf16, init_distributed
-from vlp.pipeline.train.checkpointer import Checkpointer
+from vlp.pipeline.train.checkpointer import Checkpointer, clear_checkpoints
 from vlp.pipeline.train.config import TrainConfig, load_train_config
 from vlp.pipeline.train.faults import FaultInjector
 from vlp.pipeline.train.metrics import MetricsLogger, MetricsMeter, measure_peak_flops
@@ -77,9 +83,15 @@ class Trainer:
         self.rank, self.world, self.device = init_distributed(cfg.dist_timeout_s, cfg.dist_backend)
         self.is_main = self.rank == 0
         ckpt_dir = self.run_dir / "checkpoints"
-        resume_tag = resolve_resume(ckpt_dir, cfg.checkpoint.resume)
+        resume_tag = resolve_resume(ckpt_dir, cfg.checkpoint.resume, cfg.checkpoint.overwrite,
+                                    validate=self._validate_together)
         if resume_tag is not None:
             _check_world_size(resume_tag, self.world)
+        elif cfg.checkpoint.overwrite and complete_tags(ckpt_dir):
+            if self.is_main:
+                print(f"checkpoint.overwrite: deleting the checkpoints in {ckpt_dir}", flush=True)
+                clear_checkpoints(ckpt_dir)
+            dist.barrier()
 
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         try:
@@ -168,6 +180,13 @@ class Trainer:
         if self.is_main:
             print(f"warm start: weights of {source.info.path} (step {source.info.step}); "
                   "optimizer, schedule and data order start fresh", flush=True)
+
+    def _validate_together(self, tag_dir: Path) -> list[str]:
+        """validate_tag with the checksums shared out between the ranks; every rank gets all
+        the problems."""
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, validate_tag(tag_dir, part=(self.rank, self.world)))
+        return sorted({problem for problems in gathered for problem in problems})
 
     def _peak_flops(self, dtype: torch.dtype) -> float:
         """Peak FLOP/s of the whole job: configured per device, or measured on every rank."""
@@ -259,7 +278,7 @@ class Trainer:
 
 
 def _check_world_size(tag_dir: Path, world: int) -> None:
-    saved_world = read_state(tag_dir)["world_size"]
+    saved_world = load_state(tag_dir)["world_size"]
     if saved_world != world:
         raise CheckpointError(
             f"{tag_dir} was written by {saved_world} ranks; this run has {world}. "
