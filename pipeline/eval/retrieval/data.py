@@ -15,8 +15,9 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
-from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.data.errors import BadData, UserError
 from vlp.pipeline.data.files import read_json, require
+from vlp.pipeline.data.tar import SkipCounter, read_samples
 from vlp.pipeline.data.transforms import IMAGE_EXTENSIONS
 from vlp.pipeline.eval.images import ImageRef, check_images_exist, path_under
 
@@ -94,6 +95,7 @@ def _tar_samples(path: str):
     """(key, ImageRef, caption text) per sample of an uncompressed webdataset tar."""
     if not Path(path).is_file():
         raise UserError(f"retrieval shard not found: {path}")
+    _check_complete(path)
     members: dict[str, dict[str, tarfile.TarInfo]] = {}
     try:
         with tarfile.open(path, "r:") as tar:
@@ -115,3 +117,14 @@ def _tar_samples(path: str):
             raise UserError(f"{path}: sample {key!r} has no {missing}")
         yield key, ImageRef(path, image.offset_data, image.size, image.name), texts[key]
 
+
+def _check_complete(path: str) -> None:
+    """tarfile takes a tar cut at a member boundary for a complete one (the eval would run on
+    part of the test set): walk the headers with the training reader, which needs the
+    end-of-archive marker and valid header checksums (nothing is read into memory)."""
+    try:
+        for _ in read_samples(path, frozenset(), SkipCounter()):
+            pass
+    except BadData as exc:
+        raise UserError(f"retrieval shard {path} is incomplete or damaged ({exc}); the test set "
+                        "would be evaluated in part. Copy or download it again.") from exc
