@@ -308,8 +308,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         model, tag, step = _load_export(directory), None, None
     else:
         tag, step = directory.name, read_state(directory)["step"]
-        model = _build_model(read_json(directory / "config.json", "model config"), directory)
-        _load_weights(model, _consolidate_zero(directory), directory)
+        weights = _consolidate_zero(directory)
+        model = _build_model(read_json(directory / "config.json", "model config"), weights,
+                             directory)
+        _load_weights(model, weights, directory)
     tokenizer = _load_tokenizer(directory / "tokenizer.json")
     info = CheckpointInfo(str(directory), kind, tag, step, model.config.to_dict())
     return LoadedModel(model.to(device).eval(), tokenizer, info)
@@ -326,13 +328,18 @@ def _load_export(directory: Path) -> torch.nn.Module:
         raise CheckpointError(f"cannot load export {directory}: {exc}") from exc
 
 
-def _build_model(config_dict: dict, directory: Path) -> torch.nn.Module:
-    """The model a training tag's config.json describes."""
-    from vlp.models.export import model_from_meta
+def _build_model(config_dict, weights: dict[str, torch.Tensor],
+                 directory: Path) -> torch.nn.Module:
+    """The model a training tag's config.json describes, allocated only once `weights` are
+    known to fit it."""
+    from vlp.models.export import WeightsMismatch, model_for_weights
 
+    shapes = {key: tuple(value.shape) for key, value in weights.items()}
     try:
-        return model_from_meta(config_dict)
-    except (TypeError, ValueError) as exc:
+        return model_for_weights(config_dict, shapes)
+    except WeightsMismatch as exc:
+        raise CheckpointError(f"weights in {directory} do not fit its config.json: {exc}") from exc
+    except ValueError as exc:
         raise CheckpointError(f"{directory / 'config.json'}: {exc}") from exc
 
 
