@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.data.loader import DataConfig
 
 ResumeMode = Literal[RESUME_MODES]  # auto, latest, latest-valid, none
+_BACKEND = re.compile(r"[a-z0-9_]+|[a-z0-9_]+:[a-z0-9_]+(,[a-z0-9_]+:[a-z0-9_]+)*")
 
 
 def _check(section: str, checks: list[tuple[bool, str]]) -> None:
@@ -148,8 +150,15 @@ class FaultSection:
     not yet published. Shows that a kill during saving leaves `latest` and older tags intact."""
 
     def __post_init__(self):
-        _check("faults", [(self.max_nonfinite_in_row >= 1,
-                           f"max_nonfinite_in_row must be >= 1, got {self.max_nonfinite_in_row}")])
+        _check("faults", [
+            (self.max_nonfinite_in_row >= 1,
+             f"max_nonfinite_in_row must be >= 1, got {self.max_nonfinite_in_row}"),
+            (all(step >= 1 for step in self.inject_nonfinite_at),
+             f"inject_nonfinite_at steps count from 1, got {self.inject_nonfinite_at}"),
+            (self.crash_during_save_at_step is None or self.crash_during_save_at_step >= 0,
+             f"crash_during_save_at_step must be >= 0 or null, got "
+             f"{self.crash_during_save_at_step}"),
+        ])
 
 
 @dataclass
@@ -174,8 +183,12 @@ class TrainConfig:
     faults: FaultSection = field(default_factory=FaultSection)
 
     def __post_init__(self):
-        _check("config", [(self.dist_timeout_s >= 1,
-                           f"dist_timeout_s must be >= 1, got {self.dist_timeout_s}")])
+        _check("config", [
+            (self.dist_timeout_s >= 1, f"dist_timeout_s must be >= 1, got {self.dist_timeout_s}"),
+            (self.dist_backend is None or _BACKEND.fullmatch(self.dist_backend) is not None,
+             f"dist_backend {self.dist_backend!r} must be a backend name (nccl, gloo) or "
+             "device:backend pairs such as 'cpu:gloo,cuda:nccl'"),
+        ])
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
