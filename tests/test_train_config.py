@@ -122,3 +122,29 @@ def test_shm_buffers_of_one_job_are_removed_and_others_kept():
     finally:
         for path in (*ours, other):
             path.unlink(missing_ok=True)
+
+
+def test_vlp_train_removes_dead_jobs_shm_buffers_when_it_starts(tmp_path, capsys):
+    """A job killed before its cleanup left its 69 MB buffers in /dev/shm for good; `vlp train`
+    now removes those no process holds, and leaves a live job's alone."""
+    import os
+    import subprocess
+
+    from vlp.pipeline.cli import main as vlp
+
+    uid, shm = os.getuid(), Path("/dev/shm")
+    dead = shm / f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_61236_0"
+    live = shm / f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_61237_0"
+    for path in (dead, live):
+        path.write_bytes(b"x")
+    with open(live, "rb") as held:  # a running job holds its buffer open, as DeepSpeed does
+        holder = subprocess.Popen(["sleep", "60"], stdin=held)
+    try:
+        assert vlp(["train", "--nproc", "0"]) == 2  # refused after the cleanup, nothing started
+        assert not dead.exists() and live.exists()
+        assert "removed" in capsys.readouterr().out
+    finally:
+        holder.kill()
+        holder.wait()
+        for path in (dead, live):
+            path.unlink(missing_ok=True)

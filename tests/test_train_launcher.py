@@ -10,6 +10,7 @@ from train_helpers import (
     kill_group,
     metrics_by_step,
     run_training,
+    shm_buffers,
     start_training,
     train_overrides,
     wait_for,
@@ -59,8 +60,10 @@ def test_sigkill_then_resume_is_sample_exact(reference_run, tmp_path, shard_dir,
     proc = start_training(overrides, tmp_path / "log1.txt")
     try:
         wait_for(lambda: 4 in metrics_by_step(run_dir), 240, "step 4 to be logged", proc)
+        assert len(shm_buffers(proc.master_port)) == 2  # one per rank, while they run
     finally:
         kill_group(proc)  # SIGKILL to the launcher and both ranks, after the step-3 checkpoint
+    assert shm_buffers(proc.master_port) == []  # the test cleans up what the killed job left
     assert (run_dir / "checkpoints/latest").read_text() == "global_step3"
 
     rc = run_training(overrides, tmp_path / "log2.txt")  # checkpoint.resume=auto finds `latest`

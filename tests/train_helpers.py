@@ -13,6 +13,7 @@ import torch
 from vlp.data_prep.server import free_port
 from vlp.pipeline.data.checkpoints import describe_files, tag_files
 from vlp.pipeline.data.manifest import shard_url_pattern
+from vlp.pipeline.distributed import remove_shm_buffers
 from vlp.pipeline.train.launch import launcher_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,13 +47,16 @@ def pattern_overrides(run_dir: Path, shards: str, tokenizer_dir: Path, *extra: s
 
 
 def start_training(overrides: list[str], log_path: Path, **launch) -> subprocess.Popen:
-    """Start the real deepspeed launcher in its own process group (so a test can kill it all)."""
+    """Start the real deepspeed launcher in its own process group (so a test can kill it all);
+    `kill_group` ends it and removes what its ranks left in /dev/shm."""
     launch.setdefault("master_port", free_port())
     cmd = launcher_command(None, overrides, **launch)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     log = open(log_path, "ab")
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
+    proc.master_port = launch["master_port"]
+    return proc
 
 
 def run_training(overrides: list[str], log_path: Path, timeout: float = 300, **launch) -> int:
@@ -64,11 +68,18 @@ def run_training(overrides: list[str], log_path: Path, timeout: float = 300, **l
 
 
 def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher's process group, then remove the DeepSpeed shared-memory buffers
+    its ranks could not (69 MB per rank, in /dev/shm until reboot)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     proc.wait()
+    remove_shm_buffers(proc.master_port)
+
+
+def shm_buffers(port: int) -> list[Path]:
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
 
 
 def metrics_by_step(run_dir: Path) -> dict[int, dict]:
