@@ -222,6 +222,28 @@ def test_resume_is_sample_exact(tmp_path, tokenizer, workers, world, resampled):
     uninterrupted.close()
 
 
+def test_another_world_size_continues_at_the_next_epoch(tmp_path, tokenizer):
+    """The loader states of a 2-rank run, one rank already in epoch 1, continued on 1 rank
+    (checkpoint.change_world_size): it starts at the beginning of epoch 2, and the skip counts
+    of both ranks carry over, summed."""
+    bad = good_members("bad00001", 1)[1:] + good_members("bad00002", 2)
+    shards = make_dataset(tmp_path, shards=8, per_shard=9, extra=[bad, b""])
+    states = []
+    for rank, batches in ((0, 50), (1, 3)):  # rank 0's shards hold 36-46 samples an epoch
+        loader = loader_for(shards, tokenizer, rank, 2, batch_size=1)
+        take(loader, batches)
+        states.append(json.loads(json.dumps(loader.state_dict())))
+    assert [state["positions"]["0"][0] for state in states] == [1, 0]
+
+    resumed = loader_for(shards, tokenizer, 0, 1, batch_size=1)
+    resumed.continue_after(states)
+    summed = {kind: states[0]["skipped"][kind] + states[1]["skipped"][kind]
+              for kind in states[0]["skipped"]}
+    assert sum(summed.values()) > 0 and resumed.skipped_counts() == summed
+    keys = [batch["keys"][0] for batch in take(resumed, 6)]
+    assert keys == epoch_keys(shards, tokenizer, 0, 1, 0, 0, epoch=2)[:6]
+
+
 def test_every_bad_sample_kind_is_skipped_and_counted(tmp_path, tokenizer):
     bad_samples = (
         [("ok0.jpg", jpeg(0)), ("ok0.txt", b"a red circle")]

@@ -44,6 +44,7 @@ from vlp.pipeline.data.files import read_json
 
 TAG_PREFIX = "global_step"
 PARTIAL_SUFFIX = ".partial"
+UNIVERSAL_SUFFIX = ".universal"  # a tag converted for another world size (train/universal.py)
 STATE_FILE = "vlp_state.json"
 LATEST_FILE = "latest"
 RESUME_MODES = ("auto", "latest", "latest-valid", "none")

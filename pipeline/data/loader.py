@@ -226,6 +226,25 @@ class TrainLoader:
         self._base_skipped = dict(state["skipped"])
         self._worker_skipped = {}
 
+    def continue_after(self, states: list[dict]) -> None:
+        """Start after every position in `states`, the loader states of all ranks of a run with
+        another world size (those cannot resume exactly: positions are per rank and worker):
+        at the next epoch on every worker (resampled: the next block index, which seeds the
+        draws). Skip counts carry over, summed over those ranks."""
+        positions = [p for state in states for p in state["positions"].values()]
+        if self.stream.spec.resampled:
+            start = [0, max((p[1] for p in positions), default=-1) + 1, 0]
+        else:
+            start = [max((p[0] for p in positions), default=-1) + 1, 0, 0]
+        self.close()
+        self._batches_consumed = 0
+        self._positions = {w: list(start) for w in range(self.stream.spec.num_workers)}
+        self._base_skipped = {}
+        for state in states:
+            for kind, n in state["skipped"].items():
+                self._base_skipped[kind] = self._base_skipped.get(kind, 0) + n
+        self._worker_skipped = {}
+
     def close(self) -> None:
         """Stop the worker processes; iterating again restarts them at the current position."""
         iterator, self._iterator = self._iterator, None

@@ -26,6 +26,7 @@ from vlp.pipeline.data.checkpoints import (
     PARTIAL_SUFFIX,
     STATE_FILE,
     TAG_PREFIX,
+    UNIVERSAL_SUFFIX,
     CheckpointError,
     complete_tags,
     describe_files,
@@ -129,15 +130,17 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, metad
 
 
 def prune_checkpoints(ckpt_dir: Path, keep_last: int, current: Path | None = None) -> None:
-    """Delete leftover partial tags and all but the `keep_last` most recently published complete
-    tags (0 keeps all), never `current` (the tag just written) or the one `latest` names.
+    """Delete leftover partial tags and universal copies, and all but the `keep_last` most
+    recently published complete tags (0 keeps all), never `current` (the tag just written) or the
+    one `latest` names.
 
     Newest by publication, not by step: a run restarted in a directory with higher-numbered tags
     must not delete what it just saved. A failure to delete is logged, not raised: it happens on
     rank 0 while the other ranks wait at a barrier.
     """
     ckpt_dir = Path(ckpt_dir)
-    doomed = list(ckpt_dir.glob(f"{TAG_PREFIX}*{PARTIAL_SUFFIX}"))
+    doomed = [*ckpt_dir.glob(f"{TAG_PREFIX}*{PARTIAL_SUFFIX}"),
+              *ckpt_dir.glob(f"{TAG_PREFIX}*{UNIVERSAL_SUFFIX}")]
     if keep_last > 0:
         protected = {current, latest_tag(ckpt_dir)}
         newest_first = sorted(complete_tags(ckpt_dir), key=published_time, reverse=True)
@@ -151,7 +154,8 @@ def prune_checkpoints(ckpt_dir: Path, keep_last: int, current: Path | None = Non
 
 def clear_checkpoints(ckpt_dir: Path) -> None:
     """Delete every tag (complete or partial) and `latest` (checkpoint.overwrite=true)."""
-    ours = re.compile(rf"{TAG_PREFIX}\d+({re.escape(PARTIAL_SUFFIX)})?")
+    ours = re.compile(rf"{TAG_PREFIX}\d+({re.escape(UNIVERSAL_SUFFIX)})?"
+                      rf"({re.escape(PARTIAL_SUFFIX)})?")
     for path in Path(ckpt_dir).glob(f"{TAG_PREFIX}*"):
         if ours.fullmatch(path.name):  # not a user's global_step6.bak
             shutil.rmtree(path)

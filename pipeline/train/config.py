@@ -111,6 +111,10 @@ class CheckpointSection:
     overwrite: bool = False
     """Starting afresh where the run already has checkpoints is refused unless this is true;
     then they are deleted first (a new run's tags never mix with an old run's)."""
+    change_world_size: bool = False
+    """Resume a checkpoint written by another number of ranks: DeepSpeed's universal checkpoint
+    carries the weights, optimizer state, step and schedule over; the data order continues at
+    the next epoch (loader positions are per rank, so that resume is not sample-exact)."""
 
     def __post_init__(self):
         _check("checkpoint", [

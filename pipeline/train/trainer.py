@@ -14,6 +14,7 @@ exactly the batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -83,15 +84,7 @@ class Trainer:
         self.rank, self.world, self.device = init_distributed(cfg.dist_timeout_s, cfg.dist_backend)
         self.is_main = self.rank == 0
         ckpt_dir = self.run_dir / "checkpoints"
-        resume_tag = resolve_resume(ckpt_dir, cfg.checkpoint.resume, cfg.checkpoint.overwrite,
-                                    validate=self._validate_together)
-        if resume_tag is not None:
-            _check_world_size(resume_tag, self.world)
-        elif cfg.checkpoint.overwrite and complete_tags(ckpt_dir):
-            if self.is_main:
-                print(f"checkpoint.overwrite: deleting the checkpoints in {ckpt_dir}", flush=True)
-                clear_checkpoints(ckpt_dir)
-            dist.barrier()
+        resume_tag, universal = self._find_resume_tag(ckpt_dir)
 
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         try:
@@ -105,6 +98,8 @@ class Trainer:
             rank=self.rank, world_size=self.world)
 
         ds_config = build_ds_config(cfg)
+        if universal:
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
         if ds_config.get("bf16", {}).get("enabled") and not fast_bf16(self.device):
             ds_config["bf16"]["enabled"] = False
             if self.is_main:
@@ -149,7 +144,7 @@ class Trainer:
         self.step = 0
         torch.manual_seed(cfg.seed + 1000 + self.rank)  # per-rank stream (hard-negative sampling)
         if resume_tag is not None:
-            self._resume(resume_tag)
+            self._resume(resume_tag, universal)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
@@ -181,6 +176,21 @@ class Trainer:
             print(f"warm start: weights of {source.info.path} (step {source.info.step}); "
                   "optimizer, schedule and data order start fresh", flush=True)
 
+    def _find_resume_tag(self, ckpt_dir: Path) -> tuple[Path | None, bool]:
+        """(the tag to resume, or None, and whether it was written by another world size). A
+        fresh start with checkpoint.overwrite deletes the run's old checkpoints first."""
+        checkpoint = self.cfg.checkpoint
+        tag = resolve_resume(ckpt_dir, checkpoint.resume, checkpoint.overwrite,
+                             validate=self._validate_together)
+        if tag is not None:
+            return tag, _world_size_changes(tag, self.world, checkpoint.change_world_size)
+        if checkpoint.overwrite and complete_tags(ckpt_dir):
+            if self.is_main:
+                print(f"checkpoint.overwrite: deleting the checkpoints in {ckpt_dir}", flush=True)
+                clear_checkpoints(ckpt_dir)
+            dist.barrier()
+        return None, False
+
     def _validate_together(self, tag_dir: Path) -> list[str]:
         """validate_tag with the checksums shared out between the ranks; every rank gets all
         the problems."""
@@ -196,7 +206,10 @@ class Trainer:
         dist.all_reduce(measured)  # on the device: NCCL has no CPU backend
         return measured.item()
 
-    def _resume(self, tag_dir: Path) -> None:
+    def _resume(self, tag_dir: Path, universal: bool) -> None:
+        if universal:
+            self._resume_universal(tag_dir)
+            return
         client_state = self.checkpointer.load(tag_dir)
         own = client_state["ranks"][self.rank]
         self.step = client_state["step"]
@@ -205,6 +218,24 @@ class Trainer:
         set_rng_state(own["rng"])
         if self.is_main:
             print(f"resumed from {tag_dir} at step {self.step}", flush=True)
+
+    def _resume_universal(self, tag_dir: Path) -> None:
+        """Resume a tag of another world size through its universal form (universal.py)."""
+        from vlp.pipeline.train.universal import universal_copy
+
+        copy = universal_copy(tag_dir, self.rank, wait_s=max(3600, self.cfg.dist_timeout_s))
+        client_state = self.checkpointer.load(copy)
+        dist.barrier()  # every rank has read the copy
+        if self.is_main:
+            shutil.rmtree(copy, ignore_errors=True)
+        self.step = client_state["step"]
+        self.meter.restore(client_state.get("skipped_updates", 0))
+        self.loader.continue_after([rank["loader"] for rank in client_state["ranks"]])
+        if self.is_main:
+            print(f"resumed from {tag_dir} at step {self.step} on {self.world} rank(s); it was "
+                  f"written by {client_state['world_size']}: weights, optimizer state and "
+                  "schedule carried over (DeepSpeed's universal checkpoint), the data order "
+                  "continues at the next epoch", flush=True)
 
     def run(self) -> dict:
         """Train to optim.max_steps; returns the summary also written to train_summary.json."""
@@ -277,14 +308,19 @@ class Trainer:
         self.key_log.write(json.dumps(record) + "\n")
 
 
-def _check_world_size(tag_dir: Path, world: int) -> None:
+def _world_size_changes(tag_dir: Path, world: int, allowed: bool) -> bool:
+    """Whether resuming `tag_dir` changes the world size; CheckpointError unless `allowed`."""
     saved_world = load_state(tag_dir)["world_size"]
-    if saved_world != world:
-        raise CheckpointError(
-            f"{tag_dir} was written by {saved_world} ranks; this run has {world}. "
-            "The loader position is per rank, so resuming needs the same world size. "
-            "Run with the original size, or start a new run (checkpoint.resume=none) from "
-            "weights exported with `vlp export`.")
+    if saved_world == world:
+        return False
+    if allowed:
+        return True
+    raise CheckpointError(
+        f"{tag_dir} was written by {saved_world} ranks; this run has {world}. Run with "
+        f"{saved_world}, or set checkpoint.change_world_size=true (weights, optimizer state and "
+        "schedule carry over through DeepSpeed's universal checkpoint; the data order continues "
+        "at the next epoch, as loader positions are per rank), or start a new run from its "
+        f"weights alone with model.init_from={tag_dir} in another run_dir.")
 
 
 def _tokenizer_json(path: str) -> str:
