@@ -70,7 +70,8 @@ def _check_same_download(out: Path, record: dict) -> None:
         raise UserError(f"{out}: its shards were downloaded from another URL list "
                         f"({previous.get('url_list')}, {previous.get('rows')} usable rows; now "
                         f"{record['url_list']}, {record['rows']}). Resuming would mix two "
-                        "datasets: use another --out, or --no-resume to delete them and start over.")
+                        "datasets: use another --out, or --no-resume to delete them and start "
+                        "over.")
     if changed:
         details = ", ".join(f"{k} {previous.get(k)!r} -> {record[k]!r}" for k in changed)
         raise UserError(f"{out}: its shards were downloaded with other settings ({details}). "

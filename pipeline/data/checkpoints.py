@@ -226,7 +226,8 @@ def resolve_resume(ckpt_dir: Path, mode: str, overwrite: bool = False,
             raise CheckpointError(
                 f"checkpoint.resume=none, but {ckpt_dir} already holds {len(tags)} checkpoint(s) "
                 f"({tags[0].name} .. {tags[-1].name}). Resume them (checkpoint.resume=auto), use "
-                "another run_dir, or set checkpoint.overwrite=true to delete them and start afresh.")
+                "another run_dir, or set checkpoint.overwrite=true to delete them and start "
+                "afresh.")
         return None
     if mode == "latest-valid" or (mode == "auto" and latest is None):
         for tag_dir in reversed(tags):

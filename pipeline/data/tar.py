@@ -140,8 +140,8 @@ def group_samples(members: Iterator[tuple[str, str, bytes | None]],
         yield group
 
 
-def iter_members(stream, wanted: frozenset[str] | None,
-                 max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[tuple[str, str, bytes | None]]:
+def iter_members(stream, wanted: frozenset[str] | None, max_member_bytes: int = MAX_MEMBER_BYTES
+                 ) -> Iterator[tuple[str, str, bytes | None]]:
     """Yield (key, lower-case extension, data) of regular members with an extension in `wanted`
     (every member with a key and an extension when `wanted` is None); data is None for a member
     larger than `max_member_bytes`, which is skipped unread."""
