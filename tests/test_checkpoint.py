@@ -11,7 +11,7 @@ from vlp.pipeline.data.checkpoints import (
     resolve_resume,
     validate_tag,
 )
-from vlp.pipeline.train.checkpointer import prune_checkpoints
+from vlp.pipeline.train.checkpointer import clear_checkpoints, prune_checkpoints
 
 def test_fresh_run_has_nothing_to_resume(tmp_path):
     assert resolve_resume(tmp_path / "checkpoints", "auto") is None
@@ -75,10 +75,23 @@ def test_partial_tags_are_never_candidates_and_are_pruned(tmp_path):
     (partial / "mp_rank_00_model_states.pt").write_bytes(b"half")
     unfinished = tmp_path / "global_step30"  # renamed but no state file: not complete
     unfinished.mkdir()
+    universal = tmp_path / "global_step10.universal"  # a world-size conversion cut by a crash
+    shutil.copytree(good, universal)
     assert complete_tags(tmp_path) == [good]
     assert validate_tag(unfinished)
     prune_checkpoints(tmp_path, keep_last=3)
-    assert not partial.exists()
+    assert not partial.exists() and not universal.exists() and good.exists()
+
+
+def test_overwrite_clears_every_tag_and_copy_but_not_a_users_directory(tmp_path):
+    for step in (3, 6):
+        make_tag(tmp_path, step)
+    (tmp_path / "latest").write_text("global_step6")
+    for name in ("global_step9.partial", "global_step6.universal",
+                 "global_step6.universal.partial", "global_step6.bak"):
+        shutil.copytree(tmp_path / "global_step6", tmp_path / name)
+    clear_checkpoints(tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["global_step6.bak"]
 
 
 def test_keep_last_k(tmp_path):
