@@ -7,6 +7,8 @@ from pathlib import Path
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 ATTENTION_BACKENDS = ("sdpa", "reference")
+_POSITIVE_INTS = ("image_size", "patch_size", "width", "depth", "heads", "fusion_layers",
+                  "max_text_len", "embed_dim", "vqa_hidden_mult")
 
 
 @dataclass
@@ -36,6 +38,7 @@ class ModelConfig:
     attention_backend: str = "sdpa"
 
     def __post_init__(self):
+        self._check_types()
         checks = [
             (self.width % self.heads == 0,
              f"width {self.width} is not divisible by heads {self.heads}"),
@@ -49,6 +52,23 @@ class ModelConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def _check_types(self) -> None:
+        """Types and signs first, so a config.json with `"width": "768"` is one clear line."""
+        checks = [(_is_int(getattr(self, name)) and getattr(self, name) >= 1, name,
+                   "a positive integer") for name in _POSITIVE_INTS]
+        checks += [
+            (self.vocab_size is None or (_is_int(self.vocab_size) and self.vocab_size >= 1),
+             "vocab_size", "a positive integer or null"),
+            (_is_number(self.mlp_ratio) and self.mlp_ratio > 0, "mlp_ratio", "a number > 0"),
+            (_is_number(self.dropout) and 0 <= self.dropout < 1, "dropout", "a number in [0, 1)"),
+            (_is_number(self.layer_norm_eps) and self.layer_norm_eps > 0, "layer_norm_eps",
+             "a number > 0"),
+            (_is_number(self.init_std) and self.init_std > 0, "init_std", "a number > 0"),
+        ]
+        for ok, name, what in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r:.40}")
 
     @property
     def num_patches(self) -> int:
@@ -69,6 +89,14 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config key(s) {unknown}; valid keys: {valid}")
         return cls(**values)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def available_configs() -> list[str]:

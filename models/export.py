@@ -7,6 +7,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_model
 
 from .config import ModelConfig
@@ -16,6 +17,10 @@ from .sparsity import pruning_record, set_pruning_record
 
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
+
+
+class WeightsMismatch(ValueError):
+    """Weights whose names or shapes do not fit the model their config.json describes."""
 
 
 def save_pretrained(
@@ -68,14 +73,35 @@ def model_from_meta(meta: dict) -> UnifiedModel:
 
 
 def from_pretrained(model_dir: str | Path, device: str | torch.device = "cpu") -> UnifiedModel:
-    """Rebuild a `UnifiedModel` (with its VQA head, if it was saved with one), in eval mode."""
+    """Rebuild a `UnifiedModel` (with its VQA head, if it was saved with one), in eval mode.
+
+    config.json is checked against the weights' shapes (read from the safetensors header)
+    before anything is allocated; a bad or absurd config is a ValueError naming the file."""
     path = Path(model_dir)
+    with safe_open(str(path / WEIGHTS_FILE), "pt") as weights:
+        shapes = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
     try:
-        model = model_from_meta(json.loads((path / CONFIG_FILE).read_text()))
+        model = model_for_weights(json.loads((path / CONFIG_FILE).read_text()), shapes)
     except ValueError as exc:
         raise ValueError(f"{path / CONFIG_FILE}: {exc}") from exc
     load_state_dict_checked(model, load_file(str(path / WEIGHTS_FILE)))
     return model.to(device).eval()
+
+
+def model_for_weights(meta, shapes: dict[str, tuple[int, ...]]) -> UnifiedModel:
+    """The freshly initialised model a config.json (`meta`) describes, built only after a copy
+    without storage (torch's meta device) showed that weights of these `shapes` fit it: a config
+    with absurd sizes is refused before anything is allocated. ValueError otherwise."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
+    depth = meta.get("depth")
+    if isinstance(depth, int) and depth > len(shapes):  # every block holds several tensors
+        raise ValueError(f"depth {depth}, but the weights hold {len(shapes)} tensors in all")
+    with torch.device("meta"):
+        skeleton = model_from_meta(meta)
+    check_state_dict(skeleton, {key: torch.empty(shape, device="meta")
+                                for key, shape in shapes.items()})
+    return model_from_meta(meta)
 
 
 def load_state_dict_checked(model: UnifiedModel, state_dict: dict[str, torch.Tensor]) -> None:
@@ -84,6 +110,14 @@ def load_state_dict_checked(model: UnifiedModel, state_dict: dict[str, torch.Ten
     Accepts keys prefixed with `module.` (DDP / DeepSpeed) and checkpoints that store a tied
     weight under only one of its names.
     """
+    state_dict = check_state_dict(model, state_dict)
+    # Everything is checked; strict=False only lets a tied weight arrive under one of its names.
+    model.load_state_dict(state_dict, strict=False)
+
+
+def check_state_dict(model: UnifiedModel, state_dict: dict[str, torch.Tensor]) -> dict:
+    """`state_dict` without a `module.` prefix, after checking that its names and shapes fit
+    `model` (only shapes are read: meta tensors work); WeightsMismatch naming every problem."""
     if state_dict and all(key.startswith("module.") for key in state_dict):
         state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
     expected = model.state_dict(keep_vars=True)
@@ -104,10 +138,9 @@ def load_state_dict_checked(model: UnifiedModel, state_dict: dict[str, torch.Ten
             problems.append("the checkpoint has a VQA head: "
                             "call model.attach_vqa_head(num_answers) first")
     if problems:
-        raise ValueError("checkpoint does not fit this model; it is probably from another config "
-                         f"(model: {model.config})\n" + "\n".join(problems))
-    # Everything is checked; strict=False only lets a tied weight arrive under one of its names.
-    model.load_state_dict(state_dict, strict=False)
+        raise WeightsMismatch("checkpoint does not fit this model; it is probably from another "
+                              f"config (model: {model.config})\n" + "\n".join(problems))
+    return state_dict
 
 
 def _tie_groups(state: dict[str, torch.Tensor]) -> dict[str, list[str]]:

@@ -100,9 +100,46 @@ def shutdown_distributed() -> None:
     remove_shm_buffers(os.environ.get("MASTER_PORT", "29500"), rank)
 
 
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "deepspeed_allreduce_buffer"
+
+
 def remove_shm_buffers(master_port: int | str, rank: int | str = "*") -> None:
     """Unlink DeepSpeed's CPU allreduce buffers of the job on `master_port` (one rank or all),
     e.g. after its launcher exits, which also covers ranks that were killed."""
-    pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_*_{master_port}_{rank}"
-    for path in Path("/dev/shm").glob(pattern):
+    for path in SHM_DIR.glob(f"{SHM_PREFIX}_{os.getuid()}_*_{master_port}_{rank}"):
         path.unlink(missing_ok=True)
+
+
+def remove_stale_shm_buffers() -> list[Path]:
+    """Unlink this user's DeepSpeed allreduce buffers that no process maps or holds open: those
+    of jobs that died before any cleanup (a SIGKILLed launcher), which would otherwise fill
+    /dev/shm run after run on a reused machine. Returns what was removed. A live job keeps its
+    buffers: DeepSpeed holds each one open and mapped from its creation on."""
+    ours = list(SHM_DIR.glob(f"{SHM_PREFIX}_{os.getuid()}_*"))
+    if not ours:
+        return []
+    in_use = _shm_files_in_use()
+    stale = [path for path in ours if str(path) not in in_use]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def _shm_files_in_use() -> set[str]:
+    """DeepSpeed shm buffer paths that a process (of those /proc lets us see) maps or has open."""
+    used = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for line in (proc / "maps").read_text().splitlines():
+                if SHM_PREFIX in line:
+                    used.add(line.split(maxsplit=5)[5].removesuffix(" (deleted)"))
+            for fd in (proc / "fd").iterdir():
+                target = os.readlink(fd)
+                if SHM_PREFIX in target:
+                    used.add(target)
+        except OSError:  # the process ended, or is another user's
+            continue
+    return used

@@ -144,3 +144,41 @@ def test_pyspark_distributor_in_local_mode(world_dir, tmp_path):
         spark.stop()
     assert summary["total_shards"] == 2 and summary["total_samples"] == 20
     assert summary["problems"] == []
+
+
+def test_no_resume_deletes_only_what_a_download_wrote(world_dir, shard_dir, tmp_path, capsys,
+                                                      vlp_data):
+    """`--no-resume` once deleted every *.parquet in --out, the URL list kept there included."""
+    out = tmp_path / "shards"
+    shutil.copytree(shard_dir, out)  # a previous download: 5 shards of 32
+    url_list = out / "urls.parquet"
+    pd.read_parquet(world_dir / "train/url_list.parquet").head(10).to_parquet(url_list)
+    args = ("download", "--url-list", url_list, "--out", out, "--image-size", "32",
+            "--allow-private-hosts", "--no-resume")
+    notes = out / "notes.json"  # img2dataset would take it for a shard's stats, and fail
+    notes.write_text("{}")
+    assert vlp_data(*args) == 2
+    assert "notes.json" in capsys.readouterr().err and len(list_shards(out)) == 5
+    notes.unlink()
+    with serve_world(world_dir):
+        assert vlp_data(*args) == 0
+    assert url_list.is_file()
+    assert [p.name for p in list_shards(out)] == ["00000.tar"]  # the old 00001..00004 are gone
+    assert load_manifest(out)["total_samples"] == 10
+
+
+def test_resuming_onto_another_url_list_is_refused(world_dir, shard_dir, tmp_path, capsys,
+                                                   vlp_data):
+    """Resuming kept the old shards when the URL list had changed: two datasets in one folder."""
+    out = tmp_path / "shards"
+    shutil.copytree(shard_dir, out)
+    (out / "00004_stats.json").unlink()  # interrupted: shard 4 still to fetch
+    other = tmp_path / "other.parquet"
+    pd.read_parquet(world_dir / "train/url_list.parquet").iloc[::-1].to_parquet(other)
+    assert vlp_data("download", "--url-list", other, "--out", out, "--image-size", "64",
+                    "--number-sample-per-shard", "32", "--allow-private-hosts") == 2
+    err = capsys.readouterr().err
+    assert re.search(r"^vlp data download: error: .*shards were downloaded from another URL list",
+                     err, re.M), err
+    assert "--no-resume" in err
+    assert not (out / "00004_stats.json").exists()  # nothing was fetched

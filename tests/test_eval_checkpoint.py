@@ -1,6 +1,9 @@
 """Loading models for evaluation: real ZeRO-3 checkpoints, export directories, and bad ones."""
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -74,11 +77,12 @@ def test_missing_or_truncated_shard_is_reported_before_deepspeed_opens_it(zero3_
         load_model(tag)
 
 
-def test_garbage_shard_of_the_right_size_fails_consolidation(zero3_run, tmp_path):
+def test_garbage_shard_of_the_right_size_is_caught_by_its_checksum(zero3_run, tmp_path):
     tag = corrupt_copy(zero3_run, tmp_path)
     model_states = next(tag.glob("*model_states.pt"))
     model_states.write_bytes(b"\0" * model_states.stat().st_size)
-    with pytest.raises(UserError, match="cannot consolidate DeepSpeed checkpoint"):
+    with pytest.raises(UserError, match=rf"{model_states.name} has the recorded size but not the "
+                                        "recorded sha256"):
         load_model(tag)
 
 
@@ -111,3 +115,41 @@ def test_weights_of_another_config_are_refused(tokenizer_json, tmp_path):
     (tmp_path / "export/config.json").write_text("{")
     with pytest.raises(UserError, match="cannot load export"):
         load_model(tmp_path / "export")
+
+
+_PEAK_GROWTH = """
+import resource, sys
+from vlp.pipeline.data.checkpoints import load_model
+from vlp.pipeline.data.errors import UserError
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    load_model(sys.argv[1])
+except UserError as exc:
+    print(str(exc).splitlines()[0][:300])
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_a_bad_export_config_is_one_line_before_anything_is_allocated(tokenizer_json, tmp_path):
+    """A string width gave a raw TypeError, and absurd sizes built (allocated) the model before
+    the weights were compared with it."""
+    from vlp.models.export import save_pretrained
+
+    export = tmp_path / "export"
+    save_pretrained(tiny_eval_model(tokenizer_json).model, export, tokenizer_path=tokenizer_json)
+    config = json.loads((export / "config.json").read_text())
+    (export / "config.json").write_text(json.dumps({**config, "width": "768"}))
+    with pytest.raises(UserError, match=r"config.json: width must be a positive integer, got "
+                                        r"'768'$"):
+        load_model(export)
+    (export / "config.json").write_text(json.dumps({**config, "depth": 10**9}))
+    with pytest.raises(UserError, match="depth 1000000000, but the weights hold"):
+        load_model(export)
+
+    # width 2048 instead of 64: a 0.8 GB model, if it were built before the check
+    (export / "config.json").write_text(json.dumps({**config, "width": 2048}))
+    done = subprocess.run([sys.executable, "-c", _PEAK_GROWTH, str(export)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    message, grown_mb = done.stdout.strip().splitlines()
+    assert "checkpoint does not fit this model" in message, done.stderr[-2000:]
+    assert int(grown_mb) < 100, f"memory grew {grown_mb} MB before the refusal"

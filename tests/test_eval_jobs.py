@@ -72,11 +72,9 @@ def test_rerank_scores_each_top_k_pair_once_and_keeps_recall_beyond_k(
             assert metrics[f"reranked_{key}"] == pytest.approx(plain[key]), key
 
 
-def test_retrieval_shards_give_the_same_result_as_the_json(
-    tiny, world_dir, tmp_path, retrieval_result
-):
+def write_retrieval_shard(world_dir, shard) -> list[tarfile.TarInfo]:
+    """The world's retrieval test set as one CLIP_benchmark-style shard; its members."""
     karpathy = json.loads((world_dir / "retrieval/dataset_synth.json").read_text())
-    shard = tmp_path / "retrieval-000000.tar"
     with tarfile.open(shard, "w") as tar:
         for i, image in enumerate(karpathy["images"]):
             image_path = world_dir / "retrieval" / image["filepath"] / image["filename"]
@@ -85,8 +83,30 @@ def test_retrieval_shards_give_the_same_result_as_the_json(
             info = tarfile.TarInfo(f"{i:06d}.txt")
             info.size = len(text)
             tar.addfile(info, io.BytesIO(text))
+    with tarfile.open(shard) as tar:
+        return tar.getmembers()
+
+
+def test_retrieval_shards_give_the_same_result_as_the_json(
+    tiny, world_dir, tmp_path, retrieval_result
+):
+    write_retrieval_shard(world_dir, tmp_path / "retrieval-000000.tar")
     result = evaluate_retrieval(tiny, shards=str(tmp_path / "retrieval-{000000..000000}.tar"))
     assert result["metrics"] == pytest.approx(retrieval_result[0]["metrics"])
+
+
+def test_a_retrieval_shard_cut_at_a_member_boundary_is_refused(tiny, world_dir, tmp_path):
+    """tarfile reads a tar cut between two samples as a complete, smaller one: 2 of 4 images
+    were once evaluated without an error."""
+    shard = tmp_path / "retrieval.tar"
+    members = write_retrieval_shard(world_dir, shard)
+    shard.write_bytes(shard.read_bytes()[:members[4].offset])  # samples 0 and 1, whole
+    with tarfile.open(shard) as tar:
+        assert len(tar.getmembers()) == 4  # what tarfile makes of it
+    with pytest.raises(UserError, match=r"evaluation shard .*retrieval.tar is unreadable "
+                                        r"\(corrupt_tar\): truncated: ends at byte \d+ without "
+                                        r"the end-of-archive marker"):
+        evaluate_retrieval(tiny, shards=str(shard))
 
 
 def test_retrieval_bad_input_names_the_problem(tiny, world_dir, tmp_path):

@@ -234,3 +234,49 @@ def test_captioning_in_the_nightly_results_tensorboard_and_report(runs, world_di
     for example in result["examples"]:
         assert html_escape(example["caption"]) in html
         assert html_escape(example["references"][0]) in html
+
+
+def test_a_tag_rewritten_after_a_rewind_is_evaluated_again(first_night, runs, suite):
+    """Work was keyed by (run, tag, benchmark): a tag rewritten with other weights kept the old
+    results for ever. Now it is keyed by the content's fingerprint too."""
+    out = first_night[1]
+    run_nightly(runs, suite=suite, out_dir=out)  # whatever earlier tests added is evaluated
+    checkpoints = runs / "tiny/checkpoints"
+    old = pd.read_parquet(out / "results.parquet")
+    old_step2 = old[old["tag"] == "global_step2"]
+    shutil.rmtree(checkpoints / "global_step2")
+    clone_tag(checkpoints, 1, 2)  # the run rewound to step 1 and saved step 2 again
+    again = run_nightly(runs, suite=suite, out_dir=out)
+    assert again["checkpoints_evaluated"] == 1
+    results = pd.read_parquet(out / "results.parquet")
+    step2 = results[results["tag"] == "global_step2"]
+    assert len(step2) == len(old_step2) == RETRIEVAL_METRICS + VQA_METRICS  # replaced, not added
+    assert step2["fingerprint"].nunique() == 1
+    assert step2["fingerprint"].iloc[0] != old_step2["fingerprint"].iloc[0]
+    assert run_nightly(runs, suite=suite, out_dir=out)["checkpoints_evaluated"] == 0
+
+
+def test_transient_failures_are_retried_on_the_next_run(world_dir, tmp_path):
+    """A failure that is not bad input (here the disk: a file where the results folder goes)
+    used to stay failed until --retry-failed. It is tried again on the next run; a corrupt
+    checkpoint (bad input) is not."""
+    from vlp.models.export import save_pretrained
+
+    runs = tmp_path / "runs"
+    tokenizer = train_world_tokenizer(world_dir, tmp_path / "tokenizer")
+    save_pretrained(tiny_eval_model(tokenizer).model, runs / "tiny/export",
+                    tokenizer_path=tokenizer)
+    (runs / "tiny/eval").write_text("not a directory")
+    suite = {"r": {"task": "retrieval",
+                   "karpathy_json": str(world_dir / "retrieval/dataset_synth.json"),
+                   "image_root": str(world_dir / "retrieval")}}
+    nights = [run_nightly(runs, suite=suite, out_dir=tmp_path / "out") for _ in range(2)]
+    for night in nights:  # tried again on the second night
+        assert [(f["tag"], f["transient"]) for f in night["failures"]] == [("export", True)]
+        assert night["failures"][0]["error"].startswith("NotADirectoryError")
+    (runs / "tiny/eval").unlink()
+    third = run_nightly(runs, suite=suite, out_dir=tmp_path / "out")
+    assert third["checkpoints_evaluated"] == 1 and third["failures"] == []
+    results = pd.read_parquet(tmp_path / "out/results.parquet")
+    assert set(results["status"]) == {"ok"} and len(results) == RETRIEVAL_METRICS
+    assert results["attempts"].unique().tolist() == [3]

@@ -222,6 +222,28 @@ def test_resume_is_sample_exact(tmp_path, tokenizer, workers, world, resampled):
     uninterrupted.close()
 
 
+def test_another_world_size_continues_at_the_next_epoch(tmp_path, tokenizer):
+    """The loader states of a 2-rank run, one rank already in epoch 1, continued on 1 rank
+    (checkpoint.change_world_size): it starts at the beginning of epoch 2, and the skip counts
+    of both ranks carry over, summed."""
+    bad = good_members("bad00001", 1)[1:] + good_members("bad00002", 2)
+    shards = make_dataset(tmp_path, shards=8, per_shard=9, extra=[bad, b""])
+    states = []
+    for rank, batches in ((0, 50), (1, 3)):  # rank 0's shards hold 36-46 samples an epoch
+        loader = loader_for(shards, tokenizer, rank, 2, batch_size=1)
+        take(loader, batches)
+        states.append(json.loads(json.dumps(loader.state_dict())))
+    assert [state["positions"]["0"][0] for state in states] == [1, 0]
+
+    resumed = loader_for(shards, tokenizer, 0, 1, batch_size=1)
+    resumed.continue_after(states)
+    summed = {kind: states[0]["skipped"][kind] + states[1]["skipped"][kind]
+              for kind in states[0]["skipped"]}
+    assert sum(summed.values()) > 0 and resumed.skipped_counts() == summed
+    keys = [batch["keys"][0] for batch in take(resumed, 6)]
+    assert keys == epoch_keys(shards, tokenizer, 0, 1, 0, 0, epoch=2)[:6]
+
+
 def test_every_bad_sample_kind_is_skipped_and_counted(tmp_path, tokenizer):
     bad_samples = (
         [("ok0.jpg", jpeg(0)), ("ok0.txt", b"a red circle")]
@@ -232,6 +254,7 @@ def test_every_bad_sample_kind_is_skipped_and_counted(tmp_path, tokenizer):
         + [("nocap.jpg", jpeg(3)), ("nocap.json", b"{}")]
         + [("noimg.txt", b"a caption"), ("noimg.pyd", b"\x80\x04 a pickle, never loaded")]
         + [("ok0.jpg", jpeg(4)), ("ok0.txt", b"the same key again")]
+        # the image again, then the caption: the first copy (an image alone) is used
         + [("twice.jpg", jpeg(5)), ("twice.jpg", jpeg(6)), ("twice.txt", b"x")]
         + [("ok1.jpg", jpeg(7)), ("ok1.txt", b"a blue square")]
     )
@@ -253,7 +276,7 @@ def test_every_bad_sample_kind_is_skipped_and_counted(tmp_path, tokenizer):
     assert keys == ["0000000", "0000001", "0000002", "cut0", "ok0", "ok1"]
     assert skipped.counts == {
         "bad_image": 1, "decompression_bomb": 1, "non_utf8_caption": 1, "empty_caption": 1,
-        "missing_caption": 1, "missing_image": 1, "duplicate_key": 2, "corrupt_tar": 3,
+        "missing_caption": 2, "missing_image": 1, "duplicate_key": 2, "corrupt_tar": 3,
         "empty_shard": 1}
 
     # Through the loader: the stream goes on epoch after epoch and the counts reach the caller.
@@ -324,6 +347,29 @@ def test_missing_shards_and_missing_counts_are_errors(tmp_path, dataset, tokeniz
     loader = loader_for(f"{bare}/{{0..1}}.tar", tokenizer, block_shards=None)
     assert loader.stream.spec.block_shards == 1  # 2 x 8-sample buffer fits in one 20-sample shard
     assert len(next(iter(loader))["keys"]) == 4
+
+
+def test_shards_changed_since_indexing_are_named_before_training(tmp_path, tokenizer):
+    """The manifest's sizes and sha256s were written but never read: a shard replaced with other
+    content silently changed the epoch and broke exact resume."""
+    from vlp.data_prep.index import build_manifest
+
+    shards = make_dataset(tmp_path, shards=3, per_shard=6)
+    build_manifest(tmp_path)  # what `vlp data index` writes: bytes and sha256 per shard
+    loader_for(shards, tokenizer, verify="sha256")
+    changed = tmp_path / "00001.tar"
+    data = bytearray(changed.read_bytes())
+    data[2048] ^= 0xFF  # same size, other content
+    changed.write_bytes(bytes(data))
+    loader_for(shards, tokenizer)  # the default checks sizes only
+    with pytest.raises(ValueError, match=r"shard .*00001.tar has the manifest's size but not its "
+                                         r"sha256: it changed since `vlp data index`"):
+        loader_for(shards, tokenizer, verify="sha256")
+    changed.write_bytes(bytes(data) + bytes(512))
+    with pytest.raises(ValueError, match=rf"shard .*00001.tar has {len(data) + 512} bytes, the "
+                                         rf"manifest {len(data)}"):
+        loader_for(shards, tokenizer)
+    loader_for(shards, tokenizer, verify="none")
 
 
 def test_too_few_shards_for_ranks_times_workers(dataset, tokenizer):

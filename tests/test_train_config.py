@@ -27,11 +27,23 @@ def test_recipe_loads_and_overrides_apply():
     ("optim.max_steps=abc", "optim.max_steps"),
     ("optim=3", "optim must be a mapping"),
     ("optim.lr", "must look like section.key=value"),
+    # Out of range: each once passed the config and failed later (ZeroDivisionError after the
+    # first step), or did nothing.
+    ("checkpoint.every_steps=0", "checkpoint.every_steps must be >= 1, got 0"),
+    ("checkpoint.keep_last=-1", "checkpoint.keep_last must be >= 0"),
+    ("optim.grad_accum=0", "optim.grad_accum must be >= 1, got 0"),
+    ("dist_timeout_s=-1", "config.dist_timeout_s must be >= 1, got -1"),
+    ("dist_backend=nccl;gloo", "dist_backend 'nccl;gloo' must be a backend name"),
+    ("faults.inject_nonfinite_at=[0]", "faults.inject_nonfinite_at steps count from 1"),
+    ("faults.crash_during_save_at_step=-1", "faults.crash_during_save_at_step must be >= 0"),
+    ("data.max_member_mb=0", "data.max_member_mb must be > 0"),
+    ("data.verify=md5", "data.verify: 'md5' is not one of size, sha256, none"),
+    ("checkpoint.overwrite=maybe", "checkpoint.overwrite: 'maybe' is not a valid bool"),
 ])
-def test_bad_keys_and_values_are_errors(override, message):
+def test_bad_keys_and_values_are_one_line_errors(override, message):
     with pytest.raises(ValueError) as excinfo:
         load_train_config(None, [override])
-    assert message in str(excinfo.value)
+    assert message in str(excinfo.value) and "\n" not in str(excinfo.value)
 
 
 def test_every_recipe_is_valid():
@@ -109,4 +121,30 @@ def test_shm_buffers_of_one_job_are_removed_and_others_kept():
         assert not ours[0].exists() and other.exists()
     finally:
         for path in (*ours, other):
+            path.unlink(missing_ok=True)
+
+
+def test_vlp_train_removes_dead_jobs_shm_buffers_when_it_starts(tmp_path, capsys):
+    """A job killed before its cleanup left its 69 MB buffers in /dev/shm for good; `vlp train`
+    now removes those no process holds, and leaves a live job's alone."""
+    import os
+    import subprocess
+
+    from vlp.pipeline.cli import main as vlp
+
+    uid, shm = os.getuid(), Path("/dev/shm")
+    dead = shm / f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_61236_0"
+    live = shm / f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_61237_0"
+    for path in (dead, live):
+        path.write_bytes(b"x")
+    with open(live, "rb") as held:  # a running job holds its buffer open, as DeepSpeed does
+        holder = subprocess.Popen(["sleep", "60"], stdin=held)
+    try:
+        assert vlp(["train", "--nproc", "0"]) == 2  # refused after the cleanup, nothing started
+        assert not dead.exists() and live.exists()
+        assert "removed" in capsys.readouterr().out
+    finally:
+        holder.kill()
+        holder.wait()
+        for path in (dead, live):
             path.unlink(missing_ok=True)

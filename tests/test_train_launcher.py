@@ -1,6 +1,9 @@
 """Pretraining through the real deepspeed launcher with 2 CPU ranks on data_prep's shards."""
 import json
+import math
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from train_helpers import (
     metrics_by_step,
     pattern_overrides,
     run_training,
+    shm_buffers,
     start_training,
     train_overrides,
     wait_for,
@@ -82,8 +86,10 @@ def test_sigkill_then_resume_is_sample_exact(reference_run, tmp_path, shard_dir,
     proc = start_training(overrides, tmp_path / "log1.txt")
     try:
         wait_for(lambda: 4 in metrics_by_step(run_dir), 240, "step 4 to be logged", proc)
+        assert len(shm_buffers(proc.master_port)) == 2  # one per rank, while they run
     finally:
         kill_group(proc)  # SIGKILL to the launcher and both ranks, after the step-3 checkpoint
+    assert shm_buffers(proc.master_port) == []  # the test cleans up what the killed job left
     assert (run_dir / "checkpoints/latest").read_text() == "global_step3"
 
     rc = run_training(overrides, tmp_path / "log2.txt")  # checkpoint.resume=auto finds `latest`
@@ -137,7 +143,72 @@ def test_resume_with_another_world_size_is_a_clear_error(reference_run, tmp_path
     rc = run_training(overrides, tmp_path / "log.txt", nproc=1)
     log = (tmp_path / "log.txt").read_text()
     assert rc != 0
-    assert "was written by 2 ranks; this run has 1" in log
+    assert "was written by 2 ranks; this run has 1. Run with 2, or set " \
+           "checkpoint.change_world_size=true" in log
+    assert "model.init_from=" in log  # the error names both ways that exist
+
+
+def adam_steps(tag_dir) -> set[float]:
+    """Adam's step count in every optimizer shard of a ZeRO-3 tag."""
+    from vlp.pipeline.data.checkpoints import weights_only_loads
+
+    steps = set()
+    for shard in sorted(tag_dir.glob("*optim_states.pt")):
+        with weights_only_loads():
+            state = torch.load(shard)["optimizer_state_dict"]["optimizer_state_dict"]["state"]
+        steps |= {float(group["step"]) for group in state.values()}
+    return steps
+
+
+def universal_states(tag_dirs, out_root) -> list[dict[str, torch.Tensor]]:
+    """Every parameter's fp32 weights and Adam moments in each ZeRO-3 tag, read through
+    DeepSpeed's universal checkpoint (one file per parameter and kind), which no world size
+    shapes. The tags are converted side by side."""
+    outs = [out_root / str(i) for i in range(len(tag_dirs))]
+    procs = [subprocess.Popen([sys.executable, "-m", "vlp.pipeline.train.universal", str(tag),
+                               str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for tag, out in zip(tag_dirs, outs)]
+    for proc in procs:
+        output = proc.communicate()[0]
+        assert proc.returncode == 0, output[-2000:]
+    return [{f"{path.parent.name}/{path.stem}": torch.load(path, weights_only=True)
+             for path in sorted((out / "zero").glob("*/*.pt"))} for out in outs]
+
+
+def test_resume_on_another_world_size_carries_weights_optimizer_and_schedule_over(
+        reference_run, tmp_path, shard_dir, tokenizer_dir):
+    """The 2-rank run's step-3 checkpoint resumed on 1 rank (checkpoint.change_world_size).
+    Step 4's update is skipped (an injected NaN), so the 1-rank tag of step 4 must hold exactly
+    the 2-rank tag of step 3: the fp32 weights and both Adam moments of every parameter, bit for
+    bit. The schedule continues where it was (lr of step 4 = the reference's; the skipped update
+    does not advance it) and Adam counts on from 3 (a fresh optimizer would count from 0)."""
+    run_dir = tmp_path / "resized"
+    source = reference_run / "checkpoints/global_step3"
+    shutil.copytree(source, run_dir / "checkpoints/global_step3")
+    (run_dir / "checkpoints/latest").write_text("global_step3")
+    overrides = train_overrides(run_dir, shard_dir, tokenizer_dir,
+                                "checkpoint.change_world_size=true", "checkpoint.every_steps=2",
+                                "checkpoint.keep_last=0", "faults.inject_nonfinite_at=[4]")
+    rc = run_training(overrides, tmp_path / "log.txt", nproc=1)
+    log = (tmp_path / "log.txt").read_text()
+    assert rc == 0, log[-3000:]
+    assert (f"resumed from {run_dir / 'checkpoints/global_step3'} at step 3 on 1 rank(s); it was "
+            "written by 2") in log
+    resumed, expected = metrics_by_step(run_dir), metrics_by_step(reference_run)
+    assert sorted(resumed) == [4, 5, 6]
+    assert [resumed[s]["train/lr"] for s in (4, 5, 6)] == [expected[s]["train/lr"]
+                                                           for s in (4, 4, 5)]
+    assert [resumed[s]["train/skipped_updates"] for s in (4, 5, 6)] == [1, 1, 1]
+    assert all(math.isfinite(resumed[s]["loss/total"]) for s in (5, 6))
+    ckpt = run_dir / "checkpoints"
+    assert json.loads((ckpt / "global_step4/vlp_state.json").read_text())["world_size"] == 1
+    assert adam_steps(source) == adam_steps(ckpt / "global_step4") == {3.0}
+    assert adam_steps(ckpt / "global_step6") == {5.0}
+    assert not list(ckpt.glob("*universal*"))  # the converted copy was removed
+
+    before, after = universal_states([source, ckpt / "global_step4"], tmp_path / "universal")
+    assert sorted(before) == sorted(after) and len(before) > 100
+    assert [name for name in before if not torch.equal(before[name], after[name])] == []
 
 
 def test_two_launchers_as_two_nodes_train_as_one_world(tmp_path, shard_dir, tokenizer_dir):

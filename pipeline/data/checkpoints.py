@@ -6,7 +6,8 @@ Layout of `run_dir/checkpoints/` (written by vlp.pipeline.train.checkpointer):
     global_step{N}/             DeepSpeed's files for that step, plus
         config.json             the model config (same format as an export's config.json)
         tokenizer.json          the tokenizer the run trains with
-        vlp_state.json          written last: step, world size and the size of every file
+        vlp_state.json          written last: step, world size, publication time, and the size
+                                and sha256 of every file (older tags: sizes only)
 
 Paths `load_model` accepts:
     export directory      config.json + model.safetensors + tokenizer.json (`vlp export`; also
@@ -17,18 +18,27 @@ Paths `load_model` accepts:
     checkpoints directory runs/NAME/checkpoints/ (its `latest` file names the tag)
 ZeRO-3 shards are consolidated with DeepSpeed's own zero_to_fp32 on CPU: no engine, no process
 group, any number of ranks in the checkpoint. Every failure is a UserError naming the path.
+
+DeepSpeed's files are pickles, and DeepSpeed unpickles them in full (weights_only off). Validation
+refuses a file whose pickle names any class beyond tensors, plain containers and the few
+DeepSpeed types below (a static scan of the pickle, nothing is run), and every load of them goes
+through `weights_only_loads()`, which makes torch's weights-only unpickler enforce the same list
+inside DeepSpeed too. A tampered checkpoint can still hold wrong numbers, not code.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib
 import json
+import os
 import pickle
 import re
 import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -38,12 +48,21 @@ from vlp.pipeline.data.files import read_json
 
 TAG_PREFIX = "global_step"
 PARTIAL_SUFFIX = ".partial"
+UNIVERSAL_SUFFIX = ".universal"  # a tag converted for another world size (train/universal.py)
 STATE_FILE = "vlp_state.json"
 LATEST_FILE = "latest"
 RESUME_MODES = ("auto", "latest", "latest-valid", "none")
 EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 ONNX_FILES = tuple(GRAPH_FILES.values())
 _TAG = re.compile(rf"{TAG_PREFIX}(\d+)")
+# The classes DeepSpeed's ZeRO checkpoint files pickle besides tensors and plain containers (which
+# torch's weights-only unpickler allows anyway). Nothing else is ever unpickled.
+DEEPSPEED_PICKLED_TYPES = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+)
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # read by torch.load at every call
 
 
 class CheckpointError(UserError):
@@ -70,68 +89,181 @@ def complete_tags(ckpt_dir: Path) -> list[Path]:
     return sorted(tags, key=tag_step)
 
 
-def file_sizes(tag_dir: Path) -> dict[str, int]:
-    return {
-        str(p.relative_to(tag_dir)): p.stat().st_size
-        for p in sorted(tag_dir.rglob("*"))
-        if p.is_file() and p.name != STATE_FILE
-    }
+def latest_tag(ckpt_dir: Path) -> Path | None:
+    """The tag directory the `latest` file names (it may not exist), or None without one."""
+    latest_file = Path(ckpt_dir) / LATEST_FILE
+    return Path(ckpt_dir) / latest_file.read_text().strip() if latest_file.is_file() else None
 
 
-def validate_tag(tag_dir: Path) -> list[str]:
-    """Problems that make a tag unusable (empty list: it looks complete)."""
+def published_time(tag_dir: Path) -> float:
+    """When the tag was published (its state file's record, else the file's mtime)."""
+    try:
+        return float(json.loads((tag_dir / STATE_FILE).read_text())["time"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return (tag_dir / STATE_FILE).stat().st_mtime
+
+
+def tag_files(tag_dir: Path) -> list[str]:
+    """The tag's files (relative names, sorted) that its state file describes."""
+    return [str(p.relative_to(tag_dir)) for p in sorted(Path(tag_dir).rglob("*"))
+            if p.is_file() and p.name != STATE_FILE]
+
+
+def describe_files(tag_dir: Path, names: list[str]) -> dict[str, dict]:
+    """{name: {"bytes": size, "sha256": hex digest}} of the named files of a tag."""
+    described = {}
+    for name in names:
+        with open(Path(tag_dir) / name, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        described[name] = {"bytes": (Path(tag_dir) / name).stat().st_size, "sha256": digest}
+    return described
+
+
+def validate_tag(tag_dir: Path, part: tuple[int, int] = (0, 1)) -> list[str]:
+    """Problems that make a tag unusable (empty list: it is complete and safe to load).
+
+    Every file's presence and size are checked; the sha256 of `part` = (i, n) of the files (the
+    i-th of every n, so n ranks can share the reading) and, in those, the classes the pickled
+    files need (only DEEPSPEED_PICKLED_TYPES beyond torch's weights-only set).
+    """
     state_path = tag_dir / STATE_FILE
     if not state_path.exists():
         return [f"{tag_dir} has no {STATE_FILE} (saving did not finish)"]
     try:
-        state = json.loads(state_path.read_text())
-        expected = state["files"]
-    except (ValueError, KeyError, TypeError) as exc:
-        return [f"{state_path} is unreadable: {exc}"]
+        expected = json.loads(state_path.read_text())["files"]
+        names = sorted(expected)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        return [f"{state_path} is unreadable: {exc!r}"]
+    mine = set(names[part[0]::part[1]])
     problems = []
-    for name, size in expected.items():
+    for name in names:
+        record = expected[name] if isinstance(expected[name], dict) else {"bytes": expected[name]}
         path = tag_dir / name
-        if not path.exists():
+        if not path.is_file():
             problems.append(f"{path} is missing")
-        elif path.stat().st_size != size:
-            problems.append(f"{path} has {path.stat().st_size} bytes, expected {size} (truncated?)")
+        elif path.stat().st_size != record.get("bytes"):
+            problems.append(f"{path} has {path.stat().st_size} bytes, expected "
+                            f"{record.get('bytes')} (truncated?)")
+        elif name in mine:
+            problems += _content_problems(path, record.get("sha256"))
     return problems
 
 
-def read_state(tag_dir: Path) -> dict:
-    """The tag's vlp_state.json, after checking every file it lists is there at full size."""
-    problems = validate_tag(tag_dir)
-    if problems:
-        raise CheckpointError(f"incomplete or corrupt checkpoint {tag_dir}: {'; '.join(problems)}")
+def _content_problems(path: Path, sha256: str | None) -> list[str]:
+    if sha256 is not None:
+        with open(path, "rb") as f:
+            if hashlib.file_digest(f, "sha256").hexdigest() != sha256:
+                return [f"{path} has the recorded size but not the recorded sha256 (corrupted)"]
+    if path.suffix != ".pt":
+        return []
+    try:
+        needed = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except (ValueError, RuntimeError, OSError, zipfile.BadZipFile, pickle.UnpicklingError) as exc:
+        return [f"{path} is not a readable torch file: {_one_line(exc)}"]
+    refused = sorted(needed - set(DEEPSPEED_PICKLED_TYPES))
+    if refused:
+        return [f"{path} is refused: its pickle needs {', '.join(refused)}, which is not among "
+                "the types DeepSpeed checkpoints hold, and loading it would run that code"]
+    return []
+
+
+def _one_line(exc: Exception) -> str:
+    """An exception as one line; for torch's weights-only refusal, the global it refused."""
+    text = str(exc)
+    refused = re.search(r"GLOBAL (\S+)", text)
+    if refused:
+        return f"its pickle needs {refused[1]}, which is not allowed"
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Every torch.load inside runs torch's weights-only unpickler allowing only tensors, plain
+    containers and DEEPSPEED_PICKLED_TYPES, also where DeepSpeed turns weights_only off (torch
+    honours TORCH_FORCE_WEIGHTS_ONLY_LOAD over the argument). Process-wide while it lasts."""
+    allowed = [getattr(importlib.import_module(module), name)
+               for module, name in (t.rsplit(".", 1) for t in DEEPSPEED_PICKLED_TYPES)]
+    previous = os.environ.get(_FORCE_WEIGHTS_ONLY)
+    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop(_FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[_FORCE_WEIGHTS_ONLY] = previous
+
+
+def load_state(tag_dir: Path) -> dict:
+    """The tag's vlp_state.json (not validated: see read_state)."""
     state = read_json(tag_dir / STATE_FILE, "checkpoint state")
     if not isinstance(state.get("step"), int):
         raise CheckpointError(f"{tag_dir / STATE_FILE}: missing integer field 'step'")
     return state
 
 
-def resolve_resume(ckpt_dir: Path, mode: str) -> Path | None:
-    """The tag directory to resume from, or None to start fresh; raises CheckpointError."""
-    if mode not in RESUME_MODES:
-        raise CheckpointError(f"checkpoint.resume={mode!r}; choose one of {', '.join(RESUME_MODES)}")
-    latest_file = Path(ckpt_dir) / LATEST_FILE
-    if mode == "none" or (mode == "auto" and not latest_file.exists()):
-        return None
-    if mode == "latest-valid":
-        for tag_dir in reversed(complete_tags(ckpt_dir)):
-            if not validate_tag(tag_dir):
-                return tag_dir
-        raise CheckpointError(f"no valid checkpoint under {ckpt_dir}")
-    if not latest_file.exists():
-        raise CheckpointError(f"checkpoint.resume={mode} but {latest_file} does not exist")
-    tag_dir = Path(ckpt_dir) / latest_file.read_text().strip()
+def read_state(tag_dir: Path) -> dict:
+    """The tag's vlp_state.json, after checking every file it lists is there, whole and safe."""
     problems = validate_tag(tag_dir)
     if problems:
+        raise CheckpointError(f"incomplete or corrupt checkpoint {tag_dir}: {'; '.join(problems)}")
+    return load_state(tag_dir)
+
+
+def resolve_resume(ckpt_dir: Path, mode: str, overwrite: bool = False,
+                   validate: Callable[[Path], list[str]] = validate_tag) -> Path | None:
+    """The tag directory to resume from, or None to start afresh; raises CheckpointError.
+
+    `auto` without a `latest` file falls back to the newest valid tag (a kill between publishing
+    a run's first tag and writing `latest` leaves that). Starting afresh where complete tags
+    exist is refused unless `overwrite` (the caller then deletes them): a new run's tags mixed
+    with an old run's would be pruned and resumed as one run. `validate` checks a tag (several
+    ranks pass one that shares the work).
+    """
+    if mode not in RESUME_MODES:
+        raise CheckpointError(f"checkpoint.resume={mode!r}; choose one of {', '.join(RESUME_MODES)}")
+    ckpt_dir = Path(ckpt_dir)
+    tags = complete_tags(ckpt_dir)
+    latest = latest_tag(ckpt_dir)
+    if mode == "none" or (mode == "auto" and latest is None and not tags):
+        if tags and not overwrite:
+            raise CheckpointError(
+                f"checkpoint.resume=none, but {ckpt_dir} already holds {len(tags)} checkpoint(s) "
+                f"({tags[0].name} .. {tags[-1].name}). Resume them (checkpoint.resume=auto), use "
+                "another run_dir, or set checkpoint.overwrite=true to delete them and start "
+                "afresh.")
+        return None
+    if mode == "latest-valid" or (mode == "auto" and latest is None):
+        for tag_dir in reversed(tags):
+            if not validate(tag_dir):
+                return tag_dir
+        raise CheckpointError(f"no valid checkpoint under {ckpt_dir}")
+    if latest is None:
+        raise CheckpointError(f"checkpoint.resume={mode} but {ckpt_dir / LATEST_FILE} does not "
+                              "exist")
+    problems = validate(latest)
+    if problems:
         raise CheckpointError(
-            f"the latest checkpoint {tag_dir} is corrupt: {'; '.join(problems)}. "
-            "Resume from the newest valid one with checkpoint.resume=latest-valid, "
-            "or start fresh with checkpoint.resume=none."
-        )
-    return tag_dir
+            f"the latest checkpoint {latest} is corrupt: {'; '.join(problems)}. "
+            "Resume from the newest valid one with checkpoint.resume=latest-valid, or start "
+            "afresh in another run_dir (or here with checkpoint.resume=none "
+            "checkpoint.overwrite=true, which deletes this run's checkpoints).")
+    return latest
+
+
+def checkpoint_fingerprint(path: Path) -> str:
+    """A digest of a checkpoint's content: of a tag's vlp_state.json (which records the sha256
+    of every file, and the publication time), of an export's files. A tag rewritten after a
+    rewind gets a new one."""
+    path = Path(path)
+    names = [STATE_FILE] if (path / STATE_FILE).is_file() else list(EXPORT_FILES)
+    digest = hashlib.sha256()
+    for name in names:
+        if (path / name).is_file():
+            with open(path / name, "rb") as f:
+                digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
 
 
 # ---- loading a checkpoint as a model -----------------------------------------------------------
@@ -190,8 +322,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         model, tag, step = _load_onnx(directory, device), None, None
     else:
         tag, step = directory.name, read_state(directory)["step"]
-        model = _build_model(read_json(directory / "config.json", "model config"), directory)
-        _load_weights(model, _consolidate_zero(directory), directory)
+        weights = _consolidate_zero(directory)
+        model = _build_model(read_json(directory / "config.json", "model config"), weights,
+                             directory)
+        _load_weights(model, weights, directory)
     tokenizer = _load_tokenizer(directory / "tokenizer.json")
     info = CheckpointInfo(str(directory), kind, tag, step, model.config.to_dict())
     if kind != "onnx":  # ONNX Runtime sessions stay where they were created (the CPU)
@@ -248,27 +382,34 @@ def _load_export(directory: Path) -> torch.nn.Module:
         raise CheckpointError(f"cannot load export {directory}: {exc}") from exc
 
 
-def _build_model(config_dict: dict, directory: Path) -> torch.nn.Module:
-    """The model a training tag's config.json describes."""
-    from vlp.models.export import model_from_meta
+def _build_model(config_dict, weights: dict[str, torch.Tensor],
+                 directory: Path) -> torch.nn.Module:
+    """The model a training tag's config.json describes, allocated only once `weights` are
+    known to fit it."""
+    from vlp.models.export import WeightsMismatch, model_for_weights
 
+    shapes = {key: tuple(value.shape) for key, value in weights.items()}
     try:
-        return model_from_meta(config_dict)
-    except (TypeError, ValueError) as exc:
+        return model_for_weights(config_dict, shapes)
+    except WeightsMismatch as exc:
+        raise CheckpointError(f"weights in {directory} do not fit its config.json: {exc}") from exc
+    except ValueError as exc:
         raise CheckpointError(f"{directory / 'config.json'}: {exc}") from exc
 
 
 def _consolidate_zero(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """fp32 state dict from the ZeRO shards of one tag (DeepSpeed's zero_to_fp32)."""
+    """fp32 state dict from the ZeRO shards of one tag (DeepSpeed's zero_to_fp32, its pickles
+    loaded weights-only)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     # zero_to_fp32 prints progress on stdout; keep stdout for results.
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), weights_only_loads():
             return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     except (OSError, ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError,
             zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"cannot consolidate DeepSpeed checkpoint {tag_dir}: {exc}") from exc
+        raise CheckpointError(f"cannot consolidate DeepSpeed checkpoint {tag_dir}: "
+                              f"{_one_line(exc)}") from exc
 
 
 def _load_weights(model: torch.nn.Module, state_dict: dict, directory: Path) -> None:

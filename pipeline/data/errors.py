@@ -12,11 +12,15 @@ from __future__ import annotations
 SKIP_KINDS = {
     "bad_image": "image member PIL cannot decode (corrupt, not an image, unsupported format)",
     "decompression_bomb": "image header claims more pixels than transforms.MAX_IMAGE_PIXELS",
+    "extreme_aspect_ratio": "image sides differ more than transforms.MAX_ASPECT_RATIO times",
     "missing_image": "sample has no member with an image extension",
     "missing_caption": "sample has no caption member",
     "non_utf8_caption": "caption bytes are not UTF-8",
     "empty_caption": "caption is empty or whitespace",
-    "duplicate_key": "key seen earlier in the same shard, or a member repeated in a sample",
+    "duplicate_key": "key seen earlier in the same shard, or a sample's files repeated (the first "
+                     "copy is used)",
+    "oversized_member": "sample with an image or caption member over data.max_member_mb (never "
+                        "read into memory)",
     "corrupt_tar": "shard read: truncated, bad header checksum or malformed (rest of shard lost)",
     "empty_shard": "shard read: the file has 0 bytes",
     "unreadable_shard": "shard read: could not be opened or read (I/O or HTTP error)",

@@ -55,7 +55,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vlp.pipeline.data.errors import SKIP_KINDS, UserError
-from vlp.pipeline.data.manifest import count_samples
+from vlp.pipeline.data.manifest import check_shards, count_samples
 from vlp.pipeline.data.sources import check_not_all_empty, parse_sources
 from vlp.pipeline.data.stream import ShardStream, StreamSpec
 from vlp.pipeline.data.tokenizer import masking_spec
@@ -89,6 +89,14 @@ class DataConfig:
     """Batches in flight per worker."""
     shuffle_buffer: int = 1000
     """Samples in the shuffle buffer (per worker)."""
+    verify: Literal["size", "sha256", "none"] = "size"
+    """Before training, compare the local shards with manifest.json: size (cheap), or size and
+    sha256 (reads every shard once, shared out between the ranks), or not at all. A shard that
+    changed since `vlp data index` would change the epoch and break exact resume."""
+    max_member_mb: float = 16.0
+    """Largest image or caption member read into memory (MiB); a sample with a larger one is
+    skipped unread (oversized_member). A worker holds at most shuffle_buffer samples of at most
+    this size per member."""
     block_shards: int | None = None
     """Shards shuffled together; also the most a resume re-reads. None: enough shards to hold
     twice the shuffle buffer (from the manifest's mean shard size), at most 16."""
@@ -104,6 +112,7 @@ class DataConfig:
             (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
             (self.prefetch_factor >= 1, f"prefetch_factor must be >= 1, got {self.prefetch_factor}"),
             (self.shuffle_buffer >= 0, f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}"),
+            (self.max_member_mb > 0, f"max_member_mb must be > 0, got {self.max_member_mb}"),
             (self.block_shards is None or self.block_shards >= 1,
              f"block_shards must be >= 1 or null, got {self.block_shards}"),
             (0.0 < self.mlm_probability < 1.0,
@@ -217,6 +226,25 @@ class TrainLoader:
         self._base_skipped = dict(state["skipped"])
         self._worker_skipped = {}
 
+    def continue_after(self, states: list[dict]) -> None:
+        """Start after every position in `states`, the loader states of all ranks of a run with
+        another world size (those cannot resume exactly: positions are per rank and worker):
+        at the next epoch on every worker (resampled: the next block index, which seeds the
+        draws). Skip counts carry over, summed over those ranks."""
+        positions = [p for state in states for p in state["positions"].values()]
+        if self.stream.spec.resampled:
+            start = [0, max((p[1] for p in positions), default=-1) + 1, 0]
+        else:
+            start = [max((p[0] for p in positions), default=-1) + 1, 0, 0]
+        self.close()
+        self._batches_consumed = 0
+        self._positions = {w: list(start) for w in range(self.stream.spec.num_workers)}
+        self._base_skipped = {}
+        for state in states:
+            for kind, n in state["skipped"].items():
+                self._base_skipped[kind] = self._base_skipped.get(kind, 0) + n
+        self._worker_skipped = {}
+
     def close(self) -> None:
         """Stop the worker processes; iterating again restarts them at the current position."""
         iterator, self._iterator = self._iterator, None
@@ -260,6 +288,7 @@ def build_train_loader(config: DataConfig, tokenizer, *, batch_size: int, seed: 
         raise UserError(f"data.weights {config.weights} must be {len(sources.urls)} numbers, "
                         "one per '::'-separated source")
     check_not_all_empty(urls)
+    check_shards(urls, config.verify, part=(rank, world_size))
     counts = count_samples(urls)
     samples = sum(counts.values())
     if samples < batch_size * world_size:
@@ -271,7 +300,8 @@ def build_train_loader(config: DataConfig, tokenizer, *, batch_size: int, seed: 
         resampled=resampled, seed=seed, rank=rank, world_size=world_size,
         num_workers=max(1, config.num_workers),
         block_shards=config.block_shards or _auto_block_shards(counts, config.shuffle_buffer),
-        shuffle_buffer=config.shuffle_buffer, batch_size=batch_size,
+        shuffle_buffer=config.shuffle_buffer, max_member_bytes=int(config.max_member_mb * 2**20),
+        batch_size=batch_size,
         image_size=image_size, max_text_len=max_text_len,
         image_keys=tuple(k.lower() for k in config.image_keys),
         caption_key=config.caption_key.lower(),

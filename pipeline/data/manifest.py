@@ -1,17 +1,20 @@
 """The shard index beside the shards: `manifest.json` (written by `vlp data index`: per shard its
 sample count, size, sha256 and img2dataset stats) and OpenCLIP's `sizes.json`.
 
-The loader takes its epoch length and rank/worker split from here, so both must be exact.
+The loader takes its epoch length and rank/worker split from here, so both must be exact, and
+checks the shards against it before training (`check_shards`): a shard replaced since it was
+indexed would silently change the epoch and break exact resume.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 from pathlib import Path
 
 from vlp.pipeline.data.errors import UserError
-from vlp.pipeline.data.sources import read_beside
+from vlp.pipeline.data.sources import REMOTE_SCHEMES, local_path, read_beside, url_scheme
 
 MANIFEST = "manifest.json"
 SIZES = "sizes.json"
@@ -59,19 +62,20 @@ def _read_json_beside(url: str, name: str):
         return None
 
 
-def _shard_counts(url: str, cache: dict) -> dict[str, int] | None:
-    """Shard file name -> sample count for the shard's directory (manifest, else sizes.json)."""
+def _shard_entries(url: str, cache: dict) -> dict[str, dict] | None:
+    """Shard file name -> its index entry ({"samples", and from a manifest "bytes", "sha256"})
+    for the shard's directory (manifest, else sizes.json)."""
     base = url.rsplit("/", 1)[0] if "/" in url else "."
     if base not in cache:
-        counts = None
+        entries = None
         manifest = _read_json_beside(url, MANIFEST)
         if isinstance(manifest, dict) and isinstance(manifest.get("shards"), list):
-            counts = {os.path.basename(entry["name"]): int(entry["samples"]) for entry in manifest["shards"]}
+            entries = {os.path.basename(entry["name"]): entry for entry in manifest["shards"]}
         else:
             sizes = _read_json_beside(url, SIZES)
             if isinstance(sizes, dict):
-                counts = {os.path.basename(name): int(n) for name, n in sizes.items()}
-        cache[base] = counts
+                entries = {os.path.basename(name): {"samples": n} for name, n in sizes.items()}
+        cache[base] = entries
     return cache[base]
 
 
@@ -80,15 +84,43 @@ def count_samples(urls: list[str]) -> dict[str, int]:
     cache: dict = {}
     counts, missing = {}, []
     for url in urls:
-        table = _shard_counts(url, cache)
+        table = _shard_entries(url, cache)
         name = url.rsplit("/", 1)[-1]
         if table is None or name not in table:
             missing.append(url)
         else:
-            counts[url] = table[name]
+            counts[url] = int(table[name]["samples"])
     if missing:
         raise UserError(
             f"no sample count for {len(missing)} of {len(urls)} shards (e.g. {missing[0]!r}): "
             "found no manifest.json or sizes.json beside them that lists them. Run `vlp data "
             "index` on the shard directory.")
     return counts
+
+
+def check_shards(urls: list[str], verify: str, part: tuple[int, int] = (0, 1)) -> None:
+    """Compare local shards with their manifest entries: the size of every one (verify "size"
+    or "sha256"), and the sha256 of `part` = (i, n) of them (verify "sha256"; n ranks share the
+    reading). UserError naming the first shard that differs. Shards with no manifest entry
+    (OpenCLIP's sizes.json has no sizes) and http(s) shards are not checked."""
+    if verify == "none":
+        return
+    cache: dict = {}
+    local = [url for url in urls if url_scheme(url) not in REMOTE_SCHEMES]
+    hashed = set(local[part[0]::part[1]]) if verify == "sha256" else set()
+    for url in local:
+        entry = (_shard_entries(url, cache) or {}).get(url.rsplit("/", 1)[-1], {})
+        path = local_path(url)
+        if "bytes" in entry and os.path.getsize(path) != entry["bytes"]:
+            _changed(url, f"has {os.path.getsize(path)} bytes, the manifest {entry['bytes']}")
+        if url in hashed and "sha256" in entry:
+            with open(path, "rb") as f:
+                if hashlib.file_digest(f, "sha256").hexdigest() != entry["sha256"]:
+                    _changed(url, "has the manifest's size but not its sha256")
+
+
+def _changed(url: str, what: str) -> None:
+    raise UserError(
+        f"shard {url} {what}: it changed since `vlp data index` recorded it. Restore it, or "
+        "re-index the directory (a run resumed on changed shards does not continue "
+        "sample-exactly); data.verify=none skips this check.")

@@ -66,7 +66,7 @@ def parse_sources(shards: str) -> Sources:
 
 def check_url(url: str) -> None:
     """Refuse `pipe:` and schemes we cannot read; a local shard must exist."""
-    scheme = _scheme(url)
+    scheme = url_scheme(url)
     if scheme == "pipe":
         raise UserError(f"refusing shard URL {url!r}: pipe: URLs run shell commands. Download the "
                          "shards, or serve them over http(s) and list those URLs.")
@@ -90,7 +90,7 @@ def check_url(url: str) -> None:
 
 def check_not_all_empty(urls: list[str]) -> None:
     """Zero-byte shards are skipped and counted while training, but not when they are all."""
-    local = [url for url in urls if _scheme(url) in ("", "file")]
+    local = [url for url in urls if url_scheme(url) in ("", "file")]
     if local and len(local) == len(urls) and all(os.path.getsize(local_path(u)) == 0 for u in local):
         raise UserError(f"all {len(urls)} shards are empty (0 bytes), e.g. {urls[0]!r}; "
                          "the download wrote nothing. Re-run `vlp data download`.")
@@ -100,7 +100,7 @@ def local_path(url: str) -> str:
     return urllib.parse.urlparse(url).path if url.startswith("file://") else url
 
 
-def _scheme(url: str) -> str:
+def url_scheme(url: str) -> str:
     if url.startswith("pipe:"):
         return "pipe"
     scheme = urllib.parse.urlparse(url).scheme
@@ -109,7 +109,7 @@ def _scheme(url: str) -> str:
 
 def open_shard(url: str):
     """A binary stream of the shard's tar bytes (gunzipped for .tar.gz / .tgz)."""
-    if _scheme(url) in REMOTE_SCHEMES:
+    if url_scheme(url) in REMOTE_SCHEMES:
         stream = io.BufferedReader(urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S), READ_BUFFER)
     elif is_object_url(url):
         stream = open_object(url, READ_BUFFER)
@@ -125,7 +125,7 @@ def read_beside(url: str, name: str) -> bytes | None:
     base = url.rsplit("/", 1)[0] if "/" in url else "."
     target = f"{base}/{name}"
     try:
-        if _scheme(url) in REMOTE_SCHEMES:
+        if url_scheme(url) in REMOTE_SCHEMES:
             with urllib.request.urlopen(target, timeout=HTTP_TIMEOUT_S) as response:
                 return response.read()
         if is_object_url(url):

@@ -50,6 +50,7 @@ class StreamSpec:
     num_workers: int  # logical workers per rank, >= 1
     block_shards: int
     shuffle_buffer: int
+    max_member_bytes: int
     batch_size: int
     image_size: int
     max_text_len: int
@@ -156,7 +157,7 @@ def iter_raw(spec: StreamSpec, worker: int, start: Position, skipped: SkipCounte
     def read(urls):
         for url in urls:
             guard.visit(url, skipped)
-            yield from iter_samples(url, wanted, skipped)
+            yield from iter_samples(url, wanted, skipped, spec.max_member_bytes)
 
     for block in iter_blocks(spec, worker, epoch, index):
         if stop_epoch is not None and block.epoch >= stop_epoch:

@@ -1,14 +1,20 @@
 """Read webdataset tar shards into raw samples: dicts of undecoded bytes grouped by key.
 
 A member `dir/000123.jpg` belongs to sample `dir/000123` (webdataset's rule: the key ends at the
-first dot of the file name). A sample's members must be adjacent; a key that comes back later in
-the same shard, or a member name repeated inside a sample, is a duplicate: the later group is
-skipped and counted. Only members whose extension the caller asks for are kept in memory.
+first dot of the file name). A sample's members must be adjacent. Repeats are skipped and counted
+as duplicate_key: a key that comes back later in the same shard, and a member name that comes
+again inside a sample (the same files written twice in a row), whose first copy is delivered.
+Only members whose extension the caller asks for are kept in memory, and only up to
+`max_member_bytes` each: a larger member is skipped without being read and drops its sample
+(oversized_member), so a small compressed shard cannot claim gigabytes.
 
 Why not `tarfile`: in stream mode it takes a cut-off header or a missing end-of-archive marker
 for a normal end, so a truncated shard would pass as complete. This reader checks each header's
 checksum and requires the end marker; it understands ustar, pax (`path`, `size`) and GNU long
-names, and skips other member types (directories, links, global headers).
+names, and skips other member types (directories, links, global headers). Header numbers are
+checked (digits only, no sign, below MAX_TAR_MEMBER): a bad one ends the shard as corrupt_tar,
+and every header moves the reader forward, so a hostile header can neither raise out of the
+reader nor make it loop (tests/test_data_tar.py fuzzes it).
 
 Evaluation sets read their images lazily: members whose extension is in `spans` are not read but
 yielded as a MemberSpan, the byte range of their data in the (uncompressed) tar.
@@ -36,6 +42,9 @@ log = logging.getLogger(__name__)
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
 REGULAR_TYPES = (b"0", b"\0", b"7")
+MAX_MEMBER_BYTES = 16 << 20  # default limit on one member kept in memory
+MAX_TAR_MEMBER = 1 << 40  # a larger size in a header is taken for corruption
+MAX_HEADER_DATA = 1 << 20  # pax records and GNU long names (a path is < 4 KB)
 _META_NAME = re.compile(r"(^|/)__[^/]*__($|/)")  # webdataset's __key__-style metadata members
 
 
@@ -65,17 +74,18 @@ class SkipCounter:
         self.add(kind)
 
 
-def iter_samples(url: str, wanted: frozenset[str], skipped: SkipCounter) -> Iterator[dict]:
+def iter_samples(url: str, wanted: frozenset[str], skipped: SkipCounter,
+                 max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[dict]:
     """Yield {"__key__": key, ext: bytes, ...} per sample of one shard; never raises for bad data."""
     try:
-        yield from read_samples(url, wanted, skipped)
+        yield from read_samples(url, wanted, skipped, max_member_bytes=max_member_bytes)
     except BadData as exc:  # the pending sample may be incomplete: it was dropped
         skipped.shard_failed(url, exc.kind, str(exc))
 
 
 def read_samples(
     url: str, wanted: frozenset[str] | None, skipped: SkipCounter,
-    spans: frozenset[str] = frozenset(),
+    spans: frozenset[str] = frozenset(), max_member_bytes: int = MAX_MEMBER_BYTES,
 ) -> Iterator[dict]:
     """Like `iter_samples`, but a damaged or unreadable shard raises BadData, whose `kind`
     names the skip ("corrupt_tar", "unreadable_shard", "empty_shard"); the sample being read at
@@ -87,7 +97,8 @@ def read_samples(
         raise BadData("unreadable_shard", f"cannot open: {exc}") from exc
     with stream:
         try:
-            yield from group_samples(iter_members(stream, wanted, spans), skipped)
+            yield from group_samples(iter_members(stream, wanted, spans, max_member_bytes),
+                                     skipped)
         except (EOFError, zlib.error, gzip.BadGzipFile) as exc:  # .tar.gz: truncated or corrupt
             raise BadData("corrupt_tar", f"compressed stream broken: {exc}") from exc
         except (OSError, http.client.HTTPException) as exc:
@@ -109,14 +120,17 @@ def iter_shard(path, skipped: SkipCounter | None = None) -> Iterator[tuple[str, 
         yield key, sample
 
 
-def group_samples(members: Iterator[tuple[str, str, bytes]], skipped: SkipCounter) -> Iterator[dict]:
-    """Group `iter_members` output into {"__key__": key, ext: bytes, ...}; duplicates (a key seen
-    earlier, or a member repeated in a sample) are skipped and counted as "duplicate_key".
+def group_samples(members: Iterator[tuple[str, str, bytes | None]],
+                  skipped: SkipCounter) -> Iterator[dict]:
+    """Group `iter_members` output into {"__key__": key, ext: bytes, ...}.
 
-    Exceptions from `members` propagate; the sample pending at that point is not yielded.
+    Skipped and counted: a key seen earlier in the shard, the rest of a sample's members from the
+    first repeated member name on (the first copy is yielded), both "duplicate_key"; and a sample
+    with a member too large to read ("oversized_member"). Exceptions from `members` propagate;
+    the sample pending at that point is not yielded.
     """
     seen: set[str] = set()
-    current_key, group = None, None
+    current_key, group = None, None  # group None: the current key's members are dropped
     for key, ext, data in members:
         if key != current_key:
             if group is not None:
@@ -126,11 +140,15 @@ def group_samples(members: Iterator[tuple[str, str, bytes]], skipped: SkipCounte
             if group is None:
                 skipped.add("duplicate_key")
             seen.add(key)
+        elif group is not None and ext in group:  # the sample's files again: a repeat
+            yield group
+            group = None
+            skipped.add("duplicate_key")
         if group is None:
             continue
-        if ext in group:
-            skipped.add("duplicate_key")
+        if data is None:
             group = None
+            skipped.add("oversized_member")
             continue
         group[ext] = data
     if group is not None:
@@ -138,11 +156,13 @@ def group_samples(members: Iterator[tuple[str, str, bytes]], skipped: SkipCounte
 
 
 def iter_members(
-    stream, wanted: frozenset[str] | None, spans: frozenset[str] = frozenset()
-) -> Iterator[tuple[str, str, bytes | MemberSpan]]:
+    stream, wanted: frozenset[str] | None, spans: frozenset[str] = frozenset(),
+    max_member_bytes: int = MAX_MEMBER_BYTES,
+) -> Iterator[tuple[str, str, bytes | MemberSpan | None]]:
     """Yield (key, lower-case extension, data) of regular members with an extension in `wanted`
     (every member with a key and an extension when `wanted` is None); for an extension in `spans`
-    the data is not read and comes as its MemberSpan."""
+    the data is not read and comes as its MemberSpan; data is None for another member larger
+    than `max_member_bytes`, which is skipped unread."""
     offset = 0
     long_name: str | None = None
     pax: dict[str, str] = {}
@@ -157,7 +177,9 @@ def iter_members(
             return
         _check_header(header, offset)
         name = long_name or pax.get("path") or _ustar_name(header)
-        size = int(pax["size"]) if "size" in pax else _number(header[124:136], offset)
+        size = _pax_size(pax["size"], offset) if "size" in pax else _number(header[124:136], offset)
+        if size > MAX_TAR_MEMBER:
+            raise BadData("corrupt_tar", f"implausible member size {size} at byte {offset}")
         long_name, pax = None, {}
         kind = header[156:157]
         offset += BLOCK
@@ -167,17 +189,21 @@ def iter_members(
             if key is not None and ext in spans:
                 _skip(stream, size + padding, offset)
                 yield key, ext, MemberSpan(name, offset, size)
-            elif key is not None and (wanted is None or ext in wanted):
+            elif key is None or (wanted is not None and ext not in wanted):
+                _skip(stream, size + padding, offset)
+            elif size > max_member_bytes:
+                _skip(stream, size + padding, offset)
+                yield key, ext, None
+            else:
                 data = _read_exact(stream, size, offset)
                 _skip(stream, padding, offset + size)
                 yield key, ext, data
-            else:
-                _skip(stream, size + padding, offset)
         elif kind == b"L":  # GNU long name: the data is the next member's name
-            long_name = _read_exact(stream, size, offset).rstrip(b"\0").decode("utf-8", "surrogateescape")
+            name_bytes = _read_header_data(stream, size, offset)
+            long_name = name_bytes.rstrip(b"\0").decode("utf-8", "surrogateescape")
             _skip(stream, padding, offset + size)
         elif kind == b"x":  # pax extended header for the next member
-            pax = _parse_pax(_read_exact(stream, size, offset), offset)
+            pax = _parse_pax(_read_header_data(stream, size, offset), offset)
             _skip(stream, padding, offset + size)
         else:
             _skip(stream, size + padding, offset)
@@ -209,10 +235,15 @@ def _number(field: bytes, offset: int) -> int:
             raise BadData("corrupt_tar", f"negative number in header at byte {offset}")
         return int.from_bytes(bytes([field[0] & 0x3F]) + field[1:], "big")
     text = field.split(b"\0", 1)[0].strip()
-    try:
-        return int(text, 8) if text else 0
-    except ValueError:
-        raise BadData("corrupt_tar", f"malformed header at byte {offset}") from None
+    if text.strip(b"01234567"):  # int() would also take a sign, "_" and "0o"
+        raise BadData("corrupt_tar", f"malformed header at byte {offset}")
+    return int(text, 8) if text else 0
+
+
+def _pax_size(value: str, offset: int) -> int:
+    if not (value.isascii() and value.isdigit()):
+        raise BadData("corrupt_tar", f"malformed pax size {value[:30]!r} at byte {offset}")
+    return int(value)
 
 
 def _ustar_name(header: bytes) -> str:
@@ -239,6 +270,12 @@ def _parse_pax(data: bytes, offset: int) -> dict[str, str]:
         records[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
         pos += length
     return records
+
+
+def _read_header_data(stream, size: int, offset: int) -> bytes:
+    if size > MAX_HEADER_DATA:
+        raise BadData("corrupt_tar", f"implausible {size}-byte extended header at byte {offset}")
+    return _read_exact(stream, size, offset)
 
 
 def _read_exact(stream, size: int, offset: int) -> bytes:

@@ -1,8 +1,10 @@
 """Per-sample preprocessing shared by training, evaluation and benchmarks.
 
-Images: decode (JPEG draft mode: the decoder downsamples by 1/2, 1/4 or 1/8 for free), resize the
-shorter side to `image_size`, centre crop, and hand over uint8 pixels (3, S, S): a quarter of the
-bytes of fp32 on the way to the GPU. The model normalises them on its own device
+Images: decode (JPEG draft mode: the decoder downsamples by 1/2, 1/4 or 1/8 for free), take the
+centre square and resize it to `image_size` (the shorter side resized, then a centre crop, without
+ever resizing the rest), and hand over uint8 pixels (3, S, S): a quarter of the bytes of fp32 on
+the way to the GPU. Images that claim too many pixels or an extreme aspect ratio are skipped
+before decoding. The model normalises them on its own device
 (`vlp.models.model.ImageEmbedding`). No horizontal flip: the synthetic captions (and many real
 ones) say "left" and "right".
 Captions: UTF-8 text, stripped; MLM masking of token ids (BERT's 80/10/10).
@@ -20,6 +22,9 @@ from vlp.pipeline.data.errors import BadData
 
 # Refuse images whose header claims more pixels than this (decompression bombs).
 MAX_IMAGE_PIXELS = 64_000_000
+# ... or a longer side more than this many times the shorter (a 2000x1 strip): a centre crop of it
+# is a sliver of the picture.
+MAX_ASPECT_RATIO = 20
 # Member extensions the loaders decode; nothing else is ever decoded (no pickles).
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTENSIONS = ("txt", "text", "caption")
@@ -34,6 +39,9 @@ def decode_image(data: bytes, image_size: int) -> Image.Image:
         width, height = image.size
         if width * height > MAX_IMAGE_PIXELS:
             raise BadData("decompression_bomb", f"image claims {width}x{height} pixels")
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            raise BadData("extreme_aspect_ratio", f"image is {width}x{height}: an aspect ratio "
+                                                  f"beyond {MAX_ASPECT_RATIO}:1")
         image.draft("RGB", (image_size, image_size))
         if image.mode == "RGB":
             image.load()  # convert() would decode and then copy
@@ -48,21 +56,21 @@ def decode_image(data: bytes, image_size: int) -> Image.Image:
 
 
 def image_to_array(image: Image.Image, image_size: int) -> np.ndarray:
-    """Resize the shorter side to `image_size` and centre crop: uint8 (S, S, 3), read-only."""
+    """The centre square resized to `image_size`: uint8 (S, S, 3), read-only. Only the square is
+    resampled (PIL's `box`), so the cost is S x S pixels whatever the aspect ratio."""
     width, height = image.size
-    scale = image_size / min(width, height)
-    if scale != 1.0:
-        new_size = (max(image_size, round(width * scale)), max(image_size, round(height * scale)))
-        image = image.resize(new_size, Image.BICUBIC)
-    left = (image.width - image_size) // 2
-    top = (image.height - image_size) // 2
-    if (image.width, image.height) != (image_size, image_size):
-        image = image.crop((left, top, left + image_size, top + image_size))
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    box = (left, top, left + side, top + side)
+    if side != image_size:
+        image = image.resize((image_size, image_size), Image.BICUBIC, box=box)
+    elif (width, height) != (side, side):
+        image = image.crop(box)
     return np.asarray(image)
 
 
 def image_to_tensor(image: Image.Image, image_size: int) -> torch.Tensor:
-    """Resize the shorter side to `image_size`, centre crop: uint8 (3, S, S)."""
+    """The centre square resized to `image_size`: uint8 (3, S, S)."""
     return torch.from_numpy(image_to_array(image, image_size).copy()).permute(2, 0, 1)
 
 

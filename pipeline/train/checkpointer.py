@@ -3,14 +3,17 @@
 The Checkpointer owns the interval (every `checkpoint.every_steps` steps, at the end, and the
 untrained weights when asked). A tag is first written as `global_step{N}.partial` and renamed
 when every rank has finished, so a kill during saving leaves the previous checkpoint and `latest`
-untouched; `vlp_state.json`, written last, records every file's size so resume refuses a truncated
-checkpoint before DeepSpeed opens it. The layout and the reading side are in
-vlp.pipeline.data.checkpoints.
+untouched; `vlp_state.json`, written last, records every file's size and sha256 (the ranks share
+the hashing) so resume refuses a truncated or corrupted checkpoint before DeepSpeed opens it.
+Pruning keeps the most recently published tags and never the one just written or the one
+`latest` names. The layout and the reading side are in vlp.pipeline.data.checkpoints.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -22,12 +25,20 @@ from vlp.pipeline.data.checkpoints import (
     LATEST_FILE,
     PARTIAL_SUFFIX,
     STATE_FILE,
+    TAG_PREFIX,
+    UNIVERSAL_SUFFIX,
     CheckpointError,
     complete_tags,
-    file_sizes,
+    describe_files,
+    latest_tag,
+    published_time,
+    tag_files,
     tag_for_step,
+    weights_only_loads,
 )
 from vlp.pipeline.data.files import write_text_atomic
+
+log = logging.getLogger(__name__)
 
 
 class Checkpointer:
@@ -78,8 +89,9 @@ class Checkpointer:
         Frozen parameters (a distillation teacher) were left out when saving and keep the
         values the run loaded from their own source, so their absence is not an error."""
         frozen = any(not p.requires_grad for p in self.engine.module.parameters())
-        _, client_state = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag_dir.name,
-                                                      load_module_strict=not frozen)
+        with weights_only_loads():
+            _, client_state = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag_dir.name,
+                                                          load_module_strict=not frozen)
         if client_state is None:
             raise CheckpointError(f"DeepSpeed could not load {tag_dir}")
         return client_state
@@ -94,38 +106,64 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, metad
     vlp_state.json is written (fault-injection tests kill the process there).
     """
     tag = tag_for_step(step)
-    partial = tag + PARTIAL_SUFFIX
-    rank = dist.get_rank()
+    partial_dir = ckpt_dir / (tag + PARTIAL_SUFFIX)
+    rank, world = dist.get_rank(), dist.get_world_size()
     if rank == 0:
-        shutil.rmtree(ckpt_dir / partial, ignore_errors=True)
+        shutil.rmtree(partial_dir, ignore_errors=True)
     dist.barrier()
     # Frozen parameters (a distillation teacher) are not the run's weights: they are left out,
     # so the tag consolidates to exactly the trained model.
-    engine.save_checkpoint(str(ckpt_dir), tag=partial, client_state=client_state, save_latest=False,
-                           exclude_frozen_parameters=True)
-    dist.barrier()  # every rank's shard files are on disk
-    final = ckpt_dir / tag
+    engine.save_checkpoint(str(ckpt_dir), tag=partial_dir.name, client_state=client_state,
+                           save_latest=False, exclude_frozen_parameters=True)
     if rank == 0:
-        partial_dir = ckpt_dir / partial
         for name, text in metadata_files.items():
             (partial_dir / name).write_text(text)
+    dist.barrier()  # every rank's files are on disk
+    files = [None] * world
+    dist.all_gather_object(files, describe_files(partial_dir, tag_files(partial_dir)[rank::world]))
+    final = ckpt_dir / tag
+    if rank == 0:
         if before_publish is not None:
             before_publish(partial_dir)
-        state = {"step": step, "tag": tag, "world_size": dist.get_world_size(),
-                 "time": time.time(), "files": file_sizes(partial_dir)}
+        state = {"step": step, "tag": tag, "world_size": world, "time": time.time(),
+                 "files": {name: record for part in files for name, record in part.items()}}
         (partial_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial_dir, final)
         write_text_atomic(ckpt_dir / LATEST_FILE, tag)
-        prune_checkpoints(ckpt_dir, keep_last)
+        prune_checkpoints(ckpt_dir, keep_last, current=final)
     dist.barrier()
     return final
 
 
-def prune_checkpoints(ckpt_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete tags, and leftover partial tags."""
-    for partial in Path(ckpt_dir).glob(f"*{PARTIAL_SUFFIX}"):
-        shutil.rmtree(partial, ignore_errors=True)
+def prune_checkpoints(ckpt_dir: Path, keep_last: int, current: Path | None = None) -> None:
+    """Delete leftover partial tags and universal copies, and all but the `keep_last` most
+    recently published complete tags (0 keeps all), never `current` (the tag just written) or the
+    one `latest` names.
+
+    Newest by publication, not by step: a run restarted in a directory with higher-numbered tags
+    must not delete what it just saved. A failure to delete is logged, not raised: it happens on
+    rank 0 while the other ranks wait at a barrier.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    doomed = [*ckpt_dir.glob(f"{TAG_PREFIX}*{PARTIAL_SUFFIX}"),
+              *ckpt_dir.glob(f"{TAG_PREFIX}*{UNIVERSAL_SUFFIX}")]
     if keep_last > 0:
-        for old in complete_tags(ckpt_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        protected = {current, latest_tag(ckpt_dir)}
+        newest_first = sorted(complete_tags(ckpt_dir), key=published_time, reverse=True)
+        doomed += [tag for tag in newest_first[keep_last:] if tag not in protected]
+    for path in doomed:
+        try:
+            shutil.rmtree(path)
+        except OSError as exc:
+            log.warning("could not delete old checkpoint %s: %s", path, exc)
+
+
+def clear_checkpoints(ckpt_dir: Path) -> None:
+    """Delete every tag (complete or partial) and `latest` (checkpoint.overwrite=true)."""
+    ours = re.compile(rf"{TAG_PREFIX}\d+({re.escape(UNIVERSAL_SUFFIX)})?"
+                      rf"({re.escape(PARTIAL_SUFFIX)})?")
+    for path in Path(ckpt_dir).glob(f"{TAG_PREFIX}*"):
+        if ours.fullmatch(path.name):  # not a user's global_step6.bak
+            shutil.rmtree(path)
+    (Path(ckpt_dir) / LATEST_FILE).unlink(missing_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.data.loader import DataConfig
 
 ResumeMode = Literal[RESUME_MODES]  # auto, latest, latest-valid, none
+_BACKEND = re.compile(r"[a-z0-9_]+|[a-z0-9_]+:[a-z0-9_]+(,[a-z0-9_]+:[a-z0-9_]+)*")
 
 
 def _check(section: str, checks: list[tuple[bool, str]]) -> None:
@@ -140,8 +142,16 @@ class CheckpointSection:
     save_initial: bool = False
     """Also save the untrained weights as global_step0 (a baseline for evaluation)."""
     resume: ResumeMode = "auto"
-    """auto: resume from `latest` when the run has one; latest: require it; latest-valid: the
-    newest checkpoint that passes validation; none: start fresh."""
+    """auto: resume from `latest` when the run has one (else the newest valid checkpoint, else
+    start afresh); latest: require it; latest-valid: the newest checkpoint that passes
+    validation; none: start afresh."""
+    overwrite: bool = False
+    """Starting afresh where the run already has checkpoints is refused unless this is true;
+    then they are deleted first (a new run's tags never mix with an old run's)."""
+    change_world_size: bool = False
+    """Resume a checkpoint written by another number of ranks: DeepSpeed's universal checkpoint
+    carries the weights, optimizer state, step and schedule over; the data order continues at
+    the next epoch (loader positions are per rank, so that resume is not sample-exact)."""
 
     def __post_init__(self):
         _check("checkpoint", [
@@ -187,8 +197,15 @@ class FaultSection:
     not yet published. Shows that a kill during saving leaves `latest` and older tags intact."""
 
     def __post_init__(self):
-        _check("faults", [(self.max_nonfinite_in_row >= 1,
-                           f"max_nonfinite_in_row must be >= 1, got {self.max_nonfinite_in_row}")])
+        _check("faults", [
+            (self.max_nonfinite_in_row >= 1,
+             f"max_nonfinite_in_row must be >= 1, got {self.max_nonfinite_in_row}"),
+            (all(step >= 1 for step in self.inject_nonfinite_at),
+             f"inject_nonfinite_at steps count from 1, got {self.inject_nonfinite_at}"),
+            (self.crash_during_save_at_step is None or self.crash_during_save_at_step >= 0,
+             f"crash_during_save_at_step must be >= 0 or null, got "
+             f"{self.crash_during_save_at_step}"),
+        ])
 
 
 @dataclass
@@ -217,6 +234,9 @@ class TrainConfig:
         distill, model = self.distill, self.model
         _check("config", [
             (self.dist_timeout_s >= 1, f"dist_timeout_s must be >= 1, got {self.dist_timeout_s}"),
+            (self.dist_backend is None or _BACKEND.fullmatch(self.dist_backend) is not None,
+             f"dist_backend {self.dist_backend!r} must be a backend name (nccl, gloo) or "
+             "device:backend pairs such as 'cpu:gloo,cuda:nccl'"),
             (not distill.teacher or not distill.itc_weight or model.itc_weight,
              "distill.itc_weight > 0 reads the student's ITC pass: model.itc_weight is 0"),
             (not distill.teacher or not distill.mlm_weight or model.mlm_weight,

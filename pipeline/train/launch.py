@@ -69,9 +69,14 @@ def launcher_command(recipe: str | None, overrides: list[str], nproc: int | None
 
 
 def run_training(recipe: str | None, overrides: list[str], **launch) -> int:
-    """Run the launcher to completion; returns its exit code."""
-    from vlp.pipeline.distributed import remove_shm_buffers
+    """Run the launcher to completion; returns its exit code. Dead jobs' shared-memory buffers
+    are removed first, and this job's when it ends."""
+    from vlp.pipeline.distributed import remove_shm_buffers, remove_stale_shm_buffers
 
+    stale = remove_stale_shm_buffers()
+    if stale:
+        print(f"removed {len(stale)} shared-memory buffer(s) left in /dev/shm by dead jobs",
+              flush=True)
     cmd = launcher_command(recipe, overrides, **launch)
     print("+ " + shlex.join(cmd), flush=True)
     try:

@@ -14,22 +14,25 @@ exactly the batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from vlp.pipeline.data.checkpoints import (
     CheckpointError,
+    complete_tags,
     load_float_model,
-    read_state,
+    load_state,
     resolve_resume,
+    validate_tag,
 )
 from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.distributed import fast_bf16, init_distributed
-from vlp.pipeline.train.checkpointer import Checkpointer
+from vlp.pipeline.train.checkpointer import Checkpointer, clear_checkpoints
 from vlp.pipeline.train.comms import CommsRecorder, comms_logging_enabled
 from vlp.pipeline.train.config import TrainConfig, load_train_config
 from vlp.pipeline.train.faults import FaultInjector
@@ -71,25 +74,31 @@ class RunInputs(NamedTuple):
     """What a run reads before it builds anything: each part validated, UserError if bad."""
 
     resume_tag: Path | None
+    universal: bool  # the tag was written by another world size (checkpoint.change_world_size)
     tokenizer: object
     model_config: object
     loader: object  # a lazy TrainLoader: no worker starts before the first batch
     ds_config: dict
 
 
-def prepare_inputs(cfg: TrainConfig, rank: int, world: int) -> RunInputs:
+def prepare_inputs(cfg: TrainConfig, rank: int, world: int,
+                   validate: Callable[[Path], list[str]] = validate_tag) -> RunInputs:
     """Resume tag, tokenizer, model config, this rank's loader and the DeepSpeed config.
 
     Cheap enough for the `vlp train` parent to run before launching (`check_run`), so a bad
-    input is one error line there instead of a traceback from every rank."""
+    input is one error line there instead of a traceback from every rank. `validate` checks the
+    resume tag (the ranks of a run share the checksums out)."""
     from vlp.models.config import load_config
     from vlp.pipeline.data.checkpoints import resolve_checkpoint
     from vlp.pipeline.data.loader import build_train_loader
     from vlp.pipeline.data.tokenizer import load_tokenizer
 
-    resume_tag = resolve_resume(Path(cfg.run_dir) / "checkpoints", cfg.checkpoint.resume)
+    checkpoint = cfg.checkpoint
+    resume_tag = resolve_resume(Path(cfg.run_dir) / "checkpoints", checkpoint.resume,
+                                checkpoint.overwrite, validate=validate)
+    universal = False
     if resume_tag is not None:
-        _check_world_size(resume_tag, world)
+        universal = _world_size_changes(resume_tag, world, checkpoint.change_world_size)
     elif cfg.model.init_from:
         try:
             resolve_checkpoint(cfg.model.init_from)
@@ -107,7 +116,10 @@ def prepare_inputs(cfg: TrainConfig, rank: int, world: int) -> RunInputs:
         cfg.data, tokenizer, batch_size=cfg.optim.batch_size, seed=cfg.seed,
         image_size=model_config.image_size, max_text_len=model_config.max_text_len,
         rank=rank, world_size=world)
-    return RunInputs(resume_tag, tokenizer, model_config, loader, build_ds_config(cfg))
+    ds_config = build_ds_config(cfg)
+    if universal:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    return RunInputs(resume_tag, universal, tokenizer, model_config, loader, ds_config)
 
 
 def check_run(recipe: str | None, overrides: list[str], world: int) -> TrainConfig:
@@ -133,9 +145,12 @@ class Trainer:
         self.rank, self.world, self.device = init_distributed(cfg.dist_timeout_s, cfg.dist_backend)
         self.is_main = self.rank == 0
         ckpt_dir = self.run_dir / "checkpoints"
-        inputs = prepare_inputs(cfg, self.rank, self.world)
-        resume_tag, self.tokenizer, self.loader = inputs.resume_tag, inputs.tokenizer, inputs.loader
+        inputs = prepare_inputs(cfg, self.rank, self.world, validate=self._validate_together)
+        resume_tag, universal = inputs.resume_tag, inputs.universal
+        self.tokenizer, self.loader = inputs.tokenizer, inputs.loader
         model_config, ds_config = inputs.model_config, inputs.ds_config
+        if resume_tag is None:
+            self._clear_overwritten(ckpt_dir)
         if ds_config.get("bf16", {}).get("enabled") and not fast_bf16(self.device):
             ds_config["bf16"]["enabled"] = False
             if self.is_main:
@@ -187,7 +202,7 @@ class Trainer:
         self.step = 0
         torch.manual_seed(cfg.seed + 1000 + self.rank)  # per-rank stream (hard-negative sampling)
         if resume_tag is not None:
-            self._resume(resume_tag)
+            self._resume(resume_tag, universal)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
@@ -258,6 +273,21 @@ class Trainer:
             print(f"warm start: weights of {source.info.path} (step {source.info.step}); "
                   "optimizer, schedule and data order start fresh", flush=True)
 
+    def _clear_overwritten(self, ckpt_dir: Path) -> None:
+        """A fresh start with checkpoint.overwrite deletes the run's old checkpoints first."""
+        if self.cfg.checkpoint.overwrite and complete_tags(ckpt_dir):
+            if self.is_main:
+                print(f"checkpoint.overwrite: deleting the checkpoints in {ckpt_dir}", flush=True)
+                clear_checkpoints(ckpt_dir)
+            dist.barrier()
+
+    def _validate_together(self, tag_dir: Path) -> list[str]:
+        """validate_tag with the checksums shared out between the ranks; every rank gets all
+        the problems."""
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, validate_tag(tag_dir, part=(self.rank, self.world)))
+        return sorted({problem for problems in gathered for problem in problems})
+
     def _peak_flops(self, dtype: torch.dtype) -> float:
         """Peak FLOP/s of the whole job: configured per device, or measured on every rank."""
         if self.cfg.logging.peak_tflops:
@@ -266,7 +296,10 @@ class Trainer:
         dist.all_reduce(measured)  # on the device: NCCL has no CPU backend
         return measured.item()
 
-    def _resume(self, tag_dir: Path) -> None:
+    def _resume(self, tag_dir: Path, universal: bool) -> None:
+        if universal:
+            self._resume_universal(tag_dir)
+            return
         client_state = self.checkpointer.load(tag_dir)
         own = client_state["ranks"][self.rank]
         self.step = client_state["step"]
@@ -275,6 +308,24 @@ class Trainer:
         set_rng_state(own["rng"])
         if self.is_main:
             print(f"resumed from {tag_dir} at step {self.step}", flush=True)
+
+    def _resume_universal(self, tag_dir: Path) -> None:
+        """Resume a tag of another world size through its universal form (universal.py)."""
+        from vlp.pipeline.train.universal import universal_copy
+
+        copy = universal_copy(tag_dir, self.rank, wait_s=max(3600, self.cfg.dist_timeout_s))
+        client_state = self.checkpointer.load(copy)
+        dist.barrier()  # every rank has read the copy
+        if self.is_main:
+            shutil.rmtree(copy, ignore_errors=True)
+        self.step = client_state["step"]
+        self.meter.restore(client_state.get("skipped_updates", 0))
+        self.loader.continue_after([rank["loader"] for rank in client_state["ranks"]])
+        if self.is_main:
+            print(f"resumed from {tag_dir} at step {self.step} on {self.world} rank(s); it was "
+                  f"written by {client_state['world_size']}: weights, optimizer state and "
+                  "schedule carried over (DeepSpeed's universal checkpoint), the data order "
+                  "continues at the next epoch", flush=True)
 
     def run(self) -> dict:
         """Train to optim.max_steps; returns the summary also written to train_summary.json."""
@@ -348,14 +399,19 @@ class Trainer:
         self.key_log.write(json.dumps(record) + "\n")
 
 
-def _check_world_size(tag_dir: Path, world: int) -> None:
-    saved_world = read_state(tag_dir)["world_size"]
-    if saved_world != world:
-        raise CheckpointError(
-            f"{tag_dir} was written by {saved_world} ranks; this run has {world}. "
-            "The loader position is per rank, so resuming needs the same world size. "
-            "Run with the original size, or start a new run (checkpoint.resume=none) from "
-            "weights exported with `vlp export`.")
+def _world_size_changes(tag_dir: Path, world: int, allowed: bool) -> bool:
+    """Whether resuming `tag_dir` changes the world size; CheckpointError unless `allowed`."""
+    saved_world = load_state(tag_dir)["world_size"]
+    if saved_world == world:
+        return False
+    if allowed:
+        return True
+    raise CheckpointError(
+        f"{tag_dir} was written by {saved_world} ranks; this run has {world}. Run with "
+        f"{saved_world}, or set checkpoint.change_world_size=true (weights, optimizer state and "
+        "schedule carry over through DeepSpeed's universal checkpoint; the data order continues "
+        "at the next epoch, as loader positions are per rank), or start a new run from its "
+        f"weights alone with model.init_from={tag_dir} in another run_dir.")
 
 
 def _tokenizer_json(path: str) -> str:

@@ -15,9 +15,18 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from train_helpers import REPO, single_rank_env
+import torch
+from fault_helpers import _RunsCommand
+from train_helpers import REPO, SHARDS, make_tag, refresh_state, single_rank_env
 
 from vlp.data_prep.reshard import reshard
+from vlp.pipeline.data.checkpoints import (
+    CheckpointError,
+    _consolidate_zero,
+    load_model,
+    resolve_resume,
+    validate_tag,
+)
 from vlp.data_prep.server import QuietHandler, serve_directory
 from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.eval.nightly.suite import load_suite
@@ -103,6 +112,61 @@ def test_the_scan_finds_what_it_looks_for():
     assert [f.split(": ", 1)[1] for f in calls.found] == [
         "torch.load without weights_only=True", "torch.load without weights_only=True",
         "pickle.loads", "np.load with allow_pickle", "yaml.load without SafeLoader"]
+
+
+# ------------------------------------------------------- checkpoints whose pickles run code
+
+def planted_tag(ckpt_dir: Path, marker: Path) -> Path:
+    """A tag whose model-states file runs `touch marker` when unpickled, with vlp_state.json
+    rewritten to match (whoever can write the file can write that too)."""
+    tag = make_tag(ckpt_dir, 6)
+    torch.save({"buffer_names": [], "hook": _RunsCommand(f"touch {marker}")}, tag / SHARDS[0])
+    for name in ("config.json", "tokenizer.json"):
+        (tag / name).write_text("{}")
+    refresh_state(tag)
+    return tag
+
+
+def test_a_checkpoint_whose_pickle_would_run_code_is_refused_and_nothing_runs(tmp_path):
+    """Evaluation, the nightly job and export consolidated ZeRO checkpoints with DeepSpeed's
+    torch.load(weights_only=False): a planted file ran code as the nightly user. Now the pickle
+    is scanned (nothing runs) and refused in one line naming the global it needs; past that
+    check, DeepSpeed's own loads are forced weights-only as well."""
+    marker = tmp_path / "PICKLE_RAN"
+    tag = planted_tag(tmp_path / "checkpoints", marker)
+    assert validate_tag(tag) == [
+        f"{tag / SHARDS[0]} is refused: its pickle needs posix.system, which is not among the "
+        "types DeepSpeed checkpoints hold, and loading it would run that code"]
+    with pytest.raises(CheckpointError) as raised:
+        load_model(tag)
+    assert "posix.system" in str(raised.value) and "\n" not in str(raised.value)
+    with pytest.raises(CheckpointError, match="no valid checkpoint"):
+        resolve_resume(tmp_path / "checkpoints", "latest-valid")
+    with pytest.raises(CheckpointError, match=r"cannot consolidate .*posix.system"):
+        _consolidate_zero(tag)  # the second line of defence, without the scan
+    assert not marker.exists()
+    # The oracle: loaded the way DeepSpeed loads it, the same file does run the command.
+    probe = "import sys, torch; torch.load(sys.argv[1], weights_only=False)"
+    subprocess.run([sys.executable, "-c", probe, str(tag / SHARDS[0])], check=True,
+                   capture_output=True)
+    assert marker.exists()
+
+
+def test_training_refuses_to_resume_a_checkpoint_whose_pickle_would_run_code(tmp_path):
+    """The training script itself (one rank, no launcher), resuming the planted tag: exit 2
+    before any model is built, one error line, and the command never ran."""
+    marker = tmp_path / "PICKLE_RAN"
+    run_dir = tmp_path / "run"
+    planted_tag(run_dir / "checkpoints", marker)
+    done = subprocess.run(
+        [sys.executable, "-m", "vlp.pipeline.train", "--resume", "latest", "--set",
+         f"run_dir={run_dir}"],
+        cwd=REPO, env=single_rank_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+        timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the latest checkpoint ") and "posix.system" in last
+    assert not marker.exists()
 
 
 # --------------------------------------------------------------------------- URL lists

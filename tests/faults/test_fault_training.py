@@ -212,6 +212,12 @@ def test_truncated_latest_is_refused_and_latest_valid_trains_on(reference_run, f
     shutil.rmtree(run_dir / "samples")
     shard = sorted((run_dir / "checkpoints/global_step6").glob("*optim_states.pt"))[-1]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    # and one bit of another file, same size: only its sha256 shows it (the ranks share the
+    # hashing; every rank gets every problem)
+    flipped = sorted((run_dir / "checkpoints/global_step6").glob("*model_states.pt"))[0]
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    flipped.write_bytes(bytes(data))
     overrides = fault_overrides(run_dir, fault_data.pattern, tokenizer_dir)
 
     start = time.monotonic()
@@ -222,6 +228,7 @@ def test_truncated_latest_is_refused_and_latest_valid_trains_on(reference_run, f
     assert rc == 2
     assert f"error: the latest checkpoint {run_dir / 'checkpoints/global_step6'} is corrupt" in log
     assert f"{shard} has {shard.stat().st_size} bytes" in log and "latest-valid" in log
+    assert f"{flipped} has the recorded size but not the recorded sha256 (corrupted)" in log
     assert not (run_dir / "metrics.jsonl").exists()  # refused before any step
 
     logs = RunLogs(run_dir)

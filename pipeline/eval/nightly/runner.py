@@ -3,16 +3,22 @@
     runs/NAME/checkpoints/global_step{N}/   complete tags (with vlp_state.json) are evaluated
     runs/NAME/**/model.safetensors          export directories too (step unknown)
     OUT/results.parquet                     one row per (run, tag, benchmark, metric), or one
-                                            failure row per (run, tag, benchmark)
+                                            failure row per (run, tag, benchmark); each with the
+                                            checkpoint's content fingerprint
     OUT/tensorboard/NAME/                   scalars "<benchmark>/<metric>" against step, and
                                             its baseline "<benchmark>/<baseline>/<metric>"
     OUT/report.html + plots/, grids/        see report.py
     OUT/summary.md                          regressions against each run's best (regressions.py)
     runs/NAME/eval/<tag>/<benchmark>.json   each benchmark's full result (DESIGN's layout)
 
-A (run, tag, benchmark) with any row in results.parquet is done, failed or not (pass
-`retry_failed` to try failures again), so a re-run does no duplicate work. Rows are appended after
-each checkpoint, atomically, so a crash loses at most the checkpoint being evaluated.
+Work is keyed by (run, tag, benchmark) and the fingerprint of the checkpoint's content
+(`checkpoint_fingerprint`): a tag rewritten after a rewind is evaluated again and its old rows
+replaced. A result is done when it succeeded, or failed on bad input (a UserError: a corrupt
+checkpoint, a missing file; `retry_failed` tries those again). Any other failure (I/O, memory, a
+device error) may be transient: it is tried again on later runs, up to MAX_ATTEMPTS in all. So a
+re-run does no duplicate work. Rows are appended after each checkpoint, atomically, so a crash
+loses at most the checkpoint being evaluated. Rows written before fingerprints existed count as
+matching.
 """
 from __future__ import annotations
 
@@ -27,7 +33,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from vlp.pipeline.data.checkpoints import complete_tags, load_model, tag_step
+from vlp.pipeline.data.checkpoints import (
+    checkpoint_fingerprint,
+    complete_tags,
+    load_model,
+    tag_step,
+)
+from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.data.files import atomic_path
 from vlp.pipeline.eval.nightly.regressions import (
     DEFAULT_MARGIN,
@@ -38,7 +50,9 @@ from vlp.pipeline.eval.nightly.report import latest_row, render_report, summary_
 from vlp.pipeline.eval.nightly.suite import Benchmark, load_suite
 
 RESULT_COLUMNS = ["run", "tag", "step", "benchmark", "task", "metric", "value", "baseline",
-                  "baseline_name", "time", "status", "error"]
+                  "baseline_name", "time", "status", "error", "fingerprint", "transient",
+                  "attempts"]
+MAX_ATTEMPTS = 3  # of a benchmark on one checkpoint content that keeps failing transiently
 
 
 @dataclass(frozen=True)
@@ -48,6 +62,7 @@ class CheckpointRef:
     tag: str  # DeepSpeed tag, or the export directory's path inside the run
     path: Path
     step: int | None
+    fingerprint: str
 
 
 def discover_checkpoints(runs_dir: str | Path) -> list[CheckpointRef]:
@@ -60,20 +75,51 @@ def discover_checkpoints(runs_dir: str | Path) -> list[CheckpointRef]:
     for run_dir in run_dirs:
         for tag_dir in complete_tags(run_dir / "checkpoints"):
             refs.append(CheckpointRef(run_dir.name, run_dir, tag_dir.name, tag_dir,
-                                      tag_step(tag_dir)))
+                                      tag_step(tag_dir), checkpoint_fingerprint(tag_dir)))
         for weights in sorted(run_dir.rglob("model.safetensors")):
             export = weights.parent
             if export.relative_to(run_dir).parts[0] not in ("checkpoints", "eval"):
                 refs.append(CheckpointRef(run_dir.name, run_dir,
-                                          export.relative_to(run_dir).as_posix(), export, None))
+                                          export.relative_to(run_dir).as_posix(), export, None,
+                                          checkpoint_fingerprint(export)))
     return refs
 
 
 def read_results(path: str | Path) -> pd.DataFrame:
+    """results.parquet (empty with every column when there is none; older files get the newer
+    columns: no fingerprint, not transient, one attempt)."""
     path = Path(path)
     if not path.exists():
         return pd.DataFrame({c: pd.Series(dtype=_DTYPES.get(c, "object")) for c in RESULT_COLUMNS})
-    return pd.read_parquet(path)
+    results = pd.read_parquet(path)
+    for column, default in (("fingerprint", ""), ("transient", False), ("attempts", 1)):
+        if column not in results:
+            results[column] = default
+    return results
+
+
+@dataclass(frozen=True)
+class _Record:
+    status: str
+    fingerprint: str
+    transient: bool
+    attempts: int
+
+
+def _records(results: pd.DataFrame) -> dict[tuple[str, str, str], _Record]:
+    """The outcome recorded for each (run, tag, benchmark)."""
+    rows = results.drop_duplicates(["run", "tag", "benchmark"])
+    return {(r.run, r.tag, r.benchmark): _Record(r.status, r.fingerprint or "",
+                                                 bool(r.transient), int(r.attempts))
+            for r in rows.itertuples()}
+
+
+def _due(record: _Record | None, fingerprint: str, retry_failed: bool) -> bool:
+    if record is None or record.fingerprint not in ("", fingerprint):  # new, or rewritten
+        return True
+    if record.status == "ok":
+        return False
+    return retry_failed or (record.transient and record.attempts < MAX_ATTEMPTS)
 
 
 def run_nightly(
@@ -91,19 +137,25 @@ def run_nightly(
     out_dir = Path(out_dir) if out_dir is not None else runs_dir / "nightly"
     results_path = out_dir / "results.parquet"
     results = read_results(results_path)
-    done_rows = results[results["status"] == "ok"] if retry_failed else results
-    done = set(zip(done_rows["run"], done_rows["tag"], done_rows["benchmark"]))
+    records = _records(results)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     evaluated, failures = 0, []
     refs = discover_checkpoints(runs_dir)
     for ref in refs:
-        todo = [b for b in benchmarks if (ref.run, ref.tag, b.name) not in done]
+        todo = [b for b in benchmarks
+                if _due(records.get((ref.run, ref.tag, b.name)), ref.fingerprint, retry_failed)]
         if not todo:
             continue
         rows = evaluate_checkpoint(ref, todo, device)
+        for row in rows:
+            before = records.get((ref.run, ref.tag, row["benchmark"]))
+            again = (before is not None and before.status == "failed"
+                     and before.fingerprint in ("", ref.fingerprint))
+            row["attempts"] = before.attempts + 1 if again else 1
         failures += [r for r in rows if r["status"] == "failed"]
-        # A retried benchmark's new rows replace its old failure row.
+        # A re-evaluated benchmark's new rows replace its old rows (a failure, or results of
+        # the tag's earlier content).
         retried = (results["run"] == ref.run) & (results["tag"] == ref.tag) & results[
             "benchmark"].isin([b.name for b in todo])
         results = results[~retried]
@@ -121,7 +173,8 @@ def run_nightly(
                                regression_margin)
     return {
         "checkpoints_evaluated": evaluated,
-        "failures": [{k: f[k] for k in ("run", "tag", "benchmark", "error")} for f in failures],
+        "failures": [{k: f[k] for k in ("run", "tag", "benchmark", "error", "transient")}
+                     for f in failures],
         "results": str(results_path),
         "report": str(report),
         "regressions": regression_records(flagged),
@@ -133,7 +186,7 @@ def run_nightly(
 def evaluate_checkpoint(ref: CheckpointRef, benchmarks: list[Benchmark], device: str) -> list[dict]:
     """Result rows for one checkpoint: metric rows per benchmark, or a failure row for each
     benchmark that raised (all of them when the checkpoint does not load)."""
-    base = {"run": ref.run, "tag": ref.tag, "step": ref.step}
+    base = {"run": ref.run, "tag": ref.tag, "step": ref.step, "fingerprint": ref.fingerprint}
     try:
         loaded = load_model(ref.path, device=device)
     except Exception as exc:  # a bad checkpoint is recorded, the others still run
@@ -153,7 +206,8 @@ def evaluate_checkpoint(ref: CheckpointRef, benchmarks: list[Benchmark], device:
             rows.append({**base, "benchmark": benchmark.name, "task": benchmark.task,
                          "metric": metric, "value": float(value),
                          "baseline": float(baseline.get(metric.split("/")[-1], math.nan)),
-                         "baseline_name": baseline_name, "time": now, "status": "ok", "error": ""})
+                         "baseline_name": baseline_name, "time": now, "status": "ok", "error": "",
+                         "transient": False})
     return rows
 
 
@@ -179,11 +233,13 @@ def _failure(base: dict, benchmark: Benchmark, exc: Exception) -> dict:
     return {**base, "benchmark": benchmark.name, "task": benchmark.task, "metric": "",
             "value": math.nan, "baseline": math.nan, "baseline_name": "",
             "time": datetime.now(timezone.utc), "status": "failed",
-            "error": f"{type(exc).__name__}: {exc}"}
+            "error": f"{type(exc).__name__}: {exc}",
+            # Bad input fails the same way next time; anything else (I/O, memory) may not.
+            "transient": not isinstance(exc, UserError)}
 
 
 _DTYPES = {"step": "Int64", "value": "float64", "baseline": "float64",
-           "time": "datetime64[ns, UTC]"}
+           "time": "datetime64[ns, UTC]", "transient": "bool", "attempts": "Int64"}
 
 
 def write_results(results: pd.DataFrame, path: Path) -> None:
