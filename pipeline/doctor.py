@@ -168,12 +168,15 @@ def _cmd_doctor(args) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("doctor", help="check this machine before a long job (exit 1 when "
-                                             "something required is missing)")
-    p.add_argument("--path", default=".", help="where runs and shards will be written (default .)")
+    from vlp.pipeline.cli_help import add_command
+
+    p = add_command(subparsers, "doctor", "check this machine before a long job (exit 1 when "
+                                          "something required is missing)",
+                    ["vlp doctor --path /shared/runs"])
+    p.add_argument("--path", default=".", help="where runs and shards will be written")
     p.add_argument("--min-free-gb", type=float, default=10.0,
-                   help="free disk needed under --path (default 10)")
+                   help="free disk needed under --path")
     p.add_argument("--min-shm-gb", type=float, default=1.0,
-                   help="free /dev/shm below which to warn (default 1)")
+                   help="free /dev/shm below which to warn")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
     p.set_defaults(func=_cmd_doctor)

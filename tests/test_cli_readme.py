@@ -75,6 +75,20 @@ SHORTENED = {
     "vlp eval vqa --checkpoint runs/tiny/checkpoints --vqa-dir world/vqa --steps 400":
         "vlp eval vqa --checkpoint runs/tiny/checkpoints --vqa-dir world/vqa --steps 2 "
         "--min-answer-count 3",
+    "vlp eval caption --checkpoint runs/tiny/checkpoints --karpathy-json world/dataset_synth.json "
+    "--image-root world --steps 150":
+        "vlp eval caption --checkpoint runs/tiny/checkpoints --karpathy-json world/dataset_synth.json "
+        "--image-root world --steps 2 --batch-size 4 --max-length 5",
+    "vlp deploy quantize --checkpoint runs/tiny/checkpoints --out export/tiny-int8":
+        "vlp deploy quantize --checkpoint runs/tiny/checkpoints --out export/tiny-int8",
+    "vlp eval zeroshot --checkpoint runs/tiny/checkpoints "
+    "--dataset world/classification/shape/wds":
+        "vlp eval zeroshot --checkpoint runs/tiny/checkpoints "
+        "--dataset world/classification/shape/wds",
+    "vlp eval linear-probe --checkpoint runs/tiny/checkpoints "
+    "--dataset world/classification/colour/imagefolder":
+        "vlp eval linear-probe --checkpoint runs/tiny/checkpoints "
+        "--dataset world/classification/colour/imagefolder --epochs 1",
     "vlp eval nightly --runs runs --suite eval_suite.yaml":
         "vlp eval nightly --runs runs --suite eval_suite.yaml",
     "vlp bench loader --quick": "vlp bench loader --quick",

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.train.config import load_train_config
 from vlp.pipeline.train.optim import warmup_cosine
 from vlp.pipeline.train.trainer import build_ds_config
@@ -126,11 +127,11 @@ def test_shm_buffers_of_one_job_are_removed_and_others_kept():
 
 def test_vlp_train_removes_dead_jobs_shm_buffers_when_it_starts(tmp_path, capsys):
     """A job killed before its cleanup left its 69 MB buffers in /dev/shm for good; `vlp train`
-    now removes those no process holds, and leaves a live job's alone."""
+    now removes those no process holds before it launches, and leaves a live job's alone."""
     import os
     import subprocess
 
-    from vlp.pipeline.cli import main as vlp
+    from vlp.pipeline.train.launch import run_training
 
     uid, shm = os.getuid(), Path("/dev/shm")
     dead = shm / f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_61236_0"
@@ -140,7 +141,8 @@ def test_vlp_train_removes_dead_jobs_shm_buffers_when_it_starts(tmp_path, capsys
     with open(live, "rb") as held:  # a running job holds its buffer open, as DeepSpeed does
         holder = subprocess.Popen(["sleep", "60"], stdin=held)
     try:
-        assert vlp(["train", "--nproc", "0"]) == 2  # refused after the cleanup, nothing started
+        with pytest.raises(UserError, match="--nproc must be >= 1"):
+            run_training(None, [], nproc=0)  # refused after the cleanup, nothing started
         assert not dead.exists() and live.exists()
         assert "removed" in capsys.readouterr().out
     finally:

@@ -44,7 +44,7 @@ def add_arguments(p) -> None:
     p.add_argument("--checkpoint", required=True, help="the fp32 model: export, tag or run dir")
     p.add_argument("--karpathy-json", required=True, help="retrieval test set (Karpathy JSON)")
     p.add_argument("--image-root", required=True, help="folder of the test set's images")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="Karpathy split to evaluate")
     p.add_argument("--vqa-dir", help="VQAv2-format folder; adds VQA accuracy (slow: a fine-tune "
                                      "per variant)")
     p.add_argument("--vqa-steps", type=int, default=150, help="VQA fine-tune steps (quickstart's)")

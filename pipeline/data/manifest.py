@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from vlp.pipeline.data.errors import UserError
-from vlp.pipeline.data.sources import REMOTE_SCHEMES, local_path, read_beside, url_scheme
+from vlp.pipeline.data.sources import local_path, read_beside, url_scheme
 
 MANIFEST = "manifest.json"
 SIZES = "sizes.json"
@@ -102,11 +102,11 @@ def check_shards(urls: list[str], verify: str, part: tuple[int, int] = (0, 1)) -
     """Compare local shards with their manifest entries: the size of every one (verify "size"
     or "sha256"), and the sha256 of `part` = (i, n) of them (verify "sha256"; n ranks share the
     reading). UserError naming the first shard that differs. Shards with no manifest entry
-    (OpenCLIP's sizes.json has no sizes) and http(s) shards are not checked."""
+    (OpenCLIP's sizes.json has no sizes), http(s) shards and object storage are not checked."""
     if verify == "none":
         return
     cache: dict = {}
-    local = [url for url in urls if url_scheme(url) not in REMOTE_SCHEMES]
+    local = [url for url in urls if url_scheme(url) in ("", "file")]
     hashed = set(local[part[0]::part[1]]) if verify == "sha256" else set()
     for url in local:
         entry = (_shard_entries(url, cache) or {}).get(url.rsplit("/", 1)[-1], {})

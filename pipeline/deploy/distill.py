@@ -40,7 +40,11 @@ def _cmd_distill(args) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("distill", help="train a student with a frozen teacher, export it")
+    from vlp.pipeline.cli_help import add_command
+
+    p = add_command(subparsers, "distill", "train a student with a frozen teacher, export it",
+                    ["vlp deploy distill --teacher runs/tiny/checkpoints --out export/student "
+                     "--recipe tiny_synth.yaml --set 'model.overrides={width: 96, heads: 3}'"])
     p.add_argument("--teacher", required=True, help="export, tag or checkpoints directory")
     p.add_argument("--out", required=True, help="output export directory (the student)")
     p.add_argument("--recipe", help="training recipe for the student (data, model, optimizer)")

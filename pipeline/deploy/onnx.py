@@ -76,8 +76,11 @@ def _cmd_onnx(args) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("onnx", help="image and text encoders as ONNX (ONNX Runtime)")
+    from vlp.pipeline.cli_help import add_command
+
+    p = add_command(subparsers, "onnx", "image and text encoders as ONNX (ONNX Runtime)",
+                    ["vlp deploy onnx --checkpoint runs/tiny/checkpoints --out export/tiny-onnx"])
     add_io_arguments(p, "output directory (a retrieval eval backend)")
     p.add_argument("--atol", type=float, default=DEFAULT_ATOL,
-                   help=f"largest allowed embedding difference from torch (default {DEFAULT_ATOL})")
+                   help="largest allowed embedding difference from torch")
     p.set_defaults(func=_cmd_onnx)

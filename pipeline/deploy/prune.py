@@ -91,7 +91,11 @@ def _cmd_prune(args) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("prune", help="magnitude pruning, optionally a recovery fine-tune")
+    from vlp.pipeline.cli_help import add_command
+
+    p = add_command(subparsers, "prune", "magnitude pruning, optionally a recovery fine-tune",
+                    ["vlp deploy prune --checkpoint runs/tiny/checkpoints --out export/tiny-50 "
+                     "--sparsity 0.5"])
     add_io_arguments(p, "output export directory")
     p.add_argument("--sparsity", type=float, required=True,
                    help="share of the pruned layers' weights zeroed, e.g. 0.5")

@@ -53,8 +53,11 @@ def _cmd_quantize(args) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("quantize", help="int8 export for CPU serving (dynamic int8 Linear)")
+    from vlp.pipeline.cli_help import add_command
+
+    p = add_command(subparsers, "quantize", "int8 export for CPU serving (dynamic int8 Linear)",
+                    ["vlp deploy quantize --checkpoint runs/tiny/checkpoints --out export/tiny-int8"])
     add_io_arguments(p, "output export directory")
     p.add_argument("--fused", choices=FUSED_MODES, default="weight_only",
-                   help="the fusion layers' VL-FFN: int8 weight-only (default), dynamic, or fp32")
+                   help="the fusion layers' VL-FFN: int8 weight-only, dynamic, or fp32")
     p.set_defaults(func=_cmd_quantize)

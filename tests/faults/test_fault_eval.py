@@ -14,6 +14,8 @@ import pandas as pd
 import pytest
 from train_helpers import REPO
 
+from vlp.pipeline.data.checkpoints import STATE_FILE, describe_files
+
 pytestmark = pytest.mark.slow
 
 VLP = shutil.which("vlp")
@@ -36,15 +38,15 @@ def error_line(done: subprocess.CompletedProcess, command: str) -> str:
 
 
 def other_config_tag(tag_dir, dest):
-    """A copy of a training tag whose config.json describes a deeper model than its weights
-    (same byte size, so the tag still passes the size check of vlp_state.json)."""
+    """A copy of a training tag whose config.json describes a deeper model than its weights, its
+    checksum recorded again in vlp_state.json: a consistent tag whose config does not fit."""
     shutil.copytree(tag_dir, dest)
-    text = (dest / "config.json").read_text()
-    config = json.loads(text)
+    config = json.loads((dest / "config.json").read_text())
     assert config["depth"] == 2  # tests/train_helpers.SMALL_MODEL
-    deeper = json.dumps({**config, "depth": 3}, indent=1)
-    assert len(deeper) == len(text)
-    (dest / "config.json").write_text(deeper)
+    (dest / "config.json").write_text(json.dumps({**config, "depth": 3}, indent=1))
+    state = json.loads((dest / STATE_FILE).read_text())
+    state["files"].update(describe_files(dest, ["config.json"]))
+    (dest / STATE_FILE).write_text(json.dumps(state))
     return dest
 
 

@@ -76,6 +76,10 @@ def _grid_html(path: Path | None, what: str) -> str:
     return f'<img class="grid" src="grids/{path.name}" alt="{what}">'
 
 
+SUMMARY_COLUMNS = ["run", "benchmark", "metric", "latest tag", "latest", "best tag", "best",
+                   "baseline"]
+
+
 def summary_table(ok: pd.DataFrame) -> pd.DataFrame:
     """Per run/benchmark/metric: latest checkpoint's value, best value and its tag, baseline."""
     records = []
@@ -88,7 +92,7 @@ def summary_table(ok: pd.DataFrame) -> pd.DataFrame:
             "best tag": best["tag"], "best": best["value"],
             "baseline": f"{latest['baseline']:.4g} ({latest['baseline_name']})",
         })
-    return pd.DataFrame(records)
+    return pd.DataFrame(records, columns=SUMMARY_COLUMNS)
 
 
 def latest_row(rows: pd.DataFrame) -> pd.Series:

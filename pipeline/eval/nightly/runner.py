@@ -86,15 +86,14 @@ def discover_checkpoints(runs_dir: str | Path) -> list[CheckpointRef]:
 
 
 def read_results(path: str | Path) -> pd.DataFrame:
-    """results.parquet (empty with every column when there is none; older files get the newer
-    columns: no fingerprint, not transient, one attempt)."""
+    """results.parquet (empty with every column when there is none; rows written before the newer
+    columns existed get their defaults: no fingerprint, not transient, one attempt)."""
     path = Path(path)
     if not path.exists():
         return pd.DataFrame({c: pd.Series(dtype=_DTYPES.get(c, "object")) for c in RESULT_COLUMNS})
     results = pd.read_parquet(path)
     for column, default in (("fingerprint", ""), ("transient", False), ("attempts", 1)):
-        if column not in results:
-            results[column] = default
+        results[column] = results[column].fillna(default) if column in results else default
     return results
 
 
