@@ -77,8 +77,9 @@ SHORTENED = {
         "--min-answer-count 3",
     "vlp eval caption --checkpoint runs/tiny/checkpoints --karpathy-json world/dataset_synth.json "
     "--image-root world --steps 150":
-        "vlp eval caption --checkpoint runs/tiny/checkpoints --karpathy-json world/dataset_synth.json "
-        "--image-root world --steps 2 --batch-size 4 --max-length 5",
+        "vlp eval caption --checkpoint runs/tiny/checkpoints "
+        "--karpathy-json world/dataset_synth.json --image-root world --steps 2 --batch-size 4 "
+        "--max-length 5",
     "vlp deploy quantize --checkpoint runs/tiny/checkpoints --out export/tiny-int8":
         "vlp deploy quantize --checkpoint runs/tiny/checkpoints --out export/tiny-int8",
     "vlp eval zeroshot --checkpoint runs/tiny/checkpoints "

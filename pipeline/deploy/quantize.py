@@ -56,7 +56,8 @@ def register(subparsers) -> None:
     from vlp.pipeline.cli_help import add_command
 
     p = add_command(subparsers, "quantize", "int8 export for CPU serving (dynamic int8 Linear)",
-                    ["vlp deploy quantize --checkpoint runs/tiny/checkpoints --out export/tiny-int8"])
+                    ["vlp deploy quantize --checkpoint runs/tiny/checkpoints "
+                     "--out export/tiny-int8"])
     add_io_arguments(p, "output export directory")
     p.add_argument("--fused", choices=FUSED_MODES, default="weight_only",
                    help="the fusion layers' VL-FFN: int8 weight-only, dynamic, or fp32")
