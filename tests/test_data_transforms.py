@@ -1,15 +1,22 @@
 """Image transforms on hostile shapes: a tiny file that would expand to a huge resize, and the
-centre-square resize checked against images whose answer is known."""
+centre-square resize checked against images whose answer is known; MLM masking's rates."""
 from __future__ import annotations
 
 import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from vlp.pipeline.data.errors import BadData, UserError
-from vlp.pipeline.data.transforms import MAX_ASPECT_RATIO, decode_image, image_to_array
+from vlp.pipeline.data.transforms import (
+    MAX_ASPECT_RATIO,
+    MaskingSpec,
+    decode_image,
+    image_to_array,
+    mask_tokens,
+)
 from vlp.pipeline.eval.images import ImageRef, load_image
 
 
@@ -69,3 +76,31 @@ def test_a_tall_image_keeps_its_centre_rows():
     pixels = np.zeros((30, 10, 3), np.uint8)
     pixels[10:20] = 255
     assert (image_to_array(Image.fromarray(pixels), 10) == 255).all()
+
+
+def test_mlm_masking_rates_and_targets():
+    """BERT's recipe, measured on 200,000 tokens with a fixed generator: 15% of the real,
+    non-special tokens are targets (each row at least one), 80% of them become [MASK], 10% a
+    random token, 10% stay; special tokens and padding are never targets or changed."""
+    pad, cls, sep, mask_id, vocab = 0, 1, 2, 3, 1000
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, vocab, (4000, 50), generator=g)
+    lengths = torch.randint(3, 51, (4000,), generator=g)
+    real = torch.arange(50) < lengths[:, None]
+    ids[:, 0] = cls
+    ids[torch.arange(4000), lengths - 1] = sep
+    ids[~real] = pad
+    spec = MaskingSpec(mask_token_id=mask_id, vocab_size=vocab,
+                       special_ids=(pad, cls, sep, mask_id))
+    masked, labels = mask_tokens(ids, real, spec, torch.Generator().manual_seed(1))
+
+    candidates = real & (ids > mask_id)
+    targets = labels != -100
+    assert not (targets & ~candidates).any() and torch.equal(labels[targets], ids[targets])
+    assert torch.equal(masked[~targets], ids[~targets])  # nothing else changes
+    assert targets.any(dim=1).all()
+    rate = targets.sum() / candidates.sum()
+    assert abs(rate.item() - spec.probability) < 0.005
+    to_mask = (masked[targets] == mask_id).float().mean().item()
+    kept = (masked[targets] == ids[targets]).float().mean().item()
+    assert abs(to_mask - 0.8) < 0.01 and abs(kept - 0.1 - 0.1 / vocab) < 0.01
