@@ -155,7 +155,8 @@ def adam_steps(tag_dir) -> set[float]:
     steps = set()
     for shard in sorted(tag_dir.glob("*optim_states.pt")):
         with weights_only_loads():
-            state = torch.load(shard)["optimizer_state_dict"]["optimizer_state_dict"]["state"]
+            state = torch.load(shard, weights_only=True)["optimizer_state_dict"][
+                "optimizer_state_dict"]["state"]
         steps |= {float(group["step"]) for group in state.values()}
     return steps
 
