@@ -10,7 +10,10 @@ import torch
 from test_eval_support import tiny_eval_model, train_world_tokenizer
 
 from vlp.pipeline.data.errors import UserError
-from vlp.pipeline.eval.retrieval.job import evaluate_retrieval
+from vlp.pipeline.data.tokenizer import tokenize
+from vlp.pipeline.eval.images import load_image
+from vlp.pipeline.eval.retrieval.data import load_karpathy
+from vlp.pipeline.eval.retrieval.job import ItmScorer, evaluate_retrieval
 from vlp.pipeline.eval.vqa.job import evaluate_vqa
 from vlp.pipeline.eval.vqa.metric import score_predictions
 
@@ -70,6 +73,29 @@ def test_rerank_scores_each_top_k_pair_once_and_keeps_recall_beyond_k(
         assert metrics[key] == pytest.approx(plain[key]), key  # the ITC recalls, unchanged
         if not key.endswith("@1"):  # reordering inside the top 3 cannot change recall@5/@10
             assert metrics[f"reranked_{key}"] == pytest.approx(plain[key]), key
+
+
+def test_the_itm_scorer_gives_each_pairs_match_log_odds(tiny, karpathy):
+    """The batched scorer (images grouped, memory gathered, text states cached) returns, for
+    each (caption, image) pair in the order asked, what the model's own ITM pass gives."""
+    dataset = load_karpathy(karpathy["karpathy_json"], karpathy["image_root"])
+    texts, images = torch.tensor([0, 7, 3, 12, 7, 40]), torch.tensor([5, 1, 0, 2, 5, 9])
+    got = ItmScorer(tiny, dataset, batch_size=2, bf16=False)(texts, images)
+    size, max_len = tiny.info.config["image_size"], tiny.info.config["max_text_len"]
+    pixels = torch.stack([load_image(dataset.images[i], size) for i in images.tolist()])
+    ids, mask = tokenize(tiny.tokenizer, [dataset.captions[t] for t in texts.tolist()], max_len)
+    with torch.inference_mode():
+        logits = tiny.model.itm_logits(pixels, ids, mask)
+    torch.testing.assert_close(got, logits[:, 1] - logits[:, 0], rtol=1e-4, atol=1e-5)
+
+
+def test_each_caption_points_at_its_own_image(karpathy):
+    data = json.loads(karpathy["karpathy_json"].read_text())
+    dataset = load_karpathy(karpathy["karpathy_json"], karpathy["image_root"])
+    test_images = [image for image in data["images"] if image["split"] == "test"]
+    for caption, image in zip(dataset.captions, dataset.text_to_image):
+        assert caption in [s["raw"] for s in test_images[image]["sentences"]]
+        assert dataset.images[image].path.endswith(test_images[image]["filename"])
 
 
 def write_retrieval_shard(world_dir, shard) -> list[tarfile.TarInfo]:

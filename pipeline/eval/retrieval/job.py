@@ -66,7 +66,7 @@ def evaluate_retrieval(
     if rerank_k > 0:
         require_full_model(loaded, "ITM re-ranking (rerank_k > 0)")
         scorer = ItmScorer(loaded, dataset, batch_size, bf16)
-    itc_weight = float(loaded.model.itc_logit_scale()) if scorer is not None else 0.0
+    itc_weight = float(loaded.model.itc_logit_scale().detach()) if scorer is not None else 0.0
     metrics = retrieval_recalls(image_emb, text_emb, dataset.text_to_image, chunk=chunk,
                                 rerank_k=rerank_k, pair_scorer=scorer, itc_weight=itc_weight)
     result = {
