@@ -108,8 +108,15 @@ def test_contrastive_loss_on_one_process_is_clip_loss():
 
 
 def test_vqa_loss_is_bce_summed_over_answers():
-    logits, targets = torch.zeros(2, 10), torch.zeros(2, 10)
-    assert vqa_loss(logits, targets).item() == pytest.approx(10 * math.log(2))
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.0]])
+    targets = torch.tensor([[1.0, 0.3], [0.0, 0.6]])  # soft scores
+
+    def bce(x: float, y: float) -> float:
+        return math.log1p(math.exp(x)) - x * y
+
+    expected = (bce(2.0, 1.0) + bce(-1.0, 0.3) + bce(0.5, 0.0) + bce(0.0, 0.6)) / 2  # per question
+    assert vqa_loss(logits, targets).item() == pytest.approx(expected)
+    assert vqa_loss(torch.zeros(2, 10), torch.zeros(2, 10)).item() == pytest.approx(10 * math.log(2))
 
 
 def itc_model_and_batch():

@@ -28,6 +28,7 @@ class Mutation:
     old: str
     new: str
     tests: tuple[str, ...]
+    fixtures: bool = False  # the tests need conftest.py's fixtures (else it is not imported)
 
 
 MUTATIONS = [
@@ -47,11 +48,13 @@ MUTATIONS = [
     Mutation("re-ranking by P(no match)", "pipeline/eval/retrieval/job.py",
              "return (logits[:, 1] - logits[:, 0]).cpu()",
              "return (logits[:, 0] - logits[:, 1]).cpu()",
-             ("tests/test_eval_jobs.py::test_the_itm_scorer_gives_each_pairs_match_log_odds",)),
+             ("tests/test_eval_jobs.py::test_the_itm_scorer_gives_each_pairs_match_log_odds",),
+             fixtures=True),
     Mutation("captions shifted to the next image", "pipeline/eval/retrieval/data.py",
              "text_to_image.extend([index] * len(entry.sentences))",
              "text_to_image.extend([(index + 1) % len(entries)] * len(entry.sentences))",
-             ("tests/test_eval_jobs.py::test_each_caption_points_at_its_own_image",)),
+             ("tests/test_eval_jobs.py::test_each_caption_points_at_its_own_image",),
+             fixtures=True),
     Mutation("VQA loss on 1 - targets", "models/losses.py",
              "logits.float(), targets.float(), reduction",
              "logits.float(), 1 - targets.float(), reduction",
@@ -78,10 +81,12 @@ def package_copy(root: Path, mutation: Mutation | None) -> Path:
     return root
 
 
-def run_tests(root: Path, tests: tuple[str, ...]) -> subprocess.CompletedProcess:
+def run_tests(root: Path, tests: tuple[str, ...], fixtures: bool = True
+              ) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1"}
+    options = [] if fixtures else ["--noconftest"]  # conftest's imports take seconds
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                           *tests], cwd=REPO, env=env, capture_output=True, text=True,
+                           *options, *tests], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
 
 
@@ -101,5 +106,5 @@ def test_the_guarding_tests_pass_on_the_unmutated_code(tmp_path):
 
 @pytest.mark.parametrize("mutation", MUTATIONS, ids=[m.name for m in MUTATIONS])
 def test_each_breakage_fails_its_guarding_test(mutation, tmp_path):
-    done = run_tests(package_copy(tmp_path, mutation), mutation.tests)
+    done = run_tests(package_copy(tmp_path, mutation), mutation.tests, mutation.fixtures)
     assert done.returncode == 1, f"{mutation.name} passed:\n{done.stdout[-3000:]}"
