@@ -120,3 +120,15 @@ def test_zero_quick_two_ranks_halve_the_state_through_the_launcher(tmp_path):
     assert all(0.45 < total / full < 0.6 for total in per_rank), (per_rank, full)
     assert all(run["bytes_per_rank"][k] > 0 for k in
                ("parameters", "gradients", "optimizer_master", "optimizer_adam"))
+
+
+def test_rerank_quick_scores_each_distinct_pair_once_against_its_flop_bound(tmp_path):
+    result = run_bench(tmp_path, "rerank")
+    r = result["results"]
+    # 80 caption queries x top 4 images are distinct pairs; the 16 image queries' top 4 captions
+    # add only the pairs not already among them.
+    assert (r["texts"], r["images"], r["k"]) == (80, 16, 4)
+    assert 80 * 4 <= r["pairs"] <= 80 * 4 + 16 * 4
+    assert r["flop_bound_s"] == pytest.approx(r["flops"] / r["peak_flops"])
+    assert r["ratio_to_flop_bound"] == pytest.approx(r["ours_s_median"] / r["flop_bound_s"])
+    assert r["goal_met"] == (r["ratio_to_flop_bound"] <= r["goal_ratio_to_flop_bound"])
