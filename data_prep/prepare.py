@@ -30,6 +30,9 @@ def world_paths(world_dir, world: dict | None = None) -> dict[str, Path]:
         "caption_image_root": world_dir / files["caption_image_root"],
         # The VQA directory: question/annotation files, and images/{split}/ (vqa_image_pattern).
         "vqa_image_root": world_dir / Path(files["vqa"]["train"]["questions"]).parent,
+        # Edited captions in SugarCrepe's layout (image root: the world) and the word lexicon
+        "compositionality_dir": world_dir / files.get("compositionality", "compositionality"),
+        "lexicon": world_dir / files.get("lexicon", "lexicon.json"),
     }
     for split, split_files in files["vqa"].items():
         paths[f"vqa_{split}_questions"] = world_dir / split_files["questions"]

@@ -21,6 +21,11 @@ from tqdm import tqdm
 
 from vlp.data_prep.captions import TEMPLATES, captions
 from vlp.data_prep.classification import classification_counts, write_classification
+from vlp.data_prep.compositionality import (
+    DIRECTORY as COMPOSITIONALITY_DIR,
+    write_compositionality,
+    write_lexicon,
+)
 from vlp.data_prep.scenes import COLOURS, GRID, Scene, WorldSpec, render_scene, sample_scenes
 from vlp.data_prep.vqa import annotation, ask
 from vlp.pipeline.data.errors import UserError
@@ -40,7 +45,7 @@ def _prepare_dir(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
         if not (out / "world.json").exists():
             raise UserError(f"{out} is not empty and holds no world.json; choose another")
-        for sub in ("train", "retrieval", "vqa", "classification"):
+        for sub in ("train", "retrieval", "vqa", "classification", COMPOSITIONALITY_DIR):
             shutil.rmtree(out / sub, ignore_errors=True)
         (out / CAPTION_JSON).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,6 +180,9 @@ def generate_world(
     scenes = draw_scenes(seed, spec, n_train, n_test, n_vqa_train, n_vqa_val)
     train_texts = _write_train(out, scenes["train"], seed, base_url, render_size)
     _write_captioning(out, train_texts, _write_retrieval(out, scenes["test"], seed, render_size))
+    compositionality = write_compositionality(
+        out, scenes["test"], [f"retrieval/images/{i:06d}.jpg" for i in range(n_test)], spec, seed)
+    write_lexicon(out, spec)
     vqa = {
         "train": _write_vqa(out, "train", scenes["vqa_train"], 1, spec, seed, render_size),
         "val": _write_vqa(out, "val", scenes["vqa_val"], 1 + n_vqa_train, spec, seed, render_size),
@@ -205,7 +213,10 @@ def generate_world(
             "caption_image_root": ".",
             "vqa_image_pattern": VQA_IMAGE_PATTERN,
             "vqa": vqa,
+            "compositionality": COMPOSITIONALITY_DIR,  # image root: the world
+            "lexicon": "lexicon.json",
         },
+        "compositionality": compositionality,
         "classification": classification,
     }
     with open(out / "world.json", "w") as f:

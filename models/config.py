@@ -7,6 +7,8 @@ from pathlib import Path
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 ATTENTION_BACKENDS = ("sdpa", "reference")
+POSITION_EMBEDDINGS = ("learned", "sincos")
+FUSED_POOLINGS = ("image_cls", "text_cls")
 _POSITIVE_INTS = ("image_size", "patch_size", "width", "depth", "heads", "fusion_layers",
                   "max_text_len", "embed_dim", "vqa_hidden_mult")
 
@@ -36,6 +38,12 @@ class ModelConfig:
     # BERT/ViT's 0.02; at tiny's width 192 it left ITM stuck at chance, so tiny uses 0.06.
     init_std: float = 0.02
     attention_backend: str = "sdpa"
+    # Image positions. learned: a table trained from a small init; sincos: fixed 2D sine-cosine
+    # (MAE), as large as the patch content from step 0 (docs/fusion.md: where things are).
+    position_embedding: str = "learned"
+    # The fused pass's state that the ITM and VQA heads read: the image CLS query, or the text
+    # [CLS] (ALBEF's and BLIP's choice: the caption's summary after attending to the image).
+    fused_pooling: str = "image_cls"
 
     def __post_init__(self):
         self._check_types()
@@ -48,6 +56,11 @@ class ModelConfig:
              f"fusion_layers {self.fusion_layers} must be in [1, depth={self.depth}]"),
             (self.attention_backend in ATTENTION_BACKENDS,
              f"attention_backend {self.attention_backend!r} is not one of {ATTENTION_BACKENDS}"),
+            (self.fused_pooling in FUSED_POOLINGS,
+             f"fused_pooling {self.fused_pooling!r} is not one of {FUSED_POOLINGS}"),
+            (self.position_embedding in POSITION_EMBEDDINGS,
+             f"position_embedding {self.position_embedding!r} is not one of "
+             f"{POSITION_EMBEDDINGS}"),
         ]
         for ok, message in checks:
             if not ok:

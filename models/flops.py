@@ -9,9 +9,11 @@ def flops_per_sample(
     config: ModelConfig,
     text_len: int | None = None,
     global_batch: int = 1,
+    local_batch: int = 1,
     weights: LossWeights | None = None,
     num_answers: int = 0,
     backward: bool = True,
+    edited_negatives: bool = False,
 ) -> float:
     """FLOPs one sample costs in `UnifiedModel.forward` (x3 for forward + backward).
 
@@ -41,6 +43,9 @@ def flops_per_sample(
                  + fused(Tt)                    fused under the seq2seq mask, read at the text
                  + (Tt - 1) (2 W^2 + 2 W V)     head on every text position but the last
         VQA      = fused(1) + 2 W H + 2 H A     fused question, MLP head (H hidden, A answers)
+        edited   = U(Tt) + 2 W E + 2 E B        with edited-caption negatives: the edit through
+                 + fused(1) + 4 W               the text tower, projected, B more i2t columns
+                                                (local batch B), and one more ITM pair
 
     Padded text positions are computed (masked, not skipped), so Tt is the padded length
     (default max_text_len); the MLM head too runs on all Tt (static shapes: no host sync), and
@@ -60,6 +65,10 @@ def flops_per_sample(
     flops = c.patch_embed() + unimodal(Ti) + unimodal(Tt)
     if weights.itc:
         flops += 2 * 2 * W * config.embed_dim + 2 * 2 * config.embed_dim * global_batch
+    if edited_negatives and (weights.itc or weights.itm):
+        flops += unimodal(Tt) + (2 * W * config.embed_dim + 2 * config.embed_dim * local_batch
+                                 if weights.itc else 0)
+        flops += c.fused(1) + 2 * W * 2 if weights.itm else 0
     if weights.itm or weights.mlm or weights.lm or vqa:
         flops += c.memory()
     if weights.itm:

@@ -21,13 +21,16 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def contrastive_loss(
-    image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor
+    image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
+    negative_emb: torch.Tensor | None = None, has_negative: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Symmetric InfoNCE, local-loss form (open_clip): local rows against all gathered columns.
 
     image_emb, text_emb: (B, E), L2-normalised; pair i is the positive. Returns (loss, accuracy,
     local similarity logits (B, B) detached), the last for sampling ITM negatives. With gradients
     averaged over ranks (DDP / DeepSpeed) this equals the loss over the concatenated global batch.
+    negative_emb (B, E): edited captions, extra text columns of the image->text rows (NegCLIP),
+    this rank's only (each image meets its own edit); has_negative (B,) masks the missing ones.
     """
     all_image, rank = gather_with_grad(image_emb)  # (world*B, E)
     all_text, _ = gather_with_grad(text_emb)
@@ -35,11 +38,15 @@ def contrastive_loss(
     # fp32 logits: a temperature of up to 100 amplifies bf16 rounding.
     logits_i2t = logit_scale * image_emb.float() @ all_text.float().T  # (B, world*B)
     logits_t2i = logit_scale * text_emb.float() @ all_image.float().T  # (B, world*B)
+    local_sim = logits_i2t[:, rank * B:(rank + 1) * B].detach()  # (B, B): image i vs text j
+    if negative_emb is not None:
+        edited = logit_scale * image_emb.float() @ negative_emb.float().T  # (B, B)
+        edited = edited.masked_fill(~has_negative.bool()[None, :], float("-inf"))
+        logits_i2t = torch.cat([logits_i2t, edited], dim=1)  # (B, world*B + B)
     labels = torch.arange(B, device=image_emb.device) + rank * B
     loss = (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
     accuracy = ((logits_i2t.argmax(1) == labels).float().mean()
                 + (logits_t2i.argmax(1) == labels).float().mean()) / 2
-    local_sim = logits_i2t[:, rank * B:(rank + 1) * B].detach()  # (B, B): image i vs text j
     return loss, accuracy.detach(), local_sim
 
 

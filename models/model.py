@@ -1,20 +1,21 @@
 """The unified multiway transformer (VLMo-style) with its pretraining and VQA objectives.
 
-    images (B, 3, S, S) -> patch embed + CLS + pos -> bottom blocks (V-FFN) -> image states
+    images (B, 3, S, S) -> patch embed + CLS + pos (learned | 2D sin-cos) -> bottom blocks
+                           (V-FFN) -> image states
     text ids (B, T)     -> token + pos             -> bottom blocks (L-FFN) -> text states
     dual encoder: states -> top blocks (V-FFN | L-FFN) -> LN -> CLS -> projection -> L2 norm
     fused:        [image CLS; text states] + type attend over [image patch memory; themselves]
-                  in the top blocks (shared attention, VL-FFN) -> LN -> image CLS (ITM, VQA)
-                  | text (MLM)
+                  in the top blocks (shared attention, VL-FFN) -> LN -> image CLS or text
+                  [CLS] (config.fused_pooling: ITM, VQA) | text (MLM)
     captioning:   text -> bottom blocks, causal -> the fused pass under the sequence-to-sequence
                   mask -> LN -> tied MLM head predicts the next token
 
 In the fused pass the image's patch tokens are only keys and values (each top block's "memory"
 of the image, computed once per image), as in ALBEF's cross-attention but with the blocks' own
-shared attention weights; the queries are the text tokens and the image CLS, which carries the
-image's summary into the pooled state as VLMo's fused CLS does. An image is fused with many texts
-(ITM's positive and negatives, every re-ranking candidate, every step of generation) at the cost
-of its memory once.
+shared attention weights; the queries are the text tokens and the image CLS. The ITM and VQA
+heads read the image CLS or the text [CLS] (ALBEF, BLIP), as `fused_pooling` says. An image is
+fused with many texts (ITM's positive and negatives, every re-ranking candidate, every step of
+generation) at the cost of its memory once.
 The image and caption bottom states are computed once per step and reused by ITC, ITM and the
 MLM fused pass (MLM adds one bottom pass over the masked caption, LM one causal bottom pass).
 """
@@ -54,6 +55,15 @@ class ImageMemory(NamedTuple):
         return ImageMemory(self.cls[index], [(k[index], v[index]) for k, v in self.kv])
 
 
+class EditedCaptions(NamedTuple):
+    """One edited caption per image of a batch (hard negatives): bottom states (B, Tt, width),
+    mask (B, Tt) and which images have one (B,) bool."""
+
+    states: torch.Tensor
+    mask: torch.Tensor
+    valid: torch.Tensor
+
+
 @dataclass
 class LossWeights:
     """Weight of each objective in the total; a zero weight skips the objective's compute."""
@@ -65,11 +75,29 @@ class LossWeights:
     lm: float = 0.0  # captioning: next-token prediction under the seq2seq mask
 
 
-class ImageEmbedding(nn.Module):
-    """Conv patch embedding + CLS + learned positions: (B, 3, S, S) -> (B, 1 + P, width).
+def sincos_2d(grid: int, width: int) -> torch.Tensor:
+    """Fixed 2D sine-cosine positions (MAE's table): (grid * grid, width), half of the channels
+    for the row and half for the column, each sin and cos of the coordinate at geometrically
+    spaced frequencies. Entries are in [-1, 1], RMS 1/sqrt(2): the same scale as patch content."""
+    if width % 4:
+        raise ValueError(f"2D sin-cos positions need a width divisible by 4, got {width}")
+    omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))
+    coords = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
 
-    uint8 pixels are normalised here, on the model's device (the loader ships uint8: a quarter of
-    fp32's bytes); float images are taken as already normalised.
+    def encode(values: torch.Tensor) -> torch.Tensor:
+        angles = values.reshape(-1, 1) * omega  # (grid * grid, width / 4)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(rows), encode(cols)], dim=1).float()
+
+
+class ImageEmbedding(nn.Module):
+    """Conv patch embedding + CLS + positions: (B, 3, S, S) -> (B, 1 + P, width).
+
+    Positions are learned or a fixed 2D sin-cos table (the CLS position is zero). uint8 pixels
+    are normalised here, on the model's device (the loader ships uint8: a quarter of fp32's
+    bytes); float images are taken as already normalised.
     """
 
     def __init__(self, config: ModelConfig):
@@ -77,7 +105,12 @@ class ImageEmbedding(nn.Module):
         self.image_size = config.image_size
         self.patch = nn.Conv2d(3, config.width, config.patch_size, stride=config.patch_size)
         self.cls = nn.Parameter(torch.zeros(1, 1, config.width))
-        self.pos = nn.Parameter(torch.zeros(1, 1 + config.num_patches, config.width))
+        if config.position_embedding == "sincos":
+            table = sincos_2d(config.image_size // config.patch_size, config.width)
+            table = torch.cat([torch.zeros(1, config.width), table])[None]  # (1, 1 + P, width)
+            self.register_buffer("pos", table, persistent=False)
+        else:
+            self.pos = nn.Parameter(torch.zeros(1, 1 + config.num_patches, config.width))
         self.register_buffer("mean", 255 * torch.tensor(IMAGE_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("std", 255 * torch.tensor(IMAGE_STD).view(3, 1, 1), persistent=False)
 
@@ -89,7 +122,7 @@ class ImageEmbedding(nn.Module):
             images = ((images.float() - self.mean) / self.std).to(self.patch.weight.dtype)
         x = self.patch(images).flatten(2).transpose(1, 2)  # (B, width, S/p, S/p) -> (B, P, width)
         x = torch.cat([self.cls.expand(x.size(0), -1, -1), x], dim=1)  # (B, 1 + P, width)
-        return x + self.pos
+        return x + self.pos.to(x.dtype)
 
 
 class TextEmbedding(nn.Module):
@@ -218,6 +251,12 @@ class UnifiedModel(nn.Module):
         return self.blocks[self.num_bottom :]
 
     @property
+    def pooled(self) -> slice:
+        """The fused pass's position the ITM and VQA heads read (config.fused_pooling): 0 the
+        image CLS, 1 the text [CLS]."""
+        return CLS if self.config.fused_pooling == "image_cls" else slice(1, 2)
+
+    @property
     def num_answers(self) -> int | None:
         return None if self.vqa_head is None else self.vqa_head[-1].out_features
 
@@ -283,8 +322,8 @@ class UnifiedModel(nn.Module):
 
         memory from `image_memory` (B images), text_states (B, Tt, width), text_mask (B, Tt) ->
         final-LN states (B, 1 + Tt, width), or only the positions in `queries` (the last block
-        computes no others): position 0 is the image CLS, pooled by the ITM and VQA heads;
-        slice(1, None) are the text states (MLM).
+        computes no others): position 0 is the image CLS, slice(1, None) the text states (MLM),
+        `self.pooled` the one the ITM and VQA heads read.
 
         causal=True is the captioning pass: the image CLS attends the image only, text token t the
         image and the real text tokens 0..t (the sequence-to-sequence mask of UniLM and BEiT-3).
@@ -325,7 +364,7 @@ class UnifiedModel(nn.Module):
                    text_mask: torch.Tensor) -> torch.Tensor:
         """ITM logits (B, 2) from precomputed image memory and text states (re-ranking reuses
         both across candidates)."""
-        return self.itm_head(self.fuse(memory, text_states, text_mask, queries=CLS)[:, 0])
+        return self.itm_head(self.fuse(memory, text_states, text_mask, queries=self.pooled)[:, 0])
 
     def vqa_logits(self, images: torch.Tensor, q_ids: torch.Tensor,
                    q_mask: torch.Tensor) -> torch.Tensor:
@@ -339,7 +378,8 @@ class UnifiedModel(nn.Module):
             image_cls = self._top(image_states, image_states.size(1), None, CLS)[:, 0]
             text_cls = self._top(text_states, 0, text_mask.bool(), CLS)[:, 0]
             return self.vqa_head(torch.cat([image_cls, text_cls], dim=-1))
-        pooled = self.fuse(self.image_memory(image_states), text_states, text_mask, queries=CLS)
+        pooled = self.fuse(self.image_memory(image_states), text_states, text_mask,
+                           queries=self.pooled)
         return self.vqa_head(pooled[:, 0])
 
     # ---- training --------------------------------------------------------------------------
@@ -352,6 +392,9 @@ class UnifiedModel(nn.Module):
         mlm_ids: torch.Tensor | None = None,
         mlm_labels: torch.Tensor | None = None,
         vqa_targets: torch.Tensor | None = None,
+        neg_ids: torch.Tensor | None = None,
+        neg_mask: torch.Tensor | None = None,
+        has_neg: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """One training step's losses: {"loss": weighted total, "<name>_loss", diagnostics}.
 
@@ -359,7 +402,9 @@ class UnifiedModel(nn.Module):
         `pipeline.transforms.mask_tokens` (labels -100 = no prediction), needed when the MLM
         weight is nonzero; vqa_targets (B, num_answers) soft scores, for VQA fine-tuning (then
         usually with `LossWeights(itc=0, itm=0, mlm=0)`). The LM (captioning) loss reads
-        text_ids and text_mask. Diagnostics are detached.
+        text_ids and text_mask. neg_ids/neg_mask (B, T) and has_neg (B,): an edited caption per
+        image (`vlp.pipeline.data.negatives`), an extra negative of ITC and ITM. Diagnostics are
+        detached.
         """
         weights = self.loss_weights
         if weights.mlm and (mlm_ids is None or mlm_labels is None):
@@ -367,19 +412,30 @@ class UnifiedModel(nn.Module):
                              "or build the model with LossWeights(mlm=0)")
         image_states = self.image_states(images)  # (B, Ti, width)
         text_states = self.text_states(text_ids, text_mask)  # (B, Tt, width)
+        edited = None
+        if neg_ids is not None and (weights.itc or weights.itm):
+            edited = EditedCaptions(self.text_states(neg_ids, neg_mask), neg_mask, has_neg.bool())
         losses, out = {}, {}
         sim = None
         if weights.itc:
             scale = self.itc_logit_scale()
             image_emb = self.image_embedding(image_states)  # (B, embed_dim)
             text_emb = self.text_embedding(text_states, text_mask)
-            losses["itc"], out["itc_acc"], sim = contrastive_loss(image_emb, text_emb, scale)
+            edited_emb = (None if edited is None
+                          else self.text_embedding(edited.states, edited.mask))
+            losses["itc"], out["itc_acc"], sim = contrastive_loss(
+                image_emb, text_emb, scale, edited_emb, None if edited is None else edited.valid)
+            if edited is not None:  # how often ITC prefers the caption to its edit
+                prefer = ((image_emb * text_emb).sum(-1) > (image_emb * edited_emb).sum(-1))
+                out["itc_edited_acc"] = ((prefer & edited.valid).sum()
+                                         / edited.valid.sum().clamp(min=1)).detach()
             out["temperature"] = 1.0 / scale.detach()
         if weights.itm or weights.mlm or weights.lm:
             memory = self.image_memory(image_states)  # once, for every fused pass below
         if weights.itm:
-            losses["itm"], out["itm_acc"] = self._itm_loss(
-                memory, text_states, text_ids, text_mask, sim)
+            losses["itm"], itm_out = self._itm_loss(
+                memory, text_states, text_ids, text_mask, sim, edited)
+            out.update(itm_out)
         if weights.mlm:
             losses["mlm"], out["mlm_acc"] = self._mlm_loss(memory, mlm_ids, text_mask, mlm_labels)
         if weights.lm:
@@ -393,28 +449,41 @@ class UnifiedModel(nn.Module):
         out.update({f"{name}_loss": loss for name, loss in losses.items()})
         return out
 
-    def _itm_loss(self, memory, text_states, text_ids, text_mask, sim):
-        """Match/no-match over B positives, B hard-negative texts and B hard-negative images.
+    def _itm_loss(self, memory, text_states, text_ids, text_mask, sim, edited=None):
+        """Match/no-match over B positives, B hard-negative texts and B hard-negative images
+        (ALBEF), and with `edited` captions B more negatives: each image with its own caption's
+        edit, false only in how attributes bind (an image without an edit adds no loss).
 
         Negatives are sampled from the ITC similarities `sim` (B, B); a caption identical to the
         positive's (duplicate captions of look-alike scenes) is never a negative. The negative
-        images' memory is taken from the batch's, not recomputed. A batch of one has no negative
-        and trains on its positive alone.
+        images' memory is taken from the batch's, not recomputed. A batch of one has no sampled
+        negative.
         """
         B = text_states.size(0)
+        own = torch.arange(B, device=text_states.device)
+        index, texts, masks = [own], [text_states], [text_mask]
+        labels = [torch.ones_like(own)]
         if B > 1:
             sim = text_states.new_zeros(B, B) if sim is None else sim  # uniform without ITC
             same_text = (text_ids[:, None] == text_ids[None, :]).all(dim=-1)  # (B, B)
             neg_text, neg_image = hard_negatives(sim, same_text, self.itm_uniform_negatives)
-            # (B, ...) -> (3B, ...): positives, (image, negative text), (negative image, text)
-            memory = memory.select(torch.cat([torch.arange(B, device=neg_image.device)] * 2
-                                             + [neg_image]))
-            text_states = torch.cat([text_states, text_states[neg_text], text_states])
-            text_mask = torch.cat([text_mask, text_mask[neg_text], text_mask])
-        labels = (torch.arange(text_states.size(0), device=text_states.device) < B).long()
-        logits = self.itm_scores(memory, text_states, text_mask).float()  # (3B, 2)
-        accuracy = (logits.argmax(1) == labels).float().mean()
-        return F.cross_entropy(logits, labels), accuracy.detach()
+            # (image, negative text), (negative image, text)
+            index += [own, neg_image]
+            texts += [text_states[neg_text], text_states]
+            masks += [text_mask[neg_text], text_mask]
+            labels += [torch.zeros_like(own)] * 2
+        if edited is not None:  # (image, its edited caption); -100: no edit, no loss
+            index, texts, masks = index + [own], texts + [edited.states], masks + [edited.mask]
+            labels.append(torch.where(edited.valid, 0, -100))
+        labels = torch.cat(labels)
+        logits = self.itm_scores(memory.select(torch.cat(index)), torch.cat(texts),
+                                 torch.cat(masks)).float()  # (3B [+ B], 2)
+        correct = (logits.argmax(1) == labels) & (labels != -100)
+        out = {"itm_acc": (correct.sum() / (labels != -100).sum().clamp(min=1)).detach()}
+        if edited is not None:  # how often ITM tells an image's caption from its edit
+            out["itm_edited_acc"] = (correct[-B:].sum()
+                                     / edited.valid.sum().clamp(min=1)).detach()
+        return F.cross_entropy(logits, labels, ignore_index=-100), out
 
     def _mlm_loss(self, memory, mlm_ids, text_mask, mlm_labels):
         """Predict the masked caption tokens from the caption fused with its image (the head runs

@@ -38,7 +38,8 @@ class Background:
     command: str
 
 
-SHARDS = "data.shards='shards/{00000..00003}.tar' data.tokenizer=tokenizer"
+SHARDS = ("data.shards='shards/{00000..00003}.tar' data.tokenizer=tokenizer "
+          "data.lexicon=world/lexicon.json")
 SHORT_RUN = (f"{shlex.quote(SMALL_MODEL)} optim.batch_size=8 optim.max_steps=2 "
              "optim.warmup_steps=1 checkpoint.every_steps=2 data.num_workers=1 "
              "data.shuffle_buffer=16 logging.every_steps=1 dist_timeout_s=60")
@@ -63,7 +64,8 @@ SHORTENED = {
     "vlp data reshard --in shards --out shards_256 --samples-per-shard 256":
         "vlp data reshard --in shards --out shards_256 --samples-per-shard 8",
     "vlp train --recipe tiny_synth.yaml --set run_dir=runs/tiny "
-    "data.shards='shards/{00000..00011}.tar' data.tokenizer=tokenizer":
+    "data.shards='shards/{00000..00011}.tar' data.tokenizer=tokenizer "
+    "data.lexicon=world/lexicon.json":
         f"vlp train --recipe tiny_synth.yaml --nproc 1 --set run_dir=runs/tiny {SHARDS} "
         f"{SHORT_RUN}",
     "vlp export --checkpoint runs/tiny/checkpoints --out export/tiny":
@@ -80,6 +82,10 @@ SHORTENED = {
         "vlp eval caption --checkpoint runs/tiny/checkpoints "
         "--karpathy-json world/dataset_synth.json --image-root world --steps 2 --batch-size 4 "
         "--max-length 5",
+    "vlp eval compositionality --checkpoint runs/tiny/checkpoints --edits world/compositionality "
+    "--image-root world":
+        "vlp eval compositionality --checkpoint runs/tiny/checkpoints "
+        "--edits world/compositionality --image-root world",
     "vlp deploy quantize --checkpoint runs/tiny/checkpoints --out export/tiny-int8":
         "vlp deploy quantize --checkpoint runs/tiny/checkpoints --out export/tiny-int8",
     "vlp eval zeroshot --checkpoint runs/tiny/checkpoints "

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from vlp.data_prep.server import free_port
 from vlp.models import LossWeights, UnifiedModel, load_config
 from vlp.models.losses import contrastive_loss, hard_negatives, vqa_loss
+from vlp.models.model import EditedCaptions
 
 WORLD, LOCAL_B, T = 2, 3, 8
 
@@ -93,6 +94,41 @@ def test_itm_pairs_and_labels_are_wired_as_documented(monkeypatch):
         assert torch.equal(fused_memory.kv[0][0][row], memory.kv[0][0][i]), row
         assert torch.equal(fused_memory.cls[row], memory.cls[i]), row
         assert torch.equal(fused_texts[row], text_states[j]), row
+    # With edited captions: a fourth group, image i with its own edit, labelled 0 where it has
+    # one; an image without an edit adds no loss (label -100), so its row cannot change the loss.
+    edited_states = torch.randn_like(text_states)
+    valid = torch.tensor([True, True, False, True])
+    with torch.no_grad():
+        torch.manual_seed(1)
+        loss, out = model._itm_loss(memory, text_states, ids, mask, sim,
+                                    EditedCaptions(edited_states, mask, valid))
+        torch.manual_seed(1)
+        junk = edited_states.clone()
+        junk[2] = 1e3
+        loss_junk, _ = model._itm_loss(memory, text_states, ids, mask, sim,
+                                       EditedCaptions(junk, mask, valid))
+    assert seen["text_states"].shape[0] == 4 * B
+    for i in range(B):
+        assert torch.equal(seen["memory"].cls[3 * B + i], memory.cls[i])
+    assert torch.equal(seen["text_states"][3 * B:3 * B + 2], edited_states[:2])
+    assert loss == loss_junk and set(out) == {"itm_acc", "itm_edited_acc"}
+
+
+def test_an_edited_caption_is_one_more_image_to_text_column():
+    """One-hot oracle: image i matches text i; the edit of caption 0 equals caption 0 (a
+    column tying the positive), the edit of caption 1 is missing (masked out)."""
+    eye = torch.eye(2)
+    loss, _, sim = contrastive_loss(eye, eye, torch.tensor(1.0), negative_emb=eye[[0, 0]],
+                                    has_negative=torch.tensor([True, False]))
+    e = math.e
+    i2t = (math.log(2 * e + 1) - 1 + math.log(e + 2) - 1) / 2  # rows [1, 0, 1], [0, 1, 0]
+    t2i = math.log(1 + e) - 1
+    assert loss.item() == pytest.approx((i2t + t2i) / 2, rel=1e-6)
+    assert torch.equal(sim, eye)  # ITM's sampling sees the batch columns only
+    plain, _, _ = contrastive_loss(eye, eye, torch.tensor(1.0))
+    none, _, _ = contrastive_loss(eye, eye, torch.tensor(1.0), negative_emb=eye,
+                                  has_negative=torch.tensor([False, False]))
+    assert none.item() == pytest.approx(plain.item(), rel=1e-6)
 
 
 def test_contrastive_loss_on_one_process_is_clip_loss():

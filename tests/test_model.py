@@ -6,6 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from vlp.models import LossWeights, ModelConfig, UnifiedModel, flops_per_sample, load_config
+from vlp.models.model import sincos_2d
 from vlp.models.multiway import MultiwayBlock
 from vlp.pipeline.data.transforms import MaskingSpec, mask_tokens
 
@@ -303,8 +304,30 @@ def test_flops_formula_matches_flop_counter():
     assert forward == pytest.approx(B * estimate / 3, rel=1e-9)  # the forward count is exact
     # 3x forward is the usual estimate; the patch conv needs no input gradient: within 2%.
     assert forward + backward_count.get_total_flops() == pytest.approx(B * estimate, rel=0.02)
+    edited = {**batch, "neg_ids": batch["text_ids"].flip(0), "neg_mask": batch["text_mask"].flip(0),
+              "has_neg": torch.tensor([True, False, True, True])}
+    with FlopCounterMode(display=False) as edited_count:
+        model(**edited)
+    assert edited_count.get_total_flops() == pytest.approx(
+        B * flops_per_sample(config, text_len=T, global_batch=B, local_batch=B,
+                             edited_negatives=True, backward=False), rel=1e-9)
     itc_only = flops_per_sample(config, text_len=T, weights=LossWeights(itm=0, mlm=0),
                                 backward=False)
     # Text-query fusion (image tokens only as keys and values, their memory computed once per
     # image): ITM's three fused passes and MLM together cost less than the dual encoder.
     assert estimate / 3 < 2 * itc_only
+
+
+def test_sincos_positions_are_a_fixed_table_that_tells_rows_and_columns_apart():
+    table = sincos_2d(grid=8, width=192)  # (64, 192)
+    assert table.shape == (64, 192)
+    assert table.pow(2).mean().sqrt() == pytest.approx(2 ** -0.5, rel=1e-6)
+    # every patch position has its own code, and neighbours are more alike than far patches
+    assert torch.cdist(table, table).fill_diagonal_(1).min() > 0.1
+    near, far = (table[0] - table[1]).norm(), (table[0] - table[7]).norm()
+    assert near < far
+    model = UnifiedModel(small_config(position_embedding="sincos"))
+    assert "image_embed.pos" not in dict(model.named_parameters())  # not trained
+    assert torch.equal(model.image_embed.pos[0, 1:], sincos_2d(
+        model.config.image_size // model.config.patch_size, model.config.width))
+    assert not model.image_embed.pos[0, 0].any()  # CLS: no position

@@ -43,7 +43,7 @@ MUTATIONS = [
              "sim = sim.float()\n", "sim = torch.zeros_like(sim.float())\n",
              ("tests/test_losses.py::test_hard_negatives_prefer_similar_pairs",)),
     Mutation("negative images paired by the wrong index", "models/model.py",
-             "+ [neg_image]))", "+ [neg_image.roll(1)]))",
+             "index += [own, neg_image]", "index += [own, neg_image.roll(1)]",
              ("tests/test_losses.py::test_itm_pairs_and_labels_are_wired_as_documented",)),
     Mutation("re-ranking by P(no match)", "pipeline/eval/retrieval/job.py",
              "return (logits[:, 1] - logits[:, 0]).cpu()",

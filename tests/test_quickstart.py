@@ -21,16 +21,20 @@ def test_quickstart_runs_every_stage(tmp_path, capsys):
     summary = json.loads((out / "quickstart_summary.json").read_text())
     metrics = {row["metric (%)"] for row in summary["results"]}
     assert {"text->image R@1 (ITC)", "text->image R@1 (ITM re-rank)", "text->image R@10 (ITC)",
-            "VQA accuracy (fused)", "VQA accuracy (late fusion)", "caption CIDEr"} <= metrics
+            "VQA accuracy (fused)", "VQA accuracy (late fusion)", "caption CIDEr",
+            "edited caption: swap_colour (ITM)", "edited caption: move (ITC)"} <= metrics
     cider = [row["baseline is"] for row in summary["results"]
              if row["metric (%)"] == "caption CIDEr"]
     assert cider == ["retrieved train caption", "most frequent train caption"]
     for row in summary["results"]:
-        assert {"untrained (step 0)", "trained (step 3)", "baseline"} <= set(row)
+        assert set(row) == {"metric (%)", "baseline", "baseline is", "trained (step 3)"}
     report = out / "runs" / "nightly" / "report.html"
     assert report.exists() and list((report.parent / "plots").glob("*.png"))
     ckpts = out / "runs" / "tiny_synth" / "checkpoints"
-    assert (ckpts / "global_step0").is_dir() and (ckpts / "global_step3").is_dir()
+    assert sorted(p.name for p in ckpts.glob("global_step*")) == ["global_step3"]
+    # trained with the world's edited captions as negatives
+    config = json.loads((out / "runs" / "tiny_synth" / "train_config.json").read_text())
+    assert config["data"]["lexicon"] == str(out / "data" / "world" / "lexicon.json")
 
     capsys.readouterr()
     assert vlp(["quickstart", "--out-dir", str(out)]) == 2  # refuses to mix with an old run

@@ -82,7 +82,7 @@ def test_weight_decay_spares_positions_cls_types_and_vectors():
     from vlp.models import UnifiedModel, load_config
     from vlp.pipeline.train.optim import parameter_groups
 
-    model = UnifiedModel(load_config("tiny", vocab_size=50))
+    model = UnifiedModel(load_config("tiny", vocab_size=50, position_embedding="learned"))
     decay, no_decay = parameter_groups(model, weight_decay=0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     spared = {names[id(p)] for p in no_decay["params"]}

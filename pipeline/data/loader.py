@@ -56,6 +56,7 @@ from torch.utils.data import DataLoader
 
 from vlp.pipeline.data.errors import SKIP_KINDS, UserError
 from vlp.pipeline.data.manifest import check_shards, count_samples
+from vlp.pipeline.data.negatives import CaptionEditor, load_lexicon
 from vlp.pipeline.data.sources import check_not_all_empty, parse_sources
 from vlp.pipeline.data.stream import ShardStream, StreamSpec
 from vlp.pipeline.data.tokenizer import masking_spec
@@ -106,6 +107,16 @@ class DataConfig:
     """Member extensions tried for the image, first present wins."""
     caption_key: str = "txt"
     """Member extension of the caption."""
+    lexicon: str | None = None
+    """A word-class lexicon JSON (vlp.pipeline.data.negatives: colours, sizes, places, ...) for
+    `edited_negatives` and `mlm_lexicon_probability`. The synthetic world writes its own
+    (world/lexicon.json)."""
+    edited_negatives: bool = False
+    """Each caption also gets an edited copy, one lexicon word replaced or two swapped, which ITC
+    and ITM train on as a negative of its image (NegCLIP). Needs `lexicon`."""
+    mlm_lexicon_probability: float | None = None
+    """Masking rate of the lexicon's words (the rest keep mlm_probability), so MLM asks for the
+    attributes and places the image alone can answer. None: mlm_probability. Needs `lexicon`."""
 
     def __post_init__(self):
         checks = [
@@ -117,6 +128,11 @@ class DataConfig:
              f"block_shards must be >= 1 or null, got {self.block_shards}"),
             (0.0 < self.mlm_probability < 1.0,
              f"mlm_probability must be in (0, 1), got {self.mlm_probability}"),
+            (self.mlm_lexicon_probability is None or 0.0 < self.mlm_lexicon_probability < 1.0,
+             f"mlm_lexicon_probability must be in (0, 1) or null, got "
+             f"{self.mlm_lexicon_probability}"),
+            (self.lexicon or not (self.edited_negatives or self.mlm_lexicon_probability),
+             "edited_negatives and mlm_lexicon_probability need data.lexicon (a word-class JSON)"),
             (self.weights is None or self.sampling == "resampled",
              "weights only apply with sampling=resampled: set it or drop the weights"),
             (self.weights is None or min(self.weights, default=0) > 0,
@@ -143,8 +159,9 @@ class TrainLoader:
     """Endless iterator of batch dicts that knows the position of the last batch it handed out.
 
     A batch: images uint8 (B, 3, S, S), text_ids long (B, L), text_mask bool (B, L), mlm_ids
-    long (B, L), mlm_labels long (B, L) (-100 where nothing is predicted), keys list[str], and
-    bookkeeping: worker int, position [epoch, block, emitted], skipped {kind: count}.
+    long (B, L), mlm_labels long (B, L) (-100 where nothing is predicted), with
+    `edited_negatives` neg_ids long (B, L), neg_mask bool (B, L) and has_neg bool (B,), keys
+    list[str], and bookkeeping: worker int, position [epoch, block, emitted], skipped {kind: count}.
     """
 
     def __init__(self, stream: ShardStream, num_workers: int, prefetch_factor: int):
@@ -287,6 +304,7 @@ def build_train_loader(config: DataConfig, tokenizer, *, batch_size: int, seed: 
     if config.weights is not None and len(config.weights) != len(sources.urls):
         raise UserError(f"data.weights {config.weights} must be {len(sources.urls)} numbers, "
                         "one per '::'-separated source")
+    lexicon = load_lexicon(config.lexicon) if config.lexicon else None
     check_not_all_empty(urls)
     check_shards(urls, config.verify, part=(rank, world_size))
     counts = count_samples(urls)
@@ -305,7 +323,9 @@ def build_train_loader(config: DataConfig, tokenizer, *, batch_size: int, seed: 
         image_size=image_size, max_text_len=max_text_len,
         image_keys=tuple(k.lower() for k in config.image_keys),
         caption_key=config.caption_key.lower(),
-        masking=masking_spec(tokenizer, config.mlm_probability))
+        masking=masking_spec(tokenizer, config.mlm_probability, lexicon,
+                             config.mlm_lexicon_probability),
+        editor=CaptionEditor(lexicon) if config.edited_negatives else None)
     return TrainLoader(ShardStream(spec, tokenizer), config.num_workers, config.prefetch_factor)
 
 

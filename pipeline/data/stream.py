@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vlp.pipeline.data.errors import BadData
+from vlp.pipeline.data.negatives import CaptionEditor
 from vlp.pipeline.data.tar import SkipCounter, iter_samples
 from vlp.pipeline.data.tokenizer import tokenize
 from vlp.pipeline.data.transforms import (
@@ -57,6 +58,7 @@ class StreamSpec:
     image_keys: tuple[str, ...]
     caption_key: str
     masking: MaskingSpec
+    editor: CaptionEditor | None = None  # edited-caption hard negatives (negatives.py)
 
     @property
     def all_urls(self) -> list[str]:
@@ -219,10 +221,26 @@ def iter_batches(spec: StreamSpec, tokenizer, worker: int, start: Position,
             "images": torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(),  # new, uint8
             "text_ids": text_ids, "text_mask": text_mask,
             "mlm_ids": mlm_ids, "mlm_labels": mlm_labels,
+            **_negatives(spec, tokenizer, texts, derive_seed(spec.seed, "negatives", spec.rank,
+                                                             worker, *position)),
             "keys": keys,
             "worker": worker, "position": list(position), "skipped": dict(skipped.counts),
         }
         texts, keys = [], []
+
+
+def _negatives(spec: StreamSpec, tokenizer, texts: list[str], seed: int) -> dict:
+    """An edited caption per sample (neg_ids, neg_mask (B, L)) and whether it has one
+    (has_neg (B,)); a caption with nothing to edit stands in for itself, masked out. Empty
+    without an editor."""
+    if spec.editor is None:
+        return {}
+    rng = random.Random(seed)
+    edited = [spec.editor.edit(text, rng) for text in texts]
+    neg_ids, neg_mask = tokenize(tokenizer, [e or t for e, t in zip(edited, texts)],
+                                 spec.max_text_len)
+    return {"neg_ids": neg_ids, "neg_mask": neg_mask,
+            "has_neg": torch.tensor([e is not None for e in edited])}
 
 
 class ShardStream(IterableDataset):

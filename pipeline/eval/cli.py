@@ -1,6 +1,6 @@
-"""`vlp eval retrieval | vqa | caption | zeroshot | linear-probe | nightly`: thin wrappers over
-evaluate_retrieval, evaluate_vqa, evaluate_caption, evaluate_zeroshot, evaluate_linear_probe and
-run_nightly. Results go to stdout as JSON (and to --out); bad input exits with status 2 and a
+"""`vlp eval retrieval | vqa | caption | zeroshot | linear-probe | compositionality | nightly`:
+thin wrappers over evaluate_retrieval, evaluate_vqa, evaluate_caption, evaluate_zeroshot,
+evaluate_linear_probe, evaluate_compositionality and run_nightly. Results go to stdout as JSON (and to --out); bad input exits with status 2 and a
 message naming the file or field.
 
 Retrieval encoding runs on several ranks when started by torchrun/deepspeed (WORLD_SIZE > 1):
@@ -106,6 +106,16 @@ def _cmd_linear_probe(args, stdout) -> int:
         val_proportion=args.val_proportion, classnames=args.classnames, lr=args.lr,
         epochs=args.epochs, probe_batch_size=args.probe_batch_size, seed=args.seed,
         batch_size=args.batch_size, bf16=args.bf16, out=args.out,
+    ), stdout)
+    return 0
+
+
+def _cmd_compositionality(args, stdout) -> int:
+    from vlp.pipeline.eval.compositionality.job import evaluate_compositionality
+
+    _print(evaluate_compositionality(
+        args.checkpoint, device=_device(args), edits=args.edits, image_root=args.image_root,
+        itm=not args.no_itm, batch_size=args.batch_size, bf16=args.bf16, out=args.out,
     ), stdout)
     return 0
 
@@ -274,6 +284,23 @@ def register(subparsers) -> None:
     p.add_argument("--epochs", type=int, default=10, help="probe training epochs")
     p.add_argument("--probe-batch-size", type=int, default=64, help="features per probe step")
     p.add_argument("--seed", type=int, default=0, help="probe seed (init, order, val split)")
+
+    p = add("compositionality", _cmd_compositionality,
+            "edited-caption accuracy per kind of edit (SugarCrepe / ARO): does the true caption "
+            "score above a minimally edited one, by ITC and by ITM?",
+            "vlp eval compositionality --checkpoint runs/tiny/checkpoints "
+            "--edits world/compositionality --image-root world")
+    p.add_argument("--checkpoint", required=True,
+                   help="export dir, DeepSpeed tag dir, or checkpoints dir (uses `latest`)")
+    p.add_argument("--edits", required=True,
+                   help="SugarCrepe folder of {kind}.json files (or one file), or an ARO JSON "
+                        "(VG-Relation / VG-Attribution)")
+    p.add_argument("--image-root", required=True, help="folder the items' image names are under")
+    p.add_argument("--no-itm", action="store_true",
+                   help="score with the dual encoder only (no fused layers needed)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per encoder batch")
+    p.add_argument("--bf16", action="store_true", help="encode under bf16 autocast")
+    p.add_argument("--out", help="write the result JSON here")
 
     p = add("nightly", _cmd_nightly,
             "evaluate new checkpoints of all runs; results.parquet, TensorBoard, report.html "

@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 from vlp.pipeline.train.faults import FaultInjector
 
-MODEL_INPUTS = ("images", "text_ids", "text_mask", "mlm_ids", "mlm_labels")
+MODEL_INPUTS = ("images", "text_ids", "text_mask", "mlm_ids", "mlm_labels",
+                "neg_ids", "neg_mask", "has_neg")  # the last three with data.hard_negatives
 
 
 @dataclass
@@ -50,7 +51,7 @@ class TrainStep:
             if self.on_batch is not None:
                 self.on_batch(step, micro, batch)
             outputs = self.engine(**{k: batch[k].to(device, non_blocking=True)
-                                     for k in MODEL_INPUTS})
+                                     for k in MODEL_INPUTS if k in batch})
             loss = self.faults.corrupt_loss(step, micro, outputs["loss"])
             nonfinite = torch.maximum(nonfinite, (~torch.isfinite(loss.detach())).float())
             if micro == self.grad_accum - 1:  # before the step that applies the update

@@ -196,7 +196,9 @@ class Trainer:
             every_steps=cfg.logging.every_steps, max_steps=cfg.optim.max_steps,
             samples_per_step=cfg.optim.batch_size * cfg.optim.grad_accum * self.world,
             flops_per_sample=flops_per_sample(model_config, weights=weights,
-                                              global_batch=cfg.optim.batch_size * self.world),
+                                              global_batch=cfg.optim.batch_size * self.world,
+                                              local_batch=cfg.optim.batch_size,
+                                              edited_negatives=cfg.data.edited_negatives),
             peak_flops_total=self._peak_flops(dtype), device=self.device)
 
         self.step = 0

@@ -21,6 +21,10 @@
     synth_shape_probe:
       task: linear_probe
       dataset: world/classification/shape/imagefolder
+    synth_compositionality:
+      task: compositionality
+      edits: world/compositionality
+      image_root: world
 
 A key that the task's function does not take is an error naming it and the valid keys.
 """
@@ -38,12 +42,14 @@ from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.eval.caption.job import evaluate_caption
 from vlp.pipeline.eval.classification.probe import evaluate_linear_probe
 from vlp.pipeline.eval.classification.zeroshot import evaluate_zeroshot
+from vlp.pipeline.eval.compositionality.job import evaluate_compositionality
 from vlp.pipeline.eval.retrieval.job import evaluate_retrieval
 from vlp.pipeline.eval.vqa.job import evaluate_vqa
 
 TASKS: dict[str, Callable[..., dict]] = {"retrieval": evaluate_retrieval, "vqa": evaluate_vqa,
                                          "caption": evaluate_caption}
 TASKS |= {"zeroshot": evaluate_zeroshot, "linear_probe": evaluate_linear_probe}  # classification
+TASKS |= {"compositionality": evaluate_compositionality}
 # Arguments the nightly job sets itself.
 RESERVED = {"checkpoint", "out", "results_out", "device"}
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
@@ -52,6 +58,7 @@ PATH_KEYS = {
     "eval_questions", "eval_annotations",
 }
 PATH_KEYS |= {"dataset", "classnames", "templates"}  # classification
+PATH_KEYS |= {"edits"}  # compositionality
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Compositionality: does the model prefer a caption over a minimally edited one?"""

@@ -1,0 +1,134 @@
+"""The compositionality evaluation: the world's edited captions differ from the true ones in
+exactly the edit, and the job scores true against edited caption per kind of edit."""
+import json
+import re
+import shutil
+from collections import Counter
+from difflib import SequenceMatcher
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_eval_support import tiny_eval_model, train_world_tokenizer
+
+from vlp.data_prep.captions import POSITION_PHRASES
+from vlp.data_prep.compositionality import EDIT_KINDS, caption_pair
+from vlp.data_prep.scenes import COLOURS, SHAPES, Obj, Scene, WorldSpec
+from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.eval.compositionality.data import load_edit_sets
+from vlp.pipeline.eval.compositionality.job import evaluate_compositionality
+
+THREE = Scene.of([Obj((0, 0), "circle", "red", "small"), Obj((1, 1), "square", "blue", "large"),
+                  Obj((2, 2), "cross", "green", "small")])
+PLACE_WORDS = {w for phrases in POSITION_PHRASES.values() for p in phrases for w in p.split()}
+
+
+def words(caption: str) -> list[str]:
+    return re.findall(r"[a-z]+", caption)
+
+
+def differing(a: str, b: str) -> list[tuple[str, str]]:
+    """The changed stretches of words, each as (old words, new words) joined by spaces."""
+    a, b = words(a), words(b)
+    return [(" ".join(a[i1:i2]), " ".join(b[j1:j2]))
+            for op, i1, i2, j1, j2 in SequenceMatcher(None, a, b).get_opcodes() if op != "equal"]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_each_edit_changes_exactly_what_its_kind_names(seed):
+    spec = WorldSpec()
+    pairs = {kind: caption_pair(THREE, kind, spec, np.random.default_rng(seed))
+             for kind in EDIT_KINDS}
+    allowed_words = {"replace_colour": set(COLOURS) | {"gray"}, "replace_shape": set(SHAPES),
+             "replace_size": {"small", "little", "large", "big"}}
+    for kind, allowed in allowed_words.items():
+        [(old, new)] = differing(*pairs[kind])
+        assert {old, new} <= allowed, (kind, old, new)
+    for kind, allowed in (("swap_colour", set(COLOURS)), ("swap_shape", set(SHAPES))):
+        true, edited = pairs[kind]
+        (a, b), (c, d) = differing(true, edited)
+        assert (a, b) == (d, c) and {a, b} <= allowed
+    true, moved = pairs["move"]
+    changes = differing(true, moved)
+    assert changes and {w for pair in changes for part in pair for w in part.split()} \
+        <= PLACE_WORDS
+    true, dropped = pairs["drop"]  # fewer words, none new but the object count ("two shapes:")
+    assert len(words(dropped)) < len(words(true))
+    assert set(Counter(words(dropped)) - Counter(words(true))) <= {"two", "and"}
+
+
+def test_edits_that_need_two_objects_do_not_apply_to_one():
+    one = Scene.of([Obj((1, 1), "circle", "red", "small")])
+    for kind in ("swap_colour", "swap_shape", "drop"):
+        assert caption_pair(one, kind, WorldSpec(), np.random.default_rng(0)) is None
+
+
+@pytest.fixture(scope="module")
+def tiny(world_dir, tmp_path_factory):
+    return tiny_eval_model(train_world_tokenizer(world_dir, tmp_path_factory.mktemp("tok")))
+
+
+def test_the_world_result_per_kind_and_its_mirror(tiny, world_dir, tmp_path):
+    result = evaluate_compositionality(tiny, edits=world_dir / "compositionality",
+                                       image_root=world_dir, out=tmp_path / "c.json")
+    assert json.loads((tmp_path / "c.json").read_text())["metrics"] == result["metrics"]
+    assert set(result["num_items"]) == set(EDIT_KINDS)
+    assert result["num_items"]["replace_colour"] == 32  # every retrieval test image
+    # Oracle: the same items with the captions' roles exchanged score 1 - accuracy (no ties).
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for kind in ("replace_colour", "swap_shape"):
+        items = json.loads((world_dir / f"compositionality/{kind}.json").read_text())
+        flipped = {k: {**v, "caption": v["negative_caption"], "negative_caption": v["caption"]}
+                   for k, v in items.items()}
+        (mirror / f"{kind}.json").write_text(json.dumps(flipped))
+    flipped = evaluate_compositionality(tiny, edits=mirror, image_root=world_dir)["metrics"]
+    for kind in ("replace_colour", "swap_shape"):
+        for scorer in ("itc", "itm"):
+            assert flipped[f"{kind}/{scorer}"] == pytest.approx(
+                1 - result["metrics"][f"{kind}/{scorer}"])
+    assert flipped["mean/itc"] == pytest.approx(
+        (flipped["replace_colour/itc"] + flipped["swap_shape/itc"]) / 2)
+    assert result["baselines"]["chance"] == {"itc": 0.5, "itm": 0.5}
+
+
+def test_a_caption_against_itself_is_never_preferred(tiny, world_dir, tmp_path):
+    items = json.loads((world_dir / "compositionality/replace_shape.json").read_text())
+    same = {k: {**v, "negative_caption": v["caption"]} for k, v in items.items()}
+    (tmp_path / "same.json").write_text(json.dumps(same))
+    metrics = evaluate_compositionality(tiny, edits=tmp_path / "same.json",
+                                        image_root=world_dir)["metrics"]
+    assert metrics["same/itc"] == 0.0 and metrics["same/itm"] == 0.0
+
+
+def test_aro_layout_with_its_box_crop(tiny, tmp_path):
+    image = np.zeros((40, 80, 3), dtype=np.uint8)
+    image[:, 40:] = 255
+    Image.fromarray(image).save(tmp_path / "vg.jpg")
+    aro = [{"image_path": "vg.jpg", "true_caption": "a white square",
+            "false_caption": "a black square", "bbox_x": 40, "bbox_y": 0, "bbox_w": 40,
+            "bbox_h": 40, "relation_name": "none"}]
+    (tmp_path / "VG_Attribution.json").write_text(json.dumps(aro))
+    sets = load_edit_sets(tmp_path / "VG_Attribution.json", tmp_path)
+    [item] = sets["VG_Attribution"]
+    assert item.box == (40, 0, 80, 40)
+    result = evaluate_compositionality(tiny, edits=tmp_path / "VG_Attribution.json",
+                                       image_root=tmp_path, itm=False)
+    assert set(result["metrics"]) == {"VG_Attribution/itc", "mean/itc"}
+
+
+def test_bad_edit_sets_name_the_problem(world_dir, tmp_path):
+    with pytest.raises(UserError, match="no edited-caption JSON"):
+        load_edit_sets(tmp_path, world_dir)
+    (tmp_path / "a.json").write_text(json.dumps({"0": {"filename": "missing.jpg",
+                                                      "caption": "x", "negative_caption": "y"}}))
+    with pytest.raises(UserError, match="missing.jpg not found"):
+        load_edit_sets(tmp_path, world_dir)
+    (tmp_path / "a.json").write_text(json.dumps({"0": {"filename": "../etc/passwd",
+                                                      "caption": "x", "negative_caption": "y"}}))
+    with pytest.raises(UserError, match="outside the image root"):
+        load_edit_sets(tmp_path, world_dir)
+    (tmp_path / "a.json").write_text(json.dumps({"0": {"filename": "x.jpg", "caption": "x"}}))
+    with pytest.raises(UserError, match="lacks"):
+        load_edit_sets(tmp_path, world_dir)
+    shutil.rmtree(tmp_path)

@@ -1,0 +1,101 @@
+"""Edited-caption hard negatives: the editor changes exactly one thing, never to a synonym, and the
+loader hands each caption's edit to the model beside it."""
+import json
+import random
+
+import pytest
+import torch
+from test_loader import build_tokenizer, loader_for, make_dataset
+
+from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.data.negatives import CaptionEditor, Lexicon, load_lexicon
+from vlp.pipeline.data.tokenizer import masking_spec, tokenize
+from vlp.pipeline.data.transforms import mask_tokens
+
+LEXICON = Lexicon({
+    "colour": (("red",), ("blue",), ("grey", "gray")),
+    "size": (("small", "little"), ("big", "large")),
+    "horizontal": (("left",), ("right",)),
+})
+CAPTION = "a big red circle on the left and a small gray square on the right"
+
+
+def changed(a: str, b: str) -> list[tuple[str, str]]:
+    return [(x, y) for x, y in zip(a.split(), b.split()) if x != y]
+
+
+def test_a_replace_puts_a_word_of_another_group_of_the_same_class():
+    editor = CaptionEditor(LEXICON, swap_share=0.0)
+    index = LEXICON.index
+    edits = {editor.edit(CAPTION, random.Random(seed)) for seed in range(200)}
+    for edited in edits:
+        [(old, new)] = changed(CAPTION, edited)
+        assert index[old][0] == index[new][0] and index[old][1] != index[new][1]
+    # every word of the lexicon in the caption gets edited, to each other group's words
+    assert ("big", "small") in {changed(CAPTION, e)[0] for e in edits}
+    assert ("gray", "red") in {changed(CAPTION, e)[0] for e in edits}
+    assert not any(changed(CAPTION, e)[0] in {("big", "large"), ("small", "little")} for e in edits)
+
+
+def test_a_swap_exchanges_two_words_of_one_class_from_different_groups():
+    editor = CaptionEditor(LEXICON, swap_share=1.0)
+    edits = {editor.edit(CAPTION, random.Random(seed)) for seed in range(100)}
+    assert edits == {
+        "a small red circle on the left and a big gray square on the right",
+        "a big gray circle on the left and a small red square on the right",
+        "a big red circle on the right and a small gray square on the left",
+    }
+
+
+def test_a_caption_without_lexicon_words_has_no_edit_and_one_class_swaps_nothing():
+    editor = CaptionEditor(LEXICON, swap_share=1.0)
+    assert editor.edit("two shapes on a dark background", random.Random(0)) is None
+    # both words in one group: nothing to swap, so it replaces one of them
+    assert changed("a red and a red", editor.edit("a red and a red", random.Random(0)))
+
+
+def test_bad_lexicons_are_refused_with_the_reason(tmp_path):
+    with pytest.raises(UserError, match="at least 2"):
+        Lexicon({"colour": (("red",),)})
+    with pytest.raises(UserError, match="'red' is in 'colour' and 'size'"):
+        Lexicon({"colour": (("red",), ("blue",)), "size": (("red",), ("big",))})
+    path = tmp_path / "lexicon.json"
+    path.write_text(json.dumps({"colour": ["red", "blue"]}))
+    with pytest.raises(UserError, match="synonym lists"):
+        load_lexicon(path)
+
+
+def test_the_loader_gives_each_caption_its_edit(tmp_path):
+    shards = make_dataset(tmp_path / "shards", shards=2, per_shard=8)
+    lexicon = tmp_path / "lexicon.json"
+    lexicon.write_text(json.dumps({"colour": [["red"], ["blue"], ["green"]],
+                                   "side": [["left"], ["right"]]}))
+    tokenizer = build_tokenizer()
+    batch = next(iter(loader_for(shards, tokenizer, lexicon=str(lexicon), edited_negatives=True)))
+    texts = tokenizer.batch_decode(batch["text_ids"], skip_special_tokens=True)
+    edits = tokenizer.batch_decode(batch["neg_ids"], skip_special_tokens=True)
+    for text, edit, has in zip(texts, edits, batch["has_neg"].tolist()):
+        has_word = any(w in text.split() for w in ("red", "blue", "green", "left", "right"))
+        assert has == has_word
+        assert (len(changed(text, edit)) in (1, 2)) if has else edit == text
+    assert batch["neg_mask"].dtype == torch.bool and batch["has_neg"].any()
+    again = next(iter(loader_for(shards, tokenizer, lexicon=str(lexicon), edited_negatives=True)))
+    assert torch.equal(again["neg_ids"], batch["neg_ids"])  # seeded by position: resumable
+    plain = next(iter(loader_for(shards, tokenizer)))
+    assert "neg_ids" not in plain
+
+
+def test_lexicon_words_are_masked_at_their_own_rate():
+    tokenizer = build_tokenizer()
+    lexicon = Lexicon({"colour": (("red",), ("blue",)), "side": (("left",), ("right",))})
+    spec = masking_spec(tokenizer, 0.01, lexicon, 0.99)
+    focus = {tokenizer.convert_tokens_to_ids(w) for w in ("red", "blue", "left", "right")}
+    assert set(spec.focus_ids) == focus and spec.focus_probability == 0.99
+    ids, mask = tokenize(tokenizer, ["a red square on the left", "big blue circle right of a",
+                                     "small green triangle"], 12)
+    _, labels = mask_tokens(ids, mask, spec, torch.Generator().manual_seed(0))
+    chosen = labels != -100
+    is_focus = torch.isin(ids, torch.tensor(sorted(focus)))
+    assert torch.equal(chosen[:2], is_focus[:2])  # every lexicon word, nothing else (seeded)
+    assert chosen[2].sum() == 1  # a caption without one still gets its one MLM target
+    assert masking_spec(tokenizer, 0.15, lexicon).focus_ids == ()  # no rate: plain BERT masking
