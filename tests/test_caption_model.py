@@ -134,7 +134,7 @@ def test_a_memorised_caption_is_generated_exactly():
 
 def random_captioner(seed: int = 0) -> tuple[UnifiedModel, torch.Tensor]:
     """An untrained model with spread-out logits (large init), so no two candidates tie."""
-    config = small_config(image_size=32, init_std=0.3)
+    config = small_config(image_size=32, init_std=0.3, position_embedding="learned")
     torch.manual_seed(seed)
     return UnifiedModel(config).eval(), torch.randn(6, 3, 32, 32)
 

@@ -115,6 +115,9 @@ SHORTENED = {
     "...":
         f"DRY_RUN=1 NODE_RANK=1 HOSTFILE=hostfile MASTER_ADDR=127.0.0.1 MASTER_PORT={{port}} "
         f"bash {{repo}}/launch_scripts/train_multinode.sh {CLUSTER}",
+    "vlp eval compositionality --checkpoint runs/tiny/checkpoints --edits sugarcrepe/data "
+    "--image-root coco/val2017":
+        Skip("needs SugarCrepe's JSON and COCO val2017 (the world's edits run above)"),
     "sbatch --nodes=4 launch_scripts/train_slurm.sbatch run_dir=/shared/runs/base":
         Skip("needs SLURM (sbatch, srun, scontrol)"),
     "bash launch_scripts/nightly_eval.sh --runs runs --suite eval_suite.yaml":

@@ -1,6 +1,10 @@
 """The quickstart end to end at toy scale: data -> launcher training -> nightly eval (retrieval,
-VQA, captioning) -> summary."""
+compositionality, VQA, captioning, classification) -> summary; then the research proxy on the
+data it made."""
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +43,16 @@ def test_quickstart_runs_every_stage(tmp_path, capsys):
     capsys.readouterr()
     assert vlp(["quickstart", "--out-dir", str(out)]) == 2  # refuses to mix with an old run
     assert "vlp quickstart: error:" in capsys.readouterr().err
+
+    # The research proxy reuses that data: a short run of the recipe, retrieval, edited captions.
+    script = Path(__file__).resolve().parents[1] / "launch_scripts" / "research_proxy.sh"
+    env = {**os.environ, "QUICKSTART_OUT": str(out), "PROXY_STEPS": "2"}
+    done = subprocess.run(["bash", str(script), "sincos_only", "data.edited_negatives=false"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = (out / "proxy" / "results.jsonl").read_text().splitlines()
+    [row] = [json.loads(line) for line in results]
+    assert row["name"] == "sincos_only" and row["overrides"] == ["data.edited_negatives=false"]
+    assert {"t2i_r1", "t2i_r1_reranked", "swap_colour/itm", "move/itc", "mean/itm"} <= set(row)
+    config = json.loads((out / "proxy" / "sincos_only" / "train_config.json").read_text())
+    assert config["optim"]["max_steps"] == 2 and config["data"]["edited_negatives"] is False

@@ -40,6 +40,8 @@ def test_recipe_loads_and_overrides_apply():
     ("data.max_member_mb=0", "data.max_member_mb must be > 0"),
     ("data.verify=md5", "data.verify: 'md5' is not one of size, sha256, none"),
     ("checkpoint.overwrite=maybe", "checkpoint.overwrite: 'maybe' is not a valid bool"),
+    ("data.edited_negatives=true", "need data.lexicon"),
+    ("data.mlm_lexicon_probability=1.5", "mlm_lexicon_probability must be in (0, 1)"),
 ])
 def test_bad_keys_and_values_are_one_line_errors(override, message):
     with pytest.raises(ValueError) as excinfo:
@@ -150,3 +152,9 @@ def test_vlp_train_removes_dead_jobs_shm_buffers_when_it_starts(tmp_path, capsys
         holder.wait()
         for path in (dead, live):
             path.unlink(missing_ok=True)
+
+
+def test_distillation_and_edited_negatives_are_refused_together():
+    with pytest.raises(ValueError, match="set data.edited_negatives=false"):
+        load_train_config(None, ["distill.teacher=export/teacher", "data.lexicon=lexicon.json",
+                                 "data.edited_negatives=true"])

@@ -241,6 +241,9 @@ class TrainConfig:
              "distill.itc_weight > 0 reads the student's ITC pass: model.itc_weight is 0"),
             (not distill.teacher or not distill.mlm_weight or model.mlm_weight,
              "distill.mlm_weight > 0 reads the student's MLM pass: model.mlm_weight is 0"),
+            (not distill.teacher or not self.data.edited_negatives,
+             "distill.teacher with data.edited_negatives: distillation reads one text pass per "
+             "batch, set data.edited_negatives=false"),
         ])
 
     def to_dict(self) -> dict:

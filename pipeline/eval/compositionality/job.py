@@ -47,22 +47,22 @@ def evaluate_compositionality(
     if itm:
         require_full_model(loaded, "ITM scoring of edited captions (itm=True)")
     start = time.perf_counter()
-    metrics, counts = {}, {}
-    for kind, items in sets.items():
-        data = _as_retrieval_set(items, kind)
-        image_emb = encode_images(loaded.model, data.images, loaded.info.config["image_size"],
-                                  batch_size, bf16)
-        text_emb = encode_texts(loaded.model, loaded.tokenizer, data.captions,
-                                loaded.info.config["max_text_len"], batch_size * 4, bf16)
-        scores = {"itc": (text_emb * image_emb[data.text_to_image]).sum(dim=1)}
-        if itm:
-            pairs = torch.arange(len(data.captions))
-            scores["itm"] = ItmScorer(loaded, data, batch_size, bf16)(
-                pairs, torch.tensor(data.text_to_image))
-        for name, score in scores.items():
-            true, edited = score.view(-1, 2).unbind(dim=1)  # captions are (true, edited) pairs
-            metrics[f"{kind}/{name}"] = float((true > edited).float().mean())
-        counts[kind] = len(items)
+    kinds = [kind for kind, items in sets.items() for _ in items]
+    data = _as_retrieval_set([item for items in sets.values() for item in items])
+    image_emb = encode_images(loaded.model, data.images, loaded.info.config["image_size"],
+                              batch_size, bf16)  # each image once, whatever kinds it is in
+    text_emb = encode_texts(loaded.model, loaded.tokenizer, data.captions,
+                            loaded.info.config["max_text_len"], batch_size * 4, bf16)
+    scores = {"itc": (text_emb * image_emb[data.text_to_image]).sum(dim=1)}
+    if itm:
+        scores["itm"] = ItmScorer(loaded, data, batch_size, bf16)(
+            torch.arange(len(data.captions)), torch.tensor(data.text_to_image))
+    metrics = {}
+    for name, score in scores.items():
+        true, edited = score.view(-1, 2).unbind(dim=1)  # captions are (true, edited) pairs
+        for kind in sets:
+            of_kind = torch.tensor([k == kind for k in kinds])
+            metrics[f"{kind}/{name}"] = float((true > edited)[of_kind].float().mean())
     scorers = ("itc", "itm") if itm else ("itc",)
     for name in scorers:
         per_kind = [metrics[f"{kind}/{name}"] for kind in sets]
@@ -72,7 +72,7 @@ def evaluate_compositionality(
         "dataset": str(edits),
         "model": loaded.info.path,
         "step": loaded.info.step,
-        "num_items": counts,
+        "num_items": {kind: len(items) for kind, items in sets.items()},
         "metrics": metrics,
         "baselines": {"chance": dict.fromkeys(scorers, 0.5)},  # per scorer, every kind
         "seconds": round(time.perf_counter() - start, 3),
@@ -97,7 +97,7 @@ class CroppedImage(ImageRef):
         return buffer.getvalue()
 
 
-def _as_retrieval_set(items: list[EditedItem], kind: str) -> RetrievalSet:
+def _as_retrieval_set(items: list[EditedItem]) -> RetrievalSet:
     """Images (one per distinct image and box) and the captions as (true, edited) pairs."""
     refs: dict[tuple, int] = {}
     images, captions, text_to_image = [], [], []
@@ -109,4 +109,4 @@ def _as_retrieval_set(items: list[EditedItem], kind: str) -> RetrievalSet:
                           else CroppedImage(str(item.image), box=item.box))
         captions += [item.caption, item.negative]
         text_to_image += [refs[key]] * 2
-    return RetrievalSet(images, captions, text_to_image, source=kind)
+    return RetrievalSet(images, captions, text_to_image, source="edited captions")
