@@ -480,10 +480,17 @@ class UnifiedModel(nn.Module):
                                  torch.cat(masks)).float()  # (3B [+ B], 2)
         correct = (logits.argmax(1) == labels) & (labels != -100)
         out = {"itm_acc": (correct.sum() / (labels != -100).sum().clamp(min=1)).detach()}
-        if edited is not None:  # how often ITM tells an image's caption from its edit
-            out["itm_edited_acc"] = (correct[-B:].sum()
+        loss = F.cross_entropy(logits, labels, ignore_index=-100)
+        if edited is not None:
+            # The caption against its own edit, ranked: -log sigmoid(log-odds(caption) -
+            # log-odds(edit)). Its gradient does not vanish while both are called "no match".
+            odds = logits[:, 1] - logits[:, 0]
+            margin = odds[:B] - odds[-B:]
+            valid = edited.valid.float()
+            loss = loss + (F.softplus(-margin) * valid).sum() / valid.sum().clamp(min=1)
+            out["itm_edited_acc"] = (((margin > 0) & edited.valid).sum()
                                      / edited.valid.sum().clamp(min=1)).detach()
-        return F.cross_entropy(logits, labels, ignore_index=-100), out
+        return loss, out
 
     def _mlm_loss(self, memory, mlm_ids, text_mask, mlm_labels):
         """Predict the masked caption tokens from the caption fused with its image (the head runs
