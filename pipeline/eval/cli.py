@@ -1,7 +1,7 @@
 """`vlp eval retrieval | vqa | caption | zeroshot | linear-probe | compositionality | nightly`:
 thin wrappers over evaluate_retrieval, evaluate_vqa, evaluate_caption, evaluate_zeroshot,
-evaluate_linear_probe, evaluate_compositionality and run_nightly. Results go to stdout as JSON (and to --out); bad input exits with status 2 and a
-message naming the file or field.
+evaluate_linear_probe, evaluate_compositionality and run_nightly. Results go to stdout as JSON
+(and to --out); bad input exits with status 2 and a message naming the file or field.
 
 Retrieval encoding runs on several ranks when started by torchrun/deepspeed (WORLD_SIZE > 1):
     torchrun --nproc_per_node 8 -m vlp.pipeline.cli eval retrieval --checkpoint ... --out r.json
@@ -161,17 +161,21 @@ def register(subparsers) -> None:
         "eval", help="evaluate checkpoints: retrieval, VQA, captioning, classification, nightly")
     commands = parser.add_subparsers(dest="eval_command", required=True)
 
-    def add(name: str, func, help: str, example: str) -> argparse.ArgumentParser:
+    def add(name: str, func, help: str, example: str,
+            checkpoint: bool = True) -> argparse.ArgumentParser:
+        """A job's parser with the options every job shares: --device and (one checkpoint per
+        job) --checkpoint."""
         p = add_command(commands, name, help, [example])
         p.set_defaults(func=_results_on_stdout(func))
         p.add_argument("--device", help="e.g. cpu, cuda:0 (default: this rank's GPU, else cpu)")
+        if checkpoint:
+            p.add_argument("--checkpoint", required=True,
+                           help="export dir, DeepSpeed tag dir, or checkpoints dir (uses `latest`)")
         return p
 
     p = add("retrieval", _cmd_retrieval, "zero-shot image<->text retrieval recall@1/5/10",
             "vlp eval retrieval --checkpoint runs/tiny/checkpoints "
             "--karpathy-json world/retrieval/dataset_synth.json --image-root world/retrieval")
-    p.add_argument("--checkpoint", required=True,
-                   help="export dir, DeepSpeed tag dir, or checkpoints dir (uses `latest`)")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--karpathy-json", help="Karpathy split JSON (with --image-root)")
     data.add_argument("--shards", nargs="+",
@@ -187,8 +191,6 @@ def register(subparsers) -> None:
 
     p = add("vqa", _cmd_vqa, "VQAv2: fine-tune the VQA head, official accuracy on the eval split",
             "vlp eval vqa --checkpoint runs/tiny/checkpoints --vqa-dir world/vqa --steps 400")
-    p.add_argument("--checkpoint", required=True,
-                   help="export dir, DeepSpeed tag dir, or checkpoints dir (uses `latest`)")
     p.add_argument("--vqa-dir", help="folder with *_{split}_questions.json / _annotations.json")
     p.add_argument("--train-split", default="train",
                    help="split name in --vqa-dir's file names to fine-tune on")
@@ -220,8 +222,6 @@ def register(subparsers) -> None:
             "CIDEr, SPICE when installed) with baselines, optionally after a fine-tune",
             "vlp eval caption --checkpoint runs/tiny/checkpoints "
             "--karpathy-json world/dataset_synth.json --image-root world --steps 150")
-    p.add_argument("--checkpoint", required=True,
-                   help="export dir, DeepSpeed tag dir, or checkpoints dir (uses `latest`)")
     p.add_argument("--karpathy-json", required=True,
                    help="Karpathy split JSON (dataset_coco.json layout) with references")
     p.add_argument("--image-root", required=True,
@@ -247,8 +247,6 @@ def register(subparsers) -> None:
 
     def add_classification(name: str, func, help: str, example: str) -> argparse.ArgumentParser:
         p = add(name, func, help, example)
-        p.add_argument("--checkpoint", required=True,
-                       help="export dir, DeepSpeed tag dir, or checkpoints dir (uses `latest`)")
         p.add_argument("--dataset", required=True,
                        help="ImageFolder root (DATASET/SPLIT/<class>/<image>) or CLIP_benchmark "
                             "webdataset root (DATASET/SPLIT/*.tar + DATASET/classnames.txt)")
@@ -290,8 +288,6 @@ def register(subparsers) -> None:
             "score above a minimally edited one, by ITC and by ITM?",
             "vlp eval compositionality --checkpoint runs/tiny/checkpoints "
             "--edits world/compositionality --image-root world")
-    p.add_argument("--checkpoint", required=True,
-                   help="export dir, DeepSpeed tag dir, or checkpoints dir (uses `latest`)")
     p.add_argument("--edits", required=True,
                    help="SugarCrepe folder of {kind}.json files (or one file), or an ARO JSON "
                         "(VG-Relation / VG-Attribution)")
@@ -306,7 +302,7 @@ def register(subparsers) -> None:
             "evaluate new checkpoints of all runs; results.parquet, TensorBoard, report.html "
             "(exit status 1 when a checkpoint failed in this run, 4 on a regression with "
             "--fail-on-regression)",
-            "vlp eval nightly --runs runs --suite eval_suite.yaml")
+            "vlp eval nightly --runs runs --suite eval_suite.yaml", checkpoint=False)
     p.add_argument("--runs", required=True, help="folder of runs (runs/NAME/checkpoints/...)")
     p.add_argument("--suite", help="benchmark suite YAML/JSON (default RUNS/eval_suite.yaml)")
     p.add_argument("--out", help="output folder (default RUNS/nightly)")
