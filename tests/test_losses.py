@@ -199,3 +199,30 @@ def test_itc_on_two_ranks_equals_one_process_on_the_whole_batch(tmp_path):
                 assert result["grads"][name] is None, name
             else:
                 torch.testing.assert_close(result["grads"][name], param.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_itm_ranks_each_caption_above_its_own_edit(monkeypatch):
+    """Stub scorer oracle: fixed (no match, match) logits per fused pair. The loss is the match
+    cross-entropy over the 4B pairs (edits without an edit ignored) plus the mean over images
+    with an edit of -log sigmoid(log-odds(caption) - log-odds(edit))."""
+    config = load_config("tiny", vocab_size=50, width=32, heads=2, depth=2, fusion_layers=1)
+    model = UnifiedModel(config).eval()
+    B, T_ = 2, 5
+    ids = torch.arange(B * T_).view(B, T_) + 5  # distinct captions
+    mask = torch.ones(B, T_, dtype=torch.bool)
+    with torch.no_grad():
+        memory = model.image_memory(model.image_states(
+            torch.randint(0, 256, (B, 3, 64, 64), dtype=torch.uint8)))
+        states = model.text_states(ids, mask)
+    # pairs: positives, (image, negative text), (negative image, text), (image, its edit)
+    odds = torch.tensor([2.0, -1.0, 0.0, 0.0, 0.0, 0.0, 0.5, 3.0])
+    logits = torch.stack([torch.zeros(4 * B), odds], dim=1)
+    monkeypatch.setattr(model, "itm_scores", lambda memory, texts, masks: logits)
+    valid = torch.tensor([True, False])
+    loss, out = model._itm_loss(memory, states, ids, mask, torch.zeros(B, B),
+                                EditedCaptions(states.flip(0), mask, valid))
+    labels = torch.tensor([1, 1, 0, 0, 0, 0, 0, -100])
+    match = F.cross_entropy(logits, labels, ignore_index=-100)
+    ranking = F.softplus(-(odds[0] - odds[6]))  # image 0 only: image 1 has no edit
+    assert loss.item() == pytest.approx((match + ranking).item(), rel=1e-6)
+    assert out["itm_edited_acc"].item() == 1.0  # 2.0 > 0.5; image 1's 3.0 does not count

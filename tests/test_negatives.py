@@ -9,8 +9,6 @@ from test_loader import build_tokenizer, loader_for, make_dataset
 
 from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.data.negatives import CaptionEditor, Lexicon, load_lexicon
-from vlp.pipeline.data.tokenizer import masking_spec, tokenize
-from vlp.pipeline.data.transforms import mask_tokens
 
 LEXICON = Lexicon({
     "colour": (("red",), ("blue",), ("grey", "gray")),
@@ -84,18 +82,3 @@ def test_the_loader_gives_each_caption_its_edit(tmp_path):
     plain = next(iter(loader_for(shards, tokenizer)))
     assert "neg_ids" not in plain
 
-
-def test_lexicon_words_are_masked_at_their_own_rate():
-    tokenizer = build_tokenizer()
-    lexicon = Lexicon({"colour": (("red",), ("blue",)), "side": (("left",), ("right",))})
-    spec = masking_spec(tokenizer, 0.01, lexicon, 0.99)
-    focus = {tokenizer.convert_tokens_to_ids(w) for w in ("red", "blue", "left", "right")}
-    assert set(spec.focus_ids) == focus and spec.focus_probability == 0.99
-    ids, mask = tokenize(tokenizer, ["a red square on the left", "big blue circle right of a",
-                                     "small green triangle"], 12)
-    _, labels = mask_tokens(ids, mask, spec, torch.Generator().manual_seed(0))
-    chosen = labels != -100
-    is_focus = torch.isin(ids, torch.tensor(sorted(focus)))
-    assert torch.equal(chosen[:2], is_focus[:2])  # every lexicon word, nothing else (seeded)
-    assert chosen[2].sum() == 1  # a caption without one still gets its one MLM target
-    assert masking_spec(tokenizer, 0.15, lexicon).focus_ids == ()  # no rate: plain BERT masking

@@ -40,8 +40,7 @@ def test_recipe_loads_and_overrides_apply():
     ("data.max_member_mb=0", "data.max_member_mb must be > 0"),
     ("data.verify=md5", "data.verify: 'md5' is not one of size, sha256, none"),
     ("checkpoint.overwrite=maybe", "checkpoint.overwrite: 'maybe' is not a valid bool"),
-    ("data.edited_negatives=true", "need data.lexicon"),
-    ("data.mlm_lexicon_probability=1.5", "mlm_lexicon_probability must be in (0, 1)"),
+    ("data.edited_negatives=true", "edited_negatives needs data.lexicon"),
 ])
 def test_bad_keys_and_values_are_one_line_errors(override, message):
     with pytest.raises(ValueError) as excinfo:

@@ -109,14 +109,10 @@ class DataConfig:
     """Member extension of the caption."""
     lexicon: str | None = None
     """A word-class lexicon JSON (vlp.pipeline.data.negatives: colours, sizes, places, ...) for
-    `edited_negatives` and `mlm_lexicon_probability`. The synthetic world writes its own
-    (world/lexicon.json)."""
+    `edited_negatives`. The synthetic world writes its own (world/lexicon.json)."""
     edited_negatives: bool = False
     """Each caption also gets an edited copy, one lexicon word replaced or two swapped, which ITC
     and ITM train on as a negative of its image (NegCLIP). Needs `lexicon`."""
-    mlm_lexicon_probability: float | None = None
-    """Masking rate of the lexicon's words (the rest keep mlm_probability), so MLM asks for the
-    attributes and places the image alone can answer. None: mlm_probability. Needs `lexicon`."""
 
     def __post_init__(self):
         checks = [
@@ -128,11 +124,8 @@ class DataConfig:
              f"block_shards must be >= 1 or null, got {self.block_shards}"),
             (0.0 < self.mlm_probability < 1.0,
              f"mlm_probability must be in (0, 1), got {self.mlm_probability}"),
-            (self.mlm_lexicon_probability is None or 0.0 < self.mlm_lexicon_probability < 1.0,
-             f"mlm_lexicon_probability must be in (0, 1) or null, got "
-             f"{self.mlm_lexicon_probability}"),
-            (self.lexicon or not (self.edited_negatives or self.mlm_lexicon_probability),
-             "edited_negatives and mlm_lexicon_probability need data.lexicon (a word-class JSON)"),
+            (self.lexicon or not self.edited_negatives,
+             "edited_negatives needs data.lexicon (a word-class JSON)"),
             (self.weights is None or self.sampling == "resampled",
              "weights only apply with sampling=resampled: set it or drop the weights"),
             (self.weights is None or min(self.weights, default=0) > 0,
@@ -304,7 +297,6 @@ def build_train_loader(config: DataConfig, tokenizer, *, batch_size: int, seed: 
     if config.weights is not None and len(config.weights) != len(sources.urls):
         raise UserError(f"data.weights {config.weights} must be {len(sources.urls)} numbers, "
                         "one per '::'-separated source")
-    lexicon = load_lexicon(config.lexicon) if config.lexicon else None
     check_not_all_empty(urls)
     check_shards(urls, config.verify, part=(rank, world_size))
     counts = count_samples(urls)
@@ -323,9 +315,8 @@ def build_train_loader(config: DataConfig, tokenizer, *, batch_size: int, seed: 
         image_size=image_size, max_text_len=max_text_len,
         image_keys=tuple(k.lower() for k in config.image_keys),
         caption_key=config.caption_key.lower(),
-        masking=masking_spec(tokenizer, config.mlm_probability, lexicon,
-                             config.mlm_lexicon_probability),
-        editor=CaptionEditor(lexicon) if config.edited_negatives else None)
+        masking=masking_spec(tokenizer, config.mlm_probability),
+        editor=CaptionEditor(load_lexicon(config.lexicon)) if config.edited_negatives else None)
     return TrainLoader(ShardStream(spec, tokenizer), config.num_workers, config.prefetch_factor)
 
 

@@ -12,7 +12,6 @@ from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from vlp.pipeline.data.errors import UserError
-from vlp.pipeline.data.negatives import Lexicon
 from vlp.pipeline.data.transforms import MaskingSpec
 
 SPECIAL_TOKENS = {
@@ -83,19 +82,11 @@ def _fixed_length_backend(tokenizer, max_len: int):
     return cache[max_len]
 
 
-def masking_spec(tokenizer, probability: float, lexicon: Lexicon | None = None,
-                 lexicon_probability: float | None = None) -> MaskingSpec:
-    """BERT masking parameters from a HF tokenizer with [MASK], [CLS], [SEP], [PAD]; with a
-    lexicon and `lexicon_probability`, the tokens of its words are masked at that rate."""
+def masking_spec(tokenizer, probability: float) -> MaskingSpec:
+    """BERT masking parameters from a HF tokenizer with [MASK], [CLS], [SEP], [PAD]."""
     if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
         raise UserError("the tokenizer needs [MASK] and [PAD] tokens for MLM; train it with "
                         "`vlp data tokenizer`")
-    special = set(tokenizer.all_special_ids)
-    focus: set[int] = set()
-    if lexicon is not None and lexicon_probability is not None:
-        for word in lexicon.index:
-            focus.update(tokenizer(word, add_special_tokens=False)["input_ids"])
     return MaskingSpec(mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
-                       special_ids=tuple(sorted(special)), probability=probability,
-                       focus_ids=tuple(sorted(focus - special)),
-                       focus_probability=lexicon_probability or probability)
+                       special_ids=tuple(sorted(set(tokenizer.all_special_ids))),
+                       probability=probability)

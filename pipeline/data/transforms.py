@@ -94,15 +94,12 @@ def decode_caption(data: bytes | None) -> str:
 
 @dataclass(frozen=True)
 class MaskingSpec:
-    """BERT masking: of the `probability` chosen tokens, 80% -> [MASK], 10% random, 10% kept;
-    tokens in `focus_ids` (a lexicon's words) are chosen at `focus_probability` instead."""
+    """BERT masking: of the `probability` chosen tokens, 80% -> [MASK], 10% random, 10% kept."""
 
     mask_token_id: int
     vocab_size: int
     special_ids: tuple[int, ...]
     probability: float = 0.15
-    focus_ids: tuple[int, ...] = ()
-    focus_probability: float = 0.15
 
 
 def mask_tokens(
@@ -116,10 +113,7 @@ def mask_tokens(
     for special in spec.special_ids:
         candidates &= ids != special
     scores = torch.rand(ids.shape, generator=generator)
-    rate = torch.full(ids.shape, spec.probability)
-    if spec.focus_ids:
-        rate[torch.isin(ids, torch.tensor(spec.focus_ids))] = spec.focus_probability
-    chosen = (scores < rate) & candidates
+    chosen = (scores < spec.probability) & candidates
     # Rows with no chosen token: pick their highest-scoring candidate.
     empty = ~chosen.any(dim=1) & candidates.any(dim=1)
     if empty.any():
