@@ -14,6 +14,7 @@ from pathlib import Path
 # so the data modules (torch, webdataset, transformers, pandas) are imported by the command
 # that uses them.
 from vlp.data_prep.download import DISTRIBUTORS, RESIZE_MODES
+from vlp.pipeline.cli_help import nonnegative_int, positive_int
 
 MAX_PROBLEM_LINES = 10
 
@@ -89,6 +90,7 @@ def download(args) -> int:
         retries=args.retries,
         url_col=args.url_col,
         caption_col=args.caption_col,
+        max_image_mb=args.max_image_mb,
     )
     print_summary(f"download into {args.out}", summary)
     return 0
@@ -166,19 +168,22 @@ def register(subparsers) -> None:
     p.add_argument("--url-col", "--url_col", default="url", help="URL column of the list")
     p.add_argument("--caption-col", "--caption_col", default="caption",
                    help="caption column of the list")
-    p.add_argument("--image-size", "--image_size", type=int, default=256,
+    p.add_argument("--image-size", "--image_size", type=positive_int, default=256,
                    help="images are resized to this side")
     p.add_argument("--resize-mode", "--resize_mode", choices=RESIZE_MODES, default="center_crop",
                    help="img2dataset resize mode (img2dataset's default: border)")
-    p.add_argument("--processes", "--processes_count", type=int, default=1,
+    p.add_argument("--processes", "--processes_count", type=positive_int, default=1,
                    help="download processes")
-    p.add_argument("--threads", "--thread_count", type=int, default=8,
+    p.add_argument("--threads", "--thread_count", type=positive_int, default=8,
                    help="download threads per process (img2dataset's default: 256)")
     p.add_argument("--samples-per-shard", "--number_sample_per_shard",
-                   "--number-sample-per-shard", dest="samples_per_shard", type=int, default=1000,
+                   "--number-sample-per-shard", dest="samples_per_shard", type=positive_int,
+                   default=1000,
                    help="samples per output shard (img2dataset's default: 10000)")
-    p.add_argument("--timeout", type=int, default=10, help="seconds per HTTP request")
-    p.add_argument("--retries", type=int, default=0, help="retries per failed URL")
+    p.add_argument("--timeout", type=positive_int, default=10, help="seconds per HTTP request")
+    p.add_argument("--retries", type=nonnegative_int, default=0, help="retries per failed URL")
+    p.add_argument("--max-image-mb", type=float, default=32,
+                   help="refuse an image larger than this while fetching (MiB)")
     p.add_argument("--distributor", choices=DISTRIBUTORS, default="multiprocessing",
                    help="img2dataset distributor (pyspark: install .[spark])")
     p.add_argument("--allow-private-hosts", action="store_true",

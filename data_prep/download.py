@@ -11,8 +11,9 @@ img2dataset spawns worker processes, so a script calling this needs `if __name__
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import json
-import os
 import re
 import shutil
 import signal
@@ -78,6 +79,24 @@ def _check_same_download(out: Path, record: dict) -> None:
                         "Use the same settings to resume, another --out, or --no-resume.")
 
 
+def _drop_empty_shards(out: Path) -> dict:
+    """Delete the shards img2dataset finished without a single image (an outage, a dead host):
+    their stats would make a resume take them for done. Returns how many and their errors."""
+    from collections import Counter
+
+    from vlp.data_prep.index import read_stats
+
+    dropped, errors = [], Counter()
+    for tar in sorted(out.glob("*.tar")):
+        stats, _ = read_stats(tar)
+        if SHARD_FILE.fullmatch(tar.name) and stats and stats["successes"] == 0:
+            dropped.append(tar.name)
+            errors.update(stats["errors"])
+            for path in (tar, tar.with_suffix(".parquet"), tar.with_name(f"{tar.stem}_stats.json")):
+                path.unlink(missing_ok=True)
+    return {"shards": dropped, "errors": errors}
+
+
 def download_record(url_list, frame, **settings) -> dict:
     """What decides which image lands in which shard, and how it is stored."""
     import hashlib
@@ -89,13 +108,21 @@ def download_record(url_list, frame, **settings) -> dict:
             "rows_sha256": hashlib.sha256(row_hashes.tobytes()).hexdigest(), **settings}
 
 
-def _run_img2dataset(url_list: Path, out: Path, **options) -> None:
-    """img2dataset a clean (url, caption) parquet into webdataset shards in `out`."""
-    # Imported here: it takes seconds (wandb, albumentations, cv2). albumentations would also ask PyPI for updates in each process.
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+def _run_img2dataset(url_list: Path, out: Path, allow_private_hosts: bool, max_image_bytes: int,
+                     **options) -> None:
+    """img2dataset a clean (url, caption) parquet into webdataset shards in `out`, fetching
+    through data_prep.fetch (every redirect hop and address checked, bodies bounded)."""
+    # Imported here: it takes seconds (wandb, albumentations, cv2). fetch first: it keeps
+    # albumentations from asking PyPI for updates.
+    from vlp.data_prep.fetch import SafeDownloader
+
     import img2dataset
 
+    main_module = importlib.import_module("img2dataset.main")  # `img2dataset.main` is a function
+
     sigint = signal.getsignal(signal.SIGINT)
+    main_module.Downloader = functools.partial(
+        SafeDownloader, allow_private_hosts=allow_private_hosts, max_image_bytes=max_image_bytes)
     try:
         img2dataset.download(
             url_list=str(url_list),
@@ -108,6 +135,7 @@ def _run_img2dataset(url_list: Path, out: Path, **options) -> None:
             **options,
         )
     finally:
+        main_module.Downloader = SafeDownloader.__base__
         # img2dataset leaves its SIGINT handler installed: Ctrl-C would then exit(0) quietly.
         signal.signal(signal.SIGINT, sigint)
 
@@ -127,13 +155,23 @@ def download_shards(
     retries: int = 0,
     url_col: str = "url",
     caption_col: str = "caption",
+    max_image_mb: float = 32,
 ) -> dict:
     """Sanitize `url_list`, run img2dataset into `out_dir`, index it; return the summary.
 
     With `incremental=False` an earlier download in `out_dir` is deleted first (other files stay);
     resuming one made from another URL list or with other settings is a UserError. The pyspark
-    distributor uses the active SparkSession, or starts a local one.
+    distributor uses the active SparkSession, or starts a local one. A shard none of whose images
+    arrived is deleted (`shards_to_retry`), so that resuming fetches it again; a download that
+    got no image at all, or left a shard the index finds damaged, is a UserError. Images over
+    `max_image_mb` are refused while fetching.
     """
+    if "://" in str(out_dir):
+        raise UserError(f"--out {out_dir}: shards are written to a local or shared filesystem "
+                        "folder; object storage (s3://, gs://) is read by training but not "
+                        "written here yet. Download locally, then copy the folder.")
+    if not max_image_mb > 0:
+        raise UserError(f"max_image_mb must be > 0, got {max_image_mb}")
     if resize_mode not in RESIZE_MODES:
         raise UserError(f"resize_mode {resize_mode!r} is not one of {RESIZE_MODES}")
     if distributor not in DISTRIBUTORS:
@@ -158,6 +196,8 @@ def download_shards(
         _run_img2dataset(
             clean_list,
             out,
+            allow_private_hosts=allow_private_hosts,
+            max_image_bytes=int(max_image_mb * 2**20),
             image_size=image_size,
             resize_mode=resize_mode,
             processes_count=processes,
@@ -167,13 +207,26 @@ def download_shards(
             retries=retries,
             distributor=distributor,
         )
+    to_retry = _drop_empty_shards(out)
+    if not any(SHARD_FILE.fullmatch(p.name) for p in out.glob("*.tar")):
+        raise UserError(f"no image of {url_list} could be downloaded into {out}: "
+                        f"{dict(to_retry['errors'].most_common(5))}; the rerun of this command "
+                        "retries them")
     manifest = build_manifest(out)
+    if manifest["problems"]:  # e.g. a full disk: img2dataset logs the failed shard and goes on
+        shards = sorted({p["shard"] for p in manifest["problems"]})
+        raise UserError(f"{len(shards)} shard(s) in {out} are incomplete or damaged "
+                        f"({', '.join(shards[:5])}: {manifest['problems'][0]['detail']}); "
+                        "free the space or fix the cause, then rerun the same command: shards "
+                        "without their stats are fetched again")
     return {
         "url_list": str(url_list),
         "shards": str(out),
         "sanitized": sanitized,
         "downloaded": manifest["stats_totals"],
         "download_errors": manifest["download_errors"],
+        "shards_to_retry": to_retry["shards"],
+        "errors_of_shards_to_retry": dict(to_retry["errors"]),
         "total_shards": manifest["total_shards"],
         "total_samples": manifest["total_samples"],
         "sample_issues": manifest["sample_issues"],

@@ -36,6 +36,11 @@ def error_kind(message: str) -> str:
         ("timed out", "timeout"),
         ("connection refused", "connection refused"),
         ("name or service not known", "unknown host"),
+        ("(private_host)", "private_host"),  # data_prep.fetch: a hop or address refused
+        ("(bad_scheme)", "bad_scheme"),
+        ("(invalid_url)", "invalid_url"),
+        ("byte limit", "image too large"),
+        ("download deadline", "download deadline"),
     ):
         if needle in lowered:
             return kind

@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 
 from vlp.data_prep.download import download_shards
-from vlp.data_prep.server import free_port, serve_world
+from vlp.data_prep.server import serve_world
+from vlp.pipeline.distributed import free_port
 from vlp.data_prep.synth import generate_world
 from vlp.data_prep.tokenizer import iter_shard_captions, iter_vqa_questions, train_tokenizer
 

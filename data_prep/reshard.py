@@ -58,11 +58,19 @@ class ShardWriter:
         self.writer, self.samples, self.sources = None, 0, []
 
 
+def unsafe_key(key: str) -> bool:
+    """A key that, as a member name, would extract outside the folder (`tar -x`): absolute, or
+    with a `..` part."""
+    parts = key.replace("\\", "/").split("/")
+    return key.startswith(("/", "\\")) or ".." in parts
+
+
 def reshard(in_dir, out_dir, samples_per_shard: int) -> dict:
     """Rewrite the shards of `in_dir` into `out_dir` with `samples_per_shard` samples each, index
     `out_dir`, and return the summary. Samples of a damaged input tar that precede the damage are
     kept; the tar is listed under `corrupt_inputs`. Repeated keys are dropped as the loader drops
-    them and counted under `duplicate_keys_dropped`.
+    them and counted under `duplicate_keys_dropped`; keys whose member names would extract outside
+    a folder (`../x`, `/x`) are not copied, counted under `unsafe_names_dropped`.
     """
     if samples_per_shard < 1:
         raise UserError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
@@ -74,12 +82,15 @@ def reshard(in_dir, out_dir, samples_per_shard: int) -> dict:
         raise UserError(f"{out} already holds shards; choose an empty output directory")
     out.mkdir(parents=True, exist_ok=True)
     sink = ShardWriter(out, samples_per_shard)
-    samples_read, corrupt, skipped = 0, [], SkipCounter()
+    samples_read, unsafe, corrupt, skipped = 0, 0, [], SkipCounter()
     for tar in tqdm(tars, desc="reshard", unit="shard"):
         try:
             for key, members in iter_shard(tar, skipped):
-                sink.write(key, members, tar.name)
                 samples_read += 1
+                if unsafe_key(key):
+                    unsafe += 1
+                    continue
+                sink.write(key, members, tar.name)
         except BadData as exc:
             corrupt.append({"shard": tar.name, "detail": f"{exc.kind}: {exc}"})
     sink.close()
@@ -89,6 +100,7 @@ def reshard(in_dir, out_dir, samples_per_shard: int) -> dict:
         "samples_read": samples_read,
         "corrupt_inputs": corrupt,
         "duplicate_keys_dropped": skipped.counts.get("duplicate_key", 0),
+        "unsafe_names_dropped": unsafe,
         "output_shards": manifest["total_shards"],
         "total_samples": manifest["total_samples"],
         "sample_issues": manifest["sample_issues"],

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import socket
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -14,6 +13,7 @@ from urllib.parse import urlsplit
 
 from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.data.files import require_dir
+
 
 HOST = "127.0.0.1"
 
@@ -23,13 +23,6 @@ class QuietHandler(SimpleHTTPRequestHandler):
 
     def log_message(self, format, *args):  # noqa: A002 (the base class's signature)
         pass
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago (for a server started later)."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -9,9 +9,8 @@ use it: percent-escapes decoded (`%31%32%37.0.0.1` is 127.0.0.1) and IDNA-encode
 would write bad captions as they are (a bytes caption even as its Python repr), and the training
 loader would skip those samples anyway, so their images are not worth downloading.
 
-What this cannot stop: HTTP redirects into the private network (img2dataset follows them), and a
-name that resolves to a public address now and a private one at fetch time (DNS rebinding).
-Fetch untrusted lists from a network that cannot reach internal services.
+This is the first gate; data_prep.fetch applies it again at fetch time, to every redirect hop and
+to the address actually connected to (a name may resolve elsewhere by then: DNS rebinding).
 """
 from __future__ import annotations
 
@@ -48,15 +47,18 @@ def read_url_list(path, url_col: str = "url", caption_col: str = "caption") -> p
         raise UserError(f"URL list {path}: unsupported format; use one of {sorted(FORMATS)}")
     if not path.is_file():
         raise UserError(f"URL list {path} not found")
-    if path.suffix == ".parquet":
-        columns = pq.read_schema(path).names
-    else:
-        # Read the url and caption columns as bytes: captions are decoded (and checked) below.
-        types = {url_col: pa.binary(), caption_col: pa.binary()}
-        options = pa_csv.ConvertOptions(column_types=types)
-        parse = pa_csv.ParseOptions(delimiter=FORMATS[path.suffix])
-        table = pa_csv.read_csv(path, parse_options=parse, convert_options=options)
-        columns = table.column_names
+    try:
+        if path.suffix == ".parquet":
+            columns = pq.read_schema(path).names
+        else:
+            # Read the url and caption columns as bytes: captions are decoded (and checked) below.
+            types = {url_col: pa.binary(), caption_col: pa.binary()}
+            options = pa_csv.ConvertOptions(column_types=types)
+            parse = pa_csv.ParseOptions(delimiter=FORMATS[path.suffix])
+            table = pa_csv.read_csv(path, parse_options=parse, convert_options=options)
+            columns = table.column_names
+    except pa.ArrowInvalid as exc:  # not parquet (e.g. a text file so named), or a broken csv
+        raise UserError(f"URL list {path} cannot be read as {path.suffix[1:]}: {exc}") from exc
     for column, flag in ((url_col, "--url-col"), (caption_col, "--caption-col")):
         if column not in columns:
             raise UserError(
@@ -89,7 +91,7 @@ def _ip(host: str):
             return None
 
 
-def _is_private(ip) -> bool:
+def is_private_address(ip) -> bool:
     """Not a public unicast address, also when IPv6 carries an IPv4 address (mapped, 6to4,
     NAT64, IPv4-compatible) that is not."""
     if not ip.is_global or ip.is_multicast:
@@ -98,7 +100,7 @@ def _is_private(ip) -> bool:
         embedded = ip.ipv4_mapped or ip.sixtofour
         if embedded is None and (ip in _NAT64 or ip in _IPV4_COMPATIBLE):
             embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        return embedded is not None and _is_private(embedded)
+        return embedded is not None and is_private_address(embedded)
     return False
 
 
@@ -126,14 +128,16 @@ def _host(parts: SplitResult) -> tuple[str | None, bool]:
     return host, plain
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def resolve(host: str) -> tuple:
+def resolve_uncached(host: str) -> tuple:
     """The addresses `host` resolves to now; empty when it does not resolve."""
     try:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except (OSError, UnicodeError):
         return ()
-    return tuple({ipaddress.ip_address(info[4][0]) for info in infos})
+    return tuple({ipaddress.ip_address(info[4][0].partition("%")[0]) for info in infos})
+
+
+resolve = functools.lru_cache(maxsize=1 << 16)(resolve_uncached)  # sanitizing: one lookup a host
 
 
 def _check(url: str | None, allow_private_hosts: bool) -> tuple[str | None, str | None]:
@@ -151,7 +155,7 @@ def _check(url: str | None, allow_private_hosts: bool) -> tuple[str | None, str 
     if host is None:
         return "invalid_url", None
     ip = _ip(host)
-    if not allow_private_hosts and ip is not None and _is_private(ip):
+    if not allow_private_hosts and ip is not None and is_private_address(ip):
         return "private_host", None  # also when written in a legacy form such as 127.1
     if not plain:
         return "invalid_url", None
@@ -165,7 +169,7 @@ def _check(url: str | None, allow_private_hosts: bool) -> tuple[str | None, str 
 def url_problem(url: str | None, allow_private_hosts: bool) -> str | None:
     """Why `url` must not be fetched ('invalid_url', 'bad_scheme', 'private_host'), or None."""
     problem, host = _check(url, allow_private_hosts)
-    if host is not None and any(_is_private(ip) for ip in resolve(host)):
+    if host is not None and any(is_private_address(ip) for ip in resolve(host)):
         return "private_host"
     return problem
 

@@ -1,19 +1,24 @@
 """img2dataset downloads from a loopback server into indexed shards, bad input included."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
+import resource
 import shutil
 import signal
+import subprocess
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from PIL import Image
 
 from vlp.data_prep.download import download_shards
-from vlp.data_prep.server import QuietHandler, free_port, serve_directory, serve_world
+from vlp.data_prep.server import QuietHandler, serve_directory, serve_world
+from vlp.pipeline.distributed import free_port
 from vlp.pipeline.data.manifest import load_manifest
 from vlp.pipeline.data.tar import iter_shard, list_shards
 
@@ -21,10 +26,21 @@ HANG_SECONDS = 3  # longer than the 1 s --timeout the tests pass
 
 
 class FaultyHandler(QuietHandler):
-    """Also serves /hang (never answers in time) and /notimage (bytes that are no image)."""
+    """Also serves /hang (never answers in time), /notimage (bytes that are no image),
+    /endless (a body that never ends) and /redirect?URL (302 to URL)."""
 
     def do_GET(self):
-        if self.path == "/hang":
+        if self.path.startswith("/redirect?"):
+            self.send_response(302)
+            self.send_header("Location", self.path.partition("?")[2])
+            self.end_headers()
+        elif self.path == "/endless":
+            self.send_response(200)
+            self.end_headers()
+            with contextlib.suppress(OSError):  # until the client gives up
+                while True:
+                    self.wfile.write(bytes(1 << 16))
+        elif self.path == "/hang":
             time.sleep(HANG_SECONDS)
         elif self.path == "/notimage":
             body = b"<html>this is not an image</html>"
@@ -60,6 +76,8 @@ def test_bad_urls_and_captions_are_skipped_and_counted(world_dir, tmp_path, caps
             f"{base}/no/such/image.jpg,a 404".encode(),
             f"{base}/hang,a server that never answers".encode(),
             f"{base}/notimage,html instead of an image".encode(),
+            f"{base}/redirect?ftp://127.0.0.1:{free_port()}/a.jpg,a redirect to ftp".encode(),
+            f"{base}/endless,a body that never ends".encode(),
             image[4] + b",",
             image[5] + b",caf\xe9 in latin-1",
             b"file:///etc/passwd,not http",
@@ -69,18 +87,20 @@ def test_bad_urls_and_captions_are_skipped_and_counted(world_dir, tmp_path, caps
         vlp_data(
             "download", "--url-list", url_list, "--out", tmp_path / "shards",
             "--image-size", "32", "--timeout", "1", "--threads", "4", "--allow-private-hosts",
+            "--max-image-mb", "1",
         )  # fmt: skip
 
     manifest = load_manifest(tmp_path / "shards")
     assert manifest["total_samples"] == 4 and manifest["problems"] == []
     assert manifest["stats_totals"] == {
-        "count": 8, "successes": 4, "failed_to_download": 3, "failed_to_resize": 1, "failed": 4,
+        "count": 10, "successes": 4, "failed_to_download": 5, "failed_to_resize": 1, "failed": 6,
     }  # fmt: skip
     assert manifest["download_errors"] == {
         "connection refused": 1, "http 404": 1, "timeout": 1, "Image decoding error": 1,
+        "bad_scheme": 1, "image too large": 1,
     }  # fmt: skip
     summary = capsys.readouterr().out
-    for line in ("kept: 8", "bad_scheme: 1", "empty_caption: 1", "non_utf8_caption: 1", "timeout"):
+    for line in ("kept: 10", "bad_scheme: 1", "empty_caption: 1", "non_utf8_caption: 1", "timeout"):
         assert line in summary
 
 
@@ -91,6 +111,32 @@ def test_refused_urls_leave_nothing_to_download(tmp_path, capsys, vlp_data):
     assert vlp_data("download", "--url-list", url_list, "--out", tmp_path / "shards") == 2
     assert re.search(r"^vlp data download: error: no URL .* left.*'bad_scheme': 1, "
                      r"'private_host': 2", capsys.readouterr().err)
+
+
+def test_a_download_during_an_outage_fails_and_the_rerun_fetches_everything(world_dir, tmp_path,
+                                                                           capsys, vlp_data):
+    rows = pd.read_parquet(world_dir / "train/url_list.parquet")[:40]
+    url_list = tmp_path / "urls.parquet"
+    rows.to_parquet(url_list)
+    args = ("download", "--url-list", url_list, "--out", tmp_path / "shards", "--image-size", "32",
+            "--samples-per-shard", "32", "--allow-private-hosts")
+    assert vlp_data(*args) == 2  # the server is down: nothing arrived
+    assert re.search(r"error: no image of .* could be downloaded .*'connection refused': 40",
+                     capsys.readouterr().err)
+    assert not list((tmp_path / "shards").glob("*_stats.json"))  # nothing taken for done
+    with serve_world(world_dir):
+        # The disk fills up: writes past 40 kB fail (EFBIG) in the command and its workers
+        full = subprocess.run(["vlp", "data", *map(str, args)], capture_output=True, text=True,
+                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE,
+                                                                    (40_000, 40_000)))
+        assert full.returncode == 2, full.stderr[-2000:]
+        assert re.search(r"error: 2 shard\(s\) in .* are incomplete or damaged", full.stderr)
+        assert vlp_data(*args) == 0
+    assert load_manifest(tmp_path / "shards")["total_samples"] == 40
+    assert vlp_data("download", "--url-list", url_list, "--out", "s3://bucket/shards") == 2
+    assert "object storage (s3://, gs://) is read by training but not written" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "s3:").exists() and not Path("s3:").exists()
 
 
 def test_a_url_list_without_the_caption_column_is_a_clear_error(tmp_path, capsys, vlp_data):
@@ -182,3 +228,13 @@ def test_resuming_onto_another_url_list_is_refused(world_dir, shard_dir, tmp_pat
                      err, re.M), err
     assert "--no-resume" in err
     assert not (out / "00004_stats.json").exists()  # nothing was fetched
+
+
+@pytest.mark.parametrize("flag", ["--image-size", "--samples-per-shard", "--threads",
+                                  "--processes", "--timeout"])
+def test_download_counts_must_be_positive(tmp_path, capsys, vlp_data, flag):
+    with pytest.raises(SystemExit) as exit_info:
+        vlp_data("download", "--url-list", tmp_path / "urls.csv", "--out", tmp_path / "out",
+                 flag, "-1")
+    assert exit_info.value.code == 2
+    assert f"argument {flag}" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -1,6 +1,7 @@
 """Resharding: same samples, same order, members kept together, K per shard."""
 from __future__ import annotations
 
+import io
 import shutil
 import tarfile
 
@@ -46,3 +47,22 @@ def test_damaged_input_keeps_what_precedes_the_damage(shard_dir, tmp_path):
 def test_reshard_refuses_to_write_over_shards(shard_dir):
     with pytest.raises(UserError, match="already holds shards"):
         reshard(shard_dir, shard_dir, 10)
+
+
+def test_member_names_that_would_extract_outside_a_folder_are_not_copied(tmp_path):
+    shards = tmp_path / "in"
+    shards.mkdir()
+    keys = ["ok", "../../evil", "/etc/evil", "a/../../evil", "dir/fine"]
+    with tarfile.open(shards / "00000.tar", "w") as tar:
+        for key in keys:
+            for ext, data in (("jpg", b"jpeg"), ("txt", b"a caption")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+    summary = reshard(shards, tmp_path / "out", 10)
+
+    assert summary["samples_read"] == 5 and summary["unsafe_names_dropped"] == 3
+    with tarfile.open(tmp_path / "out/00000.tar") as tar:
+        names = tar.getnames()
+    assert names == ["ok.jpg", "ok.txt", "dir/fine.jpg", "dir/fine.txt"]
