@@ -4,9 +4,10 @@
 #   NPROC=8 RECIPE=base_pretrain.yaml bash launch_scripts/train_local.sh run_dir=runs/x
 # RECIPE is a file or a shipped recipe name (default tiny_synth.yaml). Extra arguments are config
 # overrides (section.key=value). DRY_RUN=1 validates the whole run and prints the launch command.
+# MASTER_PORT sets the rendezvous port; by default a free one is picked (two jobs share a node).
 set -euo pipefail
-nproc_args=()
-[[ -n "${NPROC:-}" ]] && nproc_args=(--nproc "$NPROC")
-[[ -n "${DRY_RUN:-}" ]] && nproc_args+=(--dry-run)
-exec vlp train --recipe "${RECIPE:-tiny_synth.yaml}" "${nproc_args[@]}" \
-  --master-port "${MASTER_PORT:-29500}" --set "$@"
+launch_args=()
+[[ -n "${NPROC:-}" ]] && launch_args=(--nproc "$NPROC")
+[[ -n "${MASTER_PORT:-}" ]] && launch_args+=(--master-port "$MASTER_PORT")
+[[ -n "${DRY_RUN:-}" ]] && launch_args+=(--dry-run)
+exec vlp train --recipe "${RECIPE:-tiny_synth.yaml}" "${launch_args[@]}" --set "$@"

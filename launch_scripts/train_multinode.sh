@@ -20,7 +20,8 @@
 # storage every node sees (checkpoints are written by every rank into run_dir/checkpoints).
 # RECIPE is a file or a shipped recipe name (default base_pretrain.yaml). DRY_RUN=1 validates the
 # whole run on this node (config, tokenizer, shards for the hostfile's ranks) and prints the
-# launch command.
+# launch command. MASTER_PORT sets the rendezvous port; by default every node derives the same one
+# from $SLURM_JOB_ID (29500 outside SLURM).
 set -euo pipefail
 : "${HOSTFILE:?set HOSTFILE to a deepspeed hostfile}"
 : "${MASTER_ADDR:?set MASTER_ADDR to an address of the first node}"
@@ -28,6 +29,7 @@ node_args=()
 if [[ -n "${NODE_RANK:-}" ]]; then
   node_args=(--node-rank "$NODE_RANK")
 fi
+[[ -n "${MASTER_PORT:-}" ]] && node_args+=(--master-port "$MASTER_PORT")
 [[ -n "${DRY_RUN:-}" ]] && node_args+=(--dry-run)
 exec vlp train --recipe "${RECIPE:-base_pretrain.yaml}" --hostfile "$HOSTFILE" \
-  --master-addr "$MASTER_ADDR" --master-port "${MASTER_PORT:-29500}" "${node_args[@]}" --set "$@"
+  --master-addr "$MASTER_ADDR" "${node_args[@]}" --set "$@"

@@ -2,10 +2,33 @@
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 from pathlib import Path
 
 import torch
+
+
+DEFAULT_MASTER_PORT = 29500
+# Ports derived from a job id stay below Linux's ephemeral range (32768+), where the kernel picks
+# free_port()'s ports and those of outgoing connections.
+JOB_PORTS = range(20000, 30000)
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (for a server or rendezvous started later)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def job_master_port() -> tuple[int, str]:
+    """The rendezvous port every node of a job derives alike, and where it came from: one per
+    $SLURM_JOB_ID (so two jobs sharing a node differ), else DEFAULT_MASTER_PORT."""
+    job = os.environ.get("SLURM_JOB_ID", "")
+    if not job.isdigit():
+        return DEFAULT_MASTER_PORT, "default: no SLURM_JOB_ID"
+    return JOB_PORTS[int(job) % len(JOB_PORTS)], "from SLURM_JOB_ID"
 
 
 def env_from_slurm() -> None:
@@ -15,7 +38,7 @@ def env_from_slurm() -> None:
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
     os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.setdefault("MASTER_PORT", str(job_master_port()[0]))
     if "MASTER_ADDR" not in os.environ:
         raise RuntimeError("running under srun without MASTER_ADDR: export it in the sbatch script "
                            "(see launch_scripts/train_slurm.sbatch)")
@@ -67,8 +90,9 @@ def init_distributed(timeout_s: int, backend: str | None = None) -> tuple[int, i
     import deepspeed
 
     env_from_slurm()
+    port = str(job_master_port()[0])
     for name, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
-                          ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+                          ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port)):
         os.environ.setdefault(name, default)
     device = local_device()
     if device.type == "cuda":
@@ -97,7 +121,7 @@ def shutdown_distributed() -> None:
         return
     rank = torch.distributed.get_rank()
     torch.distributed.destroy_process_group()
-    remove_shm_buffers(os.environ.get("MASTER_PORT", "29500"), rank)
+    remove_shm_buffers(os.environ.get("MASTER_PORT", DEFAULT_MASTER_PORT), rank)
 
 
 SHM_DIR = Path("/dev/shm")

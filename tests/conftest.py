@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from vlp.data_prep.prepare import download_world, train_world_tokenizer
-from vlp.data_prep.server import free_port
+from vlp.pipeline.distributed import free_port
 from vlp.data_prep.synth import generate_world
 from vlp.pipeline.cli import main as vlp
 

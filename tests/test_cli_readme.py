@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from train_helpers import SMALL_MODEL
 
-from vlp.data_prep.server import free_port
+from vlp.pipeline.distributed import free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

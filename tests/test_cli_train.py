@@ -1,6 +1,7 @@
 """`vlp train` checks the whole run in the parent before launching: one error line, exit 2."""
 from __future__ import annotations
 
+import re
 import shlex
 
 import pytest
@@ -33,7 +34,8 @@ def test_dry_run_validates_then_prints_the_launch_command(capsys, good, tmp_path
     code, out, err = train(capsys, "--dry-run", "--nproc", 2, "--set", *good)
     assert code == 0, err
     assert out.count("\n") == 1  # the command alone on stdout, quoted for a shell
-    assert shlex.split(out) == launcher_command(None, good, nproc=2)
+    port = int(re.search(r"^rendezvous on port (\d+) \(free port picked\)$", err, re.M)[1])
+    assert shlex.split(out) == launcher_command(None, good, nproc=2, master_port=port)
     assert "--num_accelerators 2 --module vlp.pipeline.train" in out
     assert "valid for 2 ranks" in err
     assert not (tmp_path / "run").exists()  # nothing was started or written
@@ -45,6 +47,9 @@ def test_dry_run_validates_then_prints_the_launch_command(capsys, good, tmp_path
     (["--set", "optim.lrr=1"], "unknown config key(s) optim.lrr"),
     (["--recipe", "nope.yaml"], "recipe nope.yaml not found"),
     (["--set", "data.tokenizer=/nonexistent/tok"], "data.tokenizer: no tokenizer at"),
+    (["--set", f"data.tokenizer={__file__}"], f"data.tokenizer: {__file__} is not a tokenizer"),
+    (["--set", "model.overrides={image_size: 262144}"],
+     "model: image_size must be at most 8192, got 262144"),  # passed, then failed on every rank
     (["--set", "model.init_from=/nonexistent/export"], "model.init_from: checkpoint not found"),
     (["--set", "ds_config=nope.json"], "ds_config nope.json: no such file"),
     (["--set", "checkpoint.resume=latest"], "checkpoint.resume=latest but"),

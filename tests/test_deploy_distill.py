@@ -9,7 +9,7 @@ from deploy_helpers import data_overrides, write_tiny_export
 from test_eval_support import TINY
 from train_helpers import metrics_by_step
 
-from vlp.data_prep.server import free_port
+from vlp.pipeline.distributed import free_port
 from vlp.models.config import load_config
 from vlp.models.distill import DistilledModel, DistillWeights, mlm_distillation, soft_kl
 from vlp.models.model import UnifiedModel

@@ -6,7 +6,7 @@ import pytest
 import torch
 from deploy_helpers import data_overrides, write_tiny_export
 
-from vlp.data_prep.server import free_port
+from vlp.pipeline.distributed import free_port
 from vlp.models.sparsity import (
     MaskedLinear,
     keep_zeros,

@@ -6,15 +6,18 @@ import json
 from html import escape as html_escape
 import shutil
 import subprocess
+import sys
 
 import pandas as pd
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_eval_support import tiny_eval_model, train_world_tokenizer, train_zero3_run
+from faults.fault_helpers import bomb_png, jpeg
 
 from vlp.pipeline.cli import main as vlp
 from vlp.pipeline.data.errors import UserError
-from vlp.pipeline.eval.nightly.runner import run_nightly
+from vlp.pipeline.eval.nightly.report import render_report
+from vlp.pipeline.eval.nightly.runner import read_results, run_nightly
 from vlp.pipeline.eval.nightly.suite import load_suite
 
 SCRIPT = "launch_scripts/nightly_eval.sh"
@@ -184,24 +187,91 @@ def test_cli_retrieval_and_vqa(runs, world_dir, tmp_path, capsys):
     assert code == 2 and "Karpathy split JSON not found" in err and "missing.json" in err
 
 
-def test_nightly_script_runs_and_refuses_to_overlap(tmp_path):
+def empty_runs(tmp_path):
+    """A runs folder with a suite and no checkpoints yet (a night that evaluates nothing)."""
     runs = tmp_path / "runs"
     runs.mkdir()
     (runs / "eval_suite.yaml").write_text("r:\n  task: retrieval\n  shards: none.tar\n")
-    out = tmp_path / "out"
+    return runs
+
+
+def test_nightly_script_runs_and_refuses_to_overlap(tmp_path):
+    runs, out = empty_runs(tmp_path), tmp_path / "out"
     done = subprocess.run(["bash", SCRIPT, "--runs", str(runs), "--out", str(out)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout[done.stdout.index("{"):])["checkpoints_evaluated"] == 0
     assert (out / "report.html").exists()
 
-    out.mkdir(exist_ok=True)
     with open(out / "nightly.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a night still running
         held = subprocess.run(["bash", SCRIPT, "--runs", str(runs), "--out", str(out)],
                               capture_output=True, text=True, timeout=60)
-    assert held.returncode == 75
-    assert "already running" in held.stderr and held.stdout == ""
+    assert held.returncode == 2
+    assert "another nightly run holds" in held.stderr and "{" not in held.stdout
+
+
+def test_a_second_nightly_run_on_the_same_out_refuses_at_once(tmp_path, capsys):
+    """Two runs on one --out each read results.parquet, evaluated, and wrote back their own
+    rows: 14 of 28 rows were lost. The lock was the cron script's alone; `vlp eval nightly`
+    now holds OUT/nightly.lock for the whole run."""
+    runs, out = empty_runs(tmp_path), tmp_path / "out"
+    out.mkdir()
+    with open(out / "nightly.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the first run, still evaluating
+        code = vlp(["eval", "nightly", "--runs", str(runs), "--out", str(out)])
+    out_text, err = capsys.readouterr()
+    assert code == 2 and out_text == "" and err.count("\n") == 1
+    assert err.startswith("vlp eval nightly: error: another nightly run holds ")
+    assert str(out / "nightly.lock") in err
+    assert sorted(p.name for p in out.iterdir()) == ["nightly.lock"]  # nothing read or written
+    assert vlp(["eval", "nightly", "--runs", str(runs), "--out", str(out)]) == 0  # released
+
+
+def test_temp_files_of_a_killed_write_are_removed_by_the_next_run(tmp_path):
+    """A SIGKILL in the middle of an atomic write left `.results.parquet.XXXXXXXX.tmp` in the
+    output folder for good; the next run removes it while it holds the lock."""
+    runs, out = empty_runs(tmp_path), tmp_path / "out"
+    writer = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\n"
+         "from vlp.pipeline.data.files import atomic_path\n"
+         "with atomic_path(sys.argv[1]) as tmp:\n"
+         "    tmp.write_bytes(b'PAR1 half a table')\n"
+         "    print('writing', flush=True)\n"
+         "    time.sleep(120)\n", str(out / "plots/synth__recall.png")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline() == "writing\n"
+    finally:
+        writer.kill()
+        writer.wait()
+    (left,) = (out / "plots").glob(".synth__recall.png.*.tmp")
+    keep = [out / "plots/.notes.tmp", out / "plots/synth__recall.png.tmp"]  # not atomic_path's
+    for path in keep:
+        path.write_text("mine")
+    assert run_nightly(runs, out_dir=out)["checkpoints_evaluated"] == 0
+    assert not left.exists() and all(path.exists() for path in keep)
+
+
+def test_a_caption_example_whose_image_cannot_be_read_is_a_note_in_the_report(tmp_path):
+    """A caption result naming a decompression bomb (a PNG header claiming 100000 x 100000
+    pixels) crashed the report; a bad or missing image is now a note beside its caption."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "bomb.png").write_bytes(bomb_png())
+    (images / "good.jpg").write_bytes(jpeg(seed=0))
+    examples = [{"image": str(images / name), "caption": f"caption of {name}",
+                 "retrieval": "a retrieved caption", "references": [f"reference of {name}"]}
+                for name in ("bomb.png", "missing.jpg", "good.jpg")]
+    section = {"run": "tiny", "benchmark": "synth_caption", "tag": "global_step2",
+               "examples": examples}
+    html = render_report(read_results(tmp_path / "none.parquet"), tmp_path / "out",
+                         captions=[section]).read_text()
+    assert "caption of bomb.png" in html and "caption of missing.jpg" in html
+    assert "(image skipped: decompression_bomb: Image size (10000000000 pixels) exceeds" in html
+    assert f"(image skipped: cannot read {images / 'missing.jpg'}" in html
+    assert html.count('<img src="data:image/jpeg;base64,') == 1  # good.jpg
 
 
 def test_captioning_in_the_nightly_results_tensorboard_and_report(runs, world_dir, tmp_path):

@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from vlp.data_prep.server import free_port
+from vlp.pipeline.distributed import free_port
 from vlp.models import LossWeights, UnifiedModel, load_config
 from vlp.models.losses import contrastive_loss, hard_negatives, vqa_loss
 from vlp.models.model import EditedCaptions

@@ -112,7 +112,7 @@ def test_a_missing_object_is_a_clear_error(bucket, tokenizer):
 
 def test_an_unreachable_endpoint_is_one_clear_error_without_credentials(bucket, tokenizer,
                                                                         monkeypatch, capfd):
-    from vlp.data_prep.server import free_port
+    from vlp.pipeline.distributed import free_port
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")

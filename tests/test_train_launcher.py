@@ -2,6 +2,7 @@
 import json
 import math
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -22,6 +23,7 @@ from train_helpers import (
 )
 
 from vlp.pipeline.data.manifest import shard_url_pattern
+from vlp.pipeline.train.launch import rendezvous_port
 
 pytestmark = pytest.mark.slow
 
@@ -242,6 +244,7 @@ def test_warm_start_takes_the_weights_on_another_world_size(reference_run, tmp_p
 
     run_dir = tmp_path / "warm"
     overrides = train_overrides(run_dir, shard_dir, tokenizer_dir, "optim.max_steps=1",
+                                "optim.warmup_steps=1",
                                 f"model.init_from={reference_run / 'checkpoints'}",
                                 "checkpoint.save_initial=true")
     rc = run_training(overrides, tmp_path / "log.txt", nproc=1)
@@ -262,3 +265,40 @@ def test_warm_start_takes_the_weights_on_another_world_size(reference_run, tmp_p
     assert rc == 2
     assert "its model config differs from this run's in depth (2 vs 3)" in \
         (tmp_path / "wrong.txt").read_text()
+
+
+def test_one_node_without_master_port_rendezvouses_on_a_free_port(monkeypatch, capsys):
+    """Every launch used port 29500, so a second job on a node died with EADDRINUSE. Now each
+    picks a port no one holds, even under SLURM (one node needs no agreement)."""
+    monkeypatch.setenv("SLURM_JOB_ID", "1234567")
+    first = rendezvous_port(None, multi_node=False)
+    with socket.socket() as job:  # the first job's rendezvous, listening
+        job.bind(("", first))
+        job.listen()
+        second = rendezvous_port(None, multi_node=False)
+    assert second != first and 29500 not in (first, second)
+    assert capsys.readouterr().err.splitlines() == [
+        f"rendezvous on port {first} (free port picked)",
+        f"rendezvous on port {second} (free port picked)"]
+
+
+def test_several_nodes_derive_one_port_from_the_slurm_job_id(monkeypatch, capsys):
+    """Every node's launcher computes the same port without talking to the others; another job
+    (another id) gets another port; no scheduler, the old default."""
+    monkeypatch.setenv("SLURM_JOB_ID", "1234567")
+    assert [rendezvous_port(None, multi_node=True) for _ in range(3)] == [24567] * 3
+    monkeypatch.setenv("SLURM_JOB_ID", "1234568")
+    assert rendezvous_port(None, multi_node=True) == 24568
+    monkeypatch.delenv("SLURM_JOB_ID")
+    assert rendezvous_port(None, multi_node=True) == 29500
+    assert capsys.readouterr().err.splitlines() == [
+        *["rendezvous on port 24567 (from SLURM_JOB_ID)"] * 3,
+        "rendezvous on port 24568 (from SLURM_JOB_ID)",
+        "rendezvous on port 29500 (default: no SLURM_JOB_ID)"]
+
+
+def test_an_explicit_master_port_is_kept(monkeypatch, capsys):
+    monkeypatch.setenv("SLURM_JOB_ID", "1234567")
+    assert rendezvous_port(29611, multi_node=False) == 29611
+    assert rendezvous_port(29611, multi_node=True) == 29611
+    assert capsys.readouterr().err.splitlines() == ["rendezvous on port 29611 (--master-port)"] * 2

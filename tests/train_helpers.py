@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from vlp.data_prep.server import free_port
+from vlp.pipeline.distributed import free_port
 from vlp.pipeline.data.checkpoints import describe_files, tag_files
 from vlp.pipeline.data.manifest import shard_url_pattern
 from vlp.pipeline.distributed import remove_shm_buffers

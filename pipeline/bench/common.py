@@ -44,7 +44,7 @@ def load_model_config(name, vocab: int = DEFAULT_VOCAB, overrides: dict | None =
 def worker_launch_command(module: str, worker_args: list[str], ranks: int) -> list[str]:
     """Training's own deepspeed launcher line on this node, with `module` in place of the training
     module (benchmarks run their workers exactly as training runs its ranks)."""
-    from vlp.data_prep.server import free_port
+    from vlp.pipeline.distributed import free_port
     from vlp.pipeline.train.launch import TRAIN_MODULE, launcher_command
 
     launcher = launcher_command(None, [], nproc=ranks, master_port=free_port())

@@ -135,9 +135,8 @@ def measure_config(name: str, ds_config: dict, trace, args, data_dir: Path, tmp:
 
 
 def _train_two_nodes(run_dir: Path, ds_config: Path, args, data_dir: Path) -> None:
-    from vlp.data_prep.server import free_port
     from vlp.pipeline.bench.loader import shard_urls
-    from vlp.pipeline.distributed import remove_shm_buffers
+    from vlp.pipeline.distributed import free_port, remove_shm_buffers
     from vlp.pipeline.train.launch import launcher_command
 
     hostfile = run_dir.with_suffix(".hostfile")

@@ -34,7 +34,6 @@ def _ranks(limit: int) -> int:
 
 
 def _launch(run_dir: Path, data_dir: Path, args, max_steps: int, ranks: int) -> dict:
-    from vlp.data_prep.server import free_port
     from vlp.pipeline.bench.loader import shard_urls
     from vlp.pipeline.train.launch import run_training
 
@@ -45,7 +44,7 @@ def _launch(run_dir: Path, data_dir: Path, args, max_steps: int, ranks: int) -> 
                  f"optim.warmup_steps={max(1, args.steps // 4)}", "data.num_workers=1",
                  f"checkpoint.every_steps={max(1, args.steps // 2)}", "logging.every_steps=5"]
     start = time.perf_counter()
-    code = run_training(None, overrides, nproc=ranks, master_port=free_port())
+    code = run_training(None, overrides, nproc=ranks)
     return {"exit_code": code, "seconds": time.perf_counter() - start}
 
 

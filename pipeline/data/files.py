@@ -3,13 +3,15 @@
 Every result file (JSON, parquet, PNG, HTML, manifests, checkpoint markers) is written to a
 temporary file in the same directory and moved into place with `os.replace`, so a crash or a full
 disk never leaves a half-written file that a later run (resume, the nightly job's "already
-evaluated?" check) would trust.
+evaluated?" check) would trust. A kill leaves the temporary file instead (`.NAME.XXXXXXXX.tmp`);
+`remove_temp_files` clears those of a folder that no writer is using.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -49,12 +51,17 @@ def require(record: dict, key: str, source: str, types: type | tuple[type, ...] 
     return value
 
 
+TEMP_SUFFIX = ".tmp"
+# atomic_path's temporary names: "." + target name + "." + mkstemp's 8 random characters + suffix
+TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success move it into place, on error delete it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -63,6 +70,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def remove_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that atomic writes killed mid-way left under `folder`; returns
+    them. Only while no writer is at work there (e.g. under the lock of the job that owns it)."""
+    left = [path for path in Path(folder).rglob(f".*{TEMP_SUFFIX}")
+            if TEMP_NAME.fullmatch(path.name) and path.is_file()]
+    for path in left:
+        path.unlink(missing_ok=True)
+    return left
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

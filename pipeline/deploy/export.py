@@ -33,8 +33,9 @@ def add_io_arguments(parser, out_help: str) -> None:
 def add_launch_arguments(parser) -> None:
     """The launcher options of a deploy command that trains (as `vlp train` has them)."""
     parser.add_argument("--nproc", type=int, help="ranks on this node (as `vlp train --nproc`)")
-    parser.add_argument("--master-port", type=int, default=29500,
-                        help="the launcher's rendezvous port (as `vlp train --master-port`)")
+    parser.add_argument("--master-port", type=int,
+                        help="the launcher's rendezvous port (default: a free port, as "
+                             "`vlp train --master-port`)")
 
 
 def _cmd_export(args) -> int:

@@ -41,9 +41,25 @@ def device_selection(nproc: int | None) -> list[str]:
     return ["--num_accelerators", str(nproc)]
 
 
-def launcher_command(recipe: str | None, overrides: list[str], nproc: int | None = None,
-                     hostfile: str | None = None, master_addr: str | None = None,
-                     master_port: int = 29500, node_rank: int | None = None,
+def rendezvous_port(master_port: int | None, multi_node: bool) -> int:
+    """The launcher's rendezvous port, said on stderr with where it came from: --master-port as
+    given; else, on one node, a free port (a fixed default made a second job on the node die
+    with EADDRINUSE); else one every node derives alike from the scheduler's job id."""
+    from vlp.pipeline.distributed import free_port, job_master_port
+
+    if master_port is not None:
+        port, source = master_port, "--master-port"
+    elif not multi_node:
+        port, source = free_port(), "free port picked"
+    else:
+        port, source = job_master_port()
+    print(f"rendezvous on port {port} ({source})", file=sys.stderr, flush=True)
+    return port
+
+
+def launcher_command(recipe: str | None, overrides: list[str], *, master_port: int,
+                     nproc: int | None = None, hostfile: str | None = None,
+                     master_addr: str | None = None, node_rank: int | None = None,
                      resume: str | None = None) -> list[str]:
     """The deepspeed launcher command line for one node (or, with a hostfile, for all nodes).
 
@@ -68,21 +84,23 @@ def launcher_command(recipe: str | None, overrides: list[str], nproc: int | None
     return cmd
 
 
-def run_training(recipe: str | None, overrides: list[str], **launch) -> int:
-    """Run the launcher to completion; returns its exit code. Dead jobs' shared-memory buffers
-    are removed first, and this job's when it ends."""
+def run_training(recipe: str | None, overrides: list[str], master_port: int | None = None,
+                 **launch) -> int:
+    """Run the launcher to completion (`master_port`: see rendezvous_port); returns its exit
+    code. Dead jobs' shared-memory buffers are removed first, and this job's when it ends."""
     from vlp.pipeline.distributed import remove_shm_buffers, remove_stale_shm_buffers
 
     stale = remove_stale_shm_buffers()
     if stale:
         print(f"removed {len(stale)} shared-memory buffer(s) left in /dev/shm by dead jobs",
               flush=True)
-    cmd = launcher_command(recipe, overrides, **launch)
+    port = rendezvous_port(master_port, multi_node=launch.get("hostfile") is not None)
+    cmd = launcher_command(recipe, overrides, master_port=port, **launch)
     print("+ " + shlex.join(cmd), flush=True)
     try:
         return subprocess.call(cmd, env=os.environ.copy())
     finally:  # the buffers of ranks that died before their own cleanup
-        remove_shm_buffers(launch.get("master_port", 29500))
+        remove_shm_buffers(port)
 
 
 def hostfile_slots(path: str) -> dict[str, int]:
@@ -154,18 +172,20 @@ def _cmd_train(args) -> int:
     from vlp.pipeline.train.trainer import check_run
 
     check_launch_flags(args)
-    launch = dict(nproc=args.nproc, hostfile=args.hostfile, master_addr=args.master_addr,
-                  master_port=args.master_port, node_rank=args.node_rank, resume=args.resume)
-    command = launcher_command(args.recipe, args.set, **launch)  # checks --nproc
+    if not args.hostfile:
+        device_selection(args.nproc)  # checks --nproc before the slower checks
     world = world_size(args.nproc, args.hostfile)
     resume = [f"checkpoint.resume={args.resume}"] if args.resume else []
     cfg = check_run(args.recipe, args.set + resume, world)
+    launch = dict(nproc=args.nproc, hostfile=args.hostfile, master_addr=args.master_addr,
+                  node_rank=args.node_rank, resume=args.resume)
     if args.dry_run:
+        port = rendezvous_port(args.master_port, multi_node=args.hostfile is not None)
         print(f"config, tokenizer, shards and DeepSpeed config are valid for {world} ranks "
               f"(run_dir {cfg.run_dir}); the launch command:", file=sys.stderr)
-        print(shlex.join(command))
+        print(shlex.join(launcher_command(args.recipe, args.set, master_port=port, **launch)))
         return 0
-    return run_training(args.recipe, args.set, **launch)
+    return run_training(args.recipe, args.set, master_port=args.master_port, **launch)
 
 
 def register(subparsers) -> None:
@@ -194,7 +214,9 @@ def register(subparsers) -> None:
     p.add_argument("--hostfile", help="DeepSpeed hostfile ('host slots=N' lines) for multi-node")
     p.add_argument("--master-addr", help="address of node 0, reachable from every node "
                                          "(with --hostfile)")
-    p.add_argument("--master-port", type=int, default=29500, help="rendezvous port on node 0")
+    p.add_argument("--master-port", type=int,
+                   help="rendezvous port on node 0 (default: a free port on one node; with "
+                        "--hostfile one derived from $SLURM_JOB_ID, else 29500)")
     p.add_argument("--node-rank", type=int,
                    help="start only this node's ranks, without ssh (run once per node; with "
                         "--hostfile and --master-addr)")

@@ -7,7 +7,8 @@ OUT/plots/, one line per run and the primary baseline (retrieval: chance, VQA: m
 captioning: retrieved training caption) as a dashed line. The table lists, per run, benchmark and
 metric, the latest checkpoint's value, the best so far (all metrics are higher-is-better), the
 change and the baseline. Caption examples come from each caption benchmark's latest result, their
-images inlined as small JPEG thumbnails so the page stands alone. Every file is written
+images inlined as small JPEG thumbnails so the page stands alone (an image that cannot be read,
+or that the training loader would skip, is a note instead). Every file is written
 atomically.
 """
 from __future__ import annotations
@@ -26,7 +27,9 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from vlp.pipeline.data.errors import BadData  # noqa: E402
 from vlp.pipeline.data.files import atomic_path  # noqa: E402
+from vlp.pipeline.data.transforms import decode_image  # noqa: E402
 from vlp.pipeline.eval.nightly import figures, regressions  # noqa: E402
 
 
@@ -140,17 +143,17 @@ def _caption_section(section: dict) -> str:
 
 
 def _thumbnail(path: str, size: int = 96) -> str:
-    """An <img> with the image inlined as a small JPEG, or a note when it cannot be read."""
-    from PIL import Image
-
+    """An <img> with the image inlined as a small JPEG, or a note saying why it is left out (a
+    missing file, or what the training loader skips: a decompression bomb, undecodable bytes)."""
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            image.thumbnail((size, size))
-            data = io.BytesIO()
-            image.save(data, format="JPEG", quality=85)
-    except OSError:
-        return "(unreadable)"
+        image = decode_image(Path(path).read_bytes(), size)
+    except OSError as exc:
+        return f"(image skipped: cannot read {_e(path)}: {_e(exc.strerror or exc)})"
+    except BadData as exc:
+        return f"(image skipped: {exc.kind}: {_e(exc)})"
+    image.thumbnail((size, size))
+    data = io.BytesIO()
+    image.save(data, format="JPEG", quality=85)
     encoded = base64.b64encode(data.getvalue()).decode("ascii")
     return f'<img src="data:image/jpeg;base64,{encoded}" alt="{_e(Path(path).name)}">'
 

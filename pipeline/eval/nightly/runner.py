@@ -9,6 +9,7 @@
                                             its baseline "<benchmark>/<baseline>/<metric>"
     OUT/report.html + plots/, grids/        see report.py
     OUT/summary.md                          regressions against each run's best (regressions.py)
+    OUT/nightly.lock                        held for the whole run: one run per OUT at a time
     runs/NAME/eval/<tag>/<benchmark>.json   each benchmark's full result (DESIGN's layout)
 
 Work is keyed by (run, tag, benchmark) and the fingerprint of the checkpoint's content
@@ -17,11 +18,15 @@ replaced. A result is done when it succeeded, or failed on bad input (a UserErro
 checkpoint, a missing file; `retry_failed` tries those again). Any other failure (I/O, memory, a
 device error) may be transient: it is tried again on later runs, up to MAX_ATTEMPTS in all. So a
 re-run does no duplicate work. Rows are appended after each checkpoint, atomically, so a crash
-loses at most the checkpoint being evaluated. Rows written before fingerprints existed count as
-matching.
+loses at most the checkpoint being evaluated (the next run removes the temporary files a kill
+left in OUT). Rows written before fingerprints existed count as matching. Each run reads
+results.parquet and writes it back, so two at once on one OUT would drop each other's rows: the
+second refuses to start.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import sys
@@ -29,6 +34,7 @@ import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 import torch
@@ -40,7 +46,7 @@ from vlp.pipeline.data.checkpoints import (
     tag_step,
 )
 from vlp.pipeline.data.errors import UserError
-from vlp.pipeline.data.files import atomic_path
+from vlp.pipeline.data.files import atomic_path, remove_temp_files
 from vlp.pipeline.eval.nightly.regressions import (
     DEFAULT_MARGIN,
     flag_regressions,
@@ -121,6 +127,21 @@ def _due(record: _Record | None, fingerprint: str, retry_failed: bool) -> bool:
     return retry_failed or (record.transient and record.attempts < MAX_ATTEMPTS)
 
 
+@contextlib.contextmanager
+def nightly_lock(out_dir: Path) -> Iterator[None]:
+    """Hold OUT/nightly.lock (an exclusive flock; the kernel drops it if the process dies) until
+    the block ends; UserError at once while another run holds it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "nightly.lock"
+    with open(path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another nightly run holds {path}: it is still evaluating into "
+                            f"{out_dir}; not starting (run again when it ends)") from None
+        yield
+
+
 def run_nightly(
     runs_dir: str | Path,
     suite: str | Path | dict | None = None,
@@ -134,6 +155,18 @@ def run_nightly(
     runs_dir = Path(runs_dir)
     benchmarks = load_suite(suite if suite is not None else runs_dir / "eval_suite.yaml")
     out_dir = Path(out_dir) if out_dir is not None else runs_dir / "nightly"
+    with nightly_lock(out_dir):
+        left = remove_temp_files(out_dir)
+        if left:
+            print(f"nightly: removed {len(left)} temporary file(s) a killed run left in {out_dir}",
+                  file=sys.stderr, flush=True)
+        return _evaluate_new(runs_dir, benchmarks, out_dir, retry_failed, device,
+                             regression_margin)
+
+
+def _evaluate_new(runs_dir: Path, benchmarks: list[Benchmark], out_dir: Path, retry_failed: bool,
+                  device: str | None, regression_margin: float) -> dict:
+    """run_nightly's work, under its lock."""
     results_path = out_dir / "results.parquet"
     results = read_results(results_path)
     records = _records(results)
