@@ -83,14 +83,14 @@ def test_a_bad_pax_size_ends_the_shard_as_corrupt(tmp_path, size):
     """-1536 on an unwanted member once made the reader seek back onto that member's own pax
     header, forever; text raised ValueError and 2^62 MemoryError out of iter_samples. Now each
     ends the shard as corrupt_tar. As for any damage, the sample being read (`pending`: its
-    members may continue past the damage) is dropped, and those before it are kept."""
+    members may continue past the damage) is dropped and counted, and those before it are kept."""
     members = sample("good", 1) + sample("pending", 2) + [("bad.json", b"{}", {"size": size})]
     members += sample("after", 3)
     path = tmp_path / "shard.tar"
     path.write_bytes(tar_bytes(members, tarfile.PAX_FORMAT))
     samples, counts, peak = read(path)
     assert [s["__key__"] for s in samples] == ["good"]
-    assert counts == {"corrupt_tar": 1}
+    assert counts == {"corrupt_tar": 1, "cut_by_damage": 1}
     assert peak < BASELINE
 
 
@@ -126,7 +126,7 @@ def test_the_loader_setting_reaches_the_reader():
     from vlp.pipeline.data.loader import DataConfig
 
     assert DataConfig().max_member_mb == 16
-    with pytest.raises(UserError, match="data.max_member_mb must be > 0"):
+    with pytest.raises(UserError, match="data.max_member_mb must be a finite number > 0"):
         DataConfig(max_member_mb=0)
 
 

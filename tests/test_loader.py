@@ -5,9 +5,11 @@ import functools
 import http.server
 import io
 import json
+import random
 import struct
 import tarfile
 import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import torch
 from PIL import Image
 
 from vlp.pipeline.data.loader import DataConfig, build_train_loader
-from vlp.pipeline.data.stream import iter_batches
+from vlp.pipeline.data.stream import iter_batches, shuffled
 from vlp.pipeline.data.tar import SkipCounter
 from vlp.pipeline.data.tokenizer import tokenize
 
@@ -277,7 +279,7 @@ def test_every_bad_sample_kind_is_skipped_and_counted(tmp_path, tokenizer):
     assert skipped.counts == {
         "bad_image": 1, "decompression_bomb": 1, "non_utf8_caption": 1, "empty_caption": 1,
         "missing_caption": 2, "missing_image": 1, "duplicate_key": 2, "corrupt_tar": 3,
-        "empty_shard": 1}
+        "cut_by_damage": 2, "empty_shard": 1}  # cut1 and the garbled shard's cut0
 
     # Through the loader: the stream goes on epoch after epoch and the counts reach the caller.
     batches = take(loader, 3 * len(keys))
@@ -418,3 +420,81 @@ def test_data_prep_fixtures_load(request):
     batch = next(iter(loader))
     assert batch["images"].shape == (4, 3, 32, 32) and len(batch["keys"]) == 4
     assert sum(loader.skipped_counts().values()) == 0
+
+
+def test_the_shuffle_buffer_holds_at_most_its_byte_budget():
+    consumed = 0
+
+    def samples():  # 1 MiB images, as a shard of large (or highly compressed) images gives
+        nonlocal consumed
+        for i in range(200):
+            consumed += 1
+            yield {"jpg": bytes(2**20), "txt": b"%d" % i}
+
+    emitted, most_held = [], 0
+    for sample in shuffled(samples(), 100, random.Random(0), max_bytes=int(8.5 * 2**20)):
+        emitted.append(int(sample["txt"]))
+        most_held = max(most_held, consumed - len(emitted) + 1)  # held before this was emitted
+    assert sorted(emitted) == list(range(200)) and emitted != sorted(emitted)
+    assert most_held == 9  # 8 samples fit the budget, the 9th took it over and one left
+    # Under the budget the order is the plain bounded shuffle's
+    small = [{"txt": b"%d" % i} for i in range(50)]
+    assert list(shuffled(small, 10, random.Random(1), max_bytes=2**20)) == list(
+        shuffled(small, 10, random.Random(1)))
+
+
+class _RemoteShardHandler(http.server.BaseHTTPRequestHandler):
+    """/huge.tar: two samples, then a member claiming 512 GiB of endless zeros; /trickle.tar: two
+    samples, then a byte every 0.05 s. The sample pending when the shard is given up (1) is
+    dropped with it."""
+
+    def log_message(self, format, *args):  # noqa: A002
+        pass
+
+    def do_GET(self):
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for name, data in (("0.jpg", b"jpeg"), ("0.txt", b"a caption"),
+                               ("1.jpg", b"jpeg"), ("1.txt", b"another")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            head = buffer.getvalue()[:buffer.tell()]
+            huge = tarfile.TarInfo("2.jpg")
+            huge.size = 1 << 39
+            if self.path == "/huge.tar":
+                head += huge.tobuf(format=tarfile.PAX_FORMAT)
+        self.send_response(200)
+        self.end_headers()
+        try:
+            self.wfile.write(head)
+            while True:
+                if self.path == "/trickle.tar":
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+                    time.sleep(0.05)
+                else:
+                    self.wfile.write(bytes(1 << 16))
+        except OSError:  # the reader gave up
+            pass
+
+
+def test_remote_shards_that_never_end_are_given_up_and_counted(monkeypatch):
+    from vlp.pipeline.data import sources
+    from vlp.pipeline.data.tar import iter_samples
+
+    monkeypatch.setattr(sources, "RATE_GRACE_S", 1.0)  # 60 s in a run
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RemoteShardHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for name, kind in (("huge", "oversized_member"), ("trickle", "unreadable_shard")):
+            skipped, started = SkipCounter(), time.monotonic()
+            samples = list(iter_samples(f"http://127.0.0.1:{server.server_port}/{name}.tar",
+                                        frozenset({"jpg", "txt"}), skipped))
+            assert [s["__key__"] for s in samples] == ["0"]
+            assert skipped.counts == {kind: 1, "cut_by_damage": 1}
+            assert time.monotonic() - started < 10
+    finally:
+        server.shutdown()
+        server.server_close()

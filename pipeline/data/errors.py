@@ -21,6 +21,8 @@ SKIP_KINDS = {
                      "copy is used)",
     "oversized_member": "sample with an image or caption member over data.max_member_mb (never "
                         "read into memory)",
+    "cut_by_damage": "sample being read when its shard broke (its members may continue past the "
+                     "damage)",
     "corrupt_tar": "shard read: truncated, bad header checksum or malformed (rest of shard lost)",
     "empty_shard": "shard read: the file has 0 bytes",
     "unreadable_shard": "shard read: could not be opened or read (I/O or HTTP error)",

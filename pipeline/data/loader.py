@@ -90,14 +90,16 @@ class DataConfig:
     """Batches in flight per worker."""
     shuffle_buffer: int = 1000
     """Samples in the shuffle buffer (per worker)."""
+    shuffle_buffer_mb: float = 512.0
+    """Most sample data the shuffle buffer holds (MiB per worker): past it, samples leave the
+    buffer early, so shards of large images (or compressed shards) cannot exhaust memory."""
     verify: Literal["size", "sha256", "none"] = "size"
     """Before training, compare the local shards with manifest.json: size (cheap), or size and
     sha256 (reads every shard once, shared out between the ranks), or not at all. A shard that
     changed since `vlp data index` would change the epoch and break exact resume."""
     max_member_mb: float = 16.0
     """Largest image or caption member read into memory (MiB); a sample with a larger one is
-    skipped unread (oversized_member). A worker holds at most shuffle_buffer samples of at most
-    this size per member."""
+    skipped unread (oversized_member)."""
     block_shards: int | None = None
     """Shards shuffled together; also the most a resume re-reads. None: enough shards to hold
     twice the shuffle buffer (from the manifest's mean shard size), at most 16."""
@@ -119,7 +121,10 @@ class DataConfig:
             (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
             (self.prefetch_factor >= 1, f"prefetch_factor must be >= 1, got {self.prefetch_factor}"),
             (self.shuffle_buffer >= 0, f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}"),
-            (self.max_member_mb > 0, f"max_member_mb must be > 0, got {self.max_member_mb}"),
+            (0 < self.max_member_mb < math.inf,
+             f"max_member_mb must be a finite number > 0, got {self.max_member_mb}"),
+            (0 < self.shuffle_buffer_mb < math.inf,
+             f"shuffle_buffer_mb must be a finite number > 0, got {self.shuffle_buffer_mb}"),
             (self.block_shards is None or self.block_shards >= 1,
              f"block_shards must be >= 1 or null, got {self.block_shards}"),
             (0.0 < self.mlm_probability < 1.0,
@@ -272,7 +277,7 @@ def _stream_identity(spec: StreamSpec) -> dict:
         "weights": list(spec.weights) if spec.weights else None, "resampled": spec.resampled,
         "seed": spec.seed, "rank": spec.rank, "world_size": spec.world_size,
         "num_workers": spec.num_workers, "block_shards": spec.block_shards,
-        "shuffle_buffer": spec.shuffle_buffer,
+        "shuffle_buffer": spec.shuffle_buffer, "shuffle_buffer_bytes": spec.shuffle_buffer_bytes,
     }
 
 
@@ -310,7 +315,9 @@ def build_train_loader(config: DataConfig, tokenizer, *, batch_size: int, seed: 
         resampled=resampled, seed=seed, rank=rank, world_size=world_size,
         num_workers=max(1, config.num_workers),
         block_shards=config.block_shards or _auto_block_shards(counts, config.shuffle_buffer),
-        shuffle_buffer=config.shuffle_buffer, max_member_bytes=int(config.max_member_mb * 2**20),
+        shuffle_buffer=config.shuffle_buffer,
+        shuffle_buffer_bytes=int(config.shuffle_buffer_mb * 2**20),
+        max_member_bytes=int(config.max_member_mb * 2**20),
         batch_size=batch_size,
         image_size=image_size, max_text_len=max_text_len,
         image_keys=tuple(k.lower() for k in config.image_keys),

@@ -10,6 +10,7 @@ import collections
 import gzip
 import io
 import os
+import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -28,6 +29,37 @@ from vlp.pipeline.data.object_store import (
 REMOTE_SCHEMES = ("http", "https")
 HTTP_TIMEOUT_S = 60
 READ_BUFFER = 1 << 20
+# An http(s) shard arriving slower than this on average, once RATE_GRACE_S have passed, is given
+# up (unreadable_shard): the per-read timeout alone lets one byte every few seconds hold a reader,
+# and every rank waiting on it, until the distributed timeout.
+MIN_BYTES_PER_S = 64 << 10
+RATE_GRACE_S = HTTP_TIMEOUT_S
+
+
+class RateGuardedResponse(io.RawIOBase):
+    """An HTTP response body as a raw stream that raises OSError once it arrives slower than
+    MIN_BYTES_PER_S on average after RATE_GRACE_S."""
+
+    def __init__(self, url: str, response):
+        self.url, self.response = url, response
+        self.started, self.received = time.monotonic(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.response.read1(len(buffer))  # what has arrived: the check runs as it trickles
+        buffer[:len(data)] = data
+        self.received += len(data)
+        elapsed = time.monotonic() - self.started
+        if elapsed > RATE_GRACE_S and self.received < MIN_BYTES_PER_S * elapsed:
+            raise OSError(f"{self.received} bytes in {elapsed:.0f} s: slower than the minimum "
+                          f"{MIN_BYTES_PER_S} bytes/s")
+        return len(data)
+
+    def close(self) -> None:
+        self.response.close()
+        super().close()
 
 
 @dataclass(frozen=True)
@@ -110,7 +142,8 @@ def url_scheme(url: str) -> str:
 def open_shard(url: str):
     """A binary stream of the shard's tar bytes (gunzipped for .tar.gz / .tgz)."""
     if url_scheme(url) in REMOTE_SCHEMES:
-        stream = io.BufferedReader(urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S), READ_BUFFER)
+        response = urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)
+        stream = io.BufferedReader(RateGuardedResponse(url, response), READ_BUFFER)
     elif is_object_url(url):
         stream = open_object(url, READ_BUFFER)
     else:

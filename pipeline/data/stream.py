@@ -51,6 +51,7 @@ class StreamSpec:
     num_workers: int  # logical workers per rank, >= 1
     block_shards: int
     shuffle_buffer: int
+    shuffle_buffer_bytes: int
     max_member_bytes: int
     batch_size: int
     image_size: int
@@ -112,19 +113,35 @@ def iter_blocks(spec: StreamSpec, worker: int, epoch: int, index: int) -> Iterat
             yield Block(e, i, tuple(blocks[i]))
 
 
-def shuffled(items: Iterable, buffer_size: int, rng: random.Random) -> Iterator:
-    """Bounded-buffer shuffle: fill the buffer, then emit a random slot per new item; drain."""
+def sample_bytes(sample: dict) -> int:
+    """The bytes a raw sample holds in memory (its members' data)."""
+    return sum(len(value) for value in sample.values() if isinstance(value, bytes))
+
+
+def shuffled(items: Iterable[dict], buffer_size: int, rng: random.Random,
+             max_bytes: int | None = None) -> Iterator[dict]:
+    """Bounded-buffer shuffle: fill the buffer, then emit a random slot per new item; drain.
+
+    The buffer also holds at most `max_bytes` of sample data: past it, random slots are emitted
+    until it fits again (a shard of large images cannot hold gigabytes in the buffer)."""
     if buffer_size <= 1:
         yield from items
         return
-    buffer = []
+    buffer, held = [], 0
     for item in items:
+        held += sample_bytes(item)
         if len(buffer) < buffer_size:
             buffer.append(item)
-            continue
-        slot = rng.randrange(buffer_size)
-        yield buffer[slot]
-        buffer[slot] = item
+        else:
+            slot = rng.randrange(buffer_size)
+            held -= sample_bytes(buffer[slot])
+            yield buffer[slot]
+            buffer[slot] = item
+        while max_bytes is not None and held > max_bytes and len(buffer) > 1:
+            slot = rng.randrange(len(buffer))
+            buffer[slot], buffer[-1] = buffer[-1], buffer[slot]
+            held -= sample_bytes(buffer[-1])
+            yield buffer.pop()
     rng.shuffle(buffer)
     yield from buffer
 
@@ -167,7 +184,8 @@ def iter_raw(spec: StreamSpec, worker: int, start: Position, skipped: SkipCounte
         rng = random.Random(derive_seed(spec.seed, "shuffle", spec.rank, worker, block.epoch,
                                         block.index))
         emitted = 0
-        for sample in shuffled(read(block.urls), spec.shuffle_buffer, rng):
+        for sample in shuffled(read(block.urls), spec.shuffle_buffer, rng,
+                               spec.shuffle_buffer_bytes):
             emitted += 1
             if emitted <= replay:
                 if emitted == replay:  # back at the checkpointed position

@@ -44,6 +44,9 @@ ZERO_BLOCK = bytes(BLOCK)
 REGULAR_TYPES = (b"0", b"\0", b"7")
 MAX_MEMBER_BYTES = 16 << 20  # default limit on one member kept in memory
 MAX_TAR_MEMBER = 1 << 40  # a larger size in a header is taken for corruption
+# The most an unseekable stream (http, object storage) reads past to skip one member: a larger
+# one ends the shard (oversized_member) instead of downloading up to MAX_TAR_MEMBER bytes.
+MAX_STREAM_SKIP = 256 << 20
 MAX_HEADER_DATA = 1 << 20  # pax records and GNU long names (a path is < 4 KB)
 _META_NAME = re.compile(r"(^|/)__[^/]*__($|/)")  # webdataset's __key__-style metadata members
 
@@ -127,30 +130,36 @@ def group_samples(members: Iterator[tuple[str, str, bytes | None]],
     Skipped and counted: a key seen earlier in the shard, the rest of a sample's members from the
     first repeated member name on (the first copy is yielded), both "duplicate_key"; and a sample
     with a member too large to read ("oversized_member"). Exceptions from `members` propagate;
-    the sample pending at that point is not yielded.
+    the sample pending at that point is not yielded (its members may continue past the damage)
+    and counted ("cut_by_damage").
     """
     seen: set[str] = set()
     current_key, group = None, None  # group None: the current key's members are dropped
-    for key, ext, data in members:
-        if key != current_key:
-            if group is not None:
+    try:
+        for key, ext, data in members:
+            if key != current_key:
+                if group is not None:
+                    yield group
+                current_key = key
+                group = None if key in seen else {"__key__": key}
+                if group is None:
+                    skipped.add("duplicate_key")
+                seen.add(key)
+            elif group is not None and ext in group:  # the sample's files again: a repeat
                 yield group
-            current_key = key
-            group = None if key in seen else {"__key__": key}
-            if group is None:
+                group = None
                 skipped.add("duplicate_key")
-            seen.add(key)
-        elif group is not None and ext in group:  # the sample's files again: a repeat
-            yield group
-            group = None
-            skipped.add("duplicate_key")
-        if group is None:
-            continue
-        if data is None:
-            group = None
-            skipped.add("oversized_member")
-            continue
-        group[ext] = data
+            if group is None:
+                continue
+            if data is None:
+                group = None
+                skipped.add("oversized_member")
+                continue
+            group[ext] = data
+    except Exception:  # the shard broke: the sample being read is lost with it, counted
+        if group is not None:
+            skipped.add("cut_by_damage")
+        raise
     if group is not None:
         yield group
 
@@ -192,6 +201,9 @@ def iter_members(
             elif key is None or (wanted is not None and ext not in wanted):
                 _skip(stream, size + padding, offset)
             elif size > max_member_bytes:
+                if size > MAX_STREAM_SKIP and not _seeks_cheaply(stream):
+                    raise BadData("oversized_member", f"{name} is {size} bytes at byte {offset}: "
+                                  "too large to read past on a stream; the rest is skipped")
                 _skip(stream, size + padding, offset)
                 yield key, ext, None
             else:
@@ -289,6 +301,11 @@ def _read_exact(stream, size: int, offset: int) -> bytes:
         raise BadData("corrupt_tar", f"truncated: member data at byte {offset} ends after "
                                           f"{len(buffer)} of {size} bytes")
     return bytes(buffer)
+
+
+def _seeks_cheaply(stream) -> bool:
+    """A gzip stream is "seekable" by decompressing everything in between."""
+    return stream.seekable() and not isinstance(stream, gzip.GzipFile)
 
 
 def _skip(stream, size: int, offset: int) -> None:
