@@ -1,16 +1,25 @@
 """Checkpoint publishing and validation, on tag directories laid out as training writes them."""
+import fractions
 import json
 import shutil
+import subprocess
+import sys
+import zipfile
 
 import pytest
-from train_helpers import SHARDS, make_tag
+import torch
+from train_helpers import REPO, SHARDS, make_tag
 
 from vlp.pipeline.data.checkpoints import (
     CheckpointError,
+    _consolidate_zero,
     complete_tags,
+    resolve_checkpoint,
     resolve_resume,
     validate_tag,
+    weights_only_loads,
 )
+from vlp.pipeline.eval.nightly.runner import discover_checkpoints
 from vlp.pipeline.train.checkpointer import clear_checkpoints, prune_checkpoints
 
 def test_fresh_run_has_nothing_to_resume(tmp_path):
@@ -144,8 +153,6 @@ def test_a_stray_directory_beside_the_tags_is_ignored(tmp_path):
     """A backup copy `global_step6.bak` made tag parsing raise: pruning failed on rank 0 after
     publishing (the other ranks waiting at the barrier), latest-valid exited with "invalid
     literal for int()", and the nightly job failed for every run."""
-    from vlp.pipeline.eval.nightly.runner import discover_checkpoints
-
     ckpt = tmp_path / "run" / "checkpoints"
     for step in (3, 6):
         make_tag(ckpt, step)
@@ -159,3 +166,119 @@ def test_a_stray_directory_beside_the_tags_is_ignored(tmp_path):
 def test_unknown_resume_mode(tmp_path):
     with pytest.raises(CheckpointError, match="choose one of"):
         resolve_resume(tmp_path, "newest")
+
+
+@pytest.mark.parametrize("name", ["/ABS", "../../elsewhere/checkpoints/global_step5", "..", ".",
+                                  ""])
+def test_latest_must_name_a_directory_of_the_run(tmp_path, name):
+    """A `latest` holding an absolute path or climbing with `..` led evaluation (and resume) to a
+    checkpoint outside the run."""
+    outside = make_tag(tmp_path / "elsewhere" / "checkpoints", 5)
+    ckpt = tmp_path / "run" / "checkpoints"
+    make_tag(ckpt, 3)
+    (ckpt / "latest").write_text(name.replace("/ABS", str(outside)) + "\n")
+    message = (f"{ckpt / 'latest'} names {name.replace('/ABS', str(outside))!r}, which is not a "
+               f"tag directory in {ckpt}: it must hold a directory name such as global_step120")
+    for resolve in (lambda: resolve_checkpoint(ckpt), lambda: resolve_resume(ckpt, "auto")):
+        with pytest.raises(CheckpointError) as raised:
+            resolve()
+        assert str(raised.value) == message
+    assert resolve_resume(ckpt, "latest-valid") == ckpt / "global_step3"  # does not read it
+
+
+@pytest.mark.parametrize("kept", [[], [SHARDS[1], SHARDS[2]]], ids=["empty", "no-model-file"])
+def test_a_state_that_lists_no_model_file_is_corrupt(tmp_path, kept):
+    """`"files": {}` validated: nothing was checked, and DeepSpeed got a tag without its files."""
+    good = make_tag(tmp_path, 10)
+    bad = make_tag(tmp_path, 20)
+    state = json.loads((bad / "vlp_state.json").read_text())
+    state["files"] = {name: state["files"][name] for name in kept}
+    (bad / "vlp_state.json").write_text(json.dumps(state))
+    assert validate_tag(bad) == [
+        f"{bad / 'vlp_state.json'} lists no DeepSpeed model file (*model_states.pt) (corrupt: "
+        "saving records every file it wrote)"]
+    with pytest.raises(CheckpointError, match="lists no DeepSpeed model file"):
+        resolve_resume(tmp_path, "latest")
+    assert resolve_resume(tmp_path, "latest-valid") == good
+
+
+def test_pruning_deletes_only_the_names_a_run_writes(tmp_path):
+    """Pruning globbed global_step*.partial and deleted a user's global_step_notes.partial."""
+    make_tag(tmp_path, 10)
+    users = ["global_step_notes.partial", "global_step.partial", "global_stepX.universal",
+             "global_step6.bak", "global_step6.partial.old"]
+    ours = ["global_step20.partial", "global_step10.universal", "global_step10.universal.partial",
+            "global_step5.deleting"]
+    for name in users + ours:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "notes.txt").write_text("keep me")
+    prune_checkpoints(tmp_path, keep_last=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["global_step10", "latest", *users])
+
+
+# Run in a subprocess: an audit hook cannot be removed. It refuses to delete vlp_state.json, as
+# NFS refuses a file another client holds open.
+PRUNE_REFUSING_STATE_FILES = """
+import errno, os, sys
+from pathlib import Path
+from vlp.pipeline.train.checkpointer import prune_checkpoints
+
+def refuse(event, args):
+    if event == "os.remove" and os.fsdecode(args[0]).endswith("vlp_state.json"):
+        raise OSError(errno.EBUSY, "Device or resource busy", args[0])
+
+sys.addaudithook(refuse)
+prune_checkpoints(Path(sys.argv[1]), keep_last=1)
+"""
+
+
+def test_a_tag_whose_deletion_is_cut_short_is_never_listed(tmp_path):
+    """Pruning deleted a tag in place: cut short, it left vlp_state.json beside some of the files,
+    and the nightly job (and latest-valid) took the half-deleted tag for complete."""
+    ckpt = tmp_path / "run" / "checkpoints"
+    make_tag(ckpt, 5)
+    newest = make_tag(ckpt, 10)
+    done = subprocess.run([sys.executable, "-c", PRUNE_REFUSING_STATE_FILES, str(ckpt)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "could not delete old checkpoint" in done.stderr
+    assert complete_tags(ckpt) == [newest]
+    assert [ref.tag for ref in discover_checkpoints(tmp_path)] == ["global_step10"]
+    assert (ckpt / "global_step5.deleting" / "vlp_state.json").is_file()
+    prune_checkpoints(ckpt, keep_last=1)  # the next save removes the leftover
+    assert sorted(p.name for p in ckpt.iterdir()) == ["global_step10", "latest"]
+
+
+def write_pickle(path, data_pkl: bytes) -> None:
+    """A torch.save zip file whose pickle is `data_pkl`."""
+    torch.save({}, path)
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data_pkl if name.endswith("/data.pkl") else data)
+
+
+@pytest.mark.parametrize("payload,reason", [
+    ("global", "its pickle needs fractions.Fraction, which is not allowed"),
+    ("opcode", "Unsupported operand 105"),  # INST, which no torch.save writes
+])
+def test_a_file_refused_by_the_weights_only_loads_is_named_without_torchs_advice(
+        tmp_path, payload, reason):
+    """A resume failing in DeepSpeed's load printed torch's advice to load the file again with
+    weights_only=False, which runs whatever the pickle holds."""
+    tag = make_tag(tmp_path, 10)
+    shard = tag / SHARDS[0]
+    if payload == "global":
+        torch.save({"loss_scale": fractions.Fraction(1, 3)}, shard)
+    else:
+        write_pickle(shard, b"(i__builtin__\nobject\n.")
+    message = (f"{shard} could not be loaded safely: {reason} (it is damaged or was not written "
+               "by DeepSpeed)")
+    with pytest.raises(CheckpointError) as raised, weights_only_loads():
+        torch.load(str(shard), map_location="cpu", weights_only=False)  # as DeepSpeed loads it
+    assert str(raised.value) == message
+    with pytest.raises(CheckpointError) as raised:
+        _consolidate_zero(tag)
+    assert str(raised.value) == f"cannot consolidate DeepSpeed checkpoint {tag}: {message}"

@@ -2,12 +2,15 @@
 checkpoint as a model (for evaluation, export, deployment and warm starts).
 
 Layout of `run_dir/checkpoints/` (written by vlp.pipeline.train.checkpointer):
-    latest                      text file naming the newest complete tag (DeepSpeed's convention)
+    latest                      text file naming the newest complete tag (DeepSpeed's convention):
+                                a plain directory name here, never a path
     global_step{N}/             DeepSpeed's files for that step, plus
         config.json             the model config (same format as an export's config.json)
         tokenizer.json          the tokenizer the run trains with
         vlp_state.json          written last: step, world size, publication time, and the size
                                 and sha256 of every file (older tags: sizes only)
+    global_step{N}.partial/     a tag being saved; .universal/ a copy for another world size;
+                                .deleting/ a tag being pruned (renamed first, then deleted)
 
 Paths `load_model` accepts:
     export directory      config.json + model.safetensors + tokenizer.json (`vlp export`; also
@@ -28,6 +31,7 @@ inside DeepSpeed too. A tampered checkpoint can still hold wrong numbers, not co
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import json
@@ -49,7 +53,9 @@ from vlp.pipeline.data.files import read_json
 TAG_PREFIX = "global_step"
 PARTIAL_SUFFIX = ".partial"
 UNIVERSAL_SUFFIX = ".universal"  # a tag converted for another world size (train/universal.py)
+DELETING_SUFFIX = ".deleting"  # a tag being pruned (train/checkpointer.py)
 STATE_FILE = "vlp_state.json"
+MODEL_STATES = "model_states.pt"  # how the name of every DeepSpeed model file ends
 LATEST_FILE = "latest"
 RESUME_MODES = ("auto", "latest", "latest-valid", "none")
 EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json")
@@ -90,9 +96,18 @@ def complete_tags(ckpt_dir: Path) -> list[Path]:
 
 
 def latest_tag(ckpt_dir: Path) -> Path | None:
-    """The tag directory the `latest` file names (it may not exist), or None without one."""
+    """The tag directory the `latest` file names (it may not exist), or None without one.
+    CheckpointError unless it names a plain directory of `ckpt_dir`: an absolute path or `..`
+    would lead resume and evaluation out of the run."""
     latest_file = Path(ckpt_dir) / LATEST_FILE
-    return Path(ckpt_dir) / latest_file.read_text().strip() if latest_file.is_file() else None
+    if not latest_file.is_file():
+        return None
+    name = latest_file.read_text().strip()
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise CheckpointError(f"{latest_file} names {name!r}, which is not a tag directory in "
+                              f"{ckpt_dir}: it must hold a directory name such as "
+                              f"{tag_for_step(120)}")
+    return Path(ckpt_dir) / name
 
 
 def published_time(tag_dir: Path) -> float:
@@ -131,9 +146,12 @@ def validate_tag(tag_dir: Path, part: tuple[int, int] = (0, 1)) -> list[str]:
         return [f"{tag_dir} has no {STATE_FILE} (saving did not finish)"]
     try:
         expected = json.loads(state_path.read_text())["files"]
-        names = sorted(expected)
+        names = sorted(expected.keys())
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         return [f"{state_path} is unreadable: {exc!r}"]
+    if not any(name.endswith(MODEL_STATES) for name in names):
+        return [f"{state_path} lists no DeepSpeed model file (*{MODEL_STATES}) (corrupt: saving "
+                "records every file it wrote)"]
     mine = set(names[part[0]::part[1]])
     problems = []
     for name in names:
@@ -168,31 +186,48 @@ def _content_problems(path: Path, sha256: str | None) -> list[str]:
 
 
 def _one_line(exc: Exception) -> str:
-    """An exception as one line; for torch's weights-only refusal, the global it refused."""
+    """An exception as one line; for torch's weights-only refusal, what it refused, without
+    torch's advice to turn weights_only off (the lines naming it)."""
     text = str(exc)
     refused = re.search(r"GLOBAL (\S+)", text)
     if refused:
         return f"its pickle needs {refused[1]}, which is not allowed"
-    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and "weights_only" not in line]
+    return lines[0] if lines else type(exc).__name__
 
 
 @contextlib.contextmanager
 def weights_only_loads():
     """Every torch.load inside runs torch's weights-only unpickler allowing only tensors, plain
     containers and DEEPSPEED_PICKLED_TYPES, also where DeepSpeed turns weights_only off (torch
-    honours TORCH_FORCE_WEIGHTS_ONLY_LOAD over the argument). Process-wide while it lasts."""
+    honours TORCH_FORCE_WEIGHTS_ONLY_LOAD over the argument). A refused file is a
+    CheckpointError naming it. Process-wide while it lasts."""
     allowed = [getattr(importlib.import_module(module), name)
                for module, name in (t.rsplit(".", 1) for t in DEEPSPEED_PICKLED_TYPES)]
     previous = os.environ.get(_FORCE_WEIGHTS_ONLY)
     os.environ[_FORCE_WEIGHTS_ONLY] = "1"
+    load = torch.load
+    torch.load = functools.partial(_load_or_refuse, load)  # DeepSpeed calls torch.load by name
     try:
         with torch.serialization.safe_globals(allowed):
             yield
     finally:
+        torch.load = load
         if previous is None:
             os.environ.pop(_FORCE_WEIGHTS_ONLY, None)
         else:
             os.environ[_FORCE_WEIGHTS_ONLY] = previous
+
+
+def _load_or_refuse(load: Callable, f, *args, **kwargs):
+    """`load(f, ...)`; a refusal of the weights-only unpickler becomes a CheckpointError naming
+    the file, not torch's advice to load it with weights_only off (which would run its code)."""
+    try:
+        return load(f, *args, **kwargs)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{f} could not be loaded safely: {_one_line(exc)} (it is damaged "
+                              "or was not written by DeepSpeed)") from None
 
 
 def load_state(tag_dir: Path) -> dict:
@@ -225,7 +260,7 @@ def resolve_resume(ckpt_dir: Path, mode: str, overwrite: bool = False,
         raise CheckpointError(f"checkpoint.resume={mode!r}; choose one of {', '.join(RESUME_MODES)}")
     ckpt_dir = Path(ckpt_dir)
     tags = complete_tags(ckpt_dir)
-    latest = latest_tag(ckpt_dir)
+    latest = latest_tag(ckpt_dir) if mode in ("auto", "latest") else None
     if mode == "none" or (mode == "auto" and latest is None and not tags):
         if tags and not overwrite:
             raise CheckpointError(
@@ -296,12 +331,13 @@ def resolve_checkpoint(path: str | Path) -> tuple[str, Path]:
         if missing:
             raise CheckpointError(f"ONNX export {path} has no {', '.join(missing)}")
         return "onnx", path
-    if (path / LATEST_FILE).is_file():
-        tag = (path / LATEST_FILE).read_text().strip()
-        if not tag or not (path / tag).is_dir():
-            raise CheckpointError(f"{path / LATEST_FILE} names tag {tag!r}, which is not in {path}")
-        path = path / tag
-    if (path / STATE_FILE).exists() or list(path.glob("*_model_states.pt")):
+    latest = latest_tag(path)
+    if latest is not None:
+        if not latest.is_dir():
+            raise CheckpointError(f"{path / LATEST_FILE} names tag {latest.name!r}, which is not "
+                                  f"in {path}")
+        path = latest
+    if (path / STATE_FILE).exists() or list(path.glob(f"*_{MODEL_STATES}")):
         return "deepspeed", path
     raise CheckpointError(
         f"{path} is not a checkpoint: expected an export directory ({', '.join(EXPORT_FILES)}), "
@@ -406,8 +442,8 @@ def _consolidate_zero(tag_dir: Path) -> dict[str, torch.Tensor]:
     try:
         with contextlib.redirect_stdout(sys.stderr), weights_only_loads():
             return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    except (OSError, ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError,
-            zipfile.BadZipFile) as exc:
+    except (CheckpointError, OSError, ValueError, KeyError, RuntimeError, EOFError,
+            pickle.UnpicklingError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"cannot consolidate DeepSpeed checkpoint {tag_dir}: "
                               f"{_one_line(exc)}") from exc
 

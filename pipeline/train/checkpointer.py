@@ -6,7 +6,9 @@ when every rank has finished, so a kill during saving leaves the previous checkp
 untouched; `vlp_state.json`, written last, records every file's size and sha256 (the ranks share
 the hashing) so resume refuses a truncated or corrupted checkpoint before DeepSpeed opens it.
 Pruning keeps the most recently published tags and never the one just written or the one
-`latest` names. The layout and the reading side are in vlp.pipeline.data.checkpoints.
+`latest` names; a tag it deletes is first renamed `global_step{N}.deleting`, so a deletion cut
+short never leaves half a tag under a tag's name. The layout and the reading side are in
+vlp.pipeline.data.checkpoints.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from vlp.pipeline.data.checkpoints import (
+    DELETING_SUFFIX,
     LATEST_FILE,
     PARTIAL_SUFFIX,
     STATE_FILE,
@@ -39,6 +42,11 @@ from vlp.pipeline.data.checkpoints import (
 from vlp.pipeline.data.files import write_text_atomic
 
 log = logging.getLogger(__name__)
+# The directories of a run: its tags, and the leftovers of saving, converting (universal.py) and
+# pruning. Nothing else is ever deleted (a user's global_step_notes.partial, global_step6.bak).
+_OURS = re.compile(rf"{TAG_PREFIX}\d+(?P<leftover>({re.escape(UNIVERSAL_SUFFIX)})?"
+                   rf"{re.escape(PARTIAL_SUFFIX)}|{re.escape(UNIVERSAL_SUFFIX)}|"
+                   rf"{re.escape(DELETING_SUFFIX)})?")
 
 
 class Checkpointer:
@@ -146,24 +154,41 @@ def prune_checkpoints(ckpt_dir: Path, keep_last: int, current: Path | None = Non
     rank 0 while the other ranks wait at a barrier.
     """
     ckpt_dir = Path(ckpt_dir)
-    doomed = [*ckpt_dir.glob(f"{TAG_PREFIX}*{PARTIAL_SUFFIX}"),
-              *ckpt_dir.glob(f"{TAG_PREFIX}*{UNIVERSAL_SUFFIX}")]
+    doomed, _ = _run_dirs(ckpt_dir)
     if keep_last > 0:
         protected = {current, latest_tag(ckpt_dir)}
         newest_first = sorted(complete_tags(ckpt_dir), key=published_time, reverse=True)
         doomed += [tag for tag in newest_first[keep_last:] if tag not in protected]
     for path in doomed:
         try:
-            shutil.rmtree(path)
+            _delete(path)
         except OSError as exc:
             log.warning("could not delete old checkpoint %s: %s", path, exc)
 
 
 def clear_checkpoints(ckpt_dir: Path) -> None:
-    """Delete every tag (complete or partial) and `latest` (checkpoint.overwrite=true)."""
-    ours = re.compile(rf"{TAG_PREFIX}\d+({re.escape(UNIVERSAL_SUFFIX)})?"
-                      rf"({re.escape(PARTIAL_SUFFIX)})?")
-    for path in Path(ckpt_dir).glob(f"{TAG_PREFIX}*"):
-        if ours.fullmatch(path.name):  # not a user's global_step6.bak
-            shutil.rmtree(path)
+    """Delete every tag (complete or not), every leftover and `latest`
+    (checkpoint.overwrite=true)."""
+    leftovers, tags = _run_dirs(Path(ckpt_dir))
+    for path in leftovers + tags:
+        _delete(path)
     (Path(ckpt_dir) / LATEST_FILE).unlink(missing_ok=True)
+
+
+def _run_dirs(ckpt_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(leftovers, tag directories) of the run in `ckpt_dir`, each sorted by name."""
+    leftovers, tags = [], []
+    for path in sorted(ckpt_dir.glob(f"{TAG_PREFIX}*")):
+        match = _OURS.fullmatch(path.name)
+        if match:
+            (tags if match["leftover"] is None else leftovers).append(path)
+    return leftovers, tags
+
+
+def _delete(path: Path) -> None:
+    """Delete a tag or leftover directory. A tag is renamed to a leftover first, so a deletion
+    cut short (a kill, a file that will not go) leaves a leftover the next prune removes, never
+    half a tag that resume or the nightly job would take for complete."""
+    if _OURS.fullmatch(path.name)["leftover"] is None:
+        path = path.rename(path.with_name(path.name + DELETING_SUFFIX))
+    shutil.rmtree(path)
