@@ -21,9 +21,13 @@ run=$out/proxy/$name
 [ -f "$world/world.json" ] || { echo "no quickstart data in $data: run vlp quickstart first" >&2; exit 2; }
 shards=$(python3 -c "import sys; from vlp.pipeline.data.manifest import shard_url_pattern
 print(shard_url_pattern(sys.argv[1]))" "$data/shards")
+# The recipe's warmup, cut to the run (a warmup longer than the run is refused).
+warmup=$(python3 -c "import sys; from vlp.pipeline.train.config import load_train_config
+print(min(int(sys.argv[1]), load_train_config('tiny_synth.yaml').optim.warmup_steps))" "$steps")
 vlp train --recipe tiny_synth.yaml --set "run_dir=$run" "data.shards=$shards" \
     "data.tokenizer=$data/tokenizer" "data.lexicon=$world/lexicon.json" \
-    "optim.max_steps=$steps" "checkpoint.every_steps=$steps" checkpoint.overwrite=true "$@"
+    "optim.max_steps=$steps" "optim.warmup_steps=$warmup" "checkpoint.every_steps=$steps" \
+    checkpoint.overwrite=true "$@"
 vlp eval retrieval --checkpoint "$run/checkpoints" --image-root "$world/retrieval" \
     --karpathy-json "$world/retrieval/dataset_synth.json" --rerank-k 16 --bf16 \
     --out "$run/retrieval.json" > /dev/null

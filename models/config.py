@@ -11,6 +11,12 @@ POSITION_EMBEDDINGS = ("learned", "sincos")
 FUSED_POOLINGS = ("image_cls", "text_cls")
 _POSITIVE_INTS = ("image_size", "patch_size", "width", "depth", "heads", "fusion_layers",
                   "max_text_len", "embed_dim", "vqa_hidden_mult")
+# Upper bounds, far beyond any model this code trains, so a typo (image_size 262144: 10^9 patch
+# tokens) is one line before the launch instead of an allocation failure on every rank. The
+# largest published ViTs take ~1-4k px inputs and LLMs reach width ~20k, depth ~130 and 256k
+# vocabularies; heads, patch_size and fusion_layers are bounded through width, image_size, depth.
+_MAX_SIZES = {"image_size": 8192, "width": 65536, "depth": 1024, "max_text_len": 65536,
+              "embed_dim": 65536, "vqa_hidden_mult": 64, "vocab_size": 1 << 22}
 
 
 @dataclass
@@ -67,7 +73,8 @@ class ModelConfig:
                 raise ValueError(message)
 
     def _check_types(self) -> None:
-        """Types and signs first, so a config.json with `"width": "768"` is one clear line."""
+        """Types, signs and upper bounds first, so a config.json with `"width": "768"` or a size
+        no device holds is one clear line."""
         checks = [(_is_int(getattr(self, name)) and getattr(self, name) >= 1, name,
                    "a positive integer") for name in _POSITIVE_INTS]
         checks += [
@@ -82,6 +89,9 @@ class ModelConfig:
         for ok, name, what in checks:
             if not ok:
                 raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r:.40}")
+        for name, most in _MAX_SIZES.items():
+            if (getattr(self, name) or 0) > most:
+                raise ValueError(f"{name} must be at most {most}, got {getattr(self, name)}")
 
     @property
     def num_patches(self) -> int:

@@ -56,6 +56,9 @@ def model_from_meta(meta: dict) -> UnifiedModel:
     if version != FORMAT_VERSION:
         raise ValueError(f"format_version {version!r}, this code reads {FORMAT_VERSION}")
     num_answers = values.pop("vqa_num_answers", None)
+    if num_answers is not None and not (type(num_answers) is int and num_answers >= 1):
+        raise ValueError(f"vqa_num_answers must be a positive integer or null, got "
+                         f"{num_answers!r:.40}")
     fusion = values.pop("vqa_fusion", "fused")
     quantization, pruning = values.pop("quantization", None), values.pop("pruning", None)
     # Files written before the weights were recorded: the defaults, which have no LM.

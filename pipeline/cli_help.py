@@ -1,5 +1,7 @@
 """Help texts every `vlp` command shares: each argument described with its default, and an
-example command line at the end of each command's help.
+example command line at the end of each command's help; and the argument types for counts
+(`positive_int`, `nonnegative_int`), so `--batch-size 0` is argparse's one error line, not a
+traceback after the model has loaded.
 
 A stage module builds its commands with `add_command`, so a new command gets the same help
 layout; tests/test_cli_help.py checks that every argument of every command has a help text and
@@ -8,6 +10,7 @@ every command an example.
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 EXAMPLES_HEADINGS = ("example:", "examples:")
 
@@ -40,3 +43,21 @@ def add_command(subparsers, name: str, help: str, examples: list[str],
     """A subcommand with the shared formatter, `help` as its description and an example epilog."""
     return subparsers.add_parser(name, help=help, description=description or help,
                                  epilog=examples_epilog(examples), formatter_class=HelpFormatter)
+
+
+def _int_at_least(least: int, text: str) -> int:
+    """`text` as an integer >= `least`; else argparse's error, which names the argument."""
+    with contextlib.suppress(ValueError):
+        if int(text) >= least:
+            return int(text)
+    raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}")
+
+
+def positive_int(text: str) -> int:
+    """argparse `type=` for a count that must be >= 1 (a batch size, a chunk)."""
+    return _int_at_least(1, text)
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse `type=` for a count where 0 means off (e.g. --rerank-k)."""
+    return _int_at_least(0, text)

@@ -145,11 +145,10 @@ def summary_table(results: pd.DataFrame, caption_baselines: dict | None = None) 
 
 def run_quickstart(cfg: QuickstartConfig) -> dict:
     from vlp.data_prep.prepare import prepare_synthetic_data
-    from vlp.data_prep.server import free_port
     from vlp.pipeline.data.errors import UserError
     from vlp.pipeline.data.manifest import shard_url_pattern
     from vlp.pipeline.eval.nightly.runner import read_results, run_nightly
-    from vlp.pipeline.train.config import recipe_path
+    from vlp.pipeline.train.config import load_train_config, recipe_path
     from vlp.pipeline.train.launch import run_training
 
     out = Path(cfg.out_dir).resolve()
@@ -166,13 +165,15 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
                                   n_vqa_train=cfg.n_vqa_train, n_vqa_val=cfg.n_vqa_val)
     timings["data"] = time.perf_counter() - start
 
+    # A run cut shorter than the recipe's warmup warms up over all of it (a longer one is refused).
+    warmup = min(cfg.max_steps, load_train_config(recipe_path(RECIPE)).optim.warmup_steps)
     overrides = [f"run_dir={run_dir}", f"data.shards={shard_url_pattern(data['shards'])}",
                  f"data.tokenizer={data['tokenizer']}", f"optim.max_steps={cfg.max_steps}",
+                 f"optim.warmup_steps={warmup}",
                  f"data.lexicon={data['lexicon']}", f"seed={cfg.seed}",
                  "checkpoint.keep_last=0", f"checkpoint.every_steps={cfg.max_steps}"]
     mark = time.perf_counter()
-    code = run_training(str(recipe_path(RECIPE)), overrides, nproc=cfg.nproc,
-                        master_port=free_port())
+    code = run_training(str(recipe_path(RECIPE)), overrides, nproc=cfg.nproc)
     if code != 0:
         raise QuickstartError(f"training failed with exit code {code}; see the output above")
     timings["train"] = time.perf_counter() - mark

@@ -75,3 +75,70 @@ def test_private_hosts_are_refused_with_the_flag_that_allows_them(capsys, tmp_pa
     assert_one_line_error(code, err, "data download", "private_host")
     assert "unless --allow-private-hosts is given" in err
     assert not (tmp_path / "shards").exists()
+
+
+@pytest.mark.parametrize("name, content", [
+    ("urls.parquet", "url,caption\nhttp://example.com/a.jpg,a cat\n"),  # text named .parquet
+    ("urls.csv", 'url,caption\n"http://example.com/a.jpg,a cat\n'),  # an unclosed quote
+])
+def test_a_url_list_that_cannot_be_parsed_is_one_line(capsys, tmp_path, name, content):
+    """pyarrow's ArrowInvalid came out as a traceback."""
+    (tmp_path / name).write_text(content)
+    code, err = run(capsys, "data", "download", "--url-list", tmp_path / name,
+                    "--out", tmp_path / "shards")
+    assert_one_line_error(code, err, "data download",
+                          f"URL list {tmp_path / name} cannot be read as {name.split('.')[1]}: ")
+    assert not (tmp_path / "shards").exists()
+
+
+def assert_argparse_error(capsys, argv: list, command: str, message: str) -> None:
+    """argparse's refusal while parsing: its usage, then one line naming the argument; exit 2."""
+    with pytest.raises(SystemExit) as exited:
+        vlp([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == f"vlp {command}: error: {message}", err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch-size", "0", "argument --batch-size: must be an integer >= 1, got '0'"),
+    ("--chunk", "0", "argument --chunk: must be an integer >= 1, got '0'"),
+    ("--rerank-k", "-5", "argument --rerank-k: must be an integer >= 0, got '-5'"),
+    ("--out", "{tmp}", "argument --out: {tmp} is a directory; name the file to write, e.g. "
+                       "{tmp}/result.json"),
+])
+def test_bad_eval_numbers_and_outputs_are_refused_before_anything_loads(capsys, tmp_path, flag,
+                                                                        value, message):
+    """--batch-size 0 and --chunk 0 were range() tracebacks after the model had encoded the set,
+    --rerank-k -5 was taken for 0, and an --out directory lost the finished result."""
+    argv = ["eval", "retrieval", "--checkpoint", tmp_path / "none", "--karpathy-json",
+            tmp_path / "none.json", "--image-root", tmp_path, flag, value.format(tmp=tmp_path)]
+    assert_argparse_error(capsys, argv, "eval retrieval", message.format(tmp=tmp_path))
+
+
+@pytest.mark.parametrize("command", [
+    ["eval", "vqa", "--out"],
+    ["eval", "vqa", "--results"],
+    ["eval", "caption", "--karpathy-json", "k", "--image-root", "r", "--out"],
+    ["eval", "zeroshot", "--dataset", "d", "--out"],
+    ["eval", "linear-probe", "--dataset", "d", "--out"],
+    ["eval", "compositionality", "--edits", "e", "--image-root", "r", "--out"],
+])
+def test_every_eval_job_refuses_an_output_directory(capsys, tmp_path, command):
+    argv = [*command, tmp_path, "--checkpoint", tmp_path / "none"]
+    assert_argparse_error(capsys, argv, " ".join(command[:2]),
+                          f"argument {command[-1]}: {tmp_path} is a directory; name the file to "
+                          f"write, e.g. {tmp_path}/result.json")
+
+
+@pytest.mark.parametrize("device, message", [
+    ("bogus", "--device bogus is not a device; use cpu, cuda or cuda:N"),
+    ("meta", "--device meta: evaluation runs on cpu, cuda or cuda:N"),
+    ("cuda:99", "--device cuda:99: "),  # no CUDA here, or not that many GPUs
+])
+def test_an_unknown_device_is_one_line(capsys, tmp_path, device, message):
+    """--device bogus was torch's RuntimeError after the test set had been read."""
+    code, err = run(capsys, "eval", "retrieval", "--checkpoint", tmp_path / "none",
+                    "--karpathy-json", tmp_path / "none.json", "--image-root", tmp_path,
+                    "--device", device)
+    assert_one_line_error(code, err, "eval retrieval", message)

@@ -1,9 +1,11 @@
-"""shard_url_pattern: one brace pattern for the shards of a manifest."""
+"""shard_url_pattern: one brace pattern for the shards of a manifest; a corrupt manifest."""
 import json
+import re
 
 import pytest
 
-from vlp.pipeline.data.manifest import FORMAT, shard_url_pattern
+from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.data.manifest import FORMAT, count_samples, shard_url_pattern
 
 
 def write_manifest(path, names):
@@ -30,3 +32,28 @@ def test_img2dataset_and_openclip_names(tmp_path):
 def test_patterns_that_cannot_be_made(tmp_path, names, message):
     with pytest.raises(ValueError, match=message):
         shard_url_pattern(write_manifest(tmp_path, names))
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"format": "vlp-shard-manifest/1", "shar', "manifest.json is not valid JSON"),  # cut short
+    (b"\xff\xfe", "manifest.json is not valid JSON"),
+    ("[]", "manifest.json is not a vlp-shard-manifest/1 manifest"),
+])
+def test_a_corrupt_manifest_is_one_line(tmp_path, content, message):
+    """json.loads raised a JSONDecodeError traceback (a list: AttributeError)."""
+    path = tmp_path / "manifest.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(UserError, match=f"{message}.*rebuild it with `vlp data index`"):
+        shard_url_pattern(tmp_path)
+
+
+def test_training_reads_no_counts_past_a_corrupt_manifest(tmp_path):
+    """Training took a manifest.json that is not JSON for none and counted the epoch from
+    sizes.json, unchecked against the shards; now it says which file to rebuild."""
+    (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 20}))
+    url = f"{tmp_path}/00000.tar"
+    assert count_samples([url]) == {url: 20}
+    (tmp_path / "manifest.json").write_text('{"format": "vlp-shard-manifest/1", "shar')
+    with pytest.raises(UserError, match=f"^{re.escape(str(tmp_path))}/manifest.json is not "
+                                        "valid JSON"):
+        count_samples([url])

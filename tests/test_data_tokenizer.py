@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
 import pytest
 from transformers import PreTrainedTokenizerFast
 
 from vlp.data_prep.tokenizer import iter_shard_captions, train_tokenizer
+from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.data.tokenizer import load_tokenizer
 
 
@@ -46,6 +48,22 @@ def test_a_tokenizer_without_special_tokens_is_refused(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "mask_token": None}))
     with pytest.raises(ValueError, match="mask_token"):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("name, content", [
+    ("tokenizer.json", "a caption, not JSON"),
+    ("tokenizer.json", json.dumps({"model": {"type": "WordPiece"}})),  # JSON, not a tokenizer
+    ("captions.txt", "a red square\n"),
+])
+@pytest.mark.parametrize("as_dir", [False, True])
+def test_a_file_that_is_not_a_tokenizer_is_one_line(tmp_path, name, content, as_dir):
+    """The tokenizers library raised a bare Exception (or transformers a KeyError) from deep
+    inside: a traceback from `vlp train --dry-run` instead of the file named."""
+    (tmp_path / name).write_text(content)
+    given = tmp_path if as_dir else tmp_path / name
+    with pytest.raises(UserError, match=rf"^{re.escape(str(given))} is not a tokenizer \(.+\): "
+                                        "give the directory or tokenizer.json"):
+        load_tokenizer(given)
 
 
 def test_training_on_no_text_is_an_error(tmp_path):

@@ -84,6 +84,17 @@ def test_unknown_format_version_is_refused(tmp_path):
         from_pretrained(out)
 
 
+@pytest.mark.parametrize("num_answers", ["5", 0, 2.5, True])
+def test_a_vqa_answer_count_that_is_not_a_count_is_one_line(tmp_path, num_answers):
+    """`"vqa_num_answers": "5"` gave a TypeError from torch.empty while building the head."""
+    out = save_pretrained(trained_model(), tmp_path)
+    meta = json.loads((out / CONFIG_FILE).read_text())
+    (out / CONFIG_FILE).write_text(json.dumps({**meta, "vqa_num_answers": num_answers}))
+    with pytest.raises(ValueError, match=r"config.json: vqa_num_answers must be a positive "
+                                         rf"integer or null, got {num_answers!r}$"):
+        from_pretrained(out)
+
+
 def test_the_loss_weights_travel_with_the_weights(tmp_path):
     """config.json records the objectives the weights were trained with (the captioning job
     refuses to decode with an LM head that never trained); older files mean the defaults."""

@@ -63,6 +63,16 @@ def test_unknown_config_key_is_an_error(tmp_path):
         load_config("base", heads=5)
 
 
+@pytest.mark.parametrize("size, most", [("image_size", 8192), ("width", 65536), ("depth", 1024),
+                                        ("max_text_len", 65536), ("vocab_size", 1 << 22)])
+def test_sizes_no_device_holds_are_refused_before_anything_is_built(size, most):
+    """image_size 262144 passed `vlp train --dry-run`, then failed to allocate on every rank."""
+    fits = {"image_size": {"patch_size": 8}, "width": {"heads": 1}}.get(size, {})
+    assert getattr(load_config("tiny", **fits, **{size: most}), size) == most
+    with pytest.raises(ValueError, match=rf"^{size} must be at most {most}, got {most * 2}$"):
+        load_config("tiny", **fits, **{size: most * 2})
+
+
 # ---- shapes, masks, routing -------------------------------------------------------------------
 
 def test_public_methods_shapes():

@@ -1,21 +1,23 @@
 """Training configuration: recipes, overrides and the DeepSpeed config built from them."""
 import json
+import re
 from pathlib import Path
 
 import pytest
+from train_helpers import train_overrides
 
 from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.train.config import load_train_config
 from vlp.pipeline.train.optim import warmup_cosine
-from vlp.pipeline.train.trainer import build_ds_config
+from vlp.pipeline.train.trainer import build_ds_config, check_run
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_recipe_loads_and_overrides_apply():
     cfg = load_train_config(REPO / "pipeline/recipes/tiny_synth.yaml",
-                            ["optim.lr=3e-4", "optim.max_steps=20", "data.sampling=resampled",
-                             "data.weights=[1, 2]"])
+                            ["optim.lr=3e-4", "optim.max_steps=20", "optim.warmup_steps=5",
+                             "data.sampling=resampled", "data.weights=[1, 2]"])
     assert cfg.model.name == "tiny"
     assert cfg.optim.lr == pytest.approx(3e-4)  # YAML reads "3e-4" as text; it is converted
     assert cfg.optim.max_steps == 20
@@ -37,10 +39,22 @@ def test_recipe_loads_and_overrides_apply():
     ("dist_backend=nccl;gloo", "dist_backend 'nccl;gloo' must be a backend name"),
     ("faults.inject_nonfinite_at=[0]", "faults.inject_nonfinite_at steps count from 1"),
     ("faults.crash_during_save_at_step=-1", "faults.crash_during_save_at_step must be >= 0"),
-    ("data.max_member_mb=0", "data.max_member_mb must be > 0"),
+    ("data.max_member_mb=0", "data.max_member_mb must be a finite number > 0"),
+    ("data.max_member_mb=inf", "data.max_member_mb must be a finite number > 0, got inf"),
+    ("data.shuffle_buffer_mb=0", "data.shuffle_buffer_mb must be a finite number > 0"),
     ("data.verify=md5", "data.verify: 'md5' is not one of size, sha256, none"),
     ("checkpoint.overwrite=maybe", "checkpoint.overwrite: 'maybe' is not a valid bool"),
     ("data.edited_negatives=true", "edited_negatives needs data.lexicon"),
+    # YAML reads inf and .nan as floats: each passed `vlp train --dry-run`.
+    ("optim.lr=inf", "optim.lr must be > 0 and finite, got inf"),
+    ("model.itc_weight=inf", "model.*_weight must be >= 0, finite and not all 0, got (inf,"),
+    ("model.lm_weight=.nan", "model.*_weight must be >= 0, finite and not all 0"),
+    ("distill.itc_weight=inf", "distill.itc_weight and mlm_weight must be >= 0 and finite"),
+    ("distill.temperature=inf", "distill.temperature must be > 0 and finite, got inf"),
+    ("optim.grad_clip=inf", "optim.grad_clip must be >= 0 and finite"),
+    ("optim.warmup_steps=1001", "optim.warmup_steps 1001 is longer than max_steps 1000: the lr "
+                                "would never leave warmup"),
+    ("dist_timeout_s=1000000000000000", "config.dist_timeout_s must be at most 604800 (a week)"),
 ])
 def test_bad_keys_and_values_are_one_line_errors(override, message):
     with pytest.raises(ValueError) as excinfo:
@@ -67,6 +81,18 @@ def test_ds_config_takes_batch_and_clipping_from_the_recipe(tmp_path):
     clashing.write_text(json.dumps({"train_batch_size": 64, "zero_optimization": {"stage": 3}}))
     with pytest.raises(ValueError, match="train_batch_size"):
         build_ds_config(load_train_config(None, [f"ds_config={clashing}"]))
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{\"zero_optimization\": ", "is not valid JSON: Expecting value"),
+    ("[1]", "must be a JSON object, got list"),
+])
+def test_a_ds_config_that_is_not_a_json_object_is_one_line(tmp_path, content, message):
+    """It gave a JSONDecodeError traceback in `vlp train --dry-run`."""
+    path = tmp_path / "ds.json"
+    path.write_text(content)
+    with pytest.raises(UserError, match=f"^ds_config {re.escape(str(path))} {message}"):
+        load_train_config(None, [f"ds_config={path}"])
 
 
 def test_warmup_then_cosine_to_the_floor():
@@ -157,3 +183,19 @@ def test_distillation_and_edited_negatives_are_refused_together():
     with pytest.raises(ValueError, match="set data.edited_negatives=false"):
         load_train_config(None, ["distill.teacher=export/teacher", "data.lexicon=lexicon.json",
                                  "data.edited_negatives=true"])
+
+
+def test_a_tokenizer_directory_without_tokenizer_json_fails_the_dry_run(tmp_path, shard_dir):
+    """An HF directory of vocab.txt alone loads (transformers builds the fast tokenizer), but
+    every checkpoint stores tokenizer.json: the dry run passed, then every rank died reading it."""
+    tokenizer = tmp_path / "bert-vocab"
+    tokenizer.mkdir()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "circle", "square"]
+    (tokenizer / "vocab.txt").write_text("\n".join(words) + "\n")
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class":
+                                                                 "BertTokenizer"}))
+    with pytest.raises(UserError) as raised:
+        check_run(None, train_overrides(tmp_path / "run", shard_dir, tokenizer), world=1)
+    assert str(raised.value) == (
+        f"data.tokenizer: {tokenizer} has no tokenizer.json, which checkpoints store as the "
+        "tokenizer; write one with AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)")

@@ -26,8 +26,8 @@ def load_manifest(shard_dir) -> dict:
     path = Path(shard_dir) / MANIFEST
     if not path.exists():
         raise UserError(f"{path} does not exist; run `vlp data index {shard_dir}`")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
+    manifest = _parse_index(path.read_bytes(), path)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"{path} is not a {FORMAT} manifest; rebuild it with `vlp data index`")
     return manifest
 
@@ -53,13 +53,21 @@ def shard_url_pattern(shard_dir) -> str:
     return f"{Path(shard_dir)}/{prefix}{{{parts[0][2]}..{parts[-1][2]}}}{suffix}"
 
 
+def _parse_index(data: bytes, where) -> object:
+    """A manifest.json or sizes.json parsed; UserError (how to rebuild it) if it is not JSON, as
+    after a copy cut short: guessing the epoch from another file would break exact resume."""
+    try:
+        return json.loads(data)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise UserError(f"{where} is not valid JSON ({exc}); rebuild it with "
+                        "`vlp data index`") from exc
+
+
 def _read_json_beside(url: str, name: str):
     """The JSON file `name` in the shard's directory, or None if there is none."""
     data = read_beside(url, name)
-    try:
-        return None if data is None else json.loads(data)
-    except ValueError:  # not JSON
-        return None
+    base = url.rsplit("/", 1)[0] if "/" in url else "."
+    return None if data is None else _parse_index(data, f"{base}/{name}")
 
 
 def _shard_entries(url: str, cache: dict) -> dict[str, dict] | None:

@@ -28,12 +28,17 @@ def load_tokenizer(path) -> PreTrainedTokenizerFast:
     (e.g. bert-base-uncased's); pad/unk/cls/sep/mask tokens must all be defined.
     """
     path = Path(path)
-    if path.is_file():
-        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path), **SPECIAL_TOKENS)
-    elif path.is_dir():
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    else:
+    if not path.exists():
         raise UserError(f"no tokenizer at {path}: train one with `vlp data tokenizer`")
+    try:
+        if path.is_file():
+            tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path), **SPECIAL_TOKENS)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # the Rust `tokenizers` raises a bare Exception for a foreign file
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{path} is not a tokenizer ({reason:.200}): give the directory or "
+                        "tokenizer.json that `vlp data tokenizer` wrote") from exc
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
         raise UserError(f"{path} holds a slow tokenizer; a fast (tokenizer.json) one is needed")
     missing = [name for name in SPECIAL_TOKENS if getattr(tokenizer, name) is None]

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import sys
+from pathlib import Path
 
 
 def _device(args) -> str:
@@ -24,9 +25,27 @@ def _device(args) -> str:
 
     if not args.device:
         return str(local_device())
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        raise UserError(f"--device {args.device} is not a device; use cpu, cuda or cuda:N") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {args.device}: evaluation runs on cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: no CUDA device is visible to torch")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {args.device}: torch sees {torch.cuda.device_count()} CUDA "
+                        "device(s), numbered from 0")
     return args.device
+
+
+def _output_file(text: str) -> str:
+    """argparse `type=` for a result file: an existing directory is refused before the job runs
+    (the result would be computed, then fail to replace the directory)."""
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; name the file to write, e.g. "
+                                         f"{Path(text) / 'result.json'}")
+    return text
 
 
 def _print(result: dict, stdout) -> None:
@@ -150,12 +169,13 @@ def _add_finetune_outputs(p: argparse.ArgumentParser, results_file: str) -> None
     """The options every fine-tuning job shares: precision, seed and its two output files."""
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for training and inference")
     p.add_argument("--seed", type=int, default=0, help="fine-tune seed (head init, order)")
-    p.add_argument("--out", help="write the metrics JSON here")
-    p.add_argument("--results", help=f"{results_file} (default: beside --out, .results.json)")
+    p.add_argument("--out", type=_output_file, help="write the metrics JSON here")
+    p.add_argument("--results", type=_output_file,
+                   help=f"{results_file} (default: beside --out, .results.json)")
 
 
 def register(subparsers) -> None:
-    from vlp.pipeline.cli_help import add_command
+    from vlp.pipeline.cli_help import add_command, nonnegative_int, positive_int
 
     parser = subparsers.add_parser(
         "eval", help="evaluate checkpoints: retrieval, VQA, captioning, classification, nightly")
@@ -182,12 +202,13 @@ def register(subparsers) -> None:
                       help="retrieval webdataset tars (image + .txt, one caption per line)")
     p.add_argument("--image-root", help="folder the JSON's filepath/filename are relative to")
     p.add_argument("--split", default="test", help="Karpathy split to evaluate")
-    p.add_argument("--rerank-k", type=int, default=0,
+    p.add_argument("--rerank-k", type=nonnegative_int, default=0,
                    help="re-rank each query's top K candidates with the ITM head (0 = off)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per encoder batch")
-    p.add_argument("--chunk", type=int, default=1024, help="queries per score block")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per encoder batch")
+    p.add_argument("--chunk", type=positive_int, default=1024, help="queries per score block")
     p.add_argument("--bf16", action="store_true", help="encode under bf16 autocast")
-    p.add_argument("--out", help="write the result JSON here (CLIP_benchmark keys)")
+    p.add_argument("--out", type=_output_file,
+                   help="write the result JSON here (CLIP_benchmark keys)")
 
     p = add("vqa", _cmd_vqa, "VQAv2: fine-tune the VQA head, official accuracy on the eval split",
             "vlp eval vqa --checkpoint runs/tiny/checkpoints --vqa-dir world/vqa --steps 400")
@@ -206,10 +227,12 @@ def register(subparsers) -> None:
     p.add_argument("--min-answer-count", type=int, default=9,
                    help="answer vocabulary: normalised training answers given this often")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, help="fine-tune for exactly this many steps")
+    budget.add_argument("--steps", type=nonnegative_int,
+                        help="fine-tune for exactly this many steps")
     budget.add_argument("--epochs", type=float, default=1.0, help="or this many epochs")
     p.add_argument("--lr", type=float, help="default 1e-3 (head only), 1e-4 (--finetune-backbone)")
-    p.add_argument("--batch-size", type=int, default=32, help="questions per fine-tune step")
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="questions per fine-tune step")
     p.add_argument("--finetune-backbone", action="store_true",
                    help="train the whole model, not only the VQA head")
     p.add_argument("--late-fusion-baseline", action="store_true",
@@ -234,7 +257,7 @@ def register(subparsers) -> None:
                    help="captioning fine-tune steps before decoding (default 0: the checkpoint "
                         "must have been pretrained with model.lm_weight > 0)")
     p.add_argument("--lr", type=float, default=1e-4, help="fine-tune learning rate")
-    p.add_argument("--batch-size", type=int, default=32, help="pairs per fine-tune step")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="pairs per fine-tune step")
     p.add_argument("--beam-size", type=int, default=1, help="1 = greedy")
     p.add_argument("--max-length", type=int, default=30, help="most tokens per caption")
     p.add_argument("--length-penalty", type=float, default=1.0,
@@ -252,9 +275,11 @@ def register(subparsers) -> None:
                             "webdataset root (DATASET/SPLIT/*.tar + DATASET/classnames.txt)")
         p.add_argument("--classnames", help="class names file, one per line in label order "
                                             "(default: DATASET/classnames.txt, or folder names)")
-        p.add_argument("--batch-size", type=int, default=64, help="images per encoding batch")
+        p.add_argument("--batch-size", type=positive_int, default=64,
+                       help="images per encoding batch")
         p.add_argument("--bf16", action="store_true", help="encode under bf16 autocast")
-        p.add_argument("--out", help="write the result JSON here (CLIP_benchmark keys)")
+        p.add_argument("--out", type=_output_file,
+                       help="write the result JSON here (CLIP_benchmark keys)")
         return p
 
     p = add_classification("zeroshot", _cmd_zeroshot,
@@ -294,9 +319,9 @@ def register(subparsers) -> None:
     p.add_argument("--image-root", required=True, help="folder the items' image names are under")
     p.add_argument("--no-itm", action="store_true",
                    help="score with the dual encoder only (no fused layers needed)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per encoder batch")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per encoder batch")
     p.add_argument("--bf16", action="store_true", help="encode under bf16 autocast")
-    p.add_argument("--out", help="write the result JSON here")
+    p.add_argument("--out", type=_output_file, help="write the result JSON here")
 
     p = add("nightly", _cmd_nightly,
             "evaluate new checkpoints of all runs; results.parquet, TensorBoard, report.html "
@@ -305,7 +330,8 @@ def register(subparsers) -> None:
             "vlp eval nightly --runs runs --suite eval_suite.yaml", checkpoint=False)
     p.add_argument("--runs", required=True, help="folder of runs (runs/NAME/checkpoints/...)")
     p.add_argument("--suite", help="benchmark suite YAML/JSON (default RUNS/eval_suite.yaml)")
-    p.add_argument("--out", help="output folder (default RUNS/nightly)")
+    p.add_argument("--out", help="output folder (default RUNS/nightly); one run at a time holds "
+                                 "its nightly.lock")
     p.add_argument("--retry-failed", action="store_true",
                    help="evaluate again what failed before (default: failures are final)")
     p.add_argument("--regression-margin", type=float, default=0.05,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import json
+import math
 import re
 import types
 import typing
@@ -26,12 +28,20 @@ from vlp.pipeline.data.loader import DataConfig
 
 ResumeMode = Literal[RESUME_MODES]  # auto, latest, latest-valid, none
 _BACKEND = re.compile(r"[a-z0-9_]+|[a-z0-9_]+:[a-z0-9_]+(,[a-z0-9_]+:[a-z0-9_]+)*")
+# A week: a hung collective should end the job within that. Far larger values overflow torch's
+# timedelta / int64-millisecond timeout on every rank (1e15 s), after the launch.
+MAX_DIST_TIMEOUT_S = 7 * 24 * 3600
 
 
 def _check(section: str, checks: list[tuple[bool, str]]) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(f"{section}.{message}")
+
+
+def _finite(*values: float) -> bool:
+    """No inf or nan: YAML reads `inf` as a float, and no key here means anything at infinity."""
+    return all(math.isfinite(value) for value in values)
 
 
 @dataclass
@@ -62,8 +72,8 @@ class ModelSection:
     def __post_init__(self):
         weights = (self.itc_weight, self.itm_weight, self.mlm_weight, self.lm_weight)
         _check("model", [
-            (min(weights) >= 0 and max(weights) > 0,
-             f"*_weight must be >= 0 and not all 0, got {weights}"),
+            (_finite(*weights) and min(weights) >= 0 and max(weights) > 0,
+             f"*_weight must be >= 0, finite and not all 0, got {weights}"),
             (0 <= self.itm_uniform_negatives <= 1,
              f"itm_uniform_negatives must be in [0, 1], got {self.itm_uniform_negatives}"),
         ])
@@ -85,12 +95,14 @@ class DistillSection:
     """Softening temperature T: both sides' logits are divided by T, the KL multiplied by T^2."""
 
     def __post_init__(self):
+        weights = (self.itc_weight, self.mlm_weight)
         _check("distill", [
-            (min(self.itc_weight, self.mlm_weight) >= 0,
-             f"itc_weight and mlm_weight must be >= 0, got {self.itc_weight}, {self.mlm_weight}"),
+            (_finite(*weights) and min(weights) >= 0,
+             f"itc_weight and mlm_weight must be >= 0 and finite, got {weights}"),
             (self.teacher is None or self.itc_weight + self.mlm_weight > 0,
              "itc_weight and mlm_weight are both 0: give one a weight, or unset distill.teacher"),
-            (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+            (_finite(self.temperature) and self.temperature > 0,
+             f"temperature must be > 0 and finite, got {self.temperature}"),
         ])
 
 
@@ -105,7 +117,7 @@ class OptimSection:
     min_lr_ratio: float = 0.1
     """The cosine schedule decays to lr * min_lr_ratio at max_steps."""
     warmup_steps: int = 100
-    """Linear warmup from lr / warmup_steps to lr."""
+    """Linear warmup from lr / warmup_steps to lr (at most max_steps)."""
     max_steps: int = 1000
     """Optimizer steps of the whole run."""
     weight_decay: float = 0.05
@@ -121,15 +133,20 @@ class OptimSection:
         _check("optim", [
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (_finite(self.lr) and self.lr > 0, f"lr must be > 0 and finite, got {self.lr}"),
             (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
             (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
             (self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.warmup_steps <= self.max_steps,
+             f"warmup_steps {self.warmup_steps} is longer than max_steps {self.max_steps}: the lr "
+             "would never leave warmup; lower optim.warmup_steps"),
+            (_finite(self.weight_decay) and self.weight_decay >= 0,
+             f"weight_decay must be >= 0 and finite, got {self.weight_decay}"),
             (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
              f"betas must be two numbers in [0, 1), got {self.betas}"),
-            (self.eps > 0, f"eps must be > 0, got {self.eps}"),
-            (self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}"),
+            (_finite(self.eps) and self.eps > 0, f"eps must be > 0 and finite, got {self.eps}"),
+            (_finite(self.grad_clip) and self.grad_clip >= 0,
+             f"grad_clip must be >= 0 and finite (0 disables), got {self.grad_clip}"),
         ])
 
 
@@ -180,8 +197,8 @@ class LoggingSection:
             (self.every_steps >= 1, f"every_steps must be >= 1, got {self.every_steps}"),
             (self.status_every_steps >= 0,
              f"status_every_steps must be >= 0 (0: none), got {self.status_every_steps}"),
-            (self.peak_tflops is None or self.peak_tflops > 0,
-             f"peak_tflops must be > 0 or null, got {self.peak_tflops}"),
+            (self.peak_tflops is None or (_finite(self.peak_tflops) and self.peak_tflops > 0),
+             f"peak_tflops must be > 0 and finite, or null, got {self.peak_tflops}"),
         ])
 
 
@@ -218,7 +235,7 @@ class TrainConfig:
     seed: int = 0
     """Initial weights, data order, masks and negatives all derive from it."""
     dist_timeout_s: int = 300
-    """Collective timeout: a dead rank ends the job instead of hanging it."""
+    """Collective timeout: a dead rank ends the job instead of hanging it (at most a week)."""
     dist_backend: str | None = None
     """torch.distributed backend; None: nccl on CUDA, gloo on CPU. Per device type with e.g.
     'cpu:gloo,cuda:nccl'."""
@@ -234,6 +251,9 @@ class TrainConfig:
         distill, model = self.distill, self.model
         _check("config", [
             (self.dist_timeout_s >= 1, f"dist_timeout_s must be >= 1, got {self.dist_timeout_s}"),
+            (self.dist_timeout_s <= MAX_DIST_TIMEOUT_S,
+             f"dist_timeout_s must be at most {MAX_DIST_TIMEOUT_S} (a week), got "
+             f"{self.dist_timeout_s}"),
             (self.dist_backend is None or _BACKEND.fullmatch(self.dist_backend) is not None,
              f"dist_backend {self.dist_backend!r} must be a backend name (nccl, gloo) or "
              "device:backend pairs such as 'cpu:gloo,cuda:nccl'"),
@@ -353,6 +373,7 @@ def load_train_config(recipe: str | Path | None = None, overrides: list[str] = (
         _set_dotted(values, dotted.strip(), raw)
     config = _build(TrainConfig, values, "")
     config.ds_config = str(find_ds_config(config.ds_config))
+    read_ds_config(config.ds_config)
     return config
 
 
@@ -380,6 +401,17 @@ def find_ds_config(path: str) -> Path:
     names = sorted(p.name for p in resources.files("vlp.ds_configs").iterdir()
                    if p.name.endswith(".json"))
     raise UserError(f"ds_config {path}: no such file, and not a shipped config ({', '.join(names)})")
+
+
+def read_ds_config(path: str | Path) -> dict:
+    """The DeepSpeed JSON at `path` as a dict; UserError if it is not a JSON object."""
+    try:
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise UserError(f"ds_config {path} is not valid JSON: {exc}") from exc
+    if not isinstance(values, dict):
+        raise UserError(f"ds_config {path} must be a JSON object, got {type(values).__name__}")
+    return values
 
 
 # ---- documentation -----------------------------------------------------------------------------

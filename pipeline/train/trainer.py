@@ -34,7 +34,7 @@ from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.distributed import fast_bf16, init_distributed
 from vlp.pipeline.train.checkpointer import Checkpointer, clear_checkpoints
 from vlp.pipeline.train.comms import CommsRecorder, comms_logging_enabled
-from vlp.pipeline.train.config import TrainConfig, load_train_config
+from vlp.pipeline.train.config import TrainConfig, load_train_config, read_ds_config
 from vlp.pipeline.train.faults import FaultInjector
 from vlp.pipeline.train.metrics import MetricsLogger, MetricsMeter, measure_peak_flops
 from vlp.pipeline.train.optim import build_optimizer, build_scheduler
@@ -49,7 +49,7 @@ class NonFiniteLossError(RuntimeError):
 
 def build_ds_config(cfg: TrainConfig) -> dict:
     """The DeepSpeed JSON config with batch size, accumulation and clipping from the recipe."""
-    ds_config = json.loads(Path(cfg.ds_config).read_text())
+    ds_config = read_ds_config(cfg.ds_config)
     owned = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
              "gradient_clipping", "optimizer", "scheduler")
     clashes = [key for key in owned if key in ds_config]
@@ -76,6 +76,7 @@ class RunInputs(NamedTuple):
     resume_tag: Path | None
     universal: bool  # the tag was written by another world size (checkpoint.change_world_size)
     tokenizer: object
+    tokenizer_json: str  # what every checkpoint stores as its tokenizer.json
     model_config: object
     loader: object  # a lazy TrainLoader: no worker starts before the first batch
     ds_config: dict
@@ -106,6 +107,7 @@ def prepare_inputs(cfg: TrainConfig, rank: int, world: int,
             raise UserError(f"model.init_from: {exc}") from exc
     try:
         tokenizer = load_tokenizer(cfg.data.tokenizer)
+        tokenizer_json = _tokenizer_json(cfg.data.tokenizer)
     except UserError as exc:
         raise UserError(f"data.tokenizer: {exc}") from exc
     try:
@@ -119,7 +121,8 @@ def prepare_inputs(cfg: TrainConfig, rank: int, world: int,
     ds_config = build_ds_config(cfg)
     if universal:
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
-    return RunInputs(resume_tag, universal, tokenizer, model_config, loader, ds_config)
+    return RunInputs(resume_tag, universal, tokenizer, tokenizer_json, model_config, loader,
+                     ds_config)
 
 
 def check_run(recipe: str | None, overrides: list[str], world: int) -> TrainConfig:
@@ -183,7 +186,7 @@ class Trainer:
             keep_last=cfg.checkpoint.keep_last, save_initial=cfg.checkpoint.save_initial,
             max_steps=cfg.optim.max_steps,
             metadata={"config.json": json.dumps(config_meta(model), indent=1),
-                      "tokenizer.json": _tokenizer_json(cfg.data.tokenizer)},
+                      "tokenizer.json": inputs.tokenizer_json},
             shared_state=lambda: {"skipped_updates": int(self.meter.skipped.item())},
             rank_state=lambda: {"loader": self.loader.state_dict(), "rng": get_rng_state()},
             before_publish=self.faults.before_publish)
@@ -417,8 +420,14 @@ def _world_size_changes(tag_dir: Path, world: int, allowed: bool) -> bool:
 
 
 def _tokenizer_json(path: str) -> str:
+    """The tokenizer's tokenizer.json text, which checkpoints carry; UserError without one."""
     path = Path(path)
-    return (path / "tokenizer.json" if path.is_dir() else path).read_text()
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"{path} has no tokenizer.json, which checkpoints store as the "
+                        "tokenizer; write one with AutoTokenizer.from_pretrained(DIR)"
+                        ".save_pretrained(DIR)")
+    return file.read_text()
 
 
 def train(recipe: str | None, overrides: list[str]) -> int:
