@@ -157,6 +157,39 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=8765, help="port for a directory that is no world")
     p.set_defaults(func=serve)
 
+    _add_download(commands)
+
+    p = add_command(commands, "index", "write manifest.json and sizes.json for a shard directory",
+                    ["vlp data index shards"])
+    p.add_argument("shard_dir", metavar="SHARD_DIR",
+                   help="directory holding the NNNNN.tar shards (and their stats)")
+    p.set_defaults(func=index)
+
+    p = add_command(commands, "tokenizer", "train a WordPiece tokenizer on shard captions",
+                    ["vlp data tokenizer --shard-dir shards --out tokenizer --vocab-size 8000"])
+    p.add_argument("--shard-dir", "--shards", dest="shard_dir", required=True,
+                   help="directory holding the NNNNN.tar shards")
+    p.add_argument("--out", required=True, help="directory for tokenizer.json")
+    p.add_argument("--vocab-size", type=int, required=True,
+                   help="WordPiece vocabulary size, special tokens included")
+    p.add_argument("--extra-text", nargs="*", default=[], metavar="VQA_QUESTIONS_JSON",
+                   help="VQAv2 question files whose questions are added to the training text")
+    p.set_defaults(func=tokenizer)
+
+    p = add_command(commands, "reshard", "rewrite shards with K samples per shard, then index",
+                    ["vlp data reshard --in shards --out shards_256 --samples-per-shard 256"])
+    p.add_argument("--in", dest="in_dir", required=True,
+                   help="directory holding the NNNNN.tar shards to read")
+    p.add_argument("--out", required=True, help="empty directory for the new shards")
+    p.add_argument("--samples-per-shard", type=int, required=True,
+                   help="samples per output shard (the last one may hold fewer)")
+    p.set_defaults(func=reshard_command)
+
+
+def _add_download(commands) -> None:
+    """`vlp data download` and its options (img2dataset's spellings as aliases)."""
+    from vlp.pipeline.cli_help import add_command
+
     p = add_command(
         commands, "download", "img2dataset a URL list into webdataset shards, then index them",
         ["vlp data download --url-list world/train/url_list.parquet --out shards "
@@ -192,29 +225,3 @@ def register(subparsers) -> None:
     p.add_argument("--no-resume", action="store_true",
                    help="delete the shards already in --out instead of resuming the job")
     p.set_defaults(func=download)
-
-    p = add_command(commands, "index", "write manifest.json and sizes.json for a shard directory",
-                    ["vlp data index shards"])
-    p.add_argument("shard_dir", metavar="SHARD_DIR",
-                   help="directory holding the NNNNN.tar shards (and their stats)")
-    p.set_defaults(func=index)
-
-    p = add_command(commands, "tokenizer", "train a WordPiece tokenizer on shard captions",
-                    ["vlp data tokenizer --shard-dir shards --out tokenizer --vocab-size 8000"])
-    p.add_argument("--shard-dir", "--shards", dest="shard_dir", required=True,
-                   help="directory holding the NNNNN.tar shards")
-    p.add_argument("--out", required=True, help="directory for tokenizer.json")
-    p.add_argument("--vocab-size", type=int, required=True,
-                   help="WordPiece vocabulary size, special tokens included")
-    p.add_argument("--extra-text", nargs="*", default=[], metavar="VQA_QUESTIONS_JSON",
-                   help="VQAv2 question files whose questions are added to the training text")
-    p.set_defaults(func=tokenizer)
-
-    p = add_command(commands, "reshard", "rewrite shards with K samples per shard, then index",
-                    ["vlp data reshard --in shards --out shards_256 --samples-per-shard 256"])
-    p.add_argument("--in", dest="in_dir", required=True,
-                   help="directory holding the NNNNN.tar shards to read")
-    p.add_argument("--out", required=True, help="empty directory for the new shards")
-    p.add_argument("--samples-per-shard", type=int, required=True,
-                   help="samples per output shard (the last one may hold fewer)")
-    p.set_defaults(func=reshard_command)

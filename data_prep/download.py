@@ -79,6 +79,26 @@ def _check_same_download(out: Path, record: dict) -> None:
                         "Use the same settings to resume, another --out, or --no-resume.")
 
 
+def _index_download(out: Path, url_list) -> tuple[dict, dict]:
+    """(the index of `out`, the shards dropped for a retry) after img2dataset: a UserError when
+    nothing arrived or a shard is damaged (a full disk: img2dataset logs it and goes on)."""
+    from vlp.data_prep.index import build_manifest
+
+    to_retry = _drop_empty_shards(out)
+    if not any(SHARD_FILE.fullmatch(p.name) for p in out.glob("*.tar")):
+        raise UserError(f"no image of {url_list} could be downloaded into {out}: "
+                        f"{dict(to_retry['errors'].most_common(5))}; the rerun of this command "
+                        "retries them")
+    manifest = build_manifest(out)
+    if manifest["problems"]:
+        shards = sorted({p["shard"] for p in manifest["problems"]})
+        raise UserError(f"{len(shards)} shard(s) in {out} are incomplete or damaged "
+                        f"({', '.join(shards[:5])}: {manifest['problems'][0]['detail']}); "
+                        "free the space or fix the cause, then rerun the same command: shards "
+                        "without their stats are fetched again")
+    return manifest, to_retry
+
+
 def _drop_empty_shards(out: Path) -> dict:
     """Delete the shards img2dataset finished without a single image (an outage, a dead host):
     their stats would make a resume take them for done. Returns how many and their errors."""
@@ -95,6 +115,19 @@ def _drop_empty_shards(out: Path) -> dict:
             for path in (tar, tar.with_suffix(".parquet"), tar.with_name(f"{tar.stem}_stats.json")):
                 path.unlink(missing_ok=True)
     return {"shards": dropped, "errors": errors}
+
+
+def _check_options(out_dir, max_image_mb: float, resize_mode: str, distributor: str) -> None:
+    if "://" in str(out_dir):
+        raise UserError(f"--out {out_dir}: shards are written to a local or shared filesystem "
+                        "folder; object storage (s3://, gs://) is read by training but not "
+                        "written here yet. Download locally, then copy the folder.")
+    if not 0 < max_image_mb < float("inf"):
+        raise UserError(f"max_image_mb must be a finite number > 0, got {max_image_mb}")
+    if resize_mode not in RESIZE_MODES:
+        raise UserError(f"resize_mode {resize_mode!r} is not one of {RESIZE_MODES}")
+    if distributor not in DISTRIBUTORS:
+        raise UserError(f"distributor {distributor!r} is not one of {DISTRIBUTORS}")
 
 
 def download_record(url_list, frame, **settings) -> dict:
@@ -166,17 +199,7 @@ def download_shards(
     got no image at all, or left a shard the index finds damaged, is a UserError. Images over
     `max_image_mb` are refused while fetching.
     """
-    if "://" in str(out_dir):
-        raise UserError(f"--out {out_dir}: shards are written to a local or shared filesystem "
-                        "folder; object storage (s3://, gs://) is read by training but not "
-                        "written here yet. Download locally, then copy the folder.")
-    if not max_image_mb > 0:
-        raise UserError(f"max_image_mb must be > 0, got {max_image_mb}")
-    if resize_mode not in RESIZE_MODES:
-        raise UserError(f"resize_mode {resize_mode!r} is not one of {RESIZE_MODES}")
-    if distributor not in DISTRIBUTORS:
-        raise UserError(f"distributor {distributor!r} is not one of {DISTRIBUTORS}")
-    from vlp.data_prep.index import build_manifest
+    _check_options(out_dir, max_image_mb, resize_mode, distributor)
     from vlp.data_prep.urls import read_url_list, sanitize
 
     frame, sanitized = sanitize(read_url_list(url_list, url_col, caption_col), allow_private_hosts)
@@ -207,18 +230,7 @@ def download_shards(
             retries=retries,
             distributor=distributor,
         )
-    to_retry = _drop_empty_shards(out)
-    if not any(SHARD_FILE.fullmatch(p.name) for p in out.glob("*.tar")):
-        raise UserError(f"no image of {url_list} could be downloaded into {out}: "
-                        f"{dict(to_retry['errors'].most_common(5))}; the rerun of this command "
-                        "retries them")
-    manifest = build_manifest(out)
-    if manifest["problems"]:  # e.g. a full disk: img2dataset logs the failed shard and goes on
-        shards = sorted({p["shard"] for p in manifest["problems"]})
-        raise UserError(f"{len(shards)} shard(s) in {out} are incomplete or damaged "
-                        f"({', '.join(shards[:5])}: {manifest['problems'][0]['detail']}); "
-                        "free the space or fix the cause, then rerun the same command: shards "
-                        "without their stats are fetched again")
+    manifest, to_retry = _index_download(out, url_list)
     return {
         "url_list": str(url_list),
         "shards": str(out),
