@@ -167,6 +167,12 @@ def test_suite_file_paths_and_unknown_keys(tmp_path):
         load_suite({"synth": {"task": "retrieval", "rerank": 4}})
     with pytest.raises(UserError, match="needs 'task: retrieval | vqa'"):
         load_suite({"synth": {"karpathy_json": "x"}})
+    # Wrong types are bad input, refused before any run (they were retried as transient failures)
+    for key, value in (("rerank_k", "16"), ("batch_size", 2.5), ("rerank_k", True)):
+        with pytest.raises(UserError, match=rf"'synth': {key} must be int like its default"):
+            load_suite({"synth": {"task": "retrieval", key: value}})
+    (vqa,) = load_suite({"synth": {"task": "vqa", "steps": 10, "lr": 1}})  # an int is a float
+    assert vqa.kwargs == {"steps": 10, "lr": 1}
 
 
 def test_cli_retrieval_and_vqa(runs, world_dir, tmp_path, capsys):

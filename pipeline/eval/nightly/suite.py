@@ -89,6 +89,22 @@ def load_suite(suite: str | Path | dict) -> list[Benchmark]:
     return [_benchmark(name, spec, base, source) for name, spec in suite.items()]
 
 
+def _expected_type(default: Any) -> type | None:
+    """The type a suite value must have, from the task function's default (None: any)."""
+    if default is inspect.Parameter.empty or default is None:
+        return None
+    return type(default)
+
+
+def _is_a(value: Any, expected: type) -> bool:
+    """isinstance, where a bool is not a number and an int is a float."""
+    if expected is bool or isinstance(value, bool):
+        return isinstance(value, bool) and expected is bool
+    if expected is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, expected)
+
+
 def _benchmark(name: str, spec: Any, base: Path, source: str) -> Benchmark:
     where = f"{source}: benchmark {name!r}"
     if not _NAME.fullmatch(str(name)):
@@ -102,6 +118,11 @@ def _benchmark(name: str, spec: Any, base: Path, source: str) -> Benchmark:
     unknown = sorted(set(kwargs) - set(valid))
     if unknown:
         raise UserError(f"{where}: unknown key(s) {unknown}; valid keys: {valid}")
+    for key, value in kwargs.items():
+        expected = _expected_type(params[key].default)
+        if expected and not _is_a(value, expected):
+            raise UserError(f"{where}: {key} must be {expected.__name__} like its default "
+                            f"{params[key].default!r}, got {value!r:.40}")
     for key in PATH_KEYS & set(kwargs):
         value = kwargs[key]
         resolved = [str(base / v) for v in value] if isinstance(value, list) else str(base / value)
