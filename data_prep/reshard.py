@@ -3,11 +3,14 @@
 Streaming: samples are read from the input tars and written to the new ones member by member,
 each sample's members kept together and in order; nothing is extracted to disk. Each new shard
 gets a NNNNN_stats.json with its sample count (count == successes; "resharded_from" names its
-sources), so the index can check the new tars the same way it checks img2dataset's.
+sources), so the index can check the new tars the same way it checks img2dataset's. The shards
+are written into OUT/.partial and moved into OUT only when all are written, so a reshard cut
+short (a kill, a full disk) leaves no shards that look like a complete dataset.
 """
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import webdataset as wds
@@ -58,6 +61,18 @@ class ShardWriter:
         self.writer, self.samples, self.sources = None, 0, []
 
 
+STAGING = ".partial"
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move the finished shards into `out`: tars first, then their stats (a kill in between
+    leaves tars the index reports as missing their stats), then drop the staging folder."""
+    for pattern in ("*.tar", "*_stats.json"):
+        for path in sorted(staging.glob(pattern)):
+            os.replace(path, out / path.name)
+    shutil.rmtree(staging)
+
+
 def unsafe_key(key: str) -> bool:
     """A key that, as a member name, would extract outside the folder (`tar -x`): absolute, or
     with a `..` part."""
@@ -80,20 +95,26 @@ def reshard(in_dir, out_dir, samples_per_shard: int) -> dict:
         raise UserError(f"no *.tar shards in {in_dir}")
     if out.exists() and any(out.glob("*.tar")):  # also refuses out == in_dir
         raise UserError(f"{out} already holds shards; choose an empty output directory")
-    out.mkdir(parents=True, exist_ok=True)
-    sink = ShardWriter(out, samples_per_shard)
+    staging = out / STAGING
+    shutil.rmtree(staging, ignore_errors=True)  # what a reshard cut short left
+    staging.mkdir(parents=True)
+    sink = ShardWriter(staging, samples_per_shard)
     samples_read, unsafe, corrupt, skipped = 0, 0, [], SkipCounter()
-    for tar in tqdm(tars, desc="reshard", unit="shard"):
-        try:
-            for key, members in iter_shard(tar, skipped):
-                samples_read += 1
-                if unsafe_key(key):
-                    unsafe += 1
-                    continue
-                sink.write(key, members, tar.name)
-        except BadData as exc:
-            corrupt.append({"shard": tar.name, "detail": f"{exc.kind}: {exc}"})
-    sink.close()
+    try:
+        for tar in tqdm(tars, desc="reshard", unit="shard"):
+            try:
+                for key, members in iter_shard(tar, skipped):
+                    samples_read += 1
+                    if unsafe_key(key):
+                        unsafe += 1
+                        continue
+                    sink.write(key, members, tar.name)
+            except BadData as exc:
+                corrupt.append({"shard": tar.name, "detail": f"{exc.kind}: {exc}"})
+        sink.close()
+    except OSError as exc:  # a full disk, a read-only folder: nothing is published
+        raise UserError(f"reshard into {out} failed: {exc}; no shard was published") from exc
+    _publish(staging, out)
     manifest = build_manifest(out)
     return {
         "input_shards": len(tars),

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import io
+import re
+import resource
 import shutil
+import subprocess
 import tarfile
 
 import pytest
@@ -66,3 +69,20 @@ def test_member_names_that_would_extract_outside_a_folder_are_not_copied(tmp_pat
     with tarfile.open(tmp_path / "out/00000.tar") as tar:
         names = tar.getnames()
     assert names == ["ok.jpg", "ok.txt", "dir/fine.jpg", "dir/fine.txt"]
+
+
+def test_a_reshard_cut_short_by_a_full_disk_publishes_nothing(shard_dir, tmp_path):
+    out = tmp_path / "out"
+    # The disk fills up: a file written past 20 kB fails (EFBIG), as a new shard does
+    full = subprocess.run(
+        ["vlp", "data", "reshard", "--in", str(shard_dir), "--out", str(out),
+         "--samples-per-shard", "10"], capture_output=True, text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000)))
+    assert full.returncode == 2
+    assert re.search(r"error: reshard into .* failed: .*File too large; no shard was published",
+                     full.stderr)
+    assert not list(out.glob("*.tar"))
+    index = subprocess.run(["vlp", "data", "index", str(out)], capture_output=True, text=True)
+    assert index.returncode == 2 and "no *.tar shards" in index.stderr
+    summary = reshard(shard_dir, out, 10)  # the rerun starts afresh
+    assert summary["total_samples"] == 160 and not (out / ".partial").exists()
