@@ -24,6 +24,7 @@ from vlp.pipeline.data.tar import SkipCounter, iter_shard, list_shards
 from vlp.pipeline.data.transforms import IMAGE_EXTENSIONS, decode_caption
 
 STATS_COUNTS = ("count", "successes", "failed_to_download", "failed_to_resize")
+LOADER_MEMBERS = (*IMAGE_EXTENSIONS, "txt")  # a sample's members the training loader reads
 
 
 def error_kind(message: str) -> str:
@@ -71,8 +72,11 @@ def inspect_shard(tar: Path) -> dict:
     samples, issues, problems = 0, Counter(), []
     skipped = SkipCounter()
     try:
-        for _, members in iter_shard(tar, skipped):
+        for _, members in iter_shard(tar, skipped, keep_oversized=True):
             samples += 1
+            if any(members.get(ext, b"") is None for ext in LOADER_MEMBERS):  # over the limit
+                issues["oversized_member"] += 1
+                continue
             if not any(ext in members for ext in IMAGE_EXTENSIONS):  # extensions are lower-case
                 issues["no_image"] += 1
             try:

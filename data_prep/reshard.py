@@ -62,6 +62,9 @@ class ShardWriter:
 
 
 STAGING = ".partial"
+# Members are copied whole, whatever the loader's limit (data.max_member_mb) will be; a sample
+# with a larger member is dropped and counted (oversized_member).
+MAX_COPIED_MEMBER = 1 << 30
 
 
 def _publish(staging: Path, out: Path) -> None:
@@ -103,7 +106,7 @@ def reshard(in_dir, out_dir, samples_per_shard: int) -> dict:
     try:
         for tar in tqdm(tars, desc="reshard", unit="shard"):
             try:
-                for key, members in iter_shard(tar, skipped):
+                for key, members in iter_shard(tar, skipped, MAX_COPIED_MEMBER):
                     samples_read += 1
                     if unsafe_key(key):
                         unsafe += 1
@@ -121,6 +124,7 @@ def reshard(in_dir, out_dir, samples_per_shard: int) -> dict:
         "samples_read": samples_read,
         "corrupt_inputs": corrupt,
         "duplicate_keys_dropped": skipped.counts.get("duplicate_key", 0),
+        "oversized_samples_dropped": skipped.counts.get("oversized_member", 0),
         "unsafe_names_dropped": unsafe,
         "output_shards": manifest["total_shards"],
         "total_samples": manifest["total_samples"],

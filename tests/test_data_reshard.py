@@ -86,3 +86,33 @@ def test_a_reshard_cut_short_by_a_full_disk_publishes_nothing(shard_dir, tmp_pat
     assert index.returncode == 2 and "no *.tar shards" in index.stderr
     summary = reshard(shard_dir, out, 10)  # the rerun starts afresh
     assert summary["total_samples"] == 160 and not (out / ".partial").exists()
+
+
+def test_index_loader_and_reshard_agree_on_samples_with_large_members(tmp_path):
+    """A 17 MiB member the loader does not read (.npy) leaves its sample usable; a 17 MiB image
+    makes the loader skip the sample. The index counts both as samples of the tar and the
+    second as an issue; reshard copies both whole."""
+    from vlp.data_prep.index import build_manifest
+    from vlp.pipeline.data.tar import SkipCounter, iter_samples
+
+    big = bytes(17 << 20)  # over the default member limit, data.max_member_mb = 16
+    shards = tmp_path / "in"
+    shards.mkdir()
+    with tarfile.open(shards / "00000.tar", "w") as tar:
+        for name, data in (("a.jpg", b"jpeg"), ("a.txt", b"a"), ("a.npy", big),
+                           ("b.jpg", big), ("b.txt", b"b"), ("c.jpg", b"jpeg"), ("c.txt", b"c")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+    (shard,) = build_manifest(shards)["shards"]
+    assert shard["samples"] == 3 and shard["sample_issues"] == {"oversized_member": 1}
+    skipped = SkipCounter()
+    used = [s["__key__"] for s in iter_samples(str(shards / "00000.tar"),
+                                               frozenset({"jpg", "txt"}), skipped)]
+    assert used == ["a", "c"] and skipped.counts == {"oversized_member": 1}
+    summary = reshard(shards, tmp_path / "out", 10)
+    assert summary["total_samples"] == 3 and summary["problems"] == []
+    assert summary["oversized_samples_dropped"] == 0
+    with tarfile.open(tmp_path / "out/00000.tar") as tar:
+        assert tar.getmember("a.npy").size == tar.getmember("b.jpg").size == 17 << 20

@@ -89,6 +89,7 @@ def iter_samples(url: str, wanted: frozenset[str], skipped: SkipCounter,
 def read_samples(
     url: str, wanted: frozenset[str] | None, skipped: SkipCounter,
     spans: frozenset[str] = frozenset(), max_member_bytes: int = MAX_MEMBER_BYTES,
+    keep_oversized: bool = False,
 ) -> Iterator[dict]:
     """Like `iter_samples`, but a damaged or unreadable shard raises BadData, whose `kind`
     names the skip ("corrupt_tar", "unreadable_shard", "empty_shard"); the sample being read at
@@ -100,8 +101,8 @@ def read_samples(
         raise BadData("unreadable_shard", f"cannot open: {exc}") from exc
     with stream:
         try:
-            yield from group_samples(iter_members(stream, wanted, spans, max_member_bytes),
-                                     skipped)
+            members = iter_members(stream, wanted, spans, max_member_bytes)
+            yield from group_samples(members, skipped, keep_oversized)
         except (EOFError, zlib.error, gzip.BadGzipFile) as exc:  # .tar.gz: truncated or corrupt
             raise BadData("corrupt_tar", f"compressed stream broken: {exc}") from exc
         except (OSError, http.client.HTTPException) as exc:
@@ -113,23 +114,29 @@ def list_shards(shard_dir) -> list[Path]:
     return sorted(require_dir(shard_dir, "shard directory").glob("*.tar"))
 
 
-def iter_shard(path, skipped: SkipCounter | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {lower-case extension: bytes}) per sample of one local shard, every member kept;
-    duplicates are skipped as the loader skips them and counted in `skipped`. Raises BadData
-    for a damaged shard (data_prep reports it; the loader counts it)."""
+def iter_shard(path, skipped: SkipCounter | None = None,
+               max_member_bytes: int = MAX_MEMBER_BYTES, keep_oversized: bool = False,
+               ) -> Iterator[tuple[str, dict[str, bytes | None]]]:
+    """(key, {lower-case extension: bytes}) per sample of one local shard, every member kept (a
+    member over `max_member_bytes`: see group_samples); duplicates are skipped as the loader
+    skips them and counted in `skipped`. Raises BadData for a damaged shard (data_prep reports
+    it; the loader counts it)."""
     skipped = SkipCounter() if skipped is None else skipped
-    for sample in read_samples(os.fspath(path), None, skipped):
+    for sample in read_samples(os.fspath(path), None, skipped, max_member_bytes=max_member_bytes,
+                               keep_oversized=keep_oversized):
         key = sample.pop("__key__")
         yield key, sample
 
 
 def group_samples(members: Iterator[tuple[str, str, bytes | None]],
-                  skipped: SkipCounter) -> Iterator[dict]:
+                  skipped: SkipCounter, keep_oversized: bool = False) -> Iterator[dict]:
     """Group `iter_members` output into {"__key__": key, ext: bytes, ...}.
 
     Skipped and counted: a key seen earlier in the shard, the rest of a sample's members from the
     first repeated member name on (the first copy is yielded), both "duplicate_key"; and a sample
-    with a member too large to read ("oversized_member"). Exceptions from `members` propagate;
+    with a member too large to read ("oversized_member"; with `keep_oversized` the sample is
+    yielded with None for that member and not counted: the index counts what a tar holds, and
+    which samples the loader will skip). Exceptions from `members` propagate;
     the sample pending at that point is not yielded (its members may continue past the damage)
     and counted ("cut_by_damage").
     """
@@ -151,7 +158,7 @@ def group_samples(members: Iterator[tuple[str, str, bytes | None]],
                 skipped.add("duplicate_key")
             if group is None:
                 continue
-            if data is None:
+            if data is None and not keep_oversized:
                 group = None
                 skipped.add("oversized_member")
                 continue
