@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from vlp.pipeline.cli_help import add_command, nonnegative_int, positive_int
+
 
 def _device(args) -> str:
     """--device, else this rank's GPU (vlp.pipeline.distributed.local_device), else the CPU."""
@@ -175,8 +177,6 @@ def _add_finetune_outputs(p: argparse.ArgumentParser, results_file: str) -> None
 
 
 def register(subparsers) -> None:
-    from vlp.pipeline.cli_help import add_command, nonnegative_int, positive_int
-
     parser = subparsers.add_parser(
         "eval", help="evaluate checkpoints: retrieval, VQA, captioning, classification, nightly")
     commands = parser.add_subparsers(dest="eval_command", required=True)
@@ -193,6 +193,12 @@ def register(subparsers) -> None:
                            help="export dir, DeepSpeed tag dir, or checkpoints dir (uses `latest`)")
         return p
 
+    for add_job in (_add_retrieval, _add_vqa, _add_caption, _add_classification,
+                    _add_compositionality, _add_nightly):
+        add_job(add)
+
+def _add_retrieval(add) -> None:
+    """`vlp eval retrieval`."""
     p = add("retrieval", _cmd_retrieval, "zero-shot image<->text retrieval recall@1/5/10",
             "vlp eval retrieval --checkpoint runs/tiny/checkpoints "
             "--karpathy-json world/retrieval/dataset_synth.json --image-root world/retrieval")
@@ -204,12 +210,11 @@ def register(subparsers) -> None:
     p.add_argument("--split", default="test", help="Karpathy split to evaluate")
     p.add_argument("--rerank-k", type=nonnegative_int, default=0,
                    help="re-rank each query's top K candidates with the ITM head (0 = off)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="images per encoder batch")
     p.add_argument("--chunk", type=positive_int, default=1024, help="queries per score block")
-    p.add_argument("--bf16", action="store_true", help="encode under bf16 autocast")
-    p.add_argument("--out", type=_output_file,
-                   help="write the result JSON here (CLIP_benchmark keys)")
+    _add_encoding_options(p, "write the result JSON here (CLIP_benchmark keys)")
 
+def _add_vqa(add) -> None:
+    """`vlp eval vqa`."""
     p = add("vqa", _cmd_vqa, "VQAv2: fine-tune the VQA head, official accuracy on the eval split",
             "vlp eval vqa --checkpoint runs/tiny/checkpoints --vqa-dir world/vqa --steps 400")
     p.add_argument("--vqa-dir", help="folder with *_{split}_questions.json / _annotations.json")
@@ -240,6 +245,8 @@ def register(subparsers) -> None:
                         "layer) with the same budget and report it as a baseline")
     _add_finetune_outputs(p, "official results file [{question_id, answer}]")
 
+def _add_caption(add) -> None:
+    """`vlp eval caption`."""
     p = add("caption", _cmd_caption,
             "image captioning on a Karpathy split: COCO caption metrics (BLEU, METEOR, ROUGE-L, "
             "CIDEr, SPICE when installed) with baselines, optionally after a fine-tune",
@@ -268,6 +275,8 @@ def register(subparsers) -> None:
                    help="skip SPICE (it is reported unavailable anyway without its models)")
     _add_finetune_outputs(p, "COCO results file [{image_id, caption}]")
 
+def _add_classification(add) -> None:
+    """`vlp eval zeroshot` and `vlp eval linear-probe`."""
     def add_classification(name: str, func, help: str, example: str) -> argparse.ArgumentParser:
         p = add(name, func, help, example)
         p.add_argument("--dataset", required=True,
@@ -275,11 +284,7 @@ def register(subparsers) -> None:
                             "webdataset root (DATASET/SPLIT/*.tar + DATASET/classnames.txt)")
         p.add_argument("--classnames", help="class names file, one per line in label order "
                                             "(default: DATASET/classnames.txt, or folder names)")
-        p.add_argument("--batch-size", type=positive_int, default=64,
-                       help="images per encoding batch")
-        p.add_argument("--bf16", action="store_true", help="encode under bf16 autocast")
-        p.add_argument("--out", type=_output_file,
-                       help="write the result JSON here (CLIP_benchmark keys)")
+        _add_encoding_options(p, "write the result JSON here (CLIP_benchmark keys)")
         return p
 
     p = add_classification("zeroshot", _cmd_zeroshot,
@@ -308,6 +313,8 @@ def register(subparsers) -> None:
     p.add_argument("--probe-batch-size", type=int, default=64, help="features per probe step")
     p.add_argument("--seed", type=int, default=0, help="probe seed (init, order, val split)")
 
+def _add_compositionality(add) -> None:
+    """`vlp eval compositionality`."""
     p = add("compositionality", _cmd_compositionality,
             "edited-caption accuracy per kind of edit (SugarCrepe / ARO): does the true caption "
             "score above a minimally edited one, by ITC and by ITM?",
@@ -319,10 +326,10 @@ def register(subparsers) -> None:
     p.add_argument("--image-root", required=True, help="folder the items' image names are under")
     p.add_argument("--no-itm", action="store_true",
                    help="score with the dual encoder only (no fused layers needed)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="images per encoder batch")
-    p.add_argument("--bf16", action="store_true", help="encode under bf16 autocast")
-    p.add_argument("--out", type=_output_file, help="write the result JSON here")
+    _add_encoding_options(p, "write the result JSON here")
 
+def _add_nightly(add) -> None:
+    """`vlp eval nightly`."""
     p = add("nightly", _cmd_nightly,
             "evaluate new checkpoints of all runs; results.parquet, TensorBoard, report.html "
             "(exit status 1 when a checkpoint failed in this run, 4 on a regression with "
@@ -339,3 +346,9 @@ def register(subparsers) -> None:
                         "run's best (default 0.05)")
     p.add_argument("--fail-on-regression", action="store_true",
                    help="exit with status 4 when a metric regressed (for cron or CI)")
+
+def _add_encoding_options(p: argparse.ArgumentParser, out_help: str) -> None:
+    """--batch-size, --bf16 and --out of the jobs that encode a dataset and write one JSON."""
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per encoder batch")
+    p.add_argument("--bf16", action="store_true", help="encode under bf16 autocast")
+    p.add_argument("--out", type=_output_file, help=out_help)
