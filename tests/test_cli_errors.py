@@ -61,7 +61,8 @@ def test_eval_names_the_missing_data_flag_not_the_missing_checkpoint(capsys, tmp
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-@pytest.mark.parametrize("command", [["eval", "retrieval", "--karpathy-json", "x.json"],
+@pytest.mark.parametrize("command", [["eval", "retrieval", "--karpathy-json", "x.json",
+                                      "--image-root", "."],
                                      ["eval", "nightly", "--runs", "runs"]])
 def test_device_cuda_without_cuda_is_refused(capsys, tmp_path, command):
     extra = ["--checkpoint", tmp_path] if command[1] == "retrieval" else []

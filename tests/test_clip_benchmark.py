@@ -12,6 +12,7 @@ from vlp.models.model import LossWeights
 from vlp.pipeline.data.checkpoints import load_model
 from vlp.pipeline.data.tokenizer import tokenize
 from vlp.pipeline.data.transforms import image_to_tensor, preprocess_image
+from vlp.pipeline.eval.configs import RetrievalConfig, ZeroShotConfig
 from vlp.pipeline.eval.classification.data import load_classification
 from vlp.pipeline.eval.classification.zeroshot import evaluate_zeroshot
 from vlp.pipeline.eval.openclip import classification_loader, load_openclip, retrieval_loader
@@ -64,7 +65,9 @@ def test_openclip_view_matches_the_model(checkpoint, world_dir):
 def test_clip_benchmark_retrieval_agrees_with_vlp_eval_retrieval(checkpoint, world_dir):
     karpathy = world_dir / "retrieval/dataset_synth.json"
     image_root = world_dir / "retrieval"
-    ours = evaluate_retrieval(checkpoint, karpathy_json=karpathy, image_root=image_root)
+    ours = evaluate_retrieval(
+        checkpoint, RetrievalConfig(karpathy_json=karpathy, image_root=image_root)
+    )
     model, _, tokenizer = load_openclip(checkpoint)
     loader = retrieval_loader(load_karpathy(karpathy, image_root), 64, batch_size=10)
     theirs = zeroshot_retrieval.evaluate(model, loader, tokenizer, "cpu", amp=False,
@@ -87,7 +90,7 @@ def test_clip_benchmark_zeroshot_agrees_with_vlp_eval_zeroshot(
 ):
     monkeypatch.setattr(zeroshot_classification, "accuracy", topk_accuracy)
     root = world_dir / "classification" / task / "wds"
-    ours = evaluate_zeroshot(checkpoint, dataset=root)
+    ours = evaluate_zeroshot(checkpoint, ZeroShotConfig(dataset=root))
     model, _, tokenizer = load_openclip(checkpoint)
     dataset = load_classification(root)
     loader = classification_loader(dataset, 64, batch_size=5)

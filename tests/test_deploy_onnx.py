@@ -9,6 +9,7 @@ from deploy_helpers import write_tiny_export
 from vlp.pipeline.cli import main as vlp
 from vlp.pipeline.data.checkpoints import CheckpointError, load_model
 from vlp.pipeline.deploy.onnx import DEFAULT_ATOL
+from vlp.pipeline.eval.configs import RetrievalConfig, VQAConfig
 from vlp.pipeline.eval.retrieval.job import evaluate_retrieval
 from vlp.pipeline.eval.vqa.job import evaluate_vqa
 
@@ -46,11 +47,13 @@ def test_retrieval_eval_runs_on_the_onnx_backend(exports, world_dir, capsys):
             "--image-root", str(world_dir / "retrieval")]
     assert vlp(["eval", "retrieval", "--checkpoint", str(onnx_export), *data]) == 0
     onnx_metrics = json.loads(capsys.readouterr().out)["metrics"]
-    reference = evaluate_retrieval(torch_export, karpathy_json=data[1], image_root=data[3])
+    reference = evaluate_retrieval(
+        torch_export, RetrievalConfig(karpathy_json=data[1], image_root=data[3])
+    )
     assert onnx_metrics == pytest.approx(reference["metrics"], abs=1 / 160)  # one caption of 160
 
     assert vlp(["eval", "retrieval", "--checkpoint", str(onnx_export), *data,
                 "--rerank-k", "3"]) == 2
     assert "encoders only; ITM re-ranking" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="VQA"):
-        evaluate_vqa(onnx_export, vqa_dir=world_dir / "vqa", steps=1)
+        evaluate_vqa(onnx_export, VQAConfig(vqa_dir=world_dir / "vqa", steps=1))

@@ -10,6 +10,7 @@ from deploy_helpers import write_tiny_export
 from vlp.models.quantize import Int8Linear, quantize_layers, quantize_weight
 from vlp.pipeline.cli import main as vlp
 from vlp.pipeline.data.checkpoints import CheckpointError, load_model
+from vlp.pipeline.eval.configs import RetrievalConfig
 from vlp.pipeline.eval.retrieval.job import evaluate_retrieval
 
 
@@ -84,8 +85,14 @@ def test_quantize_command_writes_an_export_every_eval_loads(tmp_path, world_dir)
     with torch.no_grad():
         assert torch.equal(loaded.model.encode_image(images), reference.encode_image(images))
 
-    result = evaluate_retrieval(out, karpathy_json=world_dir / "retrieval/dataset_synth.json",
-                                image_root=world_dir / "retrieval", rerank_k=2)
+    result = evaluate_retrieval(
+        out,
+        RetrievalConfig(
+            karpathy_json=world_dir / "retrieval/dataset_synth.json",
+            image_root=world_dir / "retrieval",
+            rerank_k=2,
+        ),
+    )
     assert result["num_images"] == 32 and result["model"] == str(out)
 
 

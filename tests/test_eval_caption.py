@@ -9,6 +9,7 @@ from test_eval_support import tiny_eval_model, train_world_tokenizer
 
 from vlp.pipeline.cli import main as vlp
 from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.eval.configs import CaptionConfig
 from vlp.pipeline.eval.caption.job import evaluate_caption
 from vlp.pipeline.eval.caption.metric import METRICS, CaptionScorer
 
@@ -45,7 +46,7 @@ def karpathy(world_dir):
 @pytest.fixture(scope="module")
 def caption_result(tiny, karpathy, tmp_path_factory):
     out = tmp_path_factory.mktemp("caption") / "caption.json"
-    return evaluate_caption(tiny, **karpathy, **FAST, out=out), out
+    return evaluate_caption(tiny, CaptionConfig(**karpathy, **FAST), out=out), out
 
 
 def test_caption_job_end_to_end(caption_result, tiny, world_dir, capfd):
@@ -84,10 +85,11 @@ def test_baselines_are_scored_like_the_model(caption_result, world_dir):
 
 def test_a_checkpoint_without_a_trained_lm_head_needs_a_finetune(tiny, karpathy):
     with pytest.raises(UserError, match=r"without the captioning \(LM\) objective.*--steps N"):
-        evaluate_caption(tiny, **karpathy, steps=0)
+        evaluate_caption(tiny, CaptionConfig(**karpathy, steps=0))
     trained = copy.deepcopy(tiny)
     trained.model.loss_weights.lm = 0.5  # as if pretrained with model.lm_weight=0.5
-    result = evaluate_caption(trained, **karpathy, steps=0, max_length=4, spice=False)
+    config = CaptionConfig(**karpathy, steps=0, max_length=4, spice=False)
+    result = evaluate_caption(trained, config)
     assert result["finetune"] is None and result["spice"] == "not requested"
     assert result["num_images"] == 32
 
@@ -99,8 +101,12 @@ def test_undecodable_test_images_are_skipped_and_counted(tiny, karpathy, world_d
     shutil.copy(world_dir / "dataset_synth.json", world)
     (world / "retrieval/images/000003.jpg").write_bytes(b"not a jpeg")
     (world / "train/images/000001.jpg").write_bytes(b"\xff\xd8 truncated")
-    result = evaluate_caption(tiny, karpathy_json=world / "dataset_synth.json", image_root=world,
-                              **FAST, spice=False)
+    result = evaluate_caption(
+        tiny,
+        CaptionConfig(
+            karpathy_json=world / "dataset_synth.json", image_root=world, **FAST, spice=False
+        ),
+    )
     assert (result["num_images"], result["skipped_images"]) == (31, 1)
     assert 163 not in [e["image_id"] for e in result["examples"]]  # imgid 160 + 3 is skipped
     assert result["finetune"]["skipped_images"] >= 0
@@ -113,19 +119,31 @@ def test_caption_bad_input_names_the_problem(tiny, world_dir, tmp_path, capsys):
             image["sentences"] = []
     (tmp_path / "no_refs.json").write_text(json.dumps(data))
     with pytest.raises(UserError, match=r"32 of the 32 images of split 'test' have no reference"):
-        evaluate_caption(tiny, karpathy_json=tmp_path / "no_refs.json", image_root=world_dir,
-                         **FAST)
+        evaluate_caption(
+            tiny,
+            CaptionConfig(karpathy_json=tmp_path / "no_refs.json", image_root=world_dir, **FAST),
+        )
     for image in data["images"]:
         image["split"] = "val" if image["split"] == "test" else "restval"
     (tmp_path / "no_test.json").write_text(json.dumps(data))
     with pytest.raises(UserError, match=r"split 'test' has no images; splits present: \['res"):
-        evaluate_caption(tiny, karpathy_json=tmp_path / "no_test.json", image_root=world_dir,
-                         **FAST)
+        evaluate_caption(
+            tiny,
+            CaptionConfig(karpathy_json=tmp_path / "no_test.json", image_root=world_dir, **FAST),
+        )
     with pytest.raises(UserError, match="beam_size must be >= 1"):
-        evaluate_caption(tiny, karpathy_json=world_dir / "dataset_synth.json",
-                         image_root=world_dir, beam_size=0)
-    code = vlp(["eval", "caption", "--checkpoint", str(tmp_path / "missing"), "--karpathy-json",
-                str(world_dir / "dataset_synth.json"), "--image-root", str(world_dir),
-                "--split", "val"])
-    assert code == 2
-    assert "vlp eval caption: error: checkpoint not found" in capsys.readouterr().err
+        evaluate_caption(
+            tiny,
+            CaptionConfig(
+                karpathy_json=world_dir / "dataset_synth.json", image_root=world_dir, beam_size=0
+            ),
+        )
+    capsys.readouterr()
+    for split, error in (("val", "split 'val' has no images"),  # the data is checked first
+                         ("test", "checkpoint not found")):
+        code = vlp(["eval", "caption", "--checkpoint", str(tmp_path / "missing"),
+                    "--karpathy-json", str(world_dir / "dataset_synth.json"), "--image-root",
+                    str(world_dir), "--split", split])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("vlp eval caption: error: ") and error in err
+

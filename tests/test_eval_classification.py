@@ -11,6 +11,7 @@ from vlp.data_prep.scenes import COLOURS
 from vlp.pipeline.cli import main as vlp
 from vlp.pipeline.data.checkpoints import LoadedModel
 from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.eval.configs import ZeroShotConfig
 from vlp.pipeline.eval.classification.data import load_classification
 from vlp.pipeline.eval.classification.features import Features
 from vlp.pipeline.eval.classification.metrics import chance_metrics, classification_metrics
@@ -105,9 +106,14 @@ def test_tar_images_are_byte_ranges_of_the_shard(world_dir):
 
 
 def test_zeroshot_gives_the_same_result_on_both_layouts(tiny, world_dir, tmp_path):
-    results = [evaluate_zeroshot(tiny, dataset=dataset(world_dir, "colour", layout),
-                                 out=tmp_path / f"{layout}.json")
-               for layout in ("wds", "imagefolder")]
+    results = [
+        evaluate_zeroshot(
+            tiny,
+            ZeroShotConfig(dataset=dataset(world_dir, "colour", layout)),
+            out=tmp_path / f"{layout}.json",
+        )
+        for layout in ("wds", "imagefolder")
+    ]
     assert json.loads((tmp_path / "wds.json").read_text()) == results[0]
     for result in results:
         assert list(result["metrics"]) == KEYS
@@ -144,8 +150,9 @@ def test_a_perfect_zero_shot_model_scores_one_on_both_layouts(tiny, world_dir):
     oracle = LoadedModel(ColourOracle(tiny.tokenizer, colours), tiny.tokenizer, tiny.info)
     for layout in ("wds", "imagefolder"):
         for split in ("train", "test"):
-            result = evaluate_zeroshot(oracle, dataset=dataset(world_dir, "colour", layout),
-                                       split=split)
+            result = evaluate_zeroshot(
+                oracle, ZeroShotConfig(dataset=dataset(world_dir, "colour", layout), split=split)
+            )
             assert result["metrics"] == {"acc1": 1.0, "acc5": 1.0, "mean_per_class_recall": 1.0}
 
 
@@ -153,16 +160,21 @@ def test_templates_from_a_file_and_the_default_set(tiny, world_dir, tmp_path):
     root = tmp_path / "shape"
     shutil.copytree(dataset(world_dir, "shape", "imagefolder"), root)
     (root / "zeroshot_classification_templates.txt").unlink()
-    assert evaluate_zeroshot(tiny, dataset=root)["num_templates"] == len(DEFAULT_TEMPLATES)
+    assert evaluate_zeroshot(tiny, ZeroShotConfig(dataset=root))["num_templates"] == len(
+        DEFAULT_TEMPLATES
+    )
     templates = tmp_path / "templates.txt"
     templates.write_text("a {c}\n\nthere is a {c}\n")
     with pytest.raises(UserError, match="blank line"):
-        evaluate_zeroshot(tiny, dataset=root, templates=templates)
+        evaluate_zeroshot(tiny, ZeroShotConfig(dataset=root, templates=templates))
     templates.write_text("a {c}\nthere is a {}\n")
     with pytest.raises(UserError, match=r"templates.txt:2: .*\{c\}"):
-        evaluate_zeroshot(tiny, dataset=root, templates=templates)
+        evaluate_zeroshot(tiny, ZeroShotConfig(dataset=root, templates=templates))
     templates.write_text("a {c}\n")
-    assert evaluate_zeroshot(tiny, dataset=root, templates=templates)["num_templates"] == 1
+    assert (
+        evaluate_zeroshot(tiny, ZeroShotConfig(dataset=root, templates=templates))["num_templates"]
+        == 1
+    )
 
 
 # ---- bad input ----------------------------------------------------------------------------------
@@ -207,7 +219,7 @@ def test_undecodable_images_are_skipped_and_counted(tiny, world_dir, tmp_path):
     folders = tmp_path / "imagefolder"
     shutil.copytree(dataset(world_dir, "shape", "imagefolder"), folders)
     (folders / "test/circle/broken.jpg").write_bytes(b"not a jpeg")
-    result = evaluate_zeroshot(tiny, dataset=folders)
+    result = evaluate_zeroshot(tiny, ZeroShotConfig(dataset=folders))
     assert result["skipped"] == {"bad_image": 1} and result["num_images"] == 16
 
     shards = tmp_path / "wds"
@@ -215,7 +227,7 @@ def test_undecodable_images_are_skipped_and_counted(tiny, world_dir, tmp_path):
     with wds.TarWriter(str(shards / "test/1.tar"), encoder=False) as sink:
         sink.write({"__key__": "broken", "jpg": b"\xff\xd8 truncated", "cls": b"0"})
     (shards / "test/nshards.txt").write_text("2\n")
-    result = evaluate_zeroshot(tiny, dataset=shards)
+    result = evaluate_zeroshot(tiny, ZeroShotConfig(dataset=shards))
     assert result["skipped"] == {"bad_image": 1} and result["num_images"] == 16
 
 
@@ -268,4 +280,4 @@ def test_linear_probe_command(tiny, tokenizer_json, world_dir, tmp_path, capsys)
     assert result["validation"] == f"0.25 of {held_out / 'train'}"
 
     assert vlp([*args[:-4], "--dataset", str(held_out), "--lr", "0"]) == 2
-    assert "linear probe needs lr > 0" in capsys.readouterr().err
+    assert "error: lr must be > 0, got 0.0" in capsys.readouterr().err

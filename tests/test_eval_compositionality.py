@@ -15,6 +15,7 @@ from vlp.data_prep.captions import POSITION_PHRASES
 from vlp.data_prep.compositionality import EDIT_KINDS, caption_pair
 from vlp.data_prep.scenes import COLOURS, SHAPES, Obj, Scene, WorldSpec
 from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.eval.configs import CompositionalityConfig
 from vlp.pipeline.eval.compositionality.data import load_edit_sets
 from vlp.pipeline.eval.compositionality.job import evaluate_compositionality
 
@@ -69,8 +70,11 @@ def tiny(world_dir, tmp_path_factory):
 
 
 def test_the_world_result_per_kind_and_its_mirror(tiny, world_dir, tmp_path):
-    result = evaluate_compositionality(tiny, edits=world_dir / "compositionality",
-                                       image_root=world_dir, out=tmp_path / "c.json")
+    result = evaluate_compositionality(
+        tiny,
+        CompositionalityConfig(edits=world_dir / "compositionality", image_root=world_dir),
+        out=tmp_path / "c.json",
+    )
     assert json.loads((tmp_path / "c.json").read_text())["metrics"] == result["metrics"]
     assert set(result["num_items"]) == set(EDIT_KINDS)
     assert result["num_items"]["replace_colour"] == 32  # every retrieval test image
@@ -82,7 +86,9 @@ def test_the_world_result_per_kind_and_its_mirror(tiny, world_dir, tmp_path):
         flipped = {k: {**v, "caption": v["negative_caption"], "negative_caption": v["caption"]}
                    for k, v in items.items()}
         (mirror / f"{kind}.json").write_text(json.dumps(flipped))
-    flipped = evaluate_compositionality(tiny, edits=mirror, image_root=world_dir)["metrics"]
+    flipped = evaluate_compositionality(
+        tiny, CompositionalityConfig(edits=mirror, image_root=world_dir)
+    )["metrics"]
     for kind in ("replace_colour", "swap_shape"):
         for scorer in ("itc", "itm"):
             assert flipped[f"{kind}/{scorer}"] == pytest.approx(
@@ -96,8 +102,9 @@ def test_a_caption_against_itself_is_never_preferred(tiny, world_dir, tmp_path):
     items = json.loads((world_dir / "compositionality/replace_shape.json").read_text())
     same = {k: {**v, "negative_caption": v["caption"]} for k, v in items.items()}
     (tmp_path / "same.json").write_text(json.dumps(same))
-    metrics = evaluate_compositionality(tiny, edits=tmp_path / "same.json",
-                                        image_root=world_dir)["metrics"]
+    metrics = evaluate_compositionality(
+        tiny, CompositionalityConfig(edits=tmp_path / "same.json", image_root=world_dir)
+    )["metrics"]
     assert metrics["same/itc"] == 0.0 and metrics["same/itm"] == 0.0
 
 
@@ -112,8 +119,12 @@ def test_aro_layout_with_its_box_crop(tiny, tmp_path):
     sets = load_edit_sets(tmp_path / "VG_Attribution.json", tmp_path)
     [item] = sets["VG_Attribution"]
     assert item.box == (40, 0, 80, 40)
-    result = evaluate_compositionality(tiny, edits=tmp_path / "VG_Attribution.json",
-                                       image_root=tmp_path, itm=False)
+    result = evaluate_compositionality(
+        tiny,
+        CompositionalityConfig(
+            edits=tmp_path / "VG_Attribution.json", image_root=tmp_path, itm=False
+        ),
+    )
     assert set(result["metrics"]) == {"VG_Attribution/itc", "mean/itc"}
 
 

@@ -11,6 +11,7 @@ from test_eval_support import tiny_eval_model, train_world_tokenizer
 
 from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.data.tokenizer import tokenize
+from vlp.pipeline.eval.configs import RetrievalConfig, VQAConfig
 from vlp.pipeline.eval.images import load_image
 from vlp.pipeline.eval.retrieval.data import load_karpathy
 from vlp.pipeline.eval.retrieval.job import ItmScorer, evaluate_retrieval
@@ -34,7 +35,7 @@ def karpathy(world_dir):
 @pytest.fixture(scope="module")
 def retrieval_result(tiny, karpathy, tmp_path_factory):
     out = tmp_path_factory.mktemp("retrieval") / "result.json"
-    return evaluate_retrieval(tiny, **karpathy, out=out), out
+    return evaluate_retrieval(tiny, RetrievalConfig(**karpathy), out=out), out
 
 
 def test_retrieval_result_has_clip_benchmark_keys_and_chance(retrieval_result):
@@ -64,7 +65,7 @@ def test_rerank_scores_each_top_k_pair_once_and_keeps_recall_beyond_k(
 
     monkeypatch.setattr(tiny.model, "itm_scores", counting_pairs)
     monkeypatch.setattr(tiny.model, "image_memory", counting_memories)
-    metrics = evaluate_retrieval(tiny, **karpathy, rerank_k=3)["metrics"]
+    metrics = evaluate_retrieval(tiny, RetrievalConfig(**karpathy, rerank_k=3))["metrics"]
     # the top 3 of 160 text queries and of 32 image queries: distinct pairs, each scored once
     assert (160 + 32) * 3 - 32 * 3 <= sum(pairs) <= (160 + 32) * 3
     assert sum(memories) <= 32  # each candidate image's fused-layer memory computed once
@@ -117,7 +118,9 @@ def test_retrieval_shards_give_the_same_result_as_the_json(
     tiny, world_dir, tmp_path, retrieval_result
 ):
     write_retrieval_shard(world_dir, tmp_path / "retrieval-000000.tar")
-    result = evaluate_retrieval(tiny, shards=str(tmp_path / "retrieval-{000000..000000}.tar"))
+    result = evaluate_retrieval(
+        tiny, RetrievalConfig(shards=str(tmp_path / "retrieval-{000000..000000}.tar"))
+    )
     assert result["metrics"] == pytest.approx(retrieval_result[0]["metrics"])
 
 
@@ -132,7 +135,7 @@ def test_a_retrieval_shard_cut_at_a_member_boundary_is_refused(tiny, world_dir, 
     with pytest.raises(UserError, match=r"evaluation shard .*retrieval.tar is unreadable "
                                         r"\(corrupt_tar\): truncated: ends at byte \d+ without "
                                         r"the end-of-archive marker"):
-        evaluate_retrieval(tiny, shards=str(shard))
+        evaluate_retrieval(tiny, RetrievalConfig(shards=str(shard)))
 
 
 def test_retrieval_bad_input_names_the_problem(tiny, world_dir, tmp_path):
@@ -142,26 +145,41 @@ def test_retrieval_bad_input_names_the_problem(tiny, world_dir, tmp_path):
     (root / "images" / data["images"][3]["filename"]).unlink()
     out = tmp_path / "result.json"
     with pytest.raises(UserError, match=data["images"][3]["filename"]):
-        evaluate_retrieval(tiny, karpathy_json=root / "dataset_synth.json", image_root=root,
-                           out=out)
+        evaluate_retrieval(
+            tiny,
+            RetrievalConfig(karpathy_json=root / "dataset_synth.json", image_root=root),
+            out=out,
+        )
     with pytest.raises(UserError, match=r"split 'val' has no images; splits present: \['tes"):
-        evaluate_retrieval(tiny, karpathy_json=root / "dataset_synth.json", image_root=root,
-                           split="val", out=out)
+        evaluate_retrieval(
+            tiny,
+            RetrievalConfig(
+                karpathy_json=root / "dataset_synth.json", image_root=root, split="val"
+            ),
+            out=out,
+        )
     del data["images"][0]["sentences"][1]["raw"]
     (root / "bad.json").write_text(json.dumps(data))
     with pytest.raises(UserError, match=r"images\[0\]\.sentences\[1\]: missing field 'raw'"):
-        evaluate_retrieval(tiny, karpathy_json=root / "bad.json", image_root=root, out=out)
+        evaluate_retrieval(
+            tiny, RetrievalConfig(karpathy_json=root / "bad.json", image_root=root), out=out
+        )
     (root / "broken.json").write_text('{"images": [')
     with pytest.raises(UserError, match="broken.json is not valid JSON"):
-        evaluate_retrieval(tiny, karpathy_json=root / "broken.json", image_root=root, out=out)
+        evaluate_retrieval(
+            tiny, RetrievalConfig(karpathy_json=root / "broken.json", image_root=root), out=out
+        )
     assert not out.exists() and not list(tmp_path.glob(".result.json*"))
 
 
 @pytest.fixture(scope="module")
 def vqa_result(tiny, world_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("vqa") / "vqa.json"
-    result = evaluate_vqa(tiny, vqa_dir=world_dir / "vqa", min_answer_count=3, steps=20,
-                          batch_size=16, out=out)
+    result = evaluate_vqa(
+        tiny,
+        VQAConfig(vqa_dir=world_dir / "vqa", min_answer_count=3, steps=20, batch_size=16),
+        out=out,
+    )
     return result, out
 
 
@@ -203,17 +221,19 @@ def test_vqa_bad_input_names_the_problem(tiny, world_dir, tmp_path):
     dropped = annotations["annotations"].pop(0)["question_id"]
     annotations_path.write_text(json.dumps(annotations))
     with pytest.raises(UserError, match=rf"1 question\(s\) .* have no annotation .*{dropped}"):
-        evaluate_vqa(tiny, vqa_dir=vqa, steps=1)
+        evaluate_vqa(tiny, VQAConfig(vqa_dir=vqa, steps=1))
     with pytest.raises(UserError, match=r"expected one \*_test_questions.json"):
-        evaluate_vqa(tiny, vqa_dir=vqa, eval_split="test", steps=1)
+        evaluate_vqa(tiny, VQAConfig(vqa_dir=vqa, eval_split="test", steps=1))
     questions_path = vqa / "v2_OpenEnded_synth_train_questions.json"
     questions = json.loads(questions_path.read_text())
     (vqa / "empty_questions.json").write_text(json.dumps({**questions, "questions": []}))
     with pytest.raises(UserError, match="no questions"):
-        evaluate_vqa(tiny, vqa_dir=vqa, train_questions=vqa / "empty_questions.json", steps=1)
+        evaluate_vqa(
+            tiny, VQAConfig(vqa_dir=vqa, train_questions=vqa / "empty_questions.json", steps=1)
+        )
     shutil.rmtree(vqa / "images" / "train")
     with pytest.raises(UserError, match="no image for question 0"):
-        evaluate_vqa(tiny, vqa_dir=vqa, steps=1)
+        evaluate_vqa(tiny, VQAConfig(vqa_dir=vqa, steps=1))
 
 
 def test_vqa_uses_the_soft_score_targets(tiny, world_dir):

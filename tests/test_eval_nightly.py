@@ -7,6 +7,7 @@ from html import escape as html_escape
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -16,6 +17,7 @@ from faults.fault_helpers import bomb_png, jpeg
 
 from vlp.pipeline.cli import main as vlp
 from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.eval.configs import RetrievalConfig, VQAConfig
 from vlp.pipeline.eval.nightly.report import render_report
 from vlp.pipeline.eval.nightly.runner import read_results, run_nightly
 from vlp.pipeline.eval.nightly.suite import load_suite
@@ -161,18 +163,23 @@ def test_suite_file_paths_and_unknown_keys(tmp_path):
         "synth:\n  task: retrieval\n  karpathy_json: world/r.json\n"
         "  image_root: world\n  rerank_k: 4\n")
     (benchmark,) = load_suite(tmp_path / "suite.yaml")
-    assert benchmark.kwargs == {"karpathy_json": str(tmp_path / "world/r.json"),
-                                "image_root": str(tmp_path / "world"), "rerank_k": 4}
+    assert benchmark.config == RetrievalConfig(karpathy_json=tmp_path / "world/r.json",
+                                               image_root=tmp_path / "world", rerank_k=4)
+    (shards,) = load_suite({"s": {"task": "retrieval", "shards": ["a.tar", "s3://b/c.tar"]}})
+    assert shards.config.shards == (str(Path.cwd() / "a.tar"), "s3://b/c.tar")
     with pytest.raises(UserError, match=r"unknown key\(s\) \['rerank'\]; valid keys: .*k"):
         load_suite({"synth": {"task": "retrieval", "rerank": 4}})
     with pytest.raises(UserError, match="needs 'task: retrieval | vqa'"):
         load_suite({"synth": {"karpathy_json": "x"}})
     # Wrong types are bad input, refused before any run (they were retried as transient failures)
     for key, value in (("rerank_k", "16"), ("batch_size", 2.5), ("rerank_k", True)):
-        with pytest.raises(UserError, match=rf"'synth': {key} must be int like its default"):
+        with pytest.raises(UserError, match=rf"'synth': {key} must be int, got"):
             load_suite({"synth": {"task": "retrieval", key: value}})
     (vqa,) = load_suite({"synth": {"task": "vqa", "steps": 10, "lr": 1}})  # an int is a float
-    assert vqa.kwargs == {"steps": 10, "lr": 1}
+    assert vqa.config == VQAConfig(steps=10, lr=1.0) and isinstance(vqa.config.lr, float)
+    with pytest.raises(UserError,
+                       match=r"'synth': missing key\(s\) \['karpathy_json', 'image_root'\]"):
+        load_suite({"synth": {"task": "caption"}})
 
 
 def test_cli_retrieval_and_vqa(runs, world_dir, tmp_path, capsys):

@@ -15,7 +15,7 @@ and adds the exports it is given: --recovered (pruned + recovery fine-tune), --s
   round, and each figure is the median round (vlp.pipeline.bench.common);
 - retrieval: `evaluate_retrieval` on the test set (R@1 both ways) and, with --vqa-dir, VQA
   accuracy from `evaluate_vqa` with the quickstart's fine-tune budget; each as a delta to fp32.
-ONNX exports have no fusion layers, so no VQA. Targets (the issue's) are checked when their rows
+ONNX exports have no fusion layers, so no VQA. The compression targets are checked when their rows
 exist: int8 within 1 point of fp32 text->image R@1 at >= 1.5x its batched encode throughput;
 pruned + recovered within 3 points; the distilled student above its baseline; ONNX Runtime at
 least as fast as torch eager (batched, both encoders).
@@ -126,22 +126,25 @@ def measure_speed(models: dict, images, ids, mask, singles: int, repeats: int) -
 
 def accuracy(loaded, args) -> dict:
     """Text->image and image->text R@1 (percent) and, with --vqa-dir, VQA accuracy."""
+    from vlp.pipeline.eval.configs import RetrievalConfig, VQAConfig
     from vlp.pipeline.eval.retrieval.job import evaluate_retrieval
     from vlp.pipeline.eval.vqa.job import evaluate_vqa
 
-    metrics = evaluate_retrieval(loaded, karpathy_json=args.karpathy_json,
-                                 image_root=args.image_root, split=args.split)["metrics"]
+    retrieval = RetrievalConfig(karpathy_json=args.karpathy_json, image_root=args.image_root,
+                                split=args.split)
+    metrics = evaluate_retrieval(loaded, retrieval)["metrics"]
     result = {"t2i_r1": 100 * metrics["image_retrieval_recall@1"],
               "i2t_r1": 100 * metrics["text_retrieval_recall@1"], "vqa": None}
     if args.vqa_dir and loaded.info.kind != "onnx":
-        vqa = evaluate_vqa(loaded, vqa_dir=args.vqa_dir, steps=args.vqa_steps,
-                           finetune_backbone=True, lr=3e-4, min_answer_count=3, seed=0)
+        vqa = evaluate_vqa(loaded, VQAConfig(vqa_dir=args.vqa_dir, steps=args.vqa_steps,
+                                             finetune_backbone=True, lr=3e-4, min_answer_count=3,
+                                             seed=0))
         result["vqa"] = vqa["metrics"]["overall"]
     return result
 
 
 def targets(rows: dict[str, dict]) -> dict:
-    """The issue's targets for whichever rows this run has."""
+    """The compression targets for whichever rows this run has."""
     def delta(name, key="t2i_r1"):
         return rows[name][key] - rows["fp32"][key]
 

@@ -54,6 +54,7 @@ def run(args) -> int:
     from vlp.pipeline.bench.loader import write_jpeg_shards
     from vlp.pipeline.data.checkpoints import load_model
     from vlp.pipeline.distributed import local_device
+    from vlp.pipeline.eval.configs import RetrievalConfig
     from vlp.pipeline.eval.retrieval.job import evaluate_retrieval
 
     gpu = torch.cuda.is_available()
@@ -76,8 +77,9 @@ def run(args) -> int:
     evaluation = None
     if launches.get("resumed", {}).get("exit_code") == 0:
         loaded = load_model(run_dir / "checkpoints", device=local_device())
-        result = evaluate_retrieval(loaded, shards=sorted(map(str, data_dir.glob("*.tar"))),
-                                    bf16=gpu, rerank_k=4)
+        config = RetrievalConfig(shards=tuple(sorted(map(str, data_dir.glob("*.tar")))),
+                                 bf16=gpu, rerank_k=4)
+        result = evaluate_retrieval(loaded, config)
         evaluation = {"device": str(local_device()), "metrics": result["metrics"],
                       "seconds": result["seconds"]}
     ok = all(launch["exit_code"] == 0 for launch in launches.values()) and len(launches) == 2

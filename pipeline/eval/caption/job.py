@@ -14,81 +14,54 @@ from __future__ import annotations
 import copy
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
 from vlp.models.decoding import DecodingConfig
 from vlp.pipeline.data.checkpoints import LoadedModel, load_model
 from vlp.pipeline.data.errors import UserError
-from vlp.pipeline.data.files import write_json_atomic
 from vlp.pipeline.eval.caption.baselines import most_frequent_caption, retrieved_captions
 from vlp.pipeline.eval.caption.captioner import caption_images, finetune_captioning
 from vlp.pipeline.eval.caption.data import load_test_split, load_train_pairs
 from vlp.pipeline.eval.caption.metric import CaptionScorer
+from vlp.pipeline.eval.configs import CaptionConfig
 from vlp.pipeline.eval.finetune import FinetuneConfig
+from vlp.pipeline.eval.results import write_result
 
 NUM_EXAMPLES = 8  # test images whose captions the result (and the nightly report) shows
 
 
-def evaluate_caption(
-    checkpoint: str | Path | LoadedModel,
-    *,
-    karpathy_json: str | Path,
-    image_root: str | Path,
-    split: str = "test",
-    train_splits: Sequence[str] = ("train", "restval"),
-    steps: int = 0,
-    lr: float = 1e-4,
-    batch_size: int = 32,
-    beam_size: int = 1,
-    max_length: int = 30,
-    length_penalty: float = 1.0,
-    no_repeat_ngram_size: int = 0,
-    spice: bool = True,
-    bf16: bool = False,
-    seed: int = 0,
-    out: str | Path | None = None,
-    results_out: str | Path | None = None,
-) -> dict:
+def evaluate_caption(checkpoint: str | Path | LoadedModel, config: CaptionConfig, *,
+                     out: str | Path | None = None, results_out: str | Path | None = None,
+                     device: str = "cpu") -> dict:
     """COCO caption metrics of the checkpoint's captions on `split`, with baselines.
 
-    `steps` > 0 fine-tunes (all weights, `lr`, `batch_size`) on the (image, caption) pairs of
-    `train_splits` first; with 0 the checkpoint must have been trained with the LM objective.
-    `out` gets the metrics JSON and `results_out` (default: beside `out`,
-    `<out stem>.results.json`) the captions in COCO's results format.
+    `steps` > 0 fine-tunes (all weights) on the (image, caption) pairs of `train_splits`
+    first; with 0 the checkpoint must have been trained with the LM objective. The data is read
+    and checked before a checkpoint path is loaded (onto `device`). `out` gets the metrics JSON
+    and `results_out` (default: beside `out`, `<out stem>.results.json`) the captions in COCO's
+    results format.
     """
-    if steps < 0:
-        raise UserError(f"steps must be >= 0, got {steps}")
-    try:
-        decoding = DecodingConfig(max_length=max_length, beam_size=beam_size,
-                                  length_penalty=length_penalty,
-                                  no_repeat_ngram_size=no_repeat_ngram_size)
-    except ValueError as exc:
-        raise UserError(f"decoding: {exc}") from exc
-    test = load_test_split(karpathy_json, image_root, split)
-    train = load_train_pairs(karpathy_json, image_root, train_splits)
-    loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint)
-    if steps == 0:
+    decoding = DecodingConfig(max_length=config.max_length, beam_size=config.beam_size,
+                              length_penalty=config.length_penalty,
+                              no_repeat_ngram_size=config.no_repeat_ngram_size)
+    test = load_test_split(config.karpathy_json, config.image_root, config.split)
+    train = load_train_pairs(config.karpathy_json, config.image_root, config.train_splits)
+    loaded = (checkpoint if isinstance(checkpoint, LoadedModel)
+              else load_model(checkpoint, device=device))
+    if config.steps == 0:
         _require_trained_lm(loaded)
 
     start = time.perf_counter()
     train_captions = [caption for _, caption in train]
     retrieved = retrieved_captions(loaded.model, loaded.tokenizer, test, train_captions,
-                                   batch_size * 2, bf16)
-    model, finetune = loaded.model, None
-    if steps:
-        model = copy.deepcopy(loaded.model)
-        cfg = FinetuneConfig(steps=steps, lr=lr, batch_size=batch_size, finetune_backbone=True,
-                             bf16=bf16, seed=seed)
-        finetune = finetune_captioning(model, loaded.tokenizer, train, cfg)
-    captions, skipped = caption_images(model, loaded.tokenizer, test, decoding, batch_size * 2,
-                                       bf16)
-    del model
+                                   config.batch_size * 2, config.bf16)
+    captions, skipped, finetune = _caption_test_images(loaded, train, test, config, decoding)
     scored = [image for image in test if image.image_id in captions]
     if not scored:
-        raise UserError(f"none of the {len(test)} test images of {karpathy_json} decodes")
+        raise UserError(f"none of the {len(test)} test images of {config.karpathy_json} decodes")
     frequent = most_frequent_caption(train_captions)
-    with CaptionScorer({i.image_id: list(i.sentences) for i in scored}, spice) as scorer:
+    with CaptionScorer({i.image_id: list(i.sentences) for i in scored}, config.spice) as scorer:
         metrics = scorer.score(captions)
         baselines = {"retrieval": scorer.score({i.image_id: retrieved[i.image_id]
                                                 for i in scored}),
@@ -98,7 +71,7 @@ def evaluate_caption(
         print(f"caption: SPICE {spice_status}", file=sys.stderr)
     result = {
         "task": "caption",
-        "dataset": f"{karpathy_json}:{split}",
+        "dataset": f"{config.karpathy_json}:{config.split}",
         "model": loaded.info.path,
         "step": loaded.info.step,
         "num_images": len(scored),
@@ -106,9 +79,7 @@ def evaluate_caption(
         "skipped_images": len(skipped),
         "num_train_pairs": len(train),
         "finetune": finetune,
-        "decoding": {"beam_size": beam_size, "max_length": max_length,
-                     "length_penalty": length_penalty,
-                     "no_repeat_ngram_size": no_repeat_ngram_size},
+        "decoding": asdict(decoding),
         "metrics": metrics,
         "baselines": baselines,
         "spice": spice_status,
@@ -118,14 +89,25 @@ def evaluate_caption(
                       "references": list(i.sentences)} for i in scored[:NUM_EXAMPLES]],
         "seconds": round(time.perf_counter() - start, 3),
     }
-    if out is not None or results_out is not None:
-        results_out = Path(results_out or Path(out).with_suffix(".results.json"))
-        write_json_atomic(results_out, [{"image_id": i.image_id, "caption": captions[i.image_id]}
-                                        for i in scored])
-        result["results_file"] = str(results_out)
-    if out is not None:
-        write_json_atomic(out, result)
+    write_result(result, out, [{"image_id": i.image_id, "caption": captions[i.image_id]}
+                               for i in scored], results_out)
     return result
+
+
+def _caption_test_images(loaded: LoadedModel, train, test, config: CaptionConfig,
+                         decoding: DecodingConfig):
+    """(captions by image id, skipped images, fine-tune stats or None): the test images
+    captioned by the checkpoint, or by a fine-tuned copy when `config.steps` > 0 (the loaded
+    model stays untouched for the caller)."""
+    model, finetune = loaded.model, None
+    if config.steps:
+        model = copy.deepcopy(loaded.model)
+        cfg = FinetuneConfig(steps=config.steps, lr=config.lr, batch_size=config.batch_size,
+                             finetune_backbone=True, bf16=config.bf16, seed=config.seed)
+        finetune = finetune_captioning(model, loaded.tokenizer, train, cfg)
+    captions, skipped = caption_images(model, loaded.tokenizer, test, decoding,
+                                       config.batch_size * 2, config.bf16)
+    return captions, skipped, finetune
 
 
 def _require_trained_lm(loaded: LoadedModel) -> None:

@@ -28,11 +28,12 @@ import torch.nn.functional as F
 
 from vlp.pipeline.data.checkpoints import LoadedModel, load_model
 from vlp.pipeline.data.errors import UserError
-from vlp.pipeline.data.files import write_json_atomic
 from vlp.pipeline.eval.classification.data import load_classification
 from vlp.pipeline.eval.classification.features import Features, encode_set, result_header
 from vlp.pipeline.eval.classification.metrics import chance_metrics, classification_metrics
 from vlp.pipeline.eval.encode import model_device
+from vlp.pipeline.eval.configs import LinearProbeConfig
+from vlp.pipeline.eval.results import write_result
 
 WEIGHT_DECAYS = np.logspace(-6, 2, num=97).tolist()
 COARSE = list(range(0, len(WEIGHT_DECAYS), 16))  # the 7 decades 1e-6 ... 1e2
@@ -146,60 +147,52 @@ def hold_out(features: Features, proportion: float, seed: int) -> tuple[Features
             Features(features.x[val], features.y[val], {}))
 
 
-def evaluate_linear_probe(
-    checkpoint: str | Path | LoadedModel,
-    *,
-    dataset: str | Path,
-    train_split: str = "train",
-    val_split: str | None = "val",
-    test_split: str = "test",
-    val_proportion: float = 0.2,
-    classnames: str | Path | None = None,
-    lr: float = 0.1,
-    epochs: int = 10,
-    probe_batch_size: int = 64,
-    seed: int = 0,
-    batch_size: int = 64,
-    bf16: bool = False,
-    out: str | Path | None = None,
-) -> dict:
+def _settings(config: LinearProbeConfig) -> ProbeSettings:
+    return ProbeSettings(config.lr, config.epochs, config.probe_batch_size, config.seed)
+
+
+def evaluate_linear_probe(checkpoint: str | Path | LoadedModel, config: LinearProbeConfig, *,
+                          out: str | Path | None = None, device: str = "cpu") -> dict:
     """Linear-probe acc1/acc5/mean_per_class_recall on DATASET/TEST_SPLIT, with chance.
 
     Validation is DATASET/VAL_SPLIT when it exists, else `val_proportion` of the training split.
-    `batch_size` is for encoding images, `probe_batch_size` for fitting. Writes `out` if given.
+    `batch_size` is for encoding images, `probe_batch_size` for fitting. The data is read and
+    checked before a checkpoint path is loaded (onto `device`). Writes `out` if given.
     """
-    settings = ProbeSettings(lr, epochs, probe_batch_size, seed)
-    splits = {"train": load_classification(dataset, train_split, classnames),
-              "test": load_classification(dataset, test_split, classnames)}
-    if val_split is not None and (Path(dataset) / val_split).is_dir():
-        splits["val"] = load_classification(dataset, val_split, classnames)
+    dataset, classnames = config.dataset, config.classnames
+    splits = {"train": load_classification(dataset, config.train_split, classnames),
+              "test": load_classification(dataset, config.test_split, classnames)}
+    if (dataset / config.val_split).is_dir():
+        splits["val"] = load_classification(dataset, config.val_split, classnames)
     for split in splits.values():
         if split.classnames != splits["test"].classnames:
             raise UserError(f"{split.source} and {splits['test'].source} have different classes; "
                             "every split must have the same class list")
-    loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint)
+    loaded = (checkpoint if isinstance(checkpoint, LoadedModel)
+              else load_model(checkpoint, device=device))
     start = time.perf_counter()
-    features = {name: encode_set(loaded, split, batch_size, bf16) for name, split in splits.items()}
-    device = model_device(loaded.model)  # fit where the model runs, as CLIP_benchmark does
-    features = {name: Features(f.x.to(device), f.y.to(device), f.skipped)
+    features = {name: encode_set(loaded, split, config.batch_size, config.bf16)
+                for name, split in splits.items()}
+    fit_device = model_device(loaded.model)  # fit where the model runs, as CLIP_benchmark does
+    features = {name: Features(f.x.to(fit_device), f.y.to(fit_device), f.skipped)
                 for name, f in features.items()}
     if "val" not in features:
-        features["train"], features["val"] = hold_out(features["train"], val_proportion, seed)
+        features["train"], features["val"] = hold_out(features["train"], config.val_proportion,
+                                                      config.seed)
     num_classes = len(splits["test"].classnames)
     metrics, weight_decay = probe_metrics(features["train"], features["val"], features["test"],
-                                          num_classes, settings)
+                                          num_classes, _settings(config))
     result = {
         **result_header("linear_probe", loaded, splits["test"]),
         **{f"num_{name}": len(f.y) for name, f in features.items()},
         "validation": splits["val"].source if "val" in splits else
-        f"{val_proportion:g} of {splits['train'].source}",
+        f"{config.val_proportion:g} of {splits['train'].source}",
         "weight_decay": weight_decay,
-        "settings": asdict(settings),
+        "settings": asdict(_settings(config)),
         "metrics": metrics,
         "baselines": {"chance": chance_metrics(num_classes)},
         "skipped": {name: f.skipped for name, f in features.items() if f.skipped},
         "seconds": round(time.perf_counter() - start, 3),
     }
-    if out is not None:
-        write_json_atomic(out, result)
+    write_result(result, out)
     return result

@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from vlp.pipeline.data.checkpoints import LoadedModel, load_model
-from vlp.pipeline.data.files import write_json_atomic
 from vlp.pipeline.eval.classification.data import load_classification, read_templates
 from vlp.pipeline.eval.classification.features import encode_set, result_header
 from vlp.pipeline.eval.classification.metrics import chance_metrics, classification_metrics
 from vlp.pipeline.eval.encode import encode_texts
+from vlp.pipeline.eval.configs import ZeroShotConfig
+from vlp.pipeline.eval.results import write_result
 
 # The seven ImageNet prompts CLIP's authors found to ensemble best (CLIP's prompt-engineering
 # notebook), a small general-purpose default.
@@ -42,26 +43,20 @@ def class_embeddings(loaded: LoadedModel, classnames: list[str], templates: list
     return F.normalize(emb.view(len(classnames), len(templates), -1).mean(dim=1), dim=-1)
 
 
-def evaluate_zeroshot(
-    checkpoint: str | Path | LoadedModel,
-    *,
-    dataset: str | Path,
-    split: str = "test",
-    classnames: str | Path | None = None,
-    templates: str | Path | None = None,
-    batch_size: int = 64,
-    bf16: bool = False,
-    out: str | Path | None = None,
-) -> dict:
+def evaluate_zeroshot(checkpoint: str | Path | LoadedModel, config: ZeroShotConfig, *,
+                      out: str | Path | None = None, device: str = "cpu") -> dict:
     """Zero-shot acc1/acc5/mean_per_class_recall on DATASET/SPLIT, with the chance baseline.
 
     `dataset` is an ImageFolder or CLIP_benchmark webdataset root (see data.py); `classnames`
-    and `templates` are files that replace the dataset's own. Writes `out` when given.
+    and `templates` are files that replace the dataset's own. The data is read and checked
+    before a checkpoint path is loaded (onto `device`). Writes `out` when given.
     """
-    data = load_classification(dataset, split, classnames)
-    prompts = (read_templates(templates) if templates is not None
+    data = load_classification(config.dataset, config.split, config.classnames)
+    prompts = (read_templates(config.templates) if config.templates is not None
                else data.templates or list(DEFAULT_TEMPLATES))
-    loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint)
+    loaded = (checkpoint if isinstance(checkpoint, LoadedModel)
+              else load_model(checkpoint, device=device))
+    batch_size, bf16 = config.batch_size, config.bf16
     start = time.perf_counter()
     classes = class_embeddings(loaded, data.classnames, prompts, batch_size * 4, bf16)
     features = encode_set(loaded, data, batch_size, bf16)
@@ -74,6 +69,5 @@ def evaluate_zeroshot(
         "skipped": features.skipped,
         "seconds": round(time.perf_counter() - start, 3),
     }
-    if out is not None:
-        write_json_atomic(out, result)
+    write_result(result, out)
     return result

@@ -15,35 +15,29 @@ from pathlib import Path
 import torch
 
 from vlp.pipeline.data.checkpoints import LoadedModel, load_model, require_full_model
-from vlp.pipeline.data.files import write_json_atomic
 from vlp.pipeline.eval.compositionality.data import EditedItem, load_edit_sets
+from vlp.pipeline.eval.configs import CompositionalityConfig
 from vlp.pipeline.eval.encode import encode_images, encode_texts
 from vlp.pipeline.eval.images import ImageRef
+from vlp.pipeline.eval.results import write_result
 from vlp.pipeline.eval.retrieval.data import RetrievalSet
 from vlp.pipeline.eval.retrieval.job import ItmScorer
 
 
-def evaluate_compositionality(
-    checkpoint: str | Path | LoadedModel,
-    *,
-    edits: str | Path,
-    image_root: str | Path,
-    itm: bool = True,
-    batch_size: int = 64,
-    bf16: bool = False,
-    out: str | Path | None = None,
-    device: str = "cpu",
-) -> dict:
+def evaluate_compositionality(checkpoint: str | Path | LoadedModel,
+                              config: CompositionalityConfig, *,
+                              out: str | Path | None = None, device: str = "cpu") -> dict:
     """Accuracy of true over edited caption per edit kind ("<kind>/itc", "<kind>/itm") and
     averaged over kinds ("mean/itc", "mean/itm"), with chance (0.5 for either scorer, the
     nightly job's "<variant>/<metric>" convention) as the baseline.
 
-    `edits`: a SugarCrepe folder or file, or an ARO JSON (data.py), images under `image_root`.
-    itm=False scores the dual encoder only (an export without the fusion layers).
+    `edits`: a SugarCrepe folder or file, or an ARO JSON (data.py), images under `image_root`;
+    read and checked before a checkpoint path is loaded (onto `device`).
     """
-    sets = load_edit_sets(edits, image_root)
+    sets = load_edit_sets(config.edits, config.image_root)
     loaded = (checkpoint if isinstance(checkpoint, LoadedModel)
               else load_model(checkpoint, device=device))
+    itm, batch_size, bf16 = config.itm, config.batch_size, config.bf16
     if itm:
         require_full_model(loaded, "ITM scoring of edited captions (itm=True)")
     start = time.perf_counter()
@@ -69,7 +63,7 @@ def evaluate_compositionality(
         metrics[f"mean/{name}"] = sum(per_kind) / len(per_kind)
     result = {
         "task": "compositionality",
-        "dataset": str(edits),
+        "dataset": str(config.edits),
         "model": loaded.info.path,
         "step": loaded.info.step,
         "num_items": {kind: len(items) for kind, items in sets.items()},
@@ -77,8 +71,7 @@ def evaluate_compositionality(
         "baselines": {"chance": dict.fromkeys(scorers, 0.5)},  # per scorer, every kind
         "seconds": round(time.perf_counter() - start, 3),
     }
-    if out is not None:
-        write_json_atomic(out, result)
+    write_result(result, out)
     return result
 
 

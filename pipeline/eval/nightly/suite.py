@@ -26,11 +26,12 @@
       edits: world/compositionality
       image_root: world
 
-A key that the task's function does not take is an error naming it and the valid keys.
+Each entry's keys are the fields of its task's config (pipeline/eval/configs.py, the same
+settings as the `vlp eval <task>` options); an unknown key or a value of the wrong type is an
+error naming it and the valid keys.
 """
 from __future__ import annotations
 
-import inspect
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,32 +44,38 @@ from vlp.pipeline.eval.caption.job import evaluate_caption
 from vlp.pipeline.eval.classification.probe import evaluate_linear_probe
 from vlp.pipeline.eval.classification.zeroshot import evaluate_zeroshot
 from vlp.pipeline.eval.compositionality.job import evaluate_compositionality
+from vlp.pipeline.eval.configs import (
+    CaptionConfig,
+    CompositionalityConfig,
+    LinearProbeConfig,
+    RetrievalConfig,
+    VQAConfig,
+    ZeroShotConfig,
+)
+from vlp.pipeline.eval.job_config import JobConfig, config_from_mapping
 from vlp.pipeline.eval.retrieval.job import evaluate_retrieval
 from vlp.pipeline.eval.vqa.job import evaluate_vqa
 
-TASKS: dict[str, Callable[..., dict]] = {"retrieval": evaluate_retrieval, "vqa": evaluate_vqa,
-                                         "caption": evaluate_caption}
-TASKS |= {"zeroshot": evaluate_zeroshot, "linear_probe": evaluate_linear_probe}  # classification
-TASKS |= {"compositionality": evaluate_compositionality}
-# Arguments the nightly job sets itself.
-RESERVED = {"checkpoint", "out", "results_out", "device"}
-_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
-PATH_KEYS = {
-    "karpathy_json", "image_root", "shards", "vqa_dir", "train_questions", "train_annotations",
-    "eval_questions", "eval_annotations",
+# task -> (its config, the function that runs it)
+TASKS: dict[str, tuple[type[JobConfig], Callable[..., dict]]] = {
+    "retrieval": (RetrievalConfig, evaluate_retrieval),
+    "vqa": (VQAConfig, evaluate_vqa),
+    "caption": (CaptionConfig, evaluate_caption),
+    "zeroshot": (ZeroShotConfig, evaluate_zeroshot),
+    "linear_probe": (LinearProbeConfig, evaluate_linear_probe),
+    "compositionality": (CompositionalityConfig, evaluate_compositionality),
 }
-PATH_KEYS |= {"dataset", "classnames", "templates"}  # classification
-PATH_KEYS |= {"edits"}  # compositionality
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True)
 class Benchmark:
     name: str
     task: str
-    kwargs: dict[str, Any]
+    config: JobConfig
 
     def run(self, checkpoint, out: Path) -> dict:
-        return TASKS[self.task](checkpoint, out=out, **self.kwargs)
+        return TASKS[self.task][1](checkpoint, self.config, out=out)
 
 
 def load_suite(suite: str | Path | dict) -> list[Benchmark]:
@@ -78,7 +85,7 @@ def load_suite(suite: str | Path | dict) -> list[Benchmark]:
     if not isinstance(suite, dict):
         path = Path(suite)
         if not path.is_file():
-            raise UserError(f"suite config not found: {path} (see pipeline/eval/suite.py)")
+            raise UserError(f"suite config not found: {path} (see pipeline/eval/nightly/suite.py)")
         try:
             suite = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
@@ -89,22 +96,6 @@ def load_suite(suite: str | Path | dict) -> list[Benchmark]:
     return [_benchmark(name, spec, base, source) for name, spec in suite.items()]
 
 
-def _expected_type(default: Any) -> type | None:
-    """The type a suite value must have, from the task function's default (None: any)."""
-    if default is inspect.Parameter.empty or default is None:
-        return None
-    return type(default)
-
-
-def _is_a(value: Any, expected: type) -> bool:
-    """isinstance, where a bool is not a number and an int is a float."""
-    if expected is bool or isinstance(value, bool):
-        return isinstance(value, bool) and expected is bool
-    if expected is float:
-        return isinstance(value, (int, float))
-    return isinstance(value, expected)
-
-
 def _benchmark(name: str, spec: Any, base: Path, source: str) -> Benchmark:
     where = f"{source}: benchmark {name!r}"
     if not _NAME.fullmatch(str(name)):
@@ -112,19 +103,6 @@ def _benchmark(name: str, spec: Any, base: Path, source: str) -> Benchmark:
                              "letters, digits, '_', '-' and '.', not starting with '.'")
     if not isinstance(spec, dict) or spec.get("task") not in TASKS:
         raise UserError(f"{where} needs 'task: {' | '.join(TASKS)}'")
-    kwargs = {k: v for k, v in spec.items() if k != "task"}
-    params = inspect.signature(TASKS[spec["task"]]).parameters
-    valid = sorted(set(params) - RESERVED)
-    unknown = sorted(set(kwargs) - set(valid))
-    if unknown:
-        raise UserError(f"{where}: unknown key(s) {unknown}; valid keys: {valid}")
-    for key, value in kwargs.items():
-        expected = _expected_type(params[key].default)
-        if expected and not _is_a(value, expected):
-            raise UserError(f"{where}: {key} must be {expected.__name__} like its default "
-                            f"{params[key].default!r}, got {value!r:.40}")
-    for key in PATH_KEYS & set(kwargs):
-        value = kwargs[key]
-        resolved = [str(base / v) for v in value] if isinstance(value, list) else str(base / value)
-        kwargs[key] = resolved
-    return Benchmark(str(name), spec["task"], kwargs)
+    values = {k: v for k, v in spec.items() if k != "task"}
+    config = config_from_mapping(TASKS[spec["task"]][0], values, where, base)
+    return Benchmark(str(name), spec["task"], config)

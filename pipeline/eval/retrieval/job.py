@@ -18,56 +18,41 @@ import torch
 import torch.distributed as dist
 
 from vlp.pipeline.data.checkpoints import LoadedModel, load_model, require_full_model
-from vlp.pipeline.data.errors import UserError
-from vlp.pipeline.data.files import write_json_atomic
 from vlp.pipeline.data.tokenizer import tokenize
 from vlp.pipeline.eval.encode import autocast, encode_images, encode_texts, model_device
 from vlp.pipeline.eval.images import load_image
+from vlp.pipeline.eval.configs import RetrievalConfig
 from vlp.pipeline.eval.retrieval.data import RetrievalSet, load_karpathy, load_retrieval_shards
+from vlp.pipeline.eval.results import write_result
 from vlp.pipeline.eval.retrieval.recall import chance_recalls, retrieval_recalls
 
 
-def evaluate_retrieval(
-    checkpoint: str | Path | LoadedModel,
-    *,
-    karpathy_json: str | Path | None = None,
-    image_root: str | Path | None = None,
-    split: str = "test",
-    shards: str | list[str] | None = None,
-    rerank_k: int = 0,
-    batch_size: int = 64,
-    chunk: int = 1024,
-    bf16: bool = False,
-    out: str | Path | None = None,
-    device: str = "cpu",
-) -> dict:
+def evaluate_retrieval(checkpoint: str | Path | LoadedModel, config: RetrievalConfig, *,
+                       out: str | Path | None = None, device: str = "cpu") -> dict:
     """Recall@1/5/10 both ways and mean recall, with chance baselines (CLIP_benchmark layout).
 
-    The test set is a Karpathy JSON + image root or retrieval webdataset `shards`. `checkpoint` is
-    any path `load_model` accepts (loaded onto `device` after the test set is read and checked),
-    or an already loaded LoadedModel. Writes `out` (rank 0).
+    `checkpoint` is any path `load_model` accepts (loaded onto `device` after the test set is
+    read and checked), or an already loaded LoadedModel. Writes `out` (rank 0).
     """
-    if (karpathy_json is None) == (shards is None):
-        raise UserError("give either --karpathy-json (with --image-root) or --shards")
-    if karpathy_json is not None:
-        if image_root is None:
-            raise UserError("--karpathy-json needs --image-root (the folder its filepaths are in)")
-        dataset = load_karpathy(karpathy_json, image_root, split)
+    if config.karpathy_json is not None:
+        dataset = load_karpathy(config.karpathy_json, config.image_root, config.split)
     else:
-        dataset = load_retrieval_shards(shards)
+        dataset = load_retrieval_shards(list(config.shards))
     loaded = (checkpoint if isinstance(checkpoint, LoadedModel)
               else load_model(checkpoint, device=device))
-    config = loaded.info.config
+    model_config = loaded.info.config
     start = time.perf_counter()
-    image_emb = encode_images(loaded.model, dataset.images, config["image_size"], batch_size, bf16)
+    batch_size, bf16, rerank_k = config.batch_size, config.bf16, config.rerank_k
+    image_emb = encode_images(loaded.model, dataset.images, model_config["image_size"],
+                              batch_size, bf16)
     text_emb = encode_texts(loaded.model, loaded.tokenizer, dataset.captions,
-                            config["max_text_len"], batch_size * 4, bf16)
+                            model_config["max_text_len"], batch_size * 4, bf16)
     scorer = None
     if rerank_k > 0:
         require_full_model(loaded, "ITM re-ranking (rerank_k > 0)")
         scorer = ItmScorer(loaded, dataset, batch_size, bf16)
     itc_weight = float(loaded.model.itc_logit_scale().detach()) if scorer is not None else 0.0
-    metrics = retrieval_recalls(image_emb, text_emb, dataset.text_to_image, chunk=chunk,
+    metrics = retrieval_recalls(image_emb, text_emb, dataset.text_to_image, chunk=config.chunk,
                                 rerank_k=rerank_k, pair_scorer=scorer, itc_weight=itc_weight)
     result = {
         "task": "zeroshot_retrieval",
@@ -81,8 +66,8 @@ def evaluate_retrieval(
         "baselines": {"chance": _chance(len(dataset.images), dataset.text_to_image, rerank_k)},
         "seconds": round(time.perf_counter() - start, 3),
     }
-    if out is not None and (not dist.is_initialized() or dist.get_rank() == 0):
-        write_json_atomic(out, result)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        write_result(result, out)
     return result
 
 

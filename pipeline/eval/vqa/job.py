@@ -18,38 +18,17 @@ from pathlib import Path
 
 from vlp.pipeline.data.checkpoints import LoadedModel, load_model, require_full_model
 from vlp.pipeline.data.errors import UserError
-from vlp.pipeline.data.files import write_json_atomic
 from vlp.pipeline.eval.finetune import FinetuneConfig
+from vlp.pipeline.eval.configs import VQAConfig
+from vlp.pipeline.eval.results import write_result
 from vlp.pipeline.eval.vqa.data import VQAExample, find_split_files, load_vqa_split
 from vlp.pipeline.eval.vqa.finetune import AnswerVocab, finetune_vqa, predict_vqa
 from vlp.pipeline.eval.vqa.metric import normalize_answer, score_predictions
 
 
-def evaluate_vqa(
-    checkpoint: str | Path | LoadedModel,
-    *,
-    vqa_dir: str | Path | None = None,
-    train_split: str = "train",
-    eval_split: str = "val",
-    train_questions: str | Path | None = None,
-    train_annotations: str | Path | None = None,
-    eval_questions: str | Path | None = None,
-    eval_annotations: str | Path | None = None,
-    image_root: str | Path | None = None,
-    image_pattern: str | None = None,
-    min_answer_count: int = 9,
-    steps: int | None = None,
-    epochs: float = 1.0,
-    lr: float | None = None,
-    batch_size: int = 32,
-    finetune_backbone: bool = False,
-    bf16: bool = False,
-    seed: int = 0,
-    late_fusion_baseline: bool = False,
-    out: str | Path | None = None,
-    results_out: str | Path | None = None,
-    device: str = "cpu",
-) -> dict:
+def evaluate_vqa(checkpoint: str | Path | LoadedModel, config: VQAConfig, *,
+                 out: str | Path | None = None, results_out: str | Path | None = None,
+                 device: str = "cpu") -> dict:
     """Official VQA accuracy (percent) after a fixed-budget fine-tune, with baselines.
 
     Files come from `vqa_dir` (found by split name, images under it) or explicit paths, which
@@ -57,22 +36,22 @@ def evaluate_vqa(
     `<out stem>.results.json`) the predictions in the official results format. The data is
     read and checked before a checkpoint path is loaded (onto `device`).
     """
-    files = _split_files(vqa_dir, train_split, train_questions, train_annotations,
-                         eval_split, eval_questions, eval_annotations)
-    root = Path(image_root) if image_root is not None else None
-    train = load_vqa_split(*files["train"], root or files["train"][0].parent, image_pattern)
-    evaluation = load_vqa_split(*files["eval"], root or files["eval"][0].parent, image_pattern)
-    vocab = AnswerVocab.build(train, min_answer_count)
+    files = _split_files(config)
+    root, pattern = config.image_root, config.image_pattern
+    train = load_vqa_split(*files["train"], root or files["train"][0].parent, pattern)
+    evaluation = load_vqa_split(*files["eval"], root or files["eval"][0].parent, pattern)
+    vocab = AnswerVocab.build(train, config.min_answer_count)
     loaded = (checkpoint if isinstance(checkpoint, LoadedModel)
               else load_model(checkpoint, device=device))
     require_full_model(loaded, "VQA (a fine-tuned head on the fused encoder)")
 
     start = time.perf_counter()
-    cfg = FinetuneConfig(steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
-                         finetune_backbone=finetune_backbone, bf16=bf16, seed=seed)
+    cfg = FinetuneConfig(steps=config.steps, epochs=config.epochs or 1.0, lr=config.lr,
+                         batch_size=config.batch_size, finetune_backbone=config.finetune_backbone,
+                         bf16=config.bf16, seed=config.seed)
     finetune, predictions = _finetune_and_predict(loaded, train, evaluation, vocab, cfg)
     metrics = _score(predictions, evaluation)
-    if late_fusion_baseline:  # the same budget, the head on the unimodal CLS states
+    if config.late_fusion_baseline:  # the same budget, the head on the unimodal CLS states
         _, late_predictions = _finetune_and_predict(loaded, train, evaluation, vocab, cfg,
                                                     fusion="late")
         metrics.update({f"late_fusion/{key}": value
@@ -93,13 +72,8 @@ def evaluate_vqa(
         "baseline_answers": baseline_answers,
         "seconds": round(time.perf_counter() - start, 3),
     }
-    if out is not None or results_out is not None:
-        results_out = Path(results_out or Path(out).with_suffix(".results.json"))
-        official = [{"question_id": q, "answer": a} for q, a in predictions.items()]
-        write_json_atomic(results_out, official)
-        result["results_file"] = str(results_out)
-    if out is not None:
-        write_json_atomic(out, result)
+    write_result(result, out, [{"question_id": q, "answer": a} for q, a in predictions.items()],
+                 results_out)
     return result
 
 
@@ -113,16 +87,18 @@ def _finetune_and_predict(loaded: LoadedModel, train, evaluation, vocab, cfg: Fi
                               cfg.bf16)
 
 
-def _split_files(vqa_dir, train_split, train_q, train_a, eval_split, eval_q, eval_a) -> dict:
+def _split_files(config: VQAConfig) -> dict:
     """{"train"|"eval": (questions, annotations)}; explicit paths win over `vqa_dir` discovery."""
     files = {}
-    for name, split, questions, annotations in (("train", train_split, train_q, train_a),
-                                                ("eval", eval_split, eval_q, eval_a)):
+    for name in ("train", "eval"):
+        split = getattr(config, f"{name}_split")
+        questions = getattr(config, f"{name}_questions")
+        annotations = getattr(config, f"{name}_annotations")
         if questions is None or annotations is None:
-            if vqa_dir is None:
+            if config.vqa_dir is None:
                 raise UserError(f"give --vqa-dir, or both --{name}-questions and "
                                 f"--{name}-annotations")
-            found = find_split_files(vqa_dir, split)
+            found = find_split_files(config.vqa_dir, split)
             questions, annotations = questions or found[0], annotations or found[1]
         files[name] = (Path(questions), Path(annotations))
     return files
