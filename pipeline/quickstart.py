@@ -22,6 +22,7 @@ import pandas as pd
 import yaml
 
 from vlp.data_prep.compositionality import EDIT_KINDS
+from vlp.pipeline.data.files import write_json_atomic, write_text_atomic
 
 RECIPE = "tiny_synth.yaml"  # shipped with the package (vlp/pipeline/recipes)
 RUN_NAME = "tiny_synth"
@@ -179,7 +180,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     timings["train"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
-    (runs / "eval_suite.yaml").write_text(yaml.safe_dump(_eval_suite(data, cfg)))
+    write_text_atomic(runs / "eval_suite.yaml", yaml.safe_dump(_eval_suite(data, cfg)))
     nightly = run_nightly(runs)
     if nightly["failures"]:
         raise QuickstartError(f"evaluation failed: {nightly['failures']}")
@@ -191,7 +192,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     summary = {"config": asdict(cfg), "timings_s": timings, "results": table.to_dict("records"),
                "report": str(runs / "nightly" / "report.html"),
                "tensorboard": f"tensorboard --logdir {runs}"}
-    (out / "quickstart_summary.json").write_text(json.dumps(summary, indent=1))
+    write_json_atomic(out / "quickstart_summary.json", summary)
     return summary
 
 

@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from vlp.pipeline.data.files import write_text_atomic
+
 OUT_DIR = Path("bench_out")
 DEFAULT_VOCAB = 30522  # BERT's, for configs without a vocabulary (tiny)
 # --quick's shrunk model (bench train and zero); the keys in QUICK_CAPS only ever shrink a model
@@ -158,11 +160,9 @@ def out_path(args, name: str) -> Path:
 
 
 def write_json(path: Path, payload: dict) -> Path:
+    """Write a benchmark's JSON atomically (numpy and torch values as plain numbers)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=_jsonable) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=1, default=_jsonable) + "\n")
     return path
 
 

@@ -3,7 +3,8 @@
 Every result file (JSON, parquet, PNG, HTML, manifests, checkpoint markers) is written to a
 temporary file in the same directory and moved into place with `os.replace`, so a crash or a full
 disk never leaves a half-written file that a later run (resume, the nightly job's "already
-evaluated?" check) would trust. A kill leaves the temporary file instead (`.NAME.XXXXXXXX.tmp`);
+evaluated?" check) would trust. The file gets the mode a plain `open` would give it (0644 under
+the usual umask). A kill leaves the temporary file instead (`.NAME.XXXXXXXX.tmp`);
 `remove_temp_files` clears those of a folder that no writer is using.
 """
 from __future__ import annotations
@@ -62,6 +63,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from the group
     os.close(fd)
     try:
         yield Path(tmp)
@@ -70,6 +72,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (Linux); 022 where it cannot be read."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
 
 
 def remove_temp_files(folder: str | os.PathLike) -> list[Path]:

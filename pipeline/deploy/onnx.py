@@ -8,7 +8,6 @@ seen is recorded in config.json. `vlp eval retrieval --checkpoint DIR` then runs
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -49,13 +48,14 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, atol: float = DEFAU
     from vlp.models.export import config_meta
     from vlp.models.onnx_encoders import GRAPH_FILES, OPSET, OnnxEncoders, export_encoders
     from vlp.pipeline.data.checkpoints import load_float_model
+    from vlp.pipeline.data.files import write_json_atomic
 
     loaded = load_float_model(checkpoint, "ONNX export")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     export_encoders(loaded.model, out)
     meta = config_meta(loaded.model)
-    (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_json_atomic(out / "config.json", meta)
     shutil.copyfile(Path(loaded.info.path) / "tokenizer.json", out / "tokenizer.json")
     differences = max_differences(loaded.model, OnnxEncoders(out), loaded.model.config)
     if max(differences.values()) > atol:
@@ -63,7 +63,7 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, atol: float = DEFAU
                         f"(> --atol {atol}); the export in {out} is not usable")
     meta["onnx"] = {"opset": OPSET, "graphs": GRAPH_FILES, "max_abs_difference": differences,
                     "atol": atol}
-    (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_json_atomic(out / "config.json", meta)
     return meta["onnx"]
 
 

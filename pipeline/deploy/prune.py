@@ -12,7 +12,6 @@ fast as before; what pruning buys here is the sparsity a sparse kernel or a comp
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from vlp.pipeline.data.errors import UserError
@@ -41,10 +40,10 @@ def recovery_overrides(pruned_dir: Path, run_dir: Path, steps: int,
     export with exactly its model config (written to run_dir/model_config.json), `steps` steps,
     a fresh run directory."""
     from vlp.pipeline.data.checkpoints import load_model
+    from vlp.pipeline.data.files import write_json_atomic
 
     model_config = run_dir / "model_config.json"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model_config.write_text(json.dumps(load_model(pruned_dir).info.config, indent=1))
+    write_json_atomic(model_config, load_model(pruned_dir).info.config)
     return [f"data.tokenizer={pruned_dir / 'tokenizer.json'}", *user_overrides,
             f"run_dir={run_dir}", f"model.init_from={pruned_dir}", f"model.name={model_config}",
             "model.overrides={}", f"optim.max_steps={steps}", "checkpoint.resume=none"]

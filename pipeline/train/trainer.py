@@ -31,6 +31,7 @@ from vlp.pipeline.data.checkpoints import (
     validate_tag,
 )
 from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.data.files import write_json_atomic
 from vlp.pipeline.distributed import fast_bf16, init_distributed
 from vlp.pipeline.train.checkpointer import Checkpointer, clear_checkpoints
 from vlp.pipeline.train.comms import CommsRecorder, comms_logging_enabled
@@ -210,7 +211,7 @@ class Trainer:
             self._resume(resume_tag, universal)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+            write_json_atomic(self.run_dir / "train_config.json", cfg.to_dict())
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main)
 
     def _build_model(self, model_config, weights) -> torch.nn.Module:
@@ -362,7 +363,7 @@ class Trainer:
                    "skipped_updates": int(self.meter.skipped.item()),
                    "skipped_samples": self._skipped_samples()}
         if self.is_main:
-            (self.run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+            write_json_atomic(self.run_dir / "train_summary.json", summary)
         return summary
 
     def _log(self, lr: float) -> dict[str, float]:
