@@ -8,7 +8,9 @@ them, so `vlp --help` stays fast.
 One help layout for every command: stage modules build their commands with
 `vlp.pipeline.cli_help.add_command` (each argument's default shown, an example per command).
 One error convention for every command: bad input raises UserError, printed as one line,
-`vlp <command>: error: <message>`, on stderr, with exit status 2 and no traceback.
+`vlp <command>: error: <message>`, on stderr, with exit status 2 and no traceback; a stage that
+failed (a training launch inside the quickstart) raises StageFailed, printed the same way, exit
+status 1.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import importlib
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.data.errors import StageFailed, UserError, error_line
 
 # (subcommand, module that registers it)
 STAGES = [
@@ -29,6 +31,7 @@ STAGES = [
     ("bench", "vlp.pipeline.bench.cli"),
     ("quickstart", "vlp.pipeline.quickstart"),
     ("doctor", "vlp.pipeline.doctor"),
+    ("scripts", "vlp.pipeline.scripts"),
 ]
 
 
@@ -51,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 def command_name(args: argparse.Namespace) -> str:
     """'data download', 'eval vqa', 'train': the words the user typed to pick the command."""
     words = [args.command]
-    for attr in ("data_command", "eval_command", "deploy_command", "bench"):
+    for attr in ("data_command", "eval_command", "deploy_command", "bench", "scripts_command"):
         if getattr(args, attr, None):
             words.append(getattr(args, attr))
     return " ".join(words)
@@ -62,10 +65,11 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
-        # One line (e.g. a weights/config mismatch lists its problems on separate lines).
-        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        print(f"vlp {command_name(args)}: error: {message}", file=sys.stderr)
+        print(error_line(command_name(args), exc), file=sys.stderr)
         return 2
+    except StageFailed as exc:
+        print(error_line(command_name(args), exc), file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:

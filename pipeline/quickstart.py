@@ -13,7 +13,6 @@ better (chance, the majority answer, late fusion, the retrieved caption).
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import pandas as pd
 import yaml
 
 from vlp.data_prep.compositionality import EDIT_KINDS
+from vlp.pipeline.data.errors import StageFailed
 from vlp.pipeline.data.files import write_json_atomic, write_text_atomic
 
 RECIPE = "tiny_synth.yaml"  # shipped with the package (vlp/pipeline/recipes)
@@ -61,10 +61,6 @@ FIELD_HELP = {
     "rerank_k": "retrieval candidates the ITM head re-ranks per query, both directions",
     "caption_steps": "captioning fine-tune steps per evaluated checkpoint",
 }
-
-
-class QuickstartError(RuntimeError):
-    """A stage of the quickstart failed (its own output says why)."""
 
 
 def _eval_suite(world: dict, cfg: QuickstartConfig) -> dict:
@@ -176,14 +172,14 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     mark = time.perf_counter()
     code = run_training(str(recipe_path(RECIPE)), overrides, nproc=cfg.nproc)
     if code != 0:
-        raise QuickstartError(f"training failed with exit code {code}; see the output above")
+        raise StageFailed(f"training failed with exit code {code}; see the output above")
     timings["train"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
     write_text_atomic(runs / "eval_suite.yaml", yaml.safe_dump(_eval_suite(data, cfg)))
     nightly = run_nightly(runs)
     if nightly["failures"]:
-        raise QuickstartError(f"evaluation failed: {nightly['failures']}")
+        raise StageFailed(f"evaluation failed: {nightly['failures']}")
     timings["eval"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - start
 
@@ -220,12 +216,7 @@ def _print_summary(summary: dict) -> None:
 def _cmd_quickstart(args) -> int:
     cfg = QuickstartConfig(**{k: v for k, v in vars(args).items()
                               if k in QuickstartConfig.__dataclass_fields__ and v is not None})
-    try:
-        summary = run_quickstart(cfg)
-    except QuickstartError as exc:
-        print(f"vlp quickstart: error: {exc}", file=sys.stderr)
-        return 1
-    _print_summary(summary)
+    _print_summary(run_quickstart(cfg))
     return 0
 
 

@@ -143,3 +143,18 @@ def test_an_unknown_device_is_one_line(capsys, tmp_path, device, message):
                     "--karpathy-json", tmp_path / "none.json", "--image-root", tmp_path,
                     "--device", device)
     assert_one_line_error(code, err, "eval retrieval", message)
+
+
+def test_a_failed_stage_is_one_line_with_exit_status_1(capsys):
+    """The quickstart's training or evaluation failing: the same line as bad input, status 1."""
+    from argparse import Namespace
+
+    from vlp.pipeline.cli import run_command
+    from vlp.pipeline.data.errors import StageFailed
+
+    def fail(args):
+        raise StageFailed("training failed with exit code 3\nsee the output above")
+
+    assert run_command(Namespace(command="quickstart", func=fail)) == 1
+    assert capsys.readouterr().err == ("vlp quickstart: error: training failed with exit code "
+                                       "3; see the output above\n")

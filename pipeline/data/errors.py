@@ -1,11 +1,18 @@
-"""The two kinds of failure every stage handles the same way.
+"""The two kinds of failure every stage handles the same way, and the one way to warn.
 
 UserError: input the user can fix (a bad path, config value or file). The `vlp` command prints it
-as one line, `vlp <command>: error: <message>`, on stderr and exits with status 2.
+as one line, `error_line`'s `vlp <command>: error: <message>`, on stderr and exits with status 2.
+StageFailed: a stage that a command ran (training, evaluation) failed and said why in its own
+output; printed the same way, exit status 1.
 BadData: one sample or shard that cannot be used. Long jobs skip it and count it by `kind`;
 they never stop for it.
+warn: something that works, but not as the user may expect (a vocabulary smaller than asked,
+fewer shards than a run will need): one line, `warning: <what and why>`, on stderr, the moment
+it happens.
 """
 from __future__ import annotations
+
+import sys
 
 # Why a sample (or a whole shard) was skipped. Sample kinds count samples, shard kinds count
 # shard reads (the samples a damaged shard still held before the damage are used).
@@ -33,6 +40,17 @@ class UserError(ValueError):
     """Bad input the user can fix; the message names the value and, where it can, the fix."""
 
 
+class StageFailed(RuntimeError):
+    """A stage run by a command failed (its own output above says why)."""
+
+
+def error_line(command: str, exc: BaseException) -> str:
+    """`vlp <command>: error: <message>`, the message's lines joined into one (a weights/config
+    mismatch lists its problems on separate lines)."""
+    message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return f"vlp {command}: error: {message}"
+
+
 class BadData(Exception):
     """A sample or shard that is skipped and counted under `kind` (a key of SKIP_KINDS)."""
 
@@ -41,3 +59,8 @@ class BadData(Exception):
             raise ValueError(f"unknown skip kind {kind!r}")
         super().__init__(message)
         self.kind = kind
+
+
+def warn(message: str) -> None:
+    """Print `warning: <message>` as one line on stderr."""
+    print("warning: " + " ".join(message.split()), file=sys.stderr, flush=True)

@@ -14,6 +14,7 @@ exactly the batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ from vlp.pipeline.data.checkpoints import (
     resolve_resume,
     validate_tag,
 )
-from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.data.errors import UserError, error_line
 from vlp.pipeline.data.files import write_json_atomic
 from vlp.pipeline.distributed import fast_bf16, init_distributed
 from vlp.pipeline.train.checkpointer import Checkpointer, clear_checkpoints
@@ -436,11 +437,16 @@ def train(recipe: str | None, overrides: list[str]) -> int:
     try:
         trainer = Trainer(load_train_config(recipe, overrides))
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        _print_error(exc)
         return 2
     try:
         trainer.run()
     except NonFiniteLossError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        _print_error(exc)
         return 3
     return 0
+
+
+def _print_error(exc: Exception) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(error_line("train", exc), file=sys.stderr, flush=True)

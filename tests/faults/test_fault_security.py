@@ -165,7 +165,7 @@ def test_training_refuses_to_resume_a_checkpoint_whose_pickle_would_run_code(tmp
         timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: the latest checkpoint ") and "posix.system" in last
+    assert last.startswith("vlp train: error: the latest checkpoint ") and "posix.system" in last
     assert not marker.exists()
 
 
