@@ -91,8 +91,8 @@ class DistilledModel(UnifiedModel):
     """
 
     def __init__(self, config: ModelConfig, loss_weights: LossWeights | None = None,
-                 distill: DistillWeights | None = None):
-        super().__init__(config, loss_weights)
+                 distill: DistillWeights | None = None, itm_uniform_negatives: float = 0.0):
+        super().__init__(config, loss_weights, itm_uniform_negatives)
         self.distill = distill or DistillWeights()
         self.teacher: UnifiedModel | None = None
         self.teacher_scale = 1.0

@@ -166,8 +166,14 @@ class UnifiedModel(nn.Module):
     VQA head before `deepspeed.initialize`.
     """
 
-    def __init__(self, config: ModelConfig, loss_weights: LossWeights | None = None):
+    def __init__(self, config: ModelConfig, loss_weights: LossWeights | None = None,
+                 itm_uniform_negatives: float = 0.0):
+        """`itm_uniform_negatives`: the share of ITM negatives drawn uniformly from the batch
+        instead of by ITC similarity (hard_negatives)."""
         super().__init__()
+        if not 0 <= itm_uniform_negatives <= 1:
+            raise ValueError(f"itm_uniform_negatives must be in [0, 1], got "
+                             f"{itm_uniform_negatives}")
         if config.vocab_size is None:
             raise ValueError("config.vocab_size is unset: "
                              "load_config(name, vocab_size=tokenizer.get_vocab_size())")
@@ -189,7 +195,7 @@ class UnifiedModel(nn.Module):
         self.mlm_head = MLMHead(config, self.text_embed.token)
         self.vqa_head: nn.Sequential | None = None
         self.vqa_fusion = "fused"
-        self.itm_uniform_negatives = 0.0  # share of ITM negatives drawn uniformly (hard_negatives)
+        self.itm_uniform_negatives = itm_uniform_negatives
         # Under deepspeed.zero.Init, DeepSpeed wraps Module.apply to gather each module's
         # partitioned parameters around the init function, so this init is not lost.
         self.apply(self._init_weights)

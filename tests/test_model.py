@@ -341,3 +341,21 @@ def test_sincos_positions_are_a_fixed_table_that_tells_rows_and_columns_apart():
     assert torch.equal(model.image_embed.pos[0, 1:], sincos_2d(
         model.config.image_size // model.config.patch_size, model.config.width))
     assert not model.image_embed.pos[0, 0].any()  # CLS: no position
+
+
+def test_the_uniform_share_of_itm_negatives_is_a_construction_argument(monkeypatch):
+    import vlp.models.model as model_module
+
+    shares = []
+
+    def recording(sim, same, uniform_share=0.0):
+        shares.append(uniform_share)
+        return real(sim, same, uniform_share)
+
+    real = model_module.hard_negatives
+    monkeypatch.setattr(model_module, "hard_negatives", recording)
+    config = small_config()
+    UnifiedModel(config, itm_uniform_negatives=0.25)(**make_batch(config))
+    assert shares == [0.25]
+    with pytest.raises(ValueError, match=r"itm_uniform_negatives must be in \[0, 1\], got 1.5"):
+        UnifiedModel(config, itm_uniform_negatives=1.5)

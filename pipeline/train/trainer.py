@@ -168,7 +168,7 @@ class Trainer:
                               mlm=cfg.model.mlm_weight, lm=cfg.model.lm_weight)
         with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero.get("stage") == 3):
             model = self._build_model(model_config, weights)
-        model.itm_uniform_negatives = cfg.model.itm_uniform_negatives
+        self._init_towers(model, resume_tag)
         if cfg.model.init_from:
             source = load_float_model(cfg.model.init_from, "model.init_from")
             if resume_tag is None:
@@ -220,11 +220,12 @@ class Trainer:
         from vlp.models.distill import DistilledModel, DistillWeights
         from vlp.models.model import UnifiedModel
 
-        distill = self.cfg.distill
+        distill, uniform = self.cfg.distill, self.cfg.model.itm_uniform_negatives
         if not distill.teacher:
-            return UnifiedModel(model_config, loss_weights=weights)
+            return UnifiedModel(model_config, loss_weights=weights, itm_uniform_negatives=uniform)
         return DistilledModel(model_config, loss_weights=weights, distill=DistillWeights(
-            itc=distill.itc_weight, mlm=distill.mlm_weight, temperature=distill.temperature))
+            itc=distill.itc_weight, mlm=distill.mlm_weight, temperature=distill.temperature),
+            itm_uniform_negatives=uniform)
 
     def _attach_teacher(self, model: torch.nn.Module, path: str) -> None:
         """Load the frozen teacher (full weights on every rank; deepspeed.initialize then
