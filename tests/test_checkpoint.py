@@ -12,13 +12,12 @@ from train_helpers import REPO, SHARDS, make_tag
 
 from vlp.pipeline.data.checkpoints import (
     CheckpointError,
-    _consolidate_zero,
     complete_tags,
-    resolve_checkpoint,
     resolve_resume,
     validate_tag,
     weights_only_loads,
 )
+from vlp.pipeline.data.model_loading import _consolidate_zero, resolve_checkpoint
 from vlp.pipeline.eval.nightly.runner import discover_checkpoints
 from vlp.pipeline.train.checkpointer import clear_checkpoints, prune_checkpoints
 

@@ -9,12 +9,12 @@ from PIL import Image
 from test_eval_support import tiny_eval_model, train_world_tokenizer
 
 from vlp.models.model import LossWeights
-from vlp.pipeline.data.checkpoints import load_model
+from vlp.pipeline.data.model_loading import load_model
 from vlp.pipeline.data.tokenizer import tokenize
 from vlp.pipeline.data.transforms import image_to_tensor, preprocess_image
-from vlp.pipeline.eval.configs import RetrievalConfig, ZeroShotConfig
 from vlp.pipeline.eval.classification.data import load_classification
 from vlp.pipeline.eval.classification.zeroshot import evaluate_zeroshot
+from vlp.pipeline.eval.configs import RetrievalConfig, ZeroShotConfig
 from vlp.pipeline.eval.openclip import classification_loader, load_openclip, retrieval_loader
 from vlp.pipeline.eval.retrieval.data import load_karpathy
 from vlp.pipeline.eval.retrieval.job import evaluate_retrieval

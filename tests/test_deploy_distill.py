@@ -9,13 +9,13 @@ from deploy_helpers import data_overrides, write_tiny_export
 from test_eval_support import TINY
 from train_helpers import metrics_by_step
 
-from vlp.pipeline.distributed import free_port
 from vlp.models.config import load_config
 from vlp.models.distill import DistilledModel, DistillWeights, mlm_distillation, soft_kl
 from vlp.models.model import UnifiedModel
 from vlp.pipeline.cli import main as vlp
-from vlp.pipeline.data.checkpoints import load_model
 from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.data.model_loading import load_model
+from vlp.pipeline.distributed import free_port
 from vlp.pipeline.train.config import load_train_config
 
 

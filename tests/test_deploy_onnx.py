@@ -7,7 +7,8 @@ import torch
 from deploy_helpers import write_tiny_export
 
 from vlp.pipeline.cli import main as vlp
-from vlp.pipeline.data.checkpoints import CheckpointError, load_model
+from vlp.pipeline.data.checkpoints import CheckpointError
+from vlp.pipeline.data.model_loading import load_model
 from vlp.pipeline.deploy.onnx import DEFAULT_ATOL
 from vlp.pipeline.eval.configs import RetrievalConfig, VQAConfig
 from vlp.pipeline.eval.retrieval.job import evaluate_retrieval

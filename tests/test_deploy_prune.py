@@ -6,7 +6,6 @@ import pytest
 import torch
 from deploy_helpers import data_overrides, write_tiny_export
 
-from vlp.pipeline.distributed import free_port
 from vlp.models.sparsity import (
     MaskedLinear,
     keep_zeros,
@@ -16,7 +15,8 @@ from vlp.models.sparsity import (
     zero_masks,
 )
 from vlp.pipeline.cli import main as vlp
-from vlp.pipeline.data.checkpoints import load_model
+from vlp.pipeline.data.model_loading import load_model
+from vlp.pipeline.distributed import free_port
 
 WEIGHTS = {"a": torch.tensor([[1.0, -2.0], [3.0, -4.0]]),
            "b": torch.tensor([[0.5, 5.0], [6.0, -0.1]])}

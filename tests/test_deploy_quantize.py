@@ -9,7 +9,8 @@ from deploy_helpers import write_tiny_export
 
 from vlp.models.quantize import Int8Linear, quantize_layers, quantize_weight
 from vlp.pipeline.cli import main as vlp
-from vlp.pipeline.data.checkpoints import CheckpointError, load_model
+from vlp.pipeline.data.checkpoints import CheckpointError
+from vlp.pipeline.data.model_loading import load_model
 from vlp.pipeline.eval.configs import RetrievalConfig
 from vlp.pipeline.eval.retrieval.job import evaluate_retrieval
 

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 from test_eval_support import tiny_eval_model, train_world_tokenizer, train_zero3_run
 
-from vlp.pipeline.data.checkpoints import load_model
 from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.data.model_loading import load_model
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_weights_of_another_config_are_refused(tokenizer_json, tmp_path):
 
 _PEAK_GROWTH = """
 import resource, sys
-from vlp.pipeline.data.checkpoints import load_model
+from vlp.pipeline.data.model_loading import load_model
 from vlp.pipeline.data.errors import UserError
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:

@@ -9,9 +9,8 @@ from test_eval_support import tiny_eval_model, train_world_tokenizer
 
 from vlp.data_prep.scenes import COLOURS
 from vlp.pipeline.cli import main as vlp
-from vlp.pipeline.data.checkpoints import LoadedModel
 from vlp.pipeline.data.errors import UserError
-from vlp.pipeline.eval.configs import ZeroShotConfig
+from vlp.pipeline.data.model_loading import LoadedModel
 from vlp.pipeline.eval.classification.data import load_classification
 from vlp.pipeline.eval.classification.features import Features
 from vlp.pipeline.eval.classification.metrics import chance_metrics, classification_metrics
@@ -23,6 +22,7 @@ from vlp.pipeline.eval.classification.probe import (
     search_weight_decay,
 )
 from vlp.pipeline.eval.classification.zeroshot import DEFAULT_TEMPLATES, evaluate_zeroshot
+from vlp.pipeline.eval.configs import ZeroShotConfig
 from vlp.pipeline.eval.images import tar_samples
 
 KEYS = ["acc1", "acc5", "mean_per_class_recall"]

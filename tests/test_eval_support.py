@@ -28,7 +28,7 @@ def tiny_eval_model(tokenizer_json: Path, seed: int = 0):
 
     from vlp.models.config import load_config
     from vlp.models.model import UnifiedModel
-    from vlp.pipeline.data.checkpoints import CheckpointInfo, LoadedModel
+    from vlp.pipeline.data.model_loading import CheckpointInfo, LoadedModel
     from vlp.pipeline.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_json)

@@ -240,7 +240,7 @@ def test_warm_start_takes_the_weights_on_another_world_size(reference_run, tmp_p
                                                             tokenizer_dir):
     """model.init_from: a new run on 1 rank starts from the 2-rank run's step-6 weights (the way
     to change world size), with a fresh optimizer and data order, and says so."""
-    from vlp.pipeline.data.checkpoints import load_model
+    from vlp.pipeline.data.model_loading import load_model
 
     run_dir = tmp_path / "warm"
     overrides = train_overrides(run_dir, shard_dir, tokenizer_dir, "optim.max_steps=1",

@@ -84,7 +84,7 @@ def build_variants(args, work: Path) -> dict[str, Path]:
 
 
 def directory_bytes(path: Path) -> int:
-    from vlp.pipeline.data.checkpoints import resolve_checkpoint
+    from vlp.pipeline.data.model_loading import resolve_checkpoint
 
     _, directory = resolve_checkpoint(path)
     return sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
@@ -179,7 +179,7 @@ def table(rows: dict[str, dict], batch: int) -> str:
 def run(args) -> int:
     import torch
 
-    from vlp.pipeline.data.checkpoints import load_model
+    from vlp.pipeline.data.model_loading import load_model
     from vlp.pipeline.data.tokenizer import tokenize
     from vlp.pipeline.eval.images import load_images
     from vlp.pipeline.eval.retrieval.data import load_karpathy

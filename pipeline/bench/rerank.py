@@ -57,7 +57,7 @@ def _test_set(args) -> tuple[Path, Path]:
 
 
 def _model(args, captions: list[str]):
-    from vlp.pipeline.data.checkpoints import CheckpointInfo, LoadedModel, load_model
+    from vlp.pipeline.data.model_loading import CheckpointInfo, LoadedModel, load_model
 
     if args.checkpoint:
         return load_model(args.checkpoint)

@@ -52,7 +52,7 @@ def run(args) -> int:
     import torch
 
     from vlp.pipeline.bench.loader import write_jpeg_shards
-    from vlp.pipeline.data.checkpoints import load_model
+    from vlp.pipeline.data.model_loading import load_model
     from vlp.pipeline.distributed import local_device
     from vlp.pipeline.eval.configs import RetrievalConfig
     from vlp.pipeline.eval.retrieval.job import evaluate_retrieval

@@ -17,7 +17,7 @@ from vlp.pipeline.deploy.export import add_launch_arguments
 def distill_overrides(teacher: str | Path, run_dir: Path, user_overrides: list[str]) -> list[str]:
     """The teacher's tokenizer unless the user names one, the user's settings, then the run
     directory and the teacher."""
-    from vlp.pipeline.data.checkpoints import resolve_checkpoint
+    from vlp.pipeline.data.model_loading import resolve_checkpoint
 
     _, teacher_dir = resolve_checkpoint(teacher)
     return [f"data.tokenizer={teacher_dir / 'tokenizer.json'}", *user_overrides,

@@ -18,7 +18,7 @@ def save_export(loaded, out_dir: str | Path) -> Path:
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Consolidate `checkpoint` (tag dir, checkpoints dir or export dir) into `out_dir`."""
-    from vlp.pipeline.data.checkpoints import load_model
+    from vlp.pipeline.data.model_loading import load_model
 
     return save_export(load_model(checkpoint), out_dir)
 

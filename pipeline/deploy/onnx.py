@@ -47,8 +47,8 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, atol: float = DEFAU
     config entry. UserError when ONNX Runtime disagrees with torch by more than `atol`."""
     from vlp.models.export import config_meta
     from vlp.models.onnx_encoders import GRAPH_FILES, OPSET, OnnxEncoders, export_encoders
-    from vlp.pipeline.data.checkpoints import load_float_model
     from vlp.pipeline.data.files import write_json_atomic
+    from vlp.pipeline.data.model_loading import load_float_model
 
     loaded = load_float_model(checkpoint, "ONNX export")
     out = Path(out_dir)

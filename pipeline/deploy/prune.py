@@ -22,7 +22,7 @@ def prune_checkpoint(checkpoint: str | Path, out_dir: str | Path, sparsity: floa
                      scope: str = "global") -> dict:
     """Write the pruned export of `checkpoint` to `out_dir`; returns the pruning record."""
     from vlp.models.sparsity import prune
-    from vlp.pipeline.data.checkpoints import load_float_model
+    from vlp.pipeline.data.model_loading import load_float_model
     from vlp.pipeline.deploy.export import save_export
 
     if not 0 < sparsity < 1:
@@ -39,8 +39,8 @@ def recovery_overrides(pruned_dir: Path, run_dir: Path, steps: int,
     names one), the user's settings, then what the recovery needs: warm start from the pruned
     export with exactly its model config (written to run_dir/model_config.json), `steps` steps,
     a fresh run directory."""
-    from vlp.pipeline.data.checkpoints import load_model
     from vlp.pipeline.data.files import write_json_atomic
+    from vlp.pipeline.data.model_loading import load_model
 
     model_config = run_dir / "model_config.json"
     write_json_atomic(model_config, load_model(pruned_dir).info.config)
@@ -54,7 +54,7 @@ def recover(pruned_dir: Path, out_dir: Path, run_dir: Path, steps: int, recipe: 
     """Fine-tune the pruned export for `steps` steps and export the result to `out_dir`;
     UserError if training fails or a pruned weight came back."""
     from vlp.models.sparsity import pruning_record, zero_masks
-    from vlp.pipeline.data.checkpoints import load_model
+    from vlp.pipeline.data.model_loading import load_model
     from vlp.pipeline.deploy.export import export_checkpoint
     from vlp.pipeline.train.launch import run_training
 

@@ -37,7 +37,7 @@ def quantize_checkpoint(checkpoint: str | Path, out_dir: str | Path,
                         fused: str = "weight_only") -> Path:
     """Write the int8 export of `checkpoint` (any path `load_model` takes) to `out_dir`."""
     from vlp.models.quantize import quantize_layers
-    from vlp.pipeline.data.checkpoints import load_float_model
+    from vlp.pipeline.data.model_loading import load_float_model
     from vlp.pipeline.deploy.export import save_export
 
     loaded = load_float_model(checkpoint, "quantization")

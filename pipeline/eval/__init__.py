@@ -13,5 +13,5 @@ Each job reads and checks its data before it loads a checkpoint path, and writes
 through results.write_result.
 Shared by the jobs: images (image references and decoding) and encode (batched embeddings).
 openclip is an OpenCLIP-compatible view of a checkpoint, for CLIP_benchmark's own functions.
-Checkpoints are loaded with vlp.pipeline.data.checkpoints.load_model.
+Checkpoints are loaded with vlp.pipeline.data.model_loading.load_model.
 """

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 from PIL import Image
 
-from vlp.pipeline.data.checkpoints import load_model
+from vlp.pipeline.data.model_loading import load_model
 from vlp.pipeline.data.tar import SkipCounter
 from vlp.pipeline.data.tokenizer import tokenize
 from vlp.pipeline.data.transforms import image_to_tensor

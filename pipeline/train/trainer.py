@@ -26,13 +26,13 @@ import torch.distributed as dist
 from vlp.pipeline.data.checkpoints import (
     CheckpointError,
     complete_tags,
-    load_float_model,
     load_state,
     resolve_resume,
     validate_tag,
 )
 from vlp.pipeline.data.errors import UserError, error_line
 from vlp.pipeline.data.files import write_json_atomic
+from vlp.pipeline.data.model_loading import load_float_model
 from vlp.pipeline.distributed import fast_bf16, init_distributed
 from vlp.pipeline.train.checkpointer import Checkpointer, clear_checkpoints
 from vlp.pipeline.train.comms import CommsRecorder, comms_logging_enabled
@@ -92,8 +92,8 @@ def prepare_inputs(cfg: TrainConfig, rank: int, world: int,
     input is one error line there instead of a traceback from every rank. `validate` checks the
     resume tag (the ranks of a run share the checksums out)."""
     from vlp.models.config import load_config
-    from vlp.pipeline.data.checkpoints import resolve_checkpoint
     from vlp.pipeline.data.loader import build_train_loader
+    from vlp.pipeline.data.model_loading import resolve_checkpoint
     from vlp.pipeline.data.tokenizer import load_tokenizer
 
     checkpoint = cfg.checkpoint

@@ -20,15 +20,10 @@ from fault_helpers import _RunsCommand
 from train_helpers import REPO, SHARDS, make_tag, refresh_state, single_rank_env
 
 from vlp.data_prep.reshard import reshard
-from vlp.pipeline.data.checkpoints import (
-    CheckpointError,
-    _consolidate_zero,
-    load_model,
-    resolve_resume,
-    validate_tag,
-)
 from vlp.data_prep.server import QuietHandler, serve_directory
+from vlp.pipeline.data.checkpoints import CheckpointError, resolve_resume, validate_tag
 from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.data.model_loading import _consolidate_zero, load_model
 from vlp.pipeline.eval.nightly.suite import load_suite
 from vlp.pipeline.eval.retrieval.data import load_karpathy
 from vlp.pipeline.eval.vqa.data import load_vqa_split

@@ -148,7 +148,7 @@ def interrupted(fault_data, tokenizer_dir, tmp_path_factory):
         "complete": [p.name for p in complete_tags(ckpt)],
         "step3_problems": validate_tag(ckpt / "global_step3"),
     }
-    from vlp.pipeline.data.checkpoints import load_model
+    from vlp.pipeline.data.model_loading import load_model
 
     seen["launch2"]["eval_load"] = load_model(ckpt).info  # what `latest` loads now
 
@@ -284,7 +284,7 @@ def test_a_nonfinite_micro_step_skips_the_whole_accumulated_update(shard_dir, to
     before (a run resumed from step 2 reproduces them exactly), and no batch is fed twice."""
     from train_helpers import train_overrides
 
-    from vlp.pipeline.data.checkpoints import load_model
+    from vlp.pipeline.data.model_loading import load_model
 
     def overrides(run_dir):
         return train_overrides(run_dir, shard_dir, tokenizer_dir, "optim.grad_accum=2",

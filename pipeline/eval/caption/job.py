@@ -18,8 +18,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from vlp.models.decoding import DecodingConfig
-from vlp.pipeline.data.checkpoints import LoadedModel, load_model
 from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.data.model_loading import LoadedModel, load_model
 from vlp.pipeline.eval.caption.baselines import most_frequent_caption, retrieved_captions
 from vlp.pipeline.eval.caption.captioner import caption_images, finetune_captioning
 from vlp.pipeline.eval.caption.data import load_test_split, load_train_pairs

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vlp.pipeline.data.checkpoints import LoadedModel
 from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.data.model_loading import LoadedModel
 from vlp.pipeline.data.tar import SkipCounter
 from vlp.pipeline.eval.classification.data import ClassificationSet
 from vlp.pipeline.eval.encode import encode_images

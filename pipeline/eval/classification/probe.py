@@ -26,13 +26,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vlp.pipeline.data.checkpoints import LoadedModel, load_model
 from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.data.model_loading import LoadedModel, load_model
 from vlp.pipeline.eval.classification.data import load_classification
 from vlp.pipeline.eval.classification.features import Features, encode_set, result_header
 from vlp.pipeline.eval.classification.metrics import chance_metrics, classification_metrics
-from vlp.pipeline.eval.encode import model_device
 from vlp.pipeline.eval.configs import LinearProbeConfig
+from vlp.pipeline.eval.encode import model_device
 from vlp.pipeline.eval.results import write_result
 
 WEIGHT_DECAYS = np.logspace(-6, 2, num=97).tolist()

@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vlp.pipeline.data.checkpoints import LoadedModel, load_model
+from vlp.pipeline.data.model_loading import LoadedModel, load_model
 from vlp.pipeline.eval.classification.data import load_classification, read_templates
 from vlp.pipeline.eval.classification.features import encode_set, result_header
 from vlp.pipeline.eval.classification.metrics import chance_metrics, classification_metrics
-from vlp.pipeline.eval.encode import encode_texts
 from vlp.pipeline.eval.configs import ZeroShotConfig
+from vlp.pipeline.eval.encode import encode_texts
 from vlp.pipeline.eval.results import write_result
 
 # The seven ImageNet prompts CLIP's authors found to ensemble best (CLIP's prompt-engineering

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vlp.pipeline.data.checkpoints import LoadedModel, load_model, require_full_model
+from vlp.pipeline.data.model_loading import LoadedModel, load_model, require_full_model
 from vlp.pipeline.eval.compositionality.data import EditedItem, load_edit_sets
 from vlp.pipeline.eval.configs import CompositionalityConfig
 from vlp.pipeline.eval.encode import encode_images, encode_texts

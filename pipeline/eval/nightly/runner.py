@@ -39,14 +39,10 @@ from typing import Iterator
 import pandas as pd
 import torch
 
-from vlp.pipeline.data.checkpoints import (
-    checkpoint_fingerprint,
-    complete_tags,
-    load_model,
-    tag_step,
-)
+from vlp.pipeline.data.checkpoints import checkpoint_fingerprint, complete_tags, tag_step
 from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.data.files import atomic_path, remove_temp_files
+from vlp.pipeline.data.model_loading import load_model
 from vlp.pipeline.eval.nightly.regressions import (
     DEFAULT_MARGIN,
     flag_regressions,

@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from vlp.pipeline.data.checkpoints import LoadedModel, load_model, require_full_model
+from vlp.pipeline.data.model_loading import LoadedModel, load_model, require_full_model
 from vlp.pipeline.data.tokenizer import tokenize
+from vlp.pipeline.eval.configs import RetrievalConfig
 from vlp.pipeline.eval.encode import autocast, encode_images, encode_texts, model_device
 from vlp.pipeline.eval.images import load_image
-from vlp.pipeline.eval.configs import RetrievalConfig
-from vlp.pipeline.eval.retrieval.data import RetrievalSet, load_karpathy, load_retrieval_shards
 from vlp.pipeline.eval.results import write_result
+from vlp.pipeline.eval.retrieval.data import RetrievalSet, load_karpathy, load_retrieval_shards
 from vlp.pipeline.eval.retrieval.recall import chance_recalls, retrieval_recalls
 
 

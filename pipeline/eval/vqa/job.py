@@ -16,10 +16,10 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from vlp.pipeline.data.checkpoints import LoadedModel, load_model, require_full_model
 from vlp.pipeline.data.errors import UserError
-from vlp.pipeline.eval.finetune import FinetuneConfig
+from vlp.pipeline.data.model_loading import LoadedModel, load_model, require_full_model
 from vlp.pipeline.eval.configs import VQAConfig
+from vlp.pipeline.eval.finetune import FinetuneConfig
 from vlp.pipeline.eval.results import write_result
 from vlp.pipeline.eval.vqa.data import VQAExample, find_split_files, load_vqa_split
 from vlp.pipeline.eval.vqa.finetune import AnswerVocab, finetune_vqa, predict_vqa
