@@ -1,6 +1,7 @@
 """Nightly evaluation over a runs folder: new checkpoints only, failures recorded, outputs written
-(captioning's generated captions in the report too); the `vlp eval` command line; the cron
-script's lock."""
+(the report read as a reader sees it, captioning's generated captions in it too, the TensorBoard
+events read back as TensorBoard reads them); the `vlp eval` command line; the cron script's
+lock."""
 import fcntl
 import json
 from html import escape as html_escape
@@ -12,8 +13,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 from test_eval_support import tiny_eval_model, train_world_tokenizer, train_zero3_run
 from faults.fault_helpers import bomb_png, jpeg
+from nightly_helpers import Page
 
 from vlp.pipeline.cli import main as vlp
 from vlp.pipeline.data.errors import UserError
@@ -21,8 +24,10 @@ from vlp.pipeline.eval.configs import RetrievalConfig, VQAConfig
 from vlp.pipeline.eval.nightly.report import render_report
 from vlp.pipeline.eval.nightly.runner import read_results, run_nightly
 from vlp.pipeline.eval.nightly.suite import load_suite
+from vlp.pipeline.train.metrics import MetricsLogger
 
 SCRIPT = "launch_scripts/nightly_eval.sh"
+R1 = "image_retrieval_recall@1"
 RETRIEVAL_METRICS, VQA_METRICS = 7, 4
 CLASSIFICATION = {"synth_shape_zeroshot": 3, "synth_colour_probe": 3}  # acc1, acc5, recall
 CLASSIFICATION_METRICS = sum(CLASSIFICATION.values())
@@ -45,12 +50,17 @@ def suite(world_dir):
 
 @pytest.fixture(scope="module")
 def runs(world_dir, tmp_path_factory):
-    """runs/tiny: ZeRO-3 tags at steps 1 and 2, a corrupt tag 3, and an export directory."""
+    """runs/tiny: ZeRO-3 tags at steps 1 and 2, a corrupt tag 3, an export directory, and its
+    training curves (TensorBoard and metrics.jsonl, written as training writes them)."""
     from vlp.models.export import save_pretrained
 
     root = tmp_path_factory.mktemp("runs")
     tokenizer = train_world_tokenizer(world_dir, root / "tokenizer")
     train_zero3_run(root / "tiny", tokenizer, save_steps=(1, 2))
+    curves = MetricsLogger(root / "tiny", enabled=True)
+    for step, loss in ((1, 9.5), (2, 9.0)):
+        curves.log(step, {"loss/total": loss, "train/lr": 1e-3})
+    curves.close()
     corrupt = clone_tag(root / "tiny/checkpoints", 2, 3)
     shard = next(corrupt.glob("*optim_states.pt"))
     shard.write_bytes(shard.read_bytes()[:64])
@@ -90,6 +100,7 @@ def test_first_night_evaluates_everything_and_records_the_corrupt_tag(first_nigh
     chance = ok[(ok["metric"] == "image_retrieval_recall@1")]["baseline"]
     assert chance.tolist() == pytest.approx([1 / 32] * 3)
     assert set(ok[ok["task"] == "vqa"]["baseline_name"]) == {"majority"}
+    assert ok["baseline"].notna().all()  # yes/no too (it was looked up as "no")
     chance = ok[ok["benchmark"] == "synth_colour_probe"].set_index(["tag", "metric"])["baseline"]
     assert chance[("export", "acc1")] == pytest.approx(1 / 7)  # 7 colours
     assert chance[("export", "acc5")] == pytest.approx(5 / 7)
@@ -106,33 +117,84 @@ def test_per_checkpoint_json_results_follow_the_design_layout(first_night, runs)
     assert (runs / "tiny/eval/export/synth_vqa.results.json").exists()
 
 
-def test_report_and_plots(first_night):
-    out = first_night[1]
-    html = (out / "report.html").read_text()
-    plots = sorted((out / "plots").glob("*.png"))
-    assert len(plots) == RETRIEVAL_METRICS + VQA_METRICS + CLASSIFICATION_METRICS
-    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
-    for plot in plots:
-        assert f'src="plots/{plot.name}"' in html
-    assert "global_step3" in html and "truncated" in html  # the failures table
-    assert "(chance)" in html and "(majority)" in html  # baselines beside latest and best
+def ok_value(results: pd.DataFrame, benchmark: str, metric: str, tag: str) -> float:
+    rows = results[(results["benchmark"] == benchmark) & (results["metric"] == metric)
+                   & (results["tag"] == tag) & (results["status"] == "ok")]
+    return rows["value"].item()
 
 
-def test_tensorboard_scalars_read_back(first_night):
+def test_report_leads_with_the_headline_in_percent_and_stands_alone(first_night, runs):
+    """The report opened on every metric in alphabetical order, in mixed units, with a yes/no
+    baseline of "nan" and plots as files beside it. Now: one headline metric per benchmark
+    first, in percent, then every metric; the plots inline."""
     out = first_night[1]
-    events = EventAccumulator(str(out / "tensorboard/tiny"))
-    events.Reload()
     results = pd.read_parquet(out / "results.parquet")
-    assert "synth_vqa/overall" in events.Tags()["scalars"]
-    scalars = events.Scalars("synth_retrieval/mean_recall")
-    expected = results[(results["metric"] == "mean_recall") & results["step"].notna()]
-    assert [s.step for s in scalars] == [1, 2]
-    expected_values = expected.sort_values("step")["value"].tolist()
-    assert [s.value for s in scalars] == pytest.approx(expected_values)
-    assert len(events.Scalars("synth_shape_zeroshot/acc1")) == 2
-    chance = events.Scalars("synth_shape_zeroshot/chance/acc1")  # beside it, its baseline
-    assert [s.step for s in chance] == [1, 2]
-    assert [s.value for s in chance] == pytest.approx([1 / 5, 1 / 5])
+    page = Page((out / "report.html").read_text())
+    (section, headline), (_, table), (_, failures) = page.tables
+    assert section == "headline" and [row[:3] for row in headline] == [
+        ["run", "benchmark", "metric"], ["tiny", "synth_retrieval", "text→image R@1"],
+        ["tiny", "synth_vqa", "accuracy"], ["tiny", "synth_shape_zeroshot", "top-1 accuracy"],
+        ["tiny", "synth_colour_probe", "top-1 accuracy"]]
+    r1 = [ok_value(results, "synth_retrieval", R1, tag)
+          for tag in ("global_step1", "global_step2", "export")]  # the export ranks last
+    assert headline[1][3:5] == [f"{100 * r1[-1]:.1f} (export)", f"{100 / 32:.1f} (chance)"]
+    assert headline[1][7] == " → ".join(f"{100 * v:.1f}" for v in r1)
+    vqa = ok_value(results, "synth_vqa", "overall", "export")
+    assert headline[2][3] == f"{vqa:.1f} (export)"  # the VQA evaluator's percent, as it is
+    acc1 = ok_value(results, "synth_colour_probe", "acc1", "export")
+    assert headline[4][3:5] == [f"{100 * acc1:.1f} (export)", f"{100 / 7:.1f} (chance)"]
+
+    assert len(table) == 1 + RETRIEVAL_METRICS + VQA_METRICS + CLASSIFICATION_METRICS
+    majority = json.loads((runs / "tiny/eval/export/synth_vqa.json").read_text())["baselines"][
+        "majority"]
+    (yes_no,) = [row for row in table if row[1:3] == ["synth_vqa", "yes/no"]]
+    assert yes_no[4] == f"{majority['yes/no']:.1f} (majority)"
+    assert "nan" not in "".join(page.text).lower()
+    assert [row[:3] for row in failures[1:]] == [["tiny", "global_step3", b] for b in (
+        "synth_retrieval", "synth_vqa", *CLASSIFICATION)]
+    assert all("truncated" in row[4] for row in failures[1:])
+
+    # One file: the headline metrics and the training curves inline, nothing beside it
+    assert [link for link in page.links if not link.startswith("data:")] == ["#failures"]
+    assert sum(link.startswith("data:image/png;base64,") for link in page.links) == 2
+    assert sorted(p.name for p in out.iterdir()) == [
+        "nightly.lock", "report.html", "results.parquet", "summary.md"]
+    summary = (out / "summary.md").read_text().splitlines()  # leads with the same headline
+    assert summary[2] == "| " + " | ".join(headline[0]) + " |"
+    assert summary[4:8] == ["| " + " | ".join(row) + " |" for row in headline[1:]]
+
+
+def test_eval_scalars_sit_beside_the_runs_training_curves_in_tensorboard(first_night, runs):
+    """TensorBoard showed a run's training (runs/NAME/tensorboard) and its evaluation
+    (OUT/tensorboard/NAME) as two unrelated runs; `synth_vqa/yes/no` made a group "yes", and the
+    baseline `synth_shape_zeroshot/chance/acc1` read like a metric."""
+    summary, out = first_night
+    assert summary["tensorboard"] == str(runs) and not (out / "tensorboard").exists()
+    board = EventMultiplexer().AddRunsFromDirectory(str(runs))  # `tensorboard --logdir runs`
+    board.Reload()
+    assert sorted(board.Runs()) == ["tiny/tensorboard", "tiny/tensorboard/eval"]
+    assert sorted(board.Runs()["tiny/tensorboard"]["scalars"]) == ["loss/total", "train/lr"]
+
+    results = pd.read_parquet(out / "results.parquet")
+    stepped = results[(results["status"] == "ok") & results["step"].notna()]
+    expected = {f"{r.benchmark}/{r.metric.replace('/', '_')}" for r in stepped.itertuples()}
+    expected |= {f"{r.benchmark}/baseline_{r.baseline_name}/{r.metric.replace('/', '_')}"
+                 for r in stepped.itertuples()}
+    tags = board.Runs()["tiny/tensorboard/eval"]["scalars"]
+    assert set(tags) == expected and len(tags) == len(expected)
+    assert {"synth_vqa/yes_no", "synth_vqa/baseline_majority/yes_no"} <= set(tags)
+
+    def curve(tag: str) -> list[tuple[int, float]]:
+        return [(s.step, pytest.approx(s.value)) for s in board.Scalars("tiny/tensorboard/eval",
+                                                                        tag)]
+
+    assert curve("synth_retrieval/mean_recall") == [
+        (step, ok_value(results, "synth_retrieval", "mean_recall", f"global_step{step}"))
+        for step in (1, 2)]
+    assert curve("synth_shape_zeroshot/baseline_chance/acc1") == [(1, 1 / 5), (2, 1 / 5)]
+    majority = json.loads((runs / "tiny/eval/global_step2/synth_vqa.json").read_text())[
+        "baselines"]["majority"]
+    assert curve("synth_vqa/baseline_majority/yes_no")[-1] == (2, majority["yes/no"])
 
 
 def test_second_night_does_no_duplicate_work_and_picks_up_new_tags(first_night, runs, suite):
@@ -289,8 +351,8 @@ def test_a_caption_example_whose_image_cannot_be_read_is_a_note_in_the_report(tm
 
 def test_captioning_in_the_nightly_results_tensorboard_and_report(runs, world_dir, tmp_path):
     """One caption benchmark over a copy of the step-2 tag: its metrics are rows with the
-    retrieval baseline, TensorBoard scalars and plots, and the report shows its captions beside
-    their images."""
+    retrieval baseline and TensorBoard scalars, CIDEr heads the report x100, and the report shows
+    its captions beside their images."""
     run = tmp_path / "runs/captioned"
     shutil.copytree(runs / "tiny/checkpoints/global_step2", run / "checkpoints/global_step2")
     suite = {"synth_caption": {"task": "caption", "karpathy_json": "world/dataset_synth.json",
@@ -307,12 +369,17 @@ def test_captioning_in_the_nightly_results_tensorboard_and_report(runs, world_di
     assert sorted(rows["metric"]) == sorted(["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR",
                                              "ROUGE_L", "CIDEr"])
     assert set(rows["baseline_name"]) == {"retrieval"} and set(rows["task"]) == {"caption"}
-    events = EventAccumulator(str(out / "tensorboard/captioned"))
+    result = json.loads((run / "eval/global_step2/synth_caption.json").read_text())
+    events = EventAccumulator(str(run / "tensorboard/eval"))
     events.Reload()
     assert [s.step for s in events.Scalars("synth_caption/CIDEr")] == [2]
+    [baseline] = events.Scalars("synth_caption/baseline_retrieval/CIDEr")
+    assert baseline.value == pytest.approx(result["baselines"]["retrieval"]["CIDEr"])
     html = (out / "report.html").read_text()
-    assert 'src="plots/synth_caption__CIDEr.png"' in html
-    result = json.loads((run / "eval/global_step2/synth_caption.json").read_text())
+    headline = Page(html).tables[0][1]  # CIDEr x100, as papers quote it
+    assert headline[1][:5] == ["captioned", "synth_caption", "CIDEr (x100)",
+                               f"{100 * result['metrics']['CIDEr']:.1f} (global_step2)",
+                               f"{100 * result['baselines']['retrieval']['CIDEr']:.1f} (retrieval)"]
     assert html.count('<img src="data:image/jpeg;base64,') == len(result["examples"]) == 8
     for example in result["examples"]:
         assert html_escape(example["caption"]) in html

@@ -1,6 +1,9 @@
-"""Nightly regression flags, the Markdown summary, the small-multiples report and
-`--fail-on-regression`, on a results table with known values (no evaluation runs)."""
+"""Nightly regression flags, the Markdown summary, the report (headline first, one unit, one
+self-contained file) and `--fail-on-regression`, on a results table with known values (no
+evaluation runs)."""
+import base64
 import json
+import math
 import shutil
 import subprocess
 from datetime import datetime, timezone
@@ -8,30 +11,55 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from nightly_helpers import Page
 
 from vlp.pipeline.cli import main as vlp
+from vlp.pipeline.eval.nightly.headline import HEADLINE, SCALE
 from vlp.pipeline.eval.nightly.regressions import flag_regressions, markdown_summary
-from vlp.pipeline.eval.nightly.report import render_report, summary_table
-from vlp.pipeline.eval.nightly.runner import RESULT_COLUMNS, write_results
+from vlp.pipeline.eval.nightly.report import render_report, shown_table, summary_table
+from vlp.pipeline.eval.nightly.runner import RESULT_COLUMNS, baseline_value, write_results
+from vlp.pipeline.eval.nightly.suite import TASKS
 
-# run "a": recall@1 peaks at step 2 (0.40) and falls to 0.30 at step 3 (-25%): a regression;
-# vqa overall dips 2% below its best (within a 5% margin). Run "b" only improves.
-VALUES = {("a", "retrieval", "recall@1"): [0.10, 0.40, 0.30],
+# run "a": R@1 peaks at step 2 (0.40) and falls to 0.30 at step 3 (-25%): a regression; VQA
+# overall dips 2% below its best (within a 5% margin); its yes/no row was recorded without a
+# baseline. Run "b" only improves, over 7 checkpoints; its compositionality benchmark was scored
+# by ITC alone (no mean/itm).
+R1 = "image_retrieval_recall@1"
+VALUES = {("a", "retrieval", R1): [0.10, 0.40, 0.30],
           ("a", "vqa", "overall"): [40.0, 50.0, 49.0],
-          ("b", "retrieval", "recall@1"): [0.05, 0.20, 0.25]}
+          ("a", "vqa", "yes/no"): [60.0, 70.0, 70.0],
+          ("b", "retrieval", R1): [0.05, 0.10, 0.15, 0.20, 0.22, 0.24, 0.25],
+          ("b", "compositionality", "drop/itc"): [0.5, 0.6, 0.7, 0.8, 0.8, 0.8, 0.9],
+          ("b", "compositionality", "mean/itc"): [0.5, 0.55, 0.6, 0.65, 0.7, 0.7, 0.75]}
+BASELINES = {"retrieval": ("chance", 0.01), "vqa": ("majority", 20.0),
+             "compositionality": ("chance", 0.5)}
 
 
 def results_table() -> pd.DataFrame:
     rows = []
     for (run, benchmark, metric), values in VALUES.items():
+        name, baseline = BASELINES[benchmark]
         for step, value in enumerate(values, start=1):
             rows.append({"run": run, "tag": f"global_step{step}", "step": step,
                          "benchmark": benchmark, "task": benchmark, "metric": metric,
-                         "value": value, "baseline": 0.01 if benchmark == "retrieval" else 20.0,
-                         "baseline_name": "chance" if benchmark == "retrieval" else "majority",
+                         "value": value, "baseline": float("nan") if metric == "yes/no"
+                         else baseline, "baseline_name": name,
                          "time": datetime(2026, 1, step, tzinfo=timezone.utc), "status": "ok",
                          "error": ""})
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+
+
+HEADLINE_ROWS = [  # what the report and summary.md lead with
+    ["run", "benchmark", "metric", "latest", "baseline", "best", "vs best", "trend"],
+    ["a", "retrieval", "text→image R@1", "30.0 (global_step3)", "1.0 (chance)",
+     "40.0 (global_step2)", "-25.0% regressed", "10.0 → 40.0 → 30.0"],
+    ["a", "vqa", "accuracy", "49.0 (global_step3)", "20.0 (majority)", "50.0 (global_step2)",
+     "-2.0%", "40.0 → 50.0 → 49.0"],
+    ["b", "retrieval", "text→image R@1", "25.0 (global_step7)", "1.0 (chance)",
+     "25.0 (global_step7)", "+0.0%", "15.0 → 20.0 → 22.0 → 24.0 → 25.0"],
+    ["b", "compositionality", "true over edited caption, mean (ITC)", "75.0 (global_step7)",
+     "50.0 (chance)", "75.0 (global_step7)", "+0.0%", "60.0 → 65.0 → 70.0 → 70.0 → 75.0"],
+]
 
 
 def write_runs(root: Path) -> Path:
@@ -49,37 +77,84 @@ def write_runs(root: Path) -> Path:
 def test_only_a_drop_beyond_the_margin_below_the_best_is_flagged():
     flagged = flag_regressions(summary_table(results_table()), margin=0.05)
     by_key = {(r["run"], r["metric"]): r for r in flagged.to_dict("records")}
-    assert by_key[("a", "recall@1")]["regressed"]
-    assert by_key[("a", "recall@1")]["change"] == pytest.approx(-0.25)
-    assert by_key[("a", "recall@1")]["best tag"] == "global_step2"
+    assert by_key[("a", R1)]["regressed"]
+    assert by_key[("a", R1)]["change"] == pytest.approx(-0.25)
+    assert by_key[("a", R1)]["best tag"] == "global_step2"
     assert not by_key[("a", "overall")]["regressed"]  # -2%
     assert by_key[("a", "overall")]["change"] == pytest.approx(-0.02)
-    assert not by_key[("b", "recall@1")]["regressed"] and by_key[("b", "recall@1")]["change"] == 0
+    assert not by_key[("b", R1)]["regressed"] and by_key[("b", R1)]["change"] == 0
     assert flag_regressions(summary_table(results_table()), 0.01)["regressed"].sum() == 2
 
 
-def test_markdown_summary_names_each_regression():
-    flagged = flag_regressions(summary_table(results_table()), margin=0.05)
-    assert markdown_summary(flagged, 0.05, failures=1) == (
-        "## vlp nightly: **1 regression(s)**\n\n"
-        "3 metric(s) compared with their run's best; a regression is a latest value more than "
-        "5% below it. Failed evaluations: 1.\n\n"
-        "| run | benchmark | metric | latest | best | change |\n"
-        "|---|---|---|---:|---:|---:|\n"
-        "| a | retrieval | recall@1 | 0.3 (global_step3) | 0.4 (global_step2) | -25.0% |\n")
+def test_every_task_has_a_unit_and_a_headline_metric():
+    assert set(SCALE) == set(HEADLINE) == set(TASKS)
 
 
-def test_report_has_the_grids_the_highlighted_row_and_the_summary(tmp_path):
+def test_a_metric_is_compared_with_its_own_baseline_or_that_of_the_metric_it_varies():
+    """The yes/no baseline was looked up as "no" (the part after the last '/'): NaN, shown as
+    "nan (majority)"."""
+    majority = {"overall": 19.82, "yes/no": 57.62, "number": 0.0, "other": 0.0}
+    assert baseline_value(majority, "yes/no") == 57.62
+    assert baseline_value(majority, "late_fusion/yes/no") == 57.62
+    assert baseline_value(majority, "late_fusion/overall") == 19.82
+    assert baseline_value({"itc": 0.5, "itm": 0.5}, "swap_colour/itm") == 0.5  # per scorer
+    assert math.isnan(baseline_value({"acc1": 0.2}, "acc5"))  # none: shown as a reason
+
+
+def test_markdown_summary_leads_with_the_headline_then_names_each_regression():
+    table = shown_table(results_table(), margin=0.05)
+    rows = ["| " + " | ".join(row) + " |" for row in HEADLINE_ROWS]
+    assert markdown_summary(table, 0.05, failures=1) == "\n".join([
+        "## vlp nightly: **1 regression(s)**", "",
+        rows[0], "|---|---|---|---|---|---|---|---|", *rows[1:], "",
+        "All values in percent; caption metrics x100 as papers quote them (CIDEr 152.5 for the "
+        "COCO tools' 1.525). 6 metric(s) compared with their run's best; a regression is a "
+        "latest value more than 5% below it. Failed evaluations: 1.", "",
+        "| run | benchmark | metric | latest | baseline | best | vs best |",
+        "|---|---|---|---|---|---|---|",
+        "| a | retrieval | image_retrieval_recall@1 | 30.0 (global_step3) | 1.0 (chance) "
+        "| 40.0 (global_step2) | -25.0% regressed |", ""])
+
+
+def test_report_is_one_page_that_leads_with_the_headline_in_percent(tmp_path):
     runs = write_runs(tmp_path / "runs")
     out = tmp_path / "nightly"
     render_report(results_table(), out, 0.05, {"a": runs / "a", "b": runs / "b"})
-    page = (out / "report.html").read_text()
-    assert page.count('<tr class="regressed">') == 1
-    assert "-25.0% regressed" in page and "1 regression(s)" in page
-    for grid in ("eval_grid.png", "training_grid.png"):
-        assert f'src="grids/{grid}"' in page
-        assert (out / "grids" / grid).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = Page((out / "report.html").read_text())
+    (first, headline), (second, table) = page.tables  # no failures: no table
+    assert first == "headline" and headline == HEADLINE_ROWS
+    assert second == "all" and [row[:3] for row in table] == [
+        ["run", "benchmark", "metric"], ["a", "retrieval", R1], ["a", "vqa", "overall"],
+        ["a", "vqa", "yes/no"], ["b", "retrieval", R1], ["b", "compositionality", "mean/itc"],
+        ["b", "compositionality", "drop/itc"]]
+    assert table[3][3:] == ["70.0 (global_step3)", "— (majority has no value for this metric)",
+                            "70.0 (global_step2)", "+0.0%"]  # a row recorded without a baseline
+    # Self-contained: both grids (headline metrics, training curves) inline, no other file
+    assert page.links == ["#failures"] + [page.links[1], page.links[2]]
+    for link in page.links[1:]:
+        assert base64.b64decode(link.removeprefix("data:image/png;base64,"))[:4] == b"\x89PNG"
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "summary.md"]
+    assert "nan" not in "".join(page.text).lower()
     assert (out / "summary.md").read_text().startswith("## vlp nightly: **1 regression(s)**")
+
+
+def test_headline_plots_start_at_zero_and_reach_100_or_the_next_50_above_the_data():
+    from vlp.pipeline.eval.nightly.figures import headline_panels
+
+    results = results_table()
+    caption = results[results["metric"] == "overall"].assign(
+        benchmark="caption", task="caption", metric="CIDEr", value=[1.2, 2.2, 2.51],
+        baseline=2.0, baseline_name="retrieval")
+    results = pd.concat([results, caption], ignore_index=True)
+    table = shown_table(results, 0.05)
+    panels = {p.title: p for p in headline_panels(results, table[table["metric"].isin(
+        [R1, "CIDEr"])])}
+    r1 = panels["retrieval\ntext→image R@1"]
+    assert r1.lines["a"] == ([1.0, 2.0, 3.0], pytest.approx([10.0, 40.0, 30.0]))
+    assert r1.ylim == (0.0, 100.0) and r1.baseline == ("chance", 1.0)
+    cider = panels["caption\nCIDEr (x100)"]
+    assert cider.lines["a"][1] == pytest.approx([120.0, 220.0, 251.0])
+    assert cider.ylim == (0.0, 300.0) and cider.baseline == ("retrieval", 200.0)
 
 
 def test_training_panels_read_each_runs_metrics_with_the_last_record_per_step(tmp_path):
@@ -104,7 +179,8 @@ def test_fail_on_regression_sets_the_exit_status(tmp_path, capsys):
     write_results(results_table(), runs / "nightly" / "results.parquet")
     assert nightly_cli(runs) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert [(r["run"], r["metric"]) for r in printed["regressions"]] == [("a", "recall@1")]
+    assert [(r["run"], r["metric"], r["latest"]) for r in printed["regressions"]] == [
+        ("a", R1, 0.30)]  # the evaluator's value, as in results.parquet
     assert (runs / "nightly" / "summary.md").exists()
     assert nightly_cli(runs, "--fail-on-regression") == 4
     assert nightly_cli(runs, "--fail-on-regression", "--regression-margin", "0.3") == 0
@@ -114,13 +190,22 @@ def test_fail_on_regression_sets_the_exit_status(tmp_path, capsys):
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed "
-                    "(launch_scripts/install_chromium.sh)")
-def test_report_renders_in_headless_chromium(tmp_path):
+                    "(launch_scripts/report_screenshot.sh installs it)")
+def test_report_renders_in_headless_chromium_from_the_file_alone(tmp_path):
+    """The screenshot script renders a copy of the page alone in a folder, as someone it was
+    mailed to opens it; Chromium's DOM holds the headline table first."""
     runs = write_runs(tmp_path / "runs")
-    out = tmp_path / "nightly"
-    render_report(results_table(), out, 0.05, {"a": runs / "a", "b": runs / "b"})
+    report = render_report(results_table(), tmp_path / "nightly", 0.05,
+                           {"a": runs / "a", "b": runs / "b"})
+    shot = tmp_path / "report.png"
+    done = subprocess.run(["bash", "launch_scripts/report_screenshot.sh", str(report), str(shot),
+                           "1200x900"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from PIL import Image
+
+    assert Image.open(shot).size == (1200, 900)
     dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu",
-                          "--dump-dom", (out / "report.html").as_uri()],
-                         capture_output=True, text=True, timeout=120)
+                          "--dump-dom", report.as_uri()], capture_output=True, text=True,
+                         timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
-    assert 'class="regressed"' in dom.stdout and "training_grid.png" in dom.stdout
+    assert Page(dom.stdout).tables[0] == ("headline", HEADLINE_ROWS)

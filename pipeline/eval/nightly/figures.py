@@ -1,13 +1,16 @@
-"""The nightly report's figures as small multiples: one panel per metric, one line per run.
+"""The nightly report's figures as small multiples, each grid one PNG that the report inlines.
 
-    grids/eval_grid.png      every (benchmark, metric) against training step, baseline dashed
-    grids/training_grid.png  each run's metrics.jsonl curves (losses, lr, samples/s)
+    headline grid   each benchmark's headline metric (headline.py) against training step, one
+                    line per run, its baseline dashed; the y axis from 0 to 100 (to the next 50
+                    above the data for CIDEr x100), so a change looks as large as it is
+    training grid   each run's metrics.jsonl curves (losses, lr, samples/s)
 
 One image per grid keeps every panel the same size and the runs the same colours across panels,
 so a reader compares shapes at a glance (Tufte's small multiples).
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -20,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from vlp.pipeline.data.files import atomic_path  # noqa: E402
+from vlp.pipeline.eval.nightly.headline import label, scale  # noqa: E402
 
 TRAINING_CURVES = ("loss/total", "loss/itc", "loss/itm", "loss/mlm", "train/lr",
                    "perf/samples_per_s")
@@ -32,19 +35,28 @@ class Panel:
     title: str
     lines: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)  # run -> x, y
     baseline: tuple[str, float] | None = None
+    ylim: tuple[float, float] | None = None  # None: fitted to the data
 
 
-def eval_panels(ok: pd.DataFrame) -> list[Panel]:
-    """One panel per (benchmark, metric) of the ok rows (exports have no step: left out)."""
+def headline_panels(ok: pd.DataFrame, headline: pd.DataFrame) -> list[Panel]:
+    """One panel per (benchmark, metric) of `headline` (rows of the latest-vs-best table in
+    display units), its lines from the ok result rows; exports have no step: left out."""
     panels = []
-    for (benchmark, metric), rows in ok.groupby(["benchmark", "metric"], sort=True):
-        panel = Panel(f"{benchmark}: {metric}")
+    for (benchmark, metric), heads in headline.groupby(["benchmark", "metric"], sort=False):
+        rows = ok[(ok["benchmark"] == benchmark) & (ok["metric"] == metric)]
+        factor = scale(heads["task"].iloc[0])
+        panel = Panel(f"{benchmark}\n{label(metric)}")
         for run, run_rows in rows.dropna(subset=["step"]).sort_values("step").groupby("run"):
             panel.lines[str(run)] = (run_rows["step"].astype(float).tolist(),
-                                     run_rows["value"].tolist())
-        baseline = rows["baseline"].dropna()
+                                     (run_rows["value"] * factor).tolist())
+        if not panel.lines:
+            continue
+        baseline = heads.dropna(subset=["baseline"])
         if len(baseline):
-            panel.baseline = (str(rows["baseline_name"].iloc[-1]), float(baseline.iloc[-1]))
+            panel.baseline = (baseline["baseline_name"].iloc[-1], baseline["baseline"].iloc[-1])
+        peak = max([y for _, ys in panel.lines.values() for y in ys]
+                   + [panel.baseline[1] if panel.baseline else 0.0])
+        panel.ylim = (0.0, 100.0 if peak <= 100 else math.ceil(peak / 50) * 50.0)
         panels.append(panel)
     return panels
 
@@ -80,8 +92,8 @@ def training_panels(run_dirs: dict[str, Path]) -> list[Panel]:
     return panels
 
 
-def draw_grid(panels: list[Panel], path: Path, xlabel: str = "training step") -> Path | None:
-    """Write the panels as one PNG grid (None when there is nothing to draw)."""
+def draw_grid(panels: list[Panel], xlabel: str = "training step") -> bytes | None:
+    """The panels as one PNG grid (None when there is nothing to draw)."""
     if not panels:
         return None
     runs = sorted({run for panel in panels for run in panel.lines})
@@ -96,6 +108,10 @@ def draw_grid(panels: list[Panel], path: Path, xlabel: str = "training step") ->
                         color=colours[run], label=run)
             if panel.baseline is not None:
                 ax.axhline(panel.baseline[1], linestyle="--", color="grey", linewidth=1)
+                ax.text(0.01, panel.baseline[1], panel.baseline[0], fontsize=7, color="grey",
+                        va="bottom", transform=ax.get_yaxis_transform())
+            if panel.ylim is not None:
+                ax.set_ylim(*panel.ylim)
             ax.set_title(panel.title, fontsize=9)
             ax.set_xlabel(xlabel, fontsize=8)
             ax.tick_params(labelsize=7)
@@ -109,8 +125,8 @@ def draw_grid(panels: list[Panel], path: Path, xlabel: str = "training step") ->
         fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 6),
                    fontsize=8, frameon=False)
         fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (2.7 * rows)))
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=90)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=90)
     finally:
         plt.close(fig)
-    return path
+    return png.getvalue()

@@ -1,18 +1,16 @@
 """Regression flags for the nightly job: a metric whose latest value fell more than a margin below
-its run's best, and a short Markdown summary to paste into chat or a CI comment.
+its run's best, and a short Markdown summary to paste into chat or a CI comment (the headline
+first, then the regressions).
 
 The margin is relative to the best value (0.05: more than 5% below it), so one setting serves
-retrieval recalls (fractions) and VQA accuracies (percentages). Every metric is higher-is-better.
+every unit. Every metric is higher-is-better.
 """
 from __future__ import annotations
-
-import html
-from pathlib import Path
 
 import pandas as pd
 
 from vlp.pipeline.data.errors import UserError
-from vlp.pipeline.data.files import atomic_path
+from vlp.pipeline.eval.nightly import headline
 
 DEFAULT_MARGIN = 0.05
 
@@ -42,51 +40,24 @@ def regression_records(flagged: pd.DataFrame) -> list[dict]:
     return flagged.loc[flagged["regressed"], columns].to_dict("records")
 
 
-def markdown_summary(flagged: pd.DataFrame, margin: float, failures: int) -> str:
-    """A few lines: the verdict, one table row per regressed metric, the failure count."""
-    regressed = flagged[flagged["regressed"]]
+def markdown_summary(table: pd.DataFrame, margin: float, failures: int) -> str:
+    """The verdict, the headline table, a line on units and counts, and the regressed rows;
+    `table` is the report's (flagged, in display units: report.shown_table)."""
+    regressed = table[table["regressed"]]
     verdict = f"**{len(regressed)} regression(s)**" if len(regressed) else "no regressions"
-    lines = [f"## vlp nightly: {verdict}", "",
-             f"{len(flagged)} metric(s) compared with their run's best; a regression is a latest "
-             f"value more than {margin:.0%} below it. Failed evaluations: {failures}.", ""]
-    if len(regressed):
-        lines += ["| run | benchmark | metric | latest | best | change |",
-                  "|---|---|---|---:|---:|---:|"]
-        for r in regressed.to_dict("records"):
-            lines.append(f"| {r['run']} | {r['benchmark']} | {r['metric']} "
-                         f"| {r['latest']:.4g} ({r['latest tag']}) "
-                         f"| {r['best']:.4g} ({r['best tag']}) | {r['change']:+.1%} |")
-        lines.append("")
+    heads = table[headline.is_headline(table)]
+    lines = [f"## vlp nightly: {verdict}", ""]
+    lines += _markdown_table([headline.cells(r, headline=True) for r in heads.to_dict("records")])
+    lines += [f"{headline.UNITS_NOTE} {len(table)} metric(s) compared with their run's best; a "
+              f"regression is a latest value more than {margin:.0%} below it. Failed "
+              f"evaluations: {failures}.", ""]
+    lines += _markdown_table([headline.cells(r) for r in regressed.to_dict("records")])
     return "\n".join(lines)
 
 
-def write_markdown_summary(text: str, out_dir: Path) -> Path:
-    path = Path(out_dir) / "summary.md"
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return path
-
-
-def flagged_table_html(flagged: pd.DataFrame) -> str:
-    """The latest-vs-best table with the change column; regressed rows highlighted."""
-    if flagged.empty:
-        return "<p>None.</p>"
-    columns = ["run", "benchmark", "metric", "latest tag", "latest", "best tag", "best",
-               "change", "baseline"]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = []
-    for record in flagged.to_dict("records"):
-        cells = []
-        for column in columns:
-            value = record[column]
-            if column == "change":
-                text = f"{value:+.1%}" + (" regressed" if record["regressed"] else "")
-            elif isinstance(value, float):
-                text = f"{value:.4g}"
-            else:
-                text = str(value)
-            cells.append(f"<td>{html.escape(text)}</td>")
-        css = ' class="regressed"' if record["regressed"] else ""
-        body.append(f"<tr{css}>{''.join(cells)}</tr>")
-    return (f'<table class="results"><thead><tr>{head}</tr></thead>'
-            f"<tbody>{''.join(body)}</tbody></table>")
+def _markdown_table(rows: list[dict[str, str]]) -> list[str]:
+    """The lines of a Markdown table and a blank line (none for no rows)."""
+    if not rows:
+        return []
+    return ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0]),
+            *("| " + " | ".join(row.values()) + " |" for row in rows), ""]

@@ -1,132 +1,121 @@
-"""The nightly HTML report: latest vs best with regressions highlighted (regressions.py), the
-eval metrics and each run's training curves as small multiples (figures.py), failures, and a few
-generated captions beside their images.
+"""The nightly HTML report, one self-contained file to open, mail or post: the headline (one
+metric per benchmark, headline.py) with its baseline, best and trend, a plot of each headline
+metric against training step, the full latest-vs-best table (regressions highlighted,
+regressions.py), each run's training curves (figures.py), a few generated captions beside their
+images, and the failures.
 
-Per-metric plots at full size are PNGs (matplotlib's Agg backend, no display needed) in
-OUT/plots/, one line per run and the primary baseline (retrieval: chance, VQA: majority answer,
-captioning: retrieved training caption) as a dashed line. The table lists, per run, benchmark and
-metric, the latest checkpoint's value, the best so far (all metrics are higher-is-better), the
-change and the baseline. Caption examples come from each caption benchmark's latest result, their
-images inlined as small JPEG thumbnails so the page stands alone (an image that cannot be read,
-or that the training loader would skip, is a note instead). Every file is written
-atomically.
+Every value is shown in percent (caption metrics x100, headline.py). Plots and caption images are
+inlined as data URIs (PNG grids; small JPEG thumbnails, an image that cannot be read, or that the
+training loader would skip, is a note instead), so the page links to no other file. The page and
+summary.md are written atomically.
 """
 from __future__ import annotations
 
 import base64
 import html
 import io
-import re
 from datetime import datetime, timezone
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-import pandas as pd  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from vlp.pipeline.data.errors import BadData  # noqa: E402
-from vlp.pipeline.data.files import atomic_path  # noqa: E402
-from vlp.pipeline.data.transforms import decode_image  # noqa: E402
-from vlp.pipeline.eval.nightly import figures, regressions  # noqa: E402
+from vlp.pipeline.data.errors import BadData
+from vlp.pipeline.data.files import write_text_atomic
+from vlp.pipeline.data.transforms import decode_image
+from vlp.pipeline.eval.nightly import figures, headline, regressions
 
 
 def render_report(results: pd.DataFrame, out_dir: str | Path,
                   margin: float = regressions.DEFAULT_MARGIN,
                   run_dirs: dict[str, Path] | None = None,
                   captions: list[dict] | None = None) -> Path:
-    """Write OUT/report.html, OUT/summary.md, OUT/plots/ and OUT/grids/ from the results and the
-    runs' metrics.jsonl (`run_dirs`: run name -> folder); returns the HTML path.
+    """Write OUT/report.html and OUT/summary.md from the results and the runs' metrics.jsonl
+    (`run_dirs`: run name -> folder); returns the HTML path.
 
     `captions`: per caption benchmark, {"run", "benchmark", "tag", "examples"} with the
     examples of its result JSON (image path, caption, retrieval baseline, references)."""
     out_dir = Path(out_dir)
     ok = results[results["status"] == "ok"]
-    flagged = regressions.flag_regressions(summary_table(ok), margin)
-    grids = [figures.draw_grid(figures.eval_panels(ok), out_dir / "grids" / "eval_grid.png"),
-             figures.draw_grid(figures.training_panels(run_dirs or {}),
-                               out_dir / "grids" / "training_grid.png")]
-    sections = []
-    for (benchmark, metric), rows in ok.groupby(["benchmark", "metric"], sort=True):
-        image = plot_metric(rows, benchmark, metric, out_dir / "plots")
-        sections.append(f'<figure><img src="plots/{image.name}" alt="{_e(benchmark)} {_e(metric)}">'
-                        f"<figcaption>{_e(benchmark)}: {_e(metric)}</figcaption></figure>")
     failures = results[results["status"] == "failed"]
+    table = shown_table(ok, margin)
+    heads = table[headline.is_headline(table)]
+    regressed = int(table["regressed"].sum())
     page = _PAGE.format(
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         checkpoints=len(results[["run", "tag"]].drop_duplicates()),
-        margin=f"{margin:.0%}", regressed=int(flagged["regressed"].sum()),
-        table=regressions.flagged_table_html(flagged),
-        eval_grid=_grid_html(grids[0], "eval metrics"),
-        training_grid=_grid_html(grids[1], "training curves"),
-        plots="\n".join(sections),
-        failures=_html_table(failures[["run", "tag", "benchmark", "time", "error"]]),
+        verdict=_verdict(regressed, len(failures), margin),
+        units=headline.UNITS_NOTE,
+        headline=_html_table([headline.cells(r, headline=True) for r in heads.to_dict("records")],
+                             heads["regressed"].tolist()),
+        headline_grid=_grid_html(figures.draw_grid(figures.headline_panels(ok, heads)),
+                                 "headline metrics against training step"),
+        table=_html_table([headline.cells(r) for r in table.to_dict("records")],
+                          table["regressed"].tolist()),
+        training_grid=_grid_html(figures.draw_grid(figures.training_panels(run_dirs or {})),
+                                 "training curves"),
         captions="\n".join(_caption_section(c) for c in captions or []) or "<p>None.</p>",
+        failures=_html_table([{"run": r["run"], "tag": r["tag"], "benchmark": r["benchmark"],
+                               "time": f"{r['time']:%Y-%m-%d %H:%M UTC}", "error": r["error"]}
+                              for r in failures.to_dict("records")]),
     )
     path = out_dir / "report.html"
-    with atomic_path(path) as tmp:
-        tmp.write_text(page, encoding="utf-8")
-    regressions.write_markdown_summary(
-        regressions.markdown_summary(flagged, margin, len(failures)), out_dir)
+    write_text_atomic(path, page)
+    write_text_atomic(out_dir / "summary.md",
+                      regressions.markdown_summary(table, margin, len(failures)))
     return path
 
 
-def _grid_html(path: Path | None, what: str) -> str:
-    if path is None:
+def shown_table(ok: pd.DataFrame, margin: float) -> pd.DataFrame:
+    """The latest-vs-best table with regression flags, in display units and reading order."""
+    flagged = regressions.flag_regressions(summary_table(ok), margin)
+    return headline.reading_order(headline.in_display_units(flagged))
+
+
+def _verdict(regressed: int, failed: int, margin: float) -> str:
+    css = "bad" if regressed or failed else "good"
+    return (f'<p class="verdict {css}">{regressed} regression(s) (a latest value more than '
+            f'{margin:.0%} below its run\'s best); <a href="#failures">{failed} failed '
+            f"evaluation(s)</a>.</p>")
+
+
+def _grid_html(png: bytes | None, what: str) -> str:
+    if png is None:
         return f"<p>No {what} yet.</p>"
-    return f'<img class="grid" src="grids/{path.name}" alt="{what}">'
+    encoded = base64.b64encode(png).decode("ascii")
+    return f'<img class="grid" src="data:image/png;base64,{encoded}" alt="{what}">'
 
 
-SUMMARY_COLUMNS = ["run", "benchmark", "metric", "latest tag", "latest", "best tag", "best",
-                   "baseline"]
+SUMMARY_COLUMNS = ["run", "benchmark", "task", "metric", "latest tag", "latest", "best tag",
+                   "best", "baseline", "baseline_name", "trend"]
 
 
 def summary_table(ok: pd.DataFrame) -> pd.DataFrame:
-    """Per run/benchmark/metric: latest checkpoint's value, best value and its tag, baseline."""
+    """Per run/benchmark/metric (in the results' order): the latest checkpoint's value and
+    baseline, the best value and its tag, and the values of every checkpoint (`trend`, in
+    checkpoint order), as the evaluators report them."""
     records = []
-    for (run, benchmark, metric), rows in ok.groupby(["run", "benchmark", "metric"], sort=True):
-        latest = latest_row(rows)
-        best = rows.loc[rows["value"].idxmax()]
+    for (run, benchmark, metric), rows in ok.groupby(["run", "benchmark", "metric"], sort=False):
+        ordered = checkpoint_order(rows)
+        latest, best = ordered.iloc[-1], rows.loc[rows["value"].idxmax()]
         records.append({
-            "run": run, "benchmark": benchmark, "metric": metric,
+            "run": run, "benchmark": benchmark, "task": latest["task"], "metric": metric,
             "latest tag": latest["tag"], "latest": latest["value"],
             "best tag": best["tag"], "best": best["value"],
-            "baseline": f"{latest['baseline']:.4g} ({latest['baseline_name']})",
+            "baseline": latest["baseline"], "baseline_name": latest["baseline_name"],
+            "trend": ordered["value"].tolist(),
         })
     return pd.DataFrame(records, columns=SUMMARY_COLUMNS)
 
 
-def latest_row(rows: pd.DataFrame) -> pd.Series:
-    """The row of the latest checkpoint: highest step; exports (no step) rank after the tags,
-    by evaluation time."""
+def checkpoint_order(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows by step; exports (no step) after the tags, by evaluation time."""
     ordered = rows.assign(_step=rows["step"].astype("float64").fillna(float("inf")))
-    return ordered.sort_values(["_step", "time"]).iloc[-1]
+    return ordered.sort_values(["_step", "time"]).drop(columns="_step")
 
 
-def plot_metric(rows: pd.DataFrame, benchmark: str, metric: str, plot_dir: Path) -> Path:
-    """PNG of `metric` against step, one line per run, baseline dashed."""
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    try:
-        for run, run_rows in rows.dropna(subset=["step"]).groupby("run"):
-            run_rows = run_rows.sort_values("step")
-            ax.plot(run_rows["step"].astype(float), run_rows["value"], marker="o", label=str(run))
-        baseline = rows["baseline"].dropna()
-        if len(baseline):
-            ax.axhline(baseline.iloc[-1], linestyle="--", color="grey",
-                       label=f"{rows['baseline_name'].iloc[-1]} baseline")
-        ax.set(title=f"{benchmark}: {metric}", xlabel="training step", ylabel=metric)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-        fig.tight_layout()
-        path = plot_dir / f"{_slug(benchmark)}__{_slug(metric)}.png"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-    finally:
-        plt.close(fig)
-    return path
+def latest_row(rows: pd.DataFrame) -> pd.Series:
+    """The row of the latest checkpoint (checkpoint_order's last)."""
+    return checkpoint_order(rows).iloc[-1]
 
 
 def _caption_section(section: dict) -> str:
@@ -158,51 +147,64 @@ def _thumbnail(path: str, size: int = 96) -> str:
     return f'<img src="data:image/jpeg;base64,{encoded}" alt="{_e(Path(path).name)}">'
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
-
-
 def _e(text) -> str:
     return html.escape(str(text))
 
 
-def _html_table(frame: pd.DataFrame) -> str:
-    if frame.empty:
+def _html_table(rows: list[dict[str, str]], regressed: list[bool] | None = None) -> str:
+    """Rows of shown cells as a table; regressed rows highlighted."""
+    if not rows:
         return "<p>None.</p>"
-    return frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="", escape=True,
-                         border=0, classes="results")
+    head = "".join(f"<th>{_e(c)}</th>" for c in rows[0])
+    body = []
+    for i, row in enumerate(rows):
+        css = ' class="regressed"' if regressed and regressed[i] else ""
+        body.append(f"<tr{css}>" + "".join(f"<td>{_e(v)}</td>" for v in row.values()) + "</tr>")
+    return (f'<table class="results"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(body)}</tbody></table>")
 
 
 _PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>vlp nightly evaluation</title>
 <style>
-body {{ font-family: sans-serif; margin: 2em; }}
-table.results {{ border-collapse: collapse; font-size: 0.9em; }}
-table.results td, table.results th {{ padding: 0.2em 0.8em; border-bottom: 1px solid #ddd; }}
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1300px;
+        padding: 0 1em; color: #222; }}
+p.meta {{ color: #555; }}
+p.verdict {{ font-size: 1.1em; padding: 0.4em 0.8em; border-radius: 4px; }}
+p.verdict.good {{ background: #e6f4ea; }}
+p.verdict.bad {{ background: #fde2e1; }}
+table.results {{ border-collapse: collapse; font-size: 0.9em; font-variant-numeric: tabular-nums; }}
+table.results td, table.results th {{ padding: 0.25em 0.7em; border-bottom: 1px solid #ddd;
+                                      text-align: left; vertical-align: top; }}
+section.metrics td {{ white-space: nowrap; }}
+#headline td:nth-child(4) {{ font-weight: bold; }}
+#headline td:nth-child(3) {{ white-space: normal; min-width: 8em; }}
+#headline td:nth-child(8) {{ white-space: normal; min-width: 12em; }}
 tr.regressed td {{ background: #fde2e1; }}
-tr.regressed td:nth-child(8) {{ color: #b3261e; font-weight: bold; }}
+tr.regressed td:nth-child(7) {{ color: #b3261e; font-weight: bold; }}
 img.grid {{ max-width: 100%; }}
-figure {{ display: inline-block; margin: 0.5em; }}
 </style></head><body>
 <h1>vlp nightly evaluation</h1>
-<p>Generated {generated}; {checkpoints} checkpoint(s) evaluated. Retrieval recalls are fractions
-(CLIP_benchmark), VQA accuracies percentages (official evaluator), caption metrics as the COCO
-caption evaluation reports them (fractions; CIDEr up to 10), classification accuracies fractions
-(CLIP_benchmark).</p>
-<h2>Latest vs best</h2>
-<p>{regressed} regression(s): a latest value more than {margin} below its run's best
-(highlighted).</p>
+<p class="meta">Generated {generated}; {checkpoints} checkpoint(s) evaluated. {units}</p>
+{verdict}
+<section id="headline" class="metrics">
+<h2>Headline</h2>
+<p>Each benchmark's headline metric at its run's latest checkpoint, beside its baseline, its run's
+best, and its values at the last checkpoints (oldest first).</p>
+{headline}
+</section>
+<h2>Headline metrics against training step</h2>
+{headline_grid}
+<section id="all" class="metrics">
+<h2>All metrics</h2>
+<p>Every metric at the latest checkpoint against its run's best; regressions highlighted.</p>
 {table}
-<h2>Metrics against training step</h2>
-{eval_grid}
+</section>
 <h2>Training curves</h2>
 {training_grid}
-<details><summary>Each metric at full size</summary>
-{plots}
-</details>
 <h2>Generated captions (latest checkpoint)</h2>
 {captions}
-<h2>Failures</h2>
+<h2 id="failures">Failures</h2>
 {failures}
 </body></html>
 """

@@ -5,10 +5,14 @@
     OUT/results.parquet                     one row per (run, tag, benchmark, metric), or one
                                             failure row per (run, tag, benchmark); each with the
                                             checkpoint's content fingerprint
-    OUT/tensorboard/NAME/                   scalars "<benchmark>/<metric>" against step, and
-                                            its baseline "<benchmark>/<baseline>/<metric>"
-    OUT/report.html + plots/, grids/        see report.py
-    OUT/summary.md                          regressions against each run's best (regressions.py)
+    runs/NAME/tensorboard/eval/             scalars "<benchmark>/<metric>" against step (a '/'
+                                            in the metric written '_'), and its baseline
+                                            "<benchmark>/baseline_<name>/<metric>": beside
+                                            the run's training events (runs/NAME/tensorboard/),
+                                            so `tensorboard --logdir runs` lists them together
+    OUT/report.html                         one self-contained page, see report.py
+    OUT/summary.md                          the headline and the regressions against each
+                                            run's best (regressions.py)
     OUT/nightly.lock                        held for the whole run: one run per OUT at a time
     runs/NAME/eval/<tag>/<benchmark>.json   each benchmark's full result (DESIGN's layout)
 
@@ -190,7 +194,7 @@ def _evaluate_new(runs_dir: Path, benchmarks: list[Benchmark], out_dir: Path, re
         new_rows = pd.DataFrame(rows, columns=RESULT_COLUMNS)
         results = new_rows if results.empty else pd.concat([results, new_rows], ignore_index=True)
         write_results(results, results_path)
-        write_tensorboard(rows, out_dir / "tensorboard" / ref.run)
+        write_tensorboard(rows, ref.run_dir / EVAL_EVENTS)
         evaluated += 1
 
     report = out_dir / "report.html"
@@ -207,7 +211,7 @@ def _evaluate_new(runs_dir: Path, benchmarks: list[Benchmark], out_dir: Path, re
         "report": str(report),
         "regressions": regression_records(flagged),
         "summary": str(out_dir / "summary.md"),
-        "tensorboard": str(out_dir / "tensorboard"),
+        "tensorboard": str(runs_dir),  # the logdir that shows training and eval together
     }
 
 
@@ -230,13 +234,24 @@ def evaluate_checkpoint(ref: CheckpointRef, benchmarks: list[Benchmark], device:
         baseline_name, baseline = next(iter(result["baselines"].items()))
         now = datetime.now(timezone.utc)
         for metric, value in result["metrics"].items():
-            # "variant/metric" (e.g. late_fusion/overall) is compared with the metric's baseline
             rows.append({**base, "benchmark": benchmark.name, "task": benchmark.task,
                          "metric": metric, "value": float(value),
-                         "baseline": float(baseline.get(metric.split("/")[-1], math.nan)),
+                         "baseline": baseline_value(baseline, metric),
                          "baseline_name": baseline_name, "time": now, "status": "ok", "error": "",
                          "transient": False})
     return rows
+
+
+def baseline_value(baseline: dict[str, float], metric: str) -> float:
+    """The baseline's value for `metric`: under its own name, else under its longest '/'-suffix
+    that the baseline has (late_fusion/yes/no: a variant of yes/no; drop/itc: compositionality's
+    baseline is per scorer); NaN when it has none."""
+    parts = metric.split("/")
+    for start in range(len(parts)):
+        key = "/".join(parts[start:])
+        if key in baseline:
+            return float(baseline[key])
+    return math.nan
 
 
 def caption_examples(results: pd.DataFrame, checkpoints: list[CheckpointRef]) -> list[dict]:
@@ -275,9 +290,16 @@ def write_results(results: pd.DataFrame, path: Path) -> None:
         results.astype(_DTYPES).to_parquet(tmp, index=False)
 
 
+# Training writes its events to runs/NAME/tensorboard/ (pipeline/train/metrics.py). The eval
+# events go to a folder of their own inside it: TensorBoard reads a folder's event files in name
+# order and stops reading one once a newer file appears, so a nightly file among the training
+# files would freeze a live run's curves.
+EVAL_EVENTS = Path("tensorboard") / "eval"
+
+
 def write_tensorboard(rows: list[dict], log_dir: Path) -> None:
     """Scalars `<benchmark>/<metric>` at the checkpoint's step, and beside each its baseline as
-    `<benchmark>/<baseline name>/<metric>` (exports have no step: skipped)."""
+    `<benchmark>/baseline_<name>/<metric>` (exports have no step: skipped)."""
     from torch.utils.tensorboard import SummaryWriter
 
     ok = [r for r in rows if r["status"] == "ok" and r["step"] is not None]
@@ -286,10 +308,12 @@ def write_tensorboard(rows: list[dict], log_dir: Path) -> None:
     writer = SummaryWriter(log_dir=str(log_dir))
     try:
         for row in ok:
-            writer.add_scalar(f"{row['benchmark']}/{row['metric']}", row["value"],
+            # yes/no is one chart, not a group "yes" with a chart "no"
+            metric = row["metric"].replace("/", "_")
+            writer.add_scalar(f"{row['benchmark']}/{metric}", row["value"],
                               global_step=row["step"])
             if math.isfinite(row["baseline"]):
-                writer.add_scalar(f"{row['benchmark']}/{row['baseline_name']}/{row['metric']}",
+                writer.add_scalar(f"{row['benchmark']}/baseline_{row['baseline_name']}/{metric}",
                                   row["baseline"], global_step=row["step"])
     finally:
         writer.close()
