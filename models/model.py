@@ -405,7 +405,7 @@ class UnifiedModel(nn.Module):
         """One training step's losses: {"loss": weighted total, "<name>_loss", diagnostics}.
 
         images (B, 3, S, S); text_ids, text_mask (B, T); mlm_ids/mlm_labels (B, T) from
-        `pipeline.transforms.mask_tokens` (labels -100 = no prediction), needed when the MLM
+        `pipeline.data.transforms.mask_tokens` (labels -100 = no prediction), needed when the MLM
         weight is nonzero; vqa_targets (B, num_answers) soft scores, for VQA fine-tuning (then
         usually with `LossWeights(itc=0, itm=0, mlm=0)`). The LM (captioning) loss reads
         text_ids and text_mask. neg_ids/neg_mask (B, T) and has_neg (B,): an edited caption per

@@ -83,15 +83,6 @@ def open_object(url: str, buffer: int) -> _StreamedObject:
         raise _as_os_error(url, exc) from exc
 
 
-def open_random_access(url: str, buffer: int):
-    """A seekable binary file over the object (for tarfile's index of an evaluation shard)."""
-    fs, path = _filesystem(url)
-    try:
-        return fs.open(path, "rb", block_size=buffer, cache_type="readahead")
-    except Exception as exc:
-        raise _as_os_error(url, exc) from exc
-
-
 def read_range(url: str, offset: int, size: int) -> bytes:
     """`size` bytes at `offset` (one ranged request; size -1: to the end)."""
     fs, path = _filesystem(url)

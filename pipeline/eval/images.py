@@ -2,7 +2,7 @@
 
 Images are files or byte ranges of uncompressed webdataset tars (read with the project's tar
 reader, so a test set costs no memory until it is encoded). Decoding uses the training transforms
-(`pipeline.transforms.preprocess_image`), so evaluation sees exactly what training saw. A thread
+(`pipeline.data.transforms.preprocess_image`), so evaluation sees exactly what training saw. A thread
 pool overlaps file reads and decodes (PIL releases the GIL).
 """
 from __future__ import annotations
