@@ -8,7 +8,7 @@ import pytest
 
 from vlp.pipeline.cli import build_parser
 from vlp.pipeline.data.errors import UserError
-from vlp.pipeline.eval.cli import JOBS
+from vlp.pipeline.eval.jobs import JOBS
 from vlp.pipeline.eval.configs import CaptionConfig, RetrievalConfig, VQAConfig
 from vlp.pipeline.eval.job_config import config_from_args, config_from_mapping
 

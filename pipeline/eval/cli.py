@@ -13,23 +13,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import importlib
 import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from vlp.pipeline.cli_help import add_command
-from vlp.pipeline.eval.configs import (
-    CaptionConfig,
-    CompositionalityConfig,
-    LinearProbeConfig,
-    RetrievalConfig,
-    VQAConfig,
-    ZeroShotConfig,
-)
-from vlp.pipeline.eval.job_config import JobConfig, add_config_arguments, config_from_args
+from vlp.pipeline.eval.job_config import add_config_arguments, config_from_args
+from vlp.pipeline.eval.jobs import JOBS, EvalJob
 
 
 def _device(args) -> str:
@@ -68,55 +59,6 @@ def _print(result: dict, stdout) -> None:
     print(json.dumps(result, indent=2), file=stdout)
 
 
-@dataclass(frozen=True)
-class EvalJob:
-    """A `vlp eval` command over one checkpoint: its typed config (configs.py), the function
-    that runs it (imported when the command runs), and its help."""
-
-    name: str
-    config: type[JobConfig]
-    function: str  # "module:function", called as function(checkpoint, config, out=, device=)
-    help: str
-    example: str
-    results_file: str | None = None  # the official results file it also writes (--results)
-    distributed: bool = False  # encoding splits across ranks under torchrun/deepspeed
-
-
-JOBS = (
-    EvalJob("retrieval", RetrievalConfig, "vlp.pipeline.eval.retrieval.job:evaluate_retrieval",
-            "zero-shot image<->text retrieval recall@1/5/10",
-            "vlp eval retrieval --checkpoint runs/tiny/checkpoints "
-            "--karpathy-json world/retrieval/dataset_synth.json --image-root world/retrieval",
-            distributed=True),
-    EvalJob("vqa", VQAConfig, "vlp.pipeline.eval.vqa.job:evaluate_vqa",
-            "VQAv2: fine-tune the VQA head, official accuracy on the eval split",
-            "vlp eval vqa --checkpoint runs/tiny/checkpoints --vqa-dir world/vqa --steps 400",
-            results_file="official results file [{question_id, answer}]"),
-    EvalJob("caption", CaptionConfig, "vlp.pipeline.eval.caption.job:evaluate_caption",
-            "image captioning on a Karpathy split: COCO caption metrics (BLEU, METEOR, ROUGE-L, "
-            "CIDEr, SPICE when installed) with baselines, optionally after a fine-tune",
-            "vlp eval caption --checkpoint runs/tiny/checkpoints "
-            "--karpathy-json world/dataset_synth.json --image-root world --steps 150",
-            results_file="COCO results file [{image_id, caption}]"),
-    EvalJob("zeroshot", ZeroShotConfig, "vlp.pipeline.eval.classification.zeroshot:"
-            "evaluate_zeroshot", "zero-shot classification: acc1, acc5, mean per-class recall",
-            "vlp eval zeroshot --checkpoint runs/tiny/checkpoints "
-            "--dataset world/classification/shape/wds"),
-    EvalJob("linear-probe", LinearProbeConfig, "vlp.pipeline.eval.classification.probe:"
-            "evaluate_linear_probe",
-            "logistic regression on frozen image features, L2 chosen on validation "
-            "(CLIP_benchmark's procedure)",
-            "vlp eval linear-probe --checkpoint runs/tiny/checkpoints "
-            "--dataset world/classification/colour/imagefolder"),
-    EvalJob("compositionality", CompositionalityConfig,
-            "vlp.pipeline.eval.compositionality.job:evaluate_compositionality",
-            "edited-caption accuracy per kind of edit (SugarCrepe / ARO): does the true caption "
-            "score above a minimally edited one, by ITC and by ITM?",
-            "vlp eval compositionality --checkpoint runs/tiny/checkpoints "
-            "--edits world/compositionality --image-root world"),
-)
-
-
 def _run_job(job: EvalJob, args, stdout) -> int:
     """Build the job's config (its inputs are checked before any model loads), run it, print
     the result on rank 0."""
@@ -125,10 +67,8 @@ def _run_job(job: EvalJob, args, stdout) -> int:
         from vlp.pipeline.distributed import init_distributed
 
         init_distributed(timeout_s=1800)
-    module, name = job.function.split(":")
-    evaluate = getattr(importlib.import_module(module), name)
     files = {"results_out": args.results} if job.results_file else {}
-    result = evaluate(args.checkpoint, config, out=args.out, device=_device(args), **files)
+    result = job.evaluate()(args.checkpoint, config, out=args.out, device=_device(args), **files)
     if int(os.environ.get("RANK", "0")) == 0:
         _print(result, stdout)
     return 0

@@ -35,36 +35,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
 from vlp.pipeline.data.errors import UserError
-from vlp.pipeline.eval.caption.job import evaluate_caption
-from vlp.pipeline.eval.classification.probe import evaluate_linear_probe
-from vlp.pipeline.eval.classification.zeroshot import evaluate_zeroshot
-from vlp.pipeline.eval.compositionality.job import evaluate_compositionality
-from vlp.pipeline.eval.configs import (
-    CaptionConfig,
-    CompositionalityConfig,
-    LinearProbeConfig,
-    RetrievalConfig,
-    VQAConfig,
-    ZeroShotConfig,
-)
 from vlp.pipeline.eval.job_config import JobConfig, config_from_mapping
-from vlp.pipeline.eval.retrieval.job import evaluate_retrieval
-from vlp.pipeline.eval.vqa.job import evaluate_vqa
+from vlp.pipeline.eval.jobs import JOBS, EvalJob
 
-# task -> (its config, the function that runs it)
-TASKS: dict[str, tuple[type[JobConfig], Callable[..., dict]]] = {
-    "retrieval": (RetrievalConfig, evaluate_retrieval),
-    "vqa": (VQAConfig, evaluate_vqa),
-    "caption": (CaptionConfig, evaluate_caption),
-    "zeroshot": (ZeroShotConfig, evaluate_zeroshot),
-    "linear_probe": (LinearProbeConfig, evaluate_linear_probe),
-    "compositionality": (CompositionalityConfig, evaluate_compositionality),
-}
+TASKS: dict[str, EvalJob] = {job.task: job for job in JOBS}
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 
 
@@ -75,7 +54,7 @@ class Benchmark:
     config: JobConfig
 
     def run(self, checkpoint, out: Path) -> dict:
-        return TASKS[self.task][1](checkpoint, self.config, out=out)
+        return TASKS[self.task].evaluate()(checkpoint, self.config, out=out)
 
 
 def load_suite(suite: str | Path | dict) -> list[Benchmark]:
@@ -104,5 +83,5 @@ def _benchmark(name: str, spec: Any, base: Path, source: str) -> Benchmark:
     if not isinstance(spec, dict) or spec.get("task") not in TASKS:
         raise UserError(f"{where} needs 'task: {' | '.join(TASKS)}'")
     values = {k: v for k, v in spec.items() if k != "task"}
-    config = config_from_mapping(TASKS[spec["task"]][0], values, where, base)
+    config = config_from_mapping(TASKS[spec["task"]].config, values, where, base)
     return Benchmark(str(name), spec["task"], config)
