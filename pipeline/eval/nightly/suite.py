@@ -1,4 +1,4 @@
-"""The nightly benchmark suite: named benchmarks, each a task and the arguments of its function.
+"""The nightly benchmark suite: named benchmarks, each a task (eval/jobs.py) and its settings.
 
     # eval_suite.yaml (relative paths are relative to this file)
     synth_retrieval:
