@@ -14,13 +14,14 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import math
 import re
 import shutil
 import signal
 import tempfile
 from pathlib import Path
 
-from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.data.errors import UserError, warn
 from vlp.pipeline.data.files import write_json_atomic
 
 # data_prep.index (torch) and data_prep.urls (pandas, pyarrow) are imported where they are used:
@@ -33,6 +34,8 @@ DISTRIBUTORS = ("multiprocessing", "pyspark")
 # takes every *.json in the folder for a shard's stats.
 SHARD_FILE = re.compile(r"\d+(\.tar|\.parquet|_stats\.json)")
 RECORD = "vlp_download"
+# Fewer shards than this get a warning: the loader needs one per rank and loader worker.
+FEW_SHARDS = 8
 
 
 def _clear_previous(out: Path, incremental: bool, record: dict) -> None:
@@ -85,10 +88,15 @@ def _index_download(out: Path, url_list) -> tuple[dict, dict]:
     from vlp.data_prep.index import build_manifest
 
     to_retry = _drop_empty_shards(out)
+    errors = dict(to_retry["errors"].most_common(5))
     if not any(SHARD_FILE.fullmatch(p.name) for p in out.glob("*.tar")):
-        raise UserError(f"no image of {url_list} could be downloaded into {out}: "
-                        f"{dict(to_retry['errors'].most_common(5))}; the rerun of this command "
-                        "retries them")
+        raise UserError(f"no image of {url_list} could be downloaded into {out}: {errors}; the "
+                        "rerun of this command retries them")
+    dropped = to_retry["shards"]
+    if dropped:
+        warn(f"{len(dropped)} shard(s) got no image ({', '.join(dropped[:5])}: {errors}) and "
+             f"were deleted, so the shard numbers in {out} have a gap: rerun this command to "
+             "fetch them again before training on the whole range")
     manifest = build_manifest(out)
     if manifest["problems"]:
         shards = sorted({p["shard"] for p in manifest["problems"]})
@@ -115,6 +123,16 @@ def _drop_empty_shards(out: Path) -> dict:
             for path in (tar, tar.with_suffix(".parquet"), tar.with_name(f"{tar.stem}_stats.json")):
                 path.unlink(missing_ok=True)
     return {"shards": dropped, "errors": errors}
+
+
+def _warn_if_few_shards(out: Path, shards: int, rows: int, per_shard: int) -> None:
+    """Training needs a shard per rank and loader worker; say so while the fix is cheap."""
+    if shards >= FEW_SHARDS or per_shard == 1:
+        return
+    smaller = max(1, rows // FEW_SHARDS)
+    warn(f"{out} holds {shards} shard(s) of up to {per_shard} samples; training on them needs "
+         "at least ranks x data.num_workers shards: rerun with --no-resume --samples-per-shard "
+         f"{smaller} for {math.ceil(rows / smaller)} shards")
 
 
 def _check_options(out_dir, max_image_mb: float, resize_mode: str, distributor: str) -> None:
@@ -231,6 +249,7 @@ def download_shards(
             distributor=distributor,
         )
     manifest, to_retry = _index_download(out, url_list)
+    _warn_if_few_shards(out, manifest["total_shards"], len(frame), number_sample_per_shard)
     return {
         "url_list": str(url_list),
         "shards": str(out),

@@ -20,7 +20,7 @@ from tokenizers import (
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from vlp.pipeline.data.errors import BadData, UserError
+from vlp.pipeline.data.errors import BadData, UserError, warn
 from vlp.pipeline.data.tar import SkipCounter, iter_shard, list_shards
 from vlp.pipeline.data.tokenizer import SPECIAL_TOKENS
 from vlp.pipeline.data.transforms import decode_caption
@@ -55,7 +55,15 @@ def iter_vqa_questions(questions_json) -> Iterator[str]:
 def train_tokenizer(texts: Iterable[str], out_dir, vocab_size: int) -> Path:
     """Train WordPiece on `texts`; save tokenizer.json and the transformers config files in
     `out_dir`; return the tokenizer.json path. [PAD] is id 0, then [UNK] [CLS] [SEP] [MASK].
+    A vocabulary under half the size asked for is warned about: the texts held no more.
     """
+    read = Counter()
+
+    def counted(texts):
+        for text in texts:
+            read["texts"] += 1
+            yield text
+
     tokenizer = Tokenizer(models.WordPiece(unk_token=SPECIAL_TOKENS["unk_token"]))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -63,9 +71,14 @@ def train_tokenizer(texts: Iterable[str], out_dir, vocab_size: int) -> Path:
     trainer = trainers.WordPieceTrainer(
         vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()), show_progress=False
     )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.train_from_iterator(counted(texts), trainer=trainer)
     if tokenizer.get_vocab_size() <= len(SPECIAL_TOKENS):
         raise UserError("no text to train the tokenizer on")
+    if tokenizer.get_vocab_size() < vocab_size / 2:
+        warn(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, not the {vocab_size} "
+             f"asked for: its {read['texts']} training texts hold no more distinct words "
+             "and word pieces (a small corpus, or one of few distinct words); words it never saw "
+             "become [UNK]")
     cls, sep = SPECIAL_TOKENS["cls_token"], SPECIAL_TOKENS["sep_token"]
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{cls} $A {sep}",

@@ -7,10 +7,8 @@
 #   ..."), so a slow night never overlaps the next. Results: OUTDIR/results.parquet, report.html,
 #   tensorboard/.
 #
-# crontab line (every night at 02:30; cron has a minimal PATH, so name the python; one line):
-#   30 2 * * * PYTHON=/opt/venv/bin/python /path/to/vlp/launch_scripts/nightly_eval.sh
-#              --runs /data/runs --suite /data/runs/eval_suite.yaml --out /data/runs/nightly
-#              >> /data/runs/nightly/cron.log 2>&1
+# crontab line (every night at 02:30; cron has a minimal PATH, so name the python):
+# 30 2 * * * PYTHON=/opt/venv/bin/python /path/to/nightly_eval.sh --runs /data/runs --suite /data/runs/eval_suite.yaml --out /data/runs/nightly >> /data/runs/nightly/cron.log 2>&1
 set -euo pipefail
 echo "$(date -u '+%F %T') nightly eval: $*"
 exec "${PYTHON:-python3}" -m vlp.pipeline.cli eval nightly "$@"

@@ -4,6 +4,7 @@ Commands come from the README's ```bash blocks and the `vlp ...` cells of its ta
 maps each one, exactly as shown, to the form run here (tiny sizes and steps, local paths), or to
 Skip with the reason it cannot run here. A README command missing from the table fails the test,
 so the README cannot drift from what works. The nightly suite is the README's ```yaml block.
+The "Your own data, small" walkthrough runs in tests/test_readme_own_data.py.
 """
 from __future__ import annotations
 
@@ -24,7 +25,17 @@ from vlp.pipeline.distributed import free_port
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-README = (REPO / "README.md").read_text()
+OWN_DATA = "## Your own data, small"  # its commands run in tests/test_readme_own_data.py
+
+
+def readme_section(text: str, heading: str) -> tuple[str, str]:
+    """(the section under `heading`, up to the next '## ' heading; the text without it)."""
+    start = text.index(heading + "\n")
+    end = text.find("\n## ", start) + 1 or len(text)
+    return text[start:end], text[:start] + text[end:]
+
+
+OWN_DATA_SECTION, README = readme_section((REPO / "README.md").read_text(), OWN_DATA)
 
 
 @dataclass(frozen=True)
@@ -34,8 +45,9 @@ class Skip:
 
 @dataclass(frozen=True)
 class Background:
-    """A server: started, waited for, and stopped when the test ends."""
+    """A server: started, waited for (until it serves `ready`), and stopped when the test ends."""
     command: str
+    ready: str = "/world.json"
 
 
 SHARDS = ("data.shards='shards/{00000..00003}.tar' data.tokenizer=tokenizer "
@@ -99,6 +111,7 @@ SHORTENED = {
     "vlp eval nightly --runs runs --suite eval_suite.yaml":
         "vlp eval nightly --runs runs --suite eval_suite.yaml",
     "vlp bench loader --quick": "vlp bench loader --quick",
+    "vlp scripts copy jobs": "vlp scripts copy jobs",
     "RECIPE=base_pretrain.yaml bash launch_scripts/train_local.sh run_dir=/shared/runs/base "
     "data.shards='/data/shards/{00000..41407}.tar'":
         "DRY_RUN=1 RECIPE=base_pretrain.yaml bash {repo}/launch_scripts/train_local.sh "
@@ -169,41 +182,55 @@ def wait_until_served(url: str, server: subprocess.Popen) -> None:
     raise AssertionError(f"{url} was not served within 60 s")
 
 
-def test_every_readme_command_runs_on_a_small_world(tmp_path):
-    bin_dir = tmp_path / "bin"  # `vlp` as this interpreter runs it
+def vlp_env(tmp_path: Path) -> dict[str, str]:
+    """The environment README commands run in: `vlp` as this interpreter runs it, on PATH."""
+    bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "vlp").write_text(f'#!/bin/sh\nexec {sys.executable} -m vlp.pipeline.cli "$@"\n')
     (bin_dir / "vlp").chmod(0o755)
-    work = tmp_path / "work"
-    work.mkdir()
-    (work / "eval_suite.yaml").write_text(suite_yaml(README))
-    (work / "hostfile").write_text("localhost slots=2\n")
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
-           "PYTHON": sys.executable}
-    port = free_port()
-    servers = []
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+            "PYTHON": sys.executable}
+
+
+def run_readme_commands(shown: list[str], shortened: dict, work: Path, env: dict[str, str],
+                        port: int, log_dir: Path) -> dict[str, str]:
+    """Run each README command, or its form in `shortened`, in `work`, in order, each to exit
+    status 0; servers stay up until the last command is done. Returns the output of each."""
+    servers, outputs = [], {}
     try:
-        for shown in readme_commands(README):
-            step = SHORTENED[shown]
+        for command_shown in shown:
+            step = shortened.get(command_shown, command_shown)
             if isinstance(step, Skip):
                 continue
             command = (step.command if isinstance(step, Background) else step)
             command = command.replace("{repo}", str(REPO)).replace("{port}", str(port))
-            log = tmp_path / f"step{len(list(tmp_path.glob('step*')))}.log"
+            log = log_dir / f"step{len(list(log_dir.glob('step*')))}.log"
             if isinstance(step, Background):
                 servers.append(subprocess.Popen(command, shell=True, cwd=work, env=env,
                                                 stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                                 start_new_session=True))
-                wait_until_served(f"http://127.0.0.1:{port}/world.json", servers[-1])
+                wait_until_served(f"http://127.0.0.1:{port}{step.ready}", servers[-1])
                 continue
             started = time.perf_counter()
             done = subprocess.run(["bash", "-c", command], cwd=work, env=env, timeout=300,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             print(f"{time.perf_counter() - started:6.1f} s  {command[:90]}")
-            assert done.returncode == 0, f"README: {shown}\nran: {command}\n{done.stdout[-3000:]}"
+            assert done.returncode == 0, (f"README: {command_shown}\nran: {command}\n"
+                                          f"{done.stdout[-3000:]}")
+            outputs[command_shown] = done.stdout
     finally:
         for server in servers:
             os.killpg(server.pid, 15)
             server.wait(timeout=30)
+    return outputs
+
+
+def test_every_readme_command_runs_on_a_small_world(tmp_path):
+    env = vlp_env(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "eval_suite.yaml").write_text(suite_yaml(README))
+    (work / "hostfile").write_text("localhost slots=2\n")
+    run_readme_commands(readme_commands(README), SHORTENED, work, env, free_port(), tmp_path)
     assert (work / "export/tiny/model.safetensors").is_file()
     assert (work / "runs/nightly/results.parquet").is_file()

@@ -139,6 +139,32 @@ def test_a_download_during_an_outage_fails_and_the_rerun_fetches_everything(worl
     assert not (tmp_path / "s3:").exists() and not Path("s3:").exists()
 
 
+def test_a_small_download_warns_of_a_shard_that_got_nothing_and_of_too_few_shards(
+        world_dir, tmp_path, capsys, vlp_data):
+    """img2dataset cuts the rows into shards of --samples-per-shard, the last one shorter, so no
+    shard is planned empty; one whose images all fail is deleted (to be fetched again), and the
+    default 1,000 per shard leaves a small list in fewer shards than ranks x workers."""
+    rows = pd.read_parquet(world_dir / "train/url_list.parquet")[:8]
+    base = json.loads((world_dir / "world.json").read_text())["base_url"]
+    gone = pd.DataFrame({"url": [f"{base}/no/such/{i}.jpg" for i in range(2)],
+                         "caption": ["a lost picture"] * 2})
+    url_list, out = tmp_path / "urls.parquet", tmp_path / "shards"
+    pd.concat([rows, gone]).to_parquet(url_list)
+    with serve_world(world_dir):
+        assert vlp_data("download", "--url-list", url_list, "--out", out, "--image-size", "32",
+                        "--samples-per-shard", "4", "--allow-private-hosts") == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines()
+                if line.startswith("warning:")]
+    assert warnings == [
+        "warning: 1 shard(s) got no image (00002.tar: {'http 404': 2}) and were deleted, so the "
+        f"shard numbers in {out} have a gap: rerun this command to fetch them again before "
+        "training on the whole range",
+        f"warning: {out} holds 2 shard(s) of up to 4 samples; training on them needs at least "
+        "ranks x data.num_workers shards: rerun with --no-resume --samples-per-shard 1 for 10 "
+        "shards"]
+    assert [s["samples"] for s in load_manifest(out)["shards"]] == [4, 4]
+
+
 def test_a_url_list_without_the_caption_column_is_a_clear_error(tmp_path, capsys, vlp_data):
     url_list = tmp_path / "urls.parquet"
     pd.DataFrame({"url": ["http://example.com/a.jpg"], "TEXT": ["a cat"]}).to_parquet(url_list)

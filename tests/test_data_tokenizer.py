@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerFast
 
 from vlp.data_prep.tokenizer import iter_shard_captions, train_tokenizer
 from vlp.pipeline.data.errors import UserError
-from vlp.pipeline.data.tokenizer import load_tokenizer
+from vlp.pipeline.data.tokenizer import load_tokenizer, unknown_token_words
 
 
 def test_tokenizer_loads_with_transformers_and_wraps_text_in_cls_sep(tokenizer_dir):
@@ -85,3 +85,26 @@ def test_tokenizer_command(world_dir, shard_dir, tmp_path, capsys, vlp_data):
     )  # fmt: skip
     assert "captions: 160" in capsys.readouterr().out
     assert load_tokenizer(tmp_path).tokenize("what colour is the diamond?")[-1] == "?"
+
+
+def test_a_vocabulary_much_smaller_than_asked_for_is_one_warning(tmp_path, capsys):
+    texts = ["a red square", "a blue circle above a red square"] * 10
+    train_tokenizer(texts, tmp_path / "asked_8000", 8000)
+    size = len(load_tokenizer(tmp_path / "asked_8000"))
+    assert capsys.readouterr().err == (
+        f"warning: the tokenizer has {size} tokens, not the 8000 asked for: its 20 training "
+        "texts hold no more distinct words and word pieces (a small corpus, or one of few "
+        "distinct words); words it never saw become [UNK]\n")
+    train_tokenizer(texts, tmp_path / "asked_what_it_holds", size)
+    assert len(load_tokenizer(tmp_path / "asked_what_it_holds")) == size
+    assert capsys.readouterr().err == ""
+
+
+def test_unknown_token_words_names_what_becomes_unk(tmp_path):
+    """Trained on words without p, h, o, t, f, z: a zero-shot prompt loses all but its article."""
+    train_tokenizer(["a red square", "a blue circle"], tmp_path, 100)
+    tokenizer = load_tokenizer(tmp_path)
+    prompts = ["a photo of a zebra.", "A RED square", "a photo of a circle."]
+    assert unknown_token_words(tokenizer, prompts) == ["photo", "of", "zebra", "."]
+    assert tokenizer.tokenize(prompts[0]) == ["a"] + ["[UNK]"] * 2 + ["a"] + ["[UNK]"] * 2
+    assert unknown_token_words(tokenizer, ["a blue square", ""]) == []

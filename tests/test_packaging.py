@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -31,15 +32,32 @@ def test_setup_cfg_lists_every_package_of_the_tree():
     assert listed == on_disk
 
 
-@pytest.mark.slow
-def test_a_plain_install_works_from_any_directory(tmp_path):
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The project built as a wheel (a few seconds), without a warning."""
+    out = tmp_path_factory.mktemp("wheel")
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
-                            "--no-build-isolation", str(REPO), "-w", str(tmp_path / "wheel")],
+                            "--no-build-isolation", str(REPO), "-w", str(out)],
                            capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
     assert "warning" not in (build.stdout + build.stderr).lower(), build.stdout + build.stderr
-    (wheel,) = (tmp_path / "wheel").glob("vlp-*.whl")
+    (built,) = out.glob("vlp-*.whl")
+    return built
 
+
+@pytest.mark.slow
+def test_the_wheel_ships_every_launch_script_executable(wheel):
+    scripts = sorted(p.name for p in (REPO / "launch_scripts").iterdir()
+                     if p.suffix in (".sh", ".sbatch"))
+    with zipfile.ZipFile(wheel) as archive:
+        modes = {Path(info.filename).name: info.external_attr >> 16 for info in archive.infolist()
+                 if info.filename.startswith("vlp/launch_scripts/")}
+    assert sorted(name for name in modes if name != "__init__.py") == scripts
+    assert [name for name in scripts if not modes[name] & 0o111] == []
+
+
+@pytest.mark.slow
+def test_a_plain_install_works_from_any_directory(tmp_path, wheel):
     env_dir = tmp_path / "venv"  # the dependencies come from this interpreter's site-packages
     venv.create(env_dir, system_site_packages=True, with_pip=False)
     python = env_dir / "bin" / "python"
@@ -69,3 +87,8 @@ def test_a_plain_install_works_from_any_directory(tmp_path):
     module_file, ds_config = where.stdout.split()
     assert module_file.startswith(str(env_dir)) and Path(ds_config).is_file()
     assert str(env_dir) in ds_config  # shipped as package data, not read from the checkout
+    assert "train_slurm.sbatch" in vlp("scripts", "list").stdout
+    vlp("scripts", "copy", "jobs", "train_multinode.sh")
+    copied = elsewhere / "jobs/train_multinode.sh"
+    assert copied.read_text() == (REPO / "launch_scripts/train_multinode.sh").read_text()
+    assert os.access(copied, os.X_OK)

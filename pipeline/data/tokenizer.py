@@ -95,3 +95,19 @@ def masking_spec(tokenizer, probability: float) -> MaskingSpec:
     return MaskingSpec(mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
                        special_ids=tuple(sorted(set(tokenizer.all_special_ids))),
                        probability=probability)
+
+
+def unknown_token_words(tokenizer, texts: list[str]) -> list[str]:
+    """The words (and punctuation) of `texts` that `tokenizer` maps to its unknown token, each
+    once, in order of appearance. WordPiece turns a word it cannot build from its pieces (one
+    with a character its training texts never held, say) into a single [UNK], so a class name
+    in a prompt can vanish without an error."""
+    if tokenizer.unk_token_id is None:
+        return []
+    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    unknown = {}  # an ordered set
+    for text, encoding in zip(texts, encodings):
+        for token_id, (start, end) in zip(encoding.ids, encoding.offsets):
+            if token_id == tokenizer.unk_token_id:
+                unknown.setdefault(text[start:end], None)
+    return list(unknown)

@@ -182,7 +182,8 @@ class LoggingSection:
     every_steps: int = 10
     """Reduce and log the metrics every this many steps (the only steps that read the device)."""
     peak_tflops: float | None = None
-    """Peak TFLOP/s per device for MFU (e.g. 989 for an H100 in dense bf16); None: measured."""
+    """Peak TFLOP/s per device for MFU (e.g. 989 for an H100 SXM in dense bf16); None: the GPU's
+    datasheet figure (pipeline/train/peak_flops.py), measured where the table has none."""
     progress_bar: bool = True
     """A tqdm bar on rank 0 when attached to a terminal."""
     status_every_steps: int = 50

@@ -5,11 +5,12 @@ MFU (one definition, used by training and by `vlp bench train`):
     MFU = model FLOPs per sample x samples/s / (peak FLOP/s per device x devices)
 
 Model FLOPs come from `vlp.models.flops.flops_per_sample` (matmuls only, forward + backward =
-3 x forward). The peak is `logging.peak_tflops` when given (a datasheet figure, e.g. 989 for an
-H100 SXM in dense bf16), else measured at start-up by `measure_peak_flops`: the median of a dense
-square matmul in the training dtype, 8192^3 timed with CUDA events on a GPU, 2048^3 with the
-wall clock on a CPU rank (using that rank's threads). Ranks on one machine measure at the same
-time, each on its own cores, and the peaks are summed over ranks.
+3 x forward). The peak is `logging.peak_tflops` when given, else the GPU's dense datasheet
+figure for half-precision training (peak_flops.py: 989 for an H100 SXM in bf16, 312 for an A100),
+else measured at start-up by `measure_peak_flops`: the median of a dense square matmul in the
+training dtype, 8192^3 timed with CUDA events on a GPU, 2048^3 with the wall clock on a CPU rank
+(using that rank's threads). Ranks on one machine measure at the same time, each on its own
+cores, and the peaks are summed over ranks. The run's log says which peak it uses.
 """
 from __future__ import annotations
 

@@ -40,6 +40,7 @@ from vlp.pipeline.train.config import TrainConfig, load_train_config, read_ds_co
 from vlp.pipeline.train.faults import FaultInjector
 from vlp.pipeline.train.metrics import MetricsLogger, MetricsMeter, measure_peak_flops
 from vlp.pipeline.train.optim import build_optimizer, build_scheduler
+from vlp.pipeline.train.peak_flops import Peak, known_peak
 from vlp.pipeline.train.rng import get_rng_state, set_rng_state
 from vlp.pipeline.train.status import Progress
 from vlp.pipeline.train.step import TrainStep
@@ -297,12 +298,20 @@ class Trainer:
         return sorted({problem for problems in gathered for problem in problems})
 
     def _peak_flops(self, dtype: torch.dtype) -> float:
-        """Peak FLOP/s of the whole job: configured per device, or measured on every rank."""
-        if self.cfg.logging.peak_tflops:
-            return self.cfg.logging.peak_tflops * 1e12 * self.world
-        measured = torch.tensor(measure_peak_flops(dtype, self.device), device=self.device)
-        dist.all_reduce(measured)  # on the device: NCCL has no CPU backend
-        return measured.item()
+        """Peak FLOP/s of the whole job: configured or from the datasheet per device
+        (peak_flops.py), else measured on every rank; rank 0 says which."""
+        peak = known_peak(self.cfg.logging.peak_tflops, self.device, dtype)
+        if peak is not None:
+            total = peak.tflops * 1e12 * self.world
+        else:
+            measured = torch.tensor(measure_peak_flops(dtype, self.device), device=self.device)
+            dist.all_reduce(measured)  # on the device: NCCL has no CPU backend
+            total = measured.item()
+            peak = Peak(total / self.world / 1e12, "measured: a dense matmul in the training "
+                                                   f"dtype, mean of {self.world} rank(s)")
+        if self.is_main:
+            print(f"MFU peak: {peak.tflops:.3g} TFLOP/s per device ({peak.source})", flush=True)
+        return total
 
     def _resume(self, tag_dir: Path, universal: bool) -> None:
         if universal:
