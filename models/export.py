@@ -1,22 +1,44 @@
-"""Export format: config.json + model.safetensors (+ tokenizer.json), loadable without DeepSpeed."""
+"""Export format: config.json + model.safetensors (+ tokenizer.json), loadable without DeepSpeed,
+plus a model card (README.md) and, for float weights, the files that let `transformers` and
+open_clip load the dual encoder (models/interop.py)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
+from .interop import (
+    HF_CONFIG,
+    OPEN_CLIP_CONFIG_FILE,
+    OPEN_CLIP_DIR,
+    OPEN_CLIP_WEIGHTS_FILE,
+    REMOTE_CODE_DIR,
+    REMOTE_CODE_FILES,
+    TOKENIZER_CONFIG_FILE,
+    open_clip_config,
+    open_clip_state_dict,
+    tokenizer_config,
+)
 from .model import LossWeights, UnifiedModel
+from .model_card import CARD_FILE, model_card
 from .quantize import apply_quantization_record, quantization_record
 from .sparsity import pruning_record, set_pruning_record
 
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
+# Everything save_pretrained may write: what an earlier export left there and this one does not
+# write (the interop files of a float export replaced by an int8 one) is removed.
+EXPORT_NAMES = {CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, CARD_FILE,
+                OPEN_CLIP_DIR, *REMOTE_CODE_FILES}
+FILE_MODE, DIR_MODE = 0o644, 0o755  # readable by the group and others, whatever the umask
 
 
 class WeightsMismatch(ValueError):
@@ -24,16 +46,95 @@ class WeightsMismatch(ValueError):
 
 
 def save_pretrained(
-    model: UnifiedModel, out_dir: str | Path, tokenizer_path: str | Path | None = None
+    model: UnifiedModel, out_dir: str | Path, tokenizer_path: str | Path | None = None,
+    special_tokens: dict[str, str] | None = None, provenance: dict | None = None,
+    evaluation: dict[str, dict[str, float]] | None = None,
 ) -> Path:
-    """Write `model` (full weights, not a ZeRO-3 partition) to `out_dir`; returns the directory."""
+    """Write `model` (full weights, not a ZeRO-3 partition) to `out_dir`; returns the directory.
+
+    `special_tokens` ({"pad_token": "[PAD]", ...}) adds tokenizer_config.json; `provenance`
+    (source, step, data; kept in config.json) and `evaluation` ({benchmark: {metric: value}})
+    go into the model card. The files are written into a staging folder inside `out_dir`, then
+    moved into place one by one (os.replace), readable by all whatever the umask (_publish)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(json.dumps(config_meta(model), indent=2) + "\n")
-    save_model(model, str(out / WEIGHTS_FILE))  # stores the tied MLM decoder weight once
-    if tokenizer_path is not None:
-        shutil.copyfile(tokenizer_path, out / TOKENIZER_FILE)
+    staging = Path(tempfile.mkdtemp(prefix=".staging.", dir=out))
+    try:
+        meta = config_meta(model) | ({"provenance": provenance} if provenance else {})
+        if quantization_record(model) is None:  # int8 weights load through vlp only
+            meta |= HF_CONFIG
+            _write_interop(model, staging, tokenizer_path, special_tokens)
+        _write_own_files(model, meta, staging, tokenizer_path, special_tokens)
+        files = sorted(path.name for path in staging.iterdir())
+        (staging / CARD_FILE).write_text(model_card(meta, files, evaluation))
+        _publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _write_own_files(model: UnifiedModel, meta: dict, folder: Path,
+                     tokenizer_path: str | Path | None,
+                     special_tokens: dict[str, str] | None) -> None:
+    """config.json, model.safetensors and the tokenizer files."""
+    (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    save_file(_unique_tensors(model), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    _write_tokenizer(folder, tokenizer_path, special_tokens, model.config.max_text_len)
+
+
+def _write_tokenizer(folder: Path, tokenizer_path: str | Path | None,
+                     special_tokens: dict[str, str] | None, max_text_len: int) -> None:
+    if tokenizer_path is None:
+        return
+    shutil.copyfile(tokenizer_path, folder / TOKENIZER_FILE)
+    if special_tokens:
+        (folder / TOKENIZER_CONFIG_FILE).write_text(
+            json.dumps(tokenizer_config(special_tokens, max_text_len), indent=2) + "\n")
+
+
+def _write_interop(model: UnifiedModel, folder: Path, tokenizer_path: str | Path | None,
+                   special_tokens: dict[str, str] | None) -> None:
+    """transformers' remote code beside the export's files, and the open_clip folder."""
+    for name in REMOTE_CODE_FILES:
+        shutil.copyfile(REMOTE_CODE_DIR / name, folder / name)
+    open_clip = folder / OPEN_CLIP_DIR
+    open_clip.mkdir()
+    (open_clip / OPEN_CLIP_CONFIG_FILE).write_text(
+        json.dumps(open_clip_config(model.config), indent=2) + "\n")
+    save_file(open_clip_state_dict(model), str(open_clip / OPEN_CLIP_WEIGHTS_FILE),
+              metadata={"format": "pt"})
+    _write_tokenizer(open_clip, tokenizer_path, special_tokens, model.config.max_text_len)
+
+
+def _unique_tensors(model: UnifiedModel) -> dict[str, torch.Tensor]:
+    """The state dict with a tied weight once, under its first name (the token embedding's, which
+    the transformers dual encoder reads; vlp's loader accepts either)."""
+    groups = _tie_groups(model.state_dict(keep_vars=True))
+    return {name: tensor.contiguous() for name, tensor in model.state_dict().items()
+            if groups[name][0] == name}
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move the staged files into `out`, readable by all (FILE_MODE, DIR_MODE), config.json last
+    (a reader that finds the new config finds the new weights); remove the EXPORT_NAMES that an
+    earlier export left and this one did not write."""
+    for path in staging.rglob("*"):
+        path.chmod(DIR_MODE if path.is_dir() else FILE_MODE)
+    out.chmod(DIR_MODE)
+    staged = sorted((path.name for path in staging.iterdir()), key=lambda name: name == CONFIG_FILE)
+    for name in EXPORT_NAMES - set(staged):
+        _remove(out / name)
+    for name in staged:
+        if (out / name).is_dir():  # os.replace cannot replace a folder that has files
+            _remove(out / name)
+        os.replace(staging / name, out / name)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def config_meta(model: UnifiedModel) -> dict:
@@ -60,6 +161,8 @@ def model_from_meta(meta: dict) -> UnifiedModel:
         raise ValueError(f"vqa_num_answers must be a positive integer or null, got "
                          f"{num_answers!r:.40}")
     fusion = values.pop("vqa_fusion", "fused")
+    for key in [*HF_CONFIG, "provenance"]:  # read by transformers and the model card
+        values.pop(key, None)
     quantization, pruning = values.pop("quantization", None), values.pop("pruning", None)
     # Files written before the weights were recorded: the defaults, which have no LM.
     weights = values.pop("loss_weights", {})

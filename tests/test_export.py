@@ -1,5 +1,7 @@
 """Export round trip (bitwise) and the checked loader's error messages."""
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -31,8 +33,9 @@ def test_round_trip_is_exact(tmp_path):
     tokenizer = tmp_path / "tok.json"
     tokenizer.write_text('{"model": {"type": "WordPiece"}}')
     out = save_pretrained(model, tmp_path / "export", tokenizer_path=tokenizer)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors",
-                                                     "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "config.json", "configuration_vlp.py", "model.safetensors",
+        "modeling_vlp.py", "open_clip", "tokenizer.json"]
     meta = json.loads((out / "config.json").read_text())
     assert meta["format_version"] == 1 and meta["vqa_num_answers"] == 4 and meta["width"] == 32
     assert (out / "tokenizer.json").read_text() == tokenizer.read_text()
@@ -111,3 +114,33 @@ def test_the_loss_weights_travel_with_the_weights(tmp_path):
     (out / CONFIG_FILE).write_text(json.dumps({**meta, "loss_weights": {"lm": 1, "cap": 1}}))
     with pytest.raises(ValueError, match=r"unknown loss_weights key\(s\) \['cap'\]"):
         from_pretrained(out)
+
+
+def test_export_files_are_readable_by_the_group_whatever_the_umask(tmp_path):
+    previous = os.umask(0o077)
+    try:
+        out = save_pretrained(trained_model(), tmp_path / "export")
+    finally:
+        os.umask(previous)
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode)
+             for p in [out, *out.rglob("*")]}
+    assert modes["export"] == modes["export/open_clip"] == 0o755
+    assert {mode for name, mode in modes.items() if not name.endswith(("export", "open_clip"))} \
+        == {0o644}
+    assert "export/README.md" in modes
+
+
+def test_an_int8_export_over_a_float_one_leaves_no_interop_files_of_the_old_weights(tmp_path):
+    """transformers and open_clip read float weights only; files the float export wrote for them
+    would describe weights that are gone."""
+    from vlp.models.quantize import quantize_layers
+
+    out = save_pretrained(trained_model(), tmp_path / "export")
+    (out / "notes.txt").write_text("kept")
+    model = trained_model()
+    quantize_layers(model, {"image_proj": "dynamic"})
+    save_pretrained(model, out)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json",
+                                                     "model.safetensors", "notes.txt"]
+    assert "auto_map" not in json.loads((out / CONFIG_FILE).read_text())
+    assert from_pretrained(out).image_proj.weight.dtype == torch.int8

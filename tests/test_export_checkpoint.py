@@ -40,8 +40,9 @@ def test_export_equals_gathered_engine_weights(tmp_path, shard_dir, tokenizer_di
 
     out = tmp_path / "export"
     assert vlp(["export", "--checkpoint", str(run_dir / "checkpoints"), "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors",
-                                                     "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "config.json", "configuration_vlp.py", "model.safetensors",
+        "modeling_vlp.py", "open_clip", "tokenizer.json", "tokenizer_config.json"]
     exported = from_pretrained(out).state_dict()
     gathered = load_file(gathered_path)
     assert set(gathered) <= set(exported)

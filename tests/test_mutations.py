@@ -59,6 +59,15 @@ MUTATIONS = [
              "logits.float(), targets.float(), reduction",
              "logits.float(), 1 - targets.float(), reduction",
              ("tests/test_losses.py::test_vqa_loss_is_bce_summed_over_answers",)),
+    Mutation("pretrained q, k, v fused in another order", "models/hf_init.py",
+             'for n in ("query", "key", "value")', 'for n in ("key", "query", "value")',
+             ("tests/test_hf_interop.py::test_a_vit_initialised_image_tower_computes_what_the_"
+              "vit_computes",)),
+    Mutation("the transformers export runs images through the text expert",
+             "models/hf_remote/modeling_vlp.py", "(self.ffn_v if image else self.ffn_l)",
+             "(self.ffn_l if image else self.ffn_v)",
+             ("tests/test_hf_interop.py::test_transformers_automodel_loads_the_export_and_gives_"
+              "vlps_embeddings",)),
 ]
 
 

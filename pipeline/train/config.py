@@ -68,10 +68,21 @@ class ModelSection:
     takes) with this run's model config; fresh optimizer, schedule and data order. Ignored when
     the run resumes from its own checkpoint, except that the zeros of a pruned source (`vlp
     deploy prune`) stay zero for the whole run."""
+    init_text_from: str | None = None
+    """Start the text side (token and position embeddings, L-FFN and VL-FFN, MLM head; also the
+    shared attention without init_image_from) from a local Hugging Face BERT folder (written by
+    save_pretrained); train with its tokenizer (data.tokenizer=that folder). docs/interop.md has
+    the mapping. Ignored when the run resumes."""
+    init_image_from: str | None = None
+    """Start the image side (patch embedding, CLS, positions, shared attention and its norms,
+    V-FFN, final norm) from a local Hugging Face ViT folder. Ignored when the run resumes."""
 
     def __post_init__(self):
         weights = (self.itc_weight, self.itm_weight, self.mlm_weight, self.lm_weight)
         _check("model", [
+            (not (self.init_from and (self.init_text_from or self.init_image_from)),
+             "init_from sets every weight: unset init_text_from and init_image_from, or "
+             "init_from"),
             (_finite(*weights) and min(weights) >= 0 and max(weights) > 0,
              f"*_weight must be >= 0, finite and not all 0, got {weights}"),
             (0 <= self.itm_uniform_negatives <= 1,

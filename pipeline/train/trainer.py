@@ -258,11 +258,7 @@ class Trainer:
                   f"(sparsity {1 - kept / total:.3f})", flush=True)
 
     def _warm_start(self, model: torch.nn.Module, source) -> None:
-        """Copy the weights of a loaded checkpoint or export into `model` before DeepSpeed builds
-        its optimizer from them (ZeRO-3: each parameter gathered, written on rank 0,
-        re-partitioned)."""
-        import deepspeed
-
+        """Copy the weights of a loaded checkpoint or export into `model`."""
         path = source.info.path
         theirs, ours = source.info.config, model.config.to_dict()
         differing = sorted(k for k in ours if theirs.get(k) != ours[k])
@@ -270,17 +266,39 @@ class Trainer:
             raise UserError(f"model.init_from {path}: its model config differs from this run's in "
                             + ", ".join(f"{k} ({theirs.get(k)!r} vs {ours[k]!r})"
                                         for k in differing))
-        weights = source.model.state_dict()
-        params = dict(model.named_parameters())
+        self._copy_weights(model, source.model.state_dict())
+        if self.is_main:
+            print(f"warm start: weights of {source.info.path} (step {source.info.step}); "
+                  "optimizer, schedule and data order start fresh", flush=True)
+
+    def _init_towers(self, model: torch.nn.Module, resume_tag: Path | None) -> None:
+        """model.init_text_from / init_image_from on a fresh run: the towers start from local
+        Hugging Face checkpoints (vlp.models.hf_init); rank 0 prints what was not loaded."""
+        from vlp.models.hf_init import pretrained_weights
+
+        text, image = self.cfg.model.init_text_from, self.cfg.model.init_image_from
+        if resume_tag is not None or not (text or image):
+            return
+        try:
+            weights, report = pretrained_weights(model.config, text, image)
+        except (ValueError, OSError) as exc:
+            raise UserError(f"model.init_text_from / init_image_from: {exc}") from exc
+        self._copy_weights(model, weights)
+        if self.is_main:
+            print(report.summary(), flush=True)
+
+    def _copy_weights(self, model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        """Copy full tensors into the parameters they name before DeepSpeed builds its optimizer
+        from them (ZeRO-3: each parameter gathered, written on rank 0, re-partitioned)."""
+        import deepspeed
+
+        params = {name: p for name, p in model.named_parameters() if name in weights}
         partitioned = any(hasattr(p, "ds_id") for p in params.values())
         with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0,
                                                enabled=partitioned), torch.no_grad():
             if self.rank == 0 or not partitioned:
                 for name, param in params.items():
                     param.copy_(weights[name])
-        if self.is_main:
-            print(f"warm start: weights of {source.info.path} (step {source.info.step}); "
-                  "optimizer, schedule and data order start fresh", flush=True)
 
     def _clear_overwritten(self, ckpt_dir: Path) -> None:
         """A fresh start with checkpoint.overwrite deletes the run's old checkpoints first."""
@@ -443,7 +461,9 @@ def _tokenizer_json(path: str) -> str:
 
 
 def train(recipe: str | None, overrides: list[str]) -> int:
-    """Exit codes: 0 done, 2 invalid config/data/checkpoint (before any step), 3 non-finite loss."""
+    """Exit codes: 0 done, 2 invalid config/data/checkpoint (before any step), 3 non-finite loss.
+    Rank 0 prints the error line (`vlp train: error: ...`): every rank reads the same config,
+    data and checkpoint, and the loss is all-reduced, so the other ranks fail the same way."""
     try:
         trainer = Trainer(load_train_config(recipe, overrides))
     except UserError as exc:
