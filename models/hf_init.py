@@ -109,19 +109,32 @@ def _checked(rule: Rule, tensors: dict[str, torch.Tensor], shape: tuple[int, ...
     return value
 
 
+def check_sources(config: ModelConfig, text_from: str | Path | None = None,
+                  image_from: str | Path | None = None) -> None:
+    """The checks of the checkpoints' config.json files alone (no weights read): cheap enough
+    to run before a training run launches its ranks."""
+    for path, model_types in ((text_from, TEXT_MODEL_TYPES), (image_from, IMAGE_MODEL_TYPES)):
+        if path is not None:
+            _checked_config(Path(path), model_types, config)
+
+
 def _read_checkpoint(path: str | Path, model_types: tuple[str, ...],
                      config: ModelConfig) -> dict[str, torch.Tensor]:
     """The tensors of a `save_pretrained` folder, without the base-model prefix ("bert.",
     "vit."), after checking its config.json against the model's depth and heads."""
     folder = Path(path)
+    prefix = f"{_checked_config(folder, model_types, config)['model_type']}."
+    return {name.removeprefix(prefix): tensor for name, tensor in _read_weights(folder).items()}
+
+
+def _checked_config(folder: Path, model_types: tuple[str, ...], config: ModelConfig) -> dict:
     hf_config = _read_config(folder, model_types)
     for key, ours, name in (("num_hidden_layers", config.depth, "depth"),
                             ("num_attention_heads", config.heads, "heads")):
         if hf_config.get(key) != ours:
             raise HFInitError(f"{folder}: {key} is {hf_config.get(key)}, the model's "
                               f"{name} is {ours}")
-    prefix = f"{hf_config['model_type']}."
-    return {name.removeprefix(prefix): tensor for name, tensor in _read_weights(folder).items()}
+    return hf_config
 
 
 def _read_config(folder: Path, model_types: tuple[str, ...]) -> dict:

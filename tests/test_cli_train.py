@@ -51,6 +51,8 @@ def test_dry_run_validates_then_prints_the_launch_command(capsys, good, tmp_path
     (["--set", "model.overrides={image_size: 262144}"],
      "model: image_size must be at most 8192, got 262144"),  # passed, then failed on every rank
     (["--set", "model.init_from=/nonexistent/export"], "model.init_from: checkpoint not found"),
+    (["--set", "model.init_image_from=/nonexistent/vit"],
+     "model.init_text_from / init_image_from: /nonexistent/vit has no config.json"),
     (["--set", "ds_config=nope.json"], "ds_config nope.json: no such file"),
     (["--set", "checkpoint.resume=latest"], "checkpoint.resume=latest but"),
     pytest.param(["--nproc", 8], "5 shards cannot feed 8 ranks x 1 workers", marks=CPU_NODE),

@@ -117,6 +117,8 @@ def prepare_inputs(cfg: TrainConfig, rank: int, world: int,
         model_config = load_config(cfg.model.name, vocab_size=len(tokenizer), **cfg.model.overrides)
     except (TypeError, ValueError) as exc:
         raise UserError(f"model: {exc}") from exc
+    if resume_tag is None:
+        _check_tower_sources(cfg, model_config)
     loader = build_train_loader(
         cfg.data, tokenizer, batch_size=cfg.optim.batch_size, seed=cfg.seed,
         image_size=model_config.image_size, max_text_len=model_config.max_text_len,
@@ -126,6 +128,16 @@ def prepare_inputs(cfg: TrainConfig, rank: int, world: int,
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     return RunInputs(resume_tag, universal, tokenizer, tokenizer_json, model_config, loader,
                      ds_config)
+
+
+def _check_tower_sources(cfg: TrainConfig, model_config) -> None:
+    """model.init_text_from / init_image_from checked by their config.json, before launch."""
+    from vlp.models.hf_init import check_sources
+
+    try:
+        check_sources(model_config, cfg.model.init_text_from, cfg.model.init_image_from)
+    except (ValueError, OSError) as exc:
+        raise UserError(f"model.init_text_from / init_image_from: {exc}") from exc
 
 
 def check_run(recipe: str | None, overrides: list[str], world: int) -> TrainConfig:
