@@ -1,11 +1,13 @@
 """Captioning evaluation: the COCO metrics on oracle captions, the job end to end on the synthetic
 world (with the tiny untrained model and a few fine-tune steps), and its bad-input errors."""
+import contextlib
 import copy
+import io
 import json
 import shutil
 
 import pytest
-from test_eval_support import tiny_eval_model, train_world_tokenizer
+from test_eval_support import progress_lines, tiny_eval_model, train_world_tokenizer
 
 from vlp.pipeline.cli import main as vlp
 from vlp.pipeline.data.errors import UserError
@@ -44,9 +46,27 @@ def karpathy(world_dir):
 
 
 @pytest.fixture(scope="module")
-def caption_result(tiny, karpathy, tmp_path_factory):
-    out = tmp_path_factory.mktemp("caption") / "caption.json"
-    return evaluate_caption(tiny, CaptionConfig(**karpathy, **FAST), out=out), out
+def caption_run(tiny, karpathy, tmp_path_factory):
+    """(result, its file, what the job printed on stderr)."""
+    out, log = tmp_path_factory.mktemp("caption") / "caption.json", io.StringIO()
+    with contextlib.redirect_stderr(log):
+        result = evaluate_caption(tiny, CaptionConfig(**karpathy, **FAST), out=out)
+    return result, out, log.getvalue()
+
+
+@pytest.fixture(scope="module")
+def caption_result(caption_run):
+    return caption_run[:2]
+
+
+def test_each_long_step_of_the_job_shows_its_progress(caption_run):
+    log = caption_run[2]
+    assert progress_lines(log, "caption fine-tune") == ["caption fine-tune: 1/2 (50%)",
+                                                        "caption fine-tune: 2/2 (100%)"]
+    assert "\ncaption fine-tune: 2/2 (100%) | loss " in log
+    assert progress_lines(log, "caption decoding")[-1] == "caption decoding: 32/32 (100%)"
+    assert progress_lines(log, "caption retrieval baseline")[-1] == (
+        "caption retrieval baseline: 32/32 (100%)")
 
 
 def test_caption_job_end_to_end(caption_result, tiny, world_dir, capfd):

@@ -2,8 +2,11 @@
 (the report read as a reader sees it, captioning's generated captions in it too, the TensorBoard
 events read back as TensorBoard reads them); the `vlp eval` command line; the cron script's
 lock."""
+import contextlib
 import fcntl
+import io
 import json
+import re
 from html import escape as html_escape
 import shutil
 import subprocess
@@ -14,7 +17,12 @@ import pandas as pd
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
-from test_eval_support import tiny_eval_model, train_world_tokenizer, train_zero3_run
+from test_eval_support import (
+    progress_lines,
+    tiny_eval_model,
+    train_world_tokenizer,
+    train_zero3_run,
+)
 from faults.fault_helpers import bomb_png, jpeg
 from nightly_helpers import Page
 
@@ -79,9 +87,17 @@ def clone_tag(checkpoints, step, new_step):
 
 
 @pytest.fixture(scope="module")
-def first_night(runs, suite, tmp_path_factory):
-    out = tmp_path_factory.mktemp("nightly")
-    return run_nightly(runs, suite=suite, out_dir=out), out
+def first_night_run(runs, suite, tmp_path_factory):
+    """(summary, out folder, what the night printed on stderr)."""
+    out, log = tmp_path_factory.mktemp("nightly"), io.StringIO()
+    with contextlib.redirect_stderr(log):
+        summary = run_nightly(runs, suite=suite, out_dir=out)
+    return summary, out, log.getvalue()
+
+
+@pytest.fixture(scope="module")
+def first_night(first_night_run):
+    return first_night_run[:2]
 
 
 def test_first_night_evaluates_everything_and_records_the_corrupt_tag(first_night):
@@ -109,6 +125,21 @@ def test_first_night_evaluates_everything_and_records_the_corrupt_tag(first_nigh
     assert (failed["tag"] == "global_step3").all()
     assert failed["error"].str.contains("truncated").all()
     assert [f["tag"] for f in summary["failures"]] == ["global_step3"] * 4
+
+
+def test_the_night_reports_each_checkpoint_and_benchmark_as_it_goes(first_night_run):
+    log = re.sub(r"\d+(\.\d+)?(m\d+)?s\b", "T", first_night_run[2])  # durations vary
+    lines = [line for line in log.splitlines() if line.startswith("nightly: ")]
+    step1 = "nightly: checkpoint 1/4 tiny/global_step1"
+    assert lines[:4] == [f"{step1}: loading, 4 benchmark(s) to run",
+                         f"{step1}: synth_retrieval (1/4) started",
+                         f"{step1}: synth_retrieval (1/4) finished in T",
+                         f"{step1}: synth_vqa (2/4) started"]
+    assert re.fullmatch(r"nightly: 1/4 \(25%\) \| .+/.+ \| elapsed T \| ETA T", lines[9])
+    assert "nightly: checkpoint 3/4 tiny/global_step3: does not load:" in lines
+    assert lines[-1].startswith("nightly: 4/4 (100%) | ") and lines[-1].endswith("| ETA T")
+    # between them, the benchmarks' own progress lines
+    assert "vqa fine-tune: 2/2 (100%)" in log and "linear probe fits: 16/16 (100%)" in log
 
 
 def test_per_checkpoint_json_results_follow_the_design_layout(first_night, runs):
@@ -250,12 +281,19 @@ def test_cli_retrieval_and_vqa(runs, world_dir, tmp_path, capsys):
                 str(world_dir / "retrieval/dataset_synth.json"), "--image-root",
                 str(world_dir / "retrieval"), "--bf16", "--out", str(tmp_path / "r.json")])
     assert code == 0
-    printed = json.loads(capsys.readouterr().out)
-    assert printed == json.loads((tmp_path / "r.json").read_text())
+    out, err = capsys.readouterr()
+    assert json.loads(out) == json.loads((tmp_path / "r.json").read_text())
+    assert progress_lines(err, "encode images") == ["encode images: 32/32 (100%)"]
+    assert progress_lines(err, "encode texts") == ["encode texts: 160/160 (100%)"]
     code = vlp(["eval", "vqa", "--checkpoint", export, "--vqa-dir", str(world_dir / "vqa"),
-                "--steps", "1", "--min-answer-count", "3", "--out", str(tmp_path / "v.json")])
+                "--steps", "3", "--min-answer-count", "3", "--out", str(tmp_path / "v.json")])
     assert code == 0 and (tmp_path / "v.results.json").exists()
-    capsys.readouterr()
+    out, err = capsys.readouterr()
+    assert json.loads(out)["finetune"]["steps"] == 3  # stdout: the result alone
+    # a log (not a terminal) gets whole lines: the first step, then the last (< 30 s apart)
+    assert progress_lines(err, "vqa fine-tune") == ["vqa fine-tune: 1/3 (33%)",
+                                                    "vqa fine-tune: 3/3 (100%)"]
+    assert progress_lines(err, "vqa prediction") == ["vqa prediction: 64/64 (100%)"]
     code = vlp(["eval", "retrieval", "--checkpoint", export, "--karpathy-json",
                 str(tmp_path / "missing.json"), "--image-root", str(tmp_path)])
     err = capsys.readouterr().err

@@ -1,8 +1,10 @@
 """Helpers shared by the evaluation tests (no tests here): a tokenizer trained on the synthetic
-world's text and an untrained tiny model, as the evaluation jobs receive them."""
+world's text and an untrained tiny model, as the evaluation jobs receive them; the progress
+lines a job printed."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 TINY = {"depth": 2, "width": 64, "heads": 2, "fusion_layers": 1, "embed_dim": 32}
@@ -14,6 +16,16 @@ def world_texts(world: Path) -> list[str]:
     for questions in sorted((world / "vqa").glob("*_questions.json")):
         texts += [q["question"] for q in json.loads(questions.read_text())["questions"]]
     return texts
+
+
+def progress_lines(err: str, label: str) -> list[str]:
+    """The count of each progress line of `label` on stderr, checked to be whole lines with a
+    rate and an ETA."""
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith(f"{label}: ")]
+    assert all(re.search(r" \| [\d.]+ ?\S+/\S+ \| elapsed \S+ \| ETA \S+$", line)
+               for line in lines), lines
+    return [line.split(" | ")[0] for line in lines]
 
 
 def train_world_tokenizer(world: Path, out_dir: Path) -> Path:

@@ -9,8 +9,8 @@ called with a checkpoint and the job's typed config (configs.py):
     compositionality.job.evaluate_compositionality(checkpoint, CompositionalityConfig(...), ...)
     nightly.runner.run_nightly(runs_dir, suite=, out_dir=) -> summary dict
 
-Each job reads and checks its data before it loads a checkpoint path, and writes its result
-through results.write_result.
+Each job reads and checks its data before it loads a checkpoint path, writes its result through
+results.write_result, and shows each long step's progress on stderr (vlp.pipeline.progress).
 Shared by the jobs: images (image references and decoding) and encode (batched embeddings).
 openclip is an OpenCLIP-compatible view of a checkpoint, for CLIP_benchmark's own functions.
 Checkpoints are loaded with vlp.pipeline.data.model_loading.load_model.

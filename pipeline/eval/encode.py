@@ -1,7 +1,8 @@
 """Batched dual-encoder embeddings for retrieval, optionally bf16 and split across ranks.
 
 If torch.distributed is initialised, rank r encodes the r-th contiguous slice of the items and the
-slices are all-gathered, so every rank ends with the full (N, D) matrix in item order.
+slices are all-gathered, so every rank ends with the full (N, D) matrix in item order. Rank 0
+shows the progress of its own slice on stderr (vlp.pipeline.progress).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from vlp.pipeline.data.tar import SkipCounter
 from vlp.pipeline.data.tokenizer import tokenize
 from vlp.pipeline.distributed import fast_bf16
 from vlp.pipeline.eval.images import ImageRef, load_decodable_images, load_images
+from vlp.pipeline.progress import ProgressLine
 
 
 def model_device(model) -> torch.device:
@@ -36,15 +38,22 @@ def autocast(device: torch.device, bf16: bool):
 
 
 def distributed_map(
-    num_items: int, batch_size: int, encode: Callable[[range], torch.Tensor]
+    num_items: int, batch_size: int, encode: Callable[[range], torch.Tensor],
+    label: str = "encode", unit: str = "item",
 ) -> torch.Tensor:
-    """Concatenate `encode(batch_indices)` over all items; each rank encodes its own slice."""
+    """Concatenate `encode(batch_indices)` over all items; each rank encodes its own slice,
+    showing its progress as `label` counting `unit`s."""
     rank, world = 0, 1
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     per_rank = math.ceil(num_items / world)
     lo, hi = min(num_items, rank * per_rank), min(num_items, (rank + 1) * per_rank)
-    parts = [encode(range(i, min(i + batch_size, hi))) for i in range(lo, hi, batch_size)]
+    parts = []
+    with ProgressLine(label, hi - lo, unit) as progress:
+        for i in range(lo, hi, batch_size):
+            batch = range(i, min(i + batch_size, hi))
+            parts.append(encode(batch))
+            progress.update(len(batch))
     local = torch.cat(parts) if parts else torch.empty(0)
     if world == 1:
         return local
@@ -80,7 +89,7 @@ def encode_images(
             rows[decoded] = emb
             return rows
 
-        return distributed_map(len(images), batch_size, encode)
+        return distributed_map(len(images), batch_size, encode, "encode images", "image")
 
 
 @torch.inference_mode()
@@ -95,4 +104,4 @@ def encode_texts(
         with autocast(device, bf16):
             return model.encode_text(ids.to(device), mask.to(device)).float().cpu()
 
-    return distributed_map(len(texts), batch_size, encode)
+    return distributed_map(len(texts), batch_size, encode, "encode texts", "text")

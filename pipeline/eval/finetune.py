@@ -3,6 +3,7 @@
 Every checkpoint gets the same budget, so the results compare: AdamW at a constant learning rate
 for a fixed number of steps (or epochs), batches drawn from a fresh random permutation of the
 training examples each epoch, seeded. Batches of (image, text) pairs are decoded by a thread pool.
+Each step's count and loss go to the progress line on stderr (vlp.pipeline.progress).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from vlp.pipeline.data.tar import SkipCounter
 from vlp.pipeline.data.tokenizer import tokenize
 from vlp.pipeline.eval.encode import autocast, model_device
 from vlp.pipeline.eval.images import ImageRef, load_decodable_images, load_images
+from vlp.pipeline.progress import ProgressLine
 
 
 @dataclass(frozen=True)
@@ -44,13 +46,13 @@ class FinetuneConfig:
 
 def finetune(model: torch.nn.Module, examples: list[int], cfg: FinetuneConfig,
              batch_loss: Callable[[list[int]], torch.Tensor | None],
-             trainable: Callable[[str], bool]) -> dict:
+             trainable: Callable[[str], bool], label: str) -> dict:
     """Train the parameters whose names `trainable` accepts on batches of `examples` (indices).
 
     `batch_loss(indices)` returns the loss of one batch, or None when none of its examples could
     be used (the step is then spent without an update). The model is left in eval mode. Returns
     the step count, learning rate, batch size, first and final loss (mean of the last tenth) and
-    seconds.
+    seconds. `label` names the progress line.
     """
     for name, param in model.named_parameters():
         param.requires_grad_(trainable(name))
@@ -62,18 +64,20 @@ def finetune(model: torch.nn.Module, examples: list[int], cfg: FinetuneConfig,
     start = time.perf_counter()
     model.train()
     try:
-        for _ in range(num_steps):
-            if len(order) < cfg.batch_size:  # next epoch: a fresh permutation
-                order += [examples[i] for i in torch.randperm(len(examples), generator=generator)]
-            batch, order = order[: cfg.batch_size], order[cfg.batch_size :]
-            with autocast(device, cfg.bf16):
-                loss = batch_loss(batch)
-            if loss is None:
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+        with ProgressLine(label, num_steps, "step") as progress:
+            for _ in range(num_steps):
+                if len(order) < cfg.batch_size:  # next epoch: a fresh permutation
+                    order += [examples[i]
+                              for i in torch.randperm(len(examples), generator=generator)]
+                batch, order = order[: cfg.batch_size], order[cfg.batch_size :]
+                with autocast(device, cfg.bf16):
+                    loss = batch_loss(batch)
+                if loss is not None:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    losses.append(loss.item())
+                progress.update(1, f"loss {losses[-1]:.4f}" if losses else "")
     finally:
         model.eval()
     tail = losses[-max(1, len(losses) // 10):] or [math.nan]

@@ -21,22 +21,14 @@ import sys
 import time
 import warnings
 
+from vlp.pipeline.progress import done_of, format_duration, remaining_seconds
+
 DEEPSPEED_LOGGER = "DeepSpeed"
-
-
-def format_duration(seconds: float) -> str:
-    """1h02m, 9m12s, 45s."""
-    seconds = max(0, round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def status_line(step: int, max_steps: int, record: dict[str, float], eta_s: float | None) -> str:
     """One plain-text progress line from a logging record (metrics.MetricsMeter.collect)."""
-    parts = [f"step {step}/{max_steps} ({100 * step // max_steps}%)",
+    parts = [f"step {done_of(step, max_steps)}",
              f"loss {record['loss/total']:.4f}",
              f"lr {record['train/lr']:.2e}",
              f"{record['perf/samples_per_s']:.1f} samples/s",
@@ -80,10 +72,8 @@ class Progress:
 
     def _eta(self, step: int) -> float | None:
         """Remaining time at this run's average pace so far (checkpoint saves included)."""
-        done = step - self.start
-        if done <= 0:
-            return None
-        return (self.max_steps - step) * (time.perf_counter() - self.started_at) / done
+        return remaining_seconds(step - self.start, self.max_steps - step,
+                                 time.perf_counter() - self.started_at)
 
     def close(self) -> None:
         if self.bar is not None:

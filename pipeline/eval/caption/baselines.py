@@ -31,7 +31,8 @@ def retrieved_captions(model, tokenizer, images: list[KarpathyImage], train_capt
     text_emb = encode_texts(model, tokenizer, texts, model.config.max_text_len,
                             batch_size * 4, bf16).to(device)  # (N_text, D)
     nearest = {}
-    for chunk, pixels in image_batches(images, model.config.image_size, batch_size, []):
+    for chunk, pixels in image_batches(images, model.config.image_size, batch_size, [],
+                                       "caption retrieval baseline"):
         with autocast(device, bf16):
             image_emb = model.encode_image(pixels.to(device)).float()  # (B, D)
         best = (image_emb @ text_emb.T).argmax(dim=1).tolist()

@@ -17,6 +17,7 @@ from vlp.pipeline.eval.encode import autocast, model_device
 from vlp.pipeline.eval.finetune import FinetuneConfig, ImageTextBatches, finetune
 from vlp.pipeline.eval.images import ImageRef, load_decodable_images
 from vlp.pipeline.eval.karpathy import KarpathyImage
+from vlp.pipeline.progress import ProgressLine
 
 
 def finetune_captioning(model, tokenizer, pairs: list[tuple[ImageRef, str]],
@@ -33,15 +34,18 @@ def finetune_captioning(model, tokenizer, pairs: list[tuple[ImageRef, str]],
 
     with ImageTextBatches(tokenizer, model.config.max_text_len, model.config.image_size,
                           model_device(model), skip_undecodable=True) as batches:
-        stats = finetune(model, list(range(len(pairs))), cfg, batch_loss, lambda name: True)
+        stats = finetune(model, list(range(len(pairs))), cfg, batch_loss, lambda name: True,
+                         "caption fine-tune")
     return {**stats, "train_pairs": len(pairs), "skipped_images": batches.skipped}
 
 
 def image_batches(images: list[KarpathyImage], image_size: int, batch_size: int,
-                  skipped: list[KarpathyImage]) -> Iterator[tuple[list[KarpathyImage],
-                                                                  torch.Tensor]]:
-    """(images, uint8 pixels) batches of the images that decode; the others go to `skipped`."""
-    with ThreadPoolExecutor(max_workers=4) as pool:
+                  skipped: list[KarpathyImage], label: str
+                  ) -> Iterator[tuple[list[KarpathyImage], torch.Tensor]]:
+    """(images, uint8 pixels) batches of the images that decode; the others go to `skipped`.
+    A batch counts as done in the progress line `label` once the caller asks for the next."""
+    with (ThreadPoolExecutor(max_workers=4) as pool,
+          ProgressLine(label, len(images), "image") as progress):
         for lo in range(0, len(images), batch_size):
             chunk = images[lo : lo + batch_size]
             pixels, decoded = load_decodable_images([image.image for image in chunk],
@@ -49,6 +53,7 @@ def image_batches(images: list[KarpathyImage], image_size: int, batch_size: int,
             skipped.extend(image for image, ok in zip(chunk, decoded.tolist()) if not ok)
             if decoded.any():
                 yield [image for image, ok in zip(chunk, decoded.tolist()) if ok], pixels
+            progress.update(len(chunk))
 
 
 def special_ids(tokenizer) -> tuple[int, ...]:
@@ -64,7 +69,8 @@ def caption_images(model, tokenizer, images: list[KarpathyImage], decoding: Deco
     device = model_device(model)
     captions, skipped = {}, []
     suppress = special_ids(tokenizer)
-    for chunk, pixels in image_batches(images, model.config.image_size, batch_size, skipped):
+    for chunk, pixels in image_batches(images, model.config.image_size, batch_size, skipped,
+                                       "caption decoding"):
         with autocast(device, bf16):
             tokens = generate(model, pixels.to(device), tokenizer.cls_token_id,
                               tokenizer.sep_token_id, decoding, suppress)

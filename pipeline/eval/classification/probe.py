@@ -34,9 +34,14 @@ from vlp.pipeline.eval.classification.metrics import chance_metrics, classificat
 from vlp.pipeline.eval.configs import LinearProbeConfig
 from vlp.pipeline.eval.encode import model_device
 from vlp.pipeline.eval.results import write_result
+from vlp.pipeline.progress import ProgressLine
 
 WEIGHT_DECAYS = np.logspace(-6, 2, num=97).tolist()
 COARSE = list(range(0, len(WEIGHT_DECAYS), 16))  # the 7 decades 1e-6 ... 1e2
+SPANS = (8, 4, 2, 1)  # the refinements around the best so far
+# Each refinement fits the best's two neighbours, new indices (odd multiples of the span) unless
+# the best is at an end of the range: at most 7 + 2 * 4 = 15 fits.
+SEARCH_FITS = len(COARSE) + 2 * len(SPANS)
 
 
 @dataclass(frozen=True)
@@ -96,10 +101,9 @@ def search_weight_decay(val_acc1: Callable[[float], float]) -> int:
                 best_index, best_acc = index, scores[index]
         return best_index
 
-    peak, span = best(COARSE), 8
-    while span > 0:
+    peak = best(COARSE)
+    for span in SPANS:
         peak = best([max(peak - span, 0), peak, min(peak + span, len(WEIGHT_DECAYS) - 1)])
-        span //= 2
     return peak
 
 
@@ -110,13 +114,17 @@ def probe_metrics(train: Features, val: Features, test: Features, num_classes: i
 
     def val_acc1(weight_decay: float) -> float:
         probe = train_probe(train.x, train.y, num_classes, weight_decay, settings)
+        progress.update()
         with torch.no_grad():
             return classification_metrics(probe(val.x).cpu(), val.y.cpu())["acc1"]
 
-    with _one_cpu_thread(train.x.device):
+    with (_one_cpu_thread(train.x.device),
+          ProgressLine("linear probe fits", SEARCH_FITS + 1, "fit") as progress):
         weight_decay = WEIGHT_DECAYS[search_weight_decay(val_acc1)]
+        progress.update(SEARCH_FITS - progress.done)  # a best at an end of the range needs fewer
         probe = train_probe(torch.cat([train.x, val.x]), torch.cat([train.y, val.y]),
                             num_classes, weight_decay, settings)
+        progress.update()
         with torch.no_grad():
             return classification_metrics(probe(test.x).cpu(), test.y.cpu()), weight_decay
 

@@ -26,6 +26,13 @@ loses at most the checkpoint being evaluated (the next run removes the temporary
 left in OUT). Rows written before fingerprints existed count as matching. Each run reads
 results.parquet and writes it back, so two at once on one OUT would drop each other's rows: the
 second refuses to start.
+
+Progress goes to stderr (stdout carries the summary JSON): a line when each (checkpoint,
+benchmark) starts and when it ends, with its time, the jobs' own progress lines in between, and
+after each checkpoint the night's count with its ETA:
+
+    nightly: checkpoint 3/7 tiny/global_step200: synth_vqa (2/6) finished in 3m12s
+    nightly: 3/7 (42%) | 6m40s/checkpoint | elapsed 20m01s | ETA 26m41s
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ import fcntl
 import json
 import math
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -54,6 +62,7 @@ from vlp.pipeline.eval.nightly.regressions import (
 )
 from vlp.pipeline.eval.nightly.report import latest_row, render_report, summary_table
 from vlp.pipeline.eval.nightly.suite import Benchmark, load_suite
+from vlp.pipeline.progress import format_duration, progress_text
 
 RESULT_COLUMNS = ["run", "tag", "step", "benchmark", "task", "metric", "value", "baseline",
                   "baseline_name", "time", "status", "error", "fingerprint", "transient",
@@ -158,8 +167,7 @@ def run_nightly(
     with nightly_lock(out_dir):
         left = remove_temp_files(out_dir)
         if left:
-            print(f"nightly: removed {len(left)} temporary file(s) a killed run left in {out_dir}",
-                  file=sys.stderr, flush=True)
+            _say(f"removed {len(left)} temporary file(s) a killed run left in {out_dir}")
         return _evaluate_new(runs_dir, benchmarks, out_dir, retry_failed, device,
                              regression_margin)
 
@@ -174,12 +182,14 @@ def _evaluate_new(runs_dir: Path, benchmarks: list[Benchmark], out_dir: Path, re
 
     evaluated, failures = 0, []
     refs = discover_checkpoints(runs_dir)
-    for ref in refs:
-        todo = [b for b in benchmarks
-                if _due(records.get((ref.run, ref.tag, b.name)), ref.fingerprint, retry_failed)]
-        if not todo:
-            continue
-        rows = evaluate_checkpoint(ref, todo, device)
+    work = [(ref, [b for b in benchmarks
+                   if _due(records.get((ref.run, ref.tag, b.name)), ref.fingerprint, retry_failed)])
+            for ref in refs]
+    work = [(ref, todo) for ref, todo in work if todo]
+    started = time.perf_counter()
+    for ref, todo in work:
+        where = f"checkpoint {evaluated + 1}/{len(work)} {ref.run}/{ref.tag}"
+        rows = evaluate_checkpoint(ref, todo, device, where)
         for row in rows:
             before = records.get((ref.run, ref.tag, row["benchmark"]))
             again = (before is not None and before.status == "failed"
@@ -196,6 +206,8 @@ def _evaluate_new(runs_dir: Path, benchmarks: list[Benchmark], out_dir: Path, re
         write_results(results, results_path)
         write_tensorboard(rows, ref.run_dir / EVAL_EVENTS)
         evaluated += 1
+        print(progress_text("nightly", evaluated, len(work), "checkpoint",
+                            time.perf_counter() - started), file=sys.stderr, flush=True)
 
     report = out_dir / "report.html"
     if evaluated or not report.exists():
@@ -215,31 +227,57 @@ def _evaluate_new(runs_dir: Path, benchmarks: list[Benchmark], out_dir: Path, re
     }
 
 
-def evaluate_checkpoint(ref: CheckpointRef, benchmarks: list[Benchmark], device: str) -> list[dict]:
+def evaluate_checkpoint(ref: CheckpointRef, benchmarks: list[Benchmark], device: str,
+                        where: str) -> list[dict]:
     """Result rows for one checkpoint: metric rows per benchmark, or a failure row for each
-    benchmark that raised (all of them when the checkpoint does not load)."""
+    benchmark that raised (all of them when the checkpoint does not load). Each benchmark's start
+    and end go to stderr, after `where` ("checkpoint 3/7 RUN/TAG")."""
     base = {"run": ref.run, "tag": ref.tag, "step": ref.step, "fingerprint": ref.fingerprint}
+    _say(f"{where}: loading, {len(benchmarks)} benchmark(s) to run")
     try:
         loaded = load_model(ref.path, device=device)
     except Exception as exc:  # a bad checkpoint is recorded, the others still run
+        _say(f"{where}: does not load:\n{_traceback(exc)}")
         return [_failure(base, b, exc) for b in benchmarks]
     rows = []
     eval_dir = ref.run_dir / "eval" / ref.tag
-    for benchmark in benchmarks:
+    for number, benchmark in enumerate(benchmarks, 1):
+        name = f"{where}: {benchmark.name} ({number}/{len(benchmarks)})"
+        _say(f"{name} started")
+        start = time.perf_counter()
         try:
             result = benchmark.run(loaded, out=eval_dir / f"{benchmark.name}.json")
         except Exception as exc:  # one failing benchmark does not stop the others
+            _say(f"{name} failed after {_since(start)}:\n{_traceback(exc)}")
             rows.append(_failure(base, benchmark, exc))
             continue
-        baseline_name, baseline = next(iter(result["baselines"].items()))
-        now = datetime.now(timezone.utc)
-        for metric, value in result["metrics"].items():
-            rows.append({**base, "benchmark": benchmark.name, "task": benchmark.task,
-                         "metric": metric, "value": float(value),
-                         "baseline": baseline_value(baseline, metric),
-                         "baseline_name": baseline_name, "time": now, "status": "ok", "error": "",
-                         "transient": False})
+        _say(f"{name} finished in {_since(start)}")
+        rows += _metric_rows(base, benchmark, result)
     return rows
+
+
+def _metric_rows(base: dict, benchmark: Benchmark, result: dict) -> list[dict]:
+    """One row per metric of a benchmark's result, beside its primary baseline's value."""
+    baseline_name, baseline = next(iter(result["baselines"].items()))
+    now = datetime.now(timezone.utc)
+    return [{**base, "benchmark": benchmark.name, "task": benchmark.task, "metric": metric,
+             "value": float(value), "baseline": baseline_value(baseline, metric),
+             "baseline_name": baseline_name, "time": now, "status": "ok", "error": "",
+             "transient": False}
+            for metric, value in result["metrics"].items()]
+
+
+def _say(text: str) -> None:
+    """A progress or failure line of the nightly run, on stderr (stdout carries the summary)."""
+    print(f"nightly: {text}", file=sys.stderr, flush=True)
+
+
+def _since(start: float) -> str:
+    return format_duration(time.perf_counter() - start)
+
+
+def _traceback(exc: Exception) -> str:
+    return "".join(traceback.format_exception(exc)).rstrip()
 
 
 def baseline_value(baseline: dict[str, float], metric: str) -> float:
@@ -271,8 +309,6 @@ def caption_examples(results: pd.DataFrame, checkpoints: list[CheckpointRef]) ->
 
 
 def _failure(base: dict, benchmark: Benchmark, exc: Exception) -> dict:
-    print(f"nightly: {base['run']}/{base['tag']} {benchmark.name} failed:\n"
-          f"{''.join(traceback.format_exception(exc))}", file=sys.stderr, flush=True)
     return {**base, "benchmark": benchmark.name, "task": benchmark.task, "metric": "",
             "value": math.nan, "baseline": math.nan, "baseline_name": "",
             "time": datetime.now(timezone.utc), "status": "failed",

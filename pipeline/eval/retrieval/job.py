@@ -25,6 +25,7 @@ from vlp.pipeline.eval.images import load_image
 from vlp.pipeline.eval.results import write_result
 from vlp.pipeline.eval.retrieval.data import RetrievalSet, load_karpathy, load_retrieval_shards
 from vlp.pipeline.eval.retrieval.recall import chance_recalls, retrieval_recalls
+from vlp.pipeline.progress import ProgressLine
 
 
 def evaluate_retrieval(checkpoint: str | Path | LoadedModel, config: RetrievalConfig, *,
@@ -104,14 +105,17 @@ class ItmScorer:
         scores = torch.empty(len(text_idx))
         order = torch.argsort(image_idx, stable=True)
         images = torch.unique(image_idx)
-        for lo in range(0, len(images), self.batch_size):
-            chunk = images[lo:lo + self.batch_size]
-            memory = self._memory(chunk)
-            pairs = order[torch.isin(image_idx[order], chunk)]
-            slot = torch.searchsorted(chunk, image_idx[pairs])  # image -> its place in the chunk
-            for start in range(0, len(pairs), self.batch_size * 4):
-                batch = slice(start, start + self.batch_size * 4)
-                scores[pairs[batch]] = self._score(memory, slot[batch], text_idx[pairs[batch]])
+        with ProgressLine("ITM scoring", len(text_idx), "pair") as progress:
+            for lo in range(0, len(images), self.batch_size):
+                chunk = images[lo:lo + self.batch_size]
+                memory = self._memory(chunk)
+                pairs = order[torch.isin(image_idx[order], chunk)]
+                slot = torch.searchsorted(chunk, image_idx[pairs])  # image -> its chunk place
+                for start in range(0, len(pairs), self.batch_size * 4):
+                    batch = slice(start, start + self.batch_size * 4)
+                    scores[pairs[batch]] = self._score(memory, slot[batch],
+                                                       text_idx[pairs[batch]])
+                    progress.update(len(pairs[batch]))
         return scores
 
     def _encode_texts(self, needed: torch.Tensor) -> None:

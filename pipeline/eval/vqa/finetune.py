@@ -19,6 +19,7 @@ from vlp.pipeline.eval.encode import autocast, model_device
 from vlp.pipeline.eval.finetune import FinetuneConfig, ImageTextBatches, finetune
 from vlp.pipeline.eval.vqa.data import VQAExample
 from vlp.pipeline.eval.vqa.metric import answer_soft_scores, normalize_answer
+from vlp.pipeline.progress import ProgressLine
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ def finetune_vqa(model, tokenizer, examples: list[VQAExample], vocab: AnswerVoca
     with ImageTextBatches(tokenizer, model.config.max_text_len, model.config.image_size,
                           device) as batches:
         stats = finetune(model, keep, cfg, batch_loss, trainable=lambda name: (
-            cfg.finetune_backbone or name.startswith("vqa_head.")))
+            cfg.finetune_backbone or name.startswith("vqa_head.")),
+            label="vqa fine-tune" if fusion == "fused" else f"vqa fine-tune ({fusion} fusion)")
     return {"steps": stats.pop("steps"), "train_questions": len(keep), **stats,
             "finetune_backbone": cfg.finetune_backbone, "fusion": fusion}
 
@@ -104,8 +106,9 @@ def predict_vqa(model, tokenizer, examples: list[VQAExample], vocab: AnswerVocab
     """question_id -> highest-scoring vocabulary answer."""
     device = model_device(model)
     predictions = {}
-    with ImageTextBatches(tokenizer, model.config.max_text_len, model.config.image_size,
-                          device) as batches:
+    with (ImageTextBatches(tokenizer, model.config.max_text_len, model.config.image_size,
+                           device) as batches,
+          ProgressLine("vqa prediction", len(examples), "question") as progress):
         for lo in range(0, len(examples), batch_size):
             chunk = examples[lo : lo + batch_size]
             images, ids, mask, _ = batches([e.image for e in chunk], [e.question for e in chunk])
@@ -113,4 +116,5 @@ def predict_vqa(model, tokenizer, examples: list[VQAExample], vocab: AnswerVocab
                 logits = model.vqa_logits(images, ids, mask)
             for example, index in zip(chunk, logits.argmax(dim=1).tolist()):
                 predictions[example.question_id] = vocab.answers[index]
+            progress.update(len(chunk))
     return predictions
