@@ -45,6 +45,22 @@ def test_a_swap_exchanges_two_words_of_one_class_from_different_groups():
     }
 
 
+def test_class_weights_make_edits_of_a_class_that_much_more_likely():
+    """CAPTION has 6 lexicon words, 2 of them colours: uniformly a replace edits a colour 1/3
+    of the time; with colour weighted 4 it is 8 / (8 + 4) = 2/3."""
+    index = LEXICON.index
+
+    def colour_share(editor):
+        edits = [editor.edit(CAPTION, random.Random(seed)) for seed in range(3000)]
+        return sum(index[changed(CAPTION, e)[0][0]][0] == "colour" for e in edits) / len(edits)
+
+    assert colour_share(CaptionEditor(LEXICON, swap_share=0.0)) == pytest.approx(1 / 3, abs=0.03)
+    weighted = CaptionEditor(LEXICON, swap_share=0.0, class_weights={"colour": 4})
+    assert colour_share(weighted) == pytest.approx(2 / 3, abs=0.03)
+    with pytest.raises(UserError, match=r"edit class weights name \['shape'\]"):
+        CaptionEditor(LEXICON, class_weights={"shape": 2})
+
+
 def test_a_caption_without_lexicon_words_has_no_edit_and_one_class_swaps_nothing():
     editor = CaptionEditor(LEXICON, swap_share=1.0)
     assert editor.edit("two shapes on a dark background", random.Random(0)) is None

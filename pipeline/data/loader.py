@@ -115,6 +115,9 @@ class DataConfig:
     edited_negatives: bool = False
     """Each caption also gets an edited copy, one lexicon word replaced or two swapped, which ITC
     and ITM train on as a negative of its image (NegCLIP). Needs `lexicon`."""
+    edit_class_weights: dict = field(default_factory=dict)
+    """{lexicon class: weight}: how much more likely an edit of a word of that class is than of
+    a class not named (weight 1), e.g. {shape: 3}."""
 
     def __post_init__(self):
         checks = [
@@ -131,6 +134,9 @@ class DataConfig:
              f"mlm_probability must be in (0, 1), got {self.mlm_probability}"),
             (self.lexicon or not self.edited_negatives,
              "edited_negatives needs data.lexicon (a word-class JSON)"),
+            (all(isinstance(w, (int, float)) and 0 < w < math.inf
+                 for w in self.edit_class_weights.values()),
+             f"edit_class_weights {self.edit_class_weights} must be finite numbers > 0"),
             (self.weights is None or self.sampling == "resampled",
              "weights only apply with sampling=resampled: set it or drop the weights"),
             (self.weights is None or min(self.weights, default=0) > 0,
@@ -323,7 +329,9 @@ def build_train_loader(config: DataConfig, tokenizer, *, batch_size: int, seed: 
         image_keys=tuple(k.lower() for k in config.image_keys),
         caption_key=config.caption_key.lower(),
         masking=masking_spec(tokenizer, config.mlm_probability),
-        editor=CaptionEditor(load_lexicon(config.lexicon)) if config.edited_negatives else None)
+        editor=(CaptionEditor(load_lexicon(config.lexicon),
+                              class_weights=config.edit_class_weights)
+                if config.edited_negatives else None))
     return TrainLoader(ShardStream(spec, tokenizer), config.num_workers, config.prefetch_factor)
 
 

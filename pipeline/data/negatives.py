@@ -69,9 +69,17 @@ class CaptionEditor:
     """Draws one edit of a caption: `edit(caption, rng)` -> edited caption, or None when the
     caption has no word of the lexicon to edit."""
 
-    def __init__(self, lexicon: Lexicon, swap_share: float = 0.5):
+    def __init__(self, lexicon: Lexicon, swap_share: float = 0.5,
+                 class_weights: dict[str, float] | None = None):
+        """`class_weights`: how much more likely an edit of a word of that class is (1 for a
+        class not named), e.g. {"shape": 3} to train harder on what the model tells apart least."""
         self.lexicon, self.index = lexicon, lexicon.index
         self.swap_share = swap_share
+        self.class_weights = dict(class_weights or {})
+        unknown = sorted(set(self.class_weights) - set(lexicon.groups))
+        if unknown:
+            raise UserError(f"edit class weights name {unknown}, which the lexicon does not "
+                            f"have; its classes: {sorted(lexicon.groups)}")
 
     def edit(self, caption: str, rng: random.Random) -> str | None:
         found = [(m, *self.index[m.group().lower()]) for m in WORD.finditer(caption)
@@ -81,12 +89,21 @@ class CaptionEditor:
         swaps = [(a, b) for i, a in enumerate(found) for b in found[i + 1:]
                  if a[1] == b[1] and a[2] != b[2]]
         if swaps and rng.random() < self.swap_share:
-            (first, _, _), (second, _, _) = swaps[rng.randrange(len(swaps))]
+            (first, _, _), (second, _, _) = self._pick(swaps, [a[1] for a, _ in swaps], rng)
             return _substitute(caption, {first: second.group(), second: first.group()})
-        match, name, group = found[rng.randrange(len(found))]
+        match, name, group = self._pick(found, [f[1] for f in found], rng)
         others = [g for g in range(len(self.lexicon.groups[name])) if g != group]
         words = self.lexicon.groups[name][others[rng.randrange(len(others))]]
         return _substitute(caption, {match: words[rng.randrange(len(words))]})
+
+
+    def _pick(self, candidates: list, classes: list[str], rng: random.Random):
+        """One of `candidates` (each of the class in `classes`), drawn by class weight; uniform
+        (one `randrange`) when the weights are equal."""
+        weights = [self.class_weights.get(name, 1.0) for name in classes]
+        if len(set(weights)) == 1:
+            return candidates[rng.randrange(len(candidates))]
+        return rng.choices(candidates, weights=weights)[0]
 
 
 def _substitute(caption: str, replacements: dict[re.Match, str]) -> str:
