@@ -9,8 +9,9 @@ accumulates in fp32 either way. So half-precision CPU inputs are attended in fp3
 cast back: faster and at least as accurate. fp32 inputs and CUDA are untouched.
 
 Masks are boolean, True = may be attended: a key-padding mask (B, Tk) for bidirectional
-sequences, or a general mask (B, Tq, Tk) for causal text and the sequence-to-sequence mask of
-captioning (`causal_mask`, `seq2seq_mask`).
+sequences, or a general mask (B, Tq, Tk), such as the sequence-to-sequence mask of captioning
+(`seq2seq_mask`). Purely causal attention takes `is_causal` instead of a mask: on CUDA, SDPA's
+flash kernel accepts no mask tensor, so any mask sends it to a slower kernel.
 """
 from __future__ import annotations
 
@@ -25,27 +26,33 @@ def attention(
     key_padding_mask: torch.Tensor | None = None,
     backend: str = "sdpa",
     attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(head_dim)) v over the keys each query may attend.
 
     q: (B, heads, Tq, head_dim); k, v: (B, heads, Tk, head_dim); key_padding_mask: bool (B, Tk),
     True = real token; attn_mask: bool (B, Tq, Tk), True = query may attend key. With both, a key
-    must pass both. Every query must keep at least one key. Returns (B, heads, Tq, head_dim).
+    must pass both. is_causal: query t attends keys 0..t (Tq == Tk, no mask). Every query must
+    keep at least one key. Returns (B, heads, Tq, head_dim).
     """
     # (B, Tk) -> (B, 1, 1, Tk) and (B, Tq, Tk) -> (B, 1, Tq, Tk): broadcast over heads.
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
     if attn_mask is not None:
         mask = attn_mask[:, None] if mask is None else mask & attn_mask[:, None]
+    if is_causal and (mask is not None or q.size(2) != k.size(2)):
+        raise ValueError("is_causal takes no mask and as many queries as keys")
     if backend == "sdpa":
         if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
             # Outside autocast, which would cast the fp32 inputs straight back to half precision.
             with torch.autocast("cpu", enabled=False):
                 out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
-                                                     attn_mask=mask)
+                                                     attn_mask=mask, is_causal=is_causal)
             return out.to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
     if backend == "reference":
         scores = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5  # (B, heads, Tq, Tk)
+        if is_causal:
+            mask = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).tril()
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         return scores.float().softmax(dim=-1).to(v.dtype) @ v

@@ -8,16 +8,28 @@ import torch.nn.functional as F
 from torch.distributed.nn.functional import all_gather
 
 
+_gather = all_gather  # set_gather swaps in a timed one
+
+
+def set_gather(gather=None) -> None:
+    """Run the ITC gathers through `gather` (torch.distributed.nn's all_gather signature; None:
+    that all_gather itself). They bypass deepspeed.comm, so DeepSpeed's comms logger never sees
+    them; the training comms log (vlp.pipeline.train.comms) times them through this."""
+    global _gather
+    _gather = gather or all_gather
+
+
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Concatenate `x` (B, ...) from all ranks -> ((world*B, ...), this rank), keeping gradients.
 
-    The backward pass sums each rank's gradient for a slice back onto the rank that owns it.
-    Every rank must pass the same B. (torch 2.13 marks this `all_gather` deprecated in favour of
-    the functional collectives; it is kept because it also runs on gloo and oneCCL.)
+    The backward pass sums each rank's gradient for a slice back onto the rank that owns it
+    (a reduce-scatter on NCCL). Every rank must pass the same B. (torch 2.13 marks this
+    `all_gather` deprecated in favour of the functional collectives; it is kept because it also
+    runs on gloo and oneCCL.)
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
-    return torch.cat(all_gather(x), dim=0), dist.get_rank()
+    return torch.cat(_gather(x), dim=0), dist.get_rank()
 
 
 def contrastive_loss(

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import causal_mask, seq2seq_mask
+from .attention import seq2seq_mask
 from .config import ModelConfig
 from .losses import contrastive_loss, hard_negatives, token_cross_entropy, vqa_loss
 from .multiway import KVCache, MultiwayBlock
@@ -290,9 +290,11 @@ class UnifiedModel(nn.Module):
 
         Only the CLS output is pooled, so the last block computes position 0 alone (every
         position is still a key): same result, about (1 - 1/T) of that block's FLOPs saved.
+        Normalised in fp32 (the embedding is fp32 whatever the weights' dtype): bf16 unit
+        vectors put up to 0.7 of error into ITC logits scaled by 100.
         """
         cls = self._top(states, split, mask, queries=CLS)[:, 0]  # (B, width)
-        return F.normalize(proj(cls), dim=-1)
+        return F.normalize(proj(cls).float(), dim=-1)
 
     def image_embedding(self, image_states: torch.Tensor) -> torch.Tensor:
         return self._embed(image_states, image_states.size(1), None, self.image_proj)
@@ -309,8 +311,9 @@ class UnifiedModel(nn.Module):
         return self.text_embedding(self.text_states(text_ids, text_mask), text_mask)
 
     def itc_logit_scale(self) -> torch.Tensor:
-        """The ITC logits' scale, 1 / temperature, clamped as CLIP's (0-dim)."""
-        return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp().squeeze(0)
+        """The ITC logits' scale, 1 / temperature, clamped as CLIP's (0-dim, fp32 whatever the
+        weights' dtype: exp in bf16 would round a scale of 100 by up to 0.4)."""
+        return self.logit_scale.float().clamp(max=MAX_LOGIT_SCALE).exp().squeeze(0)
 
     # ---- fusion encoder --------------------------------------------------------------------
 
@@ -524,13 +527,17 @@ class UnifiedModel(nn.Module):
         blocks run the text causally (its unimodal states are bidirectional, so they cannot be
         reused) and the fused pass uses the sequence-to-sequence mask. With `caches` (empty, one
         per block), every block's keys and values are kept for `lm_step`.
+
+        The bottom blocks take `is_causal` rather than a causal mask AND padding (SDPA's flash
+        kernel takes no mask): padding follows the real tokens, so a real token t never reaches
+        it causally. Only the states at padding positions change, and nothing reads them: the
+        fused pass masks them as keys and the loss ignores their predictions.
         """
         caches = caches or [None] * len(self.blocks)
         text_mask = text_mask.bool()
         x = self.text_embed(text_ids)
-        causal = causal_mask(text_mask)  # (B, Tt, Tt)
         for block, cache in zip(self.bottom, caches):
-            x = block(x, split=0, attn_mask=causal, cache=cache)
+            x = block(x, split=0, cache=cache, is_causal=True)
         return self.fuse(memory, x, text_mask, queries=slice(1, None), causal=True,
                          caches=caches[self.num_bottom :])
 

@@ -55,14 +55,14 @@ class SelfAttention(nn.Module):
                 queries: slice | None = None,
                 memory: tuple[torch.Tensor, torch.Tensor] | None = None,
                 attn_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, is_causal: bool = False) -> torch.Tensor:
         """(B, T, C) -> (B, T, C); with `queries`, only those positions attend (all T positions
         stay keys and values): (B, Tq, C).
 
         The keys are [memory; cached; x]: with `memory`, the (keys, values) of other tokens from
         `keys_values` come first; with `cache`, x continues the cached positions (its keys and
         values are appended). `key_padding_mask` (B, Tk) and `attn_mask` (B, T, Tk) cover all
-        keys (models.attention)."""
+        keys; `is_causal` stands for a causal mask (models.attention)."""
         B, T, C = x.shape
         q, k, v = self._split(self.qkv(x))  # each (B, heads, T, head_dim)
         if cache is not None:
@@ -72,7 +72,8 @@ class SelfAttention(nn.Module):
         if queries is not None:
             q = q[:, :, queries]
             attn_mask = None if attn_mask is None else attn_mask[:, queries]
-        y = attention(q, k, v, key_padding_mask, self.backend, attn_mask)  # (B, heads, Tq, hd)
+        y = attention(q, k, v, key_padding_mask, self.backend, attn_mask,
+                      is_causal)  # (B, heads, Tq, head_dim)
         return self.proj(y.transpose(1, 2).reshape(B, q.size(2), C))
 
     def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,10 +120,11 @@ class MultiwayBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, split: int, key_padding_mask: torch.Tensor | None = None,
         queries: slice | None = None, attn_mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | None = None, is_causal: bool = False,
     ) -> torch.Tensor:
         """x: (B, T, width); key_padding_mask: bool (B, T) or None; attn_mask: bool (B, T, T) or
-        None (see models.attention). Returns (B, T, width).
+        None; is_causal: causal attention without a mask (see models.attention). Returns
+        (B, T, width).
 
         With `queries`, only those positions are computed and returned, (B, Tq, width), all T
         still serving as keys: the last block needs no more when its output is pooled at CLS.
@@ -130,7 +132,7 @@ class MultiwayBlock(nn.Module):
         positions of a text sequence (incremental decoding of the captioning pass).
         """
         attended = self.attn(self.norm(x), key_padding_mask, queries, attn_mask=attn_mask,
-                             cache=cache)
+                             cache=cache, is_causal=is_causal)
         if queries is not None:
             # queries are plain slices (CLS, the text); slice.indices would fix a traced length
             start = queries.start or 0

@@ -13,6 +13,9 @@ DEFAULT_MASTER_PORT = 29500
 # Ports derived from a job id stay below Linux's ephemeral range (32768+), where the kernel picks
 # free_port()'s ports and those of outgoing connections.
 JOB_PORTS = range(20000, 30000)
+# GPU UUIDs (GPU-..., MIG-...) that `vlp train` hands to its ranks past the deepspeed launcher,
+# which accepts only integer device ids (vlp.pipeline.train.launch.gpu_selection)
+VISIBLE_DEVICES_HANDOVER = "VLP_CUDA_VISIBLE_DEVICES"
 
 
 def free_port() -> int:
@@ -44,6 +47,15 @@ def env_from_slurm() -> None:
                            "(see launch_scripts/train_slurm.sbatch)")
 
 
+def adopt_handed_over_devices() -> None:
+    """Make the GPUs `vlp train` handed over by UUID this process's CUDA_VISIBLE_DEVICES (the
+    launcher set it to integer ids). CUDA reads the variable once, at its first use in the
+    process: this runs before anything asks torch or DeepSpeed about devices."""
+    handed = os.environ.pop(VISIBLE_DEVICES_HANDOVER, None)
+    if handed:
+        os.environ["CUDA_VISIBLE_DEVICES"] = handed
+
+
 def local_device() -> torch.device:
     """This rank's device: its GPU, else the CPU.
 
@@ -64,14 +76,19 @@ def local_device() -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+# bf16 tensor cores arrived with Ampere (compute capability 8.0). torch.cuda.is_bf16_supported()
+# also accepts older GPUs, which emulate bf16 far slower than their fp16 (ds_configs/*_fp16.json).
+NATIVE_BF16_CAPABILITY = (8, 0)
+
+
 def fast_bf16(device: torch.device | str) -> bool:
-    """Whether bf16 matmuls are fast on `device`: any recent GPU, and CPUs with native bf16
-    (AVX512-BF16 or AMX, through oneDNN). Elsewhere torch falls back to a generic bf16 kernel
-    that is about 60x slower than fp32 (an AVX2 CPU measured 0.6 vs 38 GFLOP/s on one core), so
-    bf16 settings are treated as fp32 there."""
+    """Whether bf16 matmuls are fast on `device`: GPUs of compute capability 8.0 or later, and
+    CPUs with native bf16 (AVX512-BF16 or AMX, through oneDNN). Elsewhere bf16 is emulated (a
+    generic CPU kernel about 60x slower than fp32: 0.6 vs 38 GFLOP/s on one AVX2 core), so bf16
+    settings are treated as fp32 there."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device) >= NATIVE_BF16_CAPABILITY
     if device.type != "cpu":
         return True
     try:
@@ -87,6 +104,7 @@ def init_distributed(timeout_s: int, backend: str | None = None) -> tuple[int, i
     one per device type (NCCL serves only CUDA tensors, so every collective of the training step
     runs on the device).
     """
+    adopt_handed_over_devices()  # before `import deepspeed`, which asks CUDA for its devices
     import deepspeed
 
     env_from_slurm()
@@ -96,6 +114,9 @@ def init_distributed(timeout_s: int, backend: str | None = None) -> tuple[int, i
         os.environ.setdefault(name, default)
     device = local_device()
     if device.type == "cuda":
+        # A collective that fails or times out aborts the communicator and ends this process,
+        # so a hung rank ends the job (and a restart resumes it) instead of holding every GPU.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         torch.cuda.set_device(device)  # before the group: NCCL binds to the current device
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast
         torch.backends.cudnn.allow_tf32 = True
@@ -108,6 +129,14 @@ def init_distributed(timeout_s: int, backend: str | None = None) -> tuple[int, i
         threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or max(1, os.cpu_count() // local_world)
         torch.set_num_threads(threads)
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def set_collective_timeout(seconds: int) -> None:
+    """The timeout of every later collective of the default group (NCCL and gloo), as
+    torchtitan shortens it after its first step (torch's _set_pg_timeout)."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    _set_pg_timeout(timedelta(seconds=seconds))
 
 
 def shutdown_distributed() -> None:

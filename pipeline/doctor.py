@@ -64,7 +64,9 @@ def check_torch() -> list[Check]:
     checks = [Check("torch", "ok", f"{torch.__version__}, {build}")]
     if torch.cuda.is_available():
         names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
-        bf16 = "bf16" if fast_bf16("cuda") else "no fast bf16: fp16/fp32"
+        bf16 = "bf16" if fast_bf16("cuda") else ("no native bf16 (compute capability < 8.0): "
+                                                 "bf16 configs train in fp32, zero3_fp16.json "
+                                                 "in fp16")
         checks.append(Check("accelerator", "ok", f"{torch.cuda.device_count()} x "
                             f"{', '.join(names)} ({bf16})"))
     else:

@@ -52,3 +52,55 @@ def upload_folder(folder: Path, prefix: str) -> None:
     for path in sorted(Path(folder).iterdir()):
         if path.is_file():
             fs.pipe_file(f"{prefix}/{path.name}", path.read_bytes())
+
+
+@contextlib.contextmanager
+def failing_proxy(endpoint: str, fails):
+    """A proxy in front of the S3 server at `endpoint` that answers 500 InternalError instead of
+    forwarding a GET when `fails(path, range_header)` says so; yields its URL. (botocore retries
+    such an error itself unless AWS_MAX_ATTEMPTS=1; s3fs does not.)"""
+    import http.client
+    import http.server
+    import threading
+    import urllib.parse
+
+    target = urllib.parse.urlparse(endpoint)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if fails(self.path, self.headers.get("Range")):
+                body = b"<Error><Code>InternalError</Code><Message>injected</Message></Error>"
+                self.send_response(500)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            self.forward()
+
+        def do_HEAD(self):
+            self.forward()
+
+        def forward(self):
+            upstream = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+            upstream.request(self.command, self.path, headers=dict(self.headers))
+            response = upstream.getresponse()
+            body = response.read()
+            self.send_response(response.status)
+            for name, value in response.getheaders():
+                if name.lower() not in ("transfer-encoding", "connection"):
+                    self.send_header(name, value)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+            upstream.close()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -94,3 +94,20 @@ def test_key_padding_and_a_general_mask_combine():
     mask = general_mask()
     both = attention(q, k, v, padding, attn_mask=mask)
     torch.testing.assert_close(both, attention(q, k, v, attn_mask=mask & padding[:, None, :]))
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "reference"])
+def test_is_causal_is_the_causal_mask_without_a_mask_tensor(backend):
+    from vlp.models.attention import causal_mask
+
+    q, k, v, _ = qkv_and_mask(torch.float32)
+    causal = causal_mask(torch.ones(q.size(0), q.size(2), dtype=torch.bool))
+    out_grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    results = []
+    for kwargs in ({"is_causal": True}, {"attn_mask": causal}):
+        out = attention(q, k, v, backend=backend, **kwargs)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), out_grad)))
+    for flag, mask in zip(*results):
+        torch.testing.assert_close(flag, mask, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="is_causal takes no mask"):
+        attention(q, k, v, backend=backend, attn_mask=causal, is_causal=True)

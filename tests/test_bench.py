@@ -132,3 +132,13 @@ def test_rerank_quick_scores_each_distinct_pair_once_against_its_flop_bound(tmp_
     assert r["flop_bound_s"] == pytest.approx(r["flops"] / r["peak_flops"])
     assert r["ratio_to_flop_bound"] == pytest.approx(r["ours_s_median"] / r["flop_bound_s"])
     assert r["goal_met"] == (r["ratio_to_flop_bound"] <= r["goal_ratio_to_flop_bound"])
+
+
+def test_prep_quick_measures_both_sanitisers_and_projects_laion_400m(tmp_path):
+    result = run_bench(tmp_path, "prep", "--executors", "1", "10")
+    rows = {name: r["rows"] for name, r in result["results"].items()}
+    assert rows == {"reference": 20_000, "ours": 20_000, "ours_4_parts": 80_000}
+    rate = result["results"]["ours"]["rows_per_core_s"]
+    one, ten = result["projection_400m"]
+    assert one["sanitise_h"] == pytest.approx(400e6 / (rate * 16) / 3600)
+    assert ten["img2dataset_download_h"] == pytest.approx(400e6 / 13_000 / 3600)

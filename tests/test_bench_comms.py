@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
+from vlp.models import UnifiedModel, load_config
+from vlp.pipeline.bench.common import QUICK_MODEL
 from vlp.pipeline.bench.comms import fit_per_call
 from vlp.pipeline.bench.nccl_model import Cluster, collective_time
+from vlp.pipeline.bench.zero3_probe import _one_step_order, batch_on
 from vlp.pipeline.bench.zero_traffic import (
     Collective,
     ModelTrace,
@@ -92,6 +96,23 @@ def test_summary_counts_calls_and_bytes_per_op():
                        "reduce_scatter_tensor": {"calls": 1, "bytes": 60, "sizes": {60: 1}}}
 
 
+def test_the_zero3_probe_steps_with_inputs_on_its_models_device():
+    """The probe records its order on whatever device the engine's weights are on (cuda:N under
+    the launcher). On the meta device a batch built on the CPU would fail to combine with the
+    weights, as it does on a GPU; here the step runs and sees every parameter."""
+    with torch.device("meta"):
+        model = UnifiedModel(load_config("tiny", vocab_size=64, depth=2, width=32, heads=2,
+                                         fusion_layers=1, embed_dim=16))
+    forward_modules, grad_order = _one_step_order(
+        model, lambda batch: model(**batch)["loss"].backward(), torch.device("meta"))
+    names = [name for name, _ in model.named_parameters()]
+    assert sorted(grad_order) == sorted(names)
+    assert set(sum(forward_modules, [])) == set(names)  # blocks are entered once per pass
+    batch = batch_on(torch.device("meta"), model.config, 2, torch.bfloat16)
+    assert {t.device.type for t in batch.values()} == {"meta"}
+    assert batch["images"].dtype == torch.bfloat16 and batch["text_ids"].dtype == torch.long
+
+
 def test_nccl_ring_latency_grows_with_every_rank():
     """tuning.cc's ring: base + (ranks - nodes) intra-node hops + (nodes - 1) network hops; a
     small message takes LL, whose intra-node hop is raised to the 1 us network overhead."""
@@ -146,6 +167,11 @@ def test_two_node_run_sends_exactly_the_predicted_collectives(tmp_path):
     assert measured["measured"] == measured["predicted"]
     assert measured["measured"]["reduce_scatter_tensor"]["calls"] > 2
     assert len(measured["measured"]["all_gather_into_tensor"]["sizes"]) > 2
+    # the ITC gathers, which DeepSpeed's logger never sees: image and text embeddings, in fp32
+    whole = 2 * 2 * QUICK_MODEL["embed_dim"] * 4  # world x batch x embed_dim x bytes
+    itc = measured["itc_gather"]
+    assert itc["measured"] == itc["predicted"] == {"forward": {"calls": 2, "bytes": 2 * whole},
+                                                   "backward": {"calls": 2, "bytes": 2 * whole}}
     hooks = result["hooks"]
     kinds = hooks["per_kind"]
     entries = kinds["pre_sub_module_forward_function"]["calls_per_step"]
@@ -176,12 +202,15 @@ def test_projection_exposes_what_compute_cannot_hide():
     assert exposed_comm(step, 8, 1, cluster, compute_s=0.0) == pytest.approx(seconds(step))
 
 
+CHECKPOINT = {"bytes": 1000, "save_s": 1.0, "every_steps": 100}  # a rank saves 1 kB/s
+
+
 def test_projection_bounds_the_step_with_compute_communication_and_zero3_hooks():
     """1 TFLOP per sample at batch 128 on 8 nodes: compute is 128 / (MFU x 989) s; ZeRO-3 adds
-    the hooks' host time (calls x seconds, x 0.5-2 when timed on a CPU only), ZeRO-2 none; the
-    step's low end overlaps everything, its high end adds it all up; the first bottleneck is
-    the largest middle."""
-    from vlp.pipeline.bench.scaling import project
+    the hooks' host time (calls x seconds, x 0.5-2 when timed on a CPU only), ZeRO-2 none, and
+    each a hundredth of a checkpoint save; the step's low end overlaps everything, its high end
+    adds it all up; the first bottleneck is the largest middle."""
+    from vlp.pipeline.bench.scaling import project, value
 
     def flops(config, global_batch):
         assert global_batch == 128 * 64
@@ -190,27 +219,32 @@ def test_projection_bounds_the_step_with_compute_communication_and_zero3_hooks()
     zero3 = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 200,
                                    "stage3_prefetch_bucket_size": 100,
                                    "stage3_param_persistence_threshold": 4}}
+    config = load_config("tiny")
     cheap_hooks = {"calls_per_step": 1000, "mean_s": 100e-6, "device": "cpu"}  # 0.1 s a step
-    p = project(TRACE, zero3, 8, None, cheap_hooks, flops)
-    compute = (128 / (0.35 * 989), 128 / (0.25 * 989))
+    p = project(TRACE, zero3, 8, config, cheap_hooks, flops, CHECKPOINT)
+    mfu_low, mfu_high = value("mfu")
+    compute = (128 / (mfu_high * 989), 128 / (mfu_low * 989))
     assert (p["compute_s"].low, p["compute_s"].high) == pytest.approx(compute)
     assert (p["host_s"].low, p["host_s"].high) == pytest.approx((0.05, 0.2))
     comm = p["exposed_comm_s"]
-    assert p["step_s"].low == pytest.approx(compute[0] + comm.low)
-    assert p["step_s"].high == pytest.approx(compute[1] + comm.high + 0.2)
+    save = p["checkpoint_s"]  # one save of 12 bytes x 459 parameters / 64 per 100 steps
+    assert save.low == pytest.approx((12 * 459 // 64) / 1e3 / 100, rel=1e-3)
+    assert p["step_s"].low == pytest.approx(compute[0] + comm.low + save.low)
+    assert p["step_s"].high == pytest.approx(compute[1] + comm.high + 0.2 + save.high)
     assert p["first_bottleneck"] == "GPU compute"
     assert p["wall_hours"].high == pytest.approx(4e9 / (64 * 128 / p["step_s"].high) / 3600)
 
     slow_hooks = {"calls_per_step": 1000, "mean_s": 1e-3, "device": "cpu"}  # > the compute
-    p = project(TRACE, zero3, 8, None, slow_hooks, flops)
-    assert p["step_s"].low == pytest.approx(0.5)  # the host, running ahead, sets the pace
+    p = project(TRACE, zero3, 8, config, slow_hooks, flops, CHECKPOINT)
+    assert p["step_s"].low == pytest.approx(0.5 + save.low)  # the host, running ahead, sets it
     assert p["first_bottleneck"] == "host (ZeRO-3 hooks)"
 
-    timed_on_a_gpu_host = project(TRACE, zero3, 8, None, dict(slow_hooks, device="cuda"), flops)
+    timed_on_a_gpu_host = project(TRACE, zero3, 8, config, dict(slow_hooks, device="cuda"),
+                                  flops, CHECKPOINT)
     assert (timed_on_a_gpu_host["host_s"].low, timed_on_a_gpu_host["host_s"].high) == (1.0, 1.0)
 
     zero2 = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 200}}
-    p = project(TRACE, zero2, 8, None, slow_hooks, flops)
+    p = project(TRACE, zero2, 8, config, slow_hooks, flops, CHECKPOINT)
     assert (p["host_s"].low, p["host_s"].high) == (0.0, 0.0)
     assert p["first_bottleneck"] == "GPU compute"
 

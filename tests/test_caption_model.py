@@ -53,6 +53,48 @@ def test_lm_state_t_depends_only_on_the_image_and_tokens_up_to_t():
         assert (moved > 1e-3).all()
 
 
+class SdpaCalls(torch.overrides.TorchFunctionMode):
+    """Records how each scaled_dot_product_attention call was masked: ("mask", shape) or
+    ("causal", None) or ("none", None)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            mask = kwargs.get("attn_mask")
+            self.calls.append(("mask", tuple(mask.shape)) if mask is not None else
+                              ("causal", None) if kwargs.get("is_causal") else ("none", None))
+        return func(*args, **kwargs)
+
+
+def test_the_lm_pass_is_causal_without_a_mask_and_equals_the_masked_pass():
+    """The bottom blocks take is_causal (SDPA's flash kernel takes no mask); at every real
+    position the states, and so the loss and its gradients, equal those of a causal mask that
+    also hides the padding."""
+    config = small_config()
+    model = UnifiedModel(config).eval()
+    batch = make_batch(config, B=3, T=10)
+    images, ids, mask = batch["images"], batch["text_ids"], batch["text_mask"].bool()
+    assert not mask.all()  # padded rows: where the two passes could differ
+    memory = model.image_memory(model.image_states(images))
+    with SdpaCalls() as sdpa:
+        states = model.lm_text_states(memory, ids, mask)
+    bottom = sdpa.calls[:model.num_bottom]
+    assert bottom == [("causal", None)] * model.num_bottom
+    x = model.text_embed(ids)  # the same pass with the mask spelled out
+    for block in model.bottom:
+        x = block(x, split=0, attn_mask=causal_mask(mask))
+    masked = model.fuse(memory, x, mask, queries=slice(1, None), causal=True)
+    torch.testing.assert_close(states[mask], masked[mask])
+    grads = [torch.autograd.grad(out[mask].square().sum(), model.text_embed.parameters(),
+                                 retain_graph=True) for out in (states, masked)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
 def test_lm_loss_is_next_token_cross_entropy_and_trains_the_fused_path():
     config = small_config()
     model = UnifiedModel(config, LM_ONLY)

@@ -59,6 +59,9 @@ def test_dry_run_validates_then_prints_the_launch_command(capsys, good, tmp_path
     (["--nproc", 0], "--nproc must be >= 1"),
     (["--master-addr", "10.0.0.1"], "--master-addr needs --hostfile"),
     (["--node-rank", 1], "--node-rank needs --hostfile"),
+    (["--max-restarts", -1], "--max-restarts must be >= 0, got -1"),
+    (["--set", "step_timeout_s=400"], "step_timeout_s must be in [1, dist_timeout_s=60] or null"),
+    (["--set", "data.read_concurrency=0"], "data.read_concurrency must be in [1, 64], got 0"),
 ])
 def test_bad_runs_end_with_one_line_before_any_launch(capsys, good, extra, message):
     argv = [*extra[:-1], *good, extra[-1]] if extra[0] == "--set" else [*extra, "--set", *good]

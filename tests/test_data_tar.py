@@ -17,12 +17,12 @@ import pytest
 
 from vlp.data_prep.index import build_manifest
 from vlp.pipeline.data.errors import SKIP_KINDS
-from vlp.pipeline.data.sources import READ_BUFFER
+from vlp.pipeline.data.sources import ReadSettings
 from vlp.pipeline.data.tar import SkipCounter, iter_samples
 
 WANTED = frozenset({"jpg", "txt"})
 LIMIT = 64 * 1024  # the member size limit these tests read with
-BASELINE = READ_BUFFER + (256 << 10)  # peak traced memory of reading a small shard
+BASELINE = ReadSettings().buffer_bytes + (256 << 10)  # peak traced memory of a small shard
 
 
 class ReaderHung(BaseException):

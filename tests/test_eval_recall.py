@@ -157,3 +157,28 @@ def test_chance_is_the_average_of_random_embeddings():
         texts = torch.nn.functional.normalize(torch.randn(250, 64, generator=g), dim=-1)
         runs.append(retrieval_recalls(images, texts, t2i)["mean_recall"])
     assert sum(runs) / len(runs) == pytest.approx(chance["mean_recall"], abs=0.03)
+
+
+def test_the_exact_index_gives_the_torch_paths_recalls():
+    """faiss's IndexFlatIP, which `auto` uses for large candidate sets, against the torch path:
+    the same recalls both ways, with an imperfect re-ranker on distinct embeddings (which of two
+    tied candidates makes a top k is arbitrary in either path), then with exact ties, which
+    count against the query in both, also where they run past the index's nearest k."""
+    pytest.importorskip("faiss", reason="install the faiss extra: pip install '.[faiss]'")
+    images, texts, t2i = random_set(num_images=200, per_image=7, dim=32, seed=5)
+    truth = torch.as_tensor(t2i)
+
+    def scorer(text_idx, image_idx):  # an imperfect ITM: the truth, plus noise from the indices
+        return (truth[text_idx] == image_idx).float() + torch.sin(text_idx * 7.0 + image_idx)
+
+    reranked = dict(rerank_k=8, pair_scorer=scorer)
+    with_index = retrieval_recalls(images, texts, t2i, search="faiss", **reranked)
+    assert with_index == retrieval_recalls(images, texts, t2i, search="torch", **reranked)
+    assert 0 < with_index["image_retrieval_recall@1"] < with_index["image_retrieval_recall@10"] < 1
+    assert with_index["reranked_image_retrieval_recall@1"] != with_index[
+        "image_retrieval_recall@1"]
+    images[1] = images[0]
+    texts[:7] = images[0]  # image 0's captions and the 14 of images 1 and 2 all tie for
+    texts[7:21] = images[0]  # image 0: 14 negatives as high as its best caption, past every k
+    tied = retrieval_recalls(images, texts, t2i, search="faiss")
+    assert tied == retrieval_recalls(images, texts, t2i, search="torch")

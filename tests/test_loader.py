@@ -241,7 +241,8 @@ def test_another_world_size_continues_at_the_next_epoch(tmp_path, tokenizer):
     resumed.continue_after(states)
     summed = {kind: states[0]["skipped"][kind] + states[1]["skipped"][kind]
               for kind in states[0]["skipped"]}
-    assert sum(summed.values()) > 0 and resumed.skipped_counts() == summed
+    assert sum(resumed.skipped_counts().values()) > 0 and summed["shard_reads"] > 0
+    assert resumed.counts() == summed
     keys = [batch["keys"][0] for batch in take(resumed, 6)]
     assert keys == epoch_keys(shards, tokenizer, 0, 1, 0, 0, epoch=2)[:6]
 
@@ -279,11 +280,12 @@ def test_every_bad_sample_kind_is_skipped_and_counted(tmp_path, tokenizer):
     assert skipped.counts == {
         "bad_image": 1, "decompression_bomb": 1, "non_utf8_caption": 1, "empty_caption": 1,
         "missing_caption": 2, "missing_image": 1, "duplicate_key": 2, "corrupt_tar": 3,
-        "cut_by_damage": 2, "empty_shard": 1}  # cut1 and the garbled shard's cut0
+        "cut_by_damage": 2, "empty_shard": 1,  # cut1 and the garbled shard's cut0
+        "shard_reads": 6}  # each of the 6 shards once in epoch 0
 
     # Through the loader: the stream goes on epoch after epoch and the counts reach the caller.
     batches = take(loader, 3 * len(keys))
-    counts = loader.skipped_counts()
+    counts = loader.counts()
     assert counts["duplicate_key"] >= 4 and counts["empty_shard"] >= 2
     for kind, n in batches[-1]["skipped"].items():  # one worker: its counts are the total
         assert counts[kind] == n
@@ -372,6 +374,77 @@ def test_shards_changed_since_indexing_are_named_before_training(tmp_path, token
                                          rf"manifest {len(data)}"):
         loader_for(shards, tokenizer)
     loader_for(shards, tokenizer, verify="none")
+
+
+# One rank of a 2-rank gloo world building its loader on argv[1] (shards) and argv[2] (tokenizer).
+RANK_LOADER = """
+import json, sys
+import torch.distributed as dist
+from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.data.loader import DataConfig, build_train_loader
+from vlp.pipeline.data.tokenizer import load_tokenizer
+dist.init_process_group("gloo")
+try:
+    loader = build_train_loader(DataConfig(shards=sys.argv[1], num_workers=0),
+                                load_tokenizer(sys.argv[2]), batch_size=4, seed=0, image_size=32,
+                                max_text_len=12, rank=dist.get_rank(), world_size=2)
+    print(json.dumps({"shards": loader.stream.spec.all_urls}))
+except UserError as exc:
+    print(json.dumps({"error": str(exc)}))
+dist.destroy_process_group()
+"""
+
+
+def two_ranks_build_loaders(shards: str, tokenizer_dir: Path, cwds: list[Path]) -> list[dict]:
+    """Both ranks' results, each rank started in its own working directory."""
+    import os
+    import subprocess
+    import sys
+
+    from vlp.pipeline.distributed import free_port
+
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_LOADER, shards, str(tokenizer_dir)],
+                              cwd=cwd, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+             for rank, cwd in enumerate(cwds)]
+    return [json.loads(proc.communicate(timeout=120)[0].splitlines()[-1]) for proc in procs]
+
+
+def test_only_rank_0_looks_at_the_shards_and_every_rank_gets_its_verdict(tmp_path, tokenizer):
+    """Rank 1 runs where the relative shard paths do not exist: it builds its loader only if it
+    never stats them (at 64 nodes every rank stat-ing 41k shards was 21M calls); a shard whose
+    size differs from the manifest is the same error on both ranks."""
+    make_dataset(tmp_path / "shards", shards=4, per_shard=4)
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "shards/manifest.json").write_text(json.dumps({"shards": [
+        {"name": f"{s:05d}.tar", "samples": 4, "bytes": (tmp_path / f"shards/{s:05d}.tar").stat(
+        ).st_size} for s in range(4)]}))
+    shards = "shards/{00000..00003}.tar"
+    results = two_ranks_build_loaders(shards, tmp_path / "tokenizer", [tmp_path, elsewhere])
+    expected = [f"shards/{s:05d}.tar" for s in range(4)]
+    assert results == [{"shards": expected}] * 2
+    with open(tmp_path / "shards/00002.tar", "ab") as f:
+        f.write(bytes(512))
+    results = two_ranks_build_loaders(shards, tmp_path / "tokenizer", [tmp_path, elsewhere])
+    assert results[0] == results[1] and results[0]["error"].startswith(
+        "shard shards/00002.tar has ")
+
+
+def test_the_run_stops_once_more_than_the_allowed_share_of_shard_reads_failed():
+    from vlp.pipeline.data.loader import UnreadableShards, check_readable
+
+    counts = {"shard_reads": 19, "unreadable_shard": 19, "read_retries": 38}
+    check_readable(counts, 0.05)  # too few reads to judge a store by
+    check_readable({**counts, "shard_reads": 40, "unreadable_shard": 2}, 0.05)  # 5%: allowed
+    with pytest.raises(UnreadableShards, match=r"^3 of 40 shard reads failed \(8%, more than "
+                                               r"data.max_unreadable_share=0.05; 38 retried "
+                                               r"requests\): the store or file system"):
+        check_readable({**counts, "shard_reads": 40, "unreadable_shard": 3}, 0.05)
+    check_readable({**counts, "shard_reads": 40, "unreadable_shard": 40}, 1.0)  # 1: never
 
 
 def test_too_few_shards_for_ranks_times_workers(dataset, tokenizer):

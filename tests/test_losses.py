@@ -143,6 +143,34 @@ def test_contrastive_loss_on_one_process_is_clip_loss():
     assert 0 <= accuracy <= 1
 
 
+def test_itc_logits_of_a_bf16_model_match_fp32_to_rounding():
+    """DeepSpeed's bf16 engine holds every weight in bf16. The embeddings are normalised, and the
+    scale exponentiated, in fp32 all the same: at the largest scale (100) the logits equal an fp32
+    computation from the same bf16 projections to fp32 rounding (bf16 unit vectors and a bf16
+    exp were off by up to 0.7)."""
+    config = load_config("tiny", vocab_size=50, width=32, heads=2, depth=2, fusion_layers=1,
+                         embed_dim=64)
+    torch.manual_seed(0)
+    model = UnifiedModel(config).to(torch.bfloat16)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100))
+    projected = {}
+    for name in ("image_proj", "text_proj"):
+        getattr(model, name).register_forward_hook(
+            lambda _module, _inputs, out, name=name: projected.__setitem__(name, out))
+    images = torch.randn(8, 3, config.image_size, config.image_size).to(torch.bfloat16)
+    ids = torch.randint(4, 50, (8, T))
+    mask = torch.arange(T) < torch.randint(2, T + 1, (8, 1))
+    with torch.no_grad():
+        image_emb = model.image_embedding(model.image_states(images))
+        text_emb = model.text_embedding(model.text_states(ids, mask), mask)
+        _, _, logits = contrastive_loss(image_emb, text_emb, model.itc_logit_scale())
+    assert projected["image_proj"].dtype == torch.bfloat16
+    unit = {name: F.normalize(out.float(), dim=-1) for name, out in projected.items()}
+    expected = model.logit_scale.float().exp() * unit["image_proj"] @ unit["text_proj"].T
+    torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-6)
+
+
 def test_vqa_loss_is_bce_summed_over_answers():
     logits = torch.tensor([[2.0, -1.0], [0.5, 0.0]])
     targets = torch.tensor([[1.0, 0.3], [0.0, 0.6]])  # soft scores

@@ -2,14 +2,17 @@
 from local files, a sample-exact resume, and one clear error for an unreachable endpoint."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
 import torch
-from s3_helpers import SECRET, clear_filesystems, moto_s3, upload_folder
+from s3_helpers import SECRET, clear_filesystems, failing_proxy, moto_s3, upload_folder
 from test_loader import build_tokenizer, jpeg, loader_for, make_dataset, take
 
 from vlp.pipeline.data.errors import UserError
@@ -128,3 +131,54 @@ def test_an_unreachable_endpoint_is_one_clear_error_without_credentials(bucket, 
     assert "AWS_ENDPOINT_URL" in message
     printed = capfd.readouterr()
     assert SECRET not in message + printed.out + printed.err
+
+
+@contextlib.contextmanager
+def store_failing(fails, monkeypatch):
+    """The bucket's store behind failing_proxy(fails), without botocore's own retries."""
+    with failing_proxy(os.environ["AWS_ENDPOINT_URL"], fails) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy)
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+        clear_filesystems()
+        try:
+            yield
+        finally:
+            clear_filesystems()
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_a_failed_ranged_read_is_retried_and_counted_and_the_stream_is_unchanged(
+        bucket, tokenizer, monkeypatch, concurrency):
+    """Every 4 KiB ranged read of shard 00002 (51,200 bytes: 10 or more reads up to its end
+    marker) fails once: each is tried again, the epoch has the local files' samples in their
+    order, and one retry per distinct request is counted."""
+    remote_pattern, local_pattern, _ = bucket
+    seen, lock = set(), threading.Lock()
+
+    def first_try_of_00002(path, byte_range):
+        with lock:
+            first = "00002.tar" in path and byte_range and (path, byte_range) not in seen
+            seen.add((path, byte_range))
+            return first
+
+    block = 4096
+    with store_failing(first_try_of_00002, monkeypatch):
+        remote = loader_for(remote_pattern, tokenizer, read_buffer_mb=block / 2**20,
+                            read_concurrency=concurrency, read_retries=1)
+        got = [batch["keys"] for batch in take(remote, 15)]  # 60 samples: the whole epoch
+    assert got == [batch["keys"] for batch in take(loader_for(local_pattern, tokenizer), 15)]
+    counts = remote.counts()
+    requests = [byte_range for path, byte_range in seen if "00002.tar" in path and byte_range]
+    assert counts["read_retries"] == len(requests) >= 10
+    assert (counts["shard_reads"], counts["unreadable_shard"]) == (6, 0)
+
+
+def test_a_shard_the_store_never_serves_is_counted_unreadable_after_its_retries(
+        bucket, tokenizer, monkeypatch):
+    remote_pattern, _, _ = bucket
+    with store_failing(lambda path, byte_range: "00003.tar" in path and byte_range, monkeypatch):
+        remote = loader_for(remote_pattern, tokenizer, read_retries=2)
+        keys = [key for batch in take(remote, 12) for key in batch["keys"]]  # 50 samples left
+    assert not any(key.startswith("003") for key in keys)
+    counts = remote.counts()
+    assert (counts["shard_reads"], counts["unreadable_shard"], counts["read_retries"]) == (6, 1, 2)

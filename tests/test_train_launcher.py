@@ -22,6 +22,7 @@ from train_helpers import (
     wait_for,
 )
 
+from vlp.pipeline.data.checkpoints import weights_only_loads
 from vlp.pipeline.data.manifest import shard_url_pattern
 from vlp.pipeline.train.launch import rendezvous_port
 
@@ -46,7 +47,8 @@ def test_training_logs_every_curve_to_tensorboard(reference_run):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     for tag in ("loss/total", "loss/itc", "loss/itm", "loss/mlm", "train/lr", "train/grad_norm",
-                "perf/samples_per_s", "perf/mfu", "perf/data_wait_share"):
+                "perf/samples_per_s", "perf/mfu", "perf/data_wait_share", "data/shard_reads",
+                "data/retries", "checkpoint/save_s"):
         assert tag in tags, f"{tag} missing from {sorted(tags)}"
     assert any(tag.startswith("data/skipped_") for tag in tags)
     assert [e.step for e in events.Scalars("loss/total")] == [1, 2, 3, 4, 5, 6]
@@ -80,6 +82,21 @@ def test_checkpoints_are_published_with_metadata(reference_run):
         assert state["world_size"] == 2 and state["tag"] == tag
         assert (ckpt / tag / "config.json").exists() and (ckpt / tag / "tokenizer.json").exists()
     assert not list(ckpt.glob("*.partial"))
+
+
+def test_each_rank_keeps_only_its_own_loader_and_rng_state(reference_run):
+    """One small file per rank; DeepSpeed's model-states files (one per rank under ZeRO-3) carry
+    only what the ranks share."""
+    tag = reference_run / "checkpoints/global_step6"
+    own = [json.loads((tag / f"vlp_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [sorted(state) for state in own] == [["loader", "rng"]] * 2
+    assert own[0]["loader"] != own[1]["loader"]
+    model_states = sorted(tag.glob("*model_states.pt"))
+    assert len(model_states) == 2
+    with weights_only_loads():
+        for path in model_states:
+            client_state = torch.load(path, weights_only=True)
+            assert client_state["step"] == 6 and "ranks" not in client_state
 
 
 def test_sigkill_then_resume_is_sample_exact(reference_run, tmp_path, shard_dir, tokenizer_dir):
@@ -302,3 +319,38 @@ def test_an_explicit_master_port_is_kept(monkeypatch, capsys):
     assert rendezvous_port(29611, multi_node=False) == 29611
     assert rendezvous_port(29611, multi_node=True) == 29611
     assert capsys.readouterr().err.splitlines() == ["rendezvous on port 29611 (--master-port)"] * 2
+
+
+def test_a_store_failing_too_many_shard_reads_stops_the_run_with_one_error(
+        tmp_path, shard_dir, tokenizer_dir, monkeypatch):
+    """The 5 shards in S3 behind a proxy that fails every ranged read of one of them: each read
+    of it is retried once (data/retries) and counted unreadable; once 20 shard reads are in, 1 in
+    5 failed is more than data.max_unreadable_share=0.05, and every rank stops with exit 4 and
+    one error line."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    from s3_helpers import clear_filesystems, failing_proxy, moto_s3, upload_folder
+
+    run_dir = tmp_path / "run"
+    with moto_s3() as endpoint:
+        upload_folder(shard_dir, "vlp-data/shards")
+        with failing_proxy(endpoint, lambda path, byte_range: "00002.tar" in path
+                           and byte_range is not None) as proxy:
+            monkeypatch.setenv("AWS_ENDPOINT_URL", proxy)
+            monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries off
+            clear_filesystems()
+            overrides = pattern_overrides(
+                run_dir, "s3://vlp-data/shards/{00000..00004}.tar", tokenizer_dir,
+                "optim.max_steps=100", "logging.every_steps=2", "checkpoint.every_steps=1000",
+                "data.read_retries=1", "logging.sample_keys=false")
+            rc = run_training(overrides, tmp_path / "log.txt")
+    log = (tmp_path / "log.txt").read_text()
+    assert rc == 4, log[-3000:]
+    errors = [line for line in log.splitlines() if "vlp train: error: " in line]
+    assert len(errors) == 1 and "shard reads failed" in errors[0], errors
+    metrics = metrics_by_step(run_dir)
+    last = metrics[max(metrics)]
+    assert last["data/shard_reads"] >= 20 and max(metrics) < 100  # judged, stopped early
+    assert last["data/skipped_unreadable_shard"] > 0.05 * last["data/shard_reads"]
+    assert last["data/retries"] == last["data/skipped_unreadable_shard"]
+    assert not (run_dir / "train_summary.json").exists()

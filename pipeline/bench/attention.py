@@ -16,6 +16,7 @@ from vlp.pipeline.bench.common import (
     median,
     median_or_none,
     out_path,
+    record_figure,
     repeats_for,
     resolve_device,
     set_threads,
@@ -126,6 +127,9 @@ def run(args) -> int:
                         "sdpa_gflops": flops / sdpa_s / 1e9,
                         "reference_gflops": flops / ref_s / 1e9, "max_abs_diff": diff}
                 cases.append(case)
+                record_figure("attention", device=device, batch=batch,
+                              sdpa_kernel=args.sdpa_kernel,
+                              **{k: v for k, v in case.items() if not isinstance(v, list)})
                 rows.append([dtype_name, mask_kind, T, sdpa_s * 1e3, ref_s * 1e3, case["speedup"],
                              case["sdpa_gflops"], diff])
 

@@ -24,6 +24,8 @@ DEFAULT_VOCAB = 30522  # BERT's, for configs without a vocabulary (tiny)
 QUICK_MODEL = {"depth": 2, "width": 64, "heads": 2, "fusion_layers": 1, "embed_dim": 32,
                "image_size": 32, "patch_size": 8, "max_text_len": 16, "vocab_size": 1000}
 QUICK_CAPS = ("width", "heads", "max_text_len", "vocab_size")
+# A JSON-lines file that receives each figure the moment it is measured (see record_figure)
+FIGURES_ENV = "VLP_FIGURES"
 
 
 def load_model_config(name, vocab: int = DEFAULT_VOCAB, overrides: dict | None = None,
@@ -66,15 +68,31 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
+def record_figure(bench: str, **fields) -> None:
+    """Append one figure as a JSON line to the file $VLP_FIGURES names (nothing when unset),
+    closed at once: a benchmark killed by a time limit keeps every figure it had measured.
+    Workers started through the launcher inherit the variable and append to the same file."""
+    path = os.environ.get(FIGURES_ENV)
+    if not path:
+        return
+    line = json.dumps({"bench": bench, "time": round(time.time(), 3), **fields},
+                      default=_jsonable)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+
+
 def interleaved_timings(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
-                        device: str = "cpu") -> dict[str, dict[str, list[float]]]:
+                        device: str = "cpu",
+                        on_time: Callable[[str, int, float], None] | None = None,
+                        ) -> dict[str, dict[str, list[float]]]:
     """Run each variant `warmup` times, then `repeats` rounds of one call each, interleaved.
 
     The order rotates every round, so no variant always runs right after the same neighbour.
     Returns {name: {"wall_s": [...], "cpu_s": [...]}}, entry r from round r. Wall time, what the
     figures use, is measured from an idle device to the end of the call's work on `device`.
     On the CPU, "cpu_s" is this process's CPU time (all threads; OpenMP threads that spin while
-    waiting count too); on a GPU it means nothing and is left empty.
+    waiting count too); on a GPU it means nothing and is left empty. `on_time(name, round,
+    wall seconds)` is called after every timed call (e.g. to record_figure it at once).
     """
     on_cpu = not str(device).startswith("cuda")
     for fn in variants.values():
@@ -92,6 +110,8 @@ def interleaved_timings(variants: dict[str, Callable[[], object]], repeats: int,
             times[name]["wall_s"].append(time.perf_counter() - wall0)
             if on_cpu:
                 times[name]["cpu_s"].append(time.process_time() - cpu0)
+            if on_time is not None:
+                on_time(name, r, times[name]["wall_s"][-1])
     return times
 
 

@@ -12,6 +12,11 @@ model, config and world size, in the dtype training used. On a CPU without nativ
 fp32 (vlp.pipeline.distributed.fast_bf16): the same prediction in bf16 (2 bytes per element,
 same calls) is what a GPU run sends, and is reported beside it.
 
+Each run also saves one checkpoint at its last step: the bytes each rank wrote and the save's
+seconds (as training logs it, checkpoint/save_s) are reported beside 12 bytes per parameter /
+world, the model vlp.pipeline.bench.scaling projects checkpoints with (the fp32 master weights and
+Adam's two moments, partitioned; ZeRO-1/2's rank 0 also writes the whole module).
+
 The same one-rank probe that records the module order (vlp.pipeline.bench.zero3_probe) times
 ZeRO-3's per-module hooks under --hooks-ds-config and fits the host CPU time of one hook call as
 a + b x (the module's own parameters).
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -38,6 +44,7 @@ from vlp.pipeline.bench.zero_traffic import ModelTrace, ZeroSettings, step_colle
 
 DEFAULT_CONFIGS = "zero3_cpu.json,zero3_bf16.json"
 STEADY_FROM = 3  # ZeRO-3 runs without a module trace in step 1 and records it in step 2
+RANK_FILE = re.compile(r"(?:zero_pp_rank_|vlp_rank)(\d+)")  # a rank's own files in a tag
 PROBE = "vlp.pipeline.bench.zero3_probe"
 
 
@@ -125,13 +132,45 @@ def measure_config(name: str, ds_config: dict, trace, args, data_dir: Path, tmp:
     logged.write_text(json.dumps({**ds_config, "comms_logger": {"enabled": True}}))
     run_dir = tmp / f"run_{Path(name).stem}"
     _train_two_nodes(run_dir, logged, args, data_dir)
-    measured = _by_op(_steady_step(run_dir))
+    steady = _steady_step(run_dir)
+    measured = _by_op(steady["ops"])
     dtype_bytes = _training_dtype_bytes(ds_config)
     predicted = _predict(trace, ds_config, world=2, dtype_bytes=dtype_bytes)
+    itc = _predict_itc(args, world=2)
     return {"ds_config": name, "zero_stage": ds_config.get("zero_optimization", {}).get("stage"),
             "dtype_bytes": dtype_bytes, "measured": measured, "predicted": predicted,
             "predicted_bf16": _predict(trace, ds_config, world=2, dtype_bytes=2),
-            "match": measured == predicted}
+            "itc_gather": {"measured": steady["itc_gather"], "predicted": itc},
+            "checkpoint": checkpoint_cost(run_dir, world=2, parameters=sum(trace.numel.values()),
+                                          zero_stage=ZeroSettings.from_ds_config(ds_config).stage,
+                                          weight_bytes=dtype_bytes),
+            "match": measured == predicted and steady["itc_gather"] == itc}
+
+
+def checkpoint_cost(run_dir: Path, world: int, parameters: int, zero_stage: int,
+                    weight_bytes: int) -> dict:
+    """The run's last checkpoint: the bytes each rank wrote (a rank's own files carry its number;
+    the rest rank 0 writes), its save's seconds, and the model's bytes per rank."""
+    ckpt = run_dir / "checkpoints"
+    tag = ckpt / (ckpt / "latest").read_text().strip()
+    per_rank = [0] * world
+    for path in tag.iterdir():
+        match = RANK_FILE.search(path.name)
+        per_rank[int(match[1]) if match else 0] += path.stat().st_size
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    return {"tag": tag.name, "bytes_per_rank": per_rank,
+            "save_s": summary["checkpoint_save_s"][str(summary["step"])],
+            "predicted_bytes_per_rank": checkpoint_bytes(parameters, world, zero_stage,
+                                                         weight_bytes)}
+
+
+def checkpoint_bytes(parameters: int, world: int, zero_stage: int, weight_bytes: int) -> list:
+    """Bytes each rank writes in a checkpoint, by the model: 12 per parameter / world (fp32
+    master weights and Adam's two moments, partitioned), and under ZeRO-1/2 rank 0 also the
+    whole module in the training dtype (`weight_bytes` per parameter)."""
+    shard = 12 * parameters // world
+    return [shard + (parameters * weight_bytes if zero_stage < 3 and rank == 0 else 0)
+            for rank in range(world)]
 
 
 def _train_two_nodes(run_dir: Path, ds_config: Path, args, data_dir: Path) -> None:
@@ -177,13 +216,15 @@ def _train_overrides(args) -> dict:
 
 
 def _steady_step(run_dir: Path) -> dict:
-    """The collectives of one steady-state step, after checking every such step on every rank
-    sent the same ones."""
+    """The collectives of one steady-state step ({"ops": DeepSpeed's, "itc_gather": {phase:
+    {"calls", "bytes"}}}), after checking every such step on every rank sent the same ones."""
     steps = []
     for rank in (0, 1):
         lines = (run_dir / "comms" / f"rank{rank}.jsonl").read_text().splitlines()
         steps += [json.loads(line) for line in lines if json.loads(line)["step"] >= STEADY_FROM]
-    distinct = {json.dumps(record["ops"], sort_keys=True) for record in steps}
+    distinct = {json.dumps({"ops": record["ops"], "itc_gather": {
+        phase: {"calls": entry["calls"], "bytes": entry["bytes"]}
+        for phase, entry in record["itc_gather"].items()}}, sort_keys=True) for record in steps}
     if len(distinct) != 1:
         raise RuntimeError(f"{run_dir}: steady-state steps differ between steps or ranks: "
                            f"{sorted(distinct)}")
@@ -212,6 +253,21 @@ def _predict(trace, ds_config: dict, world: int, dtype_bytes: int) -> dict:
                    for op, entry in summarize(calls).items()})
 
 
+def _predict_itc(args, world: int) -> dict:
+    """The ITC gathers' calls and bytes per step and phase (vlp.pipeline.bench.scaling's model;
+    the embeddings are fp32 in every training dtype)."""
+    from vlp.models.config import load_config
+    from vlp.pipeline.bench.scaling import itc_gathers, value
+
+    embed_dim = load_config(args.config, **_train_overrides(args)).embed_dim
+    predicted = {"forward": {"calls": 0, "bytes": 0}, "backward": {"calls": 0, "bytes": 0}}
+    for call in itc_gathers(args.batch, embed_dim, world, value("itc_dtype_bytes")):
+        entry = predicted[call.phase.removeprefix("ITC ")]
+        entry["calls"] += 1
+        entry["bytes"] += call.total_elements(world) * call.dtype_bytes
+    return predicted
+
+
 def _by_op(ops: dict[str, dict[str, int]]) -> dict[str, dict]:
     """{op: {"calls", "bytes", "sizes": {bytes: calls}}} from {op: {bytes: calls}}."""
     return {op: {"calls": sum(sizes.values()),
@@ -232,6 +288,13 @@ def _table(results: dict) -> str:
                          result["predicted_bf16"].get(op, {"bytes": 0})["bytes"] / 2**20,
                          len(sizes), int(max(sizes, key=int)) / 2**20 if sizes else 0,
                          measured == result["predicted"].get(op)])
+        itc = result["itc_gather"]
+        for phase, measured in itc["measured"].items():
+            predicted = itc["predicted"][phase]
+            rows.append([name, f"ITC {phase} gather", measured["calls"], predicted["calls"],
+                         measured["bytes"] / 2**20, predicted["bytes"] / 2**20,
+                         predicted["bytes"] / 2**20, "", "",  # fp32 in every dtype
+                         measured == predicted])
     return format_table(["ds config", "op", "calls", "predicted", "MiB", "predicted MiB",
                          "bf16 MiB", "sizes", "largest MiB", "match"], rows,
                         title="bench comms: one steady-state step per rank, 2 nodes x 1 rank")

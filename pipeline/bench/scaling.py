@@ -1,58 +1,77 @@
-"""`vlp bench scaling`: the projection in docs/scaling.md, computed.
+"""`vlp bench scaling`: the projection in docs/scaling.md, computed; `--write-doc` writes it there.
 
 Pretraining `base` on 400M pairs on 1, 8 and 64 nodes of 8 H100s, per DeepSpeed config, as
 ranges. Per step and GPU:
 
-    compute   batch x FLOPs per sample / (MFU x peak), MFU 25-35%
+    compute   batch x FLOPs per sample / (MFU x peak); peak: the GPU's dense bf16 datasheet
+              figure (vlp.pipeline.train.peak_flops, the peak training's MFU divides by), MFU
+              from the published contrastive runs (low) to below the dense-transformer runs (high)
     comm      the collectives vlp.pipeline.bench.zero_traffic predicts for `base` (counts and
               sizes checked against DeepSpeed's own comms logger by `vlp bench comms`), each timed
               by vlp.pipeline.bench.nccl_model; only the part compute cannot hide is added:
               ZeRO-3's first two forward all-gathers (nothing to overlap them with), its last
               gradient bucket, everything after backward (the norm, ZeRO-3's persistent-parameter
-              refresh, ZeRO-2's parameter all-gather), and whatever the overlapped rest needs
-              beyond the forward (1/3 of compute) or backward (2/3) time
+              refresh, ZeRO-2's parameter all-gather), whatever the overlapped rest needs beyond
+              the forward (1/3 of compute) or backward (2/3) time, and the ITC loss's feature
+              gathers in full (forward all-gather, backward reduce-scatter: the loss and the ITM
+              negatives wait for them, and they bypass deepspeed.comm)
     host      ZeRO-3's per-module hooks: hook calls per step x the per-call host CPU time that
               `vlp bench comms` measures (`--comms-json`), x0.5-2 if it was timed on a CPU-only
               machine (INPUTS["host_factor"]), as measured if on a GPU host
-    step      low: max(compute + comm, host), everything optimistic (the host runs ahead of the
-              GPU); high: compute + comm + host, everything pessimistic (no overlap)
+    checkpoint  the save every checkpoint.every_steps of the recipe, spread over its steps: each
+              rank writes 12 bytes per parameter / world (ZeRO-1/2's rank 0 also the bf16 module;
+              vlp.pipeline.bench.comms.checkpoint_bytes, checked against the files a loopback run
+              wrote), at the rate a rank saved at there (serialising, hashing, writing) plus its
+              node's share of INPUTS["node_write_gbs"]; training waits for it
+    step      low: max(compute + comm, host) + checkpoint, everything optimistic (the host runs
+              ahead of the GPU); high: compute + comm + host + checkpoint, everything pessimistic
 
 The first bottleneck at a scale is the largest of compute, exposed communication and host time
 at the middle of the ranges. Data loading (cores per node) and storage (aggregate read rate)
-follow from the compute rate. Every input is in INPUTS with its source.
+follow from the compute rate. Every input is in INPUTS with its source. docs/scaling.md's tables
+are this module's output: each sits between `<!-- generated: NAME -->` and
+`<!-- end generated -->`, and `--write-doc` replaces them (tests check the committed page).
 """
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from vlp.pipeline.bench.common import environment, out_path, write_json
 
 NODES = (1, 8, 64)
 GPUS_PER_NODE = 8
 CONFIGS = ("zero3_bf16.json", "zero2_bf16.json")
+PREVIOUS = "zero3_bf16.json (previous settings)"
 # the persistence threshold and reduce bucket zero3_bf16.json shipped with before, for comparison
 PREVIOUS_ZERO3 = {"stage3_param_persistence_threshold": 100_000, "reduce_bucket_size": 500_000_000}
+RECIPE = "base_pretrain.yaml"
 # hook CPU time per call (mean of 3 steps) and calls per step, `vlp bench comms` on `small` (the
 # same modules as base), 2-core AMD EPYC, 2026-11-30 (docs/scaling.md); --comms-json replaces them
 MEASURED_HOOKS = {"calls_per_step": 1498, "mean_s": 87.1e-6}
+# one rank's checkpoint save, `vlp bench comms --ds-configs zero3_cpu.json,zero2_cpu.json` on
+# `small` (38.6M parameters, bf16), 2 ranks on loopback, 2026-12-06; --comms-json replaces it
+MEASURED_CHECKPOINT = {"bytes": 231_667_835, "save_s": 2.75}
 INPUTS = {
     "model": ("base", "models/configs/base.json: ViT-B/16 + BERT-base widths"),
-    "samples": (4.0e9, "10 epochs of 400M pairs (assumption)"),
-    "peak_flops": (989e12, "H100 SXM dense bf16, NVIDIA datasheet"),
-    "mfu": ((0.25, 0.35), "torchtitan: Llama 3.1 8B on 8-128 H100s, 33-39% "
-                          "(benchmarks/llama3_h100_202412_torchtitan.md); llm-foundry: MPT-760m "
-                          "on 8 H100s, 34.9-40.4% at 512-2048 tokens "
-                          "(scripts/train/benchmarking/README.md); OpenCLIP ViT-B/16: 13% "
-                          "(10,700 A100-hours, docs/PRETRAINED.md, x 3 x 41.09 GFLOP, "
-                          "docs/model_profile.csv, x 32 epochs of 400M; 312 TFLOP/s peak); "
-                          "a 768-wide model on 40-237-token sequences is below the LLMs"),
+    "pairs": (400e6, "LAION-400M's size (assumption)"),
+    "epochs": (10, "plan"),
+    "gpu": ("NVIDIA H100 80GB HBM3", "H100 SXM as torch.cuda names it; its dense bf16 peak is "
+                                     "the datasheet table's (vlp/pipeline/train/peak_flops.py)"),
+    "mfu": ((0.11, 0.35), "low: OpenCLIP's ViT-B/32 and B/16 on LAION-400M, 11% and 13% (the "
+                          "contrastive runs measured, MFU table); high: below the "
+                          "dense-transformer runs on H100s (33-39%), whose matmuls are wider"),
     "batch_per_gpu": ({1: 128, 8: 128, 64: 64}, "choice: 64 on 64 nodes keeps CLIP's global "
                                                 "batch of 32,768"),
     "nvlink_bus_gbs": (370.0, "NCCL's effective H100 NVLink bandwidth (NVIDIA/nccl-tests#212)"),
     "network_bus_gbs": ((200.0, 330.0), "8 x 400 Gb/s NICs per node = 400 GB/s; 200 measured "
                                         "for all-gather on 32 x 8 H100s (NVIDIA/nccl#1218); 330 "
                                         "at NCCL's NVLink efficiency (370 of 450, nccl-tests#212)"),
+    "itc_dtype_bytes": (4, "the ITC embeddings in fp32, whatever the engine's dtype (they are "
+                           "normalised in fp32: vlp.models.model)"),
     "host_factor": ((0.5, 2.0), "hook CPU time on a GPU host vs a CPU-only measurement: x0.5 on "
                                 "a host core twice as fast, x2 for the CUDA stream/event calls "
                                 "DeepSpeed's CPU accelerator skips (assumption; 1 when the hooks "
@@ -62,7 +81,32 @@ INPUTS = {
     "cores_per_node": (112, "DGX H100 (2 x 56 cores)"),
     "bytes_per_sample": (25e3, "img2dataset 256 px shards, q95 (assumption; synthetic 18.7 KB)"),
     "price_per_gpu_hour": (3.0, "assumption"),
+    "node_write_gbs": ((1.0, 10.0), "checkpoint writes of one node to shared storage: one NFS "
+                                    "client to a parallel file system client on a 100 Gb/s link "
+                                    "(assumption)"),
 }
+# Published contrastive runs: MFU = 3 x forward FLOPs per sample x samples / (GPU-hours x 3,600 x
+# the GPU's datasheet peak), forward FLOPs from OpenCLIP's docs/model_profile.csv.
+CONTRASTIVE_RUNS = (
+    {"run": "OpenCLIP ViT-B/32, LAION-400M, 32 epochs", "gpu": "NVIDIA A100-SXM4-40GB",
+     "gpu_hours": 4600, "forward_gflop": 14.78, "samples": 32 * 400e6,
+     "source": "mlfoundations/open_clip docs/PRETRAINED.md: 128 A100s for ~36 h, 4600 "
+               "GPU-hours; docs/model_profile.csv: 14.78 GFLOP"},
+    {"run": "OpenCLIP ViT-B/16, LAION-400M, 32 epochs", "gpu": "NVIDIA A100-SXM4-40GB",
+     "gpu_hours": 10700, "forward_gflop": 41.09, "samples": 32 * 400e6,
+     "source": "mlfoundations/open_clip docs/PRETRAINED.md: 176 A100s for ~61 h, 10700 "
+               "GPU-hours; docs/model_profile.csv: 41.09 GFLOP"},
+)
+# Published dense-transformer runs on H100s, MFU as reported (against the same datasheet peak).
+TRANSFORMER_RUNS = (
+    ("torchtitan Llama 3.1 8B, FSDP, 8 and 128 H100s, 8192 tokens", "33-39%",
+     "pytorch/torchtitan benchmarks/llama3_h100_202412_torchtitan.md (without and with "
+     "torch.compile)"),
+    ("llm-foundry MPT-760m, 8 H100s, 512-2048 tokens", "34.9-40.4%",
+     "mosaicml/llm-foundry scripts/train/benchmarking/README.md, \"H100 80GB BF16\""),
+)
+GENERATED = re.compile(r"(<!-- generated: (?P<name>[a-z0-9_-]+) -->\n)(?P<body>.*?)"
+                       r"(<!-- end generated -->)", re.S)
 
 
 def value(key: str):
@@ -72,6 +116,9 @@ def value(key: str):
 def add_arguments(p) -> None:
     p.add_argument("--comms-json", help="a `vlp bench comms` result for the hook cost "
                                         "(default: the measurement recorded in this module)")
+    p.add_argument("--write-doc", metavar="PATH",
+                   help="replace the generated sections of this page (docs/scaling.md) with "
+                        "this run's tables")
 
 
 @dataclass(frozen=True)
@@ -93,34 +140,58 @@ def run(args) -> int:
     from vlp.pipeline.bench.comms import run_probe
     from vlp.pipeline.bench.zero_traffic import ModelTrace
 
+    doc = _read_doc(args.write_doc) if args.write_doc else None
     config = load_config(value("model"))
     trace = ModelTrace(**run_probe(value("model"), {})["trace"])
-    hooks = _hooks(args.comms_json)
-    projections = {}
-    for name in CONFIGS + ("zero3_bf16.json (previous settings)",):
-        projections[name] = {nodes: project(trace, _ds_config(name), nodes, config, hooks,
-                                            flops_per_sample)
-                             for nodes in NODES}
+    hooks, checkpoint = _hooks(args.comms_json), _checkpoint(args.comms_json)
+    projections = {name: {nodes: project(trace, _ds_config(name), nodes, config, hooks,
+                                         flops_per_sample, checkpoint)
+                          for nodes in NODES}
+                   for name in CONFIGS + (PREVIOUS,)}
+    sections = doc_sections(projections, config, trace, hooks, checkpoint)
     payload = {"benchmark": "scaling", "environment": environment("cpu"),
                "inputs": {key: {"value": v, "source": s} for key, (v, s) in INPUTS.items()},
-               "hooks": hooks,
+               "peak_flops": peak_flops(value("gpu")), "mfu_anchors": contrastive_mfu(),
+               "hooks": hooks, "checkpoint": checkpoint,
                "projections": json.loads(json.dumps(projections, default=lambda r: vars(r)))}
     path = write_json(out_path(args, "scaling"), payload)
-    print(compute_table(projections))
-    print()
-    print(nccl_table(value("network_bus_gbs")[0]))
-    print()
-    print(collectives_table(projections, NODES[-1]))
-    print()
-    print(markdown(projections))
+    for name, text in sections.items():
+        print(f"<!-- {name} -->\n{text}\n")
+    if doc is not None:
+        Path(args.write_doc).write_text(fill_doc(doc, sections, args.write_doc))
+        print(f"wrote the generated sections of {args.write_doc}")
     print(f"wrote {path}")
     return 0
+
+
+def _read_doc(path: str) -> str:
+    from vlp.pipeline.data.errors import UserError
+
+    if not Path(path).is_file():
+        raise UserError(f"--write-doc {path}: no such file (the page whose generated sections "
+                        "this replaces, docs/scaling.md)")
+    return Path(path).read_text()
+
+
+def fill_doc(text: str, sections: dict[str, str], where: str = "the page") -> str:
+    """`text` with the body of every `<!-- generated: NAME -->` ... `<!-- end generated -->`
+    replaced by sections[NAME]; UserError for a marker with no section or a section with no
+    marker (nothing generated is silently dropped)."""
+    from vlp.pipeline.data.errors import UserError
+
+    found = [match["name"] for match in GENERATED.finditer(text)]
+    unknown = sorted(set(found) - set(sections))
+    missing = [name for name in sections if name not in found]
+    if unknown or missing or len(found) != len(set(found)):
+        raise UserError(f"{where}: generated sections {found} do not match what `vlp bench "
+                        f"scaling` writes, {list(sections)} (each once)")
+    return GENERATED.sub(lambda m: m[1] + sections[m["name"]].rstrip("\n") + "\n" + m[4], text)
 
 
 def _ds_config(name: str) -> dict:
     from vlp.pipeline.train.config import find_ds_config
 
-    if name.startswith("zero3_bf16.json ("):
+    if name == PREVIOUS:
         ds_config = json.loads(find_ds_config("zero3_bf16.json").read_text())
         ds_config["zero_optimization"].update(PREVIOUS_ZERO3)
         return ds_config
@@ -142,7 +213,52 @@ def _hooks(comms_json: str | None) -> dict:
             "device": measured.get("device", "cpu"), "source": comms_json}
 
 
-def project(trace, ds_config: dict, nodes: int, config, hooks: dict, flops_per_sample) -> dict:
+def _checkpoint(comms_json: str | None) -> dict:
+    """A rank's measured save ({"bytes", "save_s"}, the first ZeRO-3 run of a `vlp bench comms`
+    result, else MEASURED_CHECKPOINT) and the recipe's checkpoint interval."""
+    from vlp.pipeline.data.files import read_json
+    from vlp.pipeline.train.config import load_train_config
+
+    measured = dict(MEASURED_CHECKPOINT, source="recorded in vlp/pipeline/bench/scaling.py")
+    if comms_json:
+        runs = [r for r in read_json(comms_json, "vlp bench comms result")["results"].values()
+                if r.get("zero_stage") == 3 and "checkpoint" in r]
+        if runs:
+            saved = runs[0]["checkpoint"]
+            measured = {"bytes": max(saved["bytes_per_rank"]), "save_s": saved["save_s"],
+                        "source": comms_json}
+    return {**measured, "every_steps": load_train_config(RECIPE).checkpoint.every_steps}
+
+
+def peak_flops(device_name: str) -> float:
+    """The dense bf16 datasheet peak of a GPU, FLOP/s: the table MFU divides by in training."""
+    import torch
+
+    from vlp.pipeline.train.peak_flops import datasheet_tflops
+
+    return datasheet_tflops(device_name, torch.bfloat16) * 1e12
+
+
+def contrastive_mfu() -> dict[str, float]:
+    """Each published contrastive run's MFU against its GPU's datasheet peak."""
+    return {run["run"]: 3 * run["forward_gflop"] * 1e9 * run["samples"]
+            / (run["gpu_hours"] * 3600 * peak_flops(run["gpu"]))
+            for run in CONTRASTIVE_RUNS}
+
+
+def itc_gathers(batch: int, embed_dim: int, world: int, dtype_bytes: int) -> list:
+    """The ITC loss's collectives per step (vlp.models.losses.gather_with_grad, through
+    torch.distributed.nn, not deepspeed.comm): the image and the text embeddings (batch x
+    embed_dim per rank) all-gathered in forward, their gradients reduce-scattered in backward."""
+    from vlp.pipeline.bench.zero_traffic import Collective
+
+    gather = Collective("all_gather", "ITC forward", batch * embed_dim, dtype_bytes)
+    scatter = Collective("reduce_scatter", "ITC backward", world * batch * embed_dim, dtype_bytes)
+    return [gather, gather, scatter, scatter]
+
+
+def project(trace, ds_config: dict, nodes: int, config, hooks: dict, flops_per_sample,
+            checkpoint: dict) -> dict:
     from vlp.pipeline.bench.nccl_model import Cluster
     from vlp.pipeline.bench.zero_traffic import ZeroSettings, step_collectives
 
@@ -151,34 +267,58 @@ def project(trace, ds_config: dict, nodes: int, config, hooks: dict, flops_per_s
     batch = value("batch_per_gpu")[nodes]
     flops = flops_per_sample(config, global_batch=batch * world)
     mfu_low, mfu_high = value("mfu")
-    compute = Range(batch * flops / (mfu_high * value("peak_flops")),
-                    batch * flops / (mfu_low * value("peak_flops")))
-    calls = step_collectives(trace, zero, world, dtype_bytes=2)
+    peak = peak_flops(value("gpu"))
+    compute = Range(batch * flops / (mfu_high * peak), batch * flops / (mfu_low * peak))
+    itc = itc_gathers(batch, config.embed_dim, world, value("itc_dtype_bytes"))
+    calls = step_collectives(trace, zero, world, dtype_bytes=2) + itc
     bw_low, bw_high = value("network_bus_gbs")
     fast = Cluster(nvlink_bus_gbs=value("nvlink_bus_gbs"), network_bus_gbs=bw_high)
     slow = Cluster(nvlink_bus_gbs=value("nvlink_bus_gbs"), network_bus_gbs=bw_low)
     comm = Range(exposed_comm(calls, world, nodes, fast, compute.low),
                  exposed_comm(calls, world, nodes, slow, compute.high))
+    itc_s = Range(*(sum(collective_seconds(c, world, nodes, cluster) for c in itc)
+                    for cluster in (fast, slow)))
     factor_low, factor_high = value("host_factor") if hooks["device"] == "cpu" else (1.0, 1.0)
     host_cpu = hooks["calls_per_step"] * hooks["mean_s"] if zero.stage == 3 else 0.0
     host = Range(host_cpu * factor_low, host_cpu * factor_high)
-    step = Range(max(compute.low + comm.low, host.low), compute.high + comm.high + host.high)
+    saves = checkpoint_cost(sum(trace.numel.values()), world, zero.stage, checkpoint)
+    ckpt = saves["save_s"].scaled(1 / checkpoint["every_steps"])
+    step = Range(max(compute.low + comm.low, host.low) + ckpt.low,
+                 compute.high + comm.high + host.high + ckpt.high)
     parts = {"GPU compute": compute.mid, "communication": comm.mid, "host (ZeRO-3 hooks)": host.mid}
+    samples = value("pairs") * value("epochs")
     samples_per_s = Range(world * batch / step.high, world * batch / step.low)
-    hours = Range(value("samples") / samples_per_s.high / 3600,
-                  value("samples") / samples_per_s.low / 3600)
+    hours = Range(samples / samples_per_s.high / 3600, samples / samples_per_s.low / 3600)
     node_rate = GPUS_PER_NODE * batch / compute.low  # the data a node must deliver, at best
     return {
         "world": world, "batch_per_gpu": batch, "flops_per_sample": flops,
         "collectives": _count(calls, world), "protocols": _protocols(calls, world, nodes, slow),
-        "compute_s": compute, "exposed_comm_s": comm, "host_s": host, "step_s": step,
+        "compute_s": compute, "exposed_comm_s": comm, "itc_gather_s": itc_s, "host_s": host,
+        "checkpoint_bytes_per_rank": saves["bytes_per_rank"], "checkpoint_save_s": saves["save_s"],
+        "checkpoint_s": ckpt, "step_s": step,
         "scaling_efficiency": Range(*sorted((compute.high / step.high, compute.low / step.low))),
         "first_bottleneck": max(parts, key=parts.get),
         "wall_hours": hours, "gpu_hours": hours.scaled(world),
+        "compute_gpu_hours": Range(samples * compute.low / batch / 3600,
+                                   samples * compute.high / batch / 3600),
         "cost_usd": hours.scaled(world * value("price_per_gpu_hour")),
         "data_cores_per_node": node_rate / value("decode_per_core"),
         "storage_gbs_all_nodes": nodes * node_rate * value("bytes_per_sample") / 1e9,
     }
+
+
+def checkpoint_cost(parameters: int, world: int, zero_stage: int, measured: dict) -> dict:
+    """One save at `world` GPUs: the most bytes a rank writes, and its seconds: those bytes at
+    the rate a rank saved at on loopback, plus the busiest node's bytes at the node write
+    bandwidth (its range)."""
+    from vlp.pipeline.bench.comms import checkpoint_bytes
+
+    per_rank = checkpoint_bytes(parameters, world, zero_stage, weight_bytes=2)
+    rank_s = max(per_rank) * measured["save_s"] / measured["bytes"]
+    node_bytes = sum(per_rank[:GPUS_PER_NODE])  # node 0: ZeRO-1/2's rank 0 writes the module
+    slow, fast = value("node_write_gbs")
+    return {"bytes_per_rank": max(per_rank),
+            "save_s": Range(rank_s + node_bytes / (fast * 1e9), rank_s + node_bytes / (slow * 1e9))}
 
 
 def exposed_comm(calls, world: int, nodes: int, cluster, compute_s: float) -> float:
@@ -186,6 +326,7 @@ def exposed_comm(calls, world: int, nodes: int, cluster, compute_s: float) -> fl
     forward = [c for c in calls if c.phase == "forward"]
     backward = [c for c in calls if c.phase == "backward"]
     after = [c for c in calls if c.phase == "step"]
+    itc = [c for c in calls if c.phase.startswith("ITC")]
 
     def seconds(group):
         return sum(collective_seconds(c, world, nodes, cluster) for c in group)
@@ -193,7 +334,7 @@ def exposed_comm(calls, world: int, nodes: int, cluster, compute_s: float) -> fl
     exposed = seconds(forward[:2]) + max(0.0, seconds(forward[2:]) - compute_s / 3)
     if backward:
         exposed += seconds(backward[-1:]) + max(0.0, seconds(backward[:-1]) - 2 * compute_s / 3)
-    return exposed + seconds(after)
+    return exposed + seconds(after) + seconds(itc)
 
 
 def collective_seconds(call, world: int, nodes: int, cluster) -> float:
@@ -201,10 +342,11 @@ def collective_seconds(call, world: int, nodes: int, cluster) -> float:
 
 
 def _estimate(call, world: int, nodes: int, cluster):
-    """NCCL's estimate for one of DeepSpeed's calls (named as NCCL names the collective)."""
+    """NCCL's estimate for one call (named as NCCL names the collective)."""
     from vlp.pipeline.bench.nccl_model import collective_time
 
     op = {"all_gather_into_tensor": "all_gather", "reduce_scatter_tensor": "reduce_scatter",
+          "all_gather": "all_gather", "reduce_scatter": "reduce_scatter",
           "all_reduce": "all_reduce"}[call.op]
     return collective_time(op, call.total_elements(world) * call.dtype_bytes, nodes, cluster)
 
@@ -235,20 +377,178 @@ def _protocols(calls, world: int, nodes: int, cluster) -> dict:
     return picked
 
 
-# ---- tables ----------------------------------------------------------------------------------
+def recipe_length(recipe: str = RECIPE) -> dict:
+    """The shipped recipe's run length per node count: the epochs its optim.max_steps gives, and
+    the max_steps that gives the planned epochs at the planned batch."""
+    from vlp.pipeline.train.config import load_train_config
+
+    optim = load_train_config(recipe).optim
+    samples = value("pairs") * value("epochs")
+    rows = {}
+    for nodes in NODES:
+        world = nodes * GPUS_PER_NODE
+        planned = value("batch_per_gpu")[nodes] * world
+        rows[nodes] = {"recipe_global_batch": optim.batch_size * optim.grad_accum * world,
+                       "planned_global_batch": planned,
+                       "max_steps_for_plan": math.ceil(samples / planned)}
+        rows[nodes]["recipe_epochs"] = (optim.max_steps * rows[nodes]["recipe_global_batch"]
+                                        / value("pairs"))
+    return {"recipe": recipe, "batch_size": optim.batch_size, "grad_accum": optim.grad_accum,
+            "max_steps": optim.max_steps, "by_nodes": rows}
+
+
+# ---- the page's sections -----------------------------------------------------------------------
+
+def doc_sections(projections: dict, config, trace, hooks: dict,
+                 checkpoint: dict) -> dict[str, str]:
+    """docs/scaling.md's generated sections, by marker name, in page order."""
+    return {"summary": summary(projections, hooks),
+            "inputs": inputs_table(config, trace, hooks, checkpoint),
+            "mfu": mfu_table(),
+            "compute": compute_table(projections),
+            "recipe": recipe_table(recipe_length()),
+            "collectives": collectives_table(projections, NODES[-1]),
+            "nccl": nccl_table(value("network_bus_gbs")[0]),
+            "steps": markdown(projections),
+            "bottlenecks": bottlenecks(projections)}
+
+
+def _nodes(n: int) -> str:
+    return f"{n} node{'s' if n > 1 else ''}"
+
+
+def summary(projections: dict, hooks: dict) -> str:
+    """The summary table (step and first bottleneck per shipped config) and its conclusions."""
+    out = ["| | " + " | ".join(f"{_nodes(n)} ({n * GPUS_PER_NODE} H100)" for n in NODES) + " |",
+           "|---|" + "---|" * len(NODES)]
+    for name in CONFIGS:
+        by_nodes = projections[name]
+        out.append(f"| `{name}`: step | " + " | ".join(
+            _range(by_nodes[n]["step_s"], 1e3) + " ms" for n in NODES) + " |")
+        out.append(f"| `{name}`: first bottleneck | " + " | ".join(
+            by_nodes[n]["first_bottleneck"] for n in NODES) + " |")
+    wide = {name: projections[name][NODES[-1]] for name in CONFIGS}
+    best = min(CONFIGS, key=lambda name: wide[name]["gpu_hours"].mid)
+    hook_ms = hooks["calls_per_step"] * hooks["mean_s"] * 1e3
+    mfu_low, mfu_high = value("mfu")
+    out += ["", f"- **Train `base` with `{best}`.** At {_nodes(NODES[-1])} "
+                f"{value('epochs')} epochs take {_range(wide[best]['gpu_hours'], 1)} GPU-hours "
+                f"against {_range(wide[best]['compute_gpu_hours'], 1)} compute-bound (scaling "
+                f"efficiency {_range(wide[best]['scaling_efficiency'], 1)}); the range is mostly "
+                f"the MFU band, {mfu_low:.0%}-{mfu_high:.0%}."]
+    for name in CONFIGS:
+        if name != best:
+            p = projections[name][NODES[0]]
+            out.append(f"- **`{name}`**: ZeRO-3's hooks run {hooks['calls_per_step']:,} times "
+                       f"per step at {hooks['mean_s'] * 1e6:.0f} us of CPU each: {hook_ms:.0f} ms "
+                       f"per step (x{value('host_factor')[0]}-{value('host_factor')[1]} on a GPU "
+                       f"host), against {_range(p['compute_s'], 1e3)} ms of GPU compute at batch "
+                       f"{p['batch_per_gpu']}; first bottleneck at {_nodes(NODES[-1])}: "
+                       f"{wide[name]['first_bottleneck']}.")
+    out.append(f"- **Exposed communication per step at {_nodes(NODES[-1])}**: " + "; ".join(
+        f"{_range(wide[name]['exposed_comm_s'], 1e3)} ms with `{name}`" for name in CONFIGS)
+        + f", of which the ITC loss's feature gathers take "
+          f"{_range(wide[best]['itc_gather_s'], 1e3)} ms (four calls on the critical path).")
+    return "\n".join(out)
+
+
+def inputs_table(config, trace, hooks: dict, checkpoint: dict) -> str:
+    """Every input with its value and source."""
+    from vlp.models.flops import flops_per_sample
+    from vlp.models.model import LossWeights
+
+    batch = value("batch_per_gpu")[NODES[-1]] * NODES[-1] * GPUS_PER_NODE
+    full = flops_per_sample(config, global_batch=batch)
+    itc = flops_per_sample(config, global_batch=batch, weights=LossWeights(itc=1, itm=0, mlm=0))
+    params = sum(trace.numel.values())
+    low, high = value("network_bus_gbs")
+    mfu_low, mfu_high = value("mfu")
+    rows = [
+        ("model", f"`{value('model')}`: {params / 1e6:.1f}M parameters; {config.num_patches + 1} "
+                  f"image tokens, {config.max_text_len} text tokens, embed_dim "
+                  f"{config.embed_dim}", INPUTS["model"][1]),
+        ("FLOPs per sample, ITC+ITM+MLM, fwd+bwd",
+         f"**{full / 1e9:.1f} GFLOP** (ITC alone {itc / 1e9:.1f})",
+         f"`vlp.models.flops.flops_per_sample(load_config(\"base\"), global_batch={batch})`"),
+        ("data", f"{value('pairs') / 1e6:.0f}M pairs, **{value('epochs')} epochs = "
+                 f"{_sci(value('pairs') * value('epochs'))} samples**", INPUTS["pairs"][1]),
+        ("GPU", f"H100 SXM, {peak_flops(value('gpu')) / 1e12:.0f} TFLOP/s dense bf16",
+         INPUTS["gpu"][1]),
+        ("MFU", f"**{mfu_low:.0%}-{mfu_high:.0%}**", INPUTS["mfu"][1]),
+        ("batch", "per GPU " + ", ".join(f"{b} on {_nodes(n)}" for n, b in
+                                         value("batch_per_gpu").items()),
+         INPUTS["batch_per_gpu"][1]),
+        ("NVLink bus bandwidth", f"{value('nvlink_bus_gbs'):.0f} GB/s",
+         INPUTS["nvlink_bus_gbs"][1]),
+        ("ring bus bandwidth across nodes", f"**{low:.0f}-{high:.0f} GB/s**",
+         INPUTS["network_bus_gbs"][1]),
+        ("ITC gather dtype", f"{value('itc_dtype_bytes')} bytes", INPUTS["itc_dtype_bytes"][1]),
+        ("hook host time per call", f"{hooks['mean_s'] * 1e6:.0f} us CPU, "
+                                    f"{hooks['calls_per_step']:,} calls per step",
+         f"{hooks['source']} ({hooks['device']}); " + INPUTS["host_factor"][1]),
+        ("JPEG decode + preprocess", f"{value('decode_per_core'):.0f} samples/s per core",
+         INPUTS["decode_per_core"][1]),
+        ("cores per node", f"{value('cores_per_node')}", INPUTS["cores_per_node"][1]),
+        ("storage", f"{value('bytes_per_sample') / 1e3:.0f} KB/sample",
+         INPUTS["bytes_per_sample"][1]),
+        ("price", f"${value('price_per_gpu_hour'):.2f} per H100-hour",
+         INPUTS["price_per_gpu_hour"][1]),
+        ("checkpoint save per rank", f"{checkpoint['bytes'] / 1e6:.1f} MB in "
+                                     f"{checkpoint['save_s']:.2f} s "
+                                     f"({checkpoint['bytes'] / checkpoint['save_s'] / 1e6:.0f} "
+                                     f"MB/s), every {checkpoint['every_steps']:,} steps",
+         f"{checkpoint['source']} (`small`, 2 ranks on loopback); the interval: {RECIPE}"),
+        ("checkpoint write per node", _range(Range(*value("node_write_gbs")), 1) + " GB/s",
+         INPUTS["node_write_gbs"][1]),
+    ]
+    return "\n".join(["| quantity | value | source |", "|---|---|---|"]
+                     + [f"| {q} | {v} | {s} |" for q, v, s in rows])
+
+
+def mfu_table() -> str:
+    """The published runs the MFU band rests on, each against its GPU's datasheet peak."""
+    out = ["| run | GPU-hours x peak | MFU | source |", "|---|---|---:|---|"]
+    for run, mfu in zip(CONTRASTIVE_RUNS, contrastive_mfu().values()):
+        out.append(f"| {run['run']} | {run['gpu_hours']:,} A100-hours x "
+                   f"{peak_flops(run['gpu']) / 1e12:.0f} TFLOP/s; 3 x {run['forward_gflop']} "
+                   f"GFLOP x {_sci(run['samples'])} samples | **{mfu:.1%}** | {run['source']} |")
+    for run, mfu, source in TRANSFORMER_RUNS:
+        out.append(f"| {run} | as reported | {mfu} | {source} |")
+    return "\n".join(out)
+
+
+def recipe_table(length: dict) -> str:
+    """The recipe's epochs per node count, and the max_steps that gives the planned ones."""
+    rows = length["by_nodes"]
+    out = ["| | " + " | ".join(_nodes(n) for n in NODES) + " |", "|---|" + "---:|" * len(NODES),
+           f"| global batch with the recipe (optim.batch_size {length['batch_size']} x "
+           f"grad_accum {length['grad_accum']} x GPUs) | "
+           + " | ".join(f"{rows[n]['recipe_global_batch']:,}" for n in NODES) + " |",
+           f"| epochs of {value('pairs') / 1e6:.0f}M pairs at the recipe's optim.max_steps "
+           f"{length['max_steps']:,} | "
+           + " | ".join(f"{rows[n]['recipe_epochs']:.1f}" for n in NODES) + " |",
+           "| planned batch per GPU | " + " | ".join(str(value("batch_per_gpu")[n])
+                                                   for n in NODES) + " |",
+           f"| **optim.max_steps for {value('epochs')} epochs** at the planned batch | "
+           + " | ".join(f"**{rows[n]['max_steps_for_plan']:,}**" for n in NODES) + " |"]
+    return "\n".join(out)
+
 
 def markdown(projections: dict) -> str:
     """The step and cost tables of docs/scaling.md."""
     out = []
     for name, by_nodes in projections.items():
         out += [f"**{name}**", "",
-                "| | " + " | ".join(f"{n} node{'s' if n > 1 else ''} ({by_nodes[n]['world']} "
-                                     f"GPUs, b={by_nodes[n]['batch_per_gpu']})" for n in NODES)
+                "| | " + " | ".join(f"{_nodes(n)} ({by_nodes[n]['world']} GPUs, "
+                                     f"b={by_nodes[n]['batch_per_gpu']})" for n in NODES)
                 + " |",
                 "|---|" + "---:|" * len(NODES)]
-        rows = [("compute, ms", "compute_s", 1e3), ("exposed communication, ms", "exposed_comm_s",
-                                                    1e3),
-                ("host (ZeRO-3 hooks), ms", "host_s", 1e3), ("step, ms", "step_s", 1e3),
+        rows = [("compute, ms", "compute_s", 1e3),
+                ("exposed communication, ms", "exposed_comm_s", 1e3),
+                ("of which the ITC gathers, ms", "itc_gather_s", 1e3),
+                ("host (ZeRO-3 hooks), ms", "host_s", 1e3),
+                ("checkpoint save, s", "checkpoint_save_s", 1),
+                ("of it per step, ms", "checkpoint_s", 1e3), ("step, ms", "step_s", 1e3),
                 ("scaling efficiency", "scaling_efficiency", 1), ("wall time, h", "wall_hours", 1),
                 ("GPU-hours", "gpu_hours", 1), ("cost, $", "cost_usd", 1)]
         for label, key, scale in rows:
@@ -260,19 +560,39 @@ def markdown(projections: dict) -> str:
     return "\n".join(out)
 
 
+def bottlenecks(projections: dict) -> str:
+    """The first bottleneck at each scale, per shipped config, with what comes next."""
+    out = []
+    for nodes in NODES:
+        parts = []
+        for name in CONFIGS:
+            p = projections[name][nodes]
+            parts.append(f"`{name}`: {p['first_bottleneck']} (scaling efficiency "
+                         f"{_range(p['scaling_efficiency'], 1)}; exposed communication "
+                         f"{_range(p['exposed_comm_s'], 1e3)} ms against "
+                         f"{_range(p['compute_s'], 1e3)} ms of compute)")
+        p = projections[CONFIGS[0]][nodes]
+        out.append(f"- **{_nodes(nodes)}**: " + "; ".join(parts) + f". Data loading needs "
+                   f"{p['data_cores_per_node']:.0f} of {value('cores_per_node')} cores per node "
+                   f"at {value('mfu')[1]:.0%} MFU; storage {p['storage_gbs_all_nodes']:.2f} GB/s "
+                   "read across all nodes.")
+    return "\n".join(out)
+
+
 def compute_table(projections: dict) -> str:
     """What the compute rate alone implies: GPU-hours and cost, data loading and storage."""
     by_nodes = next(iter(projections.values()))
-    out = ["| | " + " | ".join(f"{n} node{'s' if n > 1 else ''}" for n in NODES) + " |",
+    mfu_low, mfu_high = value("mfu")
+    out = ["| | " + " | ".join(_nodes(n) for n in NODES) + " |",
            "|---|" + "---:|" * len(NODES)]
     rows = [("FLOPs per sample, G", lambda p: f"{p['flops_per_sample'] / 1e9:.1f}"),
-            ("compute-bound GPU-hours (MFU 35-25%)",
-             lambda p: _range(Range(*(value("samples") * p["compute_s"].low / p["batch_per_gpu"],
-                                      value("samples") * p["compute_s"].high / p["batch_per_gpu"])),
-                              1 / 3600)),
-            ("decode cores per node at 35% MFU (of 112)",
+            (f"compute-bound GPU-hours (MFU {mfu_high:.0%}-{mfu_low:.0%})",
+             lambda p: _range(p["compute_gpu_hours"], 1)),
+            (f"decode cores per node at {mfu_high:.0%} MFU (of {value('cores_per_node')})",
              lambda p: f"{p['data_cores_per_node']:.0f}"),
-            ("storage read, all nodes, GB/s", lambda p: f"{p['storage_gbs_all_nodes']:.2f}")]
+            ("storage read, all nodes, GB/s", lambda p: f"{p['storage_gbs_all_nodes']:.2f}"),
+            ("object-store requests, all nodes, per s (data.read_buffer_mb=1)",
+             lambda p: f"{p['storage_gbs_all_nodes'] * 1e9 / 2**20:,.0f}")]
     for label, cell in rows:
         out.append(f"| {label} | " + " | ".join(cell(by_nodes[n]) for n in NODES) + " |")
     return "\n".join(out)
@@ -317,3 +637,9 @@ def _range(r, scale: float) -> str:
     if f"{low:,.{digits}f}" == f"{high:,.{digits}f}":
         return f"{low:,.{digits}f}"
     return f"{low:,.{digits}f}-{high:,.{digits}f}"
+
+
+def _sci(x: float) -> str:
+    """4e9 and 1.28e10, not Python's 4.0e+09."""
+    exponent = math.floor(math.log10(x))
+    return f"{x / 10**exponent:.3g}e{exponent}"

@@ -14,7 +14,13 @@ import json
 import time
 from pathlib import Path
 
-from vlp.pipeline.bench.common import environment, format_table, out_path, write_json
+from vlp.pipeline.bench.common import (
+    environment,
+    format_table,
+    out_path,
+    record_figure,
+    write_json,
+)
 
 
 def add_arguments(p) -> None:
@@ -33,7 +39,7 @@ def _ranks(limit: int) -> int:
     return min(limit, torch.cuda.device_count()) if torch.cuda.is_available() else limit
 
 
-def _launch(run_dir: Path, data_dir: Path, args, max_steps: int, ranks: int) -> dict:
+def _launch(label: str, run_dir: Path, data_dir: Path, args, max_steps: int, ranks: int) -> dict:
     from vlp.pipeline.bench.loader import shard_urls
     from vlp.pipeline.train.launch import run_training
 
@@ -45,7 +51,19 @@ def _launch(run_dir: Path, data_dir: Path, args, max_steps: int, ranks: int) -> 
                  f"checkpoint.every_steps={max(1, args.steps // 2)}", "logging.every_steps=5"]
     start = time.perf_counter()
     code = run_training(None, overrides, nproc=ranks)
-    return {"exit_code": code, "seconds": time.perf_counter() - start}
+    launch = {"exit_code": code, "seconds": time.perf_counter() - start}
+    logged = _logged(run_dir)
+    record_figure("smoke", ds_config=args.ds_config, ranks=ranks, launch=label, **launch,
+                  last_logged=logged[-1] if logged else None)
+    return launch
+
+
+def _logged(run_dir: Path) -> list[dict]:
+    """What training logged (metrics.jsonl), in order."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
 def run(args) -> int:
@@ -68,12 +86,10 @@ def run(args) -> int:
     shards = max(2, ranks)  # one loader worker per rank needs a shard each
     write_jpeg_shards(data_dir, shards, per_shard=max(64, 4 * args.batch), source_size=96)
 
-    launches = {"first": _launch(run_dir, data_dir, args, max(1, args.steps // 2), ranks)}
+    launches = {"first": _launch("first", run_dir, data_dir, args, max(1, args.steps // 2), ranks)}
     if launches["first"]["exit_code"] == 0:
-        launches["resumed"] = _launch(run_dir, data_dir, args, args.steps, ranks)
-    metrics_path = run_dir / "metrics.jsonl"
-    records = ([json.loads(line) for line in metrics_path.read_text().splitlines() if line]
-               if metrics_path.exists() else [])
+        launches["resumed"] = _launch("resumed", run_dir, data_dir, args, args.steps, ranks)
+    records = _logged(run_dir)
     evaluation = None
     if launches.get("resumed", {}).get("exit_code") == 0:
         loaded = load_model(run_dir / "checkpoints", device=local_device())
@@ -82,6 +98,7 @@ def run(args) -> int:
         result = evaluate_retrieval(loaded, config)
         evaluation = {"device": str(local_device()), "metrics": result["metrics"],
                       "seconds": result["seconds"]}
+        record_figure("smoke", ds_config=args.ds_config, evaluation=evaluation)
     ok = all(launch["exit_code"] == 0 for launch in launches.values()) and len(launches) == 2
     payload = {"benchmark": "smoke", "environment": environment("cuda" if gpu else "cpu"),
                "setup": {"ds_config": args.ds_config, "model": args.model, "ranks": ranks,

@@ -16,9 +16,11 @@ the first compiled call minus a steady-state step. `--compile-reference` compile
 encoder layers the same way, to show how much of the gap is compilation.
 
 MFU has training's definition (vlp.pipeline.train.metrics): model FLOPs per sample x samples/s /
-peak, the peak a dense square matmul in the step's dtype measured in the same run by the same
-function training uses (measure_peak_flops: 8192^3 with CUDA events on a GPU, 2048^3 on the CPU
-with this process's threads). Our FLOPs come from
+peak, the peak training uses: the GPU's dense datasheet figure in the step's dtype
+(vlp.pipeline.train.peak_flops), else (a CPU, a GPU the table lacks, fp32) a dense square matmul
+in that dtype measured in the same run by the same function training uses (measure_peak_flops:
+8192^3 with CUDA events on a GPU, 2048^3 on the CPU with this process's threads). Our FLOPs come
+from
 models.flops.flops_per_sample; CLIP's are counted by torch's FlopCounterMode on one forward
 (math SDPA, so attention is seen) x 3. They differ by one thing: our encoders' last block only
 computes the pooled CLS position, CLIP's computes every position.
@@ -37,6 +39,7 @@ from vlp.pipeline.bench.common import (
     median,
     median_or_none,
     out_path,
+    record_figure,
     repeats_for,
     resolve_device,
     round_ratio_median,
@@ -198,13 +201,27 @@ def timed_first_step(stepper: Stepper, device: str) -> float:
 
 # ---- the benchmark -----------------------------------------------------------------------------
 
+def step_peak(dtype, device: str, quick: bool) -> tuple[float, str]:
+    """(peak FLOP/s, its source) as training takes it: the datasheet's, else measured."""
+    import torch
+
+    from vlp.pipeline.train.metrics import PEAK_MATMUL_SIZE, measure_peak_flops
+    from vlp.pipeline.train.peak_flops import known_peak
+
+    peak = known_peak(None, torch.device(device), dtype)
+    if peak is not None:
+        return peak.tflops * 1e12, peak.source
+    size = 512 if quick else PEAK_MATMUL_SIZE.get(torch.device(device).type, 2048)
+    return measure_peak_flops(dtype, device=device, size=size), f"measured {size}^3 matmul"
+
+
 def run(args) -> int:
     import torch
 
     from vlp.models.flops import flops_per_sample
     from vlp.models.model import LossWeights, UnifiedModel
     from vlp.pipeline.distributed import fast_bf16
-    from vlp.pipeline.train.metrics import PEAK_MATMUL_SIZE, measure_peak_flops, mfu
+    from vlp.pipeline.train.metrics import mfu
 
     set_threads(args.threads)
     device = resolve_device(args.device)
@@ -248,17 +265,23 @@ def run(args) -> int:
                                                               device)
 
     peak_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    peak_size = 512 if args.quick else PEAK_MATMUL_SIZE.get(torch.device(device).type, 2048)
-    peak = measure_peak_flops(peak_dtype, device=device, size=peak_size)
+    peak, peak_source = step_peak(peak_dtype, device, args.quick)
 
-    timings = interleaved_timings({k: v.step for k, v in variants.items()}, repeats,
-                                  warmup=warmup, device=device)
     flops = {
         ("ours", "ITC"): flops_per_sample(config, global_batch=batch_size, weights=itc_weights),
         ("ours", "ITC+ITM+MLM"): flops_per_sample(config, global_batch=batch_size,
                                                   weights=full_weights),
         ("HF CLIPModel", "ITC"): hf_clip_flops_per_sample(variants["hf_clip_itc"].model, batch),
     }
+
+    def record_round(label: str, r: int, step_s: float) -> None:
+        sps = batch_size / step_s
+        record_figure("train", config=name, batch=batch_size, dtype=args.dtype, variant=label,
+                      round=r, step_s=step_s, samples_per_s=sps,
+                      mfu=mfu(flops[roles[label][:2]], sps, peak))
+
+    timings = interleaved_timings({k: v.step for k, v in variants.items()}, repeats,
+                                  warmup=warmup, device=device, on_time=record_round)
     rows, results = [], {}
     for label, t in timings.items():
         model_name, objective, mode = roles[label]
@@ -313,7 +336,7 @@ def run(args) -> int:
                   "attention": "SDPA (ours: models.attention sdpa; HF: attn_implementation=sdpa)",
                   "compile": compile_mode, "repeats": repeats, "warmup": warmup,
                   "device": device},
-        "peak_flops": {"flops_per_s": peak, "dtype": str(peak_dtype), "matmul_size": peak_size},
+        "peak_flops": {"flops_per_s": peak, "dtype": str(peak_dtype), "source": peak_source},
         "results": results, "summary": summary,
     }
     path = write_json(out_path(args, "train"), payload)
@@ -323,7 +346,7 @@ def run(args) -> int:
          "compile s"],
         rows, title=(f"bench train: {name} (width {config.width}, depth {config.depth}), batch "
                      f"{batch_size}, {payload['setup']['dtype_policy']}, {device}, median of "
-                     f"{repeats}; peak {peak / 1e9:.0f} GFLOP/s ({peak_dtype})")))
+                     f"{repeats}; peak {peak / 1e9:.0f} GFLOP/s ({peak_source})")))
     s = summary
     print(f"ours ITC vs HF CLIP: {s['itc_speedup_vs_hf_clip']['value']:.2f}x samples/s "
           f"(goal >= {GOAL_ITC_SPEEDUP}x: {_met(s['itc_speedup_vs_hf_clip'])}) [{head_itc}; "

@@ -82,7 +82,8 @@ def record_order(config) -> dict:
     # torch.nn.functional.linear for the rest of the process.
     torch.manual_seed(0)
     plain = UnifiedModel(twin_config)
-    _, plain_grad_order = _one_step_order(plain, lambda batch: plain(**batch)["loss"].backward())
+    _, plain_grad_order = _one_step_order(plain, lambda batch: plain(**batch)["loss"].backward(),
+                                          torch.device("cpu"))
 
     torch.manual_seed(0)
     with deepspeed.zero.Init(config_dict_or_path=TWIN_ZERO3):
@@ -94,18 +95,28 @@ def record_order(config) -> dict:
         engine.backward(engine(**batch)["loss"])
         engine.step()
 
-    forward_modules, grad_order = _one_step_order(twin, zero3_step, warmup=2)
+    forward_modules, grad_order = _one_step_order(twin, zero3_step, engine.device, warmup=2)
     engine.destroy()
     return {"numel": {name: p.numel() for name, p in real.named_parameters()},
             "forward_modules": forward_modules, "grad_order": grad_order,
             "plain_grad_order": plain_grad_order, "groups": groups}
 
 
-def _one_step_order(model, step, warmup: int = 0) -> tuple[list[list[str]], list[str]]:
-    """The parameters of each module as forward enters it, and the gradient-ready order, in the
-    step after `warmup` steps (hooks registered last fire in the order of DeepSpeed's own)."""
+def batch_on(device, config, batch: int, dtype=None) -> dict:
+    """A random batch (vlp.pipeline.bench.train.make_batch) for a model whose weights are on
+    `device` (an engine's: cuda:N under the launcher), floating tensors in `dtype` if given."""
     from vlp.pipeline.bench.train import make_batch
 
+    tensors = make_batch(config, batch, device, seed=0)
+    if dtype is None:
+        return tensors
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def _one_step_order(model, step, device, warmup: int = 0) -> tuple[list[list[str]], list[str]]:
+    """The parameters of each module as forward enters it, and the gradient-ready order, in the
+    step after `warmup` steps (hooks registered last fire in the order of DeepSpeed's own); the
+    batch is built on `device`, where the model's weights are."""
     names = {id(p): name for name, p in model.named_parameters()}
     forward_modules, grad_order = [], []
     for module in model.modules():
@@ -113,7 +124,7 @@ def _one_step_order(model, step, warmup: int = 0) -> tuple[list[list[str]], list
         module.register_forward_pre_hook(lambda _m, _args, own=own: forward_modules.append(own))
     for name, param in model.named_parameters():
         param.register_post_accumulate_grad_hook(lambda _p, name=name: grad_order.append(name))
-    batch = make_batch(model.config, 2, "cpu", seed=0)
+    batch = batch_on(device, model.config, 2)
     for _ in range(warmup + 1):
         forward_modules.clear()
         grad_order.clear()
@@ -152,7 +163,6 @@ def time_hooks(config, args, device) -> dict:
     import torch
 
     from vlp.models.model import UnifiedModel
-    from vlp.pipeline.bench.train import make_batch
     from vlp.pipeline.distributed import fast_bf16
     from vlp.pipeline.train.config import find_ds_config
 
@@ -170,9 +180,8 @@ def time_hooks(config, args, device) -> dict:
         model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-4), config=ds_config)
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
     torch.manual_seed(0)
-    plain = UnifiedModel(config).to(device=device, dtype=dtype)  # the engine's weights' dtype
-    batch = make_batch(config, args.batch, device, seed=0)
-    batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+    plain = UnifiedModel(config).to(device=engine.device, dtype=dtype)  # as the engine's weights
+    batch = batch_on(engine.device, config, args.batch, dtype)
     # wall times must include the GPU's work, not only its launch
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -185,19 +194,7 @@ def time_hooks(config, args, device) -> dict:
         engine.backward(engine(**batch)["loss"])
         engine.step()
     plain_pass()
-    zero3_s, plain_s = [], []
-    for _ in range(args.hook_steps):
-        sync()
-        timer.recording = True
-        start = time.perf_counter()
-        engine.backward(engine(**batch)["loss"])
-        sync()
-        zero3_s.append(time.perf_counter() - start)
-        timer.recording = False
-        engine.step()  # the optimizer is not hook work
-        start = time.perf_counter()
-        plain_pass()
-        plain_s.append(time.perf_counter() - start)
+    zero3_s, plain_s = _timed_passes(engine, batch, plain_pass, timer, args, sync)
 
     per_kind = {}
     for name in HOOK_FUNCTIONS:
@@ -213,6 +210,32 @@ def time_hooks(config, args, device) -> dict:
                                       "plain": statistics.median(plain_s)},
             "per_kind": per_kind, "calls": timer.calls}
 
+
+
+def _timed_passes(engine, batch, plain_pass, timer: HookTimer, args, sync):
+    """--hook-steps forward+backward passes under ZeRO-3 (hooks timed), each followed by the
+    plain copy's; every step's figures are recorded as soon as they are measured."""
+    from vlp.pipeline.bench.common import record_figure
+
+    zero3_s, plain_s = [], []
+    for step in range(args.hook_steps):
+        calls_before = len(timer.calls)
+        sync()
+        timer.recording = True
+        start = time.perf_counter()
+        engine.backward(engine(**batch)["loss"])
+        sync()
+        zero3_s.append(time.perf_counter() - start)
+        timer.recording = False
+        engine.step()  # the optimizer is not hook work
+        start = time.perf_counter()
+        plain_pass()
+        plain_s.append(time.perf_counter() - start)
+        step_calls = timer.calls[calls_before:]
+        record_figure("hooks", config=args.config, batch=args.batch, step=step,
+                      zero3_fwd_bwd_s=zero3_s[-1], plain_fwd_bwd_s=plain_s[-1],
+                      hook_calls=len(step_calls), hook_cpu_s=sum(t for _, _, t in step_calls))
+    return zero3_s, plain_s
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -39,7 +39,7 @@ NORM_BYTES = {3: 8, 2: 4}  # the gradient norm DeepSpeed all-reduces: fp64 (stag
 @dataclass(frozen=True)
 class Collective:
     op: str  # DeepSpeed's name: all_gather_into_tensor, reduce_scatter_tensor, all_reduce
-    phase: str  # forward, backward, step
+    phase: str  # forward, backward, step (ITC forward / ITC backward: bench.scaling.itc_gathers)
     elements: int  # the message as the comms logger sizes it, in elements
     dtype_bytes: int
 
@@ -49,7 +49,7 @@ class Collective:
 
     def total_elements(self, world: int) -> int:
         """Elements of the whole collective (an all-gather's output: input x world)."""
-        return self.elements * world if self.op == "all_gather_into_tensor" else self.elements
+        return self.elements * world if self.op.startswith("all_gather") else self.elements
 
 
 @dataclass(frozen=True)

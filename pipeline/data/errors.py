@@ -36,6 +36,14 @@ SKIP_KINDS = {
 }
 
 
+# What the loader counts beside the skips (the same counters, logged as data/shard_reads and
+# data/retries): the reads that the unreadable_shard share is taken of, and the retries behind them.
+READ_COUNTS = {
+    "shard_reads": "shards opened for reading",
+    "read_retries": "ranged reads from an object store that failed and were tried again",
+}
+
+
 class UserError(ValueError):
     """Bad input the user can fix; the message names the value and, where it can, the fix."""
 

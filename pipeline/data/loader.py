@@ -32,7 +32,8 @@ hands out batches round-robin from physical worker 0, so after k consumed batche
 worker p plays logical worker (p + k) % num_workers; the global batch order is then identical.
 
 Skip counts: `skipped_counts()` is cumulative for the run on this rank (restored from the
-checkpoint), summed over workers, with every kind in errors.SKIP_KINDS present.
+checkpoint), summed over workers, with every kind in errors.SKIP_KINDS present; `counts()` adds
+the shard reads and retried requests (errors.READ_COUNTS) the same way.
 
 Shards are webdataset tars (img2dataset / OpenCLIP layouts) read by tar.py, not by webdataset's
 stages: a position needs the shuffle's emitted count, and damage must be seen (tarfile, under
@@ -47,23 +48,25 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from vlp.pipeline.data.errors import SKIP_KINDS, UserError
-from vlp.pipeline.data.manifest import check_shards, count_samples
+from vlp.pipeline.data.errors import READ_COUNTS, SKIP_KINDS, UserError
+from vlp.pipeline.data.manifest import check_hashes, check_shards, count_samples
 from vlp.pipeline.data.negatives import CaptionEditor, load_lexicon
-from vlp.pipeline.data.sources import check_not_all_empty, parse_sources
+from vlp.pipeline.data.sources import ReadSettings, Sources, check_not_all_empty, parse_sources
 from vlp.pipeline.data.stream import ShardStream, StreamSpec
 from vlp.pipeline.data.tokenizer import masking_spec
 from vlp.pipeline.data.transforms import IMAGE_EXTENSIONS, TEXT_EXTENSIONS
 
 STATE_FORMAT = 1
 MAX_AUTO_BLOCK_SHARDS = 16
+T = TypeVar("T")
 
 
 @dataclass
@@ -94,12 +97,28 @@ class DataConfig:
     """Most sample data the shuffle buffer holds (MiB per worker): past it, samples leave the
     buffer early, so shards of large images (or compressed shards) cannot exhaust memory."""
     verify: Literal["size", "sha256", "none"] = "size"
-    """Before training, compare the local shards with manifest.json: size (cheap), or size and
-    sha256 (reads every shard once, shared out between the ranks), or not at all. A shard that
-    changed since `vlp data index` would change the epoch and break exact resume."""
+    """Before training, compare the local shards with manifest.json: size (one stat per shard,
+    on rank 0 alone), or size and sha256 (reads every shard once, shared out between the ranks),
+    or not at all. A shard that changed since `vlp data index` would change the epoch and break
+    exact resume."""
     max_member_mb: float = 16.0
     """Largest image or caption member read into memory (MiB); a sample with a larger one is
     skipped unread (oversized_member)."""
+    read_buffer_mb: float = 1.0
+    """One ranged request to an object store (MiB; the read buffer for http(s) and local
+    shards): a job's request rate is its read throughput / this, so raise it to stay under the
+    store's limit (S3: 5,500 GETs/s per prefix; 64 nodes read about 30 GB/s)."""
+    read_concurrency: int = 1
+    """Ranged requests in flight per shard read from an object store (threads in each loader
+    worker), for stores whose single connection is slower than a worker decodes."""
+    read_retries: int = 3
+    """A failed ranged request is tried again this many times (0.5 s, 1 s, 2 s, ... apart)
+    before its shard counts as unreadable; every retry is counted (data/retries)."""
+    max_unreadable_share: float = 0.05
+    """Stop the run (exit 4) when more than this share of the shard reads failed
+    (data/skipped_unreadable_shard over data/shard_reads, judged from 20 reads on, on logging
+    steps): a store that is down or denies access ends the job with one error instead of
+    training on what is left. 1: never."""
     block_shards: int | None = None
     """Shards shuffled together; also the most a resume re-reads. None: enough shards to hold
     twice the shuffle buffer (from the manifest's mean shard size), at most 16."""
@@ -128,6 +147,14 @@ class DataConfig:
              f"max_member_mb must be a finite number > 0, got {self.max_member_mb}"),
             (0 < self.shuffle_buffer_mb < math.inf,
              f"shuffle_buffer_mb must be a finite number > 0, got {self.shuffle_buffer_mb}"),
+            (1 / 1024 <= self.read_buffer_mb <= 1024,
+             f"read_buffer_mb must be in [1/1024, 1024], got {self.read_buffer_mb}"),
+            (1 <= self.read_concurrency <= 64,
+             f"read_concurrency must be in [1, 64], got {self.read_concurrency}"),
+            (0 <= self.read_retries <= 10,
+             f"read_retries must be in [0, 10], got {self.read_retries}"),
+            (0 <= self.max_unreadable_share <= 1,
+             f"max_unreadable_share must be in [0, 1], got {self.max_unreadable_share}"),
             (self.block_shards is None or self.block_shards >= 1,
              f"block_shards must be >= 1 or null, got {self.block_shards}"),
             (0.0 < self.mlm_probability < 1.0,
@@ -187,7 +214,7 @@ class TrainLoader:
             yield batch
 
     def _start(self) -> Iterator[dict]:
-        self._base_skipped = self.skipped_counts()  # new workers count from zero
+        self._base_skipped = self.counts()  # new workers count from zero
         self._worker_skipped = {}
         self.stream.positions = {w: tuple(p) for w, p in self._positions.items()}
         self.stream.batches_consumed = self._batches_consumed
@@ -209,13 +236,18 @@ class TrainLoader:
         self._worker_skipped[expected] = batch["skipped"]
         self._batches_consumed += 1
 
-    def skipped_counts(self) -> dict[str, int]:
-        """Samples (or shard reads) skipped so far on this rank, by kind; all kinds present."""
-        total = dict.fromkeys(SKIP_KINDS, 0)
+    def counts(self) -> dict[str, int]:
+        """The skips (errors.SKIP_KINDS) and reads (errors.READ_COUNTS) so far on this rank;
+        every kind present."""
+        total = dict.fromkeys([*SKIP_KINDS, *READ_COUNTS], 0)
         for counts in (self._base_skipped, *self._worker_skipped.values()):
             for kind, n in counts.items():
                 total[kind] = total.get(kind, 0) + n
         return total
+
+    def skipped_counts(self) -> dict[str, int]:
+        """Samples (or shard reads) skipped so far on this rank, by kind; all kinds present."""
+        return {kind: n for kind, n in self.counts().items() if kind not in READ_COUNTS}
 
     def state_dict(self) -> dict:
         """This rank's position (JSON-serialisable); ranks differ, so save one per rank."""
@@ -224,7 +256,7 @@ class TrainLoader:
             "stream": _stream_identity(self.stream.spec),
             "batches_consumed": self._batches_consumed,
             "positions": {str(w): list(p) for w, p in sorted(self._positions.items())},
-            "skipped": self.skipped_counts(),
+            "skipped": self.counts(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -287,12 +319,90 @@ def _stream_identity(spec: StreamSpec) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class ShardPlan:
+    """The checked shards of a job and their sample counts, the same on every rank."""
+
+    sources: Sources
+    counts: dict[str, int]
+
+
 def build_train_loader(config: DataConfig, tokenizer, *, batch_size: int, seed: int,
                        image_size: int, max_text_len: int, rank: int,
                        world_size: int) -> TrainLoader:
-    """Validate everything that can be checked up front, then build the (lazy) loader."""
+    """Validate everything that can be checked up front, then build the (lazy) loader.
+
+    Under torch.distributed the shard checks (plan_shards: a stat of every local shard, the
+    manifests) run on rank 0 alone and the others receive the result: at 64 nodes every rank
+    checking 41k shards made 21M stat calls on the shared file system at start-up. With
+    verify=sha256 each rank still hashes its share."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise UserError(f"rank {rank} is not in a world of size {world_size}")
+    plan = on_rank0(lambda: plan_shards(config, batch_size, world_size))
+    if config.verify == "sha256":
+        check_hashes(plan.sources.all_urls, part=(rank, world_size))
+    counts = plan.counts
+    spec = StreamSpec(
+        sources=plan.sources.urls,
+        weights=tuple(config.weights) if config.weights else None,
+        resampled=config.sampling == "resampled", seed=seed, rank=rank, world_size=world_size,
+        num_workers=max(1, config.num_workers),
+        block_shards=config.block_shards or _auto_block_shards(counts, config.shuffle_buffer),
+        shuffle_buffer=config.shuffle_buffer,
+        shuffle_buffer_bytes=int(config.shuffle_buffer_mb * 2**20),
+        max_member_bytes=int(config.max_member_mb * 2**20),
+        batch_size=batch_size,
+        image_size=image_size, max_text_len=max_text_len,
+        image_keys=tuple(k.lower() for k in config.image_keys),
+        caption_key=config.caption_key.lower(),
+        masking=masking_spec(tokenizer, config.mlm_probability),
+        editor=(CaptionEditor(load_lexicon(config.lexicon),
+                              class_weights=config.edit_class_weights)
+                if config.edited_negatives else None),
+        reading=ReadSettings(int(config.read_buffer_mb * 2**20), config.read_concurrency,
+                             config.read_retries))
+    return TrainLoader(ShardStream(spec, tokenizer), config.num_workers, config.prefetch_factor)
+
+
+class UnreadableShards(RuntimeError):
+    """More of the shard reads failed than data.max_unreadable_share allows."""
+
+
+MIN_READS_JUDGED = 20  # fewer reads say little: one failure in 3 is not a broken store
+
+
+def check_readable(counts: dict[str, int], max_share: float) -> None:
+    """UnreadableShards when more than `max_share` of the shard reads in `counts` (the loader's
+    counts, summed over ranks) failed, once there are MIN_READS_JUDGED of them."""
+    reads, failed = counts["shard_reads"], counts["unreadable_shard"]
+    if reads >= MIN_READS_JUDGED and failed > max_share * reads:
+        raise UnreadableShards(
+            f"{failed} of {reads} shard reads failed ({failed / reads:.0%}, more than "
+            f"data.max_unreadable_share={max_share:g}; {counts['read_retries']} retried "
+            "requests): the store or file system is failing. Check its endpoint, credentials "
+            "and request-rate limits (data.read_buffer_mb sets the request size), then resume.")
+
+
+def on_rank0(fn: Callable[[], T]) -> T:
+    """fn() on rank 0 alone when torch.distributed runs, its result broadcast to every rank; a
+    UserError it raises is raised on every rank. Without a process group: fn()."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return fn()
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [fn()]
+        except UserError as exc:
+            box = [exc]
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], UserError):
+        raise box[0]
+    return box[0]
+
+
+def plan_shards(config: DataConfig, batch_size: int, world_size: int) -> ShardPlan:
+    """Expand the shard patterns, check the shards against their manifests (data.verify: the
+    size of each) and count the samples; UserError naming the first problem."""
     sources = parse_sources(config.shards)
     urls = sources.all_urls
     resampled = config.sampling == "resampled"
@@ -309,30 +419,13 @@ def build_train_loader(config: DataConfig, tokenizer, *, batch_size: int, seed: 
         raise UserError(f"data.weights {config.weights} must be {len(sources.urls)} numbers, "
                         "one per '::'-separated source")
     check_not_all_empty(urls)
-    check_shards(urls, config.verify, part=(rank, world_size))
+    check_shards(urls, config.verify)
     counts = count_samples(urls)
     samples = sum(counts.values())
     if samples < batch_size * world_size:
         raise UserError(f"an epoch of {samples} samples is less than one step of batch_size "
                         f"{batch_size} x {world_size} ranks; lower optim.batch_size")
-    spec = StreamSpec(
-        sources=sources.urls,
-        weights=tuple(config.weights) if config.weights else None,
-        resampled=resampled, seed=seed, rank=rank, world_size=world_size,
-        num_workers=max(1, config.num_workers),
-        block_shards=config.block_shards or _auto_block_shards(counts, config.shuffle_buffer),
-        shuffle_buffer=config.shuffle_buffer,
-        shuffle_buffer_bytes=int(config.shuffle_buffer_mb * 2**20),
-        max_member_bytes=int(config.max_member_mb * 2**20),
-        batch_size=batch_size,
-        image_size=image_size, max_text_len=max_text_len,
-        image_keys=tuple(k.lower() for k in config.image_keys),
-        caption_key=config.caption_key.lower(),
-        masking=masking_spec(tokenizer, config.mlm_probability),
-        editor=(CaptionEditor(load_lexicon(config.lexicon),
-                              class_weights=config.edit_class_weights)
-                if config.edited_negatives else None))
-    return TrainLoader(ShardStream(spec, tokenizer), config.num_workers, config.prefetch_factor)
+    return ShardPlan(sources, counts)
 
 
 def _auto_block_shards(counts: dict[str, int], shuffle_buffer: int) -> int:

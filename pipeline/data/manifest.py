@@ -2,8 +2,8 @@
 sample count, size, sha256 and img2dataset stats) and OpenCLIP's `sizes.json`.
 
 The loader takes its epoch length and rank/worker split from here, so both must be exact, and
-checks the shards against it before training (`check_shards`): a shard replaced since it was
-indexed would silently change the epoch and break exact resume.
+checks the shards against it before training (`check_shards`, `check_hashes`): a shard replaced
+since it was indexed would silently change the epoch and break exact resume.
 """
 from __future__ import annotations
 
@@ -106,25 +106,39 @@ def count_samples(urls: list[str]) -> dict[str, int]:
     return counts
 
 
-def check_shards(urls: list[str], verify: str, part: tuple[int, int] = (0, 1)) -> None:
-    """Compare local shards with their manifest entries: the size of every one (verify "size"
-    or "sha256"), and the sha256 of `part` = (i, n) of them (verify "sha256"; n ranks share the
-    reading). UserError naming the first shard that differs. Shards with no manifest entry
+def check_shards(urls: list[str], verify: str) -> None:
+    """Compare the size of every local shard with its manifest entry (verify "size" or
+    "sha256"); UserError naming the first shard that differs. Shards with no manifest entry
     (OpenCLIP's sizes.json has no sizes), http(s) shards and object storage are not checked."""
     if verify == "none":
         return
     cache: dict = {}
-    local = [url for url in urls if url_scheme(url) in ("", "file")]
-    hashed = set(local[part[0]::part[1]]) if verify == "sha256" else set()
-    for url in local:
-        entry = (_shard_entries(url, cache) or {}).get(url.rsplit("/", 1)[-1], {})
-        path = local_path(url)
-        if "bytes" in entry and os.path.getsize(path) != entry["bytes"]:
-            _changed(url, f"has {os.path.getsize(path)} bytes, the manifest {entry['bytes']}")
-        if url in hashed and "sha256" in entry:
-            with open(path, "rb") as f:
+    for url in _local(urls):
+        entry = _entry(url, cache)
+        if "bytes" in entry and os.path.getsize(local_path(url)) != entry["bytes"]:
+            _changed(url, f"has {os.path.getsize(local_path(url))} bytes, the manifest "
+                          f"{entry['bytes']}")
+
+
+def check_hashes(urls: list[str], part: tuple[int, int] = (0, 1)) -> None:
+    """Compare the sha256 of `part` = (i, n) of the local shards with their manifest entries
+    (verify "sha256": n ranks share the reading); UserError naming the first that differs."""
+    cache: dict = {}
+    for url in _local(urls)[part[0]::part[1]]:
+        entry = _entry(url, cache)
+        if "sha256" in entry:
+            with open(local_path(url), "rb") as f:
                 if hashlib.file_digest(f, "sha256").hexdigest() != entry["sha256"]:
                     _changed(url, "has the manifest's size but not its sha256")
+
+
+def _local(urls: list[str]) -> list[str]:
+    return [url for url in urls if url_scheme(url) in ("", "file")]
+
+
+def _entry(url: str, cache: dict) -> dict:
+    """The shard's manifest entry ({} when there is none)."""
+    return (_shard_entries(url, cache) or {}).get(url.rsplit("/", 1)[-1], {})
 
 
 def _changed(url: str, what: str) -> None:

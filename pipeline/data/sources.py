@@ -13,6 +13,7 @@ import os
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from webdataset.shardlists import expand_urls
@@ -28,7 +29,6 @@ from vlp.pipeline.data.object_store import (
 
 REMOTE_SCHEMES = ("http", "https")
 HTTP_TIMEOUT_S = 60
-READ_BUFFER = 1 << 20
 # An http(s) shard arriving slower than this on average, once RATE_GRACE_S have passed, is given
 # up (unreadable_shard): the per-read timeout alone lets one byte every few seconds hold a reader,
 # and every rank waiting on it, until the distributed timeout.
@@ -60,6 +60,17 @@ class RateGuardedResponse(io.RawIOBase):
     def close(self) -> None:
         self.response.close()
         super().close()
+
+
+@dataclass(frozen=True)
+class ReadSettings:
+    """How a shard is read: `buffer_bytes` per read (a ranged request in an object store, the
+    buffer of an http(s) or local stream); in an object store `concurrency` ranged reads in
+    flight and `retries` more tries of a failed one (object_store.RangedObject)."""
+
+    buffer_bytes: int = 1 << 20
+    concurrency: int = 1
+    retries: int = 0
 
 
 @dataclass(frozen=True)
@@ -139,15 +150,18 @@ def url_scheme(url: str) -> str:
     return "" if len(scheme) <= 1 else scheme.lower()  # "C:" is a drive letter, not a scheme
 
 
-def open_shard(url: str):
-    """A binary stream of the shard's tar bytes (gunzipped for .tar.gz / .tgz)."""
+def open_shard(url: str, reading: ReadSettings = ReadSettings(),
+               on_retry: Callable[[], None] = lambda: None):
+    """A binary stream of the shard's tar bytes (gunzipped for .tar.gz / .tgz); `on_retry()` for
+    each retried ranged read from an object store."""
+    buffer = reading.buffer_bytes
     if url_scheme(url) in REMOTE_SCHEMES:
         response = urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)
-        stream = io.BufferedReader(RateGuardedResponse(url, response), READ_BUFFER)
+        stream = io.BufferedReader(RateGuardedResponse(url, response), buffer)
     elif is_object_url(url):
-        stream = open_object(url, READ_BUFFER)
+        stream = open_object(url, buffer, reading.concurrency, reading.retries, on_retry)
     else:
-        stream = open(local_path(url), "rb", buffering=READ_BUFFER)
+        stream = open(local_path(url), "rb", buffering=buffer)
     if url.endswith((".gz", ".tgz")):
         return gzip.GzipFile(fileobj=stream, mode="rb")
     return stream

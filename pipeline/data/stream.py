@@ -20,6 +20,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from vlp.pipeline.data.errors import BadData
 from vlp.pipeline.data.negatives import CaptionEditor
+from vlp.pipeline.data.sources import ReadSettings
 from vlp.pipeline.data.tar import SkipCounter, iter_samples
 from vlp.pipeline.data.tokenizer import tokenize
 from vlp.pipeline.data.transforms import (
@@ -60,6 +61,7 @@ class StreamSpec:
     caption_key: str
     masking: MaskingSpec
     editor: CaptionEditor | None = None  # edited-caption hard negatives (negatives.py)
+    reading: ReadSettings = ReadSettings()  # ranged-read size, concurrency and retries
 
     @property
     def all_urls(self) -> list[str]:
@@ -176,7 +178,8 @@ def iter_raw(spec: StreamSpec, worker: int, start: Position, skipped: SkipCounte
     def read(urls):
         for url in urls:
             guard.visit(url, skipped)
-            yield from iter_samples(url, wanted, skipped, spec.max_member_bytes)
+            skipped.add("shard_reads")
+            yield from iter_samples(url, wanted, skipped, spec.max_member_bytes, spec.reading)
 
     for block in iter_blocks(spec, worker, epoch, index):
         if stop_epoch is not None and block.epoch >= stop_epoch:

@@ -35,7 +35,7 @@ import numpy as np
 
 from vlp.pipeline.data.errors import BadData
 from vlp.pipeline.data.files import require_dir
-from vlp.pipeline.data.sources import open_shard
+from vlp.pipeline.data.sources import ReadSettings, open_shard
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +78,13 @@ class SkipCounter:
 
 
 def iter_samples(url: str, wanted: frozenset[str], skipped: SkipCounter,
-                 max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[dict]:
-    """Yield {"__key__": key, ext: bytes, ...} per sample of one shard; never raises for bad data."""
+                 max_member_bytes: int = MAX_MEMBER_BYTES,
+                 reading: ReadSettings = ReadSettings()) -> Iterator[dict]:
+    """Yield {"__key__": key, ext: bytes, ...} per sample of one shard; never raises for bad data.
+    Retried reads from an object store are counted in `skipped` as read_retries."""
     try:
-        yield from read_samples(url, wanted, skipped, max_member_bytes=max_member_bytes)
+        yield from read_samples(url, wanted, skipped, max_member_bytes=max_member_bytes,
+                                reading=reading)
     except BadData as exc:  # the pending sample may be incomplete: it was dropped
         skipped.shard_failed(url, exc.kind, str(exc))
 
@@ -89,14 +92,14 @@ def iter_samples(url: str, wanted: frozenset[str], skipped: SkipCounter,
 def read_samples(
     url: str, wanted: frozenset[str] | None, skipped: SkipCounter,
     spans: frozenset[str] = frozenset(), max_member_bytes: int = MAX_MEMBER_BYTES,
-    keep_oversized: bool = False,
+    keep_oversized: bool = False, reading: ReadSettings = ReadSettings(),
 ) -> Iterator[dict]:
     """Like `iter_samples`, but a damaged or unreadable shard raises BadData, whose `kind`
     names the skip ("corrupt_tar", "unreadable_shard", "empty_shard"); the sample being read at
     that point is dropped, since its remaining members may be lost. Members with an extension in
     `spans` come as MemberSpan instead of bytes (offsets are only usable in an uncompressed tar)."""
     try:
-        stream = open_shard(url)
+        stream = open_shard(url, reading, on_retry=lambda: skipped.add("read_retries"))
     except (OSError, http.client.HTTPException) as exc:
         raise BadData("unreadable_shard", f"cannot open: {exc}") from exc
     with stream:

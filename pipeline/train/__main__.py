@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from vlp.pipeline.distributed import shutdown_distributed
+from vlp.pipeline.distributed import adopt_handed_over_devices, shutdown_distributed
 from vlp.pipeline.train.status import keep_one_copy_of_warnings
 from vlp.pipeline.train.trainer import train
 
@@ -19,7 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", help="shorthand for --set checkpoint.resume=MODE")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by deepspeed
     args = parser.parse_args(argv)
-    # before DeepSpeed is imported; srun sets SLURM_PROCID, launchers RANK
+    # before DeepSpeed is imported (it asks CUDA for its devices); srun sets SLURM_PROCID,
+    # launchers RANK
+    adopt_handed_over_devices()
     keep_one_copy_of_warnings(int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))))
     overrides = list(args.set) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     try:

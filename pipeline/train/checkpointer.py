@@ -49,12 +49,18 @@ _OURS = re.compile(rf"{TAG_PREFIX}\d+(?P<leftover>({re.escape(UNIVERSAL_SUFFIX)}
                    rf"{re.escape(DELETING_SUFFIX)})?")
 
 
+# Each rank's own part of a tag (loader position, RNG states), written by that rank alone: under
+# ZeRO-1/2 only rank 0 writes DeepSpeed's model-states file (and its client_state).
+RANK_STATE_FILE = "vlp_rank{rank}.json"
+
+
 class Checkpointer:
     """Saves and restores one run's checkpoints in `ckpt_dir`.
 
-    `shared_state()` returns what every rank agrees on (counters); `rank_state()` this rank's
-    own part (loader position, RNG states), gathered from every rank so each resumes its own.
-    `metadata` maps file names to the text written into each tag (config.json, tokenizer.json).
+    `shared_state()` returns what every rank agrees on (counters), saved in DeepSpeed's
+    client_state; `rank_state()` this rank's own part (loader position, RNG states), saved in the
+    tag's RANK_STATE_FILE of this rank and read back by `rank_state_in`. `metadata` maps file
+    names to the text written into each tag (config.json, tokenizer.json).
     """
 
     def __init__(self, engine, ckpt_dir: Path, *, every_steps: int, keep_last: int,
@@ -79,12 +85,9 @@ class Checkpointer:
 
     def save(self, step: int) -> Path:
         """Save on all ranks; publish and prune on rank 0."""
-        per_rank = [None] * dist.get_world_size()
-        dist.all_gather_object(per_rank, self.rank_state())
-        client_state = {**self.shared_state(), "step": step, "world_size": dist.get_world_size(),
-                        "ranks": per_rank}
+        client_state = {**self.shared_state(), "step": step, "world_size": dist.get_world_size()}
         return save_checkpoint(self.engine, self.ckpt_dir, step, client_state, self.metadata,
-                               self.keep_last, self._hook(step))
+                               self.keep_last, self._hook(step), rank_state=self.rank_state())
 
     def _hook(self, step: int):
         if self.before_publish is None:
@@ -105,11 +108,22 @@ class Checkpointer:
         return client_state
 
 
+def rank_state_in(tag_dir: Path, rank: int, client_state: dict) -> dict:
+    """What rank `rank` saved of its own in `tag_dir` (`client_state`: the tag's, which held
+    every rank's part in tags written before the per-rank files)."""
+    path = Path(tag_dir) / RANK_STATE_FILE.format(rank=rank)
+    if not path.exists() and "ranks" in client_state:
+        return client_state["ranks"][rank]
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, metadata_files: dict,
-                    keep_last: int, before_publish: Callable[[Path], None] | None = None) -> Path:
+                    keep_last: int, before_publish: Callable[[Path], None] | None = None,
+                    rank_state: dict | None = None) -> Path:
     """Save on all ranks; publish the tag and prune old ones on rank 0. Returns the tag dir.
 
-    `metadata_files` maps a file name to the text to write into the tag (config, tokenizer).
+    `metadata_files` maps a file name to the text to write into the tag (config, tokenizer);
+    `rank_state`, this rank's own state, goes to its RANK_STATE_FILE.
     `before_publish` is called on rank 0 with the partial tag directory once every file but
     vlp_state.json is written (fault-injection tests kill the process there).
     """
@@ -123,6 +137,8 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, metad
     # so the tag consolidates to exactly the trained model.
     engine.save_checkpoint(str(ckpt_dir), tag=partial_dir.name, client_state=client_state,
                            save_latest=False, exclude_frozen_parameters=True)
+    if rank_state is not None:
+        (partial_dir / RANK_STATE_FILE.format(rank=rank)).write_text(json.dumps(rank_state))
     if rank == 0:
         for name, text in metadata_files.items():
             (partial_dir / name).write_text(text)

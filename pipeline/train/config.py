@@ -247,7 +247,14 @@ class TrainConfig:
     seed: int = 0
     """Initial weights, data order, masks and negatives all derive from it."""
     dist_timeout_s: int = 300
-    """Collective timeout: a dead rank ends the job instead of hanging it (at most a week)."""
+    """Collective timeout at start-up (until a launch's first step is done) and while a
+    checkpoint is saved: a dead rank ends the job instead of hanging it (at most a week)."""
+    step_timeout_s: int | None = None
+    """Collective timeout of the steps after the first (pipeline/train/heartbeat.py): a hang
+    then ends the job in this time, not dist_timeout_s. None: dist_timeout_s throughout."""
+    heartbeat_every_s: float = 10.0
+    """Each rank writes run_dir/heartbeat/rank_{R}.json this often (its step and phase); rank 0
+    reports a rank that stops writing or stays in one phase past half its timeout. 0: off."""
     dist_backend: str | None = None
     """torch.distributed backend; None: nccl on CUDA, gloo on CPU. Per device type with e.g.
     'cpu:gloo,cuda:nccl'."""
@@ -266,6 +273,11 @@ class TrainConfig:
             (self.dist_timeout_s <= MAX_DIST_TIMEOUT_S,
              f"dist_timeout_s must be at most {MAX_DIST_TIMEOUT_S} (a week), got "
              f"{self.dist_timeout_s}"),
+            (self.step_timeout_s is None or 1 <= self.step_timeout_s <= self.dist_timeout_s,
+             f"step_timeout_s must be in [1, dist_timeout_s={self.dist_timeout_s}] or null, got "
+             f"{self.step_timeout_s}"),
+            (_finite(self.heartbeat_every_s) and self.heartbeat_every_s >= 0,
+             f"heartbeat_every_s must be >= 0 (0: off), got {self.heartbeat_every_s}"),
             (self.dist_backend is None or _BACKEND.fullmatch(self.dist_backend) is not None,
              f"dist_backend {self.dist_backend!r} must be a backend name (nccl, gloo) or "
              "device:backend pairs such as 'cpu:gloo,cuda:nccl'"),

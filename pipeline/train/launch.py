@@ -7,20 +7,26 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 TRAIN_MODULE = "vlp.pipeline.train"
+# Exit codes a restart would only repeat (vlp.pipeline.train.trainer.train): done, bad input,
+# non-finite loss (the same batches again)
+FINAL_EXIT_CODES = (0, 2, 3)
 CPU_DEFAULT_RANKS = 2
 HOSTFILE_LINE = re.compile(r"(?P<host>\S+)\s+slots=(?P<slots>\d+)")
 
 
-def device_selection(nproc: int | None) -> list[str]:
-    """Launcher flags choosing this node's ranks.
+class Selection(NamedTuple):
+    """This node's ranks as the launcher line chooses them."""
 
-    On a GPU node the ranks default to every visible GPU, and CUDA_VISIBLE_DEVICES is respected:
-    the launcher would otherwise drop it and use GPUs 0..N-1 (`--num_accelerators`), so a subset
-    is passed as `--include localhost:<ids>` instead. Asking for more ranks than visible GPUs is
-    an error. On a CPU node the default is 2 ranks.
-    """
+    env: list[str]  # an `env ...` prefix for the launcher, or nothing
+    flags: list[str]  # launcher flags
+
+
+def device_selection(nproc: int | None) -> Selection:
+    """The launcher line's choice of this node's ranks: every visible GPU by default (an error
+    to ask for more), 2 ranks on a CPU node."""
     import torch
 
     from vlp.pipeline.data.errors import UserError
@@ -28,17 +34,35 @@ def device_selection(nproc: int | None) -> list[str]:
     if nproc is not None and nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {nproc}")
     if not torch.cuda.is_available():
-        return ["--num_accelerators", str(nproc or CPU_DEFAULT_RANKS)]
+        return Selection([], ["--num_accelerators", str(nproc or CPU_DEFAULT_RANKS)])
     visible = torch.cuda.device_count()
     if nproc is not None and nproc > visible:
         raise UserError(f"--nproc {nproc} but this node has {visible} visible GPU(s) "
                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
-    ids = [i for i in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if i.strip()]
-    if nproc is None or nproc == visible:
-        return []  # the launcher takes every visible GPU, honouring CUDA_VISIBLE_DEVICES
+    return gpu_selection(nproc or visible, visible, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def gpu_selection(ranks: int, visible: int, visible_devices: str | None) -> Selection:
+    """`ranks` of the `visible` GPUs that CUDA_VISIBLE_DEVICES (`visible_devices`) names.
+
+    DeepSpeed's runner drops CUDA_VISIBLE_DEVICES and gives the ranks `--include` slots (or
+    0..N-1 with `--num_accelerators`) as integer ids; without either flag it turns the variable
+    into `--include`. GPU ordinals pass that way. UUIDs (GPU-..., MIG-...) do not parse as slots,
+    so they travel past the launcher in VISIBLE_DEVICES_HANDOVER, which each rank restores
+    (vlp.pipeline.distributed.adopt_handed_over_devices), and the launcher only counts ranks.
+    """
+    from vlp.pipeline.distributed import VISIBLE_DEVICES_HANDOVER
+
+    ids = [i.strip() for i in (visible_devices or "").split(",") if i.strip()]
+    if ids and not all(i.isdigit() for i in ids):
+        handover = f"{VISIBLE_DEVICES_HANDOVER}={','.join(ids[:ranks])}"
+        return Selection(["env", "-u", "CUDA_VISIBLE_DEVICES", handover],
+                         ["--num_accelerators", str(ranks)])
+    if ranks == visible:
+        return Selection([], [])  # the runner takes every visible GPU, as --include
     if ids:
-        return ["--include", "localhost:" + ",".join(ids[:nproc])]
-    return ["--num_accelerators", str(nproc)]
+        return Selection([], ["--include", "localhost:" + ",".join(ids[:ranks])])
+    return Selection([], ["--num_accelerators", str(ranks)])
 
 
 def rendezvous_port(master_port: int | None, multi_node: bool) -> int:
@@ -65,15 +89,15 @@ def launcher_command(recipe: str | None, overrides: list[str], *, master_port: i
 
     The launcher (what the `deepspeed` script runs) is started with this interpreter, so the
     ranks run the same Python environment as `vlp` itself."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(master_port)]
+    selection = Selection([], []) if hostfile else device_selection(nproc)
+    cmd = [*selection.env, sys.executable, "-m", "deepspeed.launcher.runner",
+           "--master_port", str(master_port), *selection.flags]
     if hostfile:
         cmd += ["--hostfile", hostfile]
         if master_addr:
             cmd += ["--master_addr", master_addr]
         if node_rank is not None:  # one launcher per node, no ssh (e.g. started by a scheduler)
             cmd += ["--no_ssh", "--node_rank", str(node_rank)]
-    else:
-        cmd += device_selection(nproc)
     cmd += ["--module", TRAIN_MODULE]
     if recipe:
         cmd += ["--recipe", recipe]
@@ -85,7 +109,33 @@ def launcher_command(recipe: str | None, overrides: list[str], *, master_port: i
 
 
 def run_training(recipe: str | None, overrides: list[str], master_port: int | None = None,
-                 **launch) -> int:
+                 max_restarts: int = 0, run_dir: str | None = None, **launch) -> int:
+    """Run the launcher to completion; returns its exit code. A launch that fails for another
+    reason than FINAL_EXIT_CODES (a killed or hung rank, a lost node) is started again, at most
+    `max_restarts` times, resuming from the newest valid checkpoint in `run_dir`."""
+    code = launch_once(recipe, overrides, master_port, **launch)
+    for restart in range(1, max_restarts + 1):
+        if code in FINAL_EXIT_CODES:
+            break
+        launch = dict(launch, resume=restart_resume(run_dir, launch.get("resume")))
+        print(f"vlp train: the launcher exited {code}; restart {restart} of {max_restarts} "
+              f"(--resume {launch['resume']})", file=sys.stderr, flush=True)
+        code = launch_once(recipe, overrides, master_port, **launch)
+    return code
+
+
+def restart_resume(run_dir: str | None, resume: str | None) -> str | None:
+    """How a restart resumes: from the newest checkpoint that validates, once the run has one
+    (a tag being written when the job died is never used); before that as first asked."""
+    from vlp.pipeline.data.checkpoints import complete_tags
+
+    if run_dir and complete_tags(Path(run_dir) / "checkpoints"):
+        return "latest-valid"
+    return resume
+
+
+def launch_once(recipe: str | None, overrides: list[str], master_port: int | None = None,
+                **launch) -> int:
     """Run the launcher to completion (`master_port`: see rendezvous_port); returns its exit
     code. Dead jobs' shared-memory buffers are removed first, and this job's when it ends."""
     from vlp.pipeline.distributed import remove_shm_buffers, remove_stale_shm_buffers
@@ -155,6 +205,8 @@ def check_launch_flags(args) -> None:
                         "the ranks of each node")
     if args.node_rank is not None and not args.master_addr:
         raise UserError("--node-rank needs --master-addr (an address of node 0 every node reaches)")
+    if args.max_restarts < 0:
+        raise UserError(f"--max-restarts must be >= 0, got {args.max_restarts}")
 
 
 def print_keys() -> None:
@@ -185,7 +237,8 @@ def _cmd_train(args) -> int:
               f"(run_dir {cfg.run_dir}); the launch command:", file=sys.stderr)
         print(shlex.join(launcher_command(args.recipe, args.set, master_port=port, **launch)))
         return 0
-    return run_training(args.recipe, args.set, master_port=args.master_port, **launch)
+    return run_training(args.recipe, args.set, master_port=args.master_port,
+                        max_restarts=args.max_restarts, run_dir=cfg.run_dir, **launch)
 
 
 def register(subparsers) -> None:
@@ -220,6 +273,10 @@ def register(subparsers) -> None:
     p.add_argument("--node-rank", type=int,
                    help="start only this node's ranks, without ssh (run once per node; with "
                         "--hostfile and --master-addr)")
+    p.add_argument("--max-restarts", type=int, default=0, metavar="N",
+                   help="start the launcher again, at most N times, when it fails (a killed or "
+                        "hung rank; not for bad input or a non-finite loss), resuming from the "
+                        "newest valid checkpoint (default 0)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the whole run, print the launcher command and exit")
     p.add_argument("--list-keys", action="store_true",

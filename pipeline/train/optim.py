@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import types
 
 import torch
 
@@ -38,17 +39,25 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimSection, offload: bool):
 
 
 def _skipping_cpu_adam(groups, **kwargs):
+    """DeepSpeed's CPU Adam whose step does nothing while `found_inf` holds 1.0.
+
+    The skip replaces this instance's `step` (with a bound method, as torch's LR scheduler
+    expects) instead of subclassing: ZeRO accepts only the exact class (`type(optimizer) in
+    ZERO_SUPPORTED_OPTIMIZERS`, runtime/zero/utils.py) and refuses a subclass at
+    deepspeed.initialize as an untested optimizer."""
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-    class SkippingCPUAdam(DeepSpeedCPUAdam):
-        found_inf: torch.Tensor | None = None
+    optimizer = DeepSpeedCPUAdam(groups, **kwargs)
+    optimizer.found_inf = None
+    update = optimizer.step
 
-        def step(self, *args, **step_kwargs):
-            if self.found_inf is not None and bool(self.found_inf):
-                return None
-            return super().step(*args, **step_kwargs)
+    def step(self, *args, **step_kwargs):
+        if self.found_inf is not None and bool(self.found_inf):
+            return None
+        return update(*args, **step_kwargs)
 
-    return SkippingCPUAdam(groups, **kwargs)
+    optimizer.step = types.MethodType(step, optimizer)
+    return optimizer
 
 
 def warmup_cosine(step: int, cfg: OptimSection) -> float:

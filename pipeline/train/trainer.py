@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -30,18 +31,21 @@ from vlp.pipeline.data.checkpoints import (
     resolve_resume,
     validate_tag,
 )
-from vlp.pipeline.data.errors import UserError, error_line
+from vlp.pipeline.data.errors import READ_COUNTS, SKIP_KINDS, UserError, error_line
 from vlp.pipeline.data.files import write_json_atomic
+from vlp.pipeline.data.loader import UnreadableShards, check_readable
 from vlp.pipeline.data.model_loading import load_float_model
 from vlp.pipeline.distributed import fast_bf16, init_distributed
-from vlp.pipeline.train.checkpointer import Checkpointer, clear_checkpoints
+from vlp.pipeline.train.checkpointer import Checkpointer, clear_checkpoints, rank_state_in
 from vlp.pipeline.train.comms import CommsRecorder, comms_logging_enabled
 from vlp.pipeline.train.config import TrainConfig, load_train_config, read_ds_config
 from vlp.pipeline.train.faults import FaultInjector
+from vlp.pipeline.train.heartbeat import HangGuard
 from vlp.pipeline.train.metrics import MetricsLogger, MetricsMeter, measure_peak_flops
 from vlp.pipeline.train.optim import build_optimizer, build_scheduler
 from vlp.pipeline.train.peak_flops import Peak, known_peak
 from vlp.pipeline.train.rng import get_rng_state, set_rng_state
+from vlp.pipeline.train.shared_dir import check_shared_run_dir
 from vlp.pipeline.train.status import Progress
 from vlp.pipeline.train.step import TrainStep
 
@@ -162,6 +166,9 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.rank, self.world, self.device = init_distributed(cfg.dist_timeout_s, cfg.dist_backend)
         self.is_main = self.rank == 0
+        check_shared_run_dir(self.run_dir)  # before any rank looks for a checkpoint
+        self.guard = HangGuard(self.run_dir, self.rank, self.world, cfg.dist_timeout_s,
+                               cfg.step_timeout_s, cfg.heartbeat_every_s)
         ckpt_dir = self.run_dir / "checkpoints"
         inputs = prepare_inputs(cfg, self.rank, self.world, validate=self._validate_together)
         resume_tag, universal = inputs.resume_tag, inputs.universal
@@ -169,11 +176,7 @@ class Trainer:
         model_config, ds_config = inputs.model_config, inputs.ds_config
         if resume_tag is None:
             self._clear_overwritten(ckpt_dir)
-        if ds_config.get("bf16", {}).get("enabled") and not fast_bf16(self.device):
-            ds_config["bf16"]["enabled"] = False
-            if self.is_main:
-                print(f"{cfg.ds_config} asks for bf16, but this {self.device.type} has no native "
-                      "bf16 matmul (about 60x slower than fp32 here): training in fp32", flush=True)
+        self._fall_back_from_emulated_bf16(ds_config)
         zero = ds_config.get("zero_optimization", {})
         offload = zero.get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -220,6 +223,8 @@ class Trainer:
             peak_flops_total=self._peak_flops(dtype), device=self.device)
 
         self.step = 0
+        self.save_seconds: dict[int, float] = {}  # this launch's checkpoint saves
+        self.logged_saves = -1  # the last save whose time a logging record carries
         torch.manual_seed(cfg.seed + 1000 + self.rank)  # per-rank stream (hard-negative sampling)
         if resume_tag is not None:
             self._resume(resume_tag, universal)
@@ -227,6 +232,18 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.run_dir / "train_config.json", cfg.to_dict())
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main)
+
+    def _fall_back_from_emulated_bf16(self, ds_config: dict) -> None:
+        """A bf16 config on a device without native bf16 matmuls trains in fp32, and says so."""
+        if not ds_config.get("bf16", {}).get("enabled") or fast_bf16(self.device):
+            return
+        ds_config["bf16"]["enabled"] = False
+        if self.is_main:
+            print(f"{self.cfg.ds_config} asks for bf16, but this {self.device.type} has no native "
+                  "bf16 matmul (emulated, slower than fp32): training in fp32"
+                  + ("; on GPUs before compute capability 8.0 ds_config=zero3_fp16.json "
+                     "trains in fp16 with loss scaling" if self.device.type == "cuda" else ""),
+                  flush=True)
 
     def _build_model(self, model_config, weights) -> torch.nn.Module:
         """The model to train: a UnifiedModel, or a DistilledModel when distill.teacher is set."""
@@ -348,7 +365,7 @@ class Trainer:
             self._resume_universal(tag_dir)
             return
         client_state = self.checkpointer.load(tag_dir)
-        own = client_state["ranks"][self.rank]
+        own = rank_state_in(tag_dir, self.rank, client_state)
         self.step = client_state["step"]
         self.meter.restore(client_state.get("skipped_updates", 0))  # absent in older tags
         self.loader.load_state_dict(own["loader"])
@@ -367,7 +384,8 @@ class Trainer:
             shutil.rmtree(copy, ignore_errors=True)
         self.step = client_state["step"]
         self.meter.restore(client_state.get("skipped_updates", 0))
-        self.loader.continue_after([rank["loader"] for rank in client_state["ranks"]])
+        self.loader.continue_after([rank_state_in(tag_dir, rank, client_state)["loader"]
+                                    for rank in range(client_state["world_size"])])
         if self.is_main:
             print(f"resumed from {tag_dir} at step {self.step} on {self.world} rank(s); it was "
                   f"written by {client_state['world_size']}: weights, optimizer state and "
@@ -380,39 +398,61 @@ class Trainer:
         log_cfg = self.cfg.logging
         progress = Progress(self.is_main, self.step, max_steps, log_cfg.status_every_steps,
                             bar=log_cfg.progress_bar)
-        batches = iter(self.loader)
+        batches = self.guard.batches(self.loader)
         record: dict[str, float] = {}
         try:
             if self.step == 0:
-                self.checkpointer.maybe_save(0)
+                self._save(0)
             while self.step < max_steps:
                 lr = self.engine.get_lr()[0]  # the rate this step's update uses
                 self.step += 1
-                with self.comms.step(self.step):
+                with self.guard.step(self.step), self.comms.step(self.step):
                     result = self.train_step(batches, self.step)
                 self.meter.update(result.scalars, result.nonfinite, result.data_wait_s)
                 logged = self._log(lr) if self.meter.due(self.step) else None
                 record = logged or record
-                self.checkpointer.maybe_save(self.step)
+                self._save(self.step)
                 progress.step_done(self.step, logged)
         finally:  # also on the non-finite stop, so TensorBoard and the logs are flushed
+            self.guard.close()
             progress.close()
             if self.key_log is not None:
                 self.key_log.close()
             self.logger.close()
+        counts = self._data_counts()
         summary = {"step": self.step, "final": record,
                    "skipped_updates": int(self.meter.skipped.item()),
-                   "skipped_samples": self._skipped_samples()}
+                   "skipped_samples": {k: n for k, n in counts.items() if k in SKIP_KINDS},
+                   "reads": {k: n for k, n in counts.items() if k in READ_COUNTS},
+                   "checkpoint_save_s": self.save_seconds}
         if self.is_main:
             write_json_atomic(self.run_dir / "train_summary.json", summary)
         return summary
 
+    def _save(self, step: int) -> None:
+        """Save when the checkpointer is due, under the start-up collective timeout (rank 0
+        publishes and prunes while the others wait); its seconds go to the next logging record
+        (checkpoint/save_s) and the run's summary."""
+        if not self.checkpointer.due(step):
+            return
+        start = time.perf_counter()
+        with self.guard.slow("checkpoint"):
+            self.checkpointer.save(step)
+        self.save_seconds[step] = time.perf_counter() - start
+
     def _log(self, lr: float) -> dict[str, float]:
-        """Write the logging record of the window ending at this step; stop on a NaN streak."""
+        """Write the logging record of the window ending at this step; stop on a NaN streak or
+        too many unreadable shards."""
         worst = self.meter.worst_nonfinite_run()
+        counts = self._data_counts()
         extra = {"train/lr": lr,
                  "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
-                 **{f"data/skipped_{kind}": n for kind, n in self._skipped_samples().items()}}
+                 **{f"data/skipped_{kind}": counts[kind] for kind in SKIP_KINDS},
+                 "data/shard_reads": counts["shard_reads"],
+                 "data/retries": counts["read_retries"]}
+        if self.save_seconds and max(self.save_seconds) > self.logged_saves:
+            self.logged_saves = max(self.save_seconds)
+            extra["checkpoint/save_s"] = self.save_seconds[self.logged_saves]
         record = self.meter.collect(extra)
         self.logger.log(self.step, record)
         if worst and self.is_main:
@@ -423,11 +463,13 @@ class Trainer:
                 f"{worst} consecutive steps had a non-finite loss (seen at step {self.step}); "
                 "stopping. Lower optim.lr or check the data; resume from the last checkpoint "
                 "with --resume latest.")
+        check_readable(counts, self.cfg.data.max_unreadable_share)
         return record
 
-    def _skipped_samples(self) -> dict[str, int]:
+    def _data_counts(self) -> dict[str, int]:
+        """The loader's skips and reads, summed over ranks."""
         gathered = [None] * self.world
-        dist.all_gather_object(gathered, self.loader.skipped_counts())
+        dist.all_gather_object(gathered, self.loader.counts())
         total: dict[str, int] = {}
         for counts in gathered:
             for kind, n in counts.items():
@@ -473,7 +515,8 @@ def _tokenizer_json(path: str) -> str:
 
 
 def train(recipe: str | None, overrides: list[str]) -> int:
-    """Exit codes: 0 done, 2 invalid config/data/checkpoint (before any step), 3 non-finite loss.
+    """Exit codes: 0 done, 2 invalid config/data/checkpoint (before any step), 3 non-finite loss,
+    4 too many unreadable shards (data.max_unreadable_share).
     Rank 0 prints the error line (`vlp train: error: ...`): every rank reads the same config,
     data and checkpoint, and the loss is all-reduced, so the other ranks fail the same way."""
     try:
@@ -486,6 +529,9 @@ def train(recipe: str | None, overrides: list[str]) -> int:
     except NonFiniteLossError as exc:
         _print_error(exc)
         return 3
+    except UnreadableShards as exc:
+        _print_error(exc)
+        return 4
     return 0
 
 

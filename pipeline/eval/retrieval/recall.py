@@ -12,18 +12,27 @@ experts, log p_ITC + log-odds_ITM up to a per-query constant, so the fused encod
 where it is confident and ITC decides where it is not (with `itc_weight=0`, ITM alone, as
 ALBEF). The pairs of both directions are scored in one call, each distinct pair once.
 
+Large candidate sets go through an exact inner-product index, faiss's IndexFlatIP, when faiss is
+installed (`pip install 'vlp[faiss]'`): each query needs only its nearest max(k) + its positives
+(and the re-ranked top), which the index finds in bounded memory with optimised kernels, where the
+torch path scores whole blocks of candidates on the host. Recalls are identical (the ranks below
+max(k) are exact; deeper ones only need to stay deeper).
+
 Key names follow CLIP_benchmark: `image_retrieval_recall@k` is text->image (a caption retrieves
 its image), `text_retrieval_recall@k` is image->text (an image retrieves any of its captions).
 """
 from __future__ import annotations
 
+import importlib.util
 import math
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 
 # (text indices (P,), image indices (P,)) -> score of each (text, image) pair (P,), higher = match
 PairScorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Search = Literal["auto", "torch", "faiss"]
+FAISS_MIN_CANDIDATES = 20_000  # below, the torch path is as fast and needs no index
 
 
 def itc_ranks(query_emb: torch.Tensor, cand_emb: torch.Tensor, positives: torch.Tensor,
@@ -53,6 +62,39 @@ def itc_ranks(query_emb: torch.Tensor, cand_emb: torch.Tensor, positives: torch.
     return ranks, top, top_sims
 
 
+def index_ranks(query_emb: torch.Tensor, cand_emb: torch.Tensor, positives: torch.Tensor,
+                top_k: int, depth: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`itc_ranks` through faiss's exact IndexFlatIP: each query's nearest depth + P candidates
+    (P: positives per query). A rank below `depth` is exact; a deeper one comes back as `depth`
+    or more (its best positive is not among them, or negatives tie with it past the list)."""
+    import faiss
+
+    query_emb, cand_emb = (e.detach().float().cpu().contiguous() for e in (query_emb, cand_emb))
+    index = faiss.IndexFlatIP(cand_emb.size(1))
+    index.add(cand_emb.numpy())
+    found = min(len(cand_emb), max(depth, top_k) + positives.size(1))
+    sims, ids = (torch.from_numpy(a) for a in index.search(query_emb.numpy(), found))
+    is_pos = (ids[:, :, None] == positives[:, None, :]).any(dim=2)  # (Q, found)
+    best = sims.masked_fill(~is_pos, float("-inf")).amax(dim=1, keepdim=True)
+    rank = ((sims >= best) & ~is_pos).sum(dim=1)
+    rank = torch.where(is_pos.any(dim=1), rank, torch.full_like(rank, depth))
+    ranks = torch.where(positives.ge(0).any(dim=1), rank, torch.full_like(rank, -1))
+    k = min(top_k, len(cand_emb))
+    return ranks, ids[:, :k], sims[:, :k]
+
+
+def ranks_by(search: Search, query_emb: torch.Tensor, cand_emb: torch.Tensor,
+             positives: torch.Tensor, chunk: int, top_k: int, depth: int):
+    """itc_ranks or index_ranks: `auto` takes the index for FAISS_MIN_CANDIDATES or more
+    candidates when faiss is installed."""
+    if search == "auto":
+        installed = importlib.util.find_spec("faiss") is not None
+        search = "faiss" if installed and len(cand_emb) >= FAISS_MIN_CANDIDATES else "torch"
+    if search == "faiss":
+        return index_ranks(query_emb, cand_emb, positives, top_k, depth)
+    return itc_ranks(query_emb, cand_emb, positives, chunk, top_k)
+
+
 def reranked_ranks(ranks: torch.Tensor, top: torch.Tensor, top_scores: torch.Tensor,
                    positives: torch.Tensor) -> torch.Tensor:
     """Ranks after ordering each query's top candidates (Q, K) by `top_scores` (Q, K).
@@ -75,6 +117,7 @@ def retrieval_recalls(
     rerank_k: int = 0,
     pair_scorer: PairScorer | None = None,
     itc_weight: float = 0.0,
+    search: Search = "auto",
 ) -> dict[str, float]:
     """Text->image and image->text recall@k and their mean, CLIP_benchmark key names.
 
@@ -82,15 +125,18 @@ def retrieval_recalls(
     of caption t. Images without captions stay in the text->image gallery and are left out of the
     image->text average. With `pair_scorer` and `rerank_k`, each query's top `rerank_k` are also
     re-ranked by the scorer's score plus `itc_weight` times the cosine, and the same metrics after
-    re-ranking are added as "reranked_<key>".
+    re-ranking are added as "reranked_<key>". `search`: how candidates are scored (ranks_by).
     """
     t2i = torch.as_tensor(text_to_image, dtype=torch.long)
     if len(t2i) != len(text_emb):
         raise ValueError(f"text_to_image has {len(t2i)} entries for {len(text_emb)} captions")
     k = rerank_k if pair_scorer is not None else 0
     t2i_pos, i2t_pos = t2i[:, None], captions_per_image(t2i, len(image_emb))
-    t2i_ranks, t2i_top, t2i_sims = itc_ranks(text_emb, image_emb, t2i_pos, chunk, k)  # images
-    i2t_ranks, i2t_top, i2t_sims = itc_ranks(image_emb, text_emb, i2t_pos, chunk, k)  # captions
+    depth = max(ks)
+    t2i_ranks, t2i_top, t2i_sims = ranks_by(search, text_emb, image_emb, t2i_pos, chunk, k,
+                                            depth)  # images
+    i2t_ranks, i2t_top, i2t_sims = ranks_by(search, image_emb, text_emb, i2t_pos, chunk, k,
+                                            depth)  # captions
     has_caption = i2t_ranks >= 0
     metrics = recalls_from_ranks(t2i_ranks, i2t_ranks[has_caption], ks)
     if k:
