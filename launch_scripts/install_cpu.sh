@@ -15,7 +15,7 @@ else
 fi
 # Editable, so the checkout is what runs. setuptools announces every editable install with an
 # informational UserWarning; a plain `pip install .` prints no warning at all.
-PYTHONWARNINGS=ignore::UserWarning "$PY" -m pip install -q -e ".[dev,deploy,s3]"
+PYTHONWARNINGS=ignore::UserWarning "$PY" -m pip install -q -e ".[dev,deploy,s3,faiss]"
 # CLIP_benchmark, for running its own evaluation functions on vlp checkpoints (and the test that
 # compares them with `vlp eval`). Its package metadata pulls torchvision and open_clip, which have
 # no CPU build here; the metric modules need only torch and scikit-learn (in the dev extra).
