@@ -5,6 +5,7 @@ raise UserError, which `vlp` prints as a one-line error (exit 2) instead of a tr
 """
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from collections import Counter
@@ -14,9 +15,11 @@ from pathlib import Path
 # so the data modules (torch, webdataset, transformers, pandas) are imported by the command
 # that uses them.
 from vlp.data_prep.download import DISTRIBUTORS, RESIZE_MODES
+from vlp.data_prep.url_lists import CAPTION_NAMES, FORMATS, URL_NAMES
 from vlp.pipeline.cli_help import nonnegative_int, positive_int
 
 MAX_PROBLEM_LINES = 10
+INPUT_FORMATS = sorted(set(FORMATS.values()))
 
 
 def print_summary(title: str, summary: dict) -> None:
@@ -74,7 +77,13 @@ def serve(args) -> int:
 
 def download(args) -> int:
     from vlp.data_prep.download import download_shards
+    from vlp.data_prep.img2dataset_options import check_set_by_vlp, passed_options
 
+    for name in ("output_format", "incremental_mode"):
+        check_set_by_vlp(name, getattr(args, name))
+    options = passed_options(args.img2dataset_option)
+    options.update({name: getattr(args, name) for name in ("encode_quality", "enable_wandb")
+                    if getattr(args, name) is not None})
     summary = download_shards(
         args.url_list,
         args.out,
@@ -88,9 +97,13 @@ def download(args) -> int:
         distributor=args.distributor,
         incremental=not args.no_resume,
         retries=args.retries,
+        images=args.images,
         url_col=args.url_col,
         caption_col=args.caption_col,
+        input_format=args.input_format,
+        save_additional_columns=tuple(args.save_additional_columns),
         max_image_mb=args.max_image_mb,
+        img2dataset_options=options,
     )
     print_summary(f"download into {args.out}", summary)
     return 0
@@ -99,17 +112,18 @@ def download(args) -> int:
 def index(args) -> int:
     from vlp.data_prep.index import build_manifest
 
-    manifest = build_manifest(args.shard_dir)
+    manifest = build_manifest(args.shard_dir, args.from_stats, args.processes)
     summary = {key: value for key, value in manifest.items() if key != "shards"}
     print_summary(f"index of {args.shard_dir} (manifest.json, sizes.json)", summary)
     return 0
 
 
 def tokenizer(args) -> int:
-    from vlp.data_prep.tokenizer import iter_shard_captions, iter_vqa_questions, train_tokenizer
+    from vlp.data_prep.tokenizer import iter_vqa_questions, sample_shard_captions, train_tokenizer
 
     counts = Counter()
-    texts = [iter_shard_captions(args.shard_dir, counts)]
+    sample = {"sample_size": args.sample_size} if args.sample_size else {}
+    texts = [sample_shard_captions(args.shard_dir, counts=counts, seed=args.seed, **sample)]
     texts += [iter_vqa_questions(path) for path in args.extra_text]
     path = train_tokenizer((t for source in texts for t in source), args.out, args.vocab_size)
     print_summary(f"tokenizer {path}", {"texts_from_shards": dict(counts)})
@@ -163,6 +177,10 @@ def register(subparsers) -> None:
                     ["vlp data index shards"])
     p.add_argument("shard_dir", metavar="SHARD_DIR",
                    help="directory holding the NNNNN.tar shards (and their stats)")
+    p.add_argument("--from-stats", action="store_true",
+                   help="count samples from img2dataset's NNNNN_stats.json and check each tar's "
+                        "end only (no sha256, no caption checks)")
+    p.add_argument("--processes", type=positive_int, default=1, help="shards indexed at once")
     p.set_defaults(func=index)
 
     p = add_command(commands, "tokenizer", "train a WordPiece tokenizer on shard captions",
@@ -174,6 +192,10 @@ def register(subparsers) -> None:
                    help="WordPiece vocabulary size, special tokens included")
     p.add_argument("--extra-text", nargs="*", default=[], metavar="VQA_QUESTIONS_JSON",
                    help="VQAv2 question files whose questions are added to the training text")
+    p.add_argument("--sample-size", type=positive_int, default=None,
+                   help="train on a random sample of this many captions at most, drawn from the "
+                        "first 4 x as many read, shards in random order (default: 1,000,000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the caption sample")
     p.set_defaults(func=tokenizer)
 
     p = add_command(commands, "reshard", "rewrite shards with K samples per shard, then index",
@@ -194,13 +216,22 @@ def _add_download(commands) -> None:
         commands, "download", "img2dataset a URL list into webdataset shards, then index them",
         ["vlp data download --url-list world/train/url_list.parquet --out shards "
          "--image-size 64 --allow-private-hosts"])
-    p.add_argument("--url-list", "--url_list", required=True,
-                   help="parquet, csv or tsv with a url and a caption column")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--url-list", "--url_list",
+                        help="a parquet, csv, tsv or jsonl file, a folder or a glob of such "
+                             "parts, with a URL and a caption column")
+    source.add_argument("--images", metavar="DIR",
+                        help="ingest the images of a local folder, each captioned by the .txt "
+                             "file of the same name beside it (no server; file URLs only here)")
     p.add_argument("--out", "--output_folder", required=True,
                    help="shard directory (NNNNN.tar + _stats.json + .parquet, then manifest.json)")
-    p.add_argument("--url-col", "--url_col", default="url", help="URL column of the list")
-    p.add_argument("--caption-col", "--caption_col", default="caption",
-                   help="caption column of the list")
+    p.add_argument("--url-col", "--url_col", default=None,
+                   help=f"URL column of the list (default: the first of {', '.join(URL_NAMES)})")
+    p.add_argument("--caption-col", "--caption_col", default=None,
+                   help="caption column of the list (default: the first of "
+                        f"{', '.join(CAPTION_NAMES)})")
+    p.add_argument("--input-format", "--input_format", choices=INPUT_FORMATS, default=None,
+                   help="read only the parts in this format (default: all four)")
     p.add_argument("--image-size", "--image_size", type=positive_int, default=256,
                    help="images are resized to this side")
     p.add_argument("--resize-mode", "--resize_mode", choices=RESIZE_MODES, default="center_crop",
@@ -224,4 +255,22 @@ def _add_download(commands) -> None:
                         "needs this)")
     p.add_argument("--no-resume", action="store_true",
                    help="delete the shards already in --out instead of resuming the job")
+    _add_img2dataset_options(p)
     p.set_defaults(func=download)
+
+
+def _add_img2dataset_options(p) -> None:
+    """img2dataset's own options: passed through, or accepted when they agree with vlp."""
+    from vlp.data_prep.img2dataset_options import parse_bool
+
+    p.add_argument("--save-additional-columns", "--save_additional_columns", default=[],
+                   type=lambda text: [t for t in text.split(",") if t], metavar="COL,COL",
+                   help="list columns saved in each sample's .json")
+    p.add_argument("--encode-quality", "--encode_quality", type=positive_int, default=None,
+                   help="JPEG quality of the stored images (img2dataset's default: 95)")
+    p.add_argument("--enable-wandb", "--enable_wandb", type=parse_bool, nargs="?", const=True,
+                   default=None, help="log the download to Weights & Biases")
+    for name in ("output_format", "incremental_mode"):
+        p.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)  # vlp's value only
+    p.add_argument("--img2dataset-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other img2dataset option, e.g. min_image_size=64 (repeatable)")

@@ -1,6 +1,8 @@
 """Download a URL list into webdataset shards with img2dataset, then index them.
 
-The URL list is sanitized first (see data_prep.urls). img2dataset's incremental mode resumes an
+The URL list is sanitized first, part by part in worker processes (data_prep.clean), into a
+folder of clean parquet parts that img2dataset reads; refused rows are counted and sampled in
+OUT/refused/. img2dataset's incremental mode resumes an
 interrupted job: shards that have their NNNNN_stats.json are kept, the others are fetched again.
 That works because sanitizing is deterministic, so the same rows land in the same shards; a
 record beside the shards (`vlp_download`: a fingerprint of the sanitized rows and the settings
@@ -18,13 +20,13 @@ import math
 import re
 import shutil
 import signal
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from vlp.pipeline.data.errors import UserError, warn
 from vlp.pipeline.data.files import write_json_atomic
 
-# data_prep.index (torch) and data_prep.urls (pandas, pyarrow) are imported where they are used:
+# data_prep.index (torch) and data_prep.clean (pandas, pyarrow) are imported where they are used:
 # `vlp` imports this module for RESIZE_MODES / DISTRIBUTORS on every command.
 
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
@@ -36,6 +38,7 @@ SHARD_FILE = re.compile(r"\d+(\.tar|\.parquet|_stats\.json)")
 RECORD = "vlp_download"
 # Fewer shards than this get a warning: the loader needs one per rank and loader worker.
 FEW_SHARDS = 8
+IMAGE_LIST = "_vlp_images.parquet"  # --images: the folder's rows, while they are sanitised
 
 
 def _clear_previous(out: Path, incremental: bool, record: dict) -> None:
@@ -82,9 +85,10 @@ def _check_same_download(out: Path, record: dict) -> None:
                         "Use the same settings to resume, another --out, or --no-resume.")
 
 
-def _index_download(out: Path, url_list) -> tuple[dict, dict]:
-    """(the index of `out`, the shards dropped for a retry) after img2dataset: a UserError when
-    nothing arrived or a shard is damaged (a full disk: img2dataset logs it and goes on)."""
+def _index_download(out: Path, url_list, processes: int) -> tuple[dict, dict]:
+    """(the index of `out`, counted from img2dataset's stats, and the shards dropped for a
+    retry) after img2dataset: a UserError when nothing arrived or a shard is damaged (a full
+    disk: img2dataset logs it and goes on)."""
     from vlp.data_prep.index import build_manifest
 
     to_retry = _drop_empty_shards(out)
@@ -97,7 +101,7 @@ def _index_download(out: Path, url_list) -> tuple[dict, dict]:
         warn(f"{len(dropped)} shard(s) got no image ({', '.join(dropped[:5])}: {errors}) and "
              f"were deleted, so the shard numbers in {out} have a gap: rerun this command to "
              "fetch them again before training on the whole range")
-    manifest = build_manifest(out)
+    manifest = build_manifest(out, from_stats=True, processes=processes)
     if manifest["problems"]:
         shards = sorted({p["shard"] for p in manifest["problems"]})
         raise UserError(f"{len(shards)} shard(s) in {out} are incomplete or damaged "
@@ -148,21 +152,11 @@ def _check_options(out_dir, max_image_mb: float, resize_mode: str, distributor: 
         raise UserError(f"distributor {distributor!r} is not one of {DISTRIBUTORS}")
 
 
-def download_record(url_list, frame, **settings) -> dict:
-    """What decides which image lands in which shard, and how it is stored."""
-    import hashlib
-
-    import pandas as pd
-
-    row_hashes = pd.util.hash_pandas_object(frame, index=False).to_numpy()
-    return {"url_list": str(url_list), "rows": len(frame),
-            "rows_sha256": hashlib.sha256(row_hashes.tobytes()).hexdigest(), **settings}
-
-
 def _run_img2dataset(url_list: Path, out: Path, allow_private_hosts: bool, max_image_bytes: int,
-                     **options) -> None:
-    """img2dataset a clean (url, caption) parquet into webdataset shards in `out`, fetching
-    through data_prep.fetch (every redirect hop and address checked, bodies bounded)."""
+                     image_root: str | None, **options) -> None:
+    """img2dataset a folder of clean (url, caption) parquet parts into webdataset shards in
+    `out`, fetching through data_prep.fetch (every redirect hop and address checked, bodies
+    bounded)."""
     # Imported here: it takes seconds (wandb, albumentations, cv2). fetch first: it keeps
     # albumentations from asking PyPI for updates.
     from vlp.data_prep.fetch import SafeDownloader
@@ -173,7 +167,8 @@ def _run_img2dataset(url_list: Path, out: Path, allow_private_hosts: bool, max_i
 
     sigint = signal.getsignal(signal.SIGINT)
     main_module.Downloader = functools.partial(
-        SafeDownloader, allow_private_hosts=allow_private_hosts, max_image_bytes=max_image_bytes)
+        SafeDownloader, allow_private_hosts=allow_private_hosts, max_image_bytes=max_image_bytes,
+        image_root=image_root)
     try:
         img2dataset.download(
             url_list=str(url_list),
@@ -191,6 +186,50 @@ def _run_img2dataset(url_list: Path, out: Path, allow_private_hosts: bool, max_i
         signal.signal(signal.SIGINT, sigint)
 
 
+@dataclass(frozen=True)
+class ListSpec:
+    """Where the URL list is (or the folder of images, `images`) and which of its columns to
+    read."""
+
+    url_list: str | None
+    images: str | None = None
+    url_col: str | None = None
+    caption_col: str | None = None
+    input_format: str | None = None
+    save_additional_columns: tuple[str, ...] = ()
+
+
+def _sanitize(spec: ListSpec, out: Path, allow_private_hosts: bool, processes: int,
+              distributor: str) -> dict:
+    """Clean the list's parts into OUT/_vlp_urls/parts (data_prep.clean); refuse an empty
+    result."""
+    from vlp.data_prep.clean import clean_url_list
+    from vlp.data_prep.local_images import image_root, write_image_list
+    from vlp.data_prep.url_lists import find_columns, list_parts
+
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        root = image_root(spec.images) if spec.images else None
+        source = write_image_list(spec.images, out / IMAGE_LIST) if spec.images else spec.url_list
+        parts = list_parts(source, spec.input_format)
+        columns = find_columns(parts[0], spec.url_col, spec.caption_col,
+                               spec.save_additional_columns)
+        report = clean_url_list(parts, columns, out, allow_private_hosts, processes,
+                                distributor, root)
+        if not report["kept"]:
+            hint = ("; private, loopback and link-local hosts are refused unless "
+                    "--allow-private-hosts is given" if "private_host" in report["dropped"]
+                    else "")
+            raise UserError(f"no URL in {spec.images or spec.url_list} is left to download: "
+                            f"{report['dropped']}{hint}")
+    except UserError:
+        if created:  # a list with nothing to download leaves no folder behind
+            shutil.rmtree(out)
+        raise
+    return {**report, "image_root": root}
+
+
 def download_shards(
     url_list,
     out_dir,
@@ -204,56 +243,54 @@ def download_shards(
     distributor: str = "multiprocessing",
     incremental: bool = True,
     retries: int = 0,
-    url_col: str = "url",
-    caption_col: str = "caption",
     max_image_mb: float = 32,
+    img2dataset_options: dict | None = None,
+    **list_spec,
 ) -> dict:
-    """Sanitize `url_list`, run img2dataset into `out_dir`, index it; return the summary.
+    """Sanitize `url_list` (a file, folder or glob of parts; `list_spec`: the ListSpec fields;
+    `url_list=None, images=DIR`: the images of a local folder), run img2dataset into
+    `out_dir`, index it; return the summary.
 
     With `incremental=False` an earlier download in `out_dir` is deleted first (other files stay);
     resuming one made from another URL list or with other settings is a UserError. The pyspark
-    distributor uses the active SparkSession, or starts a local one. A shard none of whose images
-    arrived is deleted (`shards_to_retry`), so that resuming fetches it again; a download that
-    got no image at all, or left a shard the index finds damaged, is a UserError. Images over
-    `max_image_mb` are refused while fetching.
+    distributor uses the active SparkSession, or starts a local one, for sanitising and
+    downloading. A shard none of whose images arrived is deleted (`shards_to_retry`), so that
+    resuming fetches it again; a download that got no image at all, or left a shard the index
+    finds damaged, is a UserError. Images over `max_image_mb` are refused while fetching.
+    `img2dataset_options` go to img2dataset as they are (data_prep.img2dataset_options).
     """
-    _check_options(out_dir, max_image_mb, resize_mode, distributor)
-    from vlp.data_prep.urls import read_url_list, sanitize
+    from vlp.data_prep.clean import REFUSED_DIR, WORK_DIR
 
-    frame, sanitized = sanitize(read_url_list(url_list, url_col, caption_col), allow_private_hosts)
-    if frame.empty:
-        hint = ("; private, loopback and link-local hosts are refused unless "
-                "--allow-private-hosts is given" if "private_host" in sanitized["dropped"] else "")
-        raise UserError(f"no URL in {url_list} is left to download: {sanitized['dropped']}{hint}")
+    _check_options(out_dir, max_image_mb, resize_mode, distributor)
+    spec = ListSpec(url_list and str(url_list), **list_spec)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    record = download_record(url_list, frame, image_size=image_size, resize_mode=resize_mode,
-                             number_sample_per_shard=number_sample_per_shard)
-    _clear_previous(out, incremental, record)
-    write_json_atomic(out / RECORD, record)
-    with tempfile.TemporaryDirectory(prefix="vlp-urls-") as tmp:
-        clean_list = Path(tmp) / "url_list.parquet"
-        frame.to_parquet(clean_list)
+    try:
+        sanitized = _sanitize(spec, out, allow_private_hosts, processes, distributor)
+    finally:
+        (out / IMAGE_LIST).unlink(missing_ok=True)
+    root = sanitized.pop("image_root")
+    record = {"url_list": spec.images or spec.url_list, "rows": sanitized.pop("kept"),
+              "rows_sha256": sanitized.pop("rows_sha256"), "image_size": image_size,
+              "resize_mode": resize_mode, "number_sample_per_shard": number_sample_per_shard}
+    try:
+        _clear_previous(out, incremental, record)
+        write_json_atomic(out / RECORD, record)
         _run_img2dataset(
-            clean_list,
-            out,
-            allow_private_hosts=allow_private_hosts,
-            max_image_bytes=int(max_image_mb * 2**20),
-            image_size=image_size,
-            resize_mode=resize_mode,
-            processes_count=processes,
-            thread_count=threads,
-            number_sample_per_shard=number_sample_per_shard,
-            timeout=timeout,
-            retries=retries,
-            distributor=distributor,
-        )
-    manifest, to_retry = _index_download(out, url_list)
-    _warn_if_few_shards(out, manifest["total_shards"], len(frame), number_sample_per_shard)
+            out / WORK_DIR / "parts", out, allow_private_hosts=allow_private_hosts,
+            max_image_bytes=int(max_image_mb * 2**20), image_root=root, image_size=image_size,
+            resize_mode=resize_mode, processes_count=processes, thread_count=threads,
+            number_sample_per_shard=number_sample_per_shard, timeout=timeout, retries=retries,
+            distributor=distributor, save_additional_columns=list(spec.save_additional_columns)
+            or None, **(img2dataset_options or {}))
+    finally:
+        shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    manifest, to_retry = _index_download(out, record["url_list"], processes)
+    _warn_if_few_shards(out, manifest["total_shards"], record["rows"], number_sample_per_shard)
     return {
-        "url_list": str(url_list),
+        "url_list": record["url_list"],
         "shards": str(out),
-        "sanitized": sanitized,
+        "sanitized": {"kept": record["rows"], **sanitized},
+        "refused_rows": str(out / REFUSED_DIR),
         "downloaded": manifest["stats_totals"],
         "download_errors": manifest["download_errors"],
         "shards_to_retry": to_retry["shards"],

@@ -9,7 +9,9 @@ URL, connects to whatever the name resolves to at that moment, and reads a body 
   rebinding could answer differently), with TLS still verified against the host name; behind an
   HTTP proxy the proxy connects, so only the URL of each hop is checked;
 - a body is read up to `max_bytes` (a larger Content-Length is refused before reading) and
-  within a total deadline, not only a per-read timeout.
+  within a total deadline, not only a per-read timeout;
+- file URLs are read only with `image_root` (`vlp data download --images DIR`), only below
+  that folder once links are followed, and never reached through a redirect.
 
 `SafeDownloader` is img2dataset's Downloader with this fetch: `download_shards` has img2dataset
 build it, and each worker process (multiprocessing's spawn, Spark executors) installs the fetch
@@ -23,6 +25,8 @@ import os
 import socket
 import time
 import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit
 
 # img2dataset imports albumentations, which would ask PyPI for updates in every process.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -108,7 +112,21 @@ def read_limited(response, max_bytes: int, deadline: float) -> bytes:
     return bytes(body)
 
 
-def make_download_image(allow_private_hosts: bool, max_bytes: int):
+def read_local(url: str, image_root: str, max_bytes: int) -> bytes:
+    """The bytes of a file URL, refused when its real path (links followed) is not below the
+    folder `image_root` names, or when it is over `max_bytes`."""
+    root = Path(urllib.request.url2pathname(urlsplit(image_root).path)).resolve()
+    path = Path(urllib.request.url2pathname(urlsplit(url).path)).resolve()
+    if not path.is_relative_to(root):
+        raise FetchRefused(f"{url[:200]!r} is outside the --images folder (bad_scheme)")
+    if path.stat().st_size > max_bytes:
+        raise FetchRefused(f"image of {path.stat().st_size} bytes is over the {max_bytes}-byte "
+                           "limit")
+    return path.read_bytes()
+
+
+def make_download_image(allow_private_hosts: bool, max_bytes: int,
+                        image_root: str | None = None):
     """A drop-in for img2dataset's `download_image` that fetches through the checks above."""
     opener = checked_opener(allow_private_hosts)
     user_agent = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
@@ -120,6 +138,8 @@ def make_download_image(allow_private_hosts: bool, max_bytes: int):
             agent += f" (compatible; {user_agent_token}; +https://github.com/rom1504/img2dataset)"
         deadline = time.monotonic() + DEADLINE_TIMEOUTS * timeout
         try:
+            if image_root and url.startswith(image_root):
+                return key, io.BytesIO(read_local(url, image_root, max_bytes)), None
             problem = url_problem(url, allow_private_hosts)
             if problem:
                 raise FetchRefused(f"refused ({problem})")
@@ -138,13 +158,15 @@ def make_download_image(allow_private_hosts: bool, max_bytes: int):
 class SafeDownloader(img2dataset_downloader.Downloader):
     """img2dataset's Downloader whose fetch follows the rules of this module."""
 
-    def __init__(self, *args, allow_private_hosts: bool, max_image_bytes: int, **kwargs):
+    def __init__(self, *args, allow_private_hosts: bool, max_image_bytes: int,
+                 image_root: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.allow_private_hosts = allow_private_hosts
         self.max_image_bytes = max_image_bytes
+        self.image_root = image_root
 
     def __call__(self, row):
         # In the worker process: img2dataset's download loop calls this module-level name.
         img2dataset_downloader.download_image = make_download_image(
-            self.allow_private_hosts, self.max_image_bytes)
+            self.allow_private_hosts, self.max_image_bytes, self.image_root)
         return super().__call__(row)

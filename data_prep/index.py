@@ -1,6 +1,12 @@
 """Index a shard directory: manifest.json (per shard: samples counted from the tar, sha256,
 img2dataset stats, problems) and OpenCLIP's sizes.json.
 
+`from_stats` takes each shard's sample count from img2dataset's NNNNN_stats.json ("successes")
+instead of reading the tar, and checks the tar only for its end-of-archive marker (a shard cut
+short by a full disk or a kill has none): no image or caption is read, no sha256 computed, so
+indexing after a download does not grow with the size of the images. A shard without readable
+stats is read in full. Shards are indexed in `processes` worker processes.
+
 Problems are reported, never raised: missing or unreadable stats (shards from other tools have
 none), a tar whose sample count differs from its stats, a truncated or corrupt tar, and stats
 whose tar is missing. Samples the training loader will skip (no image, missing, empty or non-UTF-8
@@ -15,8 +21,6 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from tqdm import tqdm
-
 from vlp.pipeline.data.errors import BadData, UserError
 from vlp.pipeline.data.files import write_json_atomic
 from vlp.pipeline.data.manifest import FORMAT, MANIFEST, SIZES
@@ -25,6 +29,7 @@ from vlp.pipeline.data.transforms import IMAGE_EXTENSIONS, decode_caption
 
 STATS_COUNTS = ("count", "successes", "failed_to_download", "failed_to_resize")
 LOADER_MEMBERS = (*IMAGE_EXTENSIONS, "txt")  # a sample's members the training loader reads
+TAR_BLOCK = 512  # a tar ends with two zero blocks
 
 
 def error_kind(message: str) -> str:
@@ -105,14 +110,38 @@ def inspect_shard(tar: Path) -> dict:
     }
 
 
-def build_manifest(shard_dir) -> dict:
+def _has_end_marker(tar: Path) -> bool:
+    """Whether the tar ends as a complete archive does: whole blocks, the last two zero."""
+    size = tar.stat().st_size
+    if size < 2 * TAR_BLOCK or size % TAR_BLOCK:
+        return False
+    with open(tar, "rb") as f:
+        f.seek(size - 2 * TAR_BLOCK)
+        return f.read() == bytes(2 * TAR_BLOCK)
+
+
+def shard_from_stats(tar: Path) -> dict:
+    """A manifest entry whose sample count is img2dataset's; the tar read in full (see
+    inspect_shard) only when its stats are missing or unreadable."""
+    stats, problem = read_stats(tar)
+    if problem:
+        return inspect_shard(tar)
+    problems = [] if _has_end_marker(tar) else [
+        {"kind": "corrupt_tar", "detail": "no end-of-archive marker: cut short"}]
+    return {"name": tar.name, "samples": stats["successes"], "bytes": tar.stat().st_size,
+            "stats": stats, "sample_issues": {}, "problems": problems}
+
+
+def build_manifest(shard_dir, from_stats: bool = False, processes: int = 1) -> dict:
     """Index every shard in `shard_dir` into manifest.json and sizes.json; return the manifest."""
+    from vlp.data_prep.workers import run_tasks
+
     shard_dir = Path(shard_dir)
     tars = list_shards(shard_dir)
     if not tars:
         raise UserError(f"no *.tar shards in {shard_dir}: nothing to index; give the directory "
                         "that holds the NNNNN.tar files (`vlp data download` writes them)")
-    shards = [inspect_shard(tar) for tar in tqdm(tars, desc="index shards", unit="shard")]
+    shards = run_tasks(shard_from_stats if from_stats else inspect_shard, tars, processes)
     problems = [{"shard": s["name"], **p} for s in shards for p in s["problems"]]
     tar_stems = {tar.stem for tar in tars}
     for stats in sorted(shard_dir.glob("*_stats.json")):
@@ -127,6 +156,7 @@ def build_manifest(shard_dir) -> dict:
             errors.update(shard["stats"]["errors"])
     manifest = {
         "format": FORMAT,
+        "counted_from": "stats" if from_stats else "tars",
         "total_shards": len(shards),
         "total_samples": sum(s["samples"] for s in shards),
         "stats_totals": dict(totals),

@@ -11,7 +11,7 @@ from vlp.data_prep.download import download_shards
 from vlp.data_prep.server import serve_world
 from vlp.pipeline.distributed import free_port
 from vlp.data_prep.synth import generate_world
-from vlp.data_prep.tokenizer import iter_shard_captions, iter_vqa_questions, train_tokenizer
+from vlp.data_prep.tokenizer import iter_vqa_questions, sample_shard_captions, train_tokenizer
 
 
 def world_paths(world_dir, world: dict | None = None) -> dict[str, Path]:
@@ -64,7 +64,7 @@ def train_world_tokenizer(world_dir, shard_dir, out_dir, vocab_size: int,
                           world: dict | None = None) -> Path:
     """Train the tokenizer on the shard captions and the VQA training questions."""
     questions = iter_vqa_questions(world_paths(world_dir, world)["vqa_train_questions"])
-    texts = itertools.chain(iter_shard_captions(shard_dir), questions)
+    texts = itertools.chain(sample_shard_captions(shard_dir), questions)
     return train_tokenizer(texts, out_dir, vocab_size)
 
 

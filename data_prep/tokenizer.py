@@ -1,9 +1,10 @@
-"""Train a lowercase WordPiece tokenizer (BERT-style [CLS] ... [SEP]) on shard captions and VQA
-questions; `vlp.pipeline.data.tokenizer.load_tokenizer` loads it.
+"""Train a lowercase WordPiece tokenizer (BERT-style [CLS] ... [SEP]) on a bounded sample of the
+shard captions and on VQA questions; `vlp.pipeline.data.tokenizer.load_tokenizer` loads it.
 """
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -25,24 +26,49 @@ from vlp.pipeline.data.tar import SkipCounter, iter_shard, list_shards
 from vlp.pipeline.data.tokenizer import SPECIAL_TOKENS
 from vlp.pipeline.data.transforms import decode_caption
 
+SAMPLE_SIZE = 1_000_000  # captions the tokenizer is trained on, at most
+READ_FACTOR = 4  # the sample is drawn from the first READ_FACTOR x SAMPLE_SIZE captions read
 
-def iter_shard_captions(shard_dir, counts: Counter | None = None) -> Iterator[str]:
-    """Yield every usable caption in the shards; count the rest (and damaged tars) in `counts`."""
+
+def _shard_captions(tar: Path, counts: Counter) -> Iterator[str]:
+    """The usable captions of one shard; count the rest (and a damaged tar) in `counts`."""
+    skipped = SkipCounter()  # repeated keys, skipped as the loader skips them
+    try:
+        for _, members in iter_shard(tar, skipped):
+            try:
+                caption = decode_caption(members.get("txt"))
+            except BadData as bad:
+                counts[bad.kind] += 1
+                continue
+            counts["captions"] += 1
+            yield caption
+    except BadData:  # a damaged shard; the captions before the damage were used
+        counts["corrupt_shards"] += 1
+    counts.update(skipped.counts)
+
+
+def sample_shard_captions(shard_dir, sample_size: int = SAMPLE_SIZE, counts: Counter | None = None,
+                          seed: int = 0) -> list[str]:
+    """A uniform sample of up to `sample_size` usable captions (reservoir sampling) of the
+    shards, read in a seeded random order until READ_FACTOR x `sample_size` captions have been
+    read: memory and reading are bounded by the sample, not the dataset. Counts go to `counts`
+    ("captions": read, "sampled": kept, and the skipped ones by kind)."""
     counts = Counter() if counts is None else counts
-    for tar in tqdm(list_shards(shard_dir), desc="read captions", unit="shard"):
-        skipped = SkipCounter()  # repeated keys, skipped as the loader skips them
-        try:
-            for _, members in iter_shard(tar, skipped):
-                try:
-                    caption = decode_caption(members.get("txt"))
-                except BadData as bad:
-                    counts[bad.kind] += 1
-                    continue
-                counts["captions"] += 1
-                yield caption
-        except BadData:  # a damaged shard; the captions before the damage were used
-            counts["corrupt_shards"] += 1
-        counts.update(skipped.counts)
+    rng = random.Random(seed)
+    shards = list_shards(shard_dir)
+    rng.shuffle(shards)
+    sample: list[str] = []
+    for tar in tqdm(shards, desc="sample captions", unit="shard"):
+        for caption in _shard_captions(tar, counts):
+            seen = counts["captions"]  # this caption is the seen-th
+            if len(sample) < sample_size:
+                sample.append(caption)
+            elif (slot := rng.randrange(seen)) < sample_size:
+                sample[slot] = caption
+        if counts["captions"] >= READ_FACTOR * sample_size:
+            break
+    counts["sampled"] = len(sample)
+    return sample
 
 
 def iter_vqa_questions(questions_json) -> Iterator[str]:

@@ -1,6 +1,6 @@
-"""Read a URL list (parquet, csv, tsv) and keep only rows img2dataset should fetch.
+"""Keep only the URLs img2dataset should fetch, and the captions the training loader can use.
 
-Dropped and counted: URLs that are not http(s) (bad_scheme); unparsable URLs and hosts that are
+Refused and counted: URLs that are not http(s) (bad_scheme); unparsable URLs and hosts that are
 not a plain host name, a dotted IPv4 address or a bracketed IPv6 address (invalid_url); hosts on
 private, loopback, link-local or reserved addresses (private_host, unless allowed): literal IPs in
 any notation (IPv4 inside IPv6 too), "localhost", and host names that resolve to such an address
@@ -8,6 +8,10 @@ now; and captions that are missing, empty or not UTF-8. The host is checked as t
 use it: percent-escapes decoded (`%31%32%37.0.0.1` is 127.0.0.1) and IDNA-encoded. img2dataset
 would write bad captions as they are (a bytes caption even as its Python repr), and the training
 loader would skip those samples anyway, so their images are not worth downloading.
+
+`check_batch` does this for a batch of rows at once: URLs of the common form (http(s), an ASCII
+host name, printable ASCII after it) are checked with vectorised pattern matches, the others one
+by one with `url_problem`, and each distinct host name is looked up once, concurrently.
 
 This is the first gate; data_prep.fetch applies it again at fetch time, to every redirect hop and
 to the address actually connected to (a name may resolve elsewhere by then: DNS rebinding).
@@ -18,66 +22,29 @@ import functools
 import ipaddress
 import re
 import socket
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from concurrent.futures import Executor
 from urllib.parse import SplitResult, unquote, urlsplit
 
-import pandas as pd
+import numpy as np
 import pyarrow as pa
-import pyarrow.csv as pa_csv
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 
-from vlp.pipeline.data.errors import BadData, UserError
-from vlp.pipeline.data.transforms import decode_caption
-
-FORMATS = {".parquet": None, ".csv": ",", ".tsv": "\t"}
-EXAMPLES_PER_KIND = 3
-DNS_THREADS = 32
+# Why a row is refused; a row's code is 1 + the index of its reason here, 0 when it is kept.
+REASONS = ("invalid_url", "bad_scheme", "private_host", "missing_caption", "non_utf8_caption",
+           "empty_caption", "duplicate_url")
+CODE = {reason: i + 1 for i, reason in enumerate(REASONS)}
+DNS_THREADS = 64
+# The common form, checked with one match and no parsing: http(s), a plain ASCII host name whose
+# last label starts with a letter (never an address), an optional port urlsplit accepts, then
+# printable ASCII after a "/". Any other URL is checked by `_check`. (RE2 has no look-arounds.)
+_RE2_LABEL = r"[a-zA-Z0-9_](?:[a-zA-Z0-9_-]{0,61}[a-zA-Z0-9_])?"
+_RE2_LAST_LABEL = r"[a-zA-Z](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
+_COMMON_URL = (rf"^[hH][tT][tT][pP][sS]?://(?:{_RE2_LABEL}\.)*{_RE2_LAST_LABEL}"
+               r"(?::[0-9]{1,4})?(?:/[!-~]*)?$")
 _LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
 _DOTTED_IPV4 = re.compile(r"\d{1,3}(\.\d{1,3}){3}")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
-
-
-def read_url_list(path, url_col: str = "url", caption_col: str = "caption") -> pa.Table:
-    """Read the url and caption columns; a missing column is an error that names it."""
-    path = Path(path)
-    if path.suffix not in FORMATS:
-        raise UserError(f"URL list {path}: unsupported format; use one of {sorted(FORMATS)}")
-    if not path.is_file():
-        raise UserError(f"URL list {path} not found")
-    try:
-        if path.suffix == ".parquet":
-            columns = pq.read_schema(path).names
-        else:
-            # Read the url and caption columns as bytes: captions are decoded (and checked) below.
-            types = {url_col: pa.binary(), caption_col: pa.binary()}
-            options = pa_csv.ConvertOptions(column_types=types)
-            parse = pa_csv.ParseOptions(delimiter=FORMATS[path.suffix])
-            table = pa_csv.read_csv(path, parse_options=parse, convert_options=options)
-            columns = table.column_names
-    except pa.ArrowInvalid as exc:  # not parquet (e.g. a text file so named), or a broken csv
-        raise UserError(f"URL list {path} cannot be read as {path.suffix[1:]}: {exc}") from exc
-    for column, flag in ((url_col, "--url-col"), (caption_col, "--caption-col")):
-        if column not in columns:
-            raise UserError(
-                f"URL list {path} has no column {column!r} (it has {columns}); "
-                f"name the right one with {flag}"
-            )
-    if path.suffix == ".parquet":
-        table = pq.read_table(path, columns=[url_col, caption_col])
-    return table.select([url_col, caption_col])
-
-
-def _as_text(value) -> str | None:
-    """A URL cell as text; None (counted as invalid_url) when it is not UTF-8 text."""
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-    return value if isinstance(value, str) else None
 
 
 def _ip(host: str):
@@ -174,38 +141,108 @@ def url_problem(url: str | None, allow_private_hosts: bool) -> str | None:
     return problem
 
 
-def clean_caption(value) -> tuple[str | None, str | None]:
-    """(stripped caption, None), or (None, why the training loader would skip it)."""
-    data = value if value is None or isinstance(value, bytes) else str(value).encode("utf-8")
+
+
+def as_utf8(column: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """`column` as UTF-8 text, and a mask of the values that were bytes but not UTF-8 (those
+    become null). Numbers (a JSON list) become their text."""
+    invalid = np.zeros(len(column), bool)
+    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+        return column.cast(pa.string()), invalid
     try:
-        return decode_caption(data), None
-    except BadData as bad:
-        return None, bad.kind
+        return column.cast(pa.string()), invalid
+    except pa.ArrowInvalid:  # some value is not UTF-8: find which, one by one
+        texts = []
+        for i, value in enumerate(column.to_pylist()):
+            try:
+                texts.append(None if value is None else value.decode("utf-8"))
+            except UnicodeDecodeError:
+                texts.append(None)
+                invalid[i] = True
+        return pa.array(texts, pa.string()), invalid
 
 
-def sanitize(table: pa.Table, allow_private_hosts: bool) -> tuple[pd.DataFrame, dict]:
-    """Keep the fetchable rows as a (url, caption) frame; count every dropped row by reason."""
-    counts: Counter = Counter()
-    examples: dict[str, list[str]] = {}
-    urls, captions = [], []
-    rows = list(zip(*(column.to_pylist() for column in table.columns)))
-    hosts = {_check(_as_text(raw_url), allow_private_hosts)[1] for raw_url, _ in rows} - {None}
-    with ThreadPoolExecutor(DNS_THREADS) as pool:  # each name once, many lookups in flight
-        list(pool.map(resolve, hosts))
-    for raw_url, raw_caption in rows:
-        url = _as_text(raw_url)
-        problem = url_problem(url, allow_private_hosts)
-        if problem is None:
-            caption, problem = clean_caption(raw_caption)
-        if problem is None:
-            urls.append(url.strip())
-            captions.append(caption)
-            continue
-        counts[problem] += 1
-        shown = examples.setdefault(problem, [])
-        if len(shown) < EXAMPLES_PER_KIND:
-            shown.append(repr(url if url is not None else raw_url)[:200])
-    report = {
-        "rows": table.num_rows, "kept": len(urls), "dropped": dict(counts), "examples": examples,
-    }  # fmt: skip
-    return pd.DataFrame({"url": urls, "caption": captions}), report
+def _mask(array: pa.Array) -> np.ndarray:
+    return pc.fill_null(array, False).to_numpy(zero_copy_only=False)
+
+
+def private_names(names, pool: Executor) -> set[str]:
+    """The host names in `names` that resolve to a private address, each looked up once and
+    many at a time; `resolve`'s cache is bounded, the answers of this call are kept for it."""
+    names = list(names)
+    return {name for name, ips in zip(names, pool.map(resolve, names))
+            if any(is_private_address(ip) for ip in ips)}
+
+
+def _common_hosts(urls: pa.Array) -> tuple[np.ndarray, pa.Array]:
+    """(which URLs have the common form, their lower-cased hosts; the other hosts are junk)."""
+    padded = pc.binary_join_element_wise(urls, "//", "")  # a third "/"-separated field for all
+    authority = pc.list_element(pc.split_pattern(padded, "/", max_splits=3), 2)
+    host = pc.ascii_lower(pc.list_element(pc.split_pattern(authority, ":", max_splits=1), 0))
+    common = pc.and_(pc.match_substring_regex(urls, _COMMON_URL),
+                     pc.less_equal(pc.binary_length(host), 253))
+    return _mask(common), host
+
+
+def url_codes(urls: pa.Array, allow_private_hosts: bool,
+              pool: Executor) -> tuple[np.ndarray, pa.Array]:
+    """(the refusal code (see CODE) of every URL of a batch, the URLs stripped): common ones
+    checked by vectorised matches, the rest by `_check`; names resolved through `pool`."""
+    urls = pc.ascii_trim_whitespace(urls)
+    common, host = _common_hosts(urls)
+    codes = np.zeros(len(urls), np.int8)
+    pending, stripped = {}, []  # row -> host name still to resolve, among the uncommon URLs
+    for row in np.flatnonzero(~common):
+        url = urls[row].as_py()
+        problem, name = _check(url, allow_private_hosts)
+        codes[row] = CODE[problem] if problem else 0
+        stripped.append(url and url.strip())  # str.strip: Unicode spaces too
+        if name is not None:
+            pending[row] = name
+    if stripped:
+        urls = pc.replace_with_mask(urls, pa.array(~common), pa.array(stripped, pa.string()))
+    if not allow_private_hosts:
+        _refuse_private_names(codes, common, host, pending, pool)
+    return codes, urls
+
+
+def _refuse_private_names(codes: np.ndarray, common: np.ndarray, host: pa.Array,
+                          pending: dict, pool: Executor) -> None:
+    """Mark localhost and the names that resolve to a private address as private_host."""
+    local = _mask(pc.or_(pc.equal(host, "localhost"), pc.ends_with(host, ".localhost")))
+    codes[common & local] = CODE["private_host"]
+    names = pc.unique(pc.filter(host, pa.array(common & ~local))).to_pylist()
+    private = private_names(set(names) | set(pending.values()), pool)
+    if private:
+        codes[common & _mask(pc.is_in(host, pa.array(sorted(private))))] = CODE["private_host"]
+        for row, name in pending.items():
+            codes[row] = CODE["private_host"] if name in private else codes[row]
+
+
+def caption_codes(captions: pa.Array, not_utf8: np.ndarray) -> np.ndarray:
+    """The refusal code of every caption of a batch of stripped caption texts; `not_utf8`
+    marks the ones that were bytes but not UTF-8 (and are null here)."""
+    codes = np.zeros(len(captions), np.int8)
+    codes[_mask(pc.equal(pc.utf8_length(captions), 0))] = CODE["empty_caption"]
+    codes[_mask(pc.is_null(captions))] = CODE["missing_caption"]
+    codes[not_utf8] = CODE["non_utf8_caption"]
+    return codes
+
+
+def check_batch(batch: pa.RecordBatch, allow_private_hosts: bool, pool: Executor,
+                image_root: str | None = None) -> tuple[pa.RecordBatch, np.ndarray]:
+    """(the batch with its url and caption (first two columns) as stripped text, each row's
+    refusal code): a URL's problem first, then its caption's. With `image_root` (the file://
+    URL of a folder ending in "/", given by `vlp data download --images`), file URLs below it
+    pass; data_prep.fetch confines them to that folder again when it reads them."""
+    urls, bad_urls = as_utf8(batch.column(0))
+    captions, bad_captions = as_utf8(batch.column(1))
+    captions = pc.utf8_trim_whitespace(captions)
+    codes, urls = url_codes(urls, allow_private_hosts, pool)
+    if image_root:
+        codes[_mask(pc.and_(pc.starts_with(urls, image_root),
+                            pc.invert(pc.match_substring(urls, "/.."))))] = 0
+    codes[bad_urls] = CODE["invalid_url"]
+    codes = np.where(codes == 0, caption_codes(captions, bad_captions), codes)
+    columns = [urls, captions, *batch.columns[2:]]
+    return pa.RecordBatch.from_arrays(columns, ["url", "caption", *batch.schema.names[2:]]), codes

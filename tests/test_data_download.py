@@ -167,9 +167,12 @@ def test_a_small_download_warns_of_a_shard_that_got_nothing_and_of_too_few_shard
 
 def test_a_url_list_without_the_caption_column_is_a_clear_error(tmp_path, capsys, vlp_data):
     url_list = tmp_path / "urls.parquet"
-    pd.DataFrame({"url": ["http://example.com/a.jpg"], "TEXT": ["a cat"]}).to_parquet(url_list)
+    pd.DataFrame({"url": ["http://example.com/a.jpg"], "title": ["a cat"]}).to_parquet(url_list)
     assert vlp_data("download", "--url-list", url_list, "--out", tmp_path / "shards") == 2
-    assert "no column 'caption'" in capsys.readouterr().err
+    assert "no column any of ['caption', 'TEXT', " in capsys.readouterr().err
+    assert vlp_data("download", "--url-list", url_list, "--out", tmp_path / "shards",
+                    "--caption-col", "headline") == 2
+    assert "no column 'headline'" in capsys.readouterr().err
 
 
 def test_an_interrupted_download_resumes_where_it_stopped(world_dir, shard_dir, tmp_path):
@@ -194,13 +197,19 @@ def test_an_interrupted_download_resumes_where_it_stopped(world_dir, shard_dir, 
 
 
 @pytest.mark.slow
-def test_pyspark_distributor_in_local_mode(world_dir, tmp_path):
+def test_pyspark_sanitises_and_downloads_a_folder_of_parts_in_local_mode(world_dir, tmp_path):
+    """Three parquet parts (the last repeats a URL of the first) cleaned by Spark tasks, then
+    downloaded by img2dataset's pyspark distributor: one shard per part, each URL once."""
     from pyspark.sql import SparkSession
 
-    url_list = tmp_path / "urls.parquet"
-    pd.read_parquet(world_dir / "train/url_list.parquet").head(20).to_parquet(url_list)
+    rows = pd.read_parquet(world_dir / "train/url_list.parquet").head(20)
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for i, (start, stop) in enumerate([(0, 7), (7, 14), (14, 20)]):
+        extra = rows[:1] if i == 2 else rows[:0]
+        pd.concat([rows[start:stop], extra]).to_parquet(parts / f"part-{i}.parquet")
     spark = (
-        SparkSession.builder.master("local[1]")
+        SparkSession.builder.master("local[2]")
         .appName("vlp-test")
         .config("spark.ui.enabled", "false")
         .config("spark.driver.extraJavaOptions", "-XX:TieredStopAtLevel=1")  # faster JVM start
@@ -209,12 +218,13 @@ def test_pyspark_distributor_in_local_mode(world_dir, tmp_path):
     try:
         with serve_world(world_dir):
             summary = download_shards(
-                url_list, tmp_path / "shards", image_size=32, number_sample_per_shard=10,
+                parts, tmp_path / "shards", image_size=32, number_sample_per_shard=10,
                 allow_private_hosts=True, distributor="pyspark",
             )  # fmt: skip
     finally:
         spark.stop()
-    assert summary["total_shards"] == 2 and summary["total_samples"] == 20
+    assert summary["sanitized"]["dropped"] == {"duplicate_url": 1}
+    assert [s["samples"] for s in load_manifest(tmp_path / "shards")["shards"]] == [7, 7, 6]
     assert summary["problems"] == []
 
 
@@ -264,3 +274,72 @@ def test_download_counts_must_be_positive(tmp_path, capsys, vlp_data, flag):
                  flag, "-1")
     assert exit_info.value.code == 2
     assert f"argument {flag}" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_img2dataset_options_pass_through_and_those_vlp_sets_must_agree(world_dir, shard_dir,
+                                                                        tmp_path, capsys,
+                                                                        vlp_data):
+    """A command line written for img2dataset: its spellings, extra columns saved per sample, a
+    JPEG quality, and any other option as --img2dataset-option KEY=VALUE."""
+    rows = pd.read_parquet(world_dir / "train/url_list.parquet").head(8)
+    rows.assign(license=[f"cc-by {i}" for i in range(8)]).to_parquet(tmp_path / "urls.parquet")
+    out = tmp_path / "shards"
+    with serve_world(world_dir):
+        assert vlp_data(
+            "download", "--url_list", tmp_path / "urls.parquet", "--output_folder", out,
+            "--output_format", "webdataset", "--input_format", "parquet", "--image_size", "64",
+            "--save_additional_columns", "license", "--encode_quality", "10",
+            "--enable_wandb", "false", "--img2dataset-option", "min_image_size=8",
+            "--allow-private-hosts") == 0  # fmt: skip
+    capsys.readouterr()
+    licenses = {f"cc-by {i}": url for i, url in enumerate(rows["url"])}
+    for _, sample in iter_shard(list_shards(out)[0]):
+        meta = json.loads(sample["json"])
+        assert licenses[meta["license"]] == meta["url"]
+        # libjpeg scales its base table (DC 16) by 5000/quality %: 80 at quality 10, 2 at 95
+        assert Image.open(io.BytesIO(sample["jpg"])).quantization[0][0] == 80
+    _, default = next(iter_shard(list_shards(shard_dir)[0]))
+    assert Image.open(io.BytesIO(default["jpg"])).quantization[0][0] == 2
+
+    refused = {
+        ("--output_format", "tfrecord"): "img2dataset's output_format=tfrecord: vlp sets it to "
+                                         "webdataset",
+        ("--img2dataset-option", "url_col=URL"): "vlp sets it to url (the column of the "
+                                                 "sanitised list; name your list's column with "
+                                                 "--url-col)",
+        ("--img2dataset-option", "thread_count=4"): "vlp has it as --threads",
+        ("--img2dataset-option", "no_such=1"): "img2dataset has no such option",
+        ("--img2dataset-option", "min_image_size=big"): "min_image_size=big: not a int",
+    }
+    for args, message in refused.items():
+        assert vlp_data("download", "--url-list", tmp_path / "urls.parquet", "--out",
+                        tmp_path / "other", *args) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_folder_of_local_images_is_ingested_without_a_server(world_dir, tmp_path, capsys,
+                                                               vlp_data):
+    """Images captioned by the .txt beside them; a link out of the folder is not followed, and
+    the fetch refuses a file URL outside the folder even when asked for it directly."""
+    from vlp.data_prep.fetch import FetchRefused, read_local
+    from vlp.data_prep.local_images import image_root
+
+    folder, out = tmp_path / "photos", tmp_path / "shards"
+    (folder / "day1").mkdir(parents=True)
+    images = [world_dir / f"train/images/{i:06d}.jpg" for i in range(3)]
+    for i, source in enumerate(images):
+        shutil.copy(source, folder / "day1" / f"{i}.JPG")
+    (folder / "day1/0.txt").write_text("a photo from day one\n")
+    (folder / "day1/1.txt").write_text("another photo")  # 2.JPG has no caption
+    outside = tmp_path / "outside.jpg"
+    shutil.copy(images[0], outside)
+    (folder / "link.jpg").symlink_to(outside)
+    (folder / "link.txt").write_text("a link out of the folder")
+
+    assert vlp_data("download", "--images", folder, "--out", out, "--image-size", "32") == 0
+    assert "missing_caption: 1" in capsys.readouterr().out
+    captions = sorted(s["txt"].decode() for _, s in iter_shard(list_shards(out)[0]))
+    assert captions == ["a photo from day one", "another photo"]
+    with pytest.raises(FetchRefused, match="outside the --images folder"):
+        read_local((folder / "link.jpg").as_uri(), image_root(folder), 1 << 20)

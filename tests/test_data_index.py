@@ -82,3 +82,27 @@ def test_a_directory_without_shards_is_an_error_and_writes_no_manifest(tmp_path)
 def test_load_manifest_says_how_to_make_one(tmp_path):
     with pytest.raises(UserError, match="vlp data index"):
         load_manifest(tmp_path)
+
+
+def test_counts_from_stats_agree_with_the_tars_and_skip_reading_them(shard_dir, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(shard_dir, shards)
+    full = build_manifest(shards)
+    quick = build_manifest(shards, from_stats=True, processes=2)
+    assert [s["samples"] for s in quick["shards"]] == [s["samples"] for s in full["shards"]]
+    assert quick["problems"] == [] and quick["counted_from"] == "stats"
+    assert "sha256" not in quick["shards"][0]  # the loader's sha256 check needs the full index
+
+
+def test_counts_from_stats_still_find_cut_shards_and_read_those_without_stats(shard_dir,
+                                                                              tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(shard_dir, shards)
+    cut = shards / "00001.tar"
+    cut.write_bytes(cut.read_bytes()[:20_480])  # whole blocks, but no end-of-archive marker
+    (shards / "00003_stats.json").write_text("{not json")
+
+    manifest = build_manifest(shards, from_stats=True)
+
+    assert problems_by_kind(manifest) == {("00001.tar", "corrupt_tar"), ("00003.tar", "bad_stats")}
+    assert manifest["shards"][3]["samples"] == 32  # counted from the tar itself

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from vlp.data_prep.tokenizer import iter_shard_captions, train_tokenizer
+from vlp.data_prep.tokenizer import sample_shard_captions, train_tokenizer
 from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.data.tokenizer import load_tokenizer, unknown_token_words
 
@@ -71,10 +71,21 @@ def test_training_on_no_text_is_an_error(tmp_path):
         train_tokenizer([], tmp_path, 100)
 
 
-def test_shard_captions_are_all_read(shard_dir):
+def test_a_sample_larger_than_the_shards_holds_every_caption(shard_dir):
     counts = Counter()
-    captions = list(iter_shard_captions(shard_dir, counts))
-    assert len(captions) == counts["captions"] == 160 and set(counts) == {"captions"}
+    captions = sample_shard_captions(shard_dir, 1000, counts)
+    assert len(captions) == len(set(captions)) == counts["captions"] == 160
+    assert set(counts) == {"captions", "sampled"}
+
+
+def test_a_small_sample_reads_a_bounded_number_of_shards(shard_dir):
+    """10 captions are drawn from the first 40 read: two of the five 32-caption shards."""
+    counts = Counter()
+    sample = sample_shard_captions(shard_dir, 10, counts, seed=1)
+    assert counts["captions"] == 64 and len(sample) == counts["sampled"] == 10
+    assert set(sample) <= set(sample_shard_captions(shard_dir, 1000))
+    assert sample == sample_shard_captions(shard_dir, 10, seed=1)
+    assert sample != sample_shard_captions(shard_dir, 10, seed=2)
 
 
 def test_tokenizer_command(world_dir, shard_dir, tmp_path, capsys, vlp_data):

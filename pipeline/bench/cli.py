@@ -1,5 +1,5 @@
 """`vlp bench train | attention | loader | zero | eval | rerank | caption | compress | comms |
-scaling | smoke`: benchmarks.
+scaling | smoke | prep`: benchmarks.
 
 Each benchmark times our implementation and a reference in the same run, reports the ratio of
 medians over `--repeats`, prints a table and writes JSON (`--out`, default bench_out/NAME.json).
@@ -30,6 +30,8 @@ BENCHMARKS = [
      "docs/scaling.md's projection for base on 1/8/64 H100 nodes (no GPU needed)"),
     ("smoke", "vlp.pipeline.bench.smoke",
      "a short real training run on this machine's devices, resumed, then evaluated"),
+    ("prep", "vlp.pipeline.bench.prep",
+     "URL-list sanitisation rows/s per core and memory vs row by row; LAION-400M projection"),
 ]
 
 
