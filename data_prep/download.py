@@ -260,6 +260,7 @@ def download_shards(
     `img2dataset_options` go to img2dataset as they are (data_prep.img2dataset_options).
     """
     from vlp.data_prep.clean import REFUSED_DIR, WORK_DIR
+    from vlp.data_prep.download_progress import ShardProgress, expected_shards
 
     _check_options(out_dir, max_image_mb, resize_mode, distributor)
     spec = ListSpec(url_list and str(url_list), **list_spec)
@@ -275,13 +276,16 @@ def download_shards(
     try:
         _clear_previous(out, incremental, record)
         write_json_atomic(out / RECORD, record)
-        _run_img2dataset(
-            out / WORK_DIR / "parts", out, allow_private_hosts=allow_private_hosts,
-            max_image_bytes=int(max_image_mb * 2**20), image_root=root, image_size=image_size,
-            resize_mode=resize_mode, processes_count=processes, thread_count=threads,
-            number_sample_per_shard=number_sample_per_shard, timeout=timeout, retries=retries,
-            distributor=distributor, save_additional_columns=list(spec.save_additional_columns)
-            or None, **(img2dataset_options or {}))
+        parts = sorted((out / WORK_DIR / "parts").glob("*.parquet"))
+        with ShardProgress(out, expected_shards(parts, number_sample_per_shard)):
+            _run_img2dataset(
+                out / WORK_DIR / "parts", out, allow_private_hosts=allow_private_hosts,
+                max_image_bytes=int(max_image_mb * 2**20), image_root=root,
+                image_size=image_size, resize_mode=resize_mode, processes_count=processes,
+                thread_count=threads, number_sample_per_shard=number_sample_per_shard,
+                timeout=timeout, retries=retries, distributor=distributor,
+                save_additional_columns=list(spec.save_additional_columns) or None,
+                **(img2dataset_options or {}))
     finally:
         shutil.rmtree(out / WORK_DIR, ignore_errors=True)
     manifest, to_retry = _index_download(out, record["url_list"], processes)

@@ -14,12 +14,12 @@ import shutil
 from pathlib import Path
 
 import webdataset as wds
-from tqdm import tqdm
 
 from vlp.data_prep.index import build_manifest
 from vlp.pipeline.data.errors import BadData, UserError
 from vlp.pipeline.data.files import write_json_atomic
 from vlp.pipeline.data.tar import SkipCounter, iter_shard, list_shards
+from vlp.pipeline.progress import tracked
 
 
 class ShardWriter:
@@ -104,7 +104,7 @@ def reshard(in_dir, out_dir, samples_per_shard: int) -> dict:
     sink = ShardWriter(staging, samples_per_shard)
     samples_read, unsafe, corrupt, skipped = 0, 0, [], SkipCounter()
     try:
-        for tar in tqdm(tars, desc="reshard", unit="shard"):
+        for tar in tracked(tars, "reshard", "shard"):
             try:
                 for key, members in iter_shard(tar, skipped, MAX_COPIED_MEMBER):
                     samples_read += 1

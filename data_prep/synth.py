@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from vlp.data_prep.captions import TEMPLATES, captions
 from vlp.data_prep.classification import classification_counts, write_classification
@@ -29,6 +28,7 @@ from vlp.data_prep.compositionality import (
 from vlp.data_prep.scenes import COLOURS, GRID, Scene, WorldSpec, render_scene, sample_scenes
 from vlp.data_prep.vqa import annotation, ask
 from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.progress import tracked
 
 RETRIEVAL_CAPTIONS = 5
 CAPTION_JSON = "dataset_synth.json"  # at the world's root, which is its image root
@@ -54,7 +54,8 @@ def _prepare_dir(out: Path) -> None:
 def _render(scenes: list[Scene], paths: list[Path], seed: int, split: str, size: int):
     """Render scenes to JPEG files; yield each scene with its image's random stream."""
     paths[0].parent.mkdir(parents=True, exist_ok=True)
-    for index, (scene, path) in enumerate(tqdm(list(zip(scenes, paths)), desc=f"render {split}")):
+    for index, (scene, path) in enumerate(tracked(list(zip(scenes, paths)), f"render {split}",
+                                                  "image")):
         rng = _image_rng(seed, split, index)
         render_scene(scene, rng, size).save(path, format="JPEG", quality=90)
         yield scene, rng

@@ -18,13 +18,13 @@ from tokenizers import (
     processors,
     trainers,
 )
-from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
 from vlp.pipeline.data.errors import BadData, UserError, warn
 from vlp.pipeline.data.tar import SkipCounter, iter_shard, list_shards
 from vlp.pipeline.data.tokenizer import SPECIAL_TOKENS
 from vlp.pipeline.data.transforms import decode_caption
+from vlp.pipeline.progress import tracked
 
 SAMPLE_SIZE = 1_000_000  # captions the tokenizer is trained on, at most
 READ_FACTOR = 4  # the sample is drawn from the first READ_FACTOR x SAMPLE_SIZE captions read
@@ -58,7 +58,7 @@ def sample_shard_captions(shard_dir, sample_size: int = SAMPLE_SIZE, counts: Cou
     shards = list_shards(shard_dir)
     rng.shuffle(shards)
     sample: list[str] = []
-    for tar in tqdm(shards, desc="sample captions", unit="shard"):
+    for tar in tracked(shards, "sample captions", "shard"):
         for caption in _shard_captions(tar, counts):
             seen = counts["captions"]  # this caption is the seen-th
             if len(sample) < sample_size:

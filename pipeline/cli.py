@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
@@ -73,6 +74,10 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if not sys.stderr.isatty():
+        # In a log file tqdm's bars (img2dataset's, DeepSpeed's) become run-on lines joined by
+        # '\r'; the commands print whole progress lines of their own (pipeline/progress.py).
+        os.environ.setdefault("TQDM_DISABLE", "1")
     return run_command(build_parser().parse_args(argv))
 
 

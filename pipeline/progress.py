@@ -12,10 +12,11 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Callable, TextIO
+from typing import Callable, Iterator, Sequence, TextIO, TypeVar
 
 import torch.distributed as dist
 
+T = TypeVar("T")
 LOG_EVERY_S = 30.0  # a log file gets at most one line per this many seconds (plus the last)
 TTY_EVERY_S = 0.2  # a terminal's line is redrawn at most this often (plus the last)
 
@@ -125,3 +126,11 @@ class ProgressLine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def tracked(items: Sequence[T], label: str, unit: str = "item") -> Iterator[T]:
+    """Iterate `items` with a ProgressLine updated after each (where a tqdm bar would go)."""
+    with ProgressLine(label, len(items), unit) as line:
+        for item in items:
+            yield item
+            line.update()

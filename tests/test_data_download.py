@@ -139,6 +139,22 @@ def test_a_download_during_an_outage_fails_and_the_rerun_fetches_everything(worl
     assert not (tmp_path / "s3:").exists() and not Path("s3:").exists()
 
 
+def test_a_download_logs_whole_progress_lines_not_tqdm_bars(world_dir, tmp_path):
+    """In a log file (stderr not a terminal) img2dataset's tqdm bars are off and the download
+    counts its finished shards in whole lines with an ETA."""
+    rows = pd.read_parquet(world_dir / "train/url_list.parquet")[:40]
+    rows.to_parquet(tmp_path / "urls.parquet")
+    with serve_world(world_dir):
+        done = subprocess.run(
+            ["vlp", "data", "download", "--url-list", str(tmp_path / "urls.parquet"), "--out",
+             str(tmp_path / "shards"), "--image-size", "32", "--samples-per-shard", "32",
+             "--allow-private-hosts"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "\r" not in done.stderr and "it/s]" not in done.stderr
+    assert re.search(r"^download: 2/2 \(100%\) \| .* \| elapsed \d+s \| ETA 0s$", done.stderr,
+                     re.M), done.stderr[-2000:]
+
+
 def test_a_small_download_warns_of_a_shard_that_got_nothing_and_of_too_few_shards(
         world_dir, tmp_path, capsys, vlp_data):
     """img2dataset cuts the rows into shards of --samples-per-shard, the last one shorter, so no

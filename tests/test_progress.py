@@ -7,7 +7,7 @@ import tty
 
 import pytest
 
-from vlp.pipeline.progress import ProgressLine, format_rate, progress_text
+from vlp.pipeline.progress import ProgressLine, format_rate, progress_text, tracked
 
 
 class FakeClock:
@@ -123,3 +123,11 @@ def test_rates_read_per_second_or_per_item(done, elapsed, text):
 def test_before_anything_is_done_there_is_no_rate_or_eta():
     assert progress_text("caption decoding", 0, 5, "image", 0.0) == (
         "caption decoding: 0/5 (0%) | elapsed 0s")
+
+
+def test_tracked_yields_every_item_and_ends_on_the_final_count(capsys):
+    """tracked() stands where a tqdm bar was (rendering, caption sampling, resharding)."""
+    assert list(tracked(["a", "b", "c"], "render train", "image")) == ["a", "b", "c"]
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("render train: 1/3 (33%) | ")
+    assert lines[-1].startswith("render train: 3/3 (100%) | ") and lines[-1].endswith("ETA 0s")
