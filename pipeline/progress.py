@@ -129,8 +129,9 @@ class ProgressLine:
 
 
 def tracked(items: Sequence[T], label: str, unit: str = "item") -> Iterator[T]:
-    """Iterate `items` with a ProgressLine updated after each (where a tqdm bar would go)."""
+    """Iterate `items` with a ProgressLine (where a tqdm bar would go), each item counted as it
+    is handed out: a consumer that stops at the last one still shows the full count."""
     with ProgressLine(label, len(items), unit) as line:
         for item in items:
-            yield item
             line.update()
+            yield item

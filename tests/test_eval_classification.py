@@ -156,6 +156,18 @@ def test_a_perfect_zero_shot_model_scores_one_on_both_layouts(tiny, world_dir):
             assert result["metrics"] == {"acc1": 1.0, "acc5": 1.0, "mean_per_class_recall": 1.0}
 
 
+def test_prompt_words_the_tokenizer_cannot_spell_are_named(tiny, world_dir, tmp_path, capsys):
+    root = dataset(world_dir, "shape", "imagefolder")
+    names = sorted(path.name for path in (root / "test").iterdir())
+    classnames = tmp_path / "classnames.txt"
+    classnames.write_text("\n".join(["\u2603", *names[1:]]) + "\n")  # a character never seen
+    result = evaluate_zeroshot(tiny, ZeroShotConfig(dataset=root, classnames=classnames))
+    assert result["unknown_prompt_words"] == ["\u2603"]
+    assert "warning: zero-shot prompts hold 1 word(s) the tokenizer maps to [UNK]: \u2603" in (
+        capsys.readouterr().err)
+    assert evaluate_zeroshot(tiny, ZeroShotConfig(dataset=root))["unknown_prompt_words"] == []
+
+
 def test_templates_from_a_file_and_the_default_set(tiny, world_dir, tmp_path):
     root = tmp_path / "shape"
     shutil.copytree(dataset(world_dir, "shape", "imagefolder"), root)

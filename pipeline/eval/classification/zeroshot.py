@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from vlp.pipeline.data.errors import warn
 from vlp.pipeline.data.model_loading import LoadedModel, load_model
+from vlp.pipeline.data.tokenizer import unknown_token_words
 from vlp.pipeline.eval.classification.data import load_classification, read_templates
 from vlp.pipeline.eval.classification.features import encode_set, result_header
 from vlp.pipeline.eval.classification.metrics import chance_metrics, classification_metrics
@@ -57,6 +59,7 @@ def evaluate_zeroshot(checkpoint: str | Path | LoadedModel, config: ZeroShotConf
     loaded = (checkpoint if isinstance(checkpoint, LoadedModel)
               else load_model(checkpoint, device=device))
     batch_size, bf16 = config.batch_size, config.bf16
+    unknown = _unknown_prompt_words(loaded, data.classnames, prompts)
     start = time.perf_counter()
     classes = class_embeddings(loaded, data.classnames, prompts, batch_size * 4, bf16)
     features = encode_set(loaded, data, batch_size, bf16)
@@ -64,6 +67,7 @@ def evaluate_zeroshot(checkpoint: str | Path | LoadedModel, config: ZeroShotConf
         **result_header("zeroshot_classification", loaded, data),
         "num_images": len(features.y),
         "num_templates": len(prompts),
+        "unknown_prompt_words": unknown,
         "metrics": classification_metrics(features.x @ classes.T, features.y),
         "baselines": {"chance": chance_metrics(len(data.classnames))},
         "skipped": features.skipped,
@@ -71,3 +75,16 @@ def evaluate_zeroshot(checkpoint: str | Path | LoadedModel, config: ZeroShotConf
     }
     write_result(result, out)
     return result
+
+
+def _unknown_prompt_words(loaded: LoadedModel, classnames: list[str],
+                          templates: list[str]) -> list[str]:
+    """The prompts' words the tokenizer turns into its unknown token, with a warning: a class
+    whose name vanishes is told apart by the rest of its prompt only."""
+    texts = [template.format(c=name) for name in classnames for template in templates]
+    unknown = unknown_token_words(loaded.tokenizer, texts)
+    if unknown:
+        warn(f"zero-shot prompts hold {len(unknown)} word(s) the tokenizer maps to "
+             f"{loaded.tokenizer.unk_token}: {', '.join(unknown[:10])}; train the tokenizer on "
+             "text that has them, or rename the classes")
+    return unknown
