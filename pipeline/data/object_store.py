@@ -99,10 +99,13 @@ class RangedObject:
         try:
             return head.result() if self.pool else self._fetch(*head)
         finally:
-            with self.lock:
-                retried, self.retried = self.retried, 0
-            for _ in range(retried):
-                self.on_retry()
+            self._report_retries()
+
+    def _report_retries(self) -> None:
+        with self.lock:
+            retried, self.retried = self.retried, 0
+        for _ in range(retried):
+            self.on_retry()
 
     def _fetch(self, offset: int, n: int) -> bytes:
         attempt = 0
@@ -126,8 +129,11 @@ class RangedObject:
         return False  # read front to back: skipped members are read past, within the readahead
 
     def close(self) -> None:
+        """Drop the reads not yet started; wait for those under way, so that the retries they
+        made are counted too."""
         if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        self._report_retries()
 
     def __enter__(self):
         return self
