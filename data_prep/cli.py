@@ -176,7 +176,8 @@ def register(subparsers) -> None:
     p = add_command(commands, "index", "write manifest.json and sizes.json for a shard directory",
                     ["vlp data index shards"])
     p.add_argument("shard_dir", metavar="SHARD_DIR",
-                   help="directory holding the NNNNN.tar shards (and their stats)")
+                   help="directory or object-store prefix (s3://bucket/shards) holding the "
+                        "NNNNN.tar shards (and their stats)")
     p.add_argument("--from-stats", action="store_true",
                    help="count samples from img2dataset's NNNNN_stats.json and check each tar's "
                         "end only (no sha256, no caption checks)")
@@ -201,8 +202,9 @@ def register(subparsers) -> None:
     p = add_command(commands, "reshard", "rewrite shards with K samples per shard, then index",
                     ["vlp data reshard --in shards --out shards_256 --samples-per-shard 256"])
     p.add_argument("--in", dest="in_dir", required=True,
-                   help="directory holding the NNNNN.tar shards to read")
-    p.add_argument("--out", required=True, help="empty directory for the new shards")
+                   help="directory or object-store prefix holding the NNNNN.tar shards to read")
+    p.add_argument("--out", required=True,
+                   help="empty directory or object-store prefix for the new shards")
     p.add_argument("--samples-per-shard", type=int, required=True,
                    help="samples per output shard (the last one may hold fewer)")
     p.set_defaults(func=reshard_command)
@@ -224,7 +226,8 @@ def _add_download(commands) -> None:
                         help="ingest the images of a local folder, each captioned by the .txt "
                              "file of the same name beside it (no server; file URLs only here)")
     p.add_argument("--out", "--output_folder", required=True,
-                   help="shard directory (NNNNN.tar + _stats.json + .parquet, then manifest.json)")
+                   help="shard directory or object-store prefix (s3://bucket/shards): NNNNN.tar + "
+                        "_stats.json + .parquet, then manifest.json")
     p.add_argument("--url-col", "--url_col", default=None,
                    help=f"URL column of the list (default: the first of {', '.join(URL_NAMES)})")
     p.add_argument("--caption-col", "--caption_col", default=None,

@@ -9,10 +9,14 @@ record beside the shards (`vlp_download`: a fingerprint of the sanitized rows an
 that shape the shards) makes sure of it, and a resume with another URL list or other settings is
 refused instead of mixing two datasets. Starting over (`incremental=False`) deletes only what a
 download writes: img2dataset's numbered shard files, the index and the record.
+The output may be an object-store prefix (s3://bucket/shards; data_prep.folder): sanitising then
+works in a local temporary folder, img2dataset writes the shards through fsspec, and the refused
+rows are uploaded beside them.
 img2dataset spawns worker processes, so a script calling this needs `if __name__ == "__main__":`.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import json
@@ -20,11 +24,14 @@ import math
 import re
 import shutil
 import signal
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlp.data_prep.folder import Folder
 from vlp.pipeline.data.errors import UserError, warn
-from vlp.pipeline.data.files import write_json_atomic
+from vlp.pipeline.data.object_store import is_object_url
 
 # data_prep.index (torch) and data_prep.clean (pandas, pyarrow) are imported where they are used:
 # `vlp` imports this module for RESIZE_MODES / DISTRIBUTORS on every command.
@@ -41,32 +48,32 @@ FEW_SHARDS = 8
 IMAGE_LIST = "_vlp_images.parquet"  # --images: the folder's rows, while they are sanitised
 
 
-def _clear_previous(out: Path, incremental: bool, record: dict) -> None:
+def _clear_previous(out: Folder, incremental: bool, record: dict) -> None:
     """Make `out` ready for img2dataset: delete our index (rebuilt afterwards) and, when starting
     over, the previous download; refuse to resume another download or next to foreign *.json."""
     from vlp.data_prep.index import MANIFEST, SIZES
 
-    downloaded = [p for p in out.iterdir() if SHARD_FILE.fullmatch(p.name)]
+    names = out.names()
+    downloaded = [name for name in names if SHARD_FILE.fullmatch(name)]
     if incremental and downloaded:
         _check_same_download(out, record)
-    stale = [out / MANIFEST, out / SIZES]
+    stale = [MANIFEST, SIZES]
     if not incremental:
         # Not img2dataset's "overwrite" mode: in 1.47 it deletes its own _tmp folder, then fails.
-        stale += [*downloaded, out / RECORD]
-        shutil.rmtree(out / "_tmp", ignore_errors=True)
-    foreign = sorted(p.name for p in out.glob("*.json") if p not in stale + downloaded)
+        stale += [*downloaded, RECORD]
+        out.delete(["_tmp"], recursive=True)
+    foreign = [name for name in names if name.endswith(".json") and name not in stale + downloaded]
     if foreign:
         raise UserError(f"{out} holds {', '.join(foreign)}: img2dataset takes every *.json in "
                         "the output folder for a shard's stats. Move them out, or choose another "
                         "--out.")
-    for path in stale:
-        path.unlink(missing_ok=True)
+    out.delete(stale)
 
 
-def _check_same_download(out: Path, record: dict) -> None:
+def _check_same_download(out: Folder, record: dict) -> None:
     try:
-        previous = json.loads((out / RECORD).read_text())
-    except (OSError, ValueError):
+        previous = json.loads(out.read(RECORD))
+    except (OSError, TypeError, ValueError):  # TypeError: no record
         previous = None
     if not isinstance(previous, dict):
         raise UserError(f"{out} holds shards but no readable {RECORD} record of what they were "
@@ -85,7 +92,7 @@ def _check_same_download(out: Path, record: dict) -> None:
                         "Use the same settings to resume, another --out, or --no-resume.")
 
 
-def _index_download(out: Path, url_list, processes: int) -> tuple[dict, dict]:
+def _index_download(out: Folder, url_list, processes: int) -> tuple[dict, dict]:
     """(the index of `out`, counted from img2dataset's stats, and the shards dropped for a
     retry) after img2dataset: a UserError when nothing arrived or a shard is damaged (a full
     disk: img2dataset logs it and goes on)."""
@@ -93,7 +100,7 @@ def _index_download(out: Path, url_list, processes: int) -> tuple[dict, dict]:
 
     to_retry = _drop_empty_shards(out)
     errors = dict(to_retry["errors"].most_common(5))
-    if not any(SHARD_FILE.fullmatch(p.name) for p in out.glob("*.tar")):
+    if not _downloaded_shards(out):
         raise UserError(f"no image of {url_list} could be downloaded into {out}: {errors}; the "
                         "rerun of this command retries them")
     dropped = to_retry["shards"]
@@ -101,7 +108,7 @@ def _index_download(out: Path, url_list, processes: int) -> tuple[dict, dict]:
         warn(f"{len(dropped)} shard(s) got no image ({', '.join(dropped[:5])}: {errors}) and "
              f"were deleted, so the shard numbers in {out} have a gap: rerun this command to "
              "fetch them again before training on the whole range")
-    manifest = build_manifest(out, from_stats=True, processes=processes)
+    manifest = build_manifest(out.location, from_stats=True, processes=processes)
     if manifest["problems"]:
         shards = sorted({p["shard"] for p in manifest["problems"]})
         raise UserError(f"{len(shards)} shard(s) in {out} are incomplete or damaged "
@@ -111,7 +118,12 @@ def _index_download(out: Path, url_list, processes: int) -> tuple[dict, dict]:
     return manifest, to_retry
 
 
-def _drop_empty_shards(out: Path) -> dict:
+def _downloaded_shards(out: Folder) -> list[str]:
+    """The names of img2dataset's NNNNN.tar files in `out`."""
+    return [name for name in out.names() if name.endswith(".tar") and SHARD_FILE.fullmatch(name)]
+
+
+def _drop_empty_shards(out: Folder) -> dict:
     """Delete the shards img2dataset finished without a single image (an outage, a dead host):
     their stats would make a resume take them for done. Returns how many and their errors."""
     from collections import Counter
@@ -119,17 +131,17 @@ def _drop_empty_shards(out: Path) -> dict:
     from vlp.data_prep.index import read_stats
 
     dropped, errors = [], Counter()
-    for tar in sorted(out.glob("*.tar")):
-        stats, _ = read_stats(tar)
-        if SHARD_FILE.fullmatch(tar.name) and stats and stats["successes"] == 0:
-            dropped.append(tar.name)
+    for name in _downloaded_shards(out):
+        stats, _ = read_stats(out.url(name))
+        if stats and stats["successes"] == 0:
+            dropped.append(name)
             errors.update(stats["errors"])
-            for path in (tar, tar.with_suffix(".parquet"), tar.with_name(f"{tar.stem}_stats.json")):
-                path.unlink(missing_ok=True)
+            stem = name[: -len(".tar")]
+            out.delete([name, f"{stem}.parquet", f"{stem}_stats.json"])
     return {"shards": dropped, "errors": errors}
 
 
-def _warn_if_few_shards(out: Path, shards: int, rows: int, per_shard: int) -> None:
+def _warn_if_few_shards(out: Folder, shards: int, rows: int, per_shard: int) -> None:
     """Training needs a shard per rank and loader worker; say so while the fix is cheap."""
     if shards >= FEW_SHARDS or per_shard == 1:
         return
@@ -140,10 +152,9 @@ def _warn_if_few_shards(out: Path, shards: int, rows: int, per_shard: int) -> No
 
 
 def _check_options(out_dir, max_image_mb: float, resize_mode: str, distributor: str) -> None:
-    if "://" in str(out_dir):
+    if "://" in str(out_dir) and not is_object_url(str(out_dir)):
         raise UserError(f"--out {out_dir}: shards are written to a local or shared filesystem "
-                        "folder; object storage (s3://, gs://) is read by training but not "
-                        "written here yet. Download locally, then copy the folder.")
+                        "folder or to object storage (s3://, gs://, ...), not to this URL")
     if not 0 < max_image_mb < float("inf"):
         raise UserError(f"max_image_mb must be a finite number > 0, got {max_image_mb}")
     if resize_mode not in RESIZE_MODES:
@@ -152,7 +163,7 @@ def _check_options(out_dir, max_image_mb: float, resize_mode: str, distributor: 
         raise UserError(f"distributor {distributor!r} is not one of {DISTRIBUTORS}")
 
 
-def _run_img2dataset(url_list: Path, out: Path, allow_private_hosts: bool, max_image_bytes: int,
+def _run_img2dataset(url_list: Path, out: str, allow_private_hosts: bool, max_image_bytes: int,
                      image_root: str | None, **options) -> None:
     """img2dataset a folder of clean (url, caption) parquet parts into webdataset shards in
     `out`, fetching through data_prep.fetch (every redirect hop and address checked, bodies
@@ -172,7 +183,7 @@ def _run_img2dataset(url_list: Path, out: Path, allow_private_hosts: bool, max_i
     try:
         img2dataset.download(
             url_list=str(url_list),
-            output_folder=str(out),
+            output_folder=out,
             input_format="parquet",
             url_col="url",
             caption_col="caption",
@@ -199,23 +210,34 @@ class ListSpec:
     save_additional_columns: tuple[str, ...] = ()
 
 
-def _sanitize(spec: ListSpec, out: Path, allow_private_hosts: bool, processes: int,
+@contextlib.contextmanager
+def _work_dir(out: Folder) -> Iterator[Path]:
+    """Where sanitising writes its parts and refused rows: `out` itself on local disk, a local
+    temporary folder when `out` is in object storage (the refused rows are uploaded from it)."""
+    if not out.in_store:
+        yield Path(out.location)
+        return
+    with tempfile.TemporaryDirectory(prefix="vlp-download-") as tmp:
+        yield Path(tmp)
+
+
+def _sanitize(spec: ListSpec, work: Path, allow_private_hosts: bool, processes: int,
               distributor: str) -> dict:
-    """Clean the list's parts into OUT/_vlp_urls/parts (data_prep.clean); refuse an empty
+    """Clean the list's parts into WORK/_vlp_urls/parts (data_prep.clean); refuse an empty
     result."""
     from vlp.data_prep.clean import clean_url_list
     from vlp.data_prep.local_images import image_root, write_image_list
     from vlp.data_prep.url_lists import find_columns, list_parts
 
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    created = not work.exists()
+    work.mkdir(parents=True, exist_ok=True)
     try:
         root = image_root(spec.images) if spec.images else None
-        source = write_image_list(spec.images, out / IMAGE_LIST) if spec.images else spec.url_list
+        source = write_image_list(spec.images, work / IMAGE_LIST) if spec.images else spec.url_list
         parts = list_parts(source, spec.input_format)
         columns = find_columns(parts[0], spec.url_col, spec.caption_col,
                                spec.save_additional_columns)
-        report = clean_url_list(parts, columns, out, allow_private_hosts, processes,
+        report = clean_url_list(parts, columns, work, allow_private_hosts, processes,
                                 distributor, root)
         if not report["kept"]:
             hint = ("; private, loopback and link-local hosts are refused unless "
@@ -225,8 +247,10 @@ def _sanitize(spec: ListSpec, out: Path, allow_private_hosts: bool, processes: i
                             f"{report['dropped']}{hint}")
     except UserError:
         if created:  # a list with nothing to download leaves no folder behind
-            shutil.rmtree(out)
+            shutil.rmtree(work)
         raise
+    finally:
+        (work / IMAGE_LIST).unlink(missing_ok=True)
     return {**report, "image_root": root}
 
 
@@ -249,7 +273,8 @@ def download_shards(
 ) -> dict:
     """Sanitize `url_list` (a file, folder or glob of parts; `list_spec`: the ListSpec fields;
     `url_list=None, images=DIR`: the images of a local folder), run img2dataset into
-    `out_dir`, index it; return the summary.
+    `out_dir` (a folder, or an object-store prefix such as s3://bucket/shards), index it; return
+    the summary.
 
     With `incremental=False` an earlier download in `out_dir` is deleted first (other files stay);
     resuming one made from another URL list or with other settings is a UserError. The pyspark
@@ -264,37 +289,39 @@ def download_shards(
 
     _check_options(out_dir, max_image_mb, resize_mode, distributor)
     spec = ListSpec(url_list and str(url_list), **list_spec)
-    out = Path(out_dir)
-    try:
-        sanitized = _sanitize(spec, out, allow_private_hosts, processes, distributor)
-    finally:
-        (out / IMAGE_LIST).unlink(missing_ok=True)
-    root = sanitized.pop("image_root")
-    record = {"url_list": spec.images or spec.url_list, "rows": sanitized.pop("kept"),
-              "rows_sha256": sanitized.pop("rows_sha256"), "image_size": image_size,
-              "resize_mode": resize_mode, "number_sample_per_shard": number_sample_per_shard}
-    try:
-        _clear_previous(out, incremental, record)
-        write_json_atomic(out / RECORD, record)
-        parts = sorted((out / WORK_DIR / "parts").glob("*.parquet"))
-        with ShardProgress(out, expected_shards(parts, number_sample_per_shard)):
-            _run_img2dataset(
-                out / WORK_DIR / "parts", out, allow_private_hosts=allow_private_hosts,
-                max_image_bytes=int(max_image_mb * 2**20), image_root=root,
-                image_size=image_size, resize_mode=resize_mode, processes_count=processes,
-                thread_count=threads, number_sample_per_shard=number_sample_per_shard,
-                timeout=timeout, retries=retries, distributor=distributor,
-                save_additional_columns=list(spec.save_additional_columns) or None,
-                **(img2dataset_options or {}))
-    finally:
-        shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    out = Folder(out_dir)
+    out.check_bucket()
+    with _work_dir(out) as work:
+        sanitized = _sanitize(spec, work, allow_private_hosts, processes, distributor)
+        root = sanitized.pop("image_root")
+        record = {"url_list": spec.images or spec.url_list, "rows": sanitized.pop("kept"),
+                  "rows_sha256": sanitized.pop("rows_sha256"), "image_size": image_size,
+                  "resize_mode": resize_mode, "number_sample_per_shard": number_sample_per_shard}
+        try:
+            _clear_previous(out, incremental, record)
+            out.write_json(RECORD, record)
+            if out.in_store:
+                out.upload(work / REFUSED_DIR, REFUSED_DIR)
+            parts = sorted((work / WORK_DIR / "parts").glob("*.parquet"))
+            with ShardProgress(out, expected_shards(parts, number_sample_per_shard)):
+                _run_img2dataset(
+                    work / WORK_DIR / "parts", out.location,
+                    allow_private_hosts=allow_private_hosts,
+                    max_image_bytes=int(max_image_mb * 2**20), image_root=root,
+                    image_size=image_size, resize_mode=resize_mode, processes_count=processes,
+                    thread_count=threads, number_sample_per_shard=number_sample_per_shard,
+                    timeout=timeout, retries=retries, distributor=distributor,
+                    save_additional_columns=list(spec.save_additional_columns) or None,
+                    **(img2dataset_options or {}))
+        finally:
+            shutil.rmtree(work / WORK_DIR, ignore_errors=True)
     manifest, to_retry = _index_download(out, record["url_list"], processes)
     _warn_if_few_shards(out, manifest["total_shards"], record["rows"], number_sample_per_shard)
     return {
         "url_list": record["url_list"],
-        "shards": str(out),
+        "shards": out.location,
         "sanitized": {"kept": record["rows"], **sanitized},
-        "refused_rows": str(out / REFUSED_DIR),
+        "refused_rows": out.url(REFUSED_DIR),
         "downloaded": manifest["stats_totals"],
         "download_errors": manifest["download_errors"],
         "shards_to_retry": to_retry["shards"],

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from vlp.data_prep.folder import Folder
 from vlp.pipeline.progress import ProgressLine
 
 POLL_S = 5.0
@@ -23,14 +24,14 @@ def expected_shards(parts: list[Path], per_shard: int) -> int:
     return sum(math.ceil(pq.ParquetFile(part).metadata.num_rows / per_shard) for part in parts)
 
 
-def finished_shards(out: Path) -> int:
-    return sum(1 for _ in out.glob("*_stats.json"))
+def finished_shards(out: Folder) -> int:
+    return sum(name.endswith("_stats.json") for name in out.names())
 
 
 class ShardProgress:
     """Context manager: while img2dataset writes into `out`, report its finished shards."""
 
-    def __init__(self, out: Path, total: int, poll_s: float = POLL_S):
+    def __init__(self, out: Folder, total: int, poll_s: float = POLL_S):
         self.out, self.poll_s = out, poll_s
         self.before = finished_shards(out)
         self.line = ProgressLine("download", max(0, total - self.before), "shard")

@@ -1,5 +1,6 @@
-"""Index a shard directory: manifest.json (per shard: samples counted from the tar, sha256,
-img2dataset stats, problems) and OpenCLIP's sizes.json.
+"""Index a shard directory, local or an object-store prefix (s3://bucket/shards, through fsspec):
+manifest.json (per shard: samples counted from the tar, sha256, img2dataset stats, problems) and
+OpenCLIP's sizes.json.
 
 `from_stats` takes each shard's sample count from img2dataset's NNNNN_stats.json ("successes")
 instead of reading the tar, and checks the tar only for its end-of-archive marker (a shard cut
@@ -19,12 +20,12 @@ import hashlib
 import json
 import re
 from collections import Counter
-from pathlib import Path
 
+from vlp.data_prep.folder import Folder, name_of
 from vlp.pipeline.data.errors import BadData, UserError
-from vlp.pipeline.data.files import write_json_atomic
 from vlp.pipeline.data.manifest import FORMAT, MANIFEST, SIZES
-from vlp.pipeline.data.tar import SkipCounter, iter_shard, list_shards
+from vlp.pipeline.data.object_store import filesystem, read_object, read_range
+from vlp.pipeline.data.tar import SkipCounter, iter_shard
 from vlp.pipeline.data.transforms import IMAGE_EXTENSIONS, decode_caption
 
 STATS_COUNTS = ("count", "successes", "failed_to_download", "failed_to_resize")
@@ -53,27 +54,34 @@ def error_kind(message: str) -> str:
     return re.sub(r"0x[0-9a-f]+", "0x...", message)[:80]
 
 
-def read_stats(tar: Path) -> tuple[dict | None, dict | None]:
-    """(stats summary, None) from img2dataset's NNNNN_stats.json, or (None, problem)."""
-    path = tar.with_name(f"{tar.stem}_stats.json")
-    if not path.exists():
-        return None, {"kind": "missing_stats", "detail": f"no {path.name}"}
+def read_stats(tar: str) -> tuple[dict | None, dict | None]:
+    """(stats summary, None) from img2dataset's NNNNN_stats.json beside the shard URL `tar`, or
+    (None, problem)."""
+    url = f"{tar[:-len('.tar')]}_stats.json"
+    name = name_of(url)
     try:
-        raw = json.loads(path.read_text())
+        data = read_object(url)
+    except OSError as exc:
+        return None, {"kind": "bad_stats", "detail": f"{name}: {exc!r}"}
+    if data is None:
+        return None, {"kind": "missing_stats", "detail": f"no {name}"}
+    try:
+        raw = json.loads(data)
         stats = {key: int(raw[key]) for key in STATS_COUNTS}
         errors = Counter()
         for message, n in raw.get("status_dict", {}).items():
             if message != "success":
                 errors[error_kind(message)] += int(n)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        return None, {"kind": "bad_stats", "detail": f"{path.name}: {exc!r}"}
+        return None, {"kind": "bad_stats", "detail": f"{name}: {exc!r}"}
     stats["failed"] = stats["failed_to_download"] + stats["failed_to_resize"]
     stats["errors"] = dict(errors)
     return stats, None
 
 
-def inspect_shard(tar: Path) -> dict:
-    """One manifest entry: count samples from the tar itself and compare with its stats."""
+def inspect_shard(tar: str) -> dict:
+    """One manifest entry for the shard URL `tar`: count samples from the tar itself and compare
+    with its stats."""
     samples, issues, problems = 0, Counter(), []
     skipped = SkipCounter()
     try:
@@ -97,12 +105,13 @@ def inspect_shard(tar: Path) -> dict:
     elif stats["successes"] != samples:
         detail = f"tar has {samples} samples, stats say {stats['successes']} successes"
         problems.append({"kind": "count_mismatch", "detail": detail})
-    with open(tar, "rb") as f:
+    fs, path = filesystem(tar)
+    with fs.open(path, "rb") as f:
         sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     return {
-        "name": tar.name,
+        "name": name_of(tar),
         "samples": samples,
-        "bytes": tar.stat().st_size,
+        "bytes": fs.size(path),
         "sha256": sha256,
         "stats": stats,
         "sample_issues": dict(issues),
@@ -110,44 +119,44 @@ def inspect_shard(tar: Path) -> dict:
     }
 
 
-def _has_end_marker(tar: Path) -> bool:
+def _has_end_marker(tar: str, size: int) -> bool:
     """Whether the tar ends as a complete archive does: whole blocks, the last two zero."""
-    size = tar.stat().st_size
     if size < 2 * TAR_BLOCK or size % TAR_BLOCK:
         return False
-    with open(tar, "rb") as f:
-        f.seek(size - 2 * TAR_BLOCK)
-        return f.read() == bytes(2 * TAR_BLOCK)
+    return read_range(tar, size - 2 * TAR_BLOCK, 2 * TAR_BLOCK) == bytes(2 * TAR_BLOCK)
 
 
-def shard_from_stats(tar: Path) -> dict:
+def shard_from_stats(tar: str) -> dict:
     """A manifest entry whose sample count is img2dataset's; the tar read in full (see
     inspect_shard) only when its stats are missing or unreadable."""
     stats, problem = read_stats(tar)
     if problem:
         return inspect_shard(tar)
-    problems = [] if _has_end_marker(tar) else [
+    fs, path = filesystem(tar)
+    size = fs.size(path)
+    problems = [] if _has_end_marker(tar, size) else [
         {"kind": "corrupt_tar", "detail": "no end-of-archive marker: cut short"}]
-    return {"name": tar.name, "samples": stats["successes"], "bytes": tar.stat().st_size,
+    return {"name": name_of(tar), "samples": stats["successes"], "bytes": size,
             "stats": stats, "sample_issues": {}, "problems": problems}
 
 
 def build_manifest(shard_dir, from_stats: bool = False, processes: int = 1) -> dict:
-    """Index every shard in `shard_dir` into manifest.json and sizes.json; return the manifest."""
+    """Index every shard in `shard_dir` (a folder or an object-store prefix) into manifest.json
+    and sizes.json; return the manifest."""
     from vlp.data_prep.workers import run_tasks
 
-    shard_dir = Path(shard_dir)
-    tars = list_shards(shard_dir)
+    folder = Folder(shard_dir)
+    tars = folder.shards()
     if not tars:
         raise UserError(f"no *.tar shards in {shard_dir}: nothing to index; give the directory "
                         "that holds the NNNNN.tar files (`vlp data download` writes them)")
     shards = run_tasks(shard_from_stats if from_stats else inspect_shard, tars, processes)
     problems = [{"shard": s["name"], **p} for s in shards for p in s["problems"]]
-    tar_stems = {tar.stem for tar in tars}
-    for stats in sorted(shard_dir.glob("*_stats.json")):
-        stem = stats.name[: -len("_stats.json")]
-        if stem not in tar_stems:
-            problems.append({"shard": f"{stem}.tar", "kind": "missing_tar", "detail": stats.name})
+    tar_names = {name_of(tar) for tar in tars}
+    for name in folder.names():
+        stem = name[: -len("_stats.json")]
+        if name.endswith("_stats.json") and f"{stem}.tar" not in tar_names:
+            problems.append({"shard": f"{stem}.tar", "kind": "missing_tar", "detail": name})
     totals, errors, issues = Counter(), Counter(), Counter()
     for shard in shards:
         issues.update(shard["sample_issues"])
@@ -165,6 +174,6 @@ def build_manifest(shard_dir, from_stats: bool = False, processes: int = 1) -> d
         "problems": problems,
         "shards": shards,
     }
-    write_json_atomic(shard_dir / MANIFEST, manifest)  # a reader never sees half a manifest
-    write_json_atomic(shard_dir / SIZES, {s["name"]: s["samples"] for s in shards})
+    folder.write_json(MANIFEST, manifest)  # a reader never sees half a manifest
+    folder.write_json(SIZES, {s["name"]: s["samples"] for s in shards})
     return manifest

@@ -1,4 +1,5 @@
-"""Merge or split shards into shards of exactly K samples (the last one may hold fewer).
+"""Merge or split shards into shards of exactly K samples (the last one may hold fewer), from and
+to a local folder or an object-store prefix (s3://bucket/shards, through fsspec).
 
 Streaming: samples are read from the input tars and written to the new ones member by member,
 each sample's members kept together and in order; nothing is extracted to disk. Each new shard
@@ -9,31 +10,27 @@ short (a kill, a full disk) leaves no shards that look like a complete dataset.
 """
 from __future__ import annotations
 
-import os
-import shutil
-from pathlib import Path
-
 import webdataset as wds
 
+from vlp.data_prep.folder import Folder, name_of
 from vlp.data_prep.index import build_manifest
 from vlp.pipeline.data.errors import BadData, UserError
-from vlp.pipeline.data.files import write_json_atomic
-from vlp.pipeline.data.tar import SkipCounter, iter_shard, list_shards
+from vlp.pipeline.data.tar import SkipCounter, iter_shard
 from vlp.pipeline.progress import tracked
 
 
 class ShardWriter:
     """Writes samples to OUT/00000.tar, 00001.tar, ... starting a new tar every K samples."""
 
-    def __init__(self, out: Path, samples_per_shard: int):
+    def __init__(self, out: Folder, samples_per_shard: int):
         self.out, self.samples_per_shard = out, samples_per_shard
         self.shards_written = 0
-        self.writer, self.samples, self.sources = None, 0, []
+        self.stream, self.writer, self.samples, self.sources = None, None, 0, []
 
     def write(self, key: str, members: dict[str, bytes], source: str) -> None:
         if self.writer is None:
-            self.tmp = self.out / f"{self.shards_written:05d}.tar.tmp"
-            self.writer = wds.TarWriter(str(self.tmp), encoder=False, keep_meta=True)
+            self.stream = self.out.fs.open(f"{self.out.path}/{self.shards_written:05d}.tar", "wb")
+            self.writer = wds.TarWriter(self.stream, encoder=False, keep_meta=True)
         self.writer.write({"__key__": key, **members})
         self.samples += 1
         if source not in self.sources:
@@ -42,12 +39,11 @@ class ShardWriter:
             self.close()
 
     def close(self) -> None:
-        """Finish the open tar (renamed into place only when complete) and write its stats."""
+        """Finish the open tar and write its stats."""
         if self.writer is None:
             return
         self.writer.close()
-        name = f"{self.shards_written:05d}"
-        os.replace(self.tmp, self.out / f"{name}.tar")
+        self.stream.close()  # in an object store, the upload completes here
         stats = {
             "count": self.samples,
             "successes": self.samples,
@@ -56,9 +52,9 @@ class ShardWriter:
             "status_dict": {"success": self.samples},
             "resharded_from": self.sources,
         }
-        write_json_atomic(self.out / f"{name}_stats.json", stats)
+        self.out.write_json(f"{self.shards_written:05d}_stats.json", stats)
         self.shards_written += 1
-        self.writer, self.samples, self.sources = None, 0, []
+        self.stream, self.writer, self.samples, self.sources = None, None, 0, []
 
 
 STAGING = ".partial"
@@ -67,13 +63,15 @@ STAGING = ".partial"
 MAX_COPIED_MEMBER = 1 << 30
 
 
-def _publish(staging: Path, out: Path) -> None:
+def _publish(staging: Folder, out: Folder) -> None:
     """Move the finished shards into `out`: tars first, then their stats (a kill in between
-    leaves tars the index reports as missing their stats), then drop the staging folder."""
-    for pattern in ("*.tar", "*_stats.json"):
-        for path in sorted(staging.glob(pattern)):
-            os.replace(path, out / path.name)
-    shutil.rmtree(staging)
+    leaves tars the index reports as missing their stats), then drop the staging folder. In an
+    object store a move is a copy and a delete."""
+    names = staging.names()
+    for suffix in (".tar", "_stats.json"):
+        for name in (n for n in names if n.endswith(suffix)):
+            out.fs.mv(f"{staging.path}/{name}", f"{out.path}/{name}")
+    out.delete([STAGING], recursive=True)
 
 
 def unsafe_key(key: str) -> bool:
@@ -92,15 +90,16 @@ def reshard(in_dir, out_dir, samples_per_shard: int) -> dict:
     """
     if samples_per_shard < 1:
         raise UserError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-    in_dir, out = Path(in_dir), Path(out_dir)
-    tars = list_shards(in_dir)
+    tars = Folder(in_dir).shards()
     if not tars:
         raise UserError(f"no *.tar shards in {in_dir}")
-    if out.exists() and any(out.glob("*.tar")):  # also refuses out == in_dir
+    out = Folder(out_dir)
+    out.check_bucket()
+    if any(name.endswith(".tar") for name in out.names()):  # also refuses out == in_dir
         raise UserError(f"{out} already holds shards; choose an empty output directory")
-    staging = out / STAGING
-    shutil.rmtree(staging, ignore_errors=True)  # what a reshard cut short left
-    staging.mkdir(parents=True)
+    out.delete([STAGING], recursive=True)  # what a reshard cut short left
+    staging = Folder(out.url(STAGING))
+    staging.fs.makedirs(staging.path, exist_ok=True)
     sink = ShardWriter(staging, samples_per_shard)
     samples_read, unsafe, corrupt, skipped = 0, 0, [], SkipCounter()
     try:
@@ -111,14 +110,14 @@ def reshard(in_dir, out_dir, samples_per_shard: int) -> dict:
                     if unsafe_key(key):
                         unsafe += 1
                         continue
-                    sink.write(key, members, tar.name)
+                    sink.write(key, members, name_of(tar))
             except BadData as exc:
-                corrupt.append({"shard": tar.name, "detail": f"{exc.kind}: {exc}"})
+                corrupt.append({"shard": name_of(tar), "detail": f"{exc.kind}: {exc}"})
         sink.close()
     except OSError as exc:  # a full disk, a read-only folder: nothing is published
         raise UserError(f"reshard into {out} failed: {exc}; no shard was published") from exc
     _publish(staging, out)
-    manifest = build_manifest(out)
+    manifest = build_manifest(out.location)
     return {
         "input_shards": len(tars),
         "samples_read": samples_read,

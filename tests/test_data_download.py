@@ -133,10 +133,9 @@ def test_a_download_during_an_outage_fails_and_the_rerun_fetches_everything(worl
         assert re.search(r"error: 2 shard\(s\) in .* are incomplete or damaged", full.stderr)
         assert vlp_data(*args) == 0
     assert load_manifest(tmp_path / "shards")["total_samples"] == 40
-    assert vlp_data("download", "--url-list", url_list, "--out", "s3://bucket/shards") == 2
-    assert "object storage (s3://, gs://) is read by training but not written" in (
-        capsys.readouterr().err)
-    assert not (tmp_path / "s3:").exists() and not Path("s3:").exists()
+    assert vlp_data("download", "--url-list", url_list, "--out", "hdfs://cluster/shards") == 2
+    assert "or to object storage (s3://, gs://, ...), not to this URL" in capsys.readouterr().err
+    assert not (tmp_path / "hdfs:").exists() and not Path("hdfs:").exists()
 
 
 def test_a_download_logs_whole_progress_lines_not_tqdm_bars(world_dir, tmp_path):

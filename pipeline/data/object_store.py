@@ -34,8 +34,9 @@ def is_object_url(url: str) -> bool:
     return urllib.parse.urlparse(url).scheme.lower() in OBJECT_STORES
 
 
-def _filesystem(url: str):
-    """(fsspec filesystem, path) for `url`; a missing implementation is a UserError."""
+def filesystem(url: str):
+    """(fsspec filesystem, path) for `url` (a local path too); a missing implementation is a
+    UserError."""
     from fsspec.core import url_to_fs
 
     scheme = urllib.parse.urlparse(url).scheme.lower()
@@ -145,7 +146,7 @@ class RangedObject:
 def open_object(url: str, block: int, concurrency: int = 1, retries: int = 0,
                 on_retry: Callable[[], None] = lambda: None) -> RangedObject:
     """A binary stream of the object in ranged reads (RangedObject); one request for its size."""
-    fs, path = _filesystem(url)
+    fs, path = filesystem(url)
     try:
         size = fs.info(path)["size"]
     except Exception as exc:
@@ -155,7 +156,7 @@ def open_object(url: str, block: int, concurrency: int = 1, retries: int = 0,
 
 def read_range(url: str, offset: int, size: int) -> bytes:
     """`size` bytes at `offset` (one ranged request; size -1: to the end)."""
-    fs, path = _filesystem(url)
+    fs, path = filesystem(url)
     try:
         return fs.cat_file(path, start=offset, end=None if size < 0 else offset + size)
     except Exception as exc:
@@ -164,7 +165,7 @@ def read_range(url: str, offset: int, size: int) -> bytes:
 
 def read_object(url: str) -> bytes | None:
     """The whole object (a manifest, a JSON file), or None when it does not exist."""
-    fs, path = _filesystem(url)
+    fs, path = filesystem(url)
     try:
         return fs.cat_file(path)
     except FileNotFoundError:
@@ -176,7 +177,7 @@ def read_object(url: str) -> bytes | None:
 def check_reachable(url: str) -> None:
     """One request up front, so that a wrong endpoint, bucket or credential is one clear error
     before a job starts, not a run in which every shard is skipped as unreadable."""
-    fs, path = _filesystem(url)
+    fs, path = filesystem(url)
     try:
         fs.info(path)
     except FileNotFoundError:
