@@ -141,6 +141,8 @@ class VlpDualEncoder(PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
+        """UnifiedModel's initialisation, repeated: this file ships inside exports and runs
+        where vlp is not installed (transformers calls it for weights a checkpoint lacks)."""
         std = self.config.init_std
         if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
             nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)

@@ -2,6 +2,7 @@
 checkpoint, and the heartbeat names a rank that stopped or got stuck."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,6 +19,29 @@ from train_helpers import REPO, metrics_by_step, train_overrides, wait_for
 from vlp.pipeline.train.heartbeat import Heartbeat, read_beats, stuck_ranks
 
 
+@contextlib.contextmanager
+def training_with_one_restart(overrides: list[str], log):
+    """`vlp train --max-restarts 1` in its own session, its output in `log`; killed with its
+    process group if the test leaves before it ends."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vlp.pipeline.cli", "train", "--max-restarts", "1", "--set",
+             *overrides], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def rank_1_starts_step_5(run_dir, proc) -> None:
+    keys = run_dir / "samples/rank1.jsonl"
+    wait_for(lambda: keys.exists() and '"step": 5,' in keys.read_text(), 180,
+             "rank 1 starting step 5", proc)
+
+
 @pytest.mark.slow
 def test_a_killed_rank_is_restarted_from_the_last_checkpoint_and_the_run_finishes(
         shard_dir, tokenizer_dir, tmp_path):
@@ -28,21 +52,10 @@ def test_a_killed_rank_is_restarted_from_the_last_checkpoint_and_the_run_finishe
     overrides = train_overrides(run_dir, shard_dir, tokenizer_dir, "step_timeout_s=30",
                                 "heartbeat_every_s=1")
     log = tmp_path / "vlp_train.txt"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vlp.pipeline.cli", "train", "--max-restarts", "1", "--set",
-             *overrides], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-    try:
-        keys = run_dir / "samples/rank1.jsonl"
-        wait_for(lambda: keys.exists() and '"step": 5,' in keys.read_text(), 180,
-                 "rank 1 starting step 5", proc)
+    with training_with_one_restart(overrides, log) as proc:
+        rank_1_starts_step_5(run_dir, proc)
         rank_process(proc.pid, 1).kill()
         rc = proc.wait(timeout=180)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     text = log.read_text()
     assert rc == 0, text[-4000:]
     assert "restart 1 of 1 (--resume latest-valid)" in text
@@ -87,25 +100,14 @@ def test_a_frozen_rank_is_named_and_the_step_timeout_ends_the_launch(shard_dir, 
     overrides = train_overrides(run_dir, shard_dir, tokenizer_dir, "step_timeout_s=8",
                                 "heartbeat_every_s=1", "dist_timeout_s=600")
     log = tmp_path / "vlp_train.txt"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vlp.pipeline.cli", "train", "--max-restarts", "1", "--set",
-             *overrides], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-    try:
-        keys = run_dir / "samples/rank1.jsonl"
-        wait_for(lambda: keys.exists() and '"step": 5,' in keys.read_text(), 180,
-                 "rank 1 starting step 5", proc)
+    with training_with_one_restart(overrides, log) as proc:
+        rank_1_starts_step_5(run_dir, proc)
         frozen = rank_process(proc.pid, 1)
         frozen.suspend()
         stopped = time.monotonic()
         wait_for(lambda: "restart 1 of 1" in log.read_text(), 120, "the restart", proc)
         ended = time.monotonic() - stopped
         rc = proc.wait(timeout=180)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     text = log.read_text()
     print(f"frozen rank 1: the launch ended {ended:.0f} s later")
     assert rc == 0, text[-4000:]
