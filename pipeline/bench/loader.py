@@ -72,6 +72,7 @@ def write_jpeg_shards(out_dir: Path, shards: int, per_shard: int, source_size: i
     import numpy as np
 
     from vlp.data_prep.captions import captions
+    from vlp.data_prep.folder import Folder
     from vlp.data_prep.index import build_manifest
     from vlp.data_prep.reshard import ShardWriter
     from vlp.data_prep.scenes import WorldSpec, render_scene, sample_scene
@@ -82,7 +83,7 @@ def write_jpeg_shards(out_dir: Path, shards: int, per_shard: int, source_size: i
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = WorldSpec()
     texts = []
-    sink = ShardWriter(out_dir, per_shard)  # a new NNNNN.tar (+ NNNNN_stats.json) every per_shard
+    sink = ShardWriter(Folder(out_dir), per_shard)  # a new NNNNN.tar (+ NNNNN_stats.json) every per_shard
     for shard in range(shards):
         for i in range(per_shard):
             rng = np.random.default_rng([seed, shard, i])
