@@ -54,6 +54,9 @@ def test_vlp_data_serve_runs_until_interrupted(world_dir):
     with subprocess.Popen(
         [sys.executable, "-c", code, "data", "serve", str(world_dir)],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # Ctrl-C reaches it even when this suite runs as a background job, whose children a
+        # shell starts with SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     ) as server:  # fmt: skip
         try:
             first_line = server.stdout.readline()
