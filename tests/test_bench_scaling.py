@@ -11,16 +11,15 @@ from vlp.models import load_config
 from vlp.models.flops import flops_per_sample
 from vlp.pipeline.bench.nccl_model import Cluster
 from vlp.pipeline.bench.scaling import (
-    GENERATED,
     checkpoint_cost,
     collective_seconds,
     contrastive_mfu,
     exposed_comm,
-    fill_doc,
     itc_gathers,
     recipe_length,
     value,
 )
+from vlp.pipeline.bench.scaling_doc import GENERATED, fill_doc
 from vlp.pipeline.cli import main
 from vlp.pipeline.data.errors import UserError
 
