@@ -3,6 +3,7 @@
     mutate.py run [MODULE ...] [--children N] [--survivors]
                                                mutate the core modules (or the ones named);
                                                --survivors reruns only last run's survivors
+    mutate.py collect WORKSPACE MODULE ...     take modules' results from a parallel run's workspace
     mutate.py record                           write survivors.toml and docs/testing.md's table
     mutate.py show [MODULE ...]                list the unrecorded survivors with their diffs
     mutate.py sample [--modules K] [--count N] [--seed S]
@@ -15,8 +16,10 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import report
 import results
@@ -36,6 +39,15 @@ def run(modules: list[str], children: int, survivors_only: bool) -> None:
             return
     _mutmut("run", "--max-children", str(children), *names)
     print(report.summary(results.scores(results.load_mutants(modules))))
+
+
+def collect(source: Path, modules: list[str]) -> None:
+    """Copy the results of `modules` from another workspace (a parallel run) into this one."""
+    for module in modules:
+        for suffix in ("", ".meta", ".spans"):
+            target = WORKSPACE / "mutants" / "src" / "vlp" / (module + suffix)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / "mutants" / "src" / "vlp" / (module + suffix), target)
 
 
 def record() -> None:
@@ -109,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--children", type=int, default=2)
     run_parser.add_argument("--survivors", action="store_true",
                             help="rerun only the mutants the last run left alive")
+    collect_parser = commands.add_parser("collect")
+    collect_parser.add_argument("source", type=Path, help="the other run's MUTATION_WORKSPACE")
+    collect_parser.add_argument("modules", nargs="+")
     commands.add_parser("record")
     show_parser = commands.add_parser("show")
     show_parser.add_argument("modules", nargs="*")
@@ -119,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run":
         run(args.modules or list(core_modules()), args.children, args.survivors)
+    elif args.command == "collect":
+        collect(args.source, args.modules)
     elif args.command == "record":
         record()
     elif args.command == "show":
