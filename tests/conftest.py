@@ -40,6 +40,25 @@ def tokenizer_dir(world_dir, shard_dir, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def eval_tokenizer(world_dir, tmp_path_factory):
+    """tokenizer.json of a 300-word tokenizer trained on the world's texts."""
+    from test_eval_support import train_world_tokenizer
+
+    return train_world_tokenizer(world_dir, tmp_path_factory.mktemp("eval_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def zero3_run(eval_tokenizer, tmp_path_factory):
+    """A single-rank ZeRO-3 run directory with tags at steps 1 and 2 (test_eval_support); tests
+    that change it work on a copy."""
+    from test_eval_support import train_zero3_run
+
+    run = tmp_path_factory.mktemp("zero3_run") / "tiny"
+    train_zero3_run(run, eval_tokenizer, save_steps=(1, 2))
+    return run
+
+
 @pytest.fixture
 def vlp_data():
     """Run `vlp data ARG...` in-process, through the `vlp` command's own error handling; returns

@@ -8,22 +8,10 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_eval_support import tiny_eval_model, train_world_tokenizer, train_zero3_run
+from test_eval_support import tiny_eval_model
 
 from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.data.model_loading import load_model
-
-
-@pytest.fixture(scope="module")
-def tokenizer_json(world_dir, tmp_path_factory):
-    return train_world_tokenizer(world_dir, tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="module")
-def zero3_run(tokenizer_json, tmp_path_factory):
-    run = tmp_path_factory.mktemp("runs") / "tiny"
-    train_zero3_run(run, tokenizer_json, save_steps=(1, 2))
-    return run
 
 
 def assert_weights_equal(model, reference_path):
@@ -49,11 +37,11 @@ def test_zero3_tag_dir_loads_that_step(zero3_run):
     assert not torch.equal(model.state_dict()["itm_head.weight"], step2["itm_head.weight"])
 
 
-def test_export_directory(tokenizer_json, tmp_path):
+def test_export_directory(eval_tokenizer, tmp_path):
     from vlp.models.export import save_pretrained
 
-    tiny = tiny_eval_model(tokenizer_json, seed=3)
-    save_pretrained(tiny.model, tmp_path / "export", tokenizer_path=tokenizer_json)
+    tiny = tiny_eval_model(eval_tokenizer, seed=3)
+    save_pretrained(tiny.model, tmp_path / "export", tokenizer_path=eval_tokenizer)
     model, _, info = load_model(tmp_path / "export")
     assert (info.kind, info.step) == ("export", None)
     for name, weight in tiny.model.state_dict().items():
@@ -100,11 +88,11 @@ def test_incomplete_tag_and_non_checkpoints(zero3_run, tmp_path):
         load_model(tmp_path / "nowhere")
 
 
-def test_weights_of_another_config_are_refused(tokenizer_json, tmp_path):
+def test_weights_of_another_config_are_refused(eval_tokenizer, tmp_path):
     from vlp.models.export import save_pretrained
 
-    tiny = tiny_eval_model(tokenizer_json)
-    save_pretrained(tiny.model, tmp_path / "export", tokenizer_path=tokenizer_json)
+    tiny = tiny_eval_model(eval_tokenizer)
+    save_pretrained(tiny.model, tmp_path / "export", tokenizer_path=eval_tokenizer)
     config = json.loads((tmp_path / "export/config.json").read_text())
     (tmp_path / "export/config.json").write_text(json.dumps({**config, "depth": 3}))
     with pytest.raises(UserError, match="cannot load export .*probably from another config"):
@@ -130,13 +118,13 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
 """
 
 
-def test_a_bad_export_config_is_one_line_before_anything_is_allocated(tokenizer_json, tmp_path):
+def test_a_bad_export_config_is_one_line_before_anything_is_allocated(eval_tokenizer, tmp_path):
     """A string width gave a raw TypeError, and absurd sizes built (allocated) the model before
     the weights were compared with it."""
     from vlp.models.export import save_pretrained
 
     export = tmp_path / "export"
-    save_pretrained(tiny_eval_model(tokenizer_json).model, export, tokenizer_path=tokenizer_json)
+    save_pretrained(tiny_eval_model(eval_tokenizer).model, export, tokenizer_path=eval_tokenizer)
     config = json.loads((export / "config.json").read_text())
     (export / "config.json").write_text(json.dumps({**config, "width": "768"}))
     with pytest.raises(UserError, match=r"config.json: width must be a positive integer, got "

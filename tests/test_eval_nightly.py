@@ -21,7 +21,6 @@ from test_eval_support import (
     progress_lines,
     tiny_eval_model,
     train_world_tokenizer,
-    train_zero3_run,
 )
 from faults.fault_helpers import bomb_png, jpeg
 from nightly_helpers import Page
@@ -57,14 +56,15 @@ def suite(world_dir):
 
 
 @pytest.fixture(scope="module")
-def runs(world_dir, tmp_path_factory):
+def runs(eval_tokenizer, zero3_run, tmp_path_factory):
     """runs/tiny: ZeRO-3 tags at steps 1 and 2, a corrupt tag 3, an export directory, and its
     training curves (TensorBoard and metrics.jsonl, written as training writes them)."""
     from vlp.models.export import save_pretrained
 
     root = tmp_path_factory.mktemp("runs")
-    tokenizer = train_world_tokenizer(world_dir, root / "tokenizer")
-    train_zero3_run(root / "tiny", tokenizer, save_steps=(1, 2))
+    shutil.copytree(eval_tokenizer.parent, root / "tokenizer")
+    tokenizer = root / "tokenizer" / eval_tokenizer.name
+    shutil.copytree(zero3_run, root / "tiny")
     curves = MetricsLogger(root / "tiny", enabled=True)
     for step, loss in ((1, 9.5), (2, 9.0)):
         curves.log(step, {"loss/total": loss, "train/lr": 1e-3})

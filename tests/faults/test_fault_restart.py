@@ -95,7 +95,8 @@ def test_a_frozen_rank_is_named_and_the_step_timeout_ends_the_launch(shard_dir, 
                                                                       tmp_path):
     """SIGSTOP rank 1 in step 5: rank 0's watchdog names it, rank 0's next collective times out
     after step_timeout_s (not dist_timeout_s), and `vlp train` restarts the job, which resumes
-    at step 3 and finishes."""
+    at step 3 and finishes. Once the launcher is killing rank 1, the test lets it run, so that
+    its pending SIGTERM ends it at once (DeepSpeed would wait 30 s before SIGKILL)."""
     run_dir = tmp_path / "run"
     overrides = train_overrides(run_dir, shard_dir, tokenizer_dir, "step_timeout_s=8",
                                 "heartbeat_every_s=1", "dist_timeout_s=600")
@@ -105,6 +106,9 @@ def test_a_frozen_rank_is_named_and_the_step_timeout_ends_the_launch(shard_dir, 
         frozen = rank_process(proc.pid, 1)
         frozen.suspend()
         stopped = time.monotonic()
+        wait_for(lambda: f"Killing subprocess {frozen.pid}" in log.read_text(), 120,
+                 "the launcher killing rank 1", proc)
+        frozen.resume()
         wait_for(lambda: "restart 1 of 1" in log.read_text(), 120, "the restart", proc)
         ended = time.monotonic() - stopped
         rc = proc.wait(timeout=180)
