@@ -2,7 +2,9 @@
 of the synthetic world, a perfect zero-shot model, the probe's search and fit, and bad input."""
 import json
 import shutil
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from test_eval_support import tiny_eval_model, train_world_tokenizer
@@ -21,7 +23,11 @@ from vlp.pipeline.eval.classification.probe import (
     probe_metrics,
     search_weight_decay,
 )
-from vlp.pipeline.eval.classification.zeroshot import DEFAULT_TEMPLATES, evaluate_zeroshot
+from vlp.pipeline.eval.classification.zeroshot import (
+    DEFAULT_TEMPLATES,
+    class_embeddings,
+    evaluate_zeroshot,
+)
 from vlp.pipeline.eval.configs import ZeroShotConfig
 from vlp.pipeline.eval.images import tar_samples
 
@@ -82,6 +88,29 @@ def test_ties_and_nan_scores_count_against_the_image():
         {"acc1": 1 / 3, "mean_per_class_recall": 1 / 3})
 
 
+def test_top5_is_reported_from_exactly_five_classes():
+    labels = torch.tensor([0, 1, 2, 3, 4])
+    scores = torch.eye(5)[labels.roll(1)]  # each image scores the previous one's class first
+    assert classification_metrics(scores, labels) == {
+        "acc1": 0.0, "acc5": 1.0, "mean_per_class_recall": 0.0}
+    assert chance_metrics(5) == pytest.approx(
+        {"acc1": 1 / 5, "acc5": 1.0, "mean_per_class_recall": 1 / 5})
+
+
+def test_labels_may_be_a_uint8_array_as_cifar_stores_them():
+    labels = np.array([2, 0, 1, 1], dtype=np.uint8)
+    scores = torch.eye(3)[[2, 0, 1, 0]]  # the last image is wrong
+    assert classification_metrics(scores, labels) == pytest.approx(
+        {"acc1": 3 / 4, "mean_per_class_recall": (1 + 1 / 2 + 1) / 3})
+
+
+def test_classes_without_test_images_are_left_out_of_the_mean_recall():
+    labels = torch.tensor([0, 0, 3])  # classes 1 and 2 have no test images
+    scores = torch.eye(4)[[0, 1, 3]]
+    assert classification_metrics(scores, labels)["mean_per_class_recall"] == pytest.approx(
+        (1 / 2 + 1) / 2)
+
+
 # ---- the synthetic world's datasets -------------------------------------------------------------
 
 def test_both_layouts_hold_the_same_images_and_labels(world_dir):
@@ -119,7 +148,33 @@ def test_zeroshot_gives_the_same_result_on_both_layouts(tiny, world_dir, tmp_pat
         assert list(result["metrics"]) == KEYS
         assert (result["num_images"], result["num_classes"], result["num_templates"]) == (16, 7, 10)
         assert result["baselines"]["chance"]["acc1"] == pytest.approx(1 / 7)
+        assert result["task"] == "zeroshot_classification" and 0 <= result["seconds"] < 600
     assert results[0]["metrics"] == pytest.approx(results[1]["metrics"])
+
+
+def test_zeroshot_loads_a_path_onto_the_device_encodes_in_bf16_and_times_itself(
+        tiny, world_dir, monkeypatch):
+    from vlp.pipeline.eval import encode
+    from vlp.pipeline.eval.classification import zeroshot
+
+    loads, casts, autocast = [], [], encode.autocast
+
+    def load_model(path, device="cpu"):
+        loads.append((path, device))
+        return tiny
+
+    def spy_autocast(device, bf16):
+        casts.append(bf16)
+        return autocast(device, bf16)
+
+    clock = iter([10.0, 11.23456])
+    monkeypatch.setattr(zeroshot, "load_model", load_model)
+    monkeypatch.setattr(encode, "autocast", spy_autocast)
+    monkeypatch.setattr(zeroshot, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    config = ZeroShotConfig(dataset=dataset(world_dir, "colour", "wds"), bf16=True)
+    result = evaluate_zeroshot("runs/tiny", config, device="cuda:3")
+    assert loads == [("runs/tiny", "cuda:3")] and set(casts) == {True}
+    assert result["seconds"] == 1.235  # rounded to the millisecond
 
 
 class ColourOracle(torch.nn.Module):
@@ -156,6 +211,53 @@ def test_a_perfect_zero_shot_model_scores_one_on_both_layouts(tiny, world_dir):
             assert result["metrics"] == {"acc1": 1.0, "acc5": 1.0, "mean_per_class_recall": 1.0}
 
 
+class ColourWords(torch.nn.Module):
+    """A text encoder that embeds a prompt as the normalised counts of the colour words in it."""
+
+    def __init__(self, tokenizer, colours):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.word_ids = torch.tensor(tokenizer.convert_tokens_to_ids(colours))
+
+    def encode_text(self, ids, mask):
+        counts = (ids[:, :, None] == self.word_ids).sum(dim=1).float()
+        return torch.nn.functional.normalize(counts, dim=-1)
+
+
+def test_a_class_embedding_is_the_normalised_mean_of_its_prompts(tiny, monkeypatch):
+    from vlp.pipeline.eval import encode
+
+    casts, autocast = [], encode.autocast
+    monkeypatch.setattr(encode, "autocast", lambda device, bf16: casts.append(bf16) or (
+        autocast(device, bf16)))
+    red, green, blue = "red", "green", "blue"
+    encoder = LoadedModel(ColourWords(tiny.tokenizer, [red, green, blue]), tiny.tokenizer,
+                          tiny.info)
+    # "red" -> (1, 0, 0) and "red blue" -> (1, 0, 1) / sqrt(2): their mean, normalised
+    emb = class_embeddings(encoder, [red, green], ["{c}", "{c} " + blue], batch_size=1)
+    assert set(casts) == {False}  # full precision unless bf16 is asked for
+    s = 2 ** -0.5
+    assert torch.allclose(emb, torch.nn.functional.normalize(
+        torch.tensor([[1 + s, 0, s], [0, 1 + s, s]]), dim=-1))
+
+
+def test_zeroshot_reads_the_split_it_names(tiny, world_dir, tmp_path):
+    """The train split's images are moved one class folder on: its labels contradict the pixels,
+    so the perfect model scores 0 there and 1 on the untouched test split."""
+    root = tmp_path / "colour"
+    shutil.copytree(dataset(world_dir, "colour", "imagefolder"), root)
+    names = sorted(p.name for p in (root / "train").iterdir())
+    for i, name in enumerate(names):
+        (root / "train" / name).rename(root / "train" / f"tmp{i}")
+    for i, name in enumerate(names):
+        (root / "train" / f"tmp{i}").rename(root / "train" / names[(i + 1) % len(names)])
+    oracle = LoadedModel(ColourOracle(tiny.tokenizer, names), tiny.tokenizer, tiny.info)
+    wrong = evaluate_zeroshot(oracle, ZeroShotConfig(dataset=root, split="train"))["metrics"]
+    assert (wrong["acc1"], wrong["mean_per_class_recall"]) == (0.0, 0.0)
+    right = evaluate_zeroshot(oracle, ZeroShotConfig(dataset=root))["metrics"]
+    assert right == {"acc1": 1.0, "acc5": 1.0, "mean_per_class_recall": 1.0}
+
+
 def test_prompt_words_the_tokenizer_cannot_spell_are_named(tiny, world_dir, tmp_path, capsys):
     root = dataset(world_dir, "shape", "imagefolder")
     names = sorted(path.name for path in (root / "test").iterdir())
@@ -166,6 +268,14 @@ def test_prompt_words_the_tokenizer_cannot_spell_are_named(tiny, world_dir, tmp_
     assert "warning: zero-shot prompts hold 1 word(s) the tokenizer maps to [UNK]: \u2603" in (
         capsys.readouterr().err)
     assert evaluate_zeroshot(tiny, ZeroShotConfig(dataset=root))["unknown_prompt_words"] == []
+    circled = [chr(0x2460 + i) for i in range(11)]  # eleven unseen characters: ten are named
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a {c} " + " ".join(circled) + "\n")
+    result = evaluate_zeroshot(tiny, ZeroShotConfig(dataset=root, templates=templates))
+    assert result["unknown_prompt_words"] == circled
+    assert ("warning: zero-shot prompts hold 11 word(s) the tokenizer maps to [UNK]: "
+            f"{', '.join(circled[:10])}; train the tokenizer on text that has them, or rename the "
+            "classes\n") in capsys.readouterr().err
 
 
 def test_templates_from_a_file_and_the_default_set(tiny, world_dir, tmp_path):

@@ -15,7 +15,13 @@ from nightly_helpers import Page
 
 from vlp.pipeline.cli import main as vlp
 from vlp.pipeline.eval.nightly.headline import HEADLINE, SCALE
-from vlp.pipeline.eval.nightly.regressions import flag_regressions, markdown_summary
+from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.eval.nightly.regressions import (
+    check_margin,
+    flag_regressions,
+    markdown_summary,
+    regression_records,
+)
 from vlp.pipeline.eval.nightly.report import render_report, shown_table, summary_table
 from vlp.pipeline.eval.nightly.runner import RESULT_COLUMNS, baseline_value, write_results
 from vlp.pipeline.eval.nightly.suite import TASKS
@@ -209,3 +215,48 @@ def test_report_renders_in_headless_chromium_from_the_file_alone(tmp_path):
                          timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert Page(dom.stdout).tables[0] == ("headline", HEADLINE_ROWS)
+
+
+def latest_vs_best(rows):
+    """A summary table of (metric, latest, best) rows of one run."""
+    return pd.DataFrame([{"run": "r", "benchmark": "b", "task": "b", "metric": metric,
+                          "latest tag": "s2", "latest": latest, "best tag": "s1", "best": best}
+                         for metric, latest, best in rows])
+
+
+def test_the_margin_is_a_share_of_the_best_values_size_and_a_drop_to_it_passes():
+    flagged = flag_regressions(latest_vs_best([
+        ("at the margin", 0.75, 1.0), ("past it", 0.7, 1.0),
+        ("negative best", -2.4, -2.0),  # 20% below; the margin is 0.5 below -2
+        ("zero best", -1.0, 0.0)]), margin=0.25)
+    assert flagged["regressed"].tolist() == [False, True, False, True]
+    assert flagged["change"].tolist() == pytest.approx([-0.25, -0.3, -0.2, 0.0])
+    assert regression_records(flagged) == [
+        {"run": "r", "benchmark": "b", "metric": metric, "latest tag": "s2", "latest": latest,
+         "best tag": "s1", "best": best, "change": change}
+        for metric, latest, best, change in [("past it", 0.7, 1.0, pytest.approx(-0.3)),
+                                             ("zero best", -1.0, 0.0, 0.0)]]
+
+
+def test_no_results_flag_nothing():
+    flagged = flag_regressions(summary_table(results_table().iloc[:0]), 0.05)
+    assert flagged.empty and flagged.dtypes[["change", "regressed"]].tolist() == [
+        "float64", "bool"]
+    assert regression_records(flagged) == []
+
+
+def test_the_margin_is_a_fraction_below_one():
+    assert check_margin(0.0) == 0.0 and check_margin(0.99) == 0.99
+    for margin in (1.0, -0.01):
+        with pytest.raises(UserError, match=rf"--regression-margin must be in \[0, 1\) \(a "
+                                            rf"fraction of the best value\), got {margin}"):
+            check_margin(margin)
+
+
+def test_markdown_summary_without_regressions_ends_with_the_counts():
+    lines = markdown_summary(shown_table(results_table(), margin=0.5), 0.5, failures=0).split("\n")
+    assert lines[0] == "## vlp nightly: no regressions" and lines[1] == ""
+    assert lines[-2:] == [
+        "All values in percent; caption metrics x100 as papers quote them (CIDEr 152.5 for the "
+        "COCO tools' 1.525). 6 metric(s) compared with their run's best; a regression is a "
+        "latest value more than 50% below it. Failed evaluations: 0.", ""]

@@ -1,10 +1,19 @@
 """Recall@k from embeddings: chunked ranks against a brute-force full-matrix computation."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from vlp.pipeline.eval.retrieval.recall import chance_recalls, retrieval_recalls
+from vlp.pipeline.eval.retrieval import recall
+from vlp.pipeline.eval.retrieval.recall import (
+    captions_per_image,
+    chance_recalls,
+    index_ranks,
+    itc_ranks,
+    recalls_from_ranks,
+    retrieval_recalls,
+)
 
 
 def brute_force_recalls(image_emb, text_emb, text_to_image, ks=(1, 5, 10)):
@@ -182,3 +191,91 @@ def test_the_exact_index_gives_the_torch_paths_recalls():
     texts[7:21] = images[0]  # image 0: 14 negatives as high as its best caption, past every k
     tied = retrieval_recalls(images, texts, t2i, search="faiss")
     assert tied == retrieval_recalls(images, texts, t2i, search="torch")
+
+
+# With one-hot candidates a query's embedding is its row of scores.
+KNOWN_SCORES = torch.tensor([[0.9, 0.5, 0.7, 0.1],    # positive 1: 0.9 and 0.7 ahead -> rank 2
+                             [0.2, 0.8, 0.3, 0.6],    # positives 0, 3: best 0.6, 0.8 ahead -> 1
+                             [0.4, 0.3, 0.2, 0.1],    # no positive -> -1
+                             [0.5, 0.5, 0.0, -0.1]])  # positive 1 ties with 0 -> rank 1
+KNOWN_POSITIVES = torch.tensor([[1, -1], [0, 3], [-1, -1], [1, -1]])
+
+
+def test_ranks_from_known_scores():
+    """Ranks count the negatives at least as high as the best positive (ties against the
+    query), whatever the chunk; the top candidates come with their scores."""
+    scores, positives = KNOWN_SCORES, KNOWN_POSITIVES
+    for chunk in (1, 3, 4):
+        ranks, top, sims = itc_ranks(scores, torch.eye(4), positives, chunk=chunk, top_k=2)
+        assert ranks.tolist() == [2, 1, -1, 1]
+        assert top[:3].tolist() == [[0, 2], [1, 3], [0, 1]]
+        assert torch.allclose(sims[:3], torch.tensor([[0.9, 0.7], [0.8, 0.6], [0.4, 0.3]]))
+    assert itc_ranks(scores, torch.eye(4), positives)[1].shape == (4, 0)  # no top by default
+    assert itc_ranks(scores, torch.eye(4), positives, top_k=9)[1].shape == (4, 4)
+
+
+def test_the_index_gives_known_ranks_to_its_depth():
+    """The known scores above through the index; then a positive ranked 5th, which the index
+    finds looking 10 deep, and reports as `depth` (1) looking only as deep as the largest k."""
+    pytest.importorskip("faiss", reason="install the faiss extra: pip install '.[faiss]'")
+    scores, positives = KNOWN_SCORES, KNOWN_POSITIVES
+    ranks, top, sims = index_ranks(scores, torch.eye(4), positives, top_k=2, depth=10)
+    assert ranks.tolist() == [2, 1, -1, 1] and top[:3].tolist() == [[0, 2], [1, 3], [0, 1]]
+    assert torch.allclose(sims[:3], torch.tensor([[0.9, 0.7], [0.8, 0.6], [0.4, 0.3]]))
+    scores = torch.linspace(0.8, 0.1, 8)[None]
+    positives = torch.tensor([[5]])
+    assert itc_ranks(scores, torch.eye(8), positives)[0].tolist() == [5]
+    assert index_ranks(scores, torch.eye(8), positives, top_k=0, depth=10)[0].tolist() == [5]
+    assert index_ranks(scores, torch.eye(8), positives, top_k=0, depth=1)[0].tolist() == [1]
+
+
+def test_recall_at_k_counts_ranks_below_k():
+    metrics = recalls_from_ranks(torch.tensor([0, 4, 5, 9, 10]), torch.tensor([1, 0]), (1, 5, 10))
+    assert metrics == pytest.approx({
+        "image_retrieval_recall@1": 1 / 5, "image_retrieval_recall@5": 2 / 5,
+        "image_retrieval_recall@10": 4 / 5, "text_retrieval_recall@1": 1 / 2,
+        "text_retrieval_recall@5": 1.0, "text_retrieval_recall@10": 1.0,
+        "mean_recall": (1 / 5 + 2 / 5 + 4 / 5 + 1 / 2 + 1 + 1) / 6})
+    assert list(retrieval_recalls(torch.eye(2), torch.eye(2), [0, 1])) == list(metrics)
+
+
+def test_captions_per_image_table():
+    table = captions_per_image(torch.tensor([2, 0, 2, 3]), 5)
+    assert table.tolist() == [[1, -1], [-1, -1], [0, 2], [3, -1], [-1, -1]]
+    assert captions_per_image(torch.tensor([], dtype=torch.long), 3).tolist() == [[-1]] * 3
+
+
+def test_chance_with_fewer_captions_than_k():
+    """3 images, captions of images 0, 0, 1: at k=5 every ranking hits; at k=1 image 0 (2 of 3
+    captions) hits 2/3 of the time, image 1 1/3, image 2 (no caption) is no query."""
+    chance = chance_recalls(3, [0, 0, 1], ks=(1, 5))
+    assert chance == pytest.approx({
+        "image_retrieval_recall@1": 1 / 3, "image_retrieval_recall@5": 1.0,
+        "text_retrieval_recall@1": 1 / 2, "text_retrieval_recall@5": 1.0,
+        "mean_recall": (1 / 3 + 1 + 1 / 2 + 1) / 4})
+    # the indices as a table column of floats, which retrieval_recalls takes too
+    assert chance_recalls(3, np.array([0.0, 0.0, 1.0]), ks=(1, 5)) == chance
+
+
+def test_rerank_needs_a_scorer_and_captions_need_an_image_each():
+    images, texts, t2i = random_set(num_images=6, per_image=2, seed=6)
+    assert retrieval_recalls(images, texts, t2i, rerank_k=5) == retrieval_recalls(
+        images, texts, t2i)
+    with pytest.raises(ValueError, match="text_to_image has 11 entries for 12 captions"):
+        retrieval_recalls(images, texts, t2i[:-1])
+
+
+def test_auto_search_takes_the_index_from_20000_candidates_when_faiss_is_installed(monkeypatch):
+    calls = []
+    monkeypatch.setattr(recall, "index_ranks", lambda *args: calls.append(("faiss", *args)))
+    monkeypatch.setattr(recall, "itc_ranks", lambda *args: calls.append(("torch", *args)))
+    query, positives = torch.zeros(1, 2), torch.zeros(1, 1, dtype=torch.long)
+    for search, candidates in [("auto", 20_000), ("auto", 19_999), ("torch", 20_000),
+                               ("faiss", 10)]:
+        recall.ranks_by(search, query, torch.zeros(candidates, 2), positives, 7, 3, 10)
+    monkeypatch.setattr(recall.importlib.util, "find_spec", lambda name: None)
+    recall.ranks_by("auto", query, torch.zeros(20_000, 2), positives, 7, 3, 10)
+    assert [(c[0], len(c[2])) for c in calls] == [
+        ("faiss", 20_000), ("torch", 19_999), ("torch", 20_000), ("faiss", 10), ("torch", 20_000)]
+    assert [c[3:] for c in calls[:2]] == [(positives, 3, 10), (positives, 7, 3)]
+    assert calls[0][1] is query

@@ -2,6 +2,7 @@
 import pytest
 
 from vlp.pipeline.eval.vqa.metric import (
+    CONTRACTIONS,
     answer_soft_scores,
     normalize_answer,
     process_punctuation,
@@ -68,6 +69,8 @@ def test_soft_scores_are_the_accuracy_each_answer_earns():
     assert answer_soft_scores(["2"] * 3 + ["two"] * 7) == {"2": pytest.approx(0.9)}
     # humans are not lower-cased by the official code: "Red" does not count for "red"
     assert answer_soft_scores(["red"] * 2 + ["Red"] + ["blue"] * 7)["red"] == pytest.approx(0.6)
+    # ten identical "Red": no prediction can earn anything, so there is no target
+    assert answer_soft_scores(["Red"] * 10) == {}
 
 
 def test_score_predictions_overall_and_per_answer_type():
@@ -79,3 +82,58 @@ def test_score_predictions_overall_and_per_answer_type():
     assert metrics["yes/no"] == 100 and metrics["number"] == 0
     assert metrics["other"] == pytest.approx(100 * other)
     assert metrics["overall"] == pytest.approx(100 * (1 + 0 + other) / 3)
+
+
+@pytest.mark.parametrize("word, digit", [
+    ("none", "0"), ("zero", "0"), ("one", "1"), ("two", "2"), ("three", "3"), ("four", "4"),
+    ("five", "5"), ("six", "6"), ("seven", "7"), ("eight", "8"), ("nine", "9"), ("ten", "10"),
+])
+def test_number_words_up_to_ten_become_digits(word, digit):
+    assert normalize_answer(f"{word.title()} dogs") == f"{digit} dogs"
+    assert normalize_answer("eleven") == "eleven"  # the official table stops at ten
+
+
+@pytest.mark.parametrize("mark", list(';/[]"{}()=+\\_-><@`,?!'))
+def test_each_official_mark_becomes_a_space_between_words_or_goes_beside_one(mark):
+    assert process_punctuation(f"red{mark}blue") == "red blue"
+    assert process_punctuation(f"red{mark} blue") == "red blue"
+    assert process_punctuation(f"red {mark}blue") == "red blue"
+    assert process_punctuation(f"1,000{mark}5") == "10005"
+
+
+def test_marks_outside_the_official_list_are_kept():
+    assert process_punctuation("rock'n'roll: 50% off* #1 & ~ $ ^ |") == (
+        "rock'n'roll: 50% off* #1 & ~ $ ^ |")
+
+
+def test_at_most_32_periods_are_removed_as_the_official_code_does():
+    assert process_punctuation("." * 40) == "." * 8
+    assert process_punctuation("3.5. 2.") == "3.5 2"
+
+
+def test_contractions_are_restored_in_lower_case_only():
+    for short, full in CONTRACTIONS.items():
+        # each entry only places apostrophes (one official quirk: "somebody'd" loses its own)
+        assert short.replace("'", "") == full.replace("'", "")
+        if short == short.lower():
+            assert normalize_answer(short) == full
+    # keys with a capital I never match: the official code lower-cases the answer first
+    for word in ("im", "ive", "id've", "i'dve"):
+        assert normalize_answer(word) == word
+    assert normalize_answer("Dont, Thats") == "don't that's"
+
+
+def test_tabs_and_newlines_count_as_spaces_beside_a_mark():
+    # "/" beside a space anywhere deletes every "/" (official rule), so "red/blue" joins up
+    assert normalize_answer("red/blue\t/green") == "redblue green"
+    assert normalize_answer("red/blue\n/green") == "redblue green"
+    assert normalize_answer("red/blue /green") == "redblue green"
+
+
+def test_unknown_answer_types_follow_the_official_three_by_name_and_nothing_is_an_error():
+    answers = {q: ["red"] * 10 for q in range(5)}
+    types = {0: "zeta", 1: "other", 2: "alpha", 3: "yes/no", 4: "number"}
+    metrics = score_predictions({q: "red" for q in range(5)}, answers, types)
+    assert list(metrics) == ["overall", "yes/no", "number", "other", "alpha", "zeta"]
+    with pytest.raises(ValueError, match="^no predictions to score$"):
+        score_predictions({}, answers, types)

@@ -58,6 +58,12 @@ def stage(modules: list[str]) -> Path:
         _copy(REPO / name, package / name)
     for name in REPO_FILES:
         _copy(REPO / name, WORKSPACE / name)
+    for module in modules:
+        # An earlier run of other modules left this one copied unmutated, with the source's
+        # modification time, which mutmut takes for "already mutated": remove the copy.
+        copy = WORKSPACE / "mutants" / "src" / "vlp" / module
+        if copy.exists() and not copy.with_name(copy.name + ".meta").exists():
+            copy.unlink()
     tests = sorted({t for m in modules for t in guards[m]})
     (WORKSPACE / "pyproject.toml").write_text(
         "# Written by tests/mutation/workspace.py; edit tests/mutation/modules.toml instead.\n"
