@@ -1,4 +1,5 @@
 """ITC across ranks, hard-negative sampling for ITM, and the VQA loss."""
+import datetime
 import math
 
 import pytest
@@ -6,10 +7,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.distributed.nn.functional import all_gather
 
 from vlp.pipeline.distributed import free_port
 from vlp.models import LossWeights, UnifiedModel, load_config
-from vlp.models.losses import contrastive_loss, hard_negatives, vqa_loss
+from vlp.models.losses import (contrastive_loss, gumbel_argmax, hard_negatives, set_gather,
+                               token_cross_entropy, vqa_loss)
 from vlp.models.model import EditedCaptions
 
 WORLD, LOCAL_B, T = 2, 3, 8
@@ -254,3 +257,147 @@ def test_itm_ranks_each_caption_above_its_own_edit(monkeypatch):
     ranking = F.softplus(-(odds[0] - odds[6]))  # image 0 only: image 1 has no edit
     assert loss.item() == pytest.approx((match + ranking).item(), rel=1e-6)
     assert out["itm_edited_acc"].item() == 1.0  # 2.0 > 0.5; image 1's 3.0 does not count
+
+
+def test_itc_accuracy_averages_the_two_directions():
+    """One-hot oracle: every image finds its caption (i2t 3/3), but captions 1 and 2 lean
+    towards image 0, so only caption 0 finds its image (t2i 1/3): accuracy (1 + 1/3) / 2."""
+    image = torch.eye(3)
+    text = F.normalize(torch.eye(3) + 2 * torch.eye(3)[0], dim=-1)  # e_j + 2 e_0
+    text[0] = image[0]
+    _, accuracy, _ = contrastive_loss(image, text, torch.tensor(10.0))
+    assert accuracy.item() == pytest.approx(2 / 3)
+
+
+def _itc_on_rank(rank: int, port: int, image, text, scale, out: str | None = None):
+    """ITC on this rank's half of (image, text) with gloo; the loss, accuracy, local similarities
+    and the gradients of the local embeddings (of the sum of both ranks' losses)."""
+    if out is not None:  # a forked child: the parent's OpenMP threads are not there
+        torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=15))
+    try:
+        part = slice(rank * LOCAL_B, (rank + 1) * LOCAL_B)
+        image, text = image[part].clone().requires_grad_(), text[part].clone().requires_grad_()
+        gathered = []
+
+        def timed(x):  # as the training comms log's timed gather
+            gathered.append(list(x.shape))
+            return all_gather(x)
+
+        set_gather(timed)
+        loss, accuracy, sim = contrastive_loss(image, text, scale)
+        loss.backward()
+        result = {"loss": loss.detach(), "accuracy": accuracy, "sim": sim,
+                  "image_grad": image.grad, "text_grad": text.grad, "gathered": gathered}
+    finally:
+        set_gather()
+        dist.destroy_process_group()
+    if out is not None:
+        torch.save(result, out)
+    return result
+
+
+def test_contrastive_loss_on_two_ranks_equals_one_process_on_the_whole_batch(tmp_path):
+    """This process is rank 0 and a forked child rank 1 (a fork shares this process's code, so
+    a mutated loss runs on both), gathering through set_gather's gather. Averaged over ranks,
+    the loss and accuracy are those of one process on the concatenated batch; each rank's local
+    similarities are its diagonal block, and its embeddings get their share of the gradient of
+    the sum of the ranks' losses."""
+    g = torch.Generator().manual_seed(3)
+    image = F.normalize(torch.randn(WORLD * LOCAL_B, 4, generator=g), dim=-1)
+    text = F.normalize(image + 0.8 * torch.randn(WORLD * LOCAL_B, 4, generator=g), dim=-1)
+    scale = torch.tensor(5.0)
+    port, out = free_port(), str(tmp_path / "rank1.pt")
+    child = mp.get_context("fork").Process(target=_itc_on_rank,
+                                           args=(1, port, image, text, scale, out))
+    child.start()
+    ranks = [_itc_on_rank(0, port, image, text, scale)]
+    child.join(timeout=30)
+    assert child.exitcode == 0
+    ranks.append(torch.load(out, weights_only=True))
+
+    whole_image, whole_text = image.clone().requires_grad_(), text.clone().requires_grad_()
+    loss, accuracy, sim = contrastive_loss(whole_image, whole_text, scale)
+    (WORLD * loss).backward()  # each rank's loss is a mean over LOCAL_B of WORLD * LOCAL_B rows
+    assert 0 < accuracy.item() < 1
+    assert torch.allclose(sum(r["loss"] for r in ranks) / WORLD, loss.detach())
+    assert sum(r["accuracy"].item() for r in ranks) / WORLD == pytest.approx(accuracy.item())
+    for rank, result in enumerate(ranks):
+        part = slice(rank * LOCAL_B, (rank + 1) * LOCAL_B)
+        assert result["gathered"] == [[LOCAL_B, 4]] * 2  # both embeddings, through set_gather's
+        assert torch.allclose(result["sim"], sim[part, part])
+        assert torch.allclose(result["image_grad"], whole_image.grad[part])
+        assert torch.allclose(result["text_grad"], whole_text.grad[part])
+
+
+def test_each_image_and_each_text_draws_uniformly_by_its_own_coin(monkeypatch):
+    """Image i's hard negative is caption i+1, caption j's is image j-1. The coins (a stub for
+    torch.rand: row 0 the images', row 1 the texts') make image 1 and caption 3 draw uniformly:
+    every other draw is its hard negative, those two spread over all three candidates."""
+    sim = torch.zeros(4, 4)
+    sim[torch.arange(4), (torch.arange(4) + 1) % 4] = 50.0
+    coins = torch.tensor([[0.9, 0.1, 0.9, 0.9], [0.9, 0.9, 0.9, 0.1]])
+    monkeypatch.setattr(torch, "rand", lambda *size, device=None: coins.clone())
+    torch.manual_seed(0)
+    draws = [hard_negatives(sim, uniform_share=0.5) for _ in range(60)]
+    texts, images = torch.stack([t for t, _ in draws]), torch.stack([i for _, i in draws])
+    assert (texts[:, [0, 2, 3]] == torch.tensor([1, 3, 0])).all()
+    assert (images[:, [0, 1, 2]] == torch.tensor([3, 0, 1])).all()
+    assert sorted(set(texts[:, 1].tolist())) == [0, 2, 3]
+    assert sorted(set(images[:, 3].tolist())) == [0, 1, 2]
+
+
+def test_no_uniform_share_means_no_uniform_draw_even_on_a_zero_coin(monkeypatch):
+    """torch.rand can return exactly 0.0: with uniform_share 0 that must not count as a coin
+    that came up uniform."""
+    sim = torch.zeros(3, 3)
+    sim[torch.arange(3), (torch.arange(3) + 1) % 3] = 50.0
+    monkeypatch.setattr(torch, "rand", lambda *size, device=None: torch.zeros(size))
+    for _ in range(20):
+        text_for_image, image_for_text = hard_negatives(sim)
+        assert text_for_image.tolist() == [1, 2, 0] and image_for_text.tolist() == [2, 0, 1]
+
+
+def test_gumbel_argmax_draws_from_the_softmax():
+    torch.manual_seed(0)
+    logits = torch.tensor([1.0, 2.0, 5.0]).log().expand(20000, 3)  # p = 1/8, 2/8, 5/8
+    counts = torch.bincount(gumbel_argmax(logits), minlength=3) / 20000
+    assert (counts - torch.tensor([0.125, 0.25, 0.625])).abs().max() < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_uniform_draw_of_exactly_zero_still_samples_by_the_logits(monkeypatch, dtype):
+    """log(-log(0)) is infinite; the draw is clamped to the dtype's smallest normal, so every
+    column gets the same finite noise and the largest logit wins."""
+    monkeypatch.setattr(torch, "rand_like", lambda x: torch.zeros_like(x))
+    logits = torch.tensor([[0.0, 1.0, -1.0], [1.0, 2.0, 3.0]], dtype=dtype)
+    assert gumbel_argmax(logits).tolist() == [1, 2]
+
+
+def test_itc_and_sampling_create_their_tensors_on_the_inputs_device():
+    """On the meta device a tensor made on the CPU (labels, masks) fails to combine with the
+    inputs, as it would on a GPU."""
+    emb, valid = torch.zeros(3, 4, device="meta"), torch.ones(3, dtype=torch.bool, device="meta")
+    out = contrastive_loss(emb, emb, torch.ones((), device="meta"), emb, valid)
+    assert {t.device.type for t in out} == {"meta"}
+    sim = torch.zeros(3, 3, device="meta")
+    for share in (0.0, 0.5):
+        assert {t.device.type for t in hard_negatives(sim, uniform_share=share)} == {"meta"}
+
+
+def test_token_cross_entropy_averages_over_the_tokens_with_a_target():
+    """Rows predict tokens 0, 1, 1, 1 with logit 2 against 0; targets 0, none, 2, 1: the loss is
+    the mean of two hits and one miss, the accuracy 2 of 3 (the ignored row's argmax counts
+    neither way)."""
+    logits = torch.zeros(4, 3)
+    logits[torch.arange(4), torch.tensor([0, 1, 1, 1])] = 2.0
+    targets = torch.tensor([0, -100, 2, 1])
+    hit, miss = math.log(math.exp(2) + 2) - 2, math.log(math.exp(2) + 2)
+    loss, accuracy = token_cross_entropy(logits, targets)
+    assert loss.item() == pytest.approx((2 * hit + miss) / 3)
+    assert accuracy.item() == pytest.approx(2 / 3)
+    one, one_accuracy = token_cross_entropy(logits[2:3], targets[2:3])  # a single target: a miss
+    assert one.item() == pytest.approx(miss) and one_accuracy.item() == 0.0
+    none = token_cross_entropy(logits, torch.full((4,), -100))
+    assert none[0].item() == 0.0 and none[1].item() == 0.0  # not NaN
