@@ -91,7 +91,7 @@ def _host(parts: SplitResult) -> tuple[str | None, bool]:
         return host, isinstance(_ip(host), ipaddress.IPv4Address) and host == str(_ip(host))
     labels = host.split(".")
     plain = (len(host) <= 253 and all(_LABEL.fullmatch(label) for label in labels)
-             and not labels[-1].isdigit())  # 2130706433 is an address, not a name
+             and not labels[-1].isdigit() and _ip(host) is None)  # 0x7f000001 is no name
     return host, plain
 
 

@@ -1,16 +1,24 @@
 """The caption tokenizer: trained on shard captions, loadable by transformers, BERT-style."""
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections import Counter
 
 import pytest
+import torch
 from transformers import PreTrainedTokenizerFast
 
 from vlp.data_prep.tokenizer import sample_shard_captions, train_tokenizer
 from vlp.pipeline.data.errors import UserError
-from vlp.pipeline.data.tokenizer import load_tokenizer, unknown_token_words
+from vlp.pipeline.data.tokenizer import (
+    load_tokenizer,
+    masking_spec,
+    tokenize,
+    unknown_token_words,
+)
+from vlp.pipeline.data.transforms import MaskingSpec
 
 
 def test_tokenizer_loads_with_transformers_and_wraps_text_in_cls_sep(tokenizer_dir):
@@ -119,3 +127,104 @@ def test_unknown_token_words_names_what_becomes_unk(tmp_path):
     assert unknown_token_words(tokenizer, prompts) == ["photo", "of", "zebra", "."]
     assert tokenizer.tokenize(prompts[0]) == ["a"] + ["[UNK]"] * 2 + ["a"] + ["[UNK]"] * 2
     assert unknown_token_words(tokenizer, ["a blue square", ""]) == []
+
+
+TEXTS = ["a red square", "a big blue circle left of a small red square", "", "red"]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """Ours ([PAD] = 0), and a BERT vocabulary directory of the same words whose [PAD] is last."""
+    path = tmp_path_factory.mktemp("small")
+    train_tokenizer(["a big blue circle left of a small red square"] * 3, path / "ours", 60)
+    ours = load_tokenizer(path / "ours")
+    vocab = ours.get_vocab()
+    words = [w for w in sorted(vocab, key=vocab.get) if w != "[PAD]"] + ["[PAD]"]
+    (path / "bert").mkdir()
+    (path / "bert" / "vocab.txt").write_text("\n".join(words) + "\n")
+    (path / "bert" / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
+    bert = load_tokenizer(path / "bert")
+    assert ours.pad_token_id == 0 and bert.pad_token_id == len(words) - 1
+    return {"ours": ours, "bert": bert}
+
+
+@pytest.mark.parametrize("which", ["ours", "bert"])
+@pytest.mark.parametrize("padding_side, truncation_side", [("right", "right"), ("left", "left")])
+@pytest.mark.parametrize("max_len", [3, 12])
+def test_fixed_length_ids_are_what_transformers_pads_and_truncates_to(
+        small, which, padding_side, truncation_side, max_len):
+    tokenizer = copy.deepcopy(small[which])
+    tokenizer.padding_side, tokenizer.truncation_side = padding_side, truncation_side
+    ids, mask = tokenize(tokenizer, TEXTS, max_len)
+    expected = tokenizer(TEXTS, padding="max_length", truncation=True, max_length=max_len,
+                         return_tensors="pt")
+    assert ids.dtype == torch.long and mask.dtype == torch.bool
+    assert ids.shape == mask.shape == (len(TEXTS), max_len)
+    assert torch.equal(ids, expected["input_ids"])
+    assert torch.equal(mask, expected["attention_mask"].bool())
+
+
+def test_one_tokenizer_gives_each_length_asked_for(small):
+    tokenizer = small["ours"]
+    for max_len in (4, 7, 4):
+        ids, mask = tokenize(tokenizer, TEXTS, max_len)
+        assert ids.shape == (4, max_len) and ids[0, 0] == tokenizer.cls_token_id
+        assert mask.sum(dim=1).tolist() == [min(n, max_len) for n in (5, 11, 2, 3)]
+
+
+class Unreferenceable:
+    """A tokenizer wrapper that cannot be weakly referenced (or hides its Rust backend)."""
+
+    __slots__ = ("_tokenizer", "_hide_backend")
+
+    def __init__(self, tokenizer, hide_backend=False):
+        object.__setattr__(self, "_tokenizer", tokenizer)
+        object.__setattr__(self, "_hide_backend", hide_backend)
+
+    def __getattr__(self, name):
+        if name == "backend_tokenizer" and self._hide_backend:
+            raise AttributeError(name)
+        return getattr(self._tokenizer, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._tokenizer(*args, **kwargs)
+
+
+@pytest.mark.parametrize("hide_backend", [False, True])
+def test_tokenizers_without_a_weak_reference_or_a_backend_tokenize_alike(small, hide_backend):
+    tokenizer = small["bert"]
+    ids, mask = tokenize(Unreferenceable(tokenizer, hide_backend), TEXTS, 6)
+    expected_ids, expected_mask = tokenize(tokenizer, TEXTS, 6)
+    assert torch.equal(ids, expected_ids) and torch.equal(mask, expected_mask)
+    assert ids.dtype == torch.long and mask.dtype == torch.bool
+
+
+def test_masking_spec_comes_from_the_tokenizer(small):
+    tokenizer = small["bert"]
+    spec = masking_spec(tokenizer, 0.25)
+    assert spec == MaskingSpec(mask_token_id=tokenizer.convert_tokens_to_ids("[MASK]"),
+                               vocab_size=len(tokenizer), probability=0.25,
+                               special_ids=tuple(sorted(tokenizer.all_special_ids)))
+    assert len(spec.special_ids) == 5 and tokenizer.pad_token_id in spec.special_ids
+
+
+@pytest.mark.parametrize("token", ["mask_token", "pad_token"])
+def test_mlm_needs_mask_and_pad_tokens(small, token):
+    tokenizer = copy.deepcopy(small["ours"])
+    setattr(tokenizer, token, None)
+    with pytest.raises(UserError, match=r"needs \[MASK\] and \[PAD\] tokens for MLM"):
+        masking_spec(tokenizer, 0.15)
+
+
+def test_without_an_unknown_token_no_word_is_unknown(small):
+    tokenizer = copy.deepcopy(small["ours"])
+    assert unknown_token_words(tokenizer, ["a zebra"]) == ["zebra"]
+    tokenizer.unk_token = None
+    assert unknown_token_words(tokenizer, ["a zebra"]) == []
+
+
+def test_a_missing_tokenizer_says_how_to_make_one(tmp_path):
+    with pytest.raises(UserError, match=rf"^no tokenizer at {tmp_path / 'nope'}: train one "
+                                        "with `vlp data tokenizer`$"):
+        load_tokenizer(tmp_path / "nope")

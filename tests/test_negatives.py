@@ -98,3 +98,108 @@ def test_the_loader_gives_each_caption_its_edit(tmp_path):
     plain = next(iter(loader_for(shards, tokenizer)))
     assert "neg_ids" not in plain
 
+
+
+COLOURS = Lexicon({"colour": (("red",), ("blue",))})
+
+
+def test_a_two_group_class_replaces_each_word_by_the_other_keeping_the_rest_verbatim():
+    editor = CaptionEditor(COLOURS, swap_share=0.0)
+    assert editor.edit("A Red ball, reddish-RED.", random.Random(0)) in {
+        "A blue ball, reddish-RED.", "A Red ball, reddish-blue."}
+    assert {editor.edit("Red!", random.Random(seed)) for seed in range(20)} == {"blue!"}
+    assert editor.edit("reddish bluey credit", random.Random(0)) is None  # whole words only
+
+
+def test_a_swap_keeps_each_word_where_the_other_was():
+    editor = CaptionEditor(COLOURS, swap_share=1.0)
+    assert editor.edit("the blue cube left of the red one", random.Random(0)) == (
+        "the red cube left of the blue one")
+
+
+def test_swap_share_sets_how_often_a_caption_that_can_swap_is_swapped():
+    editor = CaptionEditor(COLOURS, swap_share=0.25)
+    caption = "a red cube and a blue ball"
+    swapped = sum(editor.edit(caption, random.Random(seed)) == "a blue cube and a red ball"
+                  for seed in range(2000))
+    assert swapped / 2000 == pytest.approx(0.25, abs=0.03)
+
+
+def test_equal_class_weights_draw_as_no_weights_and_a_zero_weight_never_edits_its_class():
+    plain = CaptionEditor(LEXICON, swap_share=0.3)
+    ones = CaptionEditor(LEXICON, swap_share=0.3, class_weights={"colour": 1.0, "size": 1})
+    for seed in range(50):
+        assert plain.edit(CAPTION, random.Random(seed)) == ones.edit(CAPTION, random.Random(seed))
+    index = LEXICON.index
+    for swap_share in (0.0, 1.0):
+        no_size = CaptionEditor(LEXICON, swap_share=swap_share, class_weights={"size": 0})
+        for seed in range(100):
+            words = changed(CAPTION, no_size.edit(CAPTION, random.Random(seed)))
+            assert all(index[old][0] != "size" for old, _ in words)
+    only_size = CaptionEditor(LEXICON, swap_share=1.0, class_weights={"colour": 0, "horizontal": 0})
+    assert only_size.edit(CAPTION, random.Random(0)) == (
+        "a small red circle on the left and a big gray square on the right")
+
+
+def test_the_lexicon_index_names_each_words_class_and_group():
+    assert LEXICON.index == {"red": ("colour", 0), "blue": ("colour", 1), "grey": ("colour", 2),
+                             "gray": ("colour", 2), "small": ("size", 0), "little": ("size", 0),
+                             "big": ("size", 1), "large": ("size", 1), "left": ("horizontal", 0),
+                             "right": ("horizontal", 1)}
+
+
+@pytest.mark.parametrize("groups, message", [
+    ({"colour": (("red",), ())}, r"lexicon class 'colour' needs at least 2 non-empty synonym "
+                                 r"groups, got \[\['red'\], \[\]\]"),
+    ({"colour": ()}, "at least 2"),
+    ({"colour": (("Red",), ("blue",))}, r"lexicon word 'Red' \(colour\) must be one lower-case"),
+    ({"colour": (("light blue",), ("red",))}, "'light blue'"),
+    ({"colour": (("red2",), ("blue",))}, "'red2'"),
+    ({"colour": (("red", "red"), ("blue",))}, "'red' is in 'colour' and 'colour'"),
+])
+def test_malformed_lexicons_are_refused(groups, message):
+    with pytest.raises(UserError, match=message):
+        Lexicon(groups)
+
+
+def test_two_groups_of_one_word_each_make_a_lexicon():
+    assert COLOURS.index == {"red": ("colour", 0), "blue": ("colour", 1)}
+
+
+def test_a_lexicon_file_is_read_as_tuples(tmp_path):
+    path = tmp_path / "lexicon.json"
+    path.write_text(json.dumps({"colour": [["red"], ["grey", "gray"]],
+                                "side": [["left"], ["right"]]}))
+    assert load_lexicon(path) == Lexicon({"colour": (("red",), ("grey", "gray")),
+                                          "side": (("left",), ("right",))})
+    path.write_text(json.dumps({"colour": [["red"], [7]]}))
+    with pytest.raises(UserError, match="lexicon word '7'"):
+        load_lexicon(path)
+
+
+@pytest.mark.parametrize("content", [None, "{not json", '[["red"], ["blue"]]',
+                                     '{"colour": "red"}', '{"colour": [["red"], "blue"]}'])
+def test_an_unreadable_or_misshapen_lexicon_file_is_one_user_error(tmp_path, content):
+    path = tmp_path / "lexicon.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(UserError, match=rf"{path}"):
+        load_lexicon(path)
+
+
+def test_by_default_half_the_captions_that_can_swap_are_swapped():
+    editor = CaptionEditor(COLOURS)
+    caption = "a red cube and a blue ball"
+    swapped = sum(editor.edit(caption, random.Random(seed)) == "a blue cube and a red ball"
+                  for seed in range(2000))
+    assert swapped / 2000 == pytest.approx(0.5, abs=0.03)
+
+
+def test_a_misshapen_lexicon_file_is_shown_the_expected_shape(tmp_path):
+    path = tmp_path / "lexicon.json"
+    path.write_text('{"colour": "red"}')
+    with pytest.raises(UserError) as raised:
+        load_lexicon(path)
+    assert str(raised.value) == (
+        f"{path}: a lexicon is a JSON object of word classes, each a list of synonym lists, "
+        'e.g. {"colour": [["red"], ["grey", "gray"]]}')
