@@ -41,7 +41,7 @@ def test_the_table_counts_equivalents_out_of_the_rate():
     rows = report.summary(scores).splitlines()
     assert rows[2] == "| a.py | 15 | 9 | 1 | 0 | 5 | 90.0% |"
     assert rows[3] == "| b.py | 2 | 1 | 0 | 1 | 0 | 50.0% |"
-    assert rows[4] == "| all core modules | 17 | 10 | 1 | 1 | 5 | 83.3% |"
+    assert rows[4] == "| modules run to the end | 17 | 10 | 1 | 1 | 5 | 83.3% |"
 
 
 def test_a_survivor_is_known_by_its_function_and_change_not_its_number():

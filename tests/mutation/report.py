@@ -11,7 +11,7 @@ START, END = "<!-- mutation-table:start -->", "<!-- mutation-table:end -->"
 def table(scores: list[ModuleScore]) -> str:
     rows = ["| module | mutants | killed | survived | no test reaches it | equivalent | kill rate |",
             "|---|---:|---:|---:|---:|---:|---:|"]
-    total = ModuleScore("all core modules")
+    total = ModuleScore("modules run to the end")
     for s in scores + [total]:
         if s is not total:
             total.killed += s.killed

@@ -109,7 +109,17 @@ def write_record(modules: list[str], survivors: list[Mutant]) -> None:
              f"modules = [{listed}]", ""]
     for mutant in sorted(survivors, key=lambda m: (m.module, m.name)):
         lines.append(entry(mutant, previous.get(mutant.key, {})))
+    # What was said of the mutants of modules not run to the end this time stays.
+    rerun = tuple(_prefix(m) for m in modules)
+    for (function, change), said in previous.items():
+        if not function.startswith(rerun):
+            lines.append(entry(Mutant(function + "__mutmut_0", "", "", change), said))
     SURVIVORS_FILE.write_text("\n".join(lines))
+
+
+def _prefix(module: str) -> str:
+    """models/losses.py -> "vlp.models.losses.", the start of its mutants' names."""
+    return "vlp." + module.removesuffix(".py").replace("/", ".") + "."
 
 
 def entry(mutant: Mutant, said: dict) -> str:
