@@ -22,7 +22,6 @@ from pathlib import Path
 from vlp.pipeline.data.errors import UserError
 
 WORD = re.compile(r"[A-Za-z]+")
-EDITS = ("replace", "swap")
 
 
 @dataclass(frozen=True)
