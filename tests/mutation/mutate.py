@@ -93,6 +93,7 @@ def sample(module_count: int, count: int, seed: str) -> int:
         raise SystemExit("no core module is recorded in survivors.toml: run `mutation.sh run` and `record`")
     modules = sorted(rng.sample(recorded, min(module_count, len(recorded))))
     print(f"mutation sample (seed {seed}): {', '.join(modules)}", flush=True)
+    shutil.rmtree(WORKSPACE / "mutants", ignore_errors=True)  # a sample starts clean, as on CI
     stage(modules)
     _generate()
     names = [m.name for m in results.load_mutants(modules)]
