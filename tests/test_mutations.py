@@ -85,7 +85,7 @@ def test_the_copies_import_from_the_link_tree(tmp_path):
 
 def test_the_guarding_tests_pass_on_the_unmutated_code(tmp_path):
     tests = tuple(dict.fromkeys(test for m in MUTATIONS for test in m.tests))
-    done = run_tests(package_copy(tmp_path, None), tests)
+    done = run_tests(package_copy(tmp_path, None), tests, any(m.fixtures for m in MUTATIONS))
     assert done.returncode == 0, done.stdout[-3000:]
 
 
