@@ -128,6 +128,26 @@ def test_aro_layout_with_its_box_crop(tiny, tmp_path):
     assert set(result["metrics"]) == {"VG_Attribution/itc", "mean/itc"}
 
 
+@pytest.mark.parametrize("content, message", [
+    ("{cut", "cannot read {file}: Expecting property name enclosed in double quotes: line 1 "
+             "column 2 (char 1)"),
+    ("{}", "{file}: no items"),
+    ('"a caption"', "{file}: expected SugarCrepe's {{id: {{filename, caption, negative_caption}}}}"
+                    " or ARO's list of {{image_path, true_caption, false_caption}}"),
+    ('[{"image_path": "x.jpg", "true_caption": 5, "false_caption": "y"}]',
+     "{file}: item 0 lacks an image name, a caption or an edited one"),
+    ('{"0": {"filename": "/etc/passwd", "caption": "x", "negative_caption": "y"}}',
+     "{file}: image path '/etc/passwd' leads outside the image root {root}; paths in annotation "
+     "files must stay under the image root (pass a common parent as the root)"),
+])
+def test_each_bad_edit_file_is_one_exact_line(content, message, tmp_path):
+    file = tmp_path / "edits.json"
+    file.write_text(content)
+    with pytest.raises(UserError) as error:
+        load_edit_sets(file, tmp_path / "images")
+    assert str(error.value) == message.format(file=file, root=tmp_path / "images")
+
+
 def test_bad_edit_sets_name_the_problem(world_dir, tmp_path):
     with pytest.raises(UserError, match="no edited-caption JSON"):
         load_edit_sets(tmp_path, world_dir)

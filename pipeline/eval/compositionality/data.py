@@ -55,7 +55,7 @@ def _items(raw, file: Path, image_root) -> list[EditedItem]:
                 for r in raw]
     else:
         raise UserError(f"{file}: expected SugarCrepe's {{id: {{filename, caption, "
-                        "negative_caption}}}} or ARO's list of {image_path, true_caption, "
+                        "negative_caption}} or ARO's list of {image_path, true_caption, "
                         "false_caption}")
     items = []
     for n, (name, caption, negative, box) in enumerate(rows):
