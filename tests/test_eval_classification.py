@@ -167,7 +167,7 @@ def test_zeroshot_loads_a_path_onto_the_device_encodes_in_bf16_and_times_itself(
         casts.append(bf16)
         return autocast(device, bf16)
 
-    clock = iter([10.0, 11.23456])
+    clock = iter([10.0, 11.23456, 20.0, 21.0])
     monkeypatch.setattr(zeroshot, "load_model", load_model)
     monkeypatch.setattr(encode, "autocast", spy_autocast)
     monkeypatch.setattr(zeroshot, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
@@ -175,6 +175,8 @@ def test_zeroshot_loads_a_path_onto_the_device_encodes_in_bf16_and_times_itself(
     result = evaluate_zeroshot("runs/tiny", config, device="cuda:3")
     assert loads == [("runs/tiny", "cuda:3")] and set(casts) == {True}
     assert result["seconds"] == 1.235  # rounded to the millisecond
+    evaluate_zeroshot("runs/tiny", config)
+    assert loads[-1] == ("runs/tiny", "cpu")  # the default device
 
 
 class ColourOracle(torch.nn.Module):

@@ -12,6 +12,7 @@ from vlp.pipeline.eval.retrieval.recall import (
     index_ranks,
     itc_ranks,
     recalls_from_ranks,
+    reranked_ranks,
     retrieval_recalls,
 )
 
@@ -150,6 +151,43 @@ def test_the_itc_logit_decides_where_the_pair_score_is_silent():
     assert alone["reranked_image_retrieval_recall@1"] == pytest.approx(
         base["image_retrieval_recall@5"])
     assert base["image_retrieval_recall@1"] < base["image_retrieval_recall@5"]  # room to move
+
+
+def test_the_defaults_rerank_nothing_and_then_by_the_pair_score_alone():
+    """A pair scorer without rerank_k re-ranks nothing. With rerank_k, the default itc_weight is
+    0: a scorer that marks the true pair 0.5 lower loses it at k=1 although ITC (cosine 1 against
+    0) would keep it first."""
+    lower = lambda t, i: -0.5 * (t == i).float()  # noqa: E731
+    assert retrieval_recalls(torch.eye(2), torch.eye(2), [0, 1], pair_scorer=lower) == (
+        retrieval_recalls(torch.eye(2), torch.eye(2), [0, 1]))
+    metrics = retrieval_recalls(torch.eye(2), torch.eye(2), [0, 1], ks=(1,), rerank_k=2,
+                                pair_scorer=lower)
+    assert metrics["reranked_image_retrieval_recall@1"] == 0.0
+    assert metrics["image_retrieval_recall@1"] == 1.0
+
+
+def test_a_negative_tied_with_the_positive_after_reranking_ranks_ahead_of_it():
+    ranks = reranked_ranks(torch.tensor([1, 1]), torch.tensor([[3, 5], [3, 5]]),
+                           torch.tensor([[2.0, 2.0], [1.0, 2.0]]), torch.tensor([[5], [5]]))
+    assert ranks.tolist() == [1, 0]
+
+
+def test_images_without_captions_ask_no_image_to_text_query():
+    """Image 1 has no caption: it stays in the captions' gallery but is left out of the
+    image->text average. Image 0 ties with image 2's caption (a miss), image 2 finds its own."""
+    texts = torch.tensor([[1.0, 0, 0], [1.0, 0, 0.5]])  # captions of images 0 and 2
+    metrics = retrieval_recalls(torch.eye(3), texts, [0, 2], ks=(1,))
+    assert metrics["text_retrieval_recall@1"] == 0.5  # over images 0 and 2, not 1 of 3
+    assert metrics["image_retrieval_recall@1"] == 0.5  # image 2's caption prefers image 0
+
+
+def test_caption_indices_of_any_number_type_give_the_same_recalls():
+    """A list, int32 arrays, or a table column of floats."""
+    images, texts, t2i = random_set(num_images=8, per_image=2, seed=7)
+    expected = retrieval_recalls(images, texts, t2i)
+    for column in (np.array(t2i, dtype=np.int32), torch.tensor(t2i, dtype=torch.int32),
+                   np.array(t2i, dtype=np.float64)):
+        assert retrieval_recalls(images, texts, column) == expected
 
 
 def test_chance_is_the_average_of_random_embeddings():
