@@ -12,6 +12,7 @@ from test_eval_support import tiny_eval_model, train_world_tokenizer
 from vlp.data_prep.scenes import COLOURS
 from vlp.pipeline.cli import main as vlp
 from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.data.transforms import IMAGE_EXTENSIONS
 from vlp.pipeline.data.model_loading import LoadedModel
 from vlp.pipeline.eval.classification.data import load_classification
 from vlp.pipeline.eval.classification.features import Features
@@ -335,6 +336,47 @@ def test_a_damaged_shard_or_a_sample_without_label_is_an_error(world_dir, tmp_pa
         sink.write({"__key__": "nolabel", "jpg": b"\xff\xd8"})
     with pytest.raises(UserError, match="sample 'nolabel' has no .cls member"):
         load_classification(shards)
+
+
+def write_split(root, shards: dict[str, list[dict]]):
+    """DATASET root with classes a, b, c and test/NAME tars holding `shards`' samples."""
+    import webdataset as wds
+
+    (root / "test").mkdir(parents=True)
+    (root / "classnames.txt").write_text("a\nb\nc\n")
+    for name, samples in shards.items():
+        with wds.TarWriter(str(root / "test" / name), encoder=False) as sink:
+            for sample in samples:
+                sink.write(sample)
+
+
+JPEG = b"\xff\xd8 (not decoded when the split is read)"
+
+
+def test_nshards_txt_names_the_shards_to_read_else_every_tar_is(tmp_path):
+    write_split(tmp_path, {"0.tar": [{"__key__": "x", "jpg": JPEG, "cls": b"2"}],
+                           "1.tar": [{"__key__": "y", "png": JPEG, "cls": b" 1\n"}]})
+    assert load_classification(tmp_path).labels == [2, 1]
+    (tmp_path / "test/nshards.txt").write_text("1\n")
+    assert load_classification(tmp_path).labels == [2]
+
+
+@pytest.mark.parametrize("sample, nshards, message", [
+    ({"__key__": "x", "cls": b"0", "txt": b"no image"}, None,
+     "{shard}: sample 'x' has no image (" + "/".join(IMAGE_EXTENSIONS) + ")"),
+    ({"__key__": "x", "jpg": JPEG, "cls": b"\xff"}, None,
+     "{shard}: sample 'x': its .cls member should be the label as a number, got '\ufffd'"),
+    ({"__key__": "x", "jpg": JPEG, "cls": b"0"}, "\u00b2",
+     "{count} should hold the number of shards, got '\u00b2'"),
+])
+def test_each_bad_shard_split_is_one_exact_line(sample, nshards, message, tmp_path):
+    write_split(tmp_path, {"0.tar": [sample]})
+    if nshards is not None:
+        (tmp_path / "test/nshards.txt").write_text(nshards)
+    with pytest.raises(UserError) as error:
+        load_classification(tmp_path)
+    assert str(error.value) == message.format(shard=tmp_path / "test/0.tar",
+                                              count=tmp_path / "test/nshards.txt")
 
 
 def test_undecodable_images_are_skipped_and_counted(tiny, world_dir, tmp_path):
