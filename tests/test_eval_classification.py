@@ -1,6 +1,7 @@
 """Zero-shot classification and the linear probe: metrics on oracle scores, both dataset layouts
 of the synthetic world, a perfect zero-shot model, the probe's search and fit, and bad input."""
 import json
+import os
 import shutil
 from types import SimpleNamespace
 
@@ -366,6 +367,8 @@ def test_nshards_txt_names_the_shards_to_read_else_every_tar_is(tmp_path):
      "{shard}: sample 'x' has no image (" + "/".join(IMAGE_EXTENSIONS) + ")"),
     ({"__key__": "x", "jpg": JPEG, "cls": b"\xff"}, None,
      "{shard}: sample 'x': its .cls member should be the label as a number, got '\ufffd'"),
+    ({"__key__": "x", "jpg": JPEG, "cls": "\u00b2".encode()}, None,
+     "{shard}: sample 'x': its .cls member should be the label as a number, got '\u00b2'"),
     ({"__key__": "x", "jpg": JPEG, "cls": b"0"}, "\u00b2",
      "{count} should hold the number of shards, got '\u00b2'"),
 ])
@@ -377,6 +380,115 @@ def test_each_bad_shard_split_is_one_exact_line(sample, nshards, message, tmp_pa
         load_classification(tmp_path)
     assert str(error.value) == message.format(shard=tmp_path / "test/0.tar",
                                               count=tmp_path / "test/nshards.txt")
+
+
+def folder_split(root, classes=("a", "b")):
+    """DATASET root with test/<class>/0.png per class (never decoded here)."""
+    for name in classes:
+        (root / "test" / name).mkdir(parents=True)
+        (root / "test" / name / "0.png").write_bytes(b"png")
+
+
+def make_bad_set(kind, root):
+    """A dataset under `root` with one problem; returns (load_classification's kwargs, the
+    message it must raise, with {root} for the dataset root)."""
+    if kind == "no split":
+        folder_split(root)
+        (root / "train").mkdir()
+        return {"split": "validation"}, (
+            "classification split {root}/validation not found (splits present: ['test', "
+            "'train']); expected DATASET/SPLIT/<class>/<image> or DATASET/SPLIT/*.tar")
+    if kind == "shards without class names":
+        write_split(root, {"0.tar": [{"__key__": "x", "jpg": JPEG, "cls": b"0"}]})
+        (root / "classnames.txt").unlink()
+        return {}, ("{root} has no classnames.txt (one class name per line, in label order); "
+                    "CLIP_benchmark's webdataset layout needs it, or pass a class-names file")
+    if kind == "class names against folders":
+        folder_split(root)
+        (root / "classnames.txt").write_text("a\nb\nc\n")
+        return {}, "{root}/classnames.txt names 3 classes but {root}/test has 2 class folders"
+    if kind == "a blank class name":
+        folder_split(root)
+        (root / "classnames.txt").write_text("a\n\nb\n\n")
+        return {}, ("class names file {root}/classnames.txt has a blank line (line 2); write one "
+                    "entry per line")
+    if kind == "empty class names":
+        folder_split(root)
+        (root / "names.txt").write_text("\n")
+        return {"classnames": root / "names.txt"}, (
+            "class names file {root}/names.txt is empty; write one entry per line")
+    if kind == "no class names file":
+        folder_split(root)
+        return {"classnames": root / "names.txt"}, "class names file not found: {root}/names.txt"
+    if kind == "class names not UTF-8":
+        folder_split(root)
+        (root / "classnames.txt").write_bytes(b"caf\xe9\nb\n")
+        return {}, ("class names file {root}/classnames.txt is not UTF-8 text: 'utf-8' codec "
+                    "can't decode byte 0xe9 in position 3: invalid continuation byte")
+    if kind == "a template without {c}":
+        folder_split(root)
+        (root / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\nhi\n")
+        return {}, ("{root}/zeroshot_classification_templates.txt:2: template 'hi' must contain "
+                    "{{c}} exactly once (where the class name goes) and no other {{...}} field; "
+                    "write {{{{ }}}} for braces")
+    if kind == "a malformed template":
+        folder_split(root)
+        (root / "zeroshot_classification_templates.txt").write_text("a {c\n")
+        return {}, ("{root}/zeroshot_classification_templates.txt:1: template 'a {{c' is "
+                    "malformed: expected '}}' before end of string")
+    if kind == "empty templates":
+        folder_split(root)
+        (root / "zeroshot_classification_templates.txt").write_text("")
+        return {}, ("prompt templates file {root}/zeroshot_classification_templates.txt is "
+                    "empty; write one entry per line")
+    if kind == "a label past the class names":
+        write_split(root, {"0.tar": [{"__key__": "x", "jpg": JPEG, "cls": b"3"}]})
+        return {}, ("{root}/test/0.tar: sample 'x' has label 3, but {root}/classnames.txt names "
+                    "only 3 classes (labels count from 0)")
+    if kind == "no images":
+        write_split(root, {"0.tar": [{"__key__": "x", "jpg": JPEG, "cls": b"0"}]})
+        (root / "test/nshards.txt").write_text("0")
+        return {}, "{root}/test: no images"
+    if kind == "empty class folders":
+        folder_split(root, classes=("a",))
+        for name in "bcdefg":
+            (root / "test" / name).mkdir()
+        (root / "test/b/notes.txt").write_text("not an image")
+        return {}, ("{root}/test: class folder(s) ['b', 'c', 'd', 'e', 'f'] hold no images ("
+                    + "/".join(IMAGE_EXTENSIONS) + "); every class needs at least one, or remove "
+                    "the folder (labels are the sorted folder names)")
+    assert kind == "no class folders"
+    (root / "test").mkdir(parents=True)
+    (root / "test/.cache").mkdir()
+    return {}, "{root}/test has no class folders; an ImageFolder tree is ROOT/<class>/<image>"
+
+
+@pytest.mark.parametrize("kind", [
+    "no split", "shards without class names", "class names against folders",
+    "a blank class name", "empty class names", "no class names file", "class names not UTF-8",
+    "a template without {c}", "a malformed template", "empty templates", "no class folders",
+    "a label past the class names", "no images", "empty class folders"])
+def test_each_bad_classification_set_is_one_exact_line(kind, tmp_path):
+    kwargs, message = make_bad_set(kind, tmp_path)
+    with pytest.raises(UserError) as error:
+        load_classification(tmp_path, **kwargs)
+    assert str(error.value) == message.format(root=tmp_path)
+
+
+def test_a_set_of_images_is_named_by_its_split_and_holds_them_in_label_order(tmp_path):
+    """Hidden folders are no classes; files count by their last extension; a linked folder
+    inside a class (a data mount) is followed."""
+    folder_split(tmp_path, classes=("b", "a", ".hidden"))
+    for name in ("README", "0.v2.png", "1.png.txt"):
+        (tmp_path / "test/a" / name).write_bytes(b"x")
+    (tmp_path / "mount").mkdir()
+    (tmp_path / "mount/2.jpg").write_bytes(b"jpg")
+    (tmp_path / "test/b/linked").symlink_to(tmp_path / "mount")
+    loaded = load_classification(tmp_path)
+    assert loaded.source == str(tmp_path / "test") and loaded.classnames == ["a", "b"]
+    assert [(os.path.relpath(ref.path, tmp_path / "test"), label)
+            for ref, label in zip(loaded.images, loaded.labels)] == [
+        ("a/0.png", 0), ("a/0.v2.png", 0), ("b/0.png", 1), ("b/linked/2.jpg", 1)]
 
 
 def test_undecodable_images_are_skipped_and_counted(tiny, world_dir, tmp_path):
