@@ -18,9 +18,11 @@ CHANGED = (": it changed since `vlp data index` recorded it. Restore it, or re-i
 @pytest.fixture
 def index_dirs(tmp_path):
     """a/: 00000.tar (10 bytes, 4 samples) and 00001.tar (20 bytes, 6) in a manifest.json;
-    b/: 00000.tar (3 bytes, 7 samples) in a sizes.json. Both directories hold a 00000.tar."""
+    b/: 00000.tar (3 bytes, 7 samples) in a sizes.json. Both directories hold a 00000.tar, and
+    both lie under "my shards" (a path with a space)."""
+    tmp_path = tmp_path / "my shards"
     shards = {"a/00000.tar": (b"x" * 10, 4), "a/00001.tar": (b"y" * 20, 6)}
-    (tmp_path / "a").mkdir()
+    (tmp_path / "a").mkdir(parents=True)
     (tmp_path / "b").mkdir()
     entries = []
     for name, (data, samples) in shards.items():
@@ -41,6 +43,10 @@ def test_counts_come_from_each_directorys_own_index(index_dirs):
 def test_a_bare_shard_name_reads_the_index_in_the_working_directory(index_dirs, monkeypatch):
     monkeypatch.chdir(index_dirs / "a")
     assert count_samples(["00001.tar", "00000.tar"]) == {"00001.tar": 6, "00000.tar": 4}
+    check_shards(["00000.tar"], "size")
+    (index_dirs / "a/00000.tar").write_bytes(b"x" * 9)
+    with pytest.raises(UserError, match="^shard 00000.tar has 9 bytes, the manifest 10"):
+        check_shards(["00000.tar"], "size")
     (index_dirs / "a/manifest.json").write_text("{cut short")
     with pytest.raises(UserError, match=r"^\./manifest\.json is not valid JSON"):
         count_samples(["00000.tar"])
