@@ -13,8 +13,8 @@ from test_eval_support import tiny_eval_model, train_world_tokenizer
 from vlp.data_prep.scenes import COLOURS
 from vlp.pipeline.cli import main as vlp
 from vlp.pipeline.data.errors import UserError
-from vlp.pipeline.data.transforms import IMAGE_EXTENSIONS
 from vlp.pipeline.data.model_loading import LoadedModel
+from vlp.pipeline.data.transforms import IMAGE_EXTENSIONS
 from vlp.pipeline.eval.classification.data import load_classification
 from vlp.pipeline.eval.classification.features import Features
 from vlp.pipeline.eval.classification.metrics import chance_metrics, classification_metrics
