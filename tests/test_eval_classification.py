@@ -389,6 +389,40 @@ def folder_split(root, classes=("a", "b")):
         (root / "test" / name / "0.png").write_bytes(b"png")
 
 
+TEMPLATES = "zeroshot_classification_templates.txt"
+# kind -> (files written beside a two-class image folder, load_classification's file arguments,
+# the message, with {root} for the dataset root)
+FOLDER_SET_PROBLEMS = {
+    "class names against folders": (
+        {"classnames.txt": b"a\nb\nc\n"}, {},
+        "{root}/classnames.txt names 3 classes but {root}/test has 2 class folders"),
+    "a blank class name": (
+        {"classnames.txt": b"a\n\nb\n\n"}, {},
+        "class names file {root}/classnames.txt has a blank line (line 2); write one entry per "
+        "line"),
+    "empty class names": (
+        {"names.txt": b"\n"}, {"classnames": "names.txt"},
+        "class names file {root}/names.txt is empty; write one entry per line"),
+    "no class names file": (
+        {}, {"classnames": "names.txt"}, "class names file not found: {root}/names.txt"),
+    "class names not UTF-8": (
+        {"classnames.txt": b"caf\xe9\nb\n"}, {},
+        "class names file {root}/classnames.txt is not UTF-8 text: 'utf-8' codec can't decode "
+        "byte 0xe9 in position 3: invalid continuation byte"),
+    "a template without {c}": (
+        {TEMPLATES: b"a photo of a {c}.\nhi\n"}, {},
+        "{root}/" + TEMPLATES + ":2: template 'hi' must contain {{c}} exactly once (where the "
+        "class name goes) and no other {{...}} field; write {{{{ }}}} for braces"),
+    "a malformed template": (
+        {TEMPLATES: b"a {c\n"}, {},
+        "{root}/" + TEMPLATES + ":1: template 'a {{c' is malformed: expected '}}' before end of "
+        "string"),
+    "empty templates": (
+        {TEMPLATES: b""}, {},
+        "prompt templates file {root}/" + TEMPLATES + " is empty; write one entry per line"),
+}
+
+
 def make_bad_set(kind, root):
     """A dataset under `root` with one problem; returns (load_classification's kwargs, the
     message it must raise, with {root} for the dataset root)."""
@@ -403,44 +437,12 @@ def make_bad_set(kind, root):
         (root / "classnames.txt").unlink()
         return {}, ("{root} has no classnames.txt (one class name per line, in label order); "
                     "CLIP_benchmark's webdataset layout needs it, or pass a class-names file")
-    if kind == "class names against folders":
+    if kind in FOLDER_SET_PROBLEMS:
+        files, kwargs, message = FOLDER_SET_PROBLEMS[kind]
         folder_split(root)
-        (root / "classnames.txt").write_text("a\nb\nc\n")
-        return {}, "{root}/classnames.txt names 3 classes but {root}/test has 2 class folders"
-    if kind == "a blank class name":
-        folder_split(root)
-        (root / "classnames.txt").write_text("a\n\nb\n\n")
-        return {}, ("class names file {root}/classnames.txt has a blank line (line 2); write one "
-                    "entry per line")
-    if kind == "empty class names":
-        folder_split(root)
-        (root / "names.txt").write_text("\n")
-        return {"classnames": root / "names.txt"}, (
-            "class names file {root}/names.txt is empty; write one entry per line")
-    if kind == "no class names file":
-        folder_split(root)
-        return {"classnames": root / "names.txt"}, "class names file not found: {root}/names.txt"
-    if kind == "class names not UTF-8":
-        folder_split(root)
-        (root / "classnames.txt").write_bytes(b"caf\xe9\nb\n")
-        return {}, ("class names file {root}/classnames.txt is not UTF-8 text: 'utf-8' codec "
-                    "can't decode byte 0xe9 in position 3: invalid continuation byte")
-    if kind == "a template without {c}":
-        folder_split(root)
-        (root / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\nhi\n")
-        return {}, ("{root}/zeroshot_classification_templates.txt:2: template 'hi' must contain "
-                    "{{c}} exactly once (where the class name goes) and no other {{...}} field; "
-                    "write {{{{ }}}} for braces")
-    if kind == "a malformed template":
-        folder_split(root)
-        (root / "zeroshot_classification_templates.txt").write_text("a {c\n")
-        return {}, ("{root}/zeroshot_classification_templates.txt:1: template 'a {{c' is "
-                    "malformed: expected '}}' before end of string")
-    if kind == "empty templates":
-        folder_split(root)
-        (root / "zeroshot_classification_templates.txt").write_text("")
-        return {}, ("prompt templates file {root}/zeroshot_classification_templates.txt is "
-                    "empty; write one entry per line")
+        for name, data in files.items():
+            (root / name).write_bytes(data)
+        return {key: root / value for key, value in kwargs.items()}, message
     if kind == "a label past the class names":
         write_split(root, {"0.tar": [{"__key__": "x", "jpg": JPEG, "cls": b"3"}]})
         return {}, ("{root}/test/0.tar: sample 'x' has label 3, but {root}/classnames.txt names "
@@ -464,9 +466,7 @@ def make_bad_set(kind, root):
 
 
 @pytest.mark.parametrize("kind", [
-    "no split", "shards without class names", "class names against folders",
-    "a blank class name", "empty class names", "no class names file", "class names not UTF-8",
-    "a template without {c}", "a malformed template", "empty templates", "no class folders",
+    "no split", "shards without class names", *FOLDER_SET_PROBLEMS, "no class folders",
     "a label past the class names", "no images", "empty class folders"])
 def test_each_bad_classification_set_is_one_exact_line(kind, tmp_path):
     kwargs, message = make_bad_set(kind, tmp_path)
