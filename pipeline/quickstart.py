@@ -113,6 +113,9 @@ def summary_table(results: pd.DataFrame, caption_baselines: dict | None = None) 
         ("synth_vqa", "yes/no"): "VQA yes/no (fused)",
         ("synth_vqa", "number"): "VQA number (fused)",
         ("synth_vqa", "other"): "VQA other (fused)",
+        **{("synth_vqa", f"question_type/{kind}"): f"VQA '{kind} ...' (fused)"
+           for kind in ("is there a", "how many", "what color is the", "what shape is",
+                        "where is the")},
         ("synth_caption", "CIDEr"): "caption CIDEr",
         ("synth_caption", "Bleu_4"): "caption BLEU-4",
         ("synth_caption", "METEOR"): "caption METEOR",

@@ -186,7 +186,10 @@ def vqa_result(tiny, world_dir, tmp_path_factory):
 def test_vqa_end_to_end(vqa_result, tiny, world_dir):
     result, out = vqa_result
     assert json.loads(out.read_text()) == result
-    assert set(result["metrics"]) == {"overall", "yes/no", "number", "other"}
+    question_types = ("is there a", "how many", "what color is the", "what shape is",
+                      "where is the")
+    assert list(result["metrics"]) == ["overall", "yes/no", "number", "other"] + [
+        f"question_type/{kind}" for kind in sorted(question_types)]
     assert all(0 <= v <= 100 for v in result["metrics"].values())
     assert result["finetune"]["steps"] == 20
     # The head starts at the answer prior, far below a zero-bias head's num_answers * ln 2.
@@ -204,10 +207,14 @@ def test_vqa_majority_baselines_are_scored_like_predictions(vqa_result, world_di
     answers = {a["question_id"]: [x["answer"] for x in a["answers"]]
                for a in annotations["annotations"]}
     types = {a["question_id"]: a["answer_type"] for a in annotations["annotations"]}
+    question_types = {a["question_id"]: a["question_type"] for a in annotations["annotations"]}
     majority = result["baseline_answers"]["majority"]
     assert majority in ("yes", "no")  # a third of the synthetic questions are yes/no
     assert result["baselines"]["majority"] == pytest.approx(
-        score_predictions({q: majority for q in answers}, answers, types))
+        score_predictions({q: majority for q in answers}, answers, types, question_types))
+    # "how many" never has a yes/no answer; "is there a" always does
+    assert result["baselines"]["majority"]["question_type/how many"] == 0
+    assert result["baselines"]["majority"]["question_type/is there a"] > 0
     per_type = result["baseline_answers"]["type_prior"]
     assert per_type["yes/no"] in ("yes", "no") and per_type["number"].isdigit()
     assert result["baselines"]["type_prior"]["yes/no"] == result["baselines"]["majority"]["yes/no"]
@@ -234,6 +241,28 @@ def test_vqa_bad_input_names_the_problem(tiny, world_dir, tmp_path):
     shutil.rmtree(vqa / "images" / "train")
     with pytest.raises(UserError, match="no image for question 0"):
         evaluate_vqa(tiny, VQAConfig(vqa_dir=vqa, steps=1))
+
+
+def test_vqa_question_types_are_read_when_present_and_checked(world_dir, tmp_path):
+    from vlp.pipeline.eval.vqa.data import find_split_files, load_vqa_split
+
+    questions, annotations_path = find_split_files(world_dir / "vqa", "val")
+    examples = load_vqa_split(questions, annotations_path, world_dir / "vqa")
+    annotations = json.loads(annotations_path.read_text())
+    expected = {a["question_id"]: a["question_type"] for a in annotations["annotations"]}
+    assert {e.question_id: e.question_type for e in examples} == expected
+    first, second = annotations["annotations"][:2]
+    del first["question_type"]  # optional: that question has no per-type score
+    second["question_type"] = 3
+    edited = tmp_path / "annotations.json"
+    edited.write_text(json.dumps(annotations))
+    with pytest.raises(UserError, match=r"annotations\[1\]: field 'question_type' should be str"):
+        load_vqa_split(questions, edited, world_dir / "vqa")
+    second["question_type"] = "how many"
+    edited.write_text(json.dumps(annotations))
+    types = {e.question_id: e.question_type
+             for e in load_vqa_split(questions, edited, world_dir / "vqa")}
+    assert types[first["question_id"]] is None and types[second["question_id"]] == "how many"
 
 
 def test_vqa_uses_the_soft_score_targets(tiny, world_dir):

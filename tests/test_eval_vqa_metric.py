@@ -84,6 +84,19 @@ def test_score_predictions_overall_and_per_answer_type():
     assert metrics["overall"] == pytest.approx(100 * (1 + 0 + other) / 3)
 
 
+def test_score_predictions_per_question_type_for_the_questions_that_have_one():
+    answers = {1: ["red"] * 10, 2: ["blue"] * 10, 3: ["red"] * 10, 4: ["2"] * 10}
+    types = {1: "other", 2: "other", 3: "other", 4: "number"}
+    question_types = {1: "what color is the", 2: "what color is the", 4: "how many"}
+    metrics = score_predictions({1: "red", 2: "red", 3: "red", 4: "2"}, answers, types,
+                                question_types)
+    assert metrics == {"overall": 75, "number": 100, "other": pytest.approx(200 / 3),
+                       "question_type/how many": 100, "question_type/what color is the": 50}
+    assert list(metrics)[-2:] == ["question_type/how many", "question_type/what color is the"]
+    assert "question_type/how many" not in score_predictions({1: "red"}, answers, types,
+                                                             question_types)
+
+
 @pytest.mark.parametrize("word, digit", [
     ("none", "0"), ("zero", "0"), ("one", "1"), ("two", "2"), ("three", "3"), ("four", "4"),
     ("five", "5"), ("six", "6"), ("seven", "7"), ("eight", "8"), ("nine", "9"), ("ten", "10"),

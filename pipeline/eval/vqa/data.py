@@ -5,6 +5,7 @@ Files of a split, as the official release and the synthetic world name them:
                                                                        question}]}
     *_{split}_annotations.json  {"annotations": [{question_id, answers: [{answer}] x 10,
                                                  answer_type, question_type}]}
+                                                (question_type optional: per-type scores)
 Images are found with a pattern relative to the image root, formatted with the questions file's
 `data_subtype` as {split} and the {image_id}; by default the first of IMAGE_PATTERNS that exists.
 A path that leaves the image root (a `data_subtype` with `..`) is refused.
@@ -31,6 +32,7 @@ class VQAExample:
     image: ImageRef
     answers: tuple[str, ...]  # the human answers (ten in VQAv2)
     answer_type: str  # "yes/no" | "number" | "other"
+    question_type: str | None = None  # VQAv2's question prefix, e.g. "what color is the"
 
 
 def find_split_files(vqa_dir: str | Path, split: str) -> tuple[Path, Path]:
@@ -67,7 +69,10 @@ def load_vqa_split(
                    for j, a in enumerate(require(ann, "answers", where, list))]
         if not answers:
             raise UserError(f"{where}: 'answers' is empty")
-        annotations[qid] = (tuple(answers), require(ann, "answer_type", where, str))
+        question_type = (require(ann, "question_type", where, str)
+                         if "question_type" in ann else None)
+        annotations[qid] = (tuple(answers), require(ann, "answer_type", where, str),
+                            question_type)
     if not questions:
         raise UserError(f"{questions_path}: no questions (empty split)")
 
@@ -82,9 +87,9 @@ def load_vqa_split(
             unannotated.append(qid)
             continue
         path = path_under(image_root, pattern.format(split=subtype, image_id=image_id), where)
-        answers, answer_type = annotations[qid]
+        answers, answer_type, question_type = annotations[qid]
         examples.append(VQAExample(qid, require(q, "question", where, str), ImageRef(str(path)),
-                                   answers, answer_type))
+                                   answers, answer_type, question_type))
     if unannotated:
         raise UserError(
             f"{len(unannotated)} question(s) in {questions_path} have no annotation in "

@@ -2,8 +2,8 @@
 
 Steps: load both splits (all files checked first), build the answer vocabulary, fine-tune a copy
 of the model (the loaded one is untouched, so a caller can reuse it), predict, score with the
-official accuracy overall and per answer type, and write the official results file
-`[{"question_id": ..., "answer": ...}]`. Baselines beside the result: always answering the most
+official accuracy overall, per answer type and per question type, and write the official results
+file `[{"question_id": ..., "answer": ...}]`. Baselines beside the result: always answering the most
 common training answer (`majority`, the primary baseline), the most common one per answer type
 (`type_prior`). With `late_fusion_baseline` the job also runs the same fine-tune with the answer
 head on the unimodal CLS states of image and question instead of the fused pass, and reports it
@@ -106,7 +106,9 @@ def _split_files(config: VQAConfig) -> dict:
 
 def _score(predictions: dict[int, str], examples: list[VQAExample]) -> dict[str, float]:
     return score_predictions(predictions, {e.question_id: list(e.answers) for e in examples},
-                             {e.question_id: e.answer_type for e in examples})
+                             {e.question_id: e.answer_type for e in examples},
+                             {e.question_id: e.question_type for e in examples
+                              if e.question_type is not None})
 
 
 def _baselines(train: list[VQAExample], evaluation: list[VQAExample]) -> tuple[dict, dict]:

@@ -116,19 +116,28 @@ def score_predictions(
     predictions: Mapping[int, str],
     human_answers: Mapping[int, list[str]],
     answer_types: Mapping[int, str],
+    question_types: Mapping[int, str] | None = None,
 ) -> dict[str, float]:
-    """Accuracy in percent over the questions of `predictions`: overall and per answer type."""
+    """Accuracy in percent over the questions of `predictions`: overall, per answer type, and
+    per question type as "question_type/<type>" (the official evaluator's perQuestionType) for
+    the questions `question_types` names."""
     if not predictions:
         raise ValueError("no predictions to score")
-    by_type: dict[str, list[float]] = defaultdict(list)
+    question_types = question_types or {}
+    by_answer_type: dict[str, list[float]] = defaultdict(list)
+    by_question_type: dict[str, list[float]] = defaultdict(list)
     overall = []
     for qid, prediction in predictions.items():
         acc = vqa_accuracy(prediction, human_answers[qid])
         overall.append(acc)
-        by_type[answer_types[qid]].append(acc)
+        by_answer_type[answer_types[qid]].append(acc)
+        if qid in question_types:
+            by_question_type[question_types[qid]].append(acc)
     metrics = {"overall": 100 * _mean(overall)}
-    for answer_type in sorted(by_type, key=_type_order):
-        metrics[answer_type] = 100 * _mean(by_type[answer_type])
+    for answer_type in sorted(by_answer_type, key=_type_order):
+        metrics[answer_type] = 100 * _mean(by_answer_type[answer_type])
+    for question_type in sorted(by_question_type):
+        metrics[f"question_type/{question_type}"] = 100 * _mean(by_question_type[question_type])
     return metrics
 
 
