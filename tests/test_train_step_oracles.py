@@ -246,6 +246,74 @@ def test_the_peak_is_the_median_of_timed_matmuls(monkeypatch):
     assert measure_peak_flops(torch.float32, "cpu") == 2 * 64 / 2.0
 
 
+def test_the_peak_matmul_runs_on_the_device_asked_for_at_its_default_size(monkeypatch):
+    """On the meta device (no data, no compute): both operands live there, and a device type
+    without an entry in PEAK_MATMUL_SIZE gets 2048."""
+    calls = []
+
+    def timed(fn, device):
+        product = fn()
+        calls.append((device.type, product.device.type, tuple(product.shape)))
+        return 1.0
+
+    monkeypatch.setattr(metrics, "_time_once", timed)
+    assert measure_peak_flops(torch.float32, "meta") == 2 * 2048**3
+    assert calls == [("meta", "meta", (2048, 2048))] * 5
+
+
+class StubCudaEvent:
+    """torch.cuda.Event's timing surface: each record() is a tick of a clock in milliseconds."""
+
+    log: list[str] = []
+    ticks = iter([])
+
+    def __init__(self, enable_timing=False):
+        assert enable_timing is True  # an event made without timing cannot report elapsed_time
+        self.at = None
+
+    def record(self):
+        self.at = next(self.ticks)
+        self.log.append("record")
+
+    def synchronize(self):
+        self.log.append("synchronize")
+
+    def elapsed_time(self, end: StubCudaEvent) -> float:
+        return end.at - self.at
+
+
+def test_a_matmul_on_a_gpu_is_timed_by_cuda_events_in_seconds(monkeypatch):
+    """The GPU path, run here on stub events: the work runs between the two records, on the
+    device asked for, and the events' milliseconds come back as seconds."""
+    devices = []
+
+    class StubDevice:
+        def __init__(self, device):
+            devices.append(device)
+
+        def __enter__(self):
+            StubCudaEvent.log.append("enter")
+
+        def __exit__(self, *exc):
+            StubCudaEvent.log.append("exit")
+
+    monkeypatch.setattr(StubCudaEvent, "log", [])
+    monkeypatch.setattr(StubCudaEvent, "ticks", iter([1000.0, 1250.0]))
+    monkeypatch.setattr(torch.cuda, "Event", StubCudaEvent)
+    monkeypatch.setattr(torch.cuda, "device", StubDevice)
+    gpu = torch.device("cuda", 1)
+    seconds = metrics._time_once(lambda: StubCudaEvent.log.append("work"), gpu)
+    assert seconds == 0.25
+    assert StubCudaEvent.log == ["enter", "record", "work", "record", "synchronize", "exit"]
+    assert devices == [gpu]
+
+
+def test_the_meter_keeps_its_counters_on_the_training_device():
+    meter = MetricsMeter(every_steps=5, max_steps=12, samples_per_step=1, flops_per_sample=1.0,
+                         peak_flops_total=1.0, device=torch.device("meta"))
+    assert {t.device.type for t in (meter.skipped, meter.in_row, meter.worst_in_row)} == {"meta"}
+
+
 def test_a_matmul_on_the_cpu_is_timed_by_the_wall_clock(monkeypatch):
     clock = Clock()
     clock.now = 10.0
