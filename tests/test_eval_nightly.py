@@ -35,7 +35,8 @@ from vlp.pipeline.train.metrics import MetricsLogger
 
 SCRIPT = "launch_scripts/nightly_eval.sh"
 R1 = "image_retrieval_recall@1"
-RETRIEVAL_METRICS, VQA_METRICS = 7, 4
+RETRIEVAL_METRICS = 7
+VQA_METRICS = 1 + 3 + 5  # overall, per answer type, per question type of the world
 CLASSIFICATION = {"synth_shape_zeroshot": 3, "synth_colour_probe": 3}  # acc1, acc5, recall
 CLASSIFICATION_METRICS = sum(CLASSIFICATION.values())
 
