@@ -267,6 +267,9 @@ def test_itc_accuracy_averages_the_two_directions():
     text[0] = image[0]
     _, accuracy, _ = contrastive_loss(image, text, torch.tensor(10.0))
     assert accuracy.item() == pytest.approx(2 / 3)
+    # every pair matches both ways: each row's own argmax, not one argmax over the whole matrix
+    _, accuracy, _ = contrastive_loss(image, image, torch.tensor(10.0))
+    assert accuracy.item() == 1.0
 
 
 def _itc_on_rank(rank: int, port: int, image, text, scale, out: str | None = None):
