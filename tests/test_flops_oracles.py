@@ -64,6 +64,14 @@ def test_the_text_length_defaults_to_the_padded_maximum():
     assert flops_per_sample(CONFIG) == flops_per_sample(CONFIG, text_len=CONFIG.max_text_len)
 
 
+def test_the_batches_default_to_one_sample():
+    """ITC's logit columns grow with the global batch, the edits' with the local one."""
+    one = flops_per_sample(CONFIG, global_batch=1, local_batch=1, edited_negatives=True)
+    assert flops_per_sample(CONFIG, edited_negatives=True) == one
+    assert flops_per_sample(CONFIG, global_batch=2, edited_negatives=True) > one
+    assert flops_per_sample(CONFIG, local_batch=2, edited_negatives=True) > one
+
+
 def test_reranking_is_counted_exactly():
     """3 images and 5 captions encoded once, 6 (caption, image) pairs fused and scored."""
     torch.manual_seed(0)
