@@ -11,6 +11,7 @@ import types
 import pytest
 import torch
 import torch.distributed as dist
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.overrides import TorchFunctionMode
 
 from vlp.pipeline.distributed import free_port
@@ -334,13 +335,19 @@ def test_a_matmul_on_the_cpu_is_timed_by_the_wall_clock(monkeypatch):
 
 
 def test_the_logger_appends_one_json_line_per_step_and_writes_nothing_when_off(tmp_path):
-    for _ in range(2):  # a resumed run appends
+    for run in range(2):  # a resumed run appends
         logger = MetricsLogger(tmp_path, enabled=True)
-        logger.log(3, {"loss/total": 1.5})
+        logger.log(3 + run, {"loss/total": 1.5})
+        # each line is on disk as soon as it is logged: a live run can be followed
+        last = (tmp_path / "metrics.jsonl").read_text().splitlines()[-1]
+        assert json.loads(last) == {"step": 3 + run, "loss/total": 1.5}
         logger.close()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line) for line in lines] == [{"step": 3, "loss/total": 1.5}] * 2
-    assert any((tmp_path / "tensorboard").iterdir())
+    assert [json.loads(line) for line in lines] == [{"step": 3, "loss/total": 1.5},
+                                                    {"step": 4, "loss/total": 1.5}]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss/total")] == [(3, 1.5), (4, 1.5)]
     off = tmp_path / "off"
     off.mkdir()
     logger = MetricsLogger(off, enabled=False)
