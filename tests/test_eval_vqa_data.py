@@ -69,6 +69,17 @@ BAD_SPLITS = {  # name -> (edit of (questions, annotations), message with {q} an
     "answer not a string": (
         lambda q, a: (q, {"annotations": [{**a["annotations"][0], "answers": [{"answer": 2}]}]}),
         "{a}: annotations[0].answers[0]: field 'answer' should be str, got 2"),
+    "annotations not a list": (lambda q, a: (q, {"annotations": {}}),
+                               "{a}: field 'annotations' should be list, got {{}}"),
+    "annotation without a question id": (
+        lambda q, a: (q, {"annotations": [_drop(a["annotations"][0], "question_id")]}),
+        "{a}: annotations[0]: missing field 'question_id'"),
+    "question id not an int": (
+        lambda q, a: (q, {"annotations": [{**a["annotations"][0], "question_id": "1"}]}),
+        "{a}: annotations[0]: field 'question_id' should be int, got '1'"),
+    "answers not a list": (
+        lambda q, a: (q, {"annotations": [{**a["annotations"][0], "answers": "2"}]}),
+        "{a}: annotations[0]: field 'answers' should be list, got '2'"),
     "no answers": (
         lambda q, a: (q, {"annotations": [{**a["annotations"][0], "answers": []}]}),
         "{a}: annotations[0]: 'answers' is empty"),
@@ -83,6 +94,13 @@ BAD_SPLITS = {  # name -> (edit of (questions, annotations), message with {q} an
     "question without an image id": (
         lambda q, a: ({**q, "questions": [_drop(q["questions"][0], "image_id")]}, a),
         "{q}: questions[0]: missing field 'image_id'"),
+    "image id not an int": (
+        lambda q, a: ({**q, "questions": [{**q["questions"][0], "image_id": "7"}]}, a),
+        "{q}: questions[0]: field 'image_id' should be int, got '7'"),
+    "a later image id not an int": (
+        lambda q, a: ({**q, "questions": [q["questions"][0],
+                                          {**q["questions"][1], "image_id": "9"}]}, a),
+        "{q}: questions[1]: field 'image_id' should be int, got '9'"),
     "unannotated question": (
         lambda q, a: (q, {"annotations": a["annotations"][:1]}),
         "1 question(s) in {q} have no annotation in {a}, e.g. question_id [2]"),
@@ -122,5 +140,27 @@ def test_a_data_subtype_that_climbs_out_of_the_image_root_is_refused(tmp_path):
     q_path, a_path = write_split(tmp_path)
     questions = json.loads(q_path.read_text())
     q_path.write_text(json.dumps({**questions, "data_subtype": "../../val"}))
-    with pytest.raises(UserError, match=r"leads outside the image root"):
-        load_vqa_split(q_path, a_path, tmp_path / "images")
+    root = tmp_path / "images"
+    with pytest.raises(UserError) as raised:
+        load_vqa_split(q_path, a_path, root)
+    assert str(raised.value) == (
+        f"{q_path}: data_subtype '../../val', questions[0]: image path "
+        f"'images/../../val/000000000007.jpg' leads outside the image root {root}; paths in "
+        "annotation files must stay under the image root (pass a common parent as the root)")
+
+
+def test_images_in_neither_layout_name_both_places_tried(tmp_path):
+    q_path, a_path = write_split(tmp_path, images=())
+    with pytest.raises(UserError) as raised:
+        load_vqa_split(q_path, a_path, tmp_path)
+    tried = [str(tmp_path / "images/val/000000000007.jpg"),
+             str(tmp_path / "val/COCO_val_000000000007.jpg")]
+    assert str(raised.value) == (
+        f"no image for question 0 of {q_path}; tried {tried}. Pass image_pattern (e.g. "
+        "'{split}/COCO_{split}_{image_id:012d}.jpg') or the right image root")
+    # COCO's layout is found as well
+    (tmp_path / "val").mkdir()
+    for image_id in (7, 9):
+        (tmp_path / "val" / f"COCO_val_{image_id:012d}.jpg").write_bytes(b"")
+    examples = load_vqa_split(q_path, a_path, tmp_path)
+    assert examples[1].image.path == str(tmp_path / "val" / "COCO_val_000000000009.jpg")

@@ -42,7 +42,7 @@ def find_split_files(vqa_dir: str | Path, split: str) -> tuple[Path, Path]:
     for kind in ("questions", "annotations"):
         matches = sorted(vqa_dir.glob(f"*_{split}_{kind}.json"))
         if len(matches) != 1:
-            present = sorted(p.name for p in vqa_dir.glob("*.json")) if vqa_dir.is_dir() else []
+            present = sorted(p.name for p in vqa_dir.glob("*.json"))
             raise UserError(
                 f"expected one *_{split}_{kind}.json in {vqa_dir}, found {len(matches)}; "
                 f"JSON files there: {present}"
