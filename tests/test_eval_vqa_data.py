@@ -87,6 +87,15 @@ BAD_SPLITS = {  # name -> (edit of (questions, annotations), message with {q} an
         lambda q, a: (q, {"annotations": [a["annotations"][1],
                                           {**a["annotations"][0], "question_type": 3}]}),
         "{a}: annotations[1]: field 'question_type' should be str, got 3"),
+    "answer type not a string": (
+        lambda q, a: (q, {"annotations": [{**a["annotations"][0], "answer_type": 1}]}),
+        "{a}: annotations[0]: field 'answer_type' should be str, got 1"),
+    "question without a question id": (
+        lambda q, a: ({**q, "questions": [_drop(q["questions"][0], "question_id")]}, a),
+        "{q}: questions[0]: missing field 'question_id'"),
+    "question text not a string": (
+        lambda q, a: ({**q, "questions": [{**q["questions"][0], "question": 5}]}, a),
+        "{q}: questions[0]: field 'question' should be str, got 5"),
     "no answer type": (
         lambda q, a: (q, {"annotations": [_drop(a["annotations"][0], "answer_type")]}),
         "{a}: annotations[0]: missing field 'answer_type'"),
@@ -118,6 +127,38 @@ def test_each_bad_split_is_refused_with_its_exact_message(tmp_path, name):
     with pytest.raises(UserError) as raised:
         load_vqa_split(q_path, a_path, tmp_path / "good")
     assert str(raised.value).startswith(message.format(q=q_path, a=a_path))
+
+
+def test_every_unannotated_question_is_counted_and_the_first_three_named(tmp_path):
+    q_path, a_path = write_split(tmp_path)
+    questions = json.loads(q_path.read_text())
+    first, second = questions["questions"]
+    extra = [{**first, "question_id": qid} for qid in (3, 4, 5)]
+    q_path.write_text(json.dumps({**questions, "questions": [first, second, *extra]}))
+    annotations = json.loads(a_path.read_text())
+    a_path.write_text(json.dumps({"annotations": annotations["annotations"][1:]}))  # only 2
+    with pytest.raises(UserError) as raised:
+        load_vqa_split(q_path, a_path, tmp_path)
+    assert str(raised.value) == (f"4 question(s) in {q_path} have no annotation in {a_path}, "
+                                 "e.g. question_id [1, 3, 4]")
+
+
+def test_a_split_without_a_data_subtype_finds_images_under_an_empty_one(tmp_path):
+    q_path, a_path = write_split(tmp_path)
+    questions = json.loads(q_path.read_text())
+    q_path.write_text(json.dumps(_drop(questions, "data_subtype")))
+    for image in (tmp_path / "images" / "val").iterdir():
+        image.rename(tmp_path / "images" / image.name)
+    examples = load_vqa_split(q_path, a_path, tmp_path)
+    assert examples[0].image.path == str(tmp_path / "images" / "000000000007.jpg")
+
+
+def test_an_explicit_pattern_that_climbs_out_names_the_question(tmp_path):
+    q_path, a_path = write_split(tmp_path)
+    with pytest.raises(UserError) as raised:
+        load_vqa_split(q_path, a_path, tmp_path, image_pattern="../{image_id}.jpg")
+    assert str(raised.value).startswith(
+        f"{q_path}: questions[0]: image path '../7.jpg' leads outside the image root {tmp_path};")
 
 
 def test_missing_files_and_images_name_what_is_missing(tmp_path):
