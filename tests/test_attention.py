@@ -2,6 +2,7 @@
 (causal, sequence-to-sequence) masks included."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vlp.models.attention import attention
 
@@ -109,5 +110,41 @@ def test_is_causal_is_the_causal_mask_without_a_mask_tensor(backend):
         results.append((out, *torch.autograd.grad(out, (q, k, v), out_grad)))
     for flag, mask in zip(*results):
         torch.testing.assert_close(flag, mask, atol=1e-6, rtol=1e-6)
-    with pytest.raises(ValueError, match="is_causal takes no mask"):
+    message = "^is_causal takes no mask and as many queries as keys$"
+    with pytest.raises(ValueError, match=message):
         attention(q, k, v, backend=backend, attn_mask=causal, is_causal=True)
+    with pytest.raises(ValueError, match=message):
+        attention(q[:, :, :4], k, v, backend=backend, is_causal=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_on_the_cpu_is_attended_in_fp32_and_cast_back(dtype):
+    """Exactly fp32 SDPA of the upcast inputs, cast back, also under autocast: the half-precision
+    kernel and autocast's bf16 both round differently."""
+    q, k, v, padding = qkv_and_mask(dtype)
+    q32, k32, v32 = q.float(), k.float(), v.float()
+    cases = [({}, {}), ({"key_padding_mask": padding}, {"attn_mask": padding[:, None, None, :]}),
+             ({"is_causal": True}, {"is_causal": True})]
+    for ours, torchs in cases:
+        want = F.scaled_dot_product_attention(q32, k32, v32, **torchs).to(dtype)
+        for autocast in (False, True):
+            with torch.autocast("cpu", enabled=autocast):
+                out = attention(q, k, v, **ours)
+            assert out.dtype == dtype and torch.equal(out, want), (ours, autocast)
+
+
+def test_fp32_inputs_under_autocast_are_left_to_autocast():
+    q, k, v, _ = qkv_and_mask(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, want = attention(q, k, v), F.scaled_dot_product_attention(q, k, v)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, want)
+
+
+def test_masks_are_built_on_the_inputs_device():
+    from vlp.models.attention import causal_mask, seq2seq_mask
+
+    text_mask = torch.ones(2, 5, dtype=torch.bool, device="meta")
+    assert causal_mask(text_mask).device.type == "meta"
+    assert seq2seq_mask(3, text_mask).device.type == "meta"
+    q = torch.ones(2, 2, 5, 8, device="meta")
+    assert attention(q, q, q, backend="reference", is_causal=True).device.type == "meta"
