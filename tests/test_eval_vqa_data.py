@@ -74,7 +74,7 @@ BAD_SPLITS = {  # name -> (edit of (questions, annotations), message with {q} an
     "annotation without a question id": (
         lambda q, a: (q, {"annotations": [_drop(a["annotations"][0], "question_id")]}),
         "{a}: annotations[0]: missing field 'question_id'"),
-    "question id not an int": (
+    "annotation question id not an int": (
         lambda q, a: (q, {"annotations": [{**a["annotations"][0], "question_id": "1"}]}),
         "{a}: annotations[0]: field 'question_id' should be int, got '1'"),
     "answers not a list": (
@@ -93,6 +93,9 @@ BAD_SPLITS = {  # name -> (edit of (questions, annotations), message with {q} an
     "question without a question id": (
         lambda q, a: ({**q, "questions": [_drop(q["questions"][0], "question_id")]}, a),
         "{q}: questions[0]: missing field 'question_id'"),
+    "question id not an int": (
+        lambda q, a: ({**q, "questions": [{**q["questions"][0], "question_id": "1"}]}, a),
+        "{q}: questions[0]: field 'question_id' should be int, got '1'"),
     "question text not a string": (
         lambda q, a: ({**q, "questions": [{**q["questions"][0], "question": 5}]}, a),
         "{q}: questions[0]: field 'question' should be str, got 5"),
