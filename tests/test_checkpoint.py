@@ -1,6 +1,8 @@
 """Checkpoint publishing and validation, on tag directories laid out as training writes them."""
+import errno
 import fractions
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -107,6 +109,38 @@ def test_keep_last_k(tmp_path):
         make_tag(tmp_path, step)
     prune_checkpoints(tmp_path, keep_last=2)
     assert [p.name for p in complete_tags(tmp_path)] == ["global_step15", "global_step20"]
+
+
+def test_keep_last_0_keeps_every_tag(tmp_path):
+    for step in (5, 10, 15):
+        make_tag(tmp_path, step)
+    prune_checkpoints(tmp_path, keep_last=0)
+    assert [p.name for p in complete_tags(tmp_path)] == [
+        "global_step5", "global_step10", "global_step15"]
+
+
+def test_clearing_needs_no_latest_file(tmp_path):
+    make_tag(tmp_path, 5)
+    (tmp_path / "latest").unlink()
+    clear_checkpoints(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tag_that_will_not_go_is_renamed_first_and_named_in_a_warning(tmp_path, monkeypatch,
+                                                                        caplog):
+    make_tag(tmp_path, 5)
+    make_tag(tmp_path, 10)
+
+    def refuse(path, *args, **kwargs):
+        raise OSError(errno.EBUSY, "Device or resource busy")
+
+    monkeypatch.setattr(shutil, "rmtree", refuse)
+    with caplog.at_level(logging.WARNING, logger="vlp.pipeline.train.checkpointer"):
+        prune_checkpoints(tmp_path, keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "global_step10", "global_step5.deleting", "latest"]
+    assert caplog.messages == [f"could not delete old checkpoint {tmp_path / 'global_step5'}: "
+                               "[Errno 16] Device or resource busy"]
 
 
 def test_pruning_never_deletes_the_tag_just_written(tmp_path):
