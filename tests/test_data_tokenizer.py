@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from vlp.data_prep.tokenizer import sample_shard_captions, train_tokenizer
 from vlp.pipeline.data.errors import UserError
@@ -72,6 +72,31 @@ def test_a_file_that_is_not_a_tokenizer_is_one_line(tmp_path, name, content, as_
     with pytest.raises(UserError, match=rf"^{re.escape(str(given))} is not a tokenizer \(.+\): "
                                         "give the directory or tokenizer.json"):
         load_tokenizer(given)
+
+
+def test_the_reason_is_the_first_line_of_the_error_or_its_type(tmp_path, monkeypatch):
+    (tmp_path / "tokenizer.json").write_text("not JSON")
+    with pytest.raises(UserError) as refused:
+        load_tokenizer(tmp_path / "tokenizer.json")
+    assert str(refused.value) == (f"{tmp_path / 'tokenizer.json'} is not a tokenizer (expected "
+                                  "ident at line 1 column 2): give the directory or "
+                                  "tokenizer.json that `vlp data tokenizer` wrote")
+
+    def fail(*args, **kwargs):
+        raise ValueError()  # an error without a message
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", fail)
+    with pytest.raises(UserError, match=rf"^{re.escape(str(tmp_path))} is not a tokenizer "
+                                        r"\(ValueError\): "):
+        load_tokenizer(tmp_path)
+
+
+def test_a_slow_tokenizer_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *args, **kwargs: object())
+    with pytest.raises(UserError) as refused:
+        load_tokenizer(tmp_path)
+    assert str(refused.value) == (f"{tmp_path} holds a slow tokenizer; a fast (tokenizer.json) "
+                                  "one is needed")
 
 
 def test_training_on_no_text_is_an_error(tmp_path):
