@@ -22,6 +22,8 @@ from vlp.pipeline.eval.classification.probe import (
     COARSE,
     WEIGHT_DECAYS,
     ProbeSettings,
+    evaluate_linear_probe,
+    hold_out,
     probe_metrics,
     search_weight_decay,
 )
@@ -30,7 +32,7 @@ from vlp.pipeline.eval.classification.zeroshot import (
     class_embeddings,
     evaluate_zeroshot,
 )
-from vlp.pipeline.eval.configs import ZeroShotConfig
+from vlp.pipeline.eval.configs import LinearProbeConfig, ZeroShotConfig
 from vlp.pipeline.eval.images import tar_samples
 
 KEYS = ["acc1", "acc5", "mean_per_class_recall"]
@@ -535,6 +537,33 @@ def test_probe_on_one_hot_features_is_exact():
     assert weight_decay in WEIGHT_DECAYS
 
 
+def test_hold_out_takes_a_seeded_share_for_validation_and_keeps_the_skip_counts_in_train():
+    labels = torch.arange(10)
+    features = Features(labels[:, None].float(), labels, {"bad_image": 2})
+    train, val = hold_out(features, 0.3, seed=0)
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(0)).tolist()
+    assert (val.y.tolist(), train.y.tolist()) == (order[:3], order[3:])
+    assert torch.equal(train.x[:, 0].long(), train.y) and torch.equal(val.x[:, 0].long(), val.y)
+    assert (train.skipped, val.skipped) == ({"bad_image": 2}, {})
+    assert hold_out(features, 0.3, seed=1)[1].y.tolist() != order[:3]
+    assert len(hold_out(features, 0.01, seed=0)[1].y) == 1  # a share below one image is one
+
+
+@pytest.mark.parametrize("proportion", [0, 1, 1.5, -0.25])
+def test_a_val_proportion_outside_0_1_is_refused(proportion):
+    features = Features(torch.zeros(10, 2), torch.zeros(10, dtype=torch.long), {})
+    with pytest.raises(UserError) as refused:
+        hold_out(features, proportion, seed=0)
+    assert str(refused.value) == f"val_proportion must be in (0, 1), got {proportion}"
+
+
+def test_one_training_image_cannot_spare_a_validation_split():
+    one = Features(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), {})
+    with pytest.raises(UserError) as refused:
+        hold_out(one, 0.5, seed=0)
+    assert str(refused.value) == "1 training image(s) cannot spare a validation split"
+
+
 def test_linear_probe_command(tiny, tokenizer_json, world_dir, tmp_path, capsys):
     from vlp.models.export import save_pretrained
 
@@ -559,3 +588,20 @@ def test_linear_probe_command(tiny, tokenizer_json, world_dir, tmp_path, capsys)
 
     assert vlp([*args[:-4], "--dataset", str(held_out), "--lr", "0"]) == 2
     assert "error: lr must be > 0, got 0.0" in capsys.readouterr().err
+
+
+def test_a_probe_reads_every_split_with_the_class_names_file_and_fits_with_its_settings(
+        tiny, tokenizer_json, world_dir, tmp_path):
+    """A checkpoint path loads onto the CPU by default; a class-names file names the classes of
+    every split (the folders are named otherwise); the settings reach the fit."""
+    from vlp.models.export import save_pretrained
+
+    export = save_pretrained(tiny.model, tmp_path / "export", tokenizer_path=tokenizer_json)
+    folders = dataset(world_dir, "colour", "imagefolder")
+    names = tmp_path / "classnames.txt"
+    names.write_text("".join(f"{c.name.upper()}\n" for c in sorted((folders / "test").iterdir())))
+    config = LinearProbeConfig(dataset=folders, classnames=names, epochs=1, lr=0.5,
+                               probe_batch_size=8, seed=3)
+    result = evaluate_linear_probe(export, config)
+    assert result["settings"] == {"lr": 0.5, "epochs": 1, "batch_size": 8, "seed": 3}
+    assert result["num_classes"] == 7 and result["model"] == str(export)
