@@ -590,6 +590,53 @@ def test_linear_probe_command(tiny, tokenizer_json, world_dir, tmp_path, capsys)
     assert "error: lr must be > 0, got 0.0" in capsys.readouterr().err
 
 
+def test_a_probe_loads_onto_the_device_encodes_as_asked_and_fits_where_the_model_runs(
+        tiny, world_dir, monkeypatch):
+    """Spies: the checkpoint loader (a path is loaded onto `device`, the CPU by default; a loaded
+    model is used as it is), bf16 autocast, the model's device (meta here) and the fit."""
+    from vlp.pipeline.eval import encode
+    from vlp.pipeline.eval.classification import probe
+
+    loads, casts, fits, autocast = [], [], [], encode.autocast
+
+    def load_model(path, device="cpu"):
+        loads.append((path, device))
+        return tiny
+
+    def spy_autocast(device, bf16):
+        casts.append(bf16)
+        return autocast(device, bf16)
+
+    def fit(train, val, test, num_classes, settings):
+        fits.append({name: (f.x.device.type, f.y.device.type, f.skipped)
+                     for name, f in (("train", train), ("val", val), ("test", test))})
+        return {"acc1": 0.5, "acc5": 1.0, "mean_per_class_recall": 0.5}, 0.01
+
+    monkeypatch.setattr(probe, "load_model", load_model)
+    monkeypatch.setattr(encode, "autocast", spy_autocast)
+    monkeypatch.setattr(probe, "model_device", lambda model: torch.device("meta"))
+    monkeypatch.setattr(probe, "probe_metrics", fit)
+    config = LinearProbeConfig(dataset=dataset(world_dir, "colour", "imagefolder"), bf16=True)
+    result = evaluate_linear_probe("runs/tiny", config, device="cuda:3")
+    evaluate_linear_probe("runs/tiny", config)
+    evaluate_linear_probe(tiny, config)
+    assert loads == [("runs/tiny", "cuda:3"), ("runs/tiny", "cpu")]
+    assert set(casts) == {True}
+    assert fits == [dict.fromkeys(["train", "val", "test"], ("meta", "meta", {}))] * 3
+    assert (result["task"], result["weight_decay"]) == ("linear_probe", 0.01)
+    assert result["metrics"] == {"acc1": 0.5, "acc5": 1.0, "mean_per_class_recall": 0.5}
+
+
+def test_splits_with_different_classes_are_refused_before_a_model_loads(world_dir, tmp_path):
+    folders = tmp_path / "colour"
+    shutil.copytree(dataset(world_dir, "colour", "imagefolder"), folders)
+    shutil.rmtree(folders / "train" / "red")
+    with pytest.raises(UserError) as refused:
+        evaluate_linear_probe("no/checkpoint/here", LinearProbeConfig(dataset=folders))
+    assert str(refused.value) == (f"{folders / 'train'} and {folders / 'test'} have different "
+                                  "classes; every split must have the same class list")
+
+
 def test_a_probe_reads_every_split_with_the_class_names_file_and_fits_with_its_settings(
         tiny, tokenizer_json, world_dir, tmp_path):
     """A checkpoint path loads onto the CPU by default; a class-names file names the classes of
