@@ -1,6 +1,7 @@
 """Zero-shot classification and the linear probe: metrics on oracle scores, both dataset layouts
 of the synthetic world, a perfect zero-shot model, the probe's search and fit, and bad input."""
 import json
+import math
 import os
 import shutil
 from types import SimpleNamespace
@@ -26,6 +27,7 @@ from vlp.pipeline.eval.classification.probe import (
     hold_out,
     probe_metrics,
     search_weight_decay,
+    train_probe,
 )
 from vlp.pipeline.eval.classification.zeroshot import (
     DEFAULT_TEMPLATES,
@@ -527,6 +529,66 @@ def test_weight_decay_search_follows_clip_benchmark():
     assert tried == COARSE + [24, 40, 36, 44, 34, 38, 35, 37]  # each fit once
 
 
+def clip_benchmark_order(n: int, classes: int, settings: ProbeSettings):
+    """What CLIP_benchmark's procedure draws from one seeded generator: nn.Linear's uniform
+    initialisation (weight, then bias, bound 1/sqrt(D) for D = n one-hot features) and then
+    each epoch's shuffle of the n rows."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    bound = n ** -0.5
+    weight = torch.empty(classes, n).uniform_(-bound, bound, generator=generator)
+    bias = torch.empty(classes).uniform_(-bound, bound, generator=generator)
+    orders = [torch.randperm(n, generator=generator) for _ in range(settings.epochs)]
+    return weight, bias, orders
+
+
+def test_the_probe_fit_follows_clip_benchmarks_procedure(monkeypatch):
+    """10 one-hot rows, each its own class, in batches of 4 for 2 epochs: each epoch's seeded
+    order in batches of 4, 4 and 2, the cosine learning rate from lr at step 0 over the 6 steps,
+    and the weight decay asked for."""
+    settings = ProbeSettings(lr=0.3, epochs=2, batch_size=4, seed=5)
+    steps, batches = [], []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            steps.append((self.param_groups[0]["lr"], self.param_groups[0]["weight_decay"]))
+            return super().step(closure)
+
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def recording_cross_entropy(logits, targets):
+        batches.append(targets.tolist())
+        return cross_entropy(logits, targets)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", recording_cross_entropy)
+    train_probe(torch.eye(10), torch.arange(10), 10, 0.01, settings)
+    _, _, orders = clip_benchmark_order(10, 10, settings)
+    assert batches == [order[i:i + 4].tolist() for order in orders for i in (0, 4, 8)]
+    cosine = [0.5 * (1 + math.cos(math.pi * step / 6)) * 0.3 for step in range(6)]
+    assert steps == [(pytest.approx(lr, abs=1e-12), 0.01) for lr in cosine]
+
+
+def test_the_probe_starts_from_the_seeded_nn_linear_initialisation():
+    """At a learning rate too small to move a weight, the fitted layer is its initialisation."""
+    settings = ProbeSettings(lr=1e-30, epochs=1, batch_size=4, seed=7)
+    layer = train_probe(torch.eye(10), torch.arange(10) % 3, 3, 0.01, settings)
+    weight, bias, _ = clip_benchmark_order(10, 3, settings)
+    assert torch.equal(layer.weight.detach(), weight) and torch.equal(layer.bias.detach(), bias)
+    assert not layer.training
+    assert train_probe(torch.eye(10, device="meta"), torch.arange(10, device="meta") % 3, 3, 0.01,
+                       settings).weight.device.type == "meta"  # fitted on the features' device
+
+
+@pytest.mark.parametrize("bad", [{"lr": 0.0}, {"lr": -1.0}, {"epochs": 0}, {"batch_size": 0}])
+def test_probe_settings_out_of_range_are_refused(bad):
+    with pytest.raises(UserError) as refused:
+        ProbeSettings(**bad)
+    got = {"lr": 0.1, "epochs": 10, "batch_size": 64, "seed": 0, **bad}
+    assert str(refused.value) == ("linear probe needs lr > 0, epochs >= 1 and batch_size >= 1, "
+                                  f"got {got}")
+    assert ProbeSettings(lr=1e-9, epochs=1, batch_size=1) == ProbeSettings(1e-9, 1, 1, 0)
+
+
 def test_probe_on_one_hot_features_is_exact():
     labels = torch.arange(60) % 6
     one_hot = Features(torch.eye(6)[labels], labels, {})
@@ -616,6 +678,8 @@ def test_a_probe_loads_onto_the_device_encodes_as_asked_and_fits_where_the_model
     monkeypatch.setattr(encode, "autocast", spy_autocast)
     monkeypatch.setattr(probe, "model_device", lambda model: torch.device("meta"))
     monkeypatch.setattr(probe, "probe_metrics", fit)
+    clock = iter([10.0, 11.23456, 20.0, 21.0, 30.0, 31.0])
+    monkeypatch.setattr(probe, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     config = LinearProbeConfig(dataset=dataset(world_dir, "colour", "imagefolder"), bf16=True)
     result = evaluate_linear_probe("runs/tiny", config, device="cuda:3")
     evaluate_linear_probe("runs/tiny", config)
@@ -625,6 +689,8 @@ def test_a_probe_loads_onto_the_device_encodes_as_asked_and_fits_where_the_model
     assert fits == [dict.fromkeys(["train", "val", "test"], ("meta", "meta", {}))] * 3
     assert (result["task"], result["weight_decay"]) == ("linear_probe", 0.01)
     assert result["metrics"] == {"acc1": 0.5, "acc5": 1.0, "mean_per_class_recall": 0.5}
+    assert result["baselines"] == {"chance": chance_metrics(7)} and result["skipped"] == {}
+    assert result["seconds"] == 1.235  # rounded to the millisecond
 
 
 def test_splits_with_different_classes_are_refused_before_a_model_loads(world_dir, tmp_path):
