@@ -3,6 +3,7 @@ of the synthetic world, a perfect zero-shot model, the probe's search and fit, a
 import json
 import math
 import os
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -561,11 +562,11 @@ def test_the_probe_fit_follows_clip_benchmarks_procedure(monkeypatch):
 
     monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", recording_cross_entropy)
-    train_probe(torch.eye(10), torch.arange(10), 10, 0.01, settings)
+    train_probe(torch.eye(10), torch.arange(10), 10, 0.02, settings)
     _, _, orders = clip_benchmark_order(10, 10, settings)
     assert batches == [order[i:i + 4].tolist() for order in orders for i in (0, 4, 8)]
     cosine = [0.5 * (1 + math.cos(math.pi * step / 6)) * 0.3 for step in range(6)]
-    assert steps == [(pytest.approx(lr, abs=1e-12), 0.01) for lr in cosine]
+    assert steps == [(pytest.approx(lr, abs=1e-12), 0.02) for lr in cosine]
 
 
 def test_the_probe_starts_from_the_seeded_nn_linear_initialisation():
@@ -587,6 +588,30 @@ def test_probe_settings_out_of_range_are_refused(bad):
     assert str(refused.value) == ("linear probe needs lr > 0, epochs >= 1 and batch_size >= 1, "
                                   f"got {got}")
     assert ProbeSettings(lr=1e-9, epochs=1, batch_size=1) == ProbeSettings(1e-9, 1, 1, 0)
+
+
+def test_the_search_at_either_end_of_the_range_tries_only_indices_inside_it():
+    for peak, refined in ((0, [8, 4, 2, 1]), (96, [88, 92, 94, 95])):
+        tried = []
+
+        def val_acc1(weight_decay):
+            tried.append(WEIGHT_DECAYS.index(weight_decay))
+            return 1 - abs(tried[-1] - peak) / 100
+
+        assert search_weight_decay(val_acc1) == peak
+        assert tried == COARSE + refined  # the end itself was tried among the decades
+
+
+def test_the_probe_shows_its_fits_out_of_the_search_and_the_final_fit(capsys):
+    """16 fits in all (15 at most in the search, then the final one), counted to the end even
+    when the search needed fewer."""
+    labels = torch.arange(12) % 3
+    features = Features(torch.eye(3)[labels], labels, {})
+    probe_metrics(features, features, features, 3, ProbeSettings(epochs=1))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("linear probe fits: 1/16 (6%) | ")
+    assert lines[-1].startswith("linear probe fits: 16/16 (100%) | ")
+    assert all(re.search(r" \| [\d.]+( fits/s|s/fit) \| ", line) for line in lines)
 
 
 def test_probe_on_one_hot_features_is_exact():
