@@ -104,3 +104,64 @@ def test_unknown_quantization_scheme_is_a_clear_error(tmp_path, world_dir):
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="int4-groupwise"):
         load_model(out)
+
+
+def test_a_dynamic_layer_repacks_when_a_fine_tune_changes_its_bias_or_weight():
+    linear = representable_linear()
+    layer = Int8Linear.from_linear(linear, "dynamic")
+    x = torch.randint(0, 128, (2, 10)).float()
+    with torch.no_grad():
+        before = layer(x)
+        layer.bias.add_(1.0)  # as an optimizer step updates it in place
+        torch.testing.assert_close(layer(x), before + 1.0)
+        layer.weight.zero_()
+        torch.testing.assert_close(layer(x), layer.bias.expand(2, 6))
+
+
+def test_the_int8_kernel_runs_with_gradients_enabled_for_an_input_that_needs_none():
+    """Evaluation outside no_grad: only an input that needs a gradient (a fine-tune of the
+    backbone) takes the dequantized path."""
+    linear = representable_linear()
+    x = torch.linspace(-3, 3, 40).reshape(4, 10)
+    dynamic = Int8Linear.from_linear(linear, "dynamic")
+    with torch.no_grad():
+        kernel = dynamic(x)
+    assert torch.is_grad_enabled() and torch.equal(dynamic(x), kernel)
+
+
+def test_weight_only_computes_in_the_inputs_dtype():
+    layer = Int8Linear.from_linear(representable_linear(), "weight_only")
+    x = torch.randint(0, 128, (2, 10)).to(torch.bfloat16)
+    layer.bias.data = layer.bias.data.to(torch.bfloat16)
+    with torch.no_grad():
+        assert layer(x).dtype == torch.bfloat16
+
+
+def test_a_layer_without_bias_stays_without_one():
+    layer = Int8Linear.from_linear(torch.nn.Linear(4, 3, bias=False), "dynamic")
+    assert layer.bias is None and set(layer.state_dict()) == {"weight", "weight_scale"}
+    assert repr(layer) == "Int8Linear(in_features=4, out_features=3, bias=False, mode=dynamic)"
+    with torch.no_grad():
+        assert layer(torch.ones(2, 4)).shape == (2, 3)
+
+
+def test_bad_int8_layers_and_records_are_one_exact_line():
+    from vlp.models.quantize import apply_quantization_record
+
+    with pytest.raises(ValueError) as refused:
+        Int8Linear(4, 3, True, "int4")
+    assert str(refused.value) == "int8 mode 'int4' is not one of ('dynamic', 'weight_only')"
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
+    with pytest.raises(ValueError) as refused:
+        quantize_layers(model, {"1": "dynamic"})
+    assert str(refused.value) == "1 is a ReLU, not an nn.Linear"
+    scheme = "int8-per-channel-symmetric"
+    for layers in (["0"], {"0": "int4"}):
+        with pytest.raises(ValueError) as refused:
+            apply_quantization_record(model, {"scheme": scheme, "layers": layers})
+        assert str(refused.value) == ("quantization layers must map layer names to one of "
+                                      "('dynamic', 'weight_only')")
+    for name in ("1", "2"):
+        with pytest.raises(ValueError) as refused:
+            apply_quantization_record(model, {"scheme": scheme, "layers": {name: "dynamic"}})
+        assert str(refused.value) == f"quantized layer {name!r} is not a Linear layer of this model"
