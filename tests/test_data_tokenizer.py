@@ -238,8 +238,10 @@ def test_masking_spec_comes_from_the_tokenizer(small):
 def test_mlm_needs_mask_and_pad_tokens(small, token):
     tokenizer = copy.deepcopy(small["ours"])
     setattr(tokenizer, token, None)
-    with pytest.raises(UserError, match=r"needs \[MASK\] and \[PAD\] tokens for MLM"):
+    with pytest.raises(UserError) as refused:
         masking_spec(tokenizer, 0.15)
+    assert str(refused.value) == ("the tokenizer needs [MASK] and [PAD] tokens for MLM; train it "
+                                  "with `vlp data tokenizer`")
 
 
 def test_without_an_unknown_token_no_word_is_unknown(small):
