@@ -5,9 +5,12 @@ import re
 import shutil
 from collections import Counter
 from difflib import SequenceMatcher
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from test_eval_support import tiny_eval_model, train_world_tokenizer
 
@@ -15,6 +18,7 @@ from vlp.data_prep.captions import POSITION_PHRASES
 from vlp.data_prep.compositionality import EDIT_KINDS, caption_pair
 from vlp.data_prep.scenes import COLOURS, SHAPES, Obj, Scene, WorldSpec
 from vlp.pipeline.data.errors import UserError
+from vlp.pipeline.data.model_loading import LoadedModel
 from vlp.pipeline.eval.configs import CompositionalityConfig
 from vlp.pipeline.eval.compositionality.data import load_edit_sets
 from vlp.pipeline.eval.compositionality.job import evaluate_compositionality
@@ -163,3 +167,67 @@ def test_bad_edit_sets_name_the_problem(world_dir, tmp_path):
     with pytest.raises(UserError, match="lacks"):
         load_edit_sets(tmp_path, world_dir)
     shutil.rmtree(tmp_path)
+
+
+def test_the_job_scores_itc_by_the_dot_product_and_itm_by_the_log_odds_on_stubs(
+        tmp_path, monkeypatch):
+    """Stub encoders and ITM scorer with known values: ITC scores are image . caption (the edit
+    wins the first item: 2 > 1), ITM scores the log-odds given; both encoders and the scorer get
+    bf16; a path loads onto the CPU by default, a loaded model is used as it is."""
+    from vlp.pipeline.eval.compositionality import job
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    edits = tmp_path / "edits"
+    edits.mkdir()
+    (edits / "swap.json").write_text(json.dumps({
+        "0": {"filename": "a.png", "caption": "true a", "negative_caption": "edit a"},
+        "1": {"filename": "b.png", "caption": "true b", "negative_caption": "edit b"}}))
+    (edits / "add.json").write_text(json.dumps({
+        "0": {"filename": "a.png", "caption": "more a", "negative_caption": "less a"}}))
+    images = {"a.png": [1.0, 4.0], "b.png": [2.0, 1.0]}
+    texts = {"true a": [1.0, 0.0], "edit a": [0.0, 0.5], "true b": [1.0, 1.0],
+             "edit b": [0.0, 1.0], "more a": [3.0, 0.0], "less a": [1.0, 0.0]}
+    odds = torch.tensor([0.5, 2.0, 1.0, -1.0, 0.0, 0.0])  # per caption, in item order
+    seen = {"loads": [], "bf16": [], "uses": []}
+    loaded = LoadedModel("model", "tokenizer", SimpleNamespace(
+        path="runs/x", step=7, kind="export", config={"image_size": 8, "max_text_len": 6}))
+
+    def load_model(path, device="cpu"):
+        seen["loads"].append((path, device))
+        return loaded
+
+    def encode_images(model, refs, size, batch_size, bf16):
+        seen["bf16"].append(("images", bf16))
+        return torch.tensor([images[Path(ref.path).name] for ref in refs])
+
+    def encode_texts(model, tokenizer, captions, max_len, batch_size, bf16):
+        seen["bf16"].append(("texts", bf16))
+        return torch.tensor([texts[caption] for caption in captions])
+
+    class Scorer:
+        def __init__(self, loaded_, data, batch_size, bf16):
+            seen["bf16"].append(("itm", bf16))
+
+        def __call__(self, captions, images_):
+            return odds[captions]
+
+    def require_full_model(loaded_, use):
+        seen["uses"].append(use)
+
+    for name, stub in (("load_model", load_model), ("encode_images", encode_images),
+                       ("encode_texts", encode_texts), ("ItmScorer", Scorer),
+                       ("require_full_model", require_full_model)):
+        monkeypatch.setattr(job, name, stub)
+    config = CompositionalityConfig(edits=edits, image_root=tmp_path, bf16=True)
+    result = evaluate_compositionality("runs/x", config)
+    assert seen["loads"] == [("runs/x", "cpu")]
+    assert evaluate_compositionality(loaded, config)["metrics"] == result["metrics"]
+    assert seen["loads"] == [("runs/x", "cpu")]
+    assert set(seen["bf16"]) == {("images", True), ("texts", True), ("itm", True)}
+    assert seen["uses"] == ["ITM scoring of edited captions (itm=True)"] * 2
+    assert result["metrics"] == {"add/itc": 1.0, "swap/itc": 0.5, "add/itm": 0.0,
+                                 "swap/itm": 0.5, "mean/itc": 0.75, "mean/itm": 0.25}
+    assert {k: result[k] for k in ("task", "dataset", "model", "step", "num_items")} == {
+        "task": "compositionality", "dataset": str(edits), "model": "runs/x", "step": 7,
+        "num_items": {"add": 1, "swap": 2}}
