@@ -1,5 +1,6 @@
 """The compositionality evaluation: the world's edited captions differ from the true ones in
 exactly the edit, and the job scores true against edited caption per kind of edit."""
+import io
 import json
 import re
 import shutil
@@ -22,6 +23,7 @@ from vlp.pipeline.data.model_loading import LoadedModel
 from vlp.pipeline.eval.configs import CompositionalityConfig
 from vlp.pipeline.eval.compositionality.data import load_edit_sets
 from vlp.pipeline.eval.compositionality.job import evaluate_compositionality
+from vlp.pipeline.eval.images import ImageRef
 
 THREE = Scene.of([Obj((0, 0), "circle", "red", "small"), Obj((1, 1), "square", "blue", "large"),
                   Obj((2, 2), "cross", "green", "small")])
@@ -219,6 +221,8 @@ def test_the_job_scores_itc_by_the_dot_product_and_itm_by_the_log_odds_on_stubs(
                        ("encode_texts", encode_texts), ("ItmScorer", Scorer),
                        ("require_full_model", require_full_model)):
         monkeypatch.setattr(job, name, stub)
+    clock = iter([10.0, 11.23456, 20.0, 21.0])
+    monkeypatch.setattr(job, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     config = CompositionalityConfig(edits=edits, image_root=tmp_path, bf16=True)
     result = evaluate_compositionality("runs/x", config)
     assert seen["loads"] == [("runs/x", "cpu")]
@@ -231,3 +235,24 @@ def test_the_job_scores_itc_by_the_dot_product_and_itm_by_the_log_odds_on_stubs(
     assert {k: result[k] for k in ("task", "dataset", "model", "step", "num_items")} == {
         "task": "compositionality", "dataset": str(edits), "model": "runs/x", "step": 7,
         "num_items": {"add": 1, "swap": 2}}
+    assert result["seconds"] == 1.235  # rounded to the millisecond
+
+
+def test_edited_items_give_one_image_per_file_and_box_and_their_caption_pairs(tmp_path):
+    from vlp.pipeline.eval.compositionality.data import EditedItem
+    from vlp.pipeline.eval.compositionality.job import CroppedImage, _as_retrieval_set
+
+    pixels = np.zeros((8, 8, 3), dtype=np.uint8)
+    pixels[:4, 4:] = 255  # a white top-right quarter
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    data = _as_retrieval_set([EditedItem(a, "c1", "n1"), EditedItem(a, "c2", "n2"),
+                              EditedItem(a, "c3", "n3", box=(4, 0, 8, 4)),
+                              EditedItem(b, "c4", "n4")])
+    assert [(type(ref), ref.path, getattr(ref, "box", None)) for ref in data.images] == [
+        (ImageRef, str(a), None), (CroppedImage, str(a), (4, 0, 8, 4)), (ImageRef, str(b), None)]
+    assert data.captions == ["c1", "n1", "c2", "n2", "c3", "n3", "c4", "n4"]
+    assert data.text_to_image == [0, 0, 0, 0, 1, 1, 2, 2]
+    assert data.source == "edited captions"
+    with Image.open(io.BytesIO(data.images[1].read())) as crop:
+        assert crop.format == "PNG" and np.array(crop).tolist() == [[[255] * 3] * 4] * 4
