@@ -1,6 +1,7 @@
 """int8 exports: the Int8Linear kernels on inputs with known answers, and `vlp deploy quantize`
 writing an export that load_model and the retrieval eval load unchanged."""
 import json
+from copy import deepcopy
 
 import pytest
 import torch
@@ -34,8 +35,9 @@ def test_quantize_weight_recovers_representable_weights_exactly():
     q, scale = quantize_weight(linear.weight)
     assert q.dtype == torch.int8 and int(q[:, 0].min()) == 127
     assert torch.equal(q.float() * scale[:, None], linear.weight.detach())
-    zero_row = quantize_weight(torch.zeros(2, 3))  # a pruned row stays zero
+    zero_row = quantize_weight(torch.zeros(2, 3))  # a pruned row stays zero, with scale 1
     assert torch.equal(zero_row[0], torch.zeros(2, 3, dtype=torch.int8))
+    assert torch.equal(zero_row[1], torch.ones(2))
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "weight_only"])
@@ -114,8 +116,23 @@ def test_a_dynamic_layer_repacks_when_a_fine_tune_changes_its_bias_or_weight():
         before = layer(x)
         layer.bias.add_(1.0)  # as an optimizer step updates it in place
         torch.testing.assert_close(layer(x), before + 1.0)
+        layer.bias = torch.nn.Parameter(layer.bias + 1.0)  # a new tensor, as a load may bring
+        torch.testing.assert_close(layer(x), before + 2.0)
         layer.weight.zero_()
         torch.testing.assert_close(layer(x), layer.bias.expand(2, 6))
+
+
+def test_the_packed_weight_is_per_output_channel_and_a_copy_rebuilds_it():
+    layer = Int8Linear.from_linear(representable_linear(), "dynamic")
+    x = torch.randint(0, 128, (2, 10)).float()
+    with torch.no_grad():
+        out = layer(x)
+        qweight, bias = torch.ops.quantized.linear_unpack(layer._packed_weight())
+        assert qweight.q_per_channel_axis() == 0
+        assert torch.equal(qweight.dequantize(), layer.dequantized_weight())
+        copy = deepcopy(layer)
+        assert copy._packed is None and layer._packed is not None
+        torch.testing.assert_close(copy(x), out)
 
 
 def test_the_int8_kernel_runs_with_gradients_enabled_for_an_input_that_needs_none():
