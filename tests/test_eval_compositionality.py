@@ -221,15 +221,15 @@ def test_the_job_scores_itc_by_the_dot_product_and_itm_by_the_log_odds_on_stubs(
                        ("encode_texts", encode_texts), ("ItmScorer", Scorer),
                        ("require_full_model", require_full_model)):
         monkeypatch.setattr(job, name, stub)
-    clock = iter([10.0, 11.23456, 20.0, 21.0])
+    clock = iter([10.0, 11.23456, 20.0, 21.0, 30.0, 31.0])
     monkeypatch.setattr(job, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     config = CompositionalityConfig(edits=edits, image_root=tmp_path, bf16=True)
     result = evaluate_compositionality("runs/x", config)
-    assert seen["loads"] == [("runs/x", "cpu")]
     assert evaluate_compositionality(loaded, config)["metrics"] == result["metrics"]
-    assert seen["loads"] == [("runs/x", "cpu")]
+    evaluate_compositionality("runs/x", config, device="cuda:3")
+    assert seen["loads"] == [("runs/x", "cpu"), ("runs/x", "cuda:3")]
     assert set(seen["bf16"]) == {("images", True), ("texts", True), ("itm", True)}
-    assert seen["uses"] == ["ITM scoring of edited captions (itm=True)"] * 2
+    assert seen["uses"] == ["ITM scoring of edited captions (itm=True)"] * 3
     assert result["metrics"] == {"add/itc": 1.0, "swap/itc": 0.5, "add/itm": 0.0,
                                  "swap/itm": 0.5, "mean/itc": 0.75, "mean/itm": 0.25}
     assert {k: result[k] for k in ("task", "dataset", "model", "step", "num_items")} == {
@@ -242,8 +242,8 @@ def test_edited_items_give_one_image_per_file_and_box_and_their_caption_pairs(tm
     from vlp.pipeline.eval.compositionality.data import EditedItem
     from vlp.pipeline.eval.compositionality.job import CroppedImage, _as_retrieval_set
 
-    pixels = np.zeros((8, 8, 3), dtype=np.uint8)
-    pixels[:4, 4:] = 255  # a white top-right quarter
+    pixels = np.zeros((8, 8), dtype=np.uint8)
+    pixels[:4, 4:] = 255  # a white top-right quarter, in a greyscale file
     Image.fromarray(pixels).save(tmp_path / "a.png")
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     data = _as_retrieval_set([EditedItem(a, "c1", "n1"), EditedItem(a, "c2", "n2"),
