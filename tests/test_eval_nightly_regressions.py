@@ -260,3 +260,28 @@ def test_markdown_summary_without_regressions_ends_with_the_counts():
         "All values in percent; caption metrics x100 as papers quote them (CIDEr 152.5 for the "
         "COCO tools' 1.525). 6 metric(s) compared with their run's best; a regression is a "
         "latest value more than 50% below it. Failed evaluations: 0.", ""]
+
+
+def test_a_task_without_a_unit_is_refused_by_name():
+    from vlp.pipeline.eval.nightly.headline import scale
+
+    with pytest.raises(UserError) as refused:
+        scale("segmentation")
+    assert str(refused.value) == ("results name task 'segmentation', which the report has no "
+                                  f"unit for; known tasks: {sorted(SCALE)}")
+
+
+def test_a_shown_number_has_one_decimal_or_is_a_dash():
+    from vlp.pipeline.eval.nightly.headline import number
+
+    assert (number(12.345), number(float("nan")), number(None)) == ("12.3", "—", "—")
+
+
+def test_a_benchmark_without_its_headline_metric_or_of_an_unknown_task_has_no_headline_row():
+    from vlp.pipeline.eval.nightly.headline import is_headline
+
+    table = pd.DataFrame({"run": ["r"] * 4, "benchmark": ["a", "a", "b", "c"],
+                          "task": ["retrieval", "retrieval", "other", "vqa"],
+                          "metric": ["odd_metric", "another", HEADLINE["retrieval"][0],
+                                     HEADLINE["vqa"][0]]})
+    assert is_headline(table).tolist() == [False, False, False, True]
