@@ -283,5 +283,7 @@ def test_a_benchmark_without_its_headline_metric_or_of_an_unknown_task_has_no_he
     table = pd.DataFrame({"run": ["r"] * 4, "benchmark": ["a", "a", "b", "c"],
                           "task": ["retrieval", "retrieval", "other", "vqa"],
                           "metric": ["odd_metric", "another", HEADLINE["retrieval"][0],
-                                     HEADLINE["vqa"][0]]})
-    assert is_headline(table).tolist() == [False, False, False, True]
+                                     HEADLINE["vqa"][0]]}, index=[7, 3, 9, 1])
+    headline = is_headline(table)
+    assert headline.tolist() == [False, False, False, True]
+    assert headline.index.tolist() == [7, 3, 9, 1]  # a mask for the table as it is indexed
