@@ -287,3 +287,19 @@ def test_a_benchmark_without_its_headline_metric_or_of_an_unknown_task_has_no_he
     headline = is_headline(table)
     assert headline.tolist() == [False, False, False, True]
     assert headline.index.tolist() == [7, 3, 9, 1]  # a mask for the table as it is indexed
+
+
+def test_a_metric_without_a_label_is_shown_by_its_name():
+    from vlp.pipeline.eval.nightly.headline import label
+
+    assert (label("overall"), label("odd_metric")) == ("accuracy", "odd_metric")
+
+
+def test_the_reading_order_keeps_the_columns_and_numbers_the_rows_afresh():
+    from vlp.pipeline.eval.nightly.headline import reading_order
+
+    table = pd.DataFrame({"run": ["r", "r"], "benchmark": ["b", "a"], "task": ["vqa", "vqa"],
+                          "metric": ["other", HEADLINE["vqa"][0]]}, index=[5, 2])
+    ordered = reading_order(table)
+    assert list(ordered.columns) == list(table.columns) and ordered.index.tolist() == [0, 1]
+    assert ordered["benchmark"].tolist() == ["a", "b"]
