@@ -4,6 +4,7 @@ from a loopback server) and a tokenizer trained on them. Each is built once per 
 from __future__ import annotations
 
 import pytest
+import torch.distributed as dist
 
 from vlp.data_prep.prepare import download_world, train_world_tokenizer
 from vlp.pipeline.distributed import free_port
@@ -68,3 +69,28 @@ def vlp_data():
         return vlp(["data", *map(str, argv)])
 
     return run
+
+
+@pytest.fixture
+def one_rank():
+    """A one-process gloo group for code that calls torch.distributed."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json(eval_tokenizer):
+    """The evaluation tokenizer's tokenizer.json, under the name the classification tests use."""
+    return eval_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny(eval_tokenizer):
+    """The untrained tiny model with the evaluation tokenizer, as evaluation jobs load it."""
+    from test_eval_support import tiny_eval_model
+
+    return tiny_eval_model(eval_tokenizer)

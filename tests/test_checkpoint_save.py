@@ -57,16 +57,6 @@ class StubEngine:
         return load_dir, self.client_state
 
 
-@pytest.fixture
-def one_rank():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
-                            world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def checkpointer(engine, ckpt_dir, **kwargs) -> Checkpointer:
     settings = {"every_steps": 3, "keep_last": 0, "save_initial": False, "max_steps": 10,
                 "metadata": METADATA, "shared_state": lambda: {"samples_seen": 48},

@@ -76,16 +76,6 @@ def _batches(clock=None, wait=0.0):
         yield {"images": Moved("images"), "text_ids": Moved("text_ids"), "keys": ["k"]}
 
 
-@pytest.fixture
-def one_rank():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
-                            world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def test_a_step_runs_each_micro_batch_and_averages_its_scalars(one_rank, monkeypatch):
     clock = Clock()
     monkeypatch.setattr(step_module, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
