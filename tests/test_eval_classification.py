@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from test_eval_support import spy_loading_and_autocast
 
 from vlp.data_prep.scenes import COLOURS
 from vlp.pipeline.data.errors import UserError
@@ -136,22 +137,10 @@ def test_zeroshot_gives_the_same_result_on_both_layouts(tiny, world_dir, tmp_pat
 
 def test_zeroshot_loads_a_path_onto_the_device_encodes_in_bf16_and_times_itself(
         tiny, world_dir, monkeypatch):
-    from vlp.pipeline.eval import encode
     from vlp.pipeline.eval.classification import zeroshot
 
-    loads, casts, autocast = [], [], encode.autocast
-
-    def load_model(path, device="cpu"):
-        loads.append((path, device))
-        return tiny
-
-    def spy_autocast(device, bf16):
-        casts.append(bf16)
-        return autocast(device, bf16)
-
+    loads, casts = spy_loading_and_autocast(monkeypatch, zeroshot, tiny)
     clock = iter([10.0, 11.23456, 20.0, 21.0])
-    monkeypatch.setattr(zeroshot, "load_model", load_model)
-    monkeypatch.setattr(encode, "autocast", spy_autocast)
     monkeypatch.setattr(zeroshot, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     config = ZeroShotConfig(dataset=dataset(world_dir, "colour", "wds"), bf16=True)
     result = evaluate_zeroshot("runs/tiny", config, device="cuda:3")

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from test_eval_classification import dataset
+from test_eval_support import spy_loading_and_autocast
 
 from vlp.pipeline.cli import main as vlp
 from vlp.pipeline.data.errors import UserError
@@ -194,26 +195,16 @@ def test_a_probe_loads_onto_the_device_encodes_as_asked_and_fits_where_the_model
         tiny, world_dir, monkeypatch):
     """Spies: the checkpoint loader (a path is loaded onto `device`, the CPU by default; a loaded
     model is used as it is), bf16 autocast, the model's device (meta here) and the fit."""
-    from vlp.pipeline.eval import encode
     from vlp.pipeline.eval.classification import probe
 
-    loads, casts, fits, autocast = [], [], [], encode.autocast
-
-    def load_model(path, device="cpu"):
-        loads.append((path, device))
-        return tiny
-
-    def spy_autocast(device, bf16):
-        casts.append(bf16)
-        return autocast(device, bf16)
+    loads, casts = spy_loading_and_autocast(monkeypatch, probe, tiny)
+    fits = []
 
     def fit(train, val, test, num_classes, settings):
         fits.append({name: (f.x.device.type, f.y.device.type, f.skipped)
                      for name, f in (("train", train), ("val", val), ("test", test))})
         return {"acc1": 0.5, "acc5": 1.0, "mean_per_class_recall": 0.5}, 0.01
 
-    monkeypatch.setattr(probe, "load_model", load_model)
-    monkeypatch.setattr(encode, "autocast", spy_autocast)
     monkeypatch.setattr(probe, "model_device", lambda model: torch.device("meta"))
     monkeypatch.setattr(probe, "probe_metrics", fit)
     clock = iter([10.0, 11.23456, 20.0, 21.0, 30.0, 31.0])

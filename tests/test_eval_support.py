@@ -52,6 +52,26 @@ def tiny_eval_model(tokenizer_json: Path, seed: int = 0):
     return LoadedModel(model, tokenizer, info)
 
 
+
+def spy_loading_and_autocast(monkeypatch, job_module, loaded) -> tuple[list, list]:
+    """Replace `job_module.load_model` by one that returns `loaded` and records (path, device),
+    and wrap the encoders' autocast to record each bf16 flag: (loads, bf16 flags)."""
+    from vlp.pipeline.eval import encode
+
+    loads, casts, autocast = [], [], encode.autocast
+
+    def load_model(path, device="cpu"):
+        loads.append((path, device))
+        return loaded
+
+    def spy_autocast(device, bf16):
+        casts.append(bf16)
+        return autocast(device, bf16)
+
+    monkeypatch.setattr(job_module, "load_model", load_model)
+    monkeypatch.setattr(encode, "autocast", spy_autocast)
+    return loads, casts
+
 # Train a tiny model a few steps with a single-rank DeepSpeed ZeRO-3 engine (CPU, gloo, fp32) and
 # publish a checkpoint after each listed step with the training loop's own save_checkpoint; beside
 # each, the engine's gathered weights (reference_step{N}.safetensors) for comparison.
