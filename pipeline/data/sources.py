@@ -163,8 +163,23 @@ def open_shard(url: str, reading: ReadSettings = ReadSettings(),
     else:
         stream = open(local_path(url), "rb", buffering=buffer)
     if url.endswith((".gz", ".tgz")):
-        return gzip.GzipFile(fileobj=stream, mode="rb")
+        return GunzippedStream(stream)
     return stream
+
+
+class GunzippedStream(gzip.GzipFile):
+    """The gunzipped bytes of `source`, which it closes when closed (a GzipFile given a file
+    object leaves it open: every .tar.gz shard read would hold its file until collected)."""
+
+    def __init__(self, source):
+        super().__init__(fileobj=source, mode="rb")
+        self.source = source
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.source.close()
 
 
 def read_beside(url: str, name: str) -> bytes | None:
