@@ -125,3 +125,16 @@ def test_beam_search_when_fewer_tokens_are_possible_than_beams():
     assert _beam_search(TableLM([only_a, impossible]), EOS, 4, beam(3)) == [[A], []]
     end_only = {None: [0.0, 1.0]}  # a vocabulary of BOS and the end token: k * 2 candidates
     assert _beam_search(TableLM([end_only]), EOS, 4, beam(2)) == [[]]
+
+
+def test_an_end_token_ranked_below_the_beam_does_not_finish_a_caption():
+    """HF's rule: of the 2k candidates, only an end token among the first k finishes a caption.
+    Beams of two; step 2 ranks "A end" (0.30), "A A" (0.15), "B end" (0.144), "B A": the third
+    is not a caption. Had it been taken, two would be finished and the search would stop at step
+    3, where the best beam "A A A" (log 0.054 / 3 = -0.973) cannot beat "B end" (-0.969); it goes
+    on instead to "A A A A A" (cut at 5 tokens: log 0.0519 / 5 = -0.592), which beats "A end"
+    (log 0.3 / 2 = -0.602)."""
+    table = {(): probs(0.1, 0.5, 0.4), (A,): probs(0.6, 0.3, 0.1), (B,): probs(0.36, 0.34, 0.30),
+             (A, A): probs(0.30, 0.36, 0.34), (A, A, A): probs(0.01, 0.98, 0.01),
+             (A, A, A, A): probs(0.01, 0.98, 0.01), None: probs(0.34, 0.335, 0.325)}
+    assert _beam_search(TableLM([table]), EOS, 5, beam(2)) == [[A, A, A, A, A]]
