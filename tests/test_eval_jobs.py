@@ -10,11 +10,9 @@ import torch
 from test_eval_support import tiny_eval_model, train_world_tokenizer
 
 from vlp.pipeline.data.errors import UserError
-from vlp.pipeline.data.tokenizer import tokenize
 from vlp.pipeline.eval.configs import RetrievalConfig, VQAConfig
-from vlp.pipeline.eval.images import load_image
 from vlp.pipeline.eval.retrieval.data import load_karpathy
-from vlp.pipeline.eval.retrieval.job import ItmScorer, evaluate_retrieval
+from vlp.pipeline.eval.retrieval.job import evaluate_retrieval
 from vlp.pipeline.eval.vqa.job import evaluate_vqa
 from vlp.pipeline.eval.vqa.metric import score_predictions
 
@@ -74,20 +72,6 @@ def test_rerank_scores_each_top_k_pair_once_and_keeps_recall_beyond_k(
         assert metrics[key] == pytest.approx(plain[key]), key  # the ITC recalls, unchanged
         if not key.endswith("@1"):  # reordering inside the top 3 cannot change recall@5/@10
             assert metrics[f"reranked_{key}"] == pytest.approx(plain[key]), key
-
-
-def test_the_itm_scorer_gives_each_pairs_match_log_odds(tiny, karpathy):
-    """The batched scorer (images grouped, memory gathered, text states cached) returns, for
-    each (caption, image) pair in the order asked, what the model's own ITM pass gives."""
-    dataset = load_karpathy(karpathy["karpathy_json"], karpathy["image_root"])
-    texts, images = torch.tensor([0, 7, 3, 12, 7, 40]), torch.tensor([5, 1, 0, 2, 5, 9])
-    got = ItmScorer(tiny, dataset, batch_size=2, bf16=False)(texts, images)
-    size, max_len = tiny.info.config["image_size"], tiny.info.config["max_text_len"]
-    pixels = torch.stack([load_image(dataset.images[i], size) for i in images.tolist()])
-    ids, mask = tokenize(tiny.tokenizer, [dataset.captions[t] for t in texts.tolist()], max_len)
-    with torch.inference_mode():
-        logits = tiny.model.itm_logits(pixels, ids, mask)
-    torch.testing.assert_close(got, logits[:, 1] - logits[:, 0], rtol=1e-4, atol=1e-5)
 
 
 def test_each_caption_points_at_its_own_image(karpathy):
@@ -277,47 +261,6 @@ def test_vqa_uses_the_soft_score_targets(tiny, world_dir):
     targets = vocab.dense_targets([vocab.targets(example)])
     assert targets.shape == (1, len(vocab.answers)) and 0 < targets.max() <= 1
     assert torch.count_nonzero(targets) == len(vocab.targets(example))
-
-
-def _encode_on_rank(rank, world, port, queue):
-    import torch.distributed as dist
-
-    from vlp.pipeline.eval.encode import distributed_map
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
-    seen = []
-
-    def encode(batch):
-        seen.extend(batch)
-        return torch.tensor([[float(i), float(rank)] for i in batch])
-
-    queue.put((rank, seen, distributed_map(7, 2, encode).tolist()))
-    dist.destroy_process_group()
-
-
-def test_encoding_splits_items_across_ranks_and_gathers_them_in_order():
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_encode_on_rank, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = {}
-    for _ in procs:
-        rank, seen, out = queue.get(timeout=120)
-        results[rank] = (seen, out)
-    for p in procs:
-        p.join(timeout=60)
-    assert results[0][0] == [0, 1, 2, 3] and results[1][0] == [4, 5, 6]
-    expected = [[float(i), float(i >= 4)] for i in range(7)]
-    assert results[0][1] == expected and results[1][1] == expected
 
 
 @pytest.mark.parametrize("backbone", [False, True])
