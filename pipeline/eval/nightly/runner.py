@@ -201,7 +201,7 @@ def _evaluate_new(runs_dir: Path, benchmarks: list[Benchmark], out_dir: Path, re
         retried = (results["run"] == ref.run) & (results["tag"] == ref.tag) & results[
             "benchmark"].isin([b.name for b in todo])
         results = results[~retried]
-        new_rows = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+        new_rows = pd.DataFrame(rows, columns=RESULT_COLUMNS).astype(_DTYPES)
         results = new_rows if results.empty else pd.concat([results, new_rows], ignore_index=True)
         write_results(results, results_path)
         write_tensorboard(rows, ref.run_dir / EVAL_EVENTS)
