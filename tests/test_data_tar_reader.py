@@ -12,7 +12,8 @@ import tarfile
 import pytest
 
 from vlp.pipeline.data import tar
-from vlp.pipeline.data.errors import BadData
+from vlp.pipeline.data.errors import BadData, UserError
+from vlp.pipeline.data.sources import ReadSettings
 from vlp.pipeline.data.tar import (
     MemberSpan,
     SkipCounter,
@@ -191,6 +192,11 @@ def test_an_extended_header_over_a_mebibyte_is_corrupt():
 
 # ------------------------------------------------------------------------------ damaged tars
 
+def test_a_cut_extended_header_names_where_its_data_ends():
+    error = refused(header(b"././@LongLink", 10, b"L") + b"abc")
+    assert str(error) == "truncated: member data at byte 512 ends after 3 of 10 bytes"
+
+
 def test_an_empty_file_and_a_cut_header_and_a_missing_end_marker():
     error = refused(b"")
     assert (error.kind, str(error)) == ("empty_shard", "file is empty (0 bytes)")
@@ -264,6 +270,8 @@ def test_pax_records_are_length_prefixed_and_a_bad_length_is_corrupt():
         with pytest.raises(BadData) as error:
             tar._parse_pax(bad, 99)
         assert str(error.value) == "malformed pax header at byte 99"
+    # a key that is not UTF-8 is replaced, a value kept byte for byte (surrogate escapes)
+    assert tar._parse_pax(b"8 \xffk=v\xfe\n", 0) == {"\ufffdk": "v\udcfe"}
     assert tar._pax_size("12", 0) == 12
     with pytest.raises(BadData) as error:
         tar._pax_size("１２" + "9" * 40, 5)
@@ -326,14 +334,18 @@ def test_a_paused_counter_counts_nothing_and_warns_of_nothing(caplog):
 
 # ------------------------------------------------------------------------------- whole shards
 
-def test_a_shard_file_reads_to_samples_and_damage_is_counted_not_raised(tmp_path):
+def test_a_shard_file_reads_to_samples_and_damage_is_counted_not_raised(tmp_path, caplog):
     shard = tmp_path / "00000.tar"
     shard.write_bytes(member(b"a.jpg", b"1") + member(b"a.txt", b"x") + member(b"b.jpg", b"2")
                       + member(b"b.txt", b"y"))  # no end marker
     skipped = SkipCounter()
-    got = list(iter_samples(str(shard), frozenset({"txt"}), skipped))
+    with caplog.at_level(logging.WARNING, logger="vlp.pipeline.data.tar"):
+        got = list(iter_samples(str(shard), frozenset({"txt"}), skipped))
     assert got == [{"__key__": "a", "txt": b"x"}]
     assert skipped.counts == {"corrupt_tar": 1, "cut_by_damage": 1}
+    assert [r.getMessage() for r in caplog.records] == [
+        f"shard {shard}: truncated: ends at byte 4096 without the end-of-archive marker "
+        "(corrupt_tar); continuing with the next shard"]
     skipped = SkipCounter()
     with pytest.raises(BadData, match="without the end-of-archive marker"):
         list(read_samples(str(shard), None, skipped))
@@ -358,12 +370,36 @@ def test_an_unreadable_or_broken_gzip_shard_names_its_kind(tmp_path):
     assert error.value.kind == "unreadable_shard"
 
 
+def test_the_read_settings_reach_the_stream_and_retried_reads_are_counted(tmp_path,
+                                                                          monkeypatch):
+    (tmp_path / "s.tar").write_bytes(member(b"a.txt", b"x") + END)
+    opened = []
+
+    def open_shard(url, reading, on_retry):
+        opened.append((url, reading))
+        on_retry()
+        on_retry()
+        return open(url, "rb")
+
+    monkeypatch.setattr(tar, "open_shard", open_shard)
+    settings = ReadSettings(buffer_bytes=4096, concurrency=3, retries=2)
+    skipped = SkipCounter()
+    assert list(iter_samples(str(tmp_path / "s.tar"), frozenset({"txt"}), skipped,
+                             reading=settings)) == [{"__key__": "a", "txt": b"x"}]
+    assert opened == [(str(tmp_path / "s.tar"), settings)]
+    assert skipped.counts == {"read_retries": 2}
+
+
 def test_a_local_shard_lists_and_iterates_with_every_member(tmp_path):
     for name in ("00001.tar", "00000.tar", "notes.txt", "00002.tar.gz"):
         (tmp_path / name).write_bytes(member(b"k.JPG", b"1") + member(b"k.txt", b"t")
                                       + member(b"k.jpg", b"again") + END)
     (tmp_path / "sub").mkdir()
     assert list_shards(tmp_path) == [tmp_path / "00000.tar", tmp_path / "00001.tar"]
+    with pytest.raises(UserError) as error:
+        list_shards(tmp_path / "notes.txt")
+    assert str(error.value) == (f"shard directory {tmp_path / 'notes.txt'} is a file, not a "
+                                "directory")
     skipped = SkipCounter()
     assert list(iter_shard(tmp_path / "00000.tar", skipped)) == [("k", {"jpg": b"1", "txt": b"t"})]
     assert skipped.counts == {"duplicate_key": 1}
