@@ -14,13 +14,14 @@ from vlp.models.config import load_config
 from vlp.models.multiway import KVCache, MultiwayBlock
 
 WIDTH, HEADS = 8, 2
+EPS = 0.3  # far from LayerNorm's default, so a norm built without it shows
 
 
 @pytest.fixture(scope="module")
 def block() -> MultiwayBlock:
     torch.manual_seed(0)
     config = load_config("tiny", vocab_size=20, width=WIDTH, heads=HEADS, depth=2,
-                         fusion_layers=1, dropout=0.0)
+                         fusion_layers=1, dropout=0.0, layer_norm_eps=EPS)
     block = MultiwayBlock(config, vl_ffn=True).eval()
     with torch.no_grad():  # LayerNorm affine parameters away from (1, 0), so each one counts
         for norm in (block.norm, block.ffn_v.norm, block.ffn_l.norm, block.ffn_vl.norm):
@@ -31,13 +32,13 @@ def block() -> MultiwayBlock:
 
 def ffn(expert, x):
     return expert.fc2(F.gelu(expert.fc1(F.layer_norm(x, (WIDTH,), expert.norm.weight,
-                                                     expert.norm.bias, expert.norm.eps))))
+                                                     expert.norm.bias, EPS))))
 
 
 def attend(block, x, keys_from, mask=None):
     """Softmax attention of LN(x)'s queries over the keys and values of LN(keys_from)
     (B, Tk, C); `mask` (B, Tq, Tk) True where a key is seen."""
-    norm = lambda t: F.layer_norm(t, (WIDTH,), block.norm.weight, block.norm.bias, block.norm.eps)
+    norm = lambda t: F.layer_norm(t, (WIDTH,), block.norm.weight, block.norm.bias, EPS)
     w, b = block.attn.qkv.weight, block.attn.qkv.bias
     q = norm(x) @ w[:WIDTH].T + b[:WIDTH]
     k = norm(keys_from) @ w[WIDTH:2 * WIDTH].T + b[WIDTH:2 * WIDTH]
@@ -60,14 +61,17 @@ def reference(block, x, split, mask=None):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("split", [0, 3, 7, 9])
-def test_a_block_is_pre_norm_attention_then_the_expert_of_each_position(block, split):
+@pytest.mark.parametrize("length, split", [(7, 0), (7, 3), (7, 7), (7, 9), (20, 12)])
+def test_a_block_is_pre_norm_attention_then_the_expert_of_each_position(block, length, split):
+    """(20, 12): a sequence longer than the model is wide, so the boundary is checked against
+    the sequence's length, not the width."""
     torch.manual_seed(1)
-    x = torch.randn(2, 7, WIDTH)
-    expected = reference(block, x, min(split, 7))
+    x = torch.randn(2, length, WIDTH)
+    expected = reference(block, x, min(split, length))
     assert torch.allclose(block(x, split), expected, atol=1e-5)
-    padding = torch.tensor([[True] * 7, [True] * 5 + [False] * 2])
-    masked = reference(block, x, min(split, 7), padding[:, None, :].expand(2, 7, 7))
+    padding = torch.ones(2, length, dtype=torch.bool)
+    padding[1, -2:] = False
+    masked = reference(block, x, min(split, length), padding[:, None, :].expand(2, length, length))
     assert torch.allclose(block(x, split, key_padding_mask=padding), masked, atol=1e-5)
 
 
