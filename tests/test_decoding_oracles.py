@@ -3,7 +3,7 @@ the right caption is known by hand."""
 import pytest
 import torch
 
-from vlp.models.decoding import DecodingConfig, _beam_search, _greedy
+from vlp.models.decoding import DecodingConfig, _ban_repeated_ngrams, _beam_search, _greedy
 
 EOS, A, B = 1, 2, 3  # token 0 is BOS (never generated: probability 0)
 
@@ -138,3 +138,21 @@ def test_an_end_token_ranked_below_the_beam_does_not_finish_a_caption():
              (A, A): probs(0.30, 0.36, 0.34), (A, A, A): probs(0.01, 0.98, 0.01),
              (A, A, A, A): probs(0.01, 0.98, 0.01), None: probs(0.34, 0.335, 0.325)}
     assert _beam_search(TableLM([table]), EOS, 5, beam(2)) == [[A, A, A, A, A]]
+
+
+def test_a_prefix_as_long_as_the_n_gram_already_bans_its_repeat():
+    log_probs = torch.zeros(2, 6)
+    _ban_repeated_ngrams(log_probs, torch.tensor([[5, 5], [4, 5]]), 2)
+    assert log_probs.isinf().nonzero().tolist() == [[0, 5]]  # "5 5" again; "4 5" cannot recur
+    _ban_repeated_ngrams(log_probs, torch.tensor([[3]]), 2)  # shorter than the n-gram: nothing
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"max_length": 0}, "max_length must be >= 1, got 0"),
+    ({"beam_size": 0}, "beam_size must be >= 1, got 0"),
+    ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size must be >= 0, got -1")])
+def test_decoding_settings_at_their_bounds(settings, message):
+    DecodingConfig(max_length=1, beam_size=1, no_repeat_ngram_size=0)
+    with pytest.raises(ValueError) as error:
+        DecodingConfig(**settings)
+    assert str(error.value) == message
