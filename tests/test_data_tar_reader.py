@@ -104,8 +104,27 @@ def test_regular_members_yield_key_lower_case_extension_and_data_others_are_skip
 
 
 def test_the_key_ends_at_the_first_dot_of_the_file_name_not_of_the_directory():
-    data = member(b"a.b/c/00.x.Y", b"1") + member(b"a.b/.c", b"2") + END
-    assert members(data) == [("a.b/c/00", "x.y", b"1")]
+    data = (member(b"a.b/c/00.x.Y", b"1") + member(b"a.b/.c", b"2")
+            + member(b"d/v1.2/000.jpg", b"3") + END)
+    assert members(data) == [("a.b/c/00", "x.y", b"1"), ("d/v1.2/000", "jpg", b"3")]
+
+
+def test_names_that_fill_their_fields_end_with_the_field():
+    """A 100-byte name and a 155-byte prefix have no NUL: the next field's bytes (the mode, the
+    header's padding, here not zero) are not part of them."""
+    name, prefix = b"n" * 96 + b".jpg", b"p" * 155
+    block = bytearray(header(name, 1, prefix=prefix))
+    block[500] = ord("Z")
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    got = members(bytes(block) + b"1" + bytes(511) + END)
+    assert got == [("p" * 155 + "/" + "n" * 96, "jpg", b"1")]
+
+
+def test_a_member_of_511_bytes_is_followed_by_one_byte_of_padding():
+    data = member(b"a.txt", b"x" * 511) + member(b"b.txt", b"y") + END
+    assert members(data) == [("a", "txt", b"x" * 511), ("b", "txt", b"y")]
+    assert list(iter_members(Unseekable(data), None)) == members(data)
 
 
 def test_names_from_the_ustar_prefix_gnu_long_names_and_pax_paths():
@@ -219,6 +238,14 @@ def test_cut_member_data_names_where_and_how_much():
         list(iter_members(Unseekable(data), None))
 
 
+def test_a_stream_cut_while_skipping_names_the_byte_of_the_cut_read():
+    data = header(b"a.png", (1 << 20) + 100) + b"s" * ((1 << 20) + 10)
+    with pytest.raises(BadData) as error:
+        list(iter_members(Unseekable(data), frozenset({"txt"})))
+    assert str(error.value) == (f"truncated: member data at byte {512 + (1 << 20)} ends after 10 "
+                                f"of {100 + 412} bytes")
+
+
 def test_short_reads_are_joined_and_skips_read_a_mebibyte_at_a_time():
     assert tar._read_exact(Unseekable(b"0123456789", chunk=3), 10, 0) == b"0123456789"
     with pytest.raises(BadData) as error:
@@ -231,6 +258,21 @@ def test_short_reads_are_joined_and_skips_read_a_mebibyte_at_a_time():
     # header, the unwanted 1 MiB + 5 bytes skipped a MiB per read (then 5 + 507 padding),
     # header, data, padding, end marker
     assert stream.reads == [512, 1 << 20, 512, 512, 10, 502, 512]
+
+
+def test_checksums_as_writers_store_them_and_a_malformed_one():
+    """Six digits, NUL, space (GNU, Python) or seven digits and a space (POSIX allows both); a
+    header whose bytes sum past 0o77777 needs the field's first digit."""
+    block = bytearray(header(b"a.jpg", 0, prefix=b"\xfe" * 150))
+    assert int(bytes(block[148:154]), 8) > 0o77777
+    assert members(bytes(block) + END) == [("\udcfe" * 150 + "/a", "jpg", b"")]
+    seven = bytearray(header(b"a.jpg", 0))
+    seven[148:156] = b"%07o " % int(bytes(seven[148:154]), 8)
+    assert members(bytes(seven) + END) == [("a", "jpg", b"")]
+    malformed = bytearray(header(b"a.jpg", 0))
+    malformed[148:156] = b"12x4\0   "
+    error = refused(member(b"b.jpg", b"1") + bytes(malformed) + END)
+    assert str(error) == "malformed header at byte 1024"
 
 
 def test_a_bad_checksum_is_corrupt_and_an_old_signed_checksum_is_accepted():
