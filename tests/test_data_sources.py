@@ -104,6 +104,7 @@ def test_schemes_and_local_paths():
     assert local_path("file:///data/x.tar") == "/data/x.tar"
     assert local_path("file://host/data/x.tar") == "/data/x.tar"
     assert local_path("rel/file://x.tar") == "rel/file://x.tar"
+    assert local_path("data/x#1;v?.tar") == "data/x#1;v?.tar"  # not a URL: not parsed
 
 
 def test_only_a_list_of_local_shards_all_empty_is_an_error(tmp_path):
@@ -135,17 +136,17 @@ def test_a_download_slower_than_the_minimum_after_the_grace_period_fails(monkeyp
     now = [100.0]
     monkeypatch.setattr(sources.time, "monotonic", lambda: now[0])
     rate, grace = sources.MIN_BYTES_PER_S, sources.RATE_GRACE_S
-    response = Response([b"a" * 10, b"b" * 5, b"c" * (rate * (grace + 1) - 15), b"d"])
+    response = Response([b"a" * 10, b"b" * 1990, b"c" * (rate * (grace + 1) - 2000), b"d"])
     stream = RateGuardedResponse("http://h/x.tar", response)
     buffer = bytearray(rate * (grace + 2))
     now[0] += grace  # slow, but within the grace period
     assert stream.readinto(buffer) == 10 and buffer[:10] == b"a" * 10
-    now[0] += 1  # after it, 15 bytes in grace + 1 s
+    now[0] += 1  # after it, 2,000 bytes in grace + 1 s
     with pytest.raises(OSError) as error:
         stream.readinto(buffer)
-    assert str(error.value) == (f"15 bytes in {grace + 1} s: slower than the minimum {rate} "
+    assert str(error.value) == (f"2000 bytes in {grace + 1} s: slower than the minimum {rate} "
                                 "bytes/s")
-    assert stream.readinto(buffer) == rate * (grace + 1) - 15  # exactly the minimum: fine
+    assert stream.readinto(buffer) == rate * (grace + 1) - 2000  # exactly the minimum: fine
     assert stream.readable()
     stream.close()
     assert response.closed and stream.closed

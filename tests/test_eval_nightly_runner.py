@@ -93,9 +93,9 @@ RESULT = {"metrics": {"image_retrieval_recall@1": 0.5, "yes/no": 0.75, "score": 
 
 @pytest.fixture
 def night(tmp_path, monkeypatch):
-    """Runs with two tags and an export; benchmark `ok` always succeeds, `flaky` fails with an
-    OSError on the step-2 tag and a bad-input UserError on the export; the loader loads
-    everything but a tag whose state says "corrupt"."""
+    """Runs with two tags and an export; benchmarks `ok` and `last` always succeed, `flaky`
+    (between them) fails with an OSError on the step-2 tag and a bad-input UserError on the
+    export; the loader loads everything but a tag whose state says "corrupt"."""
     runs = tmp_path / "runs"
     tag(runs / "r", 2)
     tag(runs / "r", 4)
@@ -113,6 +113,8 @@ def night(tmp_path, monkeypatch):
     flaky = StubBenchmark("flaky", "vqa", None, {
         "r/checkpoints/global_step2": OSError("disk hiccup"), "r/hf": UserError("bad input"),
         None: {"metrics": {"overall": 40.0}, "baselines": {"majority": {"overall": 20.0}}}})
+    last = StubBenchmark("last", "caption", None, {None: {"metrics": {"CIDEr": 1.5},
+                                                          "baselines": {"none": {}}}})
     reports = []
 
     def render_report(results, out_dir, margin, run_dirs, captions):
@@ -120,7 +122,7 @@ def night(tmp_path, monkeypatch):
         (Path(out_dir) / "report.html").write_text("report")
 
     monkeypatch.setattr(runner, "load_model", load_model)
-    monkeypatch.setattr(runner, "load_suite", lambda suite: [ok, flaky])
+    monkeypatch.setattr(runner, "load_suite", lambda suite: [ok, flaky, last])
     monkeypatch.setattr(runner, "render_report", render_report)
     return {"runs": runs, "out": tmp_path / "out", "loads": loads, "ok": ok, "flaky": flaky,
             "reports": reports}
@@ -132,10 +134,11 @@ def rows(out: Path) -> pd.DataFrame:
 
 def test_the_first_night_evaluates_every_checkpoint_and_keeps_each_result_as_rows(night,
                                                                                     capfd):
-    summary = run_nightly(night["runs"], suite="suite.yaml", out_dir=night["out"], device="cpu",
-                          regression_margin=0.5)
-    assert night["loads"] == [("r/checkpoints/global_step2", "cpu"),
-                              ("r/checkpoints/global_step4", "cpu"), ("r/hf", "cpu")]
+    before = pd.Timestamp.now(tz="UTC")
+    summary = run_nightly(night["runs"], suite="suite.yaml", out_dir=night["out"],
+                          device="cuda:3", regression_margin=0.5)
+    assert night["loads"] == [("r/checkpoints/global_step2", "cuda:3"),
+                              ("r/checkpoints/global_step4", "cuda:3"), ("r/hf", "cuda:3")]
     assert summary["checkpoints_evaluated"] == 3
     assert summary["failures"] == [
         {"run": "r", "tag": "global_step2", "benchmark": "flaky",
@@ -154,6 +157,7 @@ def test_the_first_night_evaluates_every_checkpoint_and_keeps_each_result_as_row
     assert ok.baseline.tolist()[:2] == [0.1, 0.25] and math.isnan(ok.baseline.tolist()[2])
     assert set(ok.baseline_name) == {"chance"} and set(ok.task) == {"retrieval"}
     assert set(ok.status) == {"ok"} and set(ok.error) == {""} and not ok.transient.any()
+    assert ((ok.time >= before) & (ok.time <= pd.Timestamp.now(tz="UTC"))).all()
     assert set(ok.attempts) == {1} and set(ok.fingerprint) == {
         checkpoint_fingerprint(night["runs"] / "r/checkpoints/global_step4")}
     failed = results[results.status == "failed"]
@@ -162,17 +166,22 @@ def test_the_first_night_evaluates_every_checkpoint_and_keeps_each_result_as_row
     assert failed.value.isna().all() and failed.baseline.isna().all()
     assert failed.transient.tolist() == [True, False] and set(failed.baseline_name) == {""}
     assert results[results.tag == "hf"].step.isna().all()
-    assert len(results) == 3 * 3 + 1 + 2  # ok: 3 metrics x 3; flaky: 1 metric, 2 failures
+    assert len(results) == 3 * 3 + 1 + 2 + 3  # ok: 3 metrics x 3; flaky: 1, 2 failures; last
+    last = results[results.benchmark == "last"]
+    assert last.tag.tolist() == ["global_step2", "global_step4", "hf"]  # after the failures
+    assert last.baseline.isna().all() and set(last.baseline_name) == {"none"}
     (count, margin, run_dirs, captions), = night["reports"]
-    assert (count, margin, run_dirs, captions) == (len(results), 0.5,
-                                                   {"r": night["runs"] / "r"}, [])
+    assert (count, margin, run_dirs) == (len(results), 0.5, {"r": night["runs"] / "r"})
+    # the caption benchmark's examples, from the result JSON of the latest (an export: last)
+    assert captions == [{"run": "r", "benchmark": "last", "tag": "hf", "examples": []}]
     eval_json = night["runs"] / "r/eval/global_step4/ok.json"
     assert json.loads(eval_json.read_text()) == RESULT
     assert night["ok"].log[-1] == ("r/hf", night["runs"] / "r/eval/hf/ok.json")
     err = capfd.readouterr().err
-    assert "nightly: checkpoint 1/3 r/global_step2: loading, 2 benchmark(s) to run\n" in err
-    assert "nightly: checkpoint 2/3 r/global_step4: flaky (2/2) started\n" in err
-    assert "nightly: checkpoint 3/3 r/hf: flaky (2/2) failed after " in err
+    assert "nightly: checkpoint 1/3 r/global_step2: loading, 3 benchmark(s) to run\n" in err
+    assert "nightly: checkpoint 2/3 r/global_step4: flaky (2/3) started\n" in err
+    assert "nightly: checkpoint 2/3 r/global_step4: ok (1/3) finished in 0s\n" in err
+    assert "nightly: checkpoint 3/3 r/hf: flaky (2/3) failed after " in err
     assert "UserError: bad input" in err and "nightly: 3/3 (100%)" in err
 
 
@@ -183,7 +192,7 @@ def test_scalars_and_their_baselines_sit_beside_the_run_s_training_curves(night)
     assert sorted(events.Tags()["scalars"]) == sorted([
         "ok/image_retrieval_recall@1", "ok/baseline_chance/image_retrieval_recall@1",
         "ok/yes_no", "ok/baseline_chance/yes_no", "ok/score", "flaky/overall",
-        "flaky/baseline_majority/overall"])
+        "flaky/baseline_majority/overall", "last/CIDEr"])
     assert [(e.step, e.value) for e in events.Scalars("ok/yes_no")] == [(2, 0.75), (4, 0.75)]
     assert [(e.step, e.value) for e in events.Scalars("flaky/overall")] == [(4, 40.0)]
     assert [(e.step, e.value) for e in events.Scalars("flaky/baseline_majority/overall")] == [
@@ -198,7 +207,7 @@ def test_the_next_nights_retry_what_may_pass_and_no_more(night):
         assert summary["checkpoints_evaluated"] == 1  # the transient failure, not the bad input
         results = rows(night["out"])
         retried = results[(results.tag == "global_step2") & (results.benchmark == "flaky")]
-        assert retried.attempts.tolist() == [attempt] and len(results) == 12
+        assert retried.attempts.tolist() == [attempt] and len(results) == 15
     assert [checkpoint for checkpoint, _ in night["flaky"].log] == [
         "r/checkpoints/global_step2"] * 2
     assert run_nightly(night["runs"], out_dir=night["out"])["checkpoints_evaluated"] == 0
@@ -208,8 +217,8 @@ def test_the_next_nights_retry_what_may_pass_and_no_more(night):
     summary = run_nightly(night["runs"], out_dir=night["out"], retry_failed=True)
     assert summary["checkpoints_evaluated"] == 2 and summary["failures"] == []
     results = rows(night["out"])
-    assert set(results.status) == {"ok"} and len(results) == 3 * 3 + 3
-    assert results[results.tag == "global_step2"].attempts.tolist() == [1, 1, 1, 4]
+    assert set(results.status) == {"ok"} and len(results) == 3 * 3 + 3 + 3
+    assert results[results.tag == "global_step2"].attempts.tolist() == [1, 1, 1, 1, 4]
 
 
 def test_a_tag_rewritten_after_a_rewind_is_evaluated_again_and_replaces_its_rows(night):
@@ -220,7 +229,7 @@ def test_a_tag_rewritten_after_a_rewind_is_evaluated_again_and_replaces_its_rows
     assert sorted(c for c, _ in night["ok"].log) == ["r/checkpoints/global_step4"]
     results = rows(night["out"])
     step4 = results[results.tag == "global_step4"]
-    assert len(step4) == 4 and set(step4.fingerprint) == {
+    assert len(step4) == 5 and set(step4.fingerprint) == {
         checkpoint_fingerprint(night["runs"] / "r/checkpoints/global_step4")}
     assert set(step4.attempts) == {1}
 
@@ -230,9 +239,19 @@ def test_a_checkpoint_that_does_not_load_fails_every_benchmark_and_the_others_ru
     summary = run_nightly(night["runs"], out_dir=night["out"])
     assert [(f["tag"], f["benchmark"], f["transient"]) for f in summary["failures"]] == [
         ("global_step2", "ok", False), ("global_step2", "flaky", False),
-        ("hf", "flaky", False)]
+        ("global_step2", "last", False), ("hf", "flaky", False)]
     assert summary["checkpoints_evaluated"] == 3
     assert "checkpoint 1/3 r/global_step2: does not load:\nTraceback" in capfd.readouterr().err
+
+
+def test_rows_written_before_fingerprints_count_as_this_content(night):
+    run_nightly(night["runs"], out_dir=night["out"])
+    results = rows(night["out"])
+    results["fingerprint"] = ""
+    results.to_parquet(night["out"] / "results.parquet")
+    night["ok"].log.clear()
+    assert run_nightly(night["runs"], out_dir=night["out"])["checkpoints_evaluated"] == 1
+    assert night["ok"].log == []  # only the transient failure is tried again
 
 
 def test_rows_of_older_files_get_the_newer_columns_defaults(tmp_path):
