@@ -229,6 +229,62 @@ def test_an_empty_file_and_a_cut_header_and_a_missing_end_marker():
     assert members(bytes(512)) == []  # one zero block ends the archive
 
 
+@pytest.mark.parametrize("kind", [b"0", b"L", b"x", b"5"])
+def test_a_stream_cut_in_a_member_s_padding_names_the_byte(kind):
+    """Kept data, a long name, a pax header or another type: the cut is after 5 of the
+    padding's bytes (a skipped member: of its data and padding), at byte 512 + 10."""
+    data = header(b"a.txt", 10, kind) + b"10 p=0123\n" + bytes(5)
+    with pytest.raises(BadData) as error:
+        list(iter_members(Unseekable(data), frozenset({"txt"})))
+    cut = "5 of 502" if kind in (b"0", b"L", b"x") else "15 of 512"
+    at = 522 if kind in (b"0", b"L", b"x") else 512
+    assert str(error.value) == f"truncated: member data at byte {at} ends after {cut} bytes"
+    skipped = header(b"a.png", 10) + bytes(15)  # not wanted: data and padding skipped at once
+    with pytest.raises(BadData, match="at byte 512 ends after 15 of 512 bytes"):
+        list(iter_members(Unseekable(skipped), frozenset({"txt"})))
+
+
+def test_other_member_types_with_data_are_skipped_whole():
+    data = (member(b"pax_global_header", b"9 a=bcd\n", b"g") + member(b"d/link", b"x" * 600, b"K")
+            + member(b"a.txt", b"kept") + END)
+    assert members(data) == [("a", "txt", b"kept")]
+
+
+def test_bad_numbers_in_later_headers_name_their_byte():
+    size_field = bytearray(header(b"b.jpg", 0))
+    size_field[124:136] = b"00000000001x"
+    size_field[148:156] = b" " * 8
+    size_field[148:156] = b"%06o\0 " % sum(size_field)
+    error = refused(member(b"a.jpg", b"1") + bytes(size_field) + END)
+    assert str(error) == "malformed header at byte 1024"
+    error = refused(member(b"a.jpg", b"1") + pax({"size": "abc"}) + header(b"b.jpg", 0) + END)
+    assert str(error) == "malformed pax size 'abc' at byte 2048"  # the header it sizes
+    error = refused(member(b"a.jpg", b"1") + member(b"././@PaxHeader", b"x path=a\n", b"x")
+                    + header(b"b.jpg", 0) + END)
+    assert str(error) == "malformed pax header at byte 1536"  # where its records begin
+
+
+def test_long_names_keep_bytes_that_are_not_utf8_and_trailing_letters():
+    name = b"d" * 101 + b"/\xff01.TXX"
+    data = member(b"././@LongLink", name + b"\0\0", b"L") + member(b"x", b"1") + END
+    assert members(data) == [("d" * 101 + "/\udcff01", "txx", b"1")]
+
+
+def test_a_read_that_fails_mid_shard_is_an_unreadable_shard(tmp_path, monkeypatch):
+    class Failing(io.BytesIO):
+        def read(self, size=-1):
+            if self.tell() >= 512:
+                raise OSError("connection reset")
+            return super().read(size)
+
+    monkeypatch.setattr(tar, "open_shard", lambda url, reading, on_retry: Failing(
+        member(b"a.txt", b"x" * 600) + END))
+    with pytest.raises(BadData) as error:
+        list(read_samples("s3://bucket/s.tar", None, SkipCounter()))
+    assert (error.value.kind, str(error.value)) == ("unreadable_shard",
+                                                    "read failed: connection reset")
+
+
 def test_cut_member_data_names_where_and_how_much():
     data = header(b"a.jpg", 1000) + b"q" * 300
     error = refused(data)
@@ -248,6 +304,7 @@ def test_a_stream_cut_while_skipping_names_the_byte_of_the_cut_read():
 
 def test_short_reads_are_joined_and_skips_read_a_mebibyte_at_a_time():
     assert tar._read_exact(Unseekable(b"0123456789", chunk=3), 10, 0) == b"0123456789"
+    assert tar._read_exact(Unseekable(b"0123456789more", chunk=3), 10, 0) == b"0123456789"
     with pytest.raises(BadData) as error:
         tar._read_exact(Unseekable(b"0123456789", chunk=3), 11, 40)
     assert str(error.value) == "truncated: member data at byte 40 ends after 10 of 11 bytes"
@@ -297,6 +354,7 @@ def test_header_numbers_in_octal_and_base_256(field, value):
     (b"00000000018\0", "malformed header at byte 7"), (b"+0000000017\0", "malformed header"),
     (b"0o17\0\0\0\0\0\0\0\0", "malformed header"), (b"1_7\0" + bytes(8), "malformed header"),
     (bytes([0xC0]) + bytes(11), "negative number in header at byte 7"),
+    (b"X0000000017\0", "malformed header at byte 7"),
 ])
 def test_malformed_and_negative_header_numbers_are_corrupt(field, message):
     with pytest.raises(BadData) as error:
