@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,8 @@ from vlp.data_prep.tokenizer import train_tokenizer
 from vlp.models.decoding import DecodingConfig, generate
 from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.data.model_loading import LoadedModel
-from vlp.pipeline.eval.caption import captioner, job
+from vlp.pipeline.eval import encode, finetune
+from vlp.pipeline.eval.caption import baselines, captioner, job
 from vlp.pipeline.eval.caption.baselines import retrieved_captions
 from vlp.pipeline.eval.caption.captioner import (
     caption_images,
@@ -135,6 +137,15 @@ def test_the_job_scores_the_decodable_test_images_and_both_baselines(split, load
     assert (result["skipped_images"], result["num_train_pairs"]) == (1, 5)
     assert result["decoding"] == {"max_length": 4, "beam_size": 2, "length_penalty": 0.5,
                                   "no_repeat_ngram_size": 2, "use_cache": True}
+    train = [(image.image, caption) for image in read_karpathy(split / "dataset.json", split,
+                                                               ["train"])
+             for caption in image.sentences]
+    direct = finetune_captioning(copy.deepcopy(loaded.model), loaded.tokenizer, train,
+                                 FinetuneConfig(steps=2, lr=1e-4, batch_size=2,
+                                                finetune_backbone=True, seed=0))
+    assert {k: result["finetune"][k] for k in ("steps", "lr", "batch_size", "first_loss")} == {
+        k: direct[k] for k in ("steps", "lr", "batch_size", "first_loss")}
+    assert 0 <= result["seconds"] < 600
     assert result["finetune"]["steps"] == 2 and result["finetune"]["train_pairs"] == 5
     assert result["finetune"]["skipped_images"] == 0
     assert result["examples"] == [
@@ -211,12 +222,14 @@ def test_image_batches_skip_what_does_not_decode_and_count_every_image(split, ca
     assert torch.equal(second, expected)
     err = capfd.readouterr().err
     assert "batches: 2/4 (50%)" in err and "batches: 4/4 (100%)" in err
+    assert re.search(r"batches: 4/4 \(100%\) \| [\d.]+ images/s", err)
     only_bad = [images[1], images[1]]
     assert list(image_batches(only_bad, 32, 1, skipped, "batches")) == []
     assert len(skipped) == 3
 
 
-def test_caption_images_decodes_each_batch_as_generate_does(split, loaded, monkeypatch):
+def test_caption_images_decodes_each_batch_as_generate_does(split, loaded, monkeypatch,
+                                                             capfd):
     images = read_karpathy(split / "dataset.json", split, ["test"])
     decoding = DecodingConfig(max_length=5)
     casts = []
@@ -234,9 +247,10 @@ def test_caption_images_decodes_each_batch_as_generate_does(split, loaded, monke
                           decoding, special_ids(tokenizer))
     assert [captions[i] for i in (10, 12, 13)] == [
         tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in tokens]
+    assert "caption decoding: 4/4 (100%)" in capfd.readouterr().err
 
 
-def test_the_captioning_fine_tune_trains_the_lm_objective_alone(split, loaded):
+def test_the_captioning_fine_tune_trains_the_lm_objective_alone(split, loaded, capfd):
     model = copy.deepcopy(loaded.model)
     train = [(image.image, caption) for image in read_karpathy(split / "dataset.json", split,
                                                                ["train"])
@@ -253,3 +267,17 @@ def test_the_captioning_fine_tune_trains_the_lm_objective_alone(split, loaded):
     after = model.state_dict()
     assert not all(torch.equal(v, after[k]) for k, v in before.items())
     assert not model.training
+    assert "caption fine-tune: 3/3 (100%)" in capfd.readouterr().err
+
+
+def test_bf16_reaches_the_fine_tune_the_decoding_and_the_retrieval_baseline(split, loaded,
+                                                                            scorer, monkeypatch):
+    casts = []
+    for module in (encode, finetune, baselines, captioner):
+        real = module.autocast
+        monkeypatch.setattr(module, "autocast", lambda device, bf16, real=real, name=module:
+                            casts.append((name.__name__.rsplit(".", 1)[-1], bf16))
+                            or real(device, bf16))
+    job.evaluate_caption(loaded, config(split, bf16=True, steps=1))
+    assert {name for name, _ in casts} == {"encode", "finetune", "baselines", "captioner"}
+    assert all(flag for _, flag in casts)
