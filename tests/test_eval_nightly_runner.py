@@ -8,9 +8,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -26,6 +28,8 @@ from vlp.pipeline.eval.nightly.runner import (
     read_results,
     run_nightly,
 )
+from vlp.pipeline.eval.nightly.regressions import flag_regressions, regression_records
+from vlp.pipeline.eval.nightly.report import summary_table
 from vlp.pipeline.eval.nightly.suite import Benchmark
 
 
@@ -93,7 +97,8 @@ RESULT = {"metrics": {"image_retrieval_recall@1": 0.5, "yes/no": 0.75, "score": 
 
 @pytest.fixture
 def night(tmp_path, monkeypatch):
-    """Runs with two tags and an export; benchmarks `ok` and `last` always succeed, `flaky`
+    """Runs with two tags and an export; benchmarks `ok` (worse on the export) and `last`
+    always succeed, `flaky`
     (between them) fails with an OSError on the step-2 tag and a bad-input UserError on the
     export; the loader loads everything but a tag whose state says "corrupt"."""
     runs = tmp_path / "runs"
@@ -109,7 +114,8 @@ def night(tmp_path, monkeypatch):
             raise UserError(f"{path}: corrupt")
         return Path(path).relative_to(runs).as_posix()
 
-    ok = StubBenchmark("ok", "retrieval", None, {None: RESULT})
+    worse = {**RESULT, "metrics": {**RESULT["metrics"], "image_retrieval_recall@1": 0.2}}
+    ok = StubBenchmark("ok", "retrieval", None, {"r/hf": worse, None: RESULT})
     flaky = StubBenchmark("flaky", "vqa", None, {
         "r/checkpoints/global_step2": OSError("disk hiccup"), "r/hf": UserError("bad input"),
         None: {"metrics": {"overall": 40.0}, "baselines": {"majority": {"overall": 20.0}}}})
@@ -148,12 +154,19 @@ def test_the_first_night_evaluates_every_checkpoint_and_keeps_each_result_as_row
     assert summary["results"] == str(night["out"] / "results.parquet")
     assert summary["report"] == str(night["out"] / "report.html")
     assert summary["summary"] == str(night["out"] / "summary.md")
-    assert summary["tensorboard"] == str(night["runs"]) and summary["regressions"] == []
+    assert summary["tensorboard"] == str(night["runs"])
     results = rows(night["out"])
+    assert pq.read_schema(night["out"] / "results.parquet").names == runner.RESULT_COLUMNS
+    # the export, latest, has 60% less recall than the best: the one regression (ok rows)
+    assert summary["regressions"] == regression_records(
+        flag_regressions(summary_table(results[results.status == "ok"]), 0.5))
+    assert [(r["benchmark"], r["metric"], r["latest tag"]) for r in summary["regressions"]] == [
+        ("ok", "image_retrieval_recall@1", "hf")]
     assert list(results.columns) == runner.RESULT_COLUMNS
     ok = results[(results.benchmark == "ok") & (results.tag == "global_step4")]
     assert ok.metric.tolist() == ["image_retrieval_recall@1", "yes/no", "score"]
     assert ok.value.tolist() == [0.5, 0.75, 2.0] and ok.step.tolist() == [4] * 3
+    assert results[(results.benchmark == "ok") & (results.tag == "hf")].value.tolist()[0] == 0.2
     assert ok.baseline.tolist()[:2] == [0.1, 0.25] and math.isnan(ok.baseline.tolist()[2])
     assert set(ok.baseline_name) == {"chance"} and set(ok.task) == {"retrieval"}
     assert set(ok.status) == {"ok"} and set(ok.error) == {""} and not ok.transient.any()
@@ -165,6 +178,7 @@ def test_the_first_night_evaluates_every_checkpoint_and_keeps_each_result_as_row
         ["global_step2", "flaky", "vqa", ""], ["hf", "flaky", "vqa", ""]]
     assert failed.value.isna().all() and failed.baseline.isna().all()
     assert failed.transient.tolist() == [True, False] and set(failed.baseline_name) == {""}
+    assert ((failed.time >= before) & (failed.time <= pd.Timestamp.now(tz="UTC"))).all()
     assert results[results.tag == "hf"].step.isna().all()
     assert len(results) == 3 * 3 + 1 + 2 + 3  # ok: 3 metrics x 3; flaky: 1, 2 failures; last
     last = results[results.benchmark == "last"]
@@ -182,7 +196,14 @@ def test_the_first_night_evaluates_every_checkpoint_and_keeps_each_result_as_row
     assert "nightly: checkpoint 2/3 r/global_step4: flaky (2/3) started\n" in err
     assert "nightly: checkpoint 2/3 r/global_step4: ok (1/3) finished in 0s\n" in err
     assert "nightly: checkpoint 3/3 r/hf: flaky (2/3) failed after " in err
-    assert "UserError: bad input" in err and "nightly: 3/3 (100%)" in err
+    assert "UserError: bad input" in err
+    assert re.search(r"\nnightly: 3/3 \(100%\) \| [\d.]+ checkpoints/s \| elapsed \ds \| ETA 0s\n",
+                     err)
+    traceback = err.split("flaky (2/3) failed after 0s:\n", 1)[1].split("\nnightly: ", 1)[0]
+    assert traceback.endswith("OSError: disk hiccup")  # one line each, no blank one
+    lines = traceback.splitlines()
+    assert lines[0] == "Traceback (most recent call last):" and lines[-1] == "OSError: disk hiccup"
+    assert all(line.startswith("  ") for line in lines[1:-1])
 
 
 def test_scalars_and_their_baselines_sit_beside_the_run_s_training_curves(night):
@@ -251,7 +272,9 @@ def test_rows_written_before_fingerprints_count_as_this_content(night):
     results.to_parquet(night["out"] / "results.parquet")
     night["ok"].log.clear()
     assert run_nightly(night["runs"], out_dir=night["out"])["checkpoints_evaluated"] == 1
-    assert night["ok"].log == []  # only the transient failure is tried again
+    assert night["ok"].log == []  # only the transient failure is tried again, its second try
+    results = rows(night["out"])
+    assert results[results.status == "failed"].attempts.tolist() == [1, 2]
 
 
 def test_rows_of_older_files_get_the_newer_columns_defaults(tmp_path):
@@ -280,6 +303,13 @@ def test_one_night_at_a_time_and_a_killed_night_s_files_are_removed(night, tmp_p
     assert (night["out"] / "keep.tmp").exists()
     assert ("nightly: removed 1 temporary file(s) a killed run left in "
             f"{night['out']}\n") in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_without_a_device_the_night_runs_on_cuda_when_there_is_one(night, monkeypatch, cuda):
+    monkeypatch.setattr(runner.torch.cuda, "is_available", lambda: cuda)
+    run_nightly(night["runs"], out_dir=night["out"])
+    assert {device for _, device in night["loads"]} == {"cuda" if cuda else "cpu"}
 
 
 def test_the_suite_defaults_to_the_runs_folder_s_eval_suite(tmp_path, monkeypatch):
