@@ -242,6 +242,9 @@ def test_a_stream_cut_in_a_member_s_padding_names_the_byte(kind):
     skipped = header(b"a.png", 10) + bytes(15)  # not wanted: data and padding skipped at once
     with pytest.raises(BadData, match="at byte 512 ends after 15 of 512 bytes"):
         list(iter_members(Unseekable(skipped), frozenset({"txt"})))
+    spanned = iter_members(Unseekable(skipped), frozenset(), frozenset({"png"}))
+    with pytest.raises(BadData, match="at byte 512 ends after 15 of 512 bytes"):
+        list(spanned)  # a span's data is skipped the same way
 
 
 def test_other_member_types_with_data_are_skipped_whole():
