@@ -6,7 +6,9 @@ from __future__ import annotations
 import functools
 import gzip
 import http.server
+import socket
 import threading
+import time
 
 import pytest
 
@@ -137,7 +139,7 @@ def test_a_download_slower_than_the_minimum_after_the_grace_period_fails(monkeyp
     monkeypatch.setattr(sources.time, "monotonic", lambda: now[0])
     rate, grace = sources.MIN_BYTES_PER_S, sources.RATE_GRACE_S
     response = Response([b"a" * 10, b"b" * 1990, b"c" * (rate * (grace + 1) - 2000), b"d"])
-    stream = RateGuardedResponse("http://h/x.tar", response)
+    stream = RateGuardedResponse(response)
     buffer = bytearray(rate * (grace + 2))
     now[0] += grace  # slow, but within the grace period
     assert stream.readinto(buffer) == 10 and buffer[:10] == b"a" * 10
@@ -153,11 +155,11 @@ def test_a_download_slower_than_the_minimum_after_the_grace_period_fails(monkeyp
 
 
 def test_local_and_gzipped_shards_open_with_the_buffer_asked_for(tmp_path):
-    (tmp_path / "x.tar").write_bytes(b"tar bytes" * 1000)
+    (tmp_path / "x.tar").write_bytes(b"tar bytes" * 1000)  # buffers: not a block size
     for name in ("y.tar.gz", "z.tgz"):
         (tmp_path / name).write_bytes(gzip.compress(b"inner " + name.encode()))
-    with open_shard(str(tmp_path / "x.tar"), ReadSettings(buffer_bytes=4096)) as stream:
-        assert len(stream.peek(1)) == 4096  # what one read of the file buffers
+    with open_shard(str(tmp_path / "x.tar"), ReadSettings(buffer_bytes=3000)) as stream:
+        assert len(stream.peek(1)) == 3000  # what one read of the file buffers
         assert stream.read() == b"tar bytes" * 1000 and stream.raw.name == str(tmp_path / "x.tar")
     with open_shard(f"file://{tmp_path}/y.tar.gz") as stream:
         assert isinstance(stream, gzip.GzipFile) and stream.read() == b"inner y.tar.gz"
@@ -184,15 +186,32 @@ def server(tmp_path):
 def test_http_shards_are_read_through_the_rate_guard_and_read_beside(server):
     root, base = server
     (root / "s").mkdir()
-    (root / "s/00000.tar").write_bytes(b"remote tar")
+    (root / "s/00000.tar").write_bytes(b"remote tar" * 1000)
     (root / "s/00001.tar.gz").write_bytes(gzip.compress(b"remote gz"))
     (root / "s/manifest.json").write_bytes(b"{}")
-    with open_shard(f"{base}/s/00000.tar", ReadSettings(buffer_bytes=8192)) as stream:
-        assert isinstance(stream.raw, RateGuardedResponse) and stream.read() == b"remote tar"
+    with open_shard(f"{base}/s/00000.tar", ReadSettings(buffer_bytes=3000)) as stream:
+        assert isinstance(stream.raw, RateGuardedResponse) and len(stream.peek(1)) == 3000
+        assert stream.read() == b"remote tar" * 1000
     with open_shard(f"{base}/s/00001.tar.gz") as stream:
         assert stream.read() == b"remote gz"
     assert read_beside(f"{base}/s/00000.tar", "manifest.json") == b"{}"
     assert read_beside(f"{base}/s/00000.tar", "sizes.json") is None  # 404
+
+
+def test_a_server_that_never_answers_is_given_up_after_the_timeout(monkeypatch):
+    """The connection is accepted (the listen backlog) but no response ever comes."""
+    monkeypatch.setattr(sources, "HTTP_TIMEOUT_S", 0.2)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/s/00000.tar"
+        for attempt in (lambda: open_shard(url), lambda: read_beside(url, "manifest.json")):
+            start = time.monotonic()
+            try:
+                assert attempt() is None  # read_beside: no file
+            except OSError as error:  # open_shard: the timeout itself
+                assert "timed out" in str(error)
+            assert time.monotonic() - start < 3  # the timeout set, not a default
 
 
 def test_read_beside_a_local_shard(tmp_path, monkeypatch):

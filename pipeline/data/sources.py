@@ -40,8 +40,8 @@ class RateGuardedResponse(io.RawIOBase):
     """An HTTP response body as a raw stream that raises OSError once it arrives slower than
     MIN_BYTES_PER_S on average after RATE_GRACE_S."""
 
-    def __init__(self, url: str, response):
-        self.url, self.response = url, response
+    def __init__(self, response):
+        self.response = response
         self.started, self.received = time.monotonic(), 0
 
     def readable(self) -> bool:
@@ -157,7 +157,7 @@ def open_shard(url: str, reading: ReadSettings = ReadSettings(),
     buffer = reading.buffer_bytes
     if url_scheme(url) in REMOTE_SCHEMES:
         response = urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)
-        stream = io.BufferedReader(RateGuardedResponse(url, response), buffer)
+        stream = io.BufferedReader(RateGuardedResponse(response), buffer)
     elif is_object_url(url):
         stream = open_object(url, buffer, reading.concurrency, reading.retries, on_retry)
     else:
