@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import random
 import tarfile
 from pathlib import Path
@@ -18,6 +19,7 @@ from PIL import Image
 
 from vlp.data_prep.tokenizer import train_tokenizer
 from vlp.pipeline.data.errors import BadData
+from vlp.pipeline.data import stream as stream_module
 from vlp.pipeline.data.negatives import CaptionEditor, Lexicon
 from vlp.pipeline.data.stream import (
     START,
@@ -331,3 +333,36 @@ def test_the_dataset_runs_the_logical_worker_of_its_turn(shards, tokenizer):
     two = ShardStream(spec_for(shards, tokenizer, num_workers=2), tokenizer)
     with pytest.raises(RuntimeError, match="^stream built for 2 workers runs in 1$"):
         next(iter(two))
+
+
+class WorkerInfo:
+    """What torch.utils.data.get_worker_info() gives inside a DataLoader worker."""
+
+    def __init__(self, id: int, num_workers: int):
+        self.id, self.num_workers = id, num_workers
+
+
+def test_inside_a_worker_process_the_stream_plays_its_turn_on_one_thread(shards, tokenizer,
+                                                                         monkeypatch):
+    threads = []
+    monkeypatch.setattr(stream_module.torch, "set_num_threads", threads.append)
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    next(iter(ShardStream(spec_for(shards, tokenizer), tokenizer)))  # in this process
+    assert threads == [] and "TOKENIZERS_PARALLELISM" not in os.environ
+    spec = spec_for(shards, tokenizer, num_workers=3, batch_size=1)
+    dataset = ShardStream(spec, tokenizer)
+    monkeypatch.setattr(stream_module, "get_worker_info", lambda: WorkerInfo(0, 3))
+    assert next(iter(dataset))["worker"] == 0  # nothing consumed yet: worker p plays p
+    monkeypatch.setattr(stream_module, "get_worker_info", lambda: WorkerInfo(1, 3))
+    dataset.batches_consumed = 1  # the next batch comes from process 0, so process 1 plays 2
+    later = (0, 0, 1)
+    dataset.positions = {2: later}
+    batch = next(iter(dataset))
+    assert batch["worker"] == 2 and batch["position"] == [0, 0, 2]
+    assert threads == [1, 1] and os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")  # the user's setting stays
+    next(iter(dataset))
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+    monkeypatch.setattr(stream_module, "get_worker_info", lambda: WorkerInfo(0, 2))
+    with pytest.raises(RuntimeError, match="^stream built for 3 workers runs in 2$"):
+        next(iter(dataset))
