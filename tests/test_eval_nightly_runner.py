@@ -278,7 +278,12 @@ def test_rows_written_before_fingerprints_count_as_this_content(night):
 
 
 def test_rows_of_older_files_get_the_newer_columns_defaults(tmp_path):
-    assert list(read_results(tmp_path / "none.parquet").columns) == runner.RESULT_COLUMNS
+    empty = read_results(tmp_path / "none.parquet")
+    assert list(empty.columns) == runner.RESULT_COLUMNS and empty.empty
+    assert {c: str(t) for c, t in empty.dtypes.items() if c in (
+        "run", "step", "value", "time", "transient", "attempts")} == {
+        "run": "object", "step": "Int64", "value": "float64", "time": "datetime64[ns, UTC]",
+        "transient": "bool", "attempts": "Int64"}
     old = pd.DataFrame({"run": ["r"], "tag": ["t"], "benchmark": ["b"], "status": ["failed"],
                         "fingerprint": [None]})
     old.to_parquet(tmp_path / "old.parquet")
@@ -340,10 +345,10 @@ def test_caption_examples_come_from_each_run_s_latest_checkpoint(tmp_path):
     results = pd.DataFrame([
         {"run": run, "tag": t, "step": s, "benchmark": "cap", "task": task, "status": status,
          "time": pd.Timestamp(0)}
-        for run, t, s, task, status in (
+        for run, t, s, task, status in (  # run b first: the sections come by run name
+            ("b", "global_step3", 3, "caption", "ok"),
             ("a", "global_step2", 2, "caption", "ok"), ("a", "global_step10", 10, "caption", "ok"),
-            ("a", "global_step12", 12, "caption", "failed"), ("b", "global_step3", 3, "caption",
-                                                                 "ok"),
+            ("a", "global_step12", 12, "caption", "failed"),
             ("a", "global_step10", 10, "vqa", "ok"), ("gone", "global_step1", 1, "caption",
                                                       "ok"))])
     refs = [CheckpointRef(run, path, "t", path, 1, "") for run, path in runs.items()]
