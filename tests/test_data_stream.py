@@ -36,9 +36,10 @@ from vlp.pipeline.data.stream import (
     shuffled,
     worker_shards,
 )
-from vlp.pipeline.data.tar import SkipCounter
+from vlp.pipeline.data.sources import ReadSettings
+from vlp.pipeline.data.tar import SkipCounter, iter_samples
 from vlp.pipeline.data.tokenizer import load_tokenizer, tokenize
-from vlp.pipeline.data.transforms import MaskingSpec
+from vlp.pipeline.data.transforms import MaskingSpec, mask_tokens
 
 COLOURS = ["red", "green", "blue", "grey"]
 RGB = {"red": (200, 0, 0), "green": (0, 200, 0), "blue": (0, 0, 200), "grey": (90, 90, 90)}
@@ -62,14 +63,15 @@ def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> str:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> list[str]:
-    """4 shards of 3 samples: sample n is colour n % 4 with caption "a <colour> square n"."""
+    """4 shards of 3 samples: sample n is colour n % 4 with caption "a <colour> square n" (and a
+    json member the stream does not ask for)."""
     root = tmp_path_factory.mktemp("shards")
     urls = []
     for s in range(4):
         samples = []
         for n in range(3 * s, 3 * s + 3):
             colour = COLOURS[n % 4]
-            samples.append((f"{n:04d}", {"png": png(colour),
+            samples.append((f"{n:04d}", {"png": png(colour), "json": b"{}",
                                          "txt": f"a {colour} square {n}".encode()}))
         urls.append(write_shard(root / f"{s:05d}.tar", samples))
     return urls
@@ -221,14 +223,18 @@ def test_positions_count_samples_emitted_per_block_and_replay_resumes_exactly(sh
     assert len(whole) == 12 and [p for p, _ in whole[:7]] == [
         (0, 0, 1), (0, 0, 2), (0, 0, 3), (0, 0, 4), (0, 0, 5), (0, 0, 6), (0, 1, 1)]
     assert sorted(k for _, k in whole) == [f"{n:04d}" for n in range(12)]
+    first = next(iter_raw(spec, 0, START, SkipCounter(), UnusableDataGuard(shards)))[1]
+    assert sorted(first) == ["__key__", "png", "txt"]  # only what the spec reads
     for cut in (3, 6, 7, 11):
         skipped = SkipCounter()
         resumed = iter_raw(spec, 0, whole[cut - 1][0], skipped, UnusableDataGuard(shards),
                            stop_epoch=1)
         assert [(p, s["__key__"]) for p, s in resumed] == whole[cut:]
-    skipped = SkipCounter()
-    list(iter_raw(spec, 0, whole[3][0], skipped, UnusableDataGuard(shards), stop_epoch=1))
-    assert skipped.counts == {"shard_reads": 2}  # the block replayed is not counted again
+    for cut in (1, 4):
+        skipped = SkipCounter()
+        list(iter_raw(spec, 0, whole[cut - 1][0], skipped, UnusableDataGuard(shards),
+                      stop_epoch=1))
+        assert skipped.counts == {"shard_reads": 2}  # the block replayed is not counted again
 
 
 def test_a_position_past_its_block_s_end_warns_and_goes_on_with_the_next(shards, caplog):
@@ -366,3 +372,75 @@ def test_inside_a_worker_process_the_stream_plays_its_turn_on_one_thread(shards,
     monkeypatch.setattr(stream_module, "get_worker_info", lambda: WorkerInfo(0, 2))
     with pytest.raises(RuntimeError, match="^stream built for 3 workers runs in 2$"):
         next(iter(dataset))
+
+
+def test_each_worker_reads_its_own_shards_and_damage_is_counted(shards, tokenizer, tmp_path):
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(Path(shards[0]).read_bytes()[:2000])  # breaks inside the first sample
+    urls = shards + [str(cut)]
+    spec = spec_for(urls, tokenizer, num_workers=2, batch_size=1, block_shards=1)
+    got = {}
+    for worker in (0, 1):
+        skipped = SkipCounter()
+        batches = list(iter_batches(spec, tokenizer, worker, START, skipped, stop_epoch=1))
+        got[worker] = [b["keys"][0] for b in batches]
+        assert {b["worker"] for b in batches} == {worker}
+        expected = [key for url in worker_shards(spec, worker, 0)
+                    for key in ([] if url == str(cut) else
+                                [f"{n:04d}" for n in range(3 * int(Path(url).stem),
+                                                           3 * int(Path(url).stem) + 3)])]
+        assert got[worker] == expected
+        if str(cut) in worker_shards(spec, worker, 0):
+            assert (skipped.counts["corrupt_tar"], skipped.counts["cut_by_damage"]) == (1, 1)
+    assert not set(got[0]) & set(got[1]) and len(got[0] + got[1]) == 12
+
+
+def test_reads_pass_the_spec_s_limits_and_settings(shards, monkeypatch):
+    calls = []
+    read = stream_module.iter_samples
+
+    def spy(url, wanted, skipped, max_member_bytes, reading):
+        calls.append((url, wanted, isinstance(skipped, SkipCounter), max_member_bytes, reading))
+        return read(url, wanted, skipped, max_member_bytes, reading)
+
+    monkeypatch.setattr(stream_module, "iter_samples", spy)
+    settings = ReadSettings(buffer_bytes=4096, concurrency=2, retries=1)
+    spec = spec_for(shards, max_member_bytes=5000, reading=settings)
+    next(iter_raw(spec, 0, START, SkipCounter(), UnusableDataGuard(shards)))
+    assert calls[0][1:] == (frozenset({"png", "jpg", "txt"}), True, 5000, settings)
+
+
+def test_a_stream_whose_every_sample_is_bad_stops_with_the_counts(tmp_path, tokenizer):
+    urls = [write_shard(tmp_path / f"{i}.tar", [(f"{i}", {"png": b"broken", "txt": b"x"})])
+            for i in range(2)]
+    spec = spec_for(urls, tokenizer, batch_size=1)
+    with pytest.raises(RuntimeError) as error:
+        next(iter_batches(spec, tokenizer, 0, START, SkipCounter(), stop_epoch=5))
+    assert str(error.value).startswith(
+        "no usable sample in any of the 2 shards: every shard was read since the last usable "
+        "sample. Skipped so far: {'shard_reads': 2, 'bad_image': 2}.")
+
+
+def test_random_draws_are_seeded_by_seed_stream_rank_worker_and_position(shards, tokenizer):
+    """The shuffle, the masking and the edited negatives each have their own seed, from the
+    run's seed, the stream's name, the rank, the worker and the block or batch position: what
+    makes a resumed run draw what the uninterrupted one drew, and ranks and workers differ."""
+    lexicon = Lexicon({"colour": (("red",), ("green",), ("blue",), ("grey",))})
+    masking = MaskingSpec(tokenizer.mask_token_id, len(tokenizer),
+                          tuple(tokenizer.all_special_ids), probability=0.5)
+    spec = spec_for(shards, tokenizer, editor=CaptionEditor(lexicon), batch_size=2, rank=1,
+                    world_size=2, num_workers=2, seed=11, shuffle_buffer=3, masking=masking)
+    batch = next(iter_batches(spec, tokenizer, 1, START, SkipCounter()))
+    block = next(iter_blocks(spec, 1, 0, 0))
+    raw = [sample for url in block.urls
+           for sample in iter_samples(url, frozenset({"png", "jpg", "txt"}), SkipCounter())]
+    order = shuffled(iter(raw), 3, random.Random(derive_seed(11, "shuffle", 1, 1, 0, 0)))
+    assert batch["keys"] == [s["__key__"] for s in order][:2]
+    position = tuple(batch["position"])
+    generator = torch.Generator().manual_seed(derive_seed(11, "mlm", 1, 1, *position))
+    ids, labels = mask_tokens(batch["text_ids"], batch["text_mask"], masking, generator)
+    assert torch.equal(batch["mlm_ids"], ids) and torch.equal(batch["mlm_labels"], labels)
+    rng = random.Random(derive_seed(11, "negatives", 1, 1, *position))
+    texts = tokenizer.batch_decode(batch["text_ids"], skip_special_tokens=True)
+    edited = [spec.editor.edit(text, rng) for text in texts]
+    assert tokenizer.batch_decode(batch["neg_ids"], skip_special_tokens=True) == edited
