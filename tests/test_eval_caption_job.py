@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 
@@ -268,6 +269,16 @@ def test_the_captioning_fine_tune_trains_the_lm_objective_alone(split, loaded, c
     assert not all(torch.equal(v, after[k]) for k, v in before.items())
     assert not model.training
     assert "caption fine-tune: 3/3 (100%)" in capfd.readouterr().err
+
+
+def test_a_fine_tune_on_images_that_never_decode_leaves_the_model_as_it_was(split, loaded):
+    model = copy.deepcopy(loaded.model)
+    bad = read_karpathy(split / "dataset.json", split, ["test"])[1].image
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = finetune_captioning(model, loaded.tokenizer, [(bad, "a grey square")] * 2,
+                                FinetuneConfig(steps=2, lr=1e-3, batch_size=2))
+    assert stats["skipped_images"] == 4 and math.isnan(stats["first_loss"])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_bf16_reaches_the_fine_tune_the_decoding_and_the_retrieval_baseline(split, loaded,
