@@ -107,12 +107,16 @@ def test_seeds_are_stable_64_bit_and_differ_by_every_part():
                                                (1, "epoch", 1), (1, "epoch"))}
     assert len(seeds) == 5 and all(0 <= s < 1 << 64 for s in seeds)
     assert max(seeds) > 1 << 32  # all 64 bits used
+    # fixed for good: a checkpoint of an earlier version resumes on the order it was trained on
+    assert derive_seed(0, "epoch", 0) == 15035464410072637492
+    assert derive_seed(7, "mlm", 1, 2, 0, 3, 4) == 11533219747226532661
 
 
 def test_canonical_order_is_by_source_then_file_name_wherever_the_files_lie():
     spec = spec_for([], sources=(("/x/b.tar", "/y/a.tar"), ("/a/z.tar", "/b/c.tar")))
     assert spec.canonical_urls() == ["/y/a.tar", "/x/b.tar", "/b/c.tar", "/a/z.tar"]
     assert spec.all_urls == ["/x/b.tar", "/y/a.tar", "/a/z.tar", "/b/c.tar"]
+    assert spec_for([], sources=(("b.tar", "a.tar"),)).canonical_urls() == ["a.tar", "b.tar"]
 
 
 def test_each_epoch_shuffles_every_shard_then_splits_by_rank_then_worker():
@@ -161,6 +165,10 @@ def test_resampled_blocks_draw_sources_by_weight_with_replacement():
     counts = {prefix: sum(u.startswith(prefix) for b in drawn for u in b.urls)
               for prefix in ("/a", "/b", "/c")}
     assert counts["/c"] == 0 and 0.7 < counts["/b"] / 800 < 0.8  # 3 of 4
+    for i, block in enumerate(drawn[:20], start=5):
+        rng = random.Random(derive_seed(spec.seed, "resample", 0, 1, i))
+        picks = rng.choices(range(3), weights=(1.0, 3.0, 0.0), k=4)
+        assert block.urls == tuple(rng.choice(sources[s]) for s in picks)
     assert next(iter_blocks(spec, 1, 0, 6)) == drawn[1]  # a pure function of the index
     assert next(iter_blocks(spec, 2, 0, 6)) != drawn[1]  # and of the worker
     even = spec_for([], sources=sources, resampled=True, block_shards=4)
@@ -178,6 +186,7 @@ def test_the_shuffle_emits_every_item_once_and_never_further_ahead_than_the_buff
     for position, sample in enumerate(out[:-5]):
         assert int(sample["__key__"]) <= position + 5  # within the 5-slot buffer's reach
     assert list(shuffled(iter(items), 1, random.Random(0))) == items
+    assert list(shuffled(iter(items), 2, random.Random(0))) != items  # two slots shuffle
     assert list(shuffled(iter(items), 0, random.Random(0))) == items
 
 
@@ -240,9 +249,14 @@ def test_positions_count_samples_emitted_per_block_and_replay_resumes_exactly(sh
 def test_a_position_past_its_block_s_end_warns_and_goes_on_with_the_next(shards, caplog):
     spec = spec_for(shards)
     with caplog.at_level(logging.WARNING, logger="vlp.pipeline.data.stream"):
-        got = list(iter_raw(spec, 0, (0, 0, 9), SkipCounter(), UnusableDataGuard(shards),
+        skipped = SkipCounter()
+        got = list(iter_raw(spec, 0, (0, 0, 9), skipped, UnusableDataGuard(shards),
                             stop_epoch=1))
+        at_end = list(iter_raw(spec, 0, (0, 0, 6), SkipCounter(), UnusableDataGuard(shards),
+                               stop_epoch=1))  # the block's last sample: no warning
+    assert [p for p, _ in at_end] == [(0, 1, n) for n in range(1, 7)]
     assert [p for p, _ in got] == [(0, 1, n) for n in range(1, 7)]
+    assert skipped.counts == {"shard_reads": 2}  # counting again from the next block
     assert [r.getMessage() for r in caplog.records] == [
         "resume position (0, 0, 9) is past the end of its block (6 samples): the shards changed "
         "since the checkpoint; continuing with the next block"]
@@ -250,8 +264,22 @@ def test_a_position_past_its_block_s_end_warns_and_goes_on_with_the_next(shards,
 
 # ------------------------------------------------------------------------ decoding and batches
 
+def test_the_byte_budget_of_the_shuffle_buffer_reaches_the_stream(shards):
+    spec = spec_for(shards, shuffle_buffer=6, shuffle_buffer_bytes=1)  # room for no sample
+    for position, sample in iter_raw(spec, 0, START, SkipCounter(), UnusableDataGuard(shards),
+                                     stop_epoch=1):
+        block = worker_shards(spec, 0, 0)[2 * position[1]:2 * position[1] + 2]
+        in_file_order = [f"{n:04d}" for url in block for n in range(3 * int(Path(url).stem),
+                                                                    3 * int(Path(url).stem) + 3)]
+        assert in_file_order.index(sample["__key__"]) <= position[2]  # one sample held at most
+
+
 def test_a_sample_decodes_to_its_first_image_key_and_its_caption(shards):
     spec = spec_for(shards, image_keys=("jpg", "png"))
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 48), RGB["green"]).save(jpeg, format="JPEG", quality=95)
+    image, _ = decode_sample({"jpg": jpeg.getvalue(), "txt": b"x"}, spec)
+    assert image.shape == (8, 8, 3) and abs(int(image[4, 4, 1]) - 200) < 8
     image, caption = decode_sample({"png": png("blue"), "txt": b" a blue square \n"}, spec)
     assert caption == "a blue square" and image.shape == (8, 8, 3)
     assert (image == np.array(RGB["blue"], dtype=np.uint8)).all()
@@ -429,18 +457,21 @@ def test_random_draws_are_seeded_by_seed_stream_rank_worker_and_position(shards,
     masking = MaskingSpec(tokenizer.mask_token_id, len(tokenizer),
                           tuple(tokenizer.all_special_ids), probability=0.5)
     spec = spec_for(shards, tokenizer, editor=CaptionEditor(lexicon), batch_size=2, rank=1,
-                    world_size=2, num_workers=2, seed=11, shuffle_buffer=3, masking=masking)
-    batch = next(iter_batches(spec, tokenizer, 1, START, SkipCounter()))
-    block = next(iter_blocks(spec, 1, 0, 0))
+                    world_size=2, seed=11, shuffle_buffer=3, masking=masking)
+    batches = iter_batches(spec, tokenizer, 0, START, SkipCounter())
+    block = next(iter_blocks(spec, 0, 0, 0))
     raw = [sample for url in block.urls
            for sample in iter_samples(url, frozenset({"png", "jpg", "txt"}), SkipCounter())]
-    order = shuffled(iter(raw), 3, random.Random(derive_seed(11, "shuffle", 1, 1, 0, 0)))
-    assert batch["keys"] == [s["__key__"] for s in order][:2]
-    position = tuple(batch["position"])
-    generator = torch.Generator().manual_seed(derive_seed(11, "mlm", 1, 1, *position))
-    ids, labels = mask_tokens(batch["text_ids"], batch["text_mask"], masking, generator)
-    assert torch.equal(batch["mlm_ids"], ids) and torch.equal(batch["mlm_labels"], labels)
-    rng = random.Random(derive_seed(11, "negatives", 1, 1, *position))
-    texts = tokenizer.batch_decode(batch["text_ids"], skip_special_tokens=True)
-    edited = [spec.editor.edit(text, rng) for text in texts]
-    assert tokenizer.batch_decode(batch["neg_ids"], skip_special_tokens=True) == edited
+    order = shuffled(iter(raw), 3, random.Random(derive_seed(11, "shuffle", 1, 0, 0, 0)))
+    keys = [s["__key__"] for s in order]
+    for n in range(len(keys) // 2):
+        batch = next(batches)
+        assert batch["keys"] == keys[2 * n:2 * n + 2]
+        position = tuple(batch["position"])
+        generator = torch.Generator().manual_seed(derive_seed(11, "mlm", 1, 0, *position))
+        ids, labels = mask_tokens(batch["text_ids"], batch["text_mask"], masking, generator)
+        assert torch.equal(batch["mlm_ids"], ids) and torch.equal(batch["mlm_labels"], labels)
+        rng = random.Random(derive_seed(11, "negatives", 1, 0, *position))
+        texts = tokenizer.batch_decode(batch["text_ids"], skip_special_tokens=True)
+        edited = [spec.editor.edit(text, rng) for text in texts]
+        assert tokenizer.batch_decode(batch["neg_ids"], skip_special_tokens=True) == edited
