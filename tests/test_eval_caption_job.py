@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from test_eval_support import tiny_eval_model
+from test_eval_support import spy_loading_and_autocast, tiny_eval_model
 
 from vlp.data_prep.tokenizer import train_tokenizer
 from vlp.models.decoding import DecodingConfig, generate
@@ -114,7 +114,8 @@ def test_the_job_scores_the_decodable_test_images_and_both_baselines(split, load
     out = tmp_path / "caption.json"
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     result = job.evaluate_caption(loaded, config(split, spice=True, beam_size=2,
-                                                 length_penalty=0.5, no_repeat_ngram_size=2),
+                                                 length_penalty=0.5, no_repeat_ngram_size=2,
+                                                 lr=3e-4, seed=5),
                                   out=out)
     (made,) = scorer
     test = {i: refs for i, (_, _, refs) in enumerate(TEST, start=len(TRAIN) + 7)}
@@ -142,8 +143,8 @@ def test_the_job_scores_the_decodable_test_images_and_both_baselines(split, load
                                                                ["train"])
              for caption in image.sentences]
     direct = finetune_captioning(copy.deepcopy(loaded.model), loaded.tokenizer, train,
-                                 FinetuneConfig(steps=2, lr=1e-4, batch_size=2,
-                                                finetune_backbone=True, seed=0))
+                                 FinetuneConfig(steps=2, lr=3e-4, batch_size=2,
+                                                finetune_backbone=True, seed=5))
     assert {k: result["finetune"][k] for k in ("steps", "lr", "batch_size", "first_loss")} == {
         k: direct[k] for k in ("steps", "lr", "batch_size", "first_loss")}
     assert 0 <= result["seconds"] < 600
@@ -174,6 +175,14 @@ def test_the_examples_are_the_first_scored_images(split, loaded, scorer, monkeyp
     assert [e["image_id"] for e in result["examples"]] == [10, 12]
     assert result["finetune"] is None and result["spice"] == "not requested"
     assert result["step"] == 3 and scorer[0].spice is False
+
+
+def test_a_checkpoint_path_is_loaded_after_the_data_onto_the_device_given(split, loaded, scorer,
+                                                                          monkeypatch):
+    loads, _ = spy_loading_and_autocast(monkeypatch, job, loaded)
+    job.evaluate_caption("runs/a/checkpoints", config(split, steps=1))
+    job.evaluate_caption("runs/b/checkpoints", config(split, steps=1), device="cuda:1")
+    assert loads == [("runs/a/checkpoints", "cpu"), ("runs/b/checkpoints", "cuda:1")]
 
 
 def test_without_a_fine_tune_the_checkpoint_must_have_trained_its_lm_head(split, loaded, scorer):
