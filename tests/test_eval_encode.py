@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 
 import pytest
 import torch
@@ -92,7 +93,10 @@ def test_one_process_encodes_every_item_in_batches_in_order(capfd):
     assert batches == [range(0, 3), range(3, 6), range(6, 7)]
     err = capfd.readouterr().err
     assert "things: 3/7 (42%)" in err and "things: 7/7 (100%)" in err
+    assert re.search(r"things: 7/7 \(100%\) \| [\d.]+ things/s", err)
     assert distributed_map(0, 3, encode_batch).shape == (0,)
+    distributed_map(2, 2, encode_batch)  # the default label and unit
+    assert re.search(r"encode: 2/2 \(100%\) \| [\d.]+ items/s", capfd.readouterr().err)
 
 
 def _rank_slices(rank: int, port: int, num_items: int, world: int = 2):
