@@ -147,7 +147,8 @@ def test_the_job_scores_the_decodable_test_images_and_both_baselines(split, load
                                                 finetune_backbone=True, seed=5))
     assert {k: result["finetune"][k] for k in ("steps", "lr", "batch_size", "first_loss")} == {
         k: direct[k] for k in ("steps", "lr", "batch_size", "first_loss")}
-    assert 0 <= result["seconds"] < 600
+    assert isinstance(result["seconds"], float) and 0 <= result["seconds"] < 600
+    assert round(result["seconds"], 3) == result["seconds"]
     assert result["finetune"]["steps"] == 2 and result["finetune"]["train_pairs"] == 5
     assert result["finetune"]["skipped_images"] == 0
     assert result["examples"] == [
@@ -175,6 +176,14 @@ def test_the_examples_are_the_first_scored_images(split, loaded, scorer, monkeyp
     assert [e["image_id"] for e in result["examples"]] == [10, 12]
     assert result["finetune"] is None and result["spice"] == "not requested"
     assert result["step"] == 3 and scorer[0].spice is False
+
+
+def test_the_captions_go_to_the_results_file_asked_for(split, loaded, scorer, tmp_path):
+    result = job.evaluate_caption(loaded, config(split, steps=1), out=tmp_path / "m.json",
+                                  results_out=tmp_path / "coco" / "captions.json")
+    written = json.loads((tmp_path / "coco" / "captions.json").read_text())
+    assert [r["image_id"] for r in written] == [10, 12, 13]
+    assert result["results_file"] == str(tmp_path / "coco" / "captions.json")
 
 
 def test_a_checkpoint_path_is_loaded_after_the_data_onto_the_device_given(split, loaded, scorer,
