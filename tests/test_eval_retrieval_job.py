@@ -88,6 +88,27 @@ def test_re_ranking_uses_the_itm_scorer_and_the_itc_weight(split, loaded):
     assert result["rerank_k"] == 2
 
 
+def test_the_split_named_is_read_and_re_ranking_one_candidate_keeps_the_chance_keys(split, loaded):
+    data = json.loads((split / "dataset.json").read_text())
+    for image in data["images"]:
+        image["split"] = "val"
+    (split / "val.json").write_text(json.dumps(data))
+    result = evaluate_retrieval(loaded, RetrievalConfig(karpathy_json=split / "val.json",
+                                                        image_root=split, split="val",
+                                                        rerank_k=1))
+    assert result["dataset"] == f"{split / 'val.json'}:val" and result["num_images"] == 4
+    assert "reranked_image_retrieval_recall@1" in result["baselines"]["chance"]
+    assert isinstance(result["seconds"], float) and 0 <= result["seconds"] < 600
+    assert round(result["seconds"], 3) == result["seconds"]
+
+
+def test_a_checkpoint_path_is_loaded_onto_the_device_given(split, loaded, monkeypatch):
+    loads, _ = spy_loading_and_autocast(monkeypatch, job, loaded)
+    evaluate_retrieval("runs/a", config(split))
+    evaluate_retrieval("runs/b", config(split), device="cuda:1")
+    assert loads == [("runs/a", "cpu"), ("runs/b", "cuda:1")]
+
+
 def test_re_ranking_needs_the_fusion_layers(split, loaded):
     onnx = LoadedModel(loaded.model, loaded.tokenizer,
                        dataclasses.replace(loaded.info, kind="onnx", path="enc.onnx"))
