@@ -477,13 +477,16 @@ def test_random_draws_are_seeded_by_seed_stream_rank_worker_and_position(shards,
         assert tokenizer.batch_decode(batch["neg_ids"], skip_special_tokens=True) == edited
 
 
-def test_the_buffer_holds_as_much_as_its_slots_and_bytes_allow_and_no_more():
-    """Samples of random sizes (a few larger than the budget) through a 4-slot, 500-byte buffer,
+@pytest.mark.parametrize("sizes, slots", [
+    (random.Random(5).choices(list(range(10, 300)) + [700] * 30, k=80), 4),
+    ([100] * 40, 8),  # five samples are exactly the budget: they may stay
+])
+def test_the_buffer_holds_as_much_as_its_slots_and_bytes_allow_and_no_more(sizes, slots):
+    """Samples of random sizes (some larger than the budget) through a 4-slot, 500-byte buffer,
     traced step by step: after each new sample the buffer is within both limits but never empty
     (one sample may exceed the bytes alone),
     it emitted one sample to make room in the slots, and past that only as many as the bytes
     required (the last one emitted would not have fitted)."""
-    sizes = random.Random(5).choices(list(range(10, 300)) + [700] * 30, k=80)  # some too large
     items = [{"__key__": str(i), "jpg": bytes(n)} for i, n in enumerate(sizes)]
     for seed in range(3):
         pulled, done = [], []
@@ -495,17 +498,17 @@ def test_the_buffer_holds_as_much_as_its_slots_and_bytes_allow_and_no_more():
             done.append(True)
 
         steps: dict[int, list[dict]] = {}
-        for sample in shuffled(source(), 4, random.Random(seed), max_bytes=500):
+        for sample in shuffled(source(), slots, random.Random(seed), max_bytes=500):
             if not done:
                 steps.setdefault(len(pulled), []).append(sample)
         emitted, held = set(), []
         for step in range(1, len(items) + 1):
-            full_before = len(held) == 4
+            full_before = len(held) == slots
             out = steps.get(step, [])
             emitted |= {s["__key__"] for s in out}
             held = [s for s in pulled[:step] if s["__key__"] not in emitted]
             in_bytes = sum(sample_bytes(s) for s in held)
-            assert 1 <= len(held) <= 4 and (in_bytes <= 500 or len(held) == 1), step
+            assert 1 <= len(held) <= slots and (in_bytes <= 500 or len(held) == 1), step
             assert not full_before or out, step  # a full buffer makes room
             extra = out[1:] if full_before else out
             if extra:
