@@ -59,6 +59,14 @@ def test_no_pattern_is_an_error(shards):
         "no training shards given: set data.shards to e.g. 'shards/{00000..00099}.tar'")
 
 
+def test_at_most_five_overlapping_shards_are_named(tmp_path):
+    for i in range(6):
+        (tmp_path / f"{i}.tar").write_bytes(b"x")
+    pattern = f"{tmp_path}/{{0..5}}.tar::{tmp_path}/{{0..5}}.tar"
+    names = [f"{tmp_path}/{i}.tar" for i in range(5)]
+    assert refusal(parse_sources, pattern).startswith(f"shard(s) listed more than once: {names};")
+
+
 def test_overlapping_sources_are_refused_by_name(shards):
     pattern = f"{shards}/b{{00..01}}.tar::{shards}/b{{01..02}}.tar::{shards}/b00.tar"
     assert refusal(parse_sources, pattern) == (
@@ -89,6 +97,7 @@ def test_each_refused_url_says_why(shards):
         f"shard 'missing/x.tar' does not exist (looked for {shards.cwd()}/missing/x.tar); "
         "check data.shards or run `vlp data download`.")
     assert "does not exist" in refusal(check_url, f"file://{shards}/none.tar")
+    assert "does not exist" in refusal(check_url, f"{shards}/X.tar")  # no wildcard in it
     assert "does not exist" in refusal(parse_sources, f"{shards}/a{{0..2}}.tar")
 
 
