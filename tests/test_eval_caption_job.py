@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from test_eval_support import spy_loading_and_autocast, tiny_eval_model
+from test_eval_support import spy_loading_and_autocast, tiny_model_on
 
-from vlp.data_prep.tokenizer import train_tokenizer
 from vlp.models.decoding import DecodingConfig, generate
 from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.data.model_loading import LoadedModel
@@ -66,10 +65,9 @@ def split(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def loaded(split, tmp_path_factory):
+def loaded(tmp_path_factory):
     texts = [c for _, _, captions in TRAIN + TEST for c in captions] * 20
-    tokenizer_json = train_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=58)
-    return tiny_eval_model(tokenizer_json)
+    return tiny_model_on(texts, tmp_path_factory.mktemp("tok"), vocab_size=58)
 
 
 class RecordingScorer:

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from test_eval_support import spy_loading_and_autocast, tiny_eval_model
+from test_eval_support import spy_loading_and_autocast, tiny_model_on
 
-from vlp.data_prep.tokenizer import train_tokenizer
 from vlp.pipeline.data.checkpoints import CheckpointError
 from vlp.pipeline.data.model_loading import LoadedModel
 from vlp.pipeline.data.tokenizer import tokenize
@@ -49,7 +48,7 @@ def split(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory) -> LoadedModel:
     texts = [c for _, captions in SCENES for c in captions] * 20
-    return tiny_eval_model(train_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=40))
+    return tiny_model_on(texts, tmp_path_factory.mktemp("tok"), vocab_size=40)
 
 
 def config(split: Path, **settings) -> RetrievalConfig:

@@ -34,6 +34,13 @@ def train_world_tokenizer(world: Path, out_dir: Path) -> Path:
     return train_tokenizer(world_texts(world), out_dir, vocab_size=300)
 
 
+def tiny_model_on(texts: list[str], folder: Path, vocab_size: int):
+    """The untrained tiny model with a tokenizer trained on `texts` (written to `folder`)."""
+    from vlp.data_prep.tokenizer import train_tokenizer
+
+    return tiny_eval_model(train_tokenizer(texts, folder, vocab_size=vocab_size))
+
+
 def tiny_eval_model(tokenizer_json: Path, seed: int = 0):
     """An LoadedModel (untrained tiny UnifiedModel + tokenizer) built in memory."""
     import torch

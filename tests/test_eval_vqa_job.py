@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from test_eval_support import spy_loading_and_autocast, tiny_eval_model
+from test_eval_support import spy_loading_and_autocast, tiny_model_on
 
-from vlp.data_prep.tokenizer import train_tokenizer
 from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.eval import finetune
 from vlp.pipeline.eval.configs import VQAConfig
@@ -69,7 +68,7 @@ def vqa_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
     texts = [row[2] for row in TRAIN + EVAL] * 20
-    return tiny_eval_model(train_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=40))
+    return tiny_model_on(texts, tmp_path_factory.mktemp("tok"), vocab_size=40)
 
 
 def config(vqa_dir: Path, **settings) -> VQAConfig:
