@@ -20,14 +20,15 @@ from vlp.pipeline.train.heartbeat import Heartbeat, read_beats, stuck_ranks
 
 
 @contextlib.contextmanager
-def training_with_one_restart(overrides: list[str], log):
-    """`vlp train --max-restarts 1` in its own session, its output in `log`; killed with its
-    process group if the test leaves before it ends."""
+def training_with_restarts(overrides: list[str], log, restarts: int):
+    """`vlp train --max-restarts RESTARTS` in its own session, its output in `log`; killed with
+    its process group if the test leaves before it ends."""
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "vlp.pipeline.cli", "train", "--max-restarts", "1", "--set",
-             *overrides], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+            [sys.executable, "-m", "vlp.pipeline.cli", "train", "--max-restarts", str(restarts),
+             "--set", *overrides], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                         "PYTHONUNBUFFERED": "1"})
     try:
         yield proc
     finally:
@@ -36,30 +37,53 @@ def training_with_one_restart(overrides: list[str], log):
             proc.wait()
 
 
-def rank_1_starts_step_5(run_dir, proc) -> None:
+def rank_1_starts_step_5(run_dir, proc, times: int):
+    """Wait until rank 1 has started step 5 `times` times (once per launch that got there);
+    returns that rank's process."""
     keys = run_dir / "samples/rank1.jsonl"
-    wait_for(lambda: keys.exists() and '"step": 5,' in keys.read_text(), 180,
-             "rank 1 starting step 5", proc)
+
+    def started() -> int:
+        lines = keys.read_text().splitlines() if keys.exists() else []
+        return sum('"step": 5,' in line and '"micro": 0' in line for line in lines)
+
+    wait_for(lambda: started() >= times, 180, f"rank 1 starting step 5 ({times})", proc)
+    return rank_process(proc.pid, 1)
 
 
 @pytest.mark.slow
-def test_a_killed_rank_is_restarted_from_the_last_checkpoint_and_the_run_finishes(
+def test_a_killed_rank_then_a_frozen_one_are_restarted_and_the_run_finishes(
         shard_dir, tokenizer_dir, tmp_path):
-    """SIGKILL rank 1 as it starts step 5 of 6 (checkpoints at 3 and 6): the launcher fails,
-    `vlp train` starts it again with --resume latest-valid, the run resumes at step 3 and ends
-    at step 6 with exit 0."""
+    """One `vlp train --max-restarts 2` run (6 steps, checkpoints at 3 and 6), two faults:
+    1. SIGKILL rank 1 as it starts step 5: the launcher fails, `vlp train` starts it again with
+       --resume latest-valid, and the run resumes at step 3;
+    2. SIGSTOP the new rank 1 as it starts step 5 again: rank 0's watchdog names it, rank 0's
+       next collective times out after step_timeout_s (not dist_timeout_s), and the second
+       restart resumes at step 3 and finishes with exit 0. Once the launcher is killing the
+       frozen rank, the test lets it run, so that its pending SIGTERM ends it at once
+       (DeepSpeed would wait 30 s before SIGKILL)."""
     run_dir = tmp_path / "run"
-    overrides = train_overrides(run_dir, shard_dir, tokenizer_dir, "step_timeout_s=30",
-                                "heartbeat_every_s=1")
+    overrides = train_overrides(run_dir, shard_dir, tokenizer_dir, "step_timeout_s=8",
+                                "heartbeat_every_s=1", "dist_timeout_s=600")
     log = tmp_path / "vlp_train.txt"
-    with training_with_one_restart(overrides, log) as proc:
-        rank_1_starts_step_5(run_dir, proc)
-        rank_process(proc.pid, 1).kill()
+    with training_with_restarts(overrides, log, restarts=2) as proc:
+        rank_1_starts_step_5(run_dir, proc, times=1).kill()
+        wait_for(lambda: "restart 1 of 2" in log.read_text(), 120, "the first restart", proc)
+        frozen = rank_1_starts_step_5(run_dir, proc, times=2)
+        frozen.suspend()
+        stopped = time.monotonic()
+        wait_for(lambda: f"Killing subprocess {frozen.pid}" in log.read_text(), 120,
+                 "the launcher killing the frozen rank 1", proc)
+        frozen.resume()
+        wait_for(lambda: "restart 2 of 2" in log.read_text(), 120, "the second restart", proc)
+        ended = time.monotonic() - stopped
         rc = proc.wait(timeout=180)
     text = log.read_text()
+    print(f"frozen rank 1: the launch ended {ended:.0f} s later")
     assert rc == 0, text[-4000:]
-    assert "restart 1 of 1 (--resume latest-valid)" in text
-    assert "global_step3 at step 3" in text  # resumed from the checkpoint before the kill
+    assert "restart 1 of 2 (--resume latest-valid)" in text
+    assert f"rank 1 ({socket.gethostname()}, pid {frozen.pid}) has written no heartbeat" in text
+    assert ended < 600
+    assert text.count("global_step3 at step 3") == 2  # each restart resumed before the faults
     assert json.loads((run_dir / "train_summary.json").read_text())["step"] == 6
     assert sorted(metrics_by_step(run_dir)) == [1, 2, 3, 4, 5, 6]
     assert (run_dir / "checkpoints/latest").read_text() == "global_step6"
@@ -88,33 +112,3 @@ def test_the_heartbeat_names_a_frozen_rank_and_a_stuck_one(tmp_path):
     assert silent.endswith("the process is gone or frozen")
     assert re.search(r"^rank 2 \(.*\) has been in step 7 \(data\) for 20\d s \(collective "
                      r"timeout 300 s\)$", found[(2, "stuck", 7, "data")])
-
-
-@pytest.mark.slow
-def test_a_frozen_rank_is_named_and_the_step_timeout_ends_the_launch(shard_dir, tokenizer_dir,
-                                                                      tmp_path):
-    """SIGSTOP rank 1 in step 5: rank 0's watchdog names it, rank 0's next collective times out
-    after step_timeout_s (not dist_timeout_s), and `vlp train` restarts the job, which resumes
-    at step 3 and finishes. Once the launcher is killing rank 1, the test lets it run, so that
-    its pending SIGTERM ends it at once (DeepSpeed would wait 30 s before SIGKILL)."""
-    run_dir = tmp_path / "run"
-    overrides = train_overrides(run_dir, shard_dir, tokenizer_dir, "step_timeout_s=8",
-                                "heartbeat_every_s=1", "dist_timeout_s=600")
-    log = tmp_path / "vlp_train.txt"
-    with training_with_one_restart(overrides, log) as proc:
-        rank_1_starts_step_5(run_dir, proc)
-        frozen = rank_process(proc.pid, 1)
-        frozen.suspend()
-        stopped = time.monotonic()
-        wait_for(lambda: f"Killing subprocess {frozen.pid}" in log.read_text(), 120,
-                 "the launcher killing rank 1", proc)
-        frozen.resume()
-        wait_for(lambda: "restart 1 of 1" in log.read_text(), 120, "the restart", proc)
-        ended = time.monotonic() - stopped
-        rc = proc.wait(timeout=180)
-    text = log.read_text()
-    print(f"frozen rank 1: the launch ended {ended:.0f} s later")
-    assert rc == 0, text[-4000:]
-    assert f"rank 1 ({socket.gethostname()}, pid {frozen.pid}) has written no heartbeat" in text
-    assert ended < 600
-    assert "global_step3 at step 3" in text
