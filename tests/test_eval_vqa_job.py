@@ -6,6 +6,7 @@ tests/test_eval_jobs.py."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from PIL import Image
 from test_eval_support import spy_loading_and_autocast, tiny_model_on
 
+from vlp.pipeline.data.checkpoints import CheckpointError
 from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.eval import finetune
 from vlp.pipeline.eval.configs import VQAConfig
@@ -71,9 +73,9 @@ def loaded(tmp_path_factory):
     return tiny_model_on(texts, tmp_path_factory.mktemp("tok"), vocab_size=40)
 
 
-def config(vqa_dir: Path, **settings) -> VQAConfig:
-    return VQAConfig(vqa_dir=vqa_dir, min_answer_count=1, steps=3, batch_size=4, lr=1e-3,
-                     seed=5, **settings)
+def config(vqa_dir: Path | None, **settings) -> VQAConfig:
+    return VQAConfig(**{"vqa_dir": vqa_dir, "min_answer_count": 1, "steps": 3, "batch_size": 4,
+                        "lr": 1e-3, "seed": 5, **settings})
 
 
 def test_predictions_are_a_fine_tune_with_the_settings_given_and_the_metrics_score_them(
@@ -179,3 +181,50 @@ def test_explicit_files_win_over_the_folder_and_a_missing_pair_is_named(vqa_dir,
                                       f"--{name}-annotations")
     split_named = config(vqa_dir, eval_split="train")
     assert evaluate_vqa(loaded, split_named)["num_eval_questions"] == 6
+
+
+def test_a_checkpoint_path_is_loaded_on_the_device_given_by_default_the_cpu(vqa_dir, loaded,
+                                                                          monkeypatch):
+    loads, _ = spy_loading_and_autocast(monkeypatch, job, loaded)
+    evaluate_vqa("a/checkpoint", config(vqa_dir, steps=1))
+    evaluate_vqa("b/checkpoint", config(vqa_dir, steps=1), device="cuda:1")
+    assert loads == [("a/checkpoint", "cpu"), ("b/checkpoint", "cuda:1")]
+
+
+def test_an_onnx_export_is_refused_naming_what_vqa_needs(vqa_dir, loaded):
+    onnx = loaded._replace(info=dataclasses.replace(loaded.info, kind="onnx", path="x/onnx"))
+    with pytest.raises(CheckpointError) as refused:
+        evaluate_vqa(onnx, config(vqa_dir))
+    assert str(refused.value) == (
+        "x/onnx is an ONNX export of the image and text encoders only; VQA (a fine-tuned head "
+        "on the fused encoder) needs the fusion layers and heads: use the export it was made "
+        "from")
+
+
+def test_without_steps_the_epochs_set_the_budget_and_the_backbone_its_learning_rate(vqa_dir,
+                                                                                     loaded):
+    """6 training questions in batches of 4 make 2 steps an epoch; without a learning rate the
+    fine-tune takes 1e-4 with the backbone and 1e-3 for the head alone."""
+    budgets = []
+    for settings in ({"epochs": 2.0, "finetune_backbone": True}, {}):
+        result = evaluate_vqa(loaded, config(vqa_dir, steps=None, lr=None, **settings))
+        budgets.append((result["finetune"]["steps"], result["finetune"]["lr"]))
+    assert budgets == [(4, 1e-4), (2, 1e-3)]
+
+
+def test_images_are_found_with_the_pattern_given_under_each_questions_files_folder(loaded,
+                                                                                  tmp_path):
+    """Explicit files, annotations in another folder, images in a layout no default pattern
+    matches: both splits find theirs under their questions file's folder with the pattern."""
+    files = {}
+    for split, rows in (("train", TRAIN), ("val", EVAL)):
+        questions, annotations = write_split(tmp_path / split, split, rows)
+        (tmp_path / split / "images").rename(tmp_path / split / "pictures")
+        moved = tmp_path / "annotations" / annotations.name
+        moved.parent.mkdir(exist_ok=True)
+        files[split] = (questions, annotations.rename(moved))
+    result = evaluate_vqa(loaded, config(
+        None, train_questions=files["train"][0], train_annotations=files["train"][1],
+        eval_questions=files["val"][0], eval_annotations=files["val"][1],
+        image_pattern="pictures/{split}/{image_id:012d}.jpg"))
+    assert (result["num_train_questions"], result["num_eval_questions"]) == (6, 4)
