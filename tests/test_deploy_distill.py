@@ -11,7 +11,7 @@ from train_helpers import metrics_by_step
 
 from vlp.models.config import load_config
 from vlp.models.distill import DistilledModel, DistillWeights, mlm_distillation, soft_kl
-from vlp.models.model import UnifiedModel
+from vlp.models.model import LossWeights, UnifiedModel
 from vlp.pipeline.cli import main as vlp
 from vlp.pipeline.data.errors import UserError
 from vlp.pipeline.data.model_loading import load_model
@@ -116,3 +116,117 @@ def test_distill_command_trains_a_half_width_student_under_zero3(tmp_path, world
     assert sorted(metrics_by_step(tmp_path / "student.run")) == [1, 2, 3, 4]
     assert load_model(out).info.step is None  # an export, now of step 4
     assert (tmp_path / "student.run/checkpoints/latest").read_text() == "global_step4"
+
+
+def test_every_way_a_teacher_does_not_fit_is_named_and_a_longer_text_fits():
+    student = DistilledModel(load_config("tiny", vocab_size=300, **TINY))
+    short = student.config.max_text_len - 1
+    teacher = UnifiedModel(load_config("tiny", vocab_size=200, **(
+        TINY | {"image_size": 32, "max_text_len": short})))
+    with pytest.raises(ValueError) as refused:
+        student.attach_teacher(teacher)
+    assert str(refused.value) == (
+        "the teacher does not fit the student: image_size (32 vs the student's "
+        f"{student.config.image_size}), vocab_size (200 vs the student's 300), max_text_len "
+        f"({short} < {student.config.max_text_len})")
+    longer = load_config("tiny", vocab_size=300, **(TINY | {"max_text_len": short + 5}))
+    student.attach_teacher(UnifiedModel(longer))
+    assert student.teacher.config.max_text_len == short + 5
+
+
+@pytest.mark.parametrize("log_scale, expected", [(math.log(20.0), 20.0), (math.log(500.0), 100.0)])
+def test_attaching_freezes_the_teacher_and_reads_its_clamped_scale_once(log_scale, expected):
+    config = load_config("tiny", vocab_size=300, **TINY)
+    student, teacher = DistilledModel(config), UnifiedModel(config)
+    with torch.no_grad():
+        teacher.logit_scale.fill_(log_scale)
+    student.attach_teacher(teacher)
+    assert student.teacher_scale == pytest.approx(expected, rel=1e-6)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    with torch.no_grad():
+        teacher.logit_scale.fill_(0.0)
+    assert student.teacher_scale == pytest.approx(expected, rel=1e-6)  # read once
+
+
+def test_forward_refuses_without_a_teacher_or_without_the_pass_a_term_reads():
+    config = load_config("tiny", vocab_size=300, **TINY)
+    batch = _batch(config)
+    with pytest.raises(RuntimeError) as refused:
+        DistilledModel(config)(*batch)
+    assert str(refused.value) == "no teacher: call attach_teacher(teacher) first"
+    for weights, distill, message in (
+            (LossWeights(itc=0.0), DistillWeights(itc=1.0),
+             "ITC distillation reads the student's ITC pass: its ITC weight is 0"),
+            (LossWeights(mlm=0.0), DistillWeights(itc=0.0, mlm=1.0),
+             "MLM distillation reads the student's MLM pass: its MLM weight is 0")):
+        student = DistilledModel(config, weights, distill)
+        student.attach_teacher(UnifiedModel(config))
+        with pytest.raises(ValueError) as refused:
+            student(*batch)
+        assert str(refused.value) == message
+
+
+def _outputs_of(model, modules, *batch):
+    """The plain UnifiedModel forward of `model` on `batch`, and what each of `modules` returned
+    in it."""
+    seen = {m: [] for m in modules}
+    handles = [m.register_forward_hook(lambda m, args, out: seen[m].append(out)) for m in modules]
+    try:
+        out = UnifiedModel.forward(model, *batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out, seen
+
+
+def test_each_term_is_the_kd_of_the_two_models_own_passes_added_with_its_weight():
+    """A teacher with other weights, temperature 2: the ITC term is the soft KL between the two
+    models' scaled cosine logits both ways, the MLM term the one between their MLM logits on the
+    masked caption, each as the plain forward of either model computes them."""
+    config = load_config("tiny", vocab_size=300, **TINY)
+    torch.manual_seed(0)
+    student = DistilledModel(config, distill=DistillWeights(itc=0.3, mlm=0.7, temperature=2.0))
+    torch.manual_seed(1)
+    teacher = UnifiedModel(config)
+    with torch.no_grad():
+        teacher.logit_scale.fill_(math.log(30.0))
+    student.attach_teacher(teacher)
+    student.eval()
+    batch = _batch(config)
+    torch.manual_seed(2)
+    out = student(*batch)
+    torch.manual_seed(2)
+    plain, mine = _outputs_of(student, (student.image_proj, student.text_proj, student.mlm_head),
+                              *batch)
+    with torch.no_grad():
+        _, theirs = _outputs_of(teacher, (teacher.mlm_head,), *batch)
+        images, ids, mask = batch[:3]
+        t_image, t_text = teacher.encode_image(images), teacher.encode_text(ids, mask)
+    s_image, s_text = (torch.nn.functional.normalize(mine[m][0].float(), dim=-1)
+                       for m in (student.image_proj, student.text_proj))
+    scale = student.logit_scale.exp()
+    itc = (soft_kl(scale * s_image @ s_text.T, 30.0 * t_image @ t_text.T, 2.0)
+           + soft_kl(scale * s_text @ s_image.T, 30.0 * t_text @ t_image.T, 2.0)) / 2
+    mlm = mlm_distillation(mine[student.mlm_head][0], theirs[teacher.mlm_head][0], batch[4], 2.0)
+    assert out["distill_itc_loss"].item() == pytest.approx(itc.item(), rel=1e-5)
+    assert out["distill_mlm_loss"].item() == pytest.approx(mlm.item(), rel=1e-5)
+    assert itc.item() > 1e-4 and mlm.item() > 1e-4
+    assert out["loss"].item() == pytest.approx(
+        plain["loss"].item() + 0.3 * itc.item() + 0.7 * mlm.item(), rel=1e-5)
+
+
+def test_a_student_projection_called_twice_in_one_forward_is_an_error(monkeypatch):
+    config = load_config("tiny", vocab_size=300, **TINY)
+    student = DistilledModel(config)
+    student.attach_teacher(UnifiedModel(config))
+    plain = UnifiedModel.forward
+
+    def forward_projecting_twice(self, *batch):
+        self.image_proj(torch.zeros(1, config.width))
+        return plain(self, *batch)
+
+    monkeypatch.setattr(UnifiedModel, "forward", forward_projecting_twice)
+    with pytest.raises(RuntimeError) as refused:
+        student(*_batch(config))
+    assert str(refused.value) == ("distillation expects one call of the student's image_proj "
+                                  "per forward, saw 2")
