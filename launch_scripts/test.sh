@@ -5,8 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch_scripts/install_cpu.sh
 bash launch_scripts/lint_imports.sh
-# Two xdist workers, each test file on one of them (so module fixtures are built once), files in
-# collection order (slow files first: tests/conftest.py), and one thread per process: two workers
-# and the jobs they start already fill two cores.
+# Two xdist workers, each test file on one of them (so module fixtures are built once), and one
+# thread per process: two workers and the jobs they start already fill two cores.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec python3 -m pytest -q -x -n 2 --dist loadfile --no-loadscope-reorder -p no:benchmark --durations=15 "$@"
+exec python3 -m pytest -q -x -n 2 --dist loadfile -p no:benchmark --durations=15 "$@"

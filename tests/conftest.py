@@ -16,13 +16,6 @@ SHARD_IMAGE_SIZE, SAMPLES_PER_SHARD = 64, 32
 TOKENIZER_VOCAB = 400
 
 
-def pytest_collection_modifyitems(items):
-    """Tests marked slow (real multi-process jobs) first. launch_scripts/test.sh hands whole files
-    to two workers in this order (--no-loadscope-reorder), so the long files are spread over both
-    while the many short ones are left to even out the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 @pytest.fixture(scope="session")
 def world_dir(tmp_path_factory):
     """160 training images, 32 retrieval test images, 80/16 VQA images; base_url on a free port."""
