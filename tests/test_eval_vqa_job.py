@@ -228,3 +228,32 @@ def test_images_are_found_with_the_pattern_given_under_each_questions_files_fold
         eval_questions=files["val"][0], eval_annotations=files["val"][1],
         image_pattern="pictures/{split}/{image_id:012d}.jpg"))
     assert (result["num_train_questions"], result["num_eval_questions"]) == (6, 4)
+
+
+def test_the_majorities_count_every_answer_and_an_unseen_type_falls_back_to_the_overall_one(
+        loaded, tmp_path):
+    """The first training answer ("no") is not the most frequent ("yes", 20 of 30), and the
+    eval split asks an "other" question, a type no training question has."""
+    train = [(1, 1, "is there a square?", ["no"] * 10, "yes/no", None),
+             (2, 2, "is there a circle?", ["yes"] * 10, "yes/no", None),
+             (3, 3, "is there a cross?", ["yes"] * 10, "yes/no", None)]
+    evaluation = [(11, 4, "is there a star?", ["yes"] * 10, "yes/no", None),
+                  (12, 5, "what is it?", ["yes"] * 10, "other", None)]
+    write_split(tmp_path, "train", train)
+    write_split(tmp_path, "val", evaluation)
+    result = evaluate_vqa(loaded, config(tmp_path, steps=1))
+    assert result["baseline_answers"] == {"majority": "yes", "type_prior": {"yes/no": "yes"}}
+    assert result["baselines"]["type_prior"]["overall"] == pytest.approx(100.0)
+    assert result["baselines"]["type_prior"]["other"] == pytest.approx(100.0)
+
+
+def test_the_predictions_go_where_asked_and_the_time_is_in_seconds(vqa_dir, loaded, tmp_path):
+    out, predictions = tmp_path / "vqa.json", tmp_path / "elsewhere" / "answers.json"
+    predictions.parent.mkdir()
+    result = evaluate_vqa(loaded, config(vqa_dir, steps=1), out=out, results_out=predictions)
+    assert result["results_file"] == str(predictions)
+    assert sorted(r["question_id"] for r in json.loads(predictions.read_text())) == [11, 12, 13,
+                                                                                     14]
+    assert not (tmp_path / "vqa.results.json").exists()
+    seconds = result["seconds"]
+    assert isinstance(seconds, float) and 0 < seconds < 600 and seconds == round(seconds, 3)
