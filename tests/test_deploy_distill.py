@@ -37,6 +37,22 @@ def test_mlm_distillation_counts_only_masked_positions():
     assert mlm_distillation(student, teacher, torch.full((1, 2), -100), 1.0).item() == 0
 
 
+def test_mlm_distillation_is_the_tempered_kl_averaged_over_the_masked_positions():
+    """Temperature 2 over two masked positions of three: T^2 x the mean of each position's
+    KL(softmax(teacher / T) || softmax(student / T)), written out with probabilities."""
+    teacher = torch.tensor([[[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [9.0, -9.0, 0.0]]])  # (1, 3, 3)
+    student = torch.tensor([[[0.0, 1.0, 0.0], [1.0, 0.0, 2.0], [0.0, 0.0, 0.0]]])
+    labels = torch.tensor([[4, 7, -100]])
+
+    def kl(t_row, s_row):
+        p, q = torch.softmax(t_row / 2.0, -1), torch.softmax(s_row / 2.0, -1)
+        return float((p * (p / q).log()).sum())
+
+    expected = 4.0 * (kl(teacher[0, 0], student[0, 0]) + kl(teacher[0, 1], student[0, 1])) / 2
+    got = mlm_distillation(student, teacher, labels, 2.0).item()
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
 def _batch(config, B=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (B, 3, config.image_size, config.image_size),
@@ -69,7 +85,7 @@ def test_a_teacher_equal_to_the_student_adds_nothing_and_gets_no_gradient():
     out["loss"].backward()
     assert all(p.grad is None for p in student.teacher.parameters())
     assert student.image_proj.weight.grad is not None
-    assert not student.train().teacher.training
+    assert student.train().training and not student.teacher.training
 
 
 def test_distill_keys_are_checked_before_any_work():
@@ -230,3 +246,18 @@ def test_a_student_projection_called_twice_in_one_forward_is_an_error(monkeypatc
         student(*_batch(config))
     assert str(refused.value) == ("distillation expects one call of the student's image_proj "
                                   "per forward, saw 2")
+
+
+def test_vqa_targets_reach_the_students_own_losses():
+    config = load_config("tiny", vocab_size=300, **TINY)
+    torch.manual_seed(0)
+    student = DistilledModel(config)
+    student.attach_teacher(UnifiedModel(config))
+    student.attach_vqa_head(3)
+    student.eval()
+    batch, targets = _batch(config), torch.tensor([[1.0, 0.0, 0.0]] * 4)
+    torch.manual_seed(1)
+    out = student(*batch, vqa_targets=targets)
+    torch.manual_seed(1)
+    plain = UnifiedModel.forward(student, *batch, vqa_targets=targets)
+    assert out["vqa_loss"].item() == pytest.approx(plain["vqa_loss"].item(), rel=1e-6)
