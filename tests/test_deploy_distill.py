@@ -231,21 +231,28 @@ def test_each_term_is_the_kd_of_the_two_models_own_passes_added_with_its_weight(
         plain["loss"].item() + 0.3 * itc.item() + 0.7 * mlm.item(), rel=1e-5)
 
 
-def test_a_student_projection_called_twice_in_one_forward_is_an_error(monkeypatch):
+@pytest.mark.parametrize("name", ["image_proj", "text_proj", "mlm_head"])
+def test_a_student_module_called_twice_in_one_forward_is_an_error(name, monkeypatch):
     config = load_config("tiny", vocab_size=300, **TINY)
-    student = DistilledModel(config)
+    student = DistilledModel(config, distill=DistillWeights(itc=1.0, mlm=1.0))
     student.attach_teacher(UnifiedModel(config))
     plain = UnifiedModel.forward
 
-    def forward_projecting_twice(self, *batch):
-        self.image_proj(torch.zeros(1, config.width))
+    def forward_calling_it_twice(self, *batch):
+        getattr(self, name)(torch.zeros(1, config.width))
         return plain(self, *batch)
 
-    monkeypatch.setattr(UnifiedModel, "forward", forward_projecting_twice)
+    monkeypatch.setattr(UnifiedModel, "forward", forward_calling_it_twice)
     with pytest.raises(RuntimeError) as refused:
         student(*_batch(config))
-    assert str(refused.value) == ("distillation expects one call of the student's image_proj "
-                                  "per forward, saw 2")
+    assert str(refused.value) == (f"distillation expects one call of the student's {name} per "
+                                  "forward, saw 2")
+
+
+def test_the_student_keeps_its_share_of_uniform_itm_negatives():
+    student = DistilledModel(load_config("tiny", vocab_size=300, **TINY),
+                             itm_uniform_negatives=0.25)
+    assert student.itm_uniform_negatives == 0.25
 
 
 def test_vqa_targets_reach_the_students_own_losses():
