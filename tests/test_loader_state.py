@@ -14,9 +14,11 @@ from torch.utils.data import IterableDataset
 
 from vlp.pipeline.data.errors import READ_COUNTS, SKIP_KINDS
 from vlp.pipeline.data.loader import (
+    MAX_AUTO_BLOCK_SHARDS,
     STATE_FORMAT,
     TrainLoader,
     UnreadableShards,
+    _auto_block_shards,
     check_readable,
 )
 
@@ -189,3 +191,13 @@ def test_skipped_counts_leave_the_read_counts_out():
     loader = loader_after(1)
     assert set(loader.skipped_counts()) == set(SKIP_KINDS)
     assert loader.skipped_counts()["bad_image"] == 1
+
+
+@pytest.mark.parametrize("counts, shuffle_buffer, block", [
+    ({"a": 32, "b": 32}, 50, 4),  # twice the buffer over 32-sample shards: ceil(100 / 32)
+    ({"a": 20, "b": 44}, 50, 4),  # the mean shard
+    ({"a": 0}, 3, 6),  # empty shards count as one sample each
+    ({"a": 32}, 0, 1),  # at least one shard
+    ({"a": 32}, 10_000, MAX_AUTO_BLOCK_SHARDS)])
+def test_a_block_holds_about_twice_the_shuffle_buffer(counts, shuffle_buffer, block):
+    assert _auto_block_shards(counts, shuffle_buffer) == block
