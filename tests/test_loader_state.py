@@ -7,9 +7,11 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import time
 from dataclasses import dataclass
 
 import pytest
+import torch
 from torch.utils.data import IterableDataset
 
 from vlp.pipeline.data.errors import READ_COUNTS, SKIP_KINDS
@@ -201,3 +203,43 @@ def test_skipped_counts_leave_the_read_counts_out():
     ({"a": 32}, 10_000, MAX_AUTO_BLOCK_SHARDS)])
 def test_a_block_holds_about_twice_the_shuffle_buffer(counts, shuffle_buffer, block):
     assert _auto_block_shards(counts, shuffle_buffer) == block
+
+
+def test_worker_processes_leave_the_global_rng_alone():
+    """DataLoader draws its workers' base seed from the loader's own generator: starting the
+    workers (also after a resume) does not shift the trainer's random stream."""
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    loader = loader_after(1, num_workers=1)
+    loader.close()
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+class CountingStream(StubStream):
+    """A StubStream that appends a line to `log` for every batch it makes."""
+
+    def __init__(self, spec: Spec, log):
+        super().__init__(spec)
+        self.log = log
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            with open(self.log, "a") as f:
+                f.write("made\n")
+            yield batch
+
+
+def test_a_worker_makes_prefetch_factor_batches_ahead(tmp_path):
+    log = tmp_path / "made.txt"
+    loader = TrainLoader(CountingStream(Spec(), log), num_workers=1, prefetch_factor=3)
+    next(iter(loader))
+
+    def made() -> int:
+        return len(log.read_text().splitlines())
+
+    deadline, last = time.monotonic() + 10, -1
+    while made() != last and time.monotonic() < deadline:  # until the worker stops
+        last = made()
+        time.sleep(0.5)
+    loader.close()
+    assert last == 1 + 3  # the batch handed out and the three asked for ahead
