@@ -14,15 +14,18 @@ import pytest
 import torch
 from torch.utils.data import IterableDataset
 
-from vlp.pipeline.data.errors import READ_COUNTS, SKIP_KINDS
+from vlp.pipeline.data.errors import READ_COUNTS, SKIP_KINDS, UserError
 from vlp.pipeline.data.loader import (
     MAX_AUTO_BLOCK_SHARDS,
     STATE_FORMAT,
+    DataConfig,
     TrainLoader,
     UnreadableShards,
     _auto_block_shards,
+    build_train_loader,
     check_readable,
 )
+from vlp.pipeline.data.sources import ReadSettings
 
 
 @dataclass
@@ -243,3 +246,24 @@ def test_a_worker_makes_prefetch_factor_batches_ahead(tmp_path):
         time.sleep(0.5)
     loader.close()
     assert last == 1 + 3  # the batch handed out and the three asked for ahead
+
+
+@pytest.mark.parametrize("rank, world", [(2, 2), (-1, 2), (0, 0)])
+def test_a_rank_outside_its_world_is_refused(rank, world):
+    with pytest.raises(UserError) as refused:
+        build_train_loader(DataConfig(shards="nowhere/{00000..00001}.tar"), None, batch_size=2,
+                           seed=0, image_size=32, max_text_len=12, rank=rank, world_size=world)
+    assert str(refused.value) == f"rank {rank} is not in a world of size {world}"
+
+
+def test_the_stream_gets_the_sizes_and_read_settings_the_config_gives(tmp_path):
+    from test_loader import build_tokenizer, make_dataset
+
+    config = DataConfig(shards=make_dataset(tmp_path, shards=2, per_shard=4), num_workers=0,
+                        shuffle_buffer_mb=1.5, max_member_mb=0.25, read_buffer_mb=2.5,
+                        read_concurrency=3, read_retries=4)
+    loader = build_train_loader(config, build_tokenizer(), batch_size=2, seed=0, image_size=32,
+                                max_text_len=12, rank=1, world_size=2)
+    spec = loader.stream.spec
+    assert (spec.shuffle_buffer_bytes, spec.max_member_bytes) == (3 * 2**19, 2**18)
+    assert spec.reading == ReadSettings(5 * 2**19, 3, 4)
