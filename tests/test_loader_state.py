@@ -267,3 +267,11 @@ def test_the_stream_gets_the_sizes_and_read_settings_the_config_gives(tmp_path):
     spec = loader.stream.spec
     assert (spec.shuffle_buffer_bytes, spec.max_member_bytes) == (3 * 2**19, 2**18)
     assert spec.reading == ReadSettings(5 * 2**19, 3, 4)
+
+
+def test_a_skip_kind_only_a_later_version_counts_is_carried_over():
+    state = loader_after(1).state_dict()
+    state["skipped"]["found_later"] = 2
+    resumed = loader_after(0)
+    resumed.load_state_dict(state)
+    assert resumed.counts()["found_later"] == 2
