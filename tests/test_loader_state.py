@@ -25,6 +25,7 @@ from vlp.pipeline.data.loader import (
     build_train_loader,
     check_readable,
 )
+from vlp.pipeline.data.negatives import load_lexicon
 from vlp.pipeline.data.sources import ReadSettings
 
 
@@ -275,3 +276,21 @@ def test_a_skip_kind_only_a_later_version_counts_is_carried_over():
     resumed = loader_after(0)
     resumed.load_state_dict(state)
     assert resumed.counts()["found_later"] == 2
+
+
+def test_edited_negatives_get_an_editor_of_the_lexicon_and_its_class_weights(tmp_path):
+    from test_loader import build_tokenizer, make_dataset
+
+    lexicon = {"colour": [["red"], ["grey", "gray"]], "shape": [["circle"], ["square"]]}
+    (tmp_path / "lexicon.json").write_text(json.dumps(lexicon))
+    shards = make_dataset(tmp_path / "shards", shards=2, per_shard=4)
+    built = {}
+    for edited in (True, False):
+        config = DataConfig(shards=shards, num_workers=0, lexicon=str(tmp_path / "lexicon.json"),
+                            edited_negatives=edited, edit_class_weights={"shape": 3.0})
+        built[edited] = build_train_loader(config, build_tokenizer(), batch_size=2, seed=0,
+                                           image_size=32, max_text_len=12, rank=0,
+                                           world_size=1).stream.spec.editor
+    assert built[False] is None
+    assert built[True].lexicon == load_lexicon(tmp_path / "lexicon.json")
+    assert built[True].class_weights == {"shape": 3.0}
