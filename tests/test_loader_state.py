@@ -294,3 +294,25 @@ def test_edited_negatives_get_an_editor_of_the_lexicon_and_its_class_weights(tmp
     assert built[False] is None
     assert built[True].lexicon == load_lexicon(tmp_path / "lexicon.json")
     assert built[True].class_weights == {"shape": 3.0}
+
+
+def test_with_sha256_each_rank_hashes_only_its_share_of_the_shards(tmp_path):
+    """Shard 0's recorded sha256 is wrong: rank 0 of 2 hashes shards 0 and 2 and names it;
+    rank 1 hashes shards 1 and 3 only."""
+    from test_loader import build_tokenizer, make_dataset
+
+    shards = make_dataset(tmp_path, shards=4, per_shard=4)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        entry["sha256"] = hashlib.sha256((tmp_path / entry["name"]).read_bytes()).hexdigest()
+    manifest["shards"][0]["sha256"] = "0" * 64
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    config = DataConfig(shards=shards, num_workers=0, verify="sha256")
+
+    def build(rank: int) -> TrainLoader:
+        return build_train_loader(config, build_tokenizer(), batch_size=2, seed=0,
+                                  image_size=32, max_text_len=12, rank=rank, world_size=2)
+
+    assert build(1).stream.spec.rank == 1
+    with pytest.raises(UserError, match="00000.tar has the manifest's size but not its sha256"):
+        build(0)
