@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from test_loader import build_tokenizer, make_dataset
 from torch.utils.data import IterableDataset
 
 from vlp.pipeline.data.errors import READ_COUNTS, SKIP_KINDS, UserError
@@ -249,6 +250,17 @@ def test_a_worker_makes_prefetch_factor_batches_ahead(tmp_path):
     assert last == 1 + 3  # the batch handed out and the three asked for ahead
 
 
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def built(config: DataConfig, tokenizer, rank: int = 0, world_size: int = 1) -> TrainLoader:
+    """build_train_loader with small stream settings."""
+    return build_train_loader(config, tokenizer, batch_size=2, seed=0, image_size=32,
+                              max_text_len=12, rank=rank, world_size=world_size)
+
+
 @pytest.mark.parametrize("rank, world", [(2, 2), (-1, 2), (0, 0)])
 def test_a_rank_outside_its_world_is_refused(rank, world):
     with pytest.raises(UserError) as refused:
@@ -257,15 +269,11 @@ def test_a_rank_outside_its_world_is_refused(rank, world):
     assert str(refused.value) == f"rank {rank} is not in a world of size {world}"
 
 
-def test_the_stream_gets_the_sizes_and_read_settings_the_config_gives(tmp_path):
-    from test_loader import build_tokenizer, make_dataset
-
+def test_the_stream_gets_the_sizes_and_read_settings_the_config_gives(tmp_path, tokenizer):
     config = DataConfig(shards=make_dataset(tmp_path, shards=2, per_shard=4), num_workers=0,
                         shuffle_buffer_mb=1.5, max_member_mb=0.25, read_buffer_mb=2.5,
                         read_concurrency=3, read_retries=4)
-    loader = build_train_loader(config, build_tokenizer(), batch_size=2, seed=0, image_size=32,
-                                max_text_len=12, rank=1, world_size=2)
-    spec = loader.stream.spec
+    spec = built(config, tokenizer, rank=1, world_size=2).stream.spec
     assert (spec.shuffle_buffer_bytes, spec.max_member_bytes) == (3 * 2**19, 2**18)
     assert spec.reading == ReadSettings(5 * 2**19, 3, 4)
 
@@ -278,29 +286,24 @@ def test_a_skip_kind_only_a_later_version_counts_is_carried_over():
     assert resumed.counts()["found_later"] == 2
 
 
-def test_edited_negatives_get_an_editor_of_the_lexicon_and_its_class_weights(tmp_path):
-    from test_loader import build_tokenizer, make_dataset
-
+def test_edited_negatives_get_an_editor_of_the_lexicon_and_its_class_weights(tmp_path,
+                                                                              tokenizer):
     lexicon = {"colour": [["red"], ["grey", "gray"]], "shape": [["circle"], ["square"]]}
     (tmp_path / "lexicon.json").write_text(json.dumps(lexicon))
     shards = make_dataset(tmp_path / "shards", shards=2, per_shard=4)
-    built = {}
+    editors = {}
     for edited in (True, False):
         config = DataConfig(shards=shards, num_workers=0, lexicon=str(tmp_path / "lexicon.json"),
                             edited_negatives=edited, edit_class_weights={"shape": 3.0})
-        built[edited] = build_train_loader(config, build_tokenizer(), batch_size=2, seed=0,
-                                           image_size=32, max_text_len=12, rank=0,
-                                           world_size=1).stream.spec.editor
-    assert built[False] is None
-    assert built[True].lexicon == load_lexicon(tmp_path / "lexicon.json")
-    assert built[True].class_weights == {"shape": 3.0}
+        editors[edited] = built(config, tokenizer).stream.spec.editor
+    assert editors[False] is None
+    assert editors[True].lexicon == load_lexicon(tmp_path / "lexicon.json")
+    assert editors[True].class_weights == {"shape": 3.0}
 
 
-def test_with_sha256_each_rank_hashes_only_its_share_of_the_shards(tmp_path):
+def test_with_sha256_each_rank_hashes_only_its_share_of_the_shards(tmp_path, tokenizer):
     """Shard 0's recorded sha256 is wrong: rank 0 of 2 hashes shards 0 and 2 and names it;
     rank 1 hashes shards 1 and 3 only."""
-    from test_loader import build_tokenizer, make_dataset
-
     shards = make_dataset(tmp_path, shards=4, per_shard=4)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     for entry in manifest["shards"]:
@@ -308,11 +311,6 @@ def test_with_sha256_each_rank_hashes_only_its_share_of_the_shards(tmp_path):
     manifest["shards"][0]["sha256"] = "0" * 64
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     config = DataConfig(shards=shards, num_workers=0, verify="sha256")
-
-    def build(rank: int) -> TrainLoader:
-        return build_train_loader(config, build_tokenizer(), batch_size=2, seed=0,
-                                  image_size=32, max_text_len=12, rank=rank, world_size=2)
-
-    assert build(1).stream.spec.rank == 1
+    assert built(config, tokenizer, rank=1, world_size=2).stream.spec.rank == 1
     with pytest.raises(UserError, match="00000.tar has the manifest's size but not its sha256"):
-        build(0)
+        built(config, tokenizer, rank=0, world_size=2)
