@@ -20,3 +20,16 @@ PYTHONWARNINGS=ignore::UserWarning "$PY" -m pip install -q -e ".[dev,deploy,s3,f
 # compares them with `vlp eval`). Its package metadata pulls torchvision and open_clip, which have
 # no CPU build here; the metric modules need only torch and scikit-learn (in the dev extra).
 "$PY" -m pip install -q --no-deps clip-benchmark==1.6.2
+# DeepSpeed compiles the ops the CPU path uses (CPU Adam for optimizer offload, the shared-memory
+# collectives) the first time a job needs them: about two minutes under load, inside whichever
+# job or test comes first. Build them here, once per machine; later calls load the cached build.
+if [ -z "${cuda_torch:-}" ] && ! built=$("$PY" - 2>&1 <<'PYTHON'
+from deepspeed.accelerator import get_accelerator
+
+for name in ("CPUAdamBuilder", "ShareMemCommBuilder"):
+    get_accelerator().create_op_builder(name).load(verbose=False)
+PYTHON
+); then
+  echo "warning: DeepSpeed's CPU ops did not build (jobs will retry; \`vlp doctor\` checks):"
+  echo "$built" | tail -5
+fi
