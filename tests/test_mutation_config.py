@@ -53,3 +53,25 @@ def test_a_survivor_is_known_by_its_function_and_change_not_its_number():
 def test_the_doc_keeps_the_generated_tables_markers():
     text = report.DOC.read_text()
     assert text.count(report.START) == 1 and text.count(report.END) == 1
+
+
+def test_a_record_of_one_module_keeps_what_was_recorded_of_the_others(tmp_path, monkeypatch):
+    """A fresh workspace that ran one module must not drop the other modules' scores, nor twin
+    survivors (two mutants with one change) of either."""
+    monkeypatch.setattr(results, "SURVIVORS_FILE", tmp_path / "survivors.toml")
+    flops, losses = "models/flops.py", "models/losses.py"
+    twin = ("-    a = 1", "+    a = 2")
+    untested = ("-    b = 1", "+    b = None")
+    results.SURVIVORS_FILE.write_text(
+        f'[modules]\n"{flops}" = {{ detected = 7, no_tests = 1 }}\n\n' + "\n".join(
+            f'[[mutant]]\nfunction = "vlp.models.flops.x_f"\nchange = {list(change)!r}\n'
+            f'equivalent = {flag}\n' + ('why = "same value"\n' if flag == "true" else "")
+            for change, flag in ((twin, "true"), (twin, "true"), (untested, "false"))
+        ).replace("'", '"'))
+    survivor = results.Mutant("vlp.models.losses.x_g__mutmut_4", losses, "survived", twin)
+    results.write_record([results.ModuleScore(losses, killed=5)], [survivor, survivor])
+    assert results.recorded_modules() == [losses, flops]  # in modules.toml's order
+    assert [vars(s) for s in results.recorded_scores()] == [
+        dict(module=losses, killed=5, survived=2, no_tests=0, equivalent=0),
+        dict(module=flops, killed=7, survived=0, no_tests=1, equivalent=2)]
+    assert results.load_record()[("vlp.models.flops.x_f", twin)]["why"] == "same value"

@@ -51,15 +51,17 @@ def collect(source: Path, modules: list[str]) -> None:
 
 
 def record() -> None:
-    """Record the survivors of every core module run to the end, and the table of all of them."""
+    """Record the scores and survivors of the core modules run to the end in this workspace,
+    then write the table of every recorded module (the others keep their last record)."""
     mutants = results.load_mutants(skip_unrun=True)
     unchecked = {m.module for m in mutants if m.status == "not checked"}
     done = [m for m in core_modules() if any(x.module == m for x in mutants) and m not in unchecked]
     mutants = [m for m in mutants if m.module in done]
-    results.write_record(done, [m for m in mutants if m.status in results.UNDETECTED])
-    not_run = [m for m in core_modules() if m not in done]
-    report.write_doc(results.scores(mutants), results.load_record(), not_run)
-    print(report.summary(results.scores(mutants)))
+    results.write_record(results.scores(mutants), [m for m in mutants if m.status in results.UNDETECTED])
+    scores = results.recorded_scores()
+    not_run = [m for m in core_modules() if m not in results.recorded_modules()]
+    report.write_doc(scores, results.load_record(), not_run)
+    print(report.summary(scores))
 
 
 def show(modules: list[str]) -> None:

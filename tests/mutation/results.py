@@ -92,29 +92,53 @@ def load_record() -> dict[tuple[str, tuple[str, ...]], dict]:
 
 def recorded_modules() -> list[str]:
     """The core modules whose every mutant has a verdict recorded in survivors.toml."""
-    return _load_file().get("modules", [])
+    return list(_load_file().get("modules", {}))
 
 
 def _toml_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def write_record(modules: list[str], survivors: list[Mutant]) -> None:
-    """Rewrite survivors.toml with the survivors of `modules`, keeping what was said of each."""
-    previous = load_record()
-    listed = ", ".join(f'"{m}"' for m in modules)
+def write_record(scores: list[ModuleScore], survivors: list[Mutant]) -> None:
+    """Rewrite survivors.toml with the scores and survivors of the modules run to the end here,
+    keeping what was recorded of the other modules and what was said of each mutant."""
+    previous, previous_counts = load_record(), _load_file().get("modules", {})
+    counts = {**previous_counts,
+              **{s.module: {"detected": s.killed, "no_tests": s.no_tests} for s in scores}}
+    order = list(core_modules())
     lines = ["# Mutants the last full mutation run left alive (written by `bash launch_scripts/mutation.sh",
              "# record`). `equivalent = true` needs a `why`: no input can tell the mutant from the code.",
              "# The others are gaps in the tests; the sampled CI run tolerates only mutants listed here.",
-             f"modules = [{listed}]", ""]
+             "# [modules]: each module run to the end, with its detected and never-tested mutants.",
+             "[modules]"]
+    for module in sorted(counts, key=order.index):
+        lines.append(f'"{module}" = {{ detected = {counts[module]["detected"]}, '
+                     f'no_tests = {counts[module]["no_tests"]} }}')
+    lines.append("")
     for mutant in sorted(survivors, key=lambda m: (m.module, m.name)):
         lines.append(entry(mutant, previous.get(mutant.key, {})))
     # What was said of the mutants of modules not run to the end this time stays.
-    rerun = tuple(_prefix(m) for m in modules)
-    for (function, change), said in previous.items():
-        if not function.startswith(rerun):
-            lines.append(entry(Mutant(function + "__mutmut_0", "", "", change), said))
+    rerun = tuple(_prefix(s.module) for s in scores)
+    for said in _load_file().get("mutant", []):
+        if not said["function"].startswith(rerun):
+            lines.append(entry(Mutant(said["function"] + "__mutmut_0", "", "", said["change"]), said))
     SURVIVORS_FILE.write_text("\n".join(lines))
+
+
+def recorded_scores() -> list[ModuleScore]:
+    """Each recorded module's score, from survivors.toml alone: its detected and never-tested
+    counts, and its listed survivors (equivalent or not)."""
+    module_scores = {module: ModuleScore(module, killed=c["detected"], no_tests=c["no_tests"])
+                     for module, c in _load_file().get("modules", {}).items()}
+    for said in _load_file().get("mutant", []):  # one entry per mutant, twins included
+        score = next(s for m, s in module_scores.items() if said["function"].startswith(_prefix(m)))
+        if said["equivalent"]:
+            score.equivalent += 1
+        else:
+            score.survived += 1
+    for score in module_scores.values():
+        score.survived -= score.no_tests  # the never-tested are listed among the survivors
+    return list(module_scores.values())
 
 
 def _prefix(module: str) -> str:
