@@ -46,7 +46,8 @@ REFUSED = [
     (dict(shuffle_buffer_mb=0), "data.shuffle_buffer_mb must be a finite number > 0, got 0"),
     (dict(shuffle_buffer_mb=math.inf),
      "data.shuffle_buffer_mb must be a finite number > 0, got inf"),
-    (dict(read_buffer_mb=0.0009), "data.read_buffer_mb must be in [1/1024, 1024], got 0.0009"),
+    (dict(read_buffer_mb=0.000976),  # just under 1/1024 = 0.0009765625
+     "data.read_buffer_mb must be in [1/1024, 1024], got 0.000976"),
     (dict(read_buffer_mb=1024.5), "data.read_buffer_mb must be in [1/1024, 1024], got 1024.5"),
     (dict(read_concurrency=0), "data.read_concurrency must be in [1, 64], got 0"),
     (dict(read_concurrency=65), "data.read_concurrency must be in [1, 64], got 65"),
@@ -89,9 +90,10 @@ def test_pickle_formats_are_refused_as_members_that_run_code(fields):
     named = fields.get("image_keys", [fields.get("caption_key")])[-1]
     with pytest.raises(UserError) as refused:
         DataConfig(**fields)
-    assert str(refused.value).startswith(
+    assert str(refused.value) == (
         f"refusing to decode [{named!r}] members: only images (jpg, jpeg, png, webp) and "
-        "captions (txt, text, caption) are decoded; pickle-based formats")
+        "captions (txt, text, caption) are decoded; pickle-based formats (.pyd, .pth, .pickle) "
+        "run code when loaded and are never unpickled.")
 
 
 # ------------------------------------------------------------------------------- plan_shards

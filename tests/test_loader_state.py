@@ -269,11 +269,13 @@ def test_a_rank_outside_its_world_is_refused(rank, world):
     assert str(refused.value) == f"rank {rank} is not in a world of size {world}"
 
 
-def test_the_stream_gets_the_sizes_and_read_settings_the_config_gives(tmp_path, tokenizer):
+def test_the_loader_gets_the_sizes_read_settings_and_prefetch_the_config_gives(tmp_path, tokenizer):
     config = DataConfig(shards=make_dataset(tmp_path, shards=2, per_shard=4), num_workers=0,
                         shuffle_buffer_mb=1.5, max_member_mb=0.25, read_buffer_mb=2.5,
-                        read_concurrency=3, read_retries=4)
-    spec = built(config, tokenizer, rank=1, world_size=2).stream.spec
+                        read_concurrency=3, read_retries=4, prefetch_factor=3)
+    loader = built(config, tokenizer, rank=1, world_size=2)
+    assert (loader.num_workers, loader.prefetch_factor) == (0, 3)
+    spec = loader.stream.spec
     assert (spec.shuffle_buffer_bytes, spec.max_member_bytes) == (3 * 2**19, 2**18)
     assert spec.reading == ReadSettings(5 * 2**19, 3, 4)
 
