@@ -5,6 +5,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "mutation"))
 
@@ -75,3 +77,13 @@ def test_a_record_of_one_module_keeps_what_was_recorded_of_the_others(tmp_path, 
         dict(module=losses, killed=5, survived=2, no_tests=0, equivalent=0),
         dict(module=flops, killed=7, survived=0, no_tests=1, equivalent=2)]
     assert results.load_record()[("vlp.models.flops.x_f", twin)]["why"] == "same value"
+
+
+def test_a_survivor_of_a_module_not_recorded_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "SURVIVORS_FILE", tmp_path / "survivors.toml")
+    results.SURVIVORS_FILE.write_text(
+        '[modules]\n"models/flops.py" = { detected = 7, no_tests = 0 }\n\n[[mutant]]\n'
+        'function = "vlp.models.losses.x_f"\nchange = ["-a", "+b"]\nequivalent = false\n')
+    with pytest.raises(SystemExit, match="lists a mutant of a module it does not record in "
+                                         r"\[modules\]: vlp.models.losses.x_f"):
+        results.recorded_scores()

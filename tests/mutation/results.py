@@ -131,7 +131,11 @@ def recorded_scores() -> list[ModuleScore]:
     module_scores = {module: ModuleScore(module, killed=c["detected"], no_tests=c["no_tests"])
                      for module, c in _load_file().get("modules", {}).items()}
     for said in _load_file().get("mutant", []):  # one entry per mutant, twins included
-        score = next(s for m, s in module_scores.items() if said["function"].startswith(_prefix(m)))
+        score = next((s for m, s in module_scores.items()
+                      if said["function"].startswith(_prefix(m))), None)
+        if score is None:
+            raise SystemExit(f"{SURVIVORS_FILE.name} lists a mutant of a module it does not "
+                             f"record in [modules]: {said['function']}")
         if said["equivalent"]:
             score.equivalent += 1
         else:
