@@ -85,9 +85,10 @@ def _load_file() -> dict:
         return tomllib.load(f)
 
 
-def load_record() -> dict[tuple[str, tuple[str, ...]], dict]:
-    """survivors.toml as {(function, changed lines): entry}."""
-    return {(e["function"], tuple(e["change"])): e for e in _load_file().get("mutant", [])}
+def load_record(recorded: dict | None = None) -> dict[tuple[str, tuple[str, ...]], dict]:
+    """survivors.toml (or its `recorded` contents) as {(function, changed lines): entry}."""
+    entries = (recorded if recorded is not None else _load_file()).get("mutant", [])
+    return {(e["function"], tuple(e["change"])): e for e in entries}
 
 
 def recorded_modules() -> list[str]:
@@ -102,8 +103,9 @@ def _toml_string(text: str) -> str:
 def write_record(scores: list[ModuleScore], survivors: list[Mutant]) -> None:
     """Rewrite survivors.toml with the scores and survivors of the modules run to the end here,
     keeping what was recorded of the other modules and what was said of each mutant."""
-    previous, previous_counts = load_record(), _load_file().get("modules", {})
-    counts = {**previous_counts,
+    recorded = _load_file()
+    previous = load_record(recorded)
+    counts = {**recorded.get("modules", {}),
               **{s.module: {"detected": s.killed, "no_tests": s.no_tests} for s in scores}}
     order = list(core_modules())
     lines = ["# Mutants the last full mutation run left alive (written by `bash launch_scripts/mutation.sh",
@@ -119,7 +121,7 @@ def write_record(scores: list[ModuleScore], survivors: list[Mutant]) -> None:
         lines.append(entry(mutant, previous.get(mutant.key, {})))
     # What was said of the mutants of modules not run to the end this time stays.
     rerun = tuple(_prefix(s.module) for s in scores)
-    for said in _load_file().get("mutant", []):
+    for said in recorded.get("mutant", []):
         if not said["function"].startswith(rerun):
             lines.append(entry(Mutant(said["function"] + "__mutmut_0", "", "", said["change"]), said))
     SURVIVORS_FILE.write_text("\n".join(lines))
@@ -128,9 +130,10 @@ def write_record(scores: list[ModuleScore], survivors: list[Mutant]) -> None:
 def recorded_scores() -> list[ModuleScore]:
     """Each recorded module's score, from survivors.toml alone: its detected and never-tested
     counts, and its listed survivors (equivalent or not)."""
+    recorded = _load_file()
     module_scores = {module: ModuleScore(module, killed=c["detected"], no_tests=c["no_tests"])
-                     for module, c in _load_file().get("modules", {}).items()}
-    for said in _load_file().get("mutant", []):  # one entry per mutant, twins included
+                     for module, c in recorded.get("modules", {}).items()}
+    for said in recorded.get("mutant", []):  # one entry per mutant, twins included
         score = next((s for m, s in module_scores.items()
                       if said["function"].startswith(_prefix(m))), None)
         if score is None:
