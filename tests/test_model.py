@@ -3,6 +3,8 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from vlp.models import LossWeights, ModelConfig, UnifiedModel, flops_per_sample, load_config
@@ -96,7 +98,8 @@ def test_public_methods_shapes():
             assert emb.shape == (3, config.embed_dim)
             torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
         assert model.itm_logits(images, ids, mask).shape == (3, 2)
-        with pytest.raises(RuntimeError, match="attach_vqa_head"):
+        with pytest.raises(RuntimeError, match=r"^no VQA head: call "
+                                               r"model\.attach_vqa_head\(num_answers\) first$"):
             model.vqa_logits(images, ids, mask)
         model.attach_vqa_head(7)
         assert model.vqa_logits(images, ids, mask).shape == (3, 7)
@@ -234,6 +237,67 @@ def test_late_fusion_vqa_reads_only_the_unimodal_states():
     assert all(p.grad is not None for p in model.vqa_head.parameters())
     with pytest.raises(ValueError, match="fusion"):
         model.attach_vqa_head(5, fusion="early")
+
+
+def head_input(layer: nn.Module, run) -> torch.Tensor:
+    """What `layer` receives while `run()` executes."""
+    seen = []
+    handle = layer.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_late_fusion_vqa_reads_the_cls_states_retrieval_pools():
+    """The late-fusion head reads [image CLS; question CLS] as retrieval pools them: projected and
+    normalised, they are encode_image and encode_text (the question's padding masked, every image
+    token through the image expert: 65 tokens, more than the width)."""
+    config = small_config()
+    assert 1 + config.num_patches > config.width
+    model = UnifiedModel(config).eval()
+    model.attach_vqa_head(5, fusion="late")
+    batch = make_batch(config, B=3)
+    images, ids, mask = batch["images"], batch["text_ids"], batch["text_mask"]
+    assert not mask.all()  # padded questions
+    with torch.no_grad():
+        features = head_input(model.vqa_head[0], lambda: model.vqa_logits(images, ids, mask))
+        image_cls, text_cls = features.split(config.width, dim=-1)
+        torch.testing.assert_close(F.normalize(model.image_proj(image_cls), dim=-1),
+                                   model.encode_image(images))
+        torch.testing.assert_close(F.normalize(model.text_proj(text_cls), dim=-1),
+                                   model.encode_text(ids, mask))
+
+
+def test_fused_vqa_reads_the_fused_state_the_itm_head_reads():
+    """With tiny's pooling (the fused pass's text [CLS], position 1) the VQA head reads what the
+    ITM head reads for the same image and question."""
+    config = small_config()
+    assert config.fused_pooling == "text_cls"
+    model = UnifiedModel(config).eval()
+    model.attach_vqa_head(5)
+    batch = make_batch(config, B=3)
+    images, ids, mask = batch["images"], batch["text_ids"], batch["text_mask"]
+    with torch.no_grad():
+        vqa_in = head_input(model.vqa_head[0], lambda: model.vqa_logits(images, ids, mask))
+        itm_in = head_input(model.itm_head, lambda: model.itm_logits(images, ids, mask))
+        memory = model.image_memory(model.image_states(images))
+        fused = model.fuse(memory, model.text_states(ids, mask), mask)
+    torch.testing.assert_close(vqa_in, fused[:, 1])
+    torch.testing.assert_close(itm_in, fused[:, 1])
+
+
+def test_vqa_head_is_an_mlp_with_the_models_layer_norm_in_the_models_dtype():
+    config = small_config(layer_norm_eps=1e-3)
+    model = UnifiedModel(config).to(torch.bfloat16)
+    model.attach_vqa_head(3)
+    head = model.vqa_head
+    assert [type(layer) for layer in head] == [nn.Linear, nn.LayerNorm, nn.GELU, nn.Linear]
+    hidden = config.vqa_hidden_mult * config.width
+    assert (head[0].in_features, head[0].out_features, head[-1].out_features) == (64, hidden, 3)
+    assert head[1].normalized_shape == (hidden,) and head[1].eps == 1e-3
+    assert {p.dtype for p in head.parameters()} == {torch.bfloat16}
 
 
 def test_zero_weight_skips_the_objective_and_mlm_needs_its_inputs():
