@@ -1,5 +1,6 @@
 """The unified model: configs, shapes, padding, expert routing, gradients, bf16, FLOPs."""
 import json
+import math
 
 import pytest
 import torch
@@ -408,6 +409,22 @@ def test_sincos_positions_are_a_fixed_table_that_tells_rows_and_columns_apart():
     assert torch.equal(model.image_embed.pos[0, 1:], sincos_2d(
         model.config.image_size // model.config.patch_size, model.config.width))
     assert not model.image_embed.pos[0, 0].any()  # CLS: no position
+
+
+def test_sincos_table_entries_are_written_out():
+    """Entry (row r, column c), channel by channel: the row's code then the column's, each the
+    sines then the cosines of the coordinate at frequencies 10000^(-j / (width / 4))."""
+    grid, width = 3, 8
+    table = sincos_2d(grid, width)
+    frequencies = [10000 ** (-j / (width // 4)) for j in range(width // 4)]
+    for r in range(grid):
+        for c in range(grid):
+            expected = [wave(coord * f) for coord in (r, c) for wave in (math.sin, math.cos)
+                        for f in frequencies]
+            torch.testing.assert_close(table[r * grid + c], torch.tensor(expected))
+    with pytest.raises(ValueError, match=r"^2D sin-cos positions need a width divisible by 4, "
+                                         r"got 6$"):
+        sincos_2d(3, 6)
 
 
 def test_the_uniform_share_of_itm_negatives_is_a_construction_argument(monkeypatch):
