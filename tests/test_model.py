@@ -427,6 +427,81 @@ def test_sincos_table_entries_are_written_out():
         sincos_2d(3, 6)
 
 
+def test_uint8_pixels_are_normalised_with_clips_statistics():
+    """The loader ships uint8; the model normalises with CLIP's mean and std (written out here),
+    so uint8 pixels embed exactly as the float images a CLIP preprocessing would give."""
+    model = UnifiedModel(small_config()).eval()
+    pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    mean = 255 * torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
+    std = 255 * torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model.image_embed(pixels),
+                                   model.image_embed((pixels.float() - mean) / std))
+
+
+def test_image_tokens_are_cls_then_patches_plus_their_positions():
+    config = small_config(position_embedding="sincos")
+    embed = UnifiedModel(config).image_embed
+    with torch.no_grad():
+        embed.cls.normal_()
+        images = torch.randn(2, 3, 64, 64)
+        tokens = embed(images)
+        patches = embed.patch(images).flatten(2).transpose(1, 2)  # row-major patch order
+    torch.testing.assert_close(tokens[:, 0], embed.cls[0].expand(2, -1))  # no CLS position
+    torch.testing.assert_close(tokens[:, 1:] - patches, sincos_2d(8, 64).expand(2, -1, -1))
+
+
+def test_mlm_head_computes_berts_prediction_head():
+    """Against transformers' BertLMPredictionHead holding the same weights."""
+    from transformers import BertConfig
+    from transformers.models.bert.modeling_bert import BertLMPredictionHead
+
+    config = small_config(layer_norm_eps=1e-3)
+    model = UnifiedModel(config).eval()
+    bert = BertLMPredictionHead(BertConfig(hidden_size=64, vocab_size=VOCAB, hidden_act="gelu",
+                                           layer_norm_eps=1e-3))
+    with torch.no_grad():
+        for param in model.mlm_head.parameters():
+            param.normal_()
+        head = model.mlm_head
+        for ours, theirs in ((head.dense, bert.transform.dense),
+                             (head.norm, bert.transform.LayerNorm), (head.decoder, bert.decoder)):
+            theirs.weight.copy_(ours.weight)
+            theirs.bias.copy_(ours.bias)
+        x = torch.randn(5, 64)
+        torch.testing.assert_close(head(x), bert(x))
+    assert head.decoder.weight is model.text_embed.token.weight  # tied
+
+
+def test_the_itc_scale_is_exp_of_the_parameter_clamped_at_100():
+    model = UnifiedModel(small_config())
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(20.0))
+        assert model.itc_logit_scale().item() == pytest.approx(20.0)
+        model.logit_scale.fill_(math.log(1000.0))
+        assert model.itc_logit_scale().item() == pytest.approx(100.0)
+    assert model.itc_logit_scale().shape == ()
+
+
+def test_the_fused_pass_adds_type_0_to_the_image_and_type_1_to_the_text():
+    """Moving each type embedding into the states by hand gives the same fused pass."""
+    config = small_config()
+    model = UnifiedModel(config).eval()
+    batch = make_batch(config, B=2)
+    ids, mask = batch["text_ids"], batch["text_mask"]
+    with torch.no_grad():
+        model.type_embed.weight.normal_()
+        image_states = model.image_states(batch["images"])
+        text_states = model.text_states(ids, mask)
+        fused = model.fuse(model.image_memory(image_states), text_states, mask)
+        image_type, text_type = model.type_embed.weight.clone()
+        model.type_embed.weight.zero_()
+        by_hand = model.fuse(model.image_memory(image_states + image_type),
+                             text_states + text_type, mask)
+    torch.testing.assert_close(fused, by_hand)
+
+
 def test_the_uniform_share_of_itm_negatives_is_a_construction_argument(monkeypatch):
     import vlp.models.model as model_module
 
