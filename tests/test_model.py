@@ -502,6 +502,38 @@ def test_the_fused_pass_adds_type_0_to_the_image_and_type_1_to_the_text():
     torch.testing.assert_close(fused, by_hand)
 
 
+def test_forward_weighs_the_losses_and_reports_diagnostics_the_model_agrees_with():
+    """The total is the weighted sum; the temperature is 1 / scale; the edited-caption
+    accuracies count, over the images that have an edit (and only with ITC on, ITM off, too),
+    how often ITC's similarity and ITM's log-odds prefer the caption to its edit."""
+    config = small_config()
+    weights = LossWeights(itc=0.5, itm=2.0, mlm=0.25)
+    model = UnifiedModel(config, weights).eval()
+    batch = make_batch(config, B=4)
+    images, ids, mask = batch["images"], batch["text_ids"], batch["text_mask"]
+    edits = make_batch(config, B=4, seed=1)
+    has_neg = torch.tensor([True, True, True, False])
+    negatives = dict(neg_ids=edits["text_ids"], neg_mask=edits["text_mask"], has_neg=has_neg)
+    with torch.no_grad():
+        out = model(**batch, **negatives)
+        image_emb, text_emb = model.encode_image(images), model.encode_text(ids, mask)
+        edit_emb = model.encode_text(edits["text_ids"], edits["text_mask"])
+        true_itm = model.itm_logits(images, ids, mask)
+        edit_itm = model.itm_logits(images, edits["text_ids"], edits["text_mask"])
+        itc_only = UnifiedModel(config, LossWeights(itm=0, mlm=0)).eval()
+        itc_only.load_state_dict(model.state_dict())
+        itc_out = itc_only(images, ids, mask, **negatives)
+    assert out["loss"].item() == pytest.approx(
+        0.5 * out["itc_loss"].item() + 2 * out["itm_loss"].item() + 0.25 * out["mlm_loss"].item())
+    assert out["temperature"].item() == pytest.approx(1 / model.itc_logit_scale().item())
+    prefer = ((image_emb * text_emb).sum(-1) > (image_emb * edit_emb).sum(-1))[:3]
+    assert out["itc_edited_acc"].item() == pytest.approx(prefer.float().mean().item())
+    assert itc_out["itc_edited_acc"].item() == pytest.approx(prefer.float().mean().item())
+    odds = (true_itm[:, 1] - true_itm[:, 0]) - (edit_itm[:, 1] - edit_itm[:, 0])
+    assert out["itm_edited_acc"].item() == pytest.approx((odds[:3] > 0).float().mean().item())
+    assert 0 < prefer.sum() < 3 or 0 < (odds[:3] > 0).sum() < 3  # the counts tell things apart
+
+
 def test_the_uniform_share_of_itm_negatives_is_a_construction_argument(monkeypatch):
     import vlp.models.model as model_module
 
