@@ -313,8 +313,36 @@ def test_zero_weight_skips_the_objective_and_mlm_needs_its_inputs():
 
 def test_batch_of_one_trains_itm_on_its_positive():
     config = small_config()
-    out = UnifiedModel(config)(**make_batch(config, B=1))
+    model = UnifiedModel(config).eval()
+    batch = make_batch(config, B=1)
+    with torch.no_grad():
+        out = model(**batch)
+        match = model.itm_logits(batch["images"], batch["text_ids"], batch["text_mask"])
     assert torch.isfinite(out["loss"]) and out["itc_loss"] == 0  # one pair: nothing to contrast
+    # no negative: the pair itself is not drawn as its own negative
+    torch.testing.assert_close(out["itm_loss"], F.cross_entropy(match, torch.ones(1).long()))
+
+
+def test_itm_never_draws_a_copy_of_an_images_caption_as_its_negative(monkeypatch):
+    """Captions 0 and 1 are the same words: images 0 and 1 must get caption 2 as their negative
+    text, in every draw, although ITC finds the copy the most similar."""
+    config = small_config()
+    model = UnifiedModel(config, LossWeights(mlm=0)).eval()
+    batch = make_batch(config, B=3)
+    ids, mask = batch["text_ids"].clone(), batch["text_mask"].clone()
+    ids[1], mask[1] = ids[0], mask[0]
+    scored = []
+    itm_scores = model.itm_scores
+    monkeypatch.setattr(model, "itm_scores", lambda memory, texts, masks: (
+        scored.append(texts), itm_scores(memory, texts, masks))[1])
+    with torch.no_grad():
+        caption_2 = model.text_states(ids, mask)[2]
+        for seed in range(20):
+            torch.manual_seed(seed)
+            model(batch["images"], ids, mask)
+    for texts in scored:  # positives, then the negative text of each image, then ...
+        for image in (0, 1):
+            torch.testing.assert_close(texts[3 + image], caption_2)
 
 
 def test_bf16_autocast_on_cpu():
