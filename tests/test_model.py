@@ -504,6 +504,7 @@ def test_mlm_head_computes_berts_prediction_head():
 
 def test_the_itc_scale_is_exp_of_the_parameter_clamped_at_100():
     model = UnifiedModel(small_config())
+    assert model.itc_logit_scale().item() == pytest.approx(1 / 0.07)  # CLIP's initial temperature
     with torch.no_grad():
         model.logit_scale.fill_(math.log(20.0))
         assert model.itc_logit_scale().item() == pytest.approx(20.0)
@@ -560,6 +561,30 @@ def test_forward_weighs_the_losses_and_reports_diagnostics_the_model_agrees_with
     odds = (true_itm[:, 1] - true_itm[:, 0]) - (edit_itm[:, 1] - edit_itm[:, 0])
     assert out["itm_edited_acc"].item() == pytest.approx((odds[:3] > 0).float().mean().item())
     assert 0 < prefer.sum() < 3 or 0 < (odds[:3] > 0).sum() < 3  # the counts tell things apart
+
+
+def test_the_bottom_blocks_send_every_image_token_to_the_image_expert_and_text_to_the_text_one():
+    """Perturbing one expert's weights changes only its modality's states (65 image tokens, more
+    than the width, 64: none may reach the text expert)."""
+    config = small_config()
+    batch = make_batch(config, B=2)
+
+    def states_after_perturbing(expert: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)  # the same initial weights each time
+        model = UnifiedModel(config).eval()
+        with torch.no_grad():
+            for block in model.bottom if expert else ():
+                for param in getattr(block, expert).parameters():
+                    param.add_(torch.randn_like(param))
+            return (model.image_states(batch["images"]),
+                    model.text_states(batch["text_ids"], batch["text_mask"]))
+
+    image, text = states_after_perturbing(None)
+    image_v, text_v = states_after_perturbing("ffn_v")
+    image_l, text_l = states_after_perturbing("ffn_l")
+    torch.testing.assert_close(text_v, text)
+    torch.testing.assert_close(image_l, image)
+    assert not torch.allclose(image_v, image) and not torch.allclose(text_l, text)
 
 
 def test_the_uniform_share_of_itm_negatives_is_a_construction_argument(monkeypatch):
