@@ -345,6 +345,43 @@ def test_itm_never_draws_a_copy_of_an_images_caption_as_its_negative(monkeypatch
             torch.testing.assert_close(texts[3 + image], caption_2)
 
 
+def test_itm_accuracy_counts_the_pairs_with_a_label():
+    """The ITM head forced to say "match": a lone pair is right (1.0); with its edit, which
+    should be "no match", half right."""
+    config = small_config()
+    model = UnifiedModel(config, LossWeights(mlm=0)).eval()
+    batch = make_batch(config, B=1)
+    edit = make_batch(config, B=1, seed=1)
+    with torch.no_grad():
+        model.itm_head.bias.copy_(torch.tensor([0.0, 50.0]))
+        alone = model(batch["images"], batch["text_ids"], batch["text_mask"],
+                      neg_ids=edit["text_ids"], neg_mask=edit["text_mask"],
+                      has_neg=torch.tensor([False]))
+        with_edit = model(batch["images"], batch["text_ids"], batch["text_mask"],
+                          neg_ids=edit["text_ids"], neg_mask=edit["text_mask"],
+                          has_neg=torch.tensor([True]))
+    assert alone["itm_acc"].item() == 1.0 and with_edit["itm_acc"].item() == 0.5
+
+
+def test_itm_without_itc_draws_its_negatives_uniformly(monkeypatch):
+    config = small_config()
+    model = UnifiedModel(config, LossWeights(itc=0, mlm=0)).eval()
+    batch = make_batch(config, B=3)
+    scored = []
+    itm_scores = model.itm_scores
+    monkeypatch.setattr(model, "itm_scores", lambda memory, texts, masks: (
+        scored.append(texts), itm_scores(memory, texts, masks))[1])
+    with torch.no_grad():
+        states = model.text_states(batch["text_ids"], batch["text_mask"])
+        for seed in range(30):
+            torch.manual_seed(seed)
+            assert torch.isfinite(model(**batch)["itm_loss"])
+    drawn = [[next(j for j in range(3) if torch.allclose(texts[3 + i], states[j]))
+              for i in range(3)] for texts in scored]
+    for image in range(3):  # every other caption, never its own
+        assert {row[image] for row in drawn} == set(range(3)) - {image}
+
+
 def test_bf16_autocast_on_cpu():
     config = small_config()
     model = UnifiedModel(config)
