@@ -1,0 +1,282 @@
+"""The unified model against answers known without it: written-out formulas (CLIP's pixel
+statistics, the sin-cos table), transformers' BERT head, the model's own encoders and heads
+(what the VQA head reads, forward's diagnostics), and stubs that fix the ITM head's answer or
+record the negatives it is shown."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_model import VOCAB, make_batch, small_config
+from torch import nn
+
+from vlp.models import LossWeights, UnifiedModel
+from vlp.models.model import sincos_2d
+
+
+def head_input(layer: nn.Module, run) -> torch.Tensor:
+    """What `layer` receives while `run()` executes."""
+    seen = []
+    handle = layer.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_late_fusion_vqa_reads_the_cls_states_retrieval_pools():
+    """The late-fusion head reads [image CLS; question CLS] as retrieval pools them: projected and
+    normalised, they are encode_image and encode_text (the question's padding masked, every image
+    token through the image expert: 65 tokens, more than the width)."""
+    config = small_config()
+    assert 1 + config.num_patches > config.width
+    model = UnifiedModel(config).eval()
+    model.attach_vqa_head(5, fusion="late")
+    batch = make_batch(config, B=3)
+    images, ids, mask = batch["images"], batch["text_ids"], batch["text_mask"]
+    assert not mask.all()  # padded questions
+    with torch.no_grad():
+        features = head_input(model.vqa_head[0], lambda: model.vqa_logits(images, ids, mask))
+        image_cls, text_cls = features.split(config.width, dim=-1)
+        torch.testing.assert_close(F.normalize(model.image_proj(image_cls), dim=-1),
+                                   model.encode_image(images))
+        torch.testing.assert_close(F.normalize(model.text_proj(text_cls), dim=-1),
+                                   model.encode_text(ids, mask))
+
+
+def test_fused_vqa_reads_the_fused_state_the_itm_head_reads():
+    """With tiny's pooling (the fused pass's text [CLS], position 1) the VQA head reads what the
+    ITM head reads for the same image and question."""
+    config = small_config()
+    assert config.fused_pooling == "text_cls"
+    model = UnifiedModel(config).eval()
+    model.attach_vqa_head(5)
+    batch = make_batch(config, B=3)
+    images, ids, mask = batch["images"], batch["text_ids"], batch["text_mask"]
+    with torch.no_grad():
+        vqa_in = head_input(model.vqa_head[0], lambda: model.vqa_logits(images, ids, mask))
+        itm_in = head_input(model.itm_head, lambda: model.itm_logits(images, ids, mask))
+        memory = model.image_memory(model.image_states(images))
+        fused = model.fuse(memory, model.text_states(ids, mask), mask)
+    torch.testing.assert_close(vqa_in, fused[:, 1])
+    torch.testing.assert_close(itm_in, fused[:, 1])
+
+
+def test_vqa_head_is_an_mlp_with_the_models_layer_norm_in_the_models_dtype():
+    config = small_config(layer_norm_eps=1e-3)
+    model = UnifiedModel(config).to(torch.bfloat16)
+    model.attach_vqa_head(3)
+    head = model.vqa_head
+    assert [type(layer) for layer in head] == [nn.Linear, nn.LayerNorm, nn.GELU, nn.Linear]
+    hidden = config.vqa_hidden_mult * config.width
+    assert (head[0].in_features, head[0].out_features, head[-1].out_features) == (64, hidden, 3)
+    assert head[1].normalized_shape == (hidden,) and head[1].eps == 1e-3
+    assert {p.dtype for p in head.parameters()} == {torch.bfloat16}
+
+
+def test_itm_never_draws_a_copy_of_an_images_caption_as_its_negative(monkeypatch):
+    """Captions 0 and 1 are the same words: images 0 and 1 must get caption 2 as their negative
+    text, in every draw, although ITC finds the copy the most similar."""
+    config = small_config()
+    model = UnifiedModel(config, LossWeights(mlm=0)).eval()
+    batch = make_batch(config, B=3)
+    ids, mask = batch["text_ids"].clone(), batch["text_mask"].clone()
+    ids[1], mask[1] = ids[0], mask[0]
+    scored = []
+    itm_scores = model.itm_scores
+    monkeypatch.setattr(model, "itm_scores", lambda memory, texts, masks: (
+        scored.append(texts), itm_scores(memory, texts, masks))[1])
+    with torch.no_grad():
+        caption_2 = model.text_states(ids, mask)[2]
+        for seed in range(20):
+            torch.manual_seed(seed)
+            model(batch["images"], ids, mask)
+    for texts in scored:  # positives, then the negative text of each image, then ...
+        for image in (0, 1):
+            torch.testing.assert_close(texts[3 + image], caption_2)
+
+
+def test_itm_accuracy_counts_the_pairs_with_a_label():
+    """The ITM head forced to say "match": a lone pair is right (1.0); with its edit, which
+    should be "no match", half right."""
+    config = small_config()
+    model = UnifiedModel(config, LossWeights(mlm=0)).eval()
+    batch = make_batch(config, B=1)
+    edit = make_batch(config, B=1, seed=1)
+    with torch.no_grad():
+        model.itm_head.bias.copy_(torch.tensor([0.0, 50.0]))
+        alone = model(batch["images"], batch["text_ids"], batch["text_mask"],
+                      neg_ids=edit["text_ids"], neg_mask=edit["text_mask"],
+                      has_neg=torch.tensor([False]))
+        with_edit = model(batch["images"], batch["text_ids"], batch["text_mask"],
+                          neg_ids=edit["text_ids"], neg_mask=edit["text_mask"],
+                          has_neg=torch.tensor([True]))
+    assert alone["itm_acc"].item() == 1.0 and with_edit["itm_acc"].item() == 0.5
+
+
+def test_itm_without_itc_draws_its_negatives_uniformly(monkeypatch):
+    config = small_config()
+    model = UnifiedModel(config, LossWeights(itc=0, mlm=0)).eval()
+    batch = make_batch(config, B=3)
+    scored = []
+    itm_scores = model.itm_scores
+    monkeypatch.setattr(model, "itm_scores", lambda memory, texts, masks: (
+        scored.append(texts), itm_scores(memory, texts, masks))[1])
+    with torch.no_grad():
+        states = model.text_states(batch["text_ids"], batch["text_mask"])
+        for seed in range(30):
+            torch.manual_seed(seed)
+            assert torch.isfinite(model(**batch)["itm_loss"])
+    drawn = [[next(j for j in range(3) if torch.allclose(texts[3 + i], states[j]))
+              for i in range(3)] for texts in scored]
+    for image in range(3):  # every other caption, never its own
+        assert {row[image] for row in drawn} == set(range(3)) - {image}
+
+
+def test_sincos_table_entries_are_written_out():
+    """Entry (row r, column c), channel by channel: the row's code then the column's, each the
+    sines then the cosines of the coordinate at frequencies 10000^(-j / (width / 4))."""
+    grid, width = 3, 8
+    table = sincos_2d(grid, width)
+    frequencies = [10000 ** (-j / (width // 4)) for j in range(width // 4)]
+    for r in range(grid):
+        for c in range(grid):
+            expected = [wave(coord * f) for coord in (r, c) for wave in (math.sin, math.cos)
+                        for f in frequencies]
+            torch.testing.assert_close(table[r * grid + c], torch.tensor(expected))
+    with pytest.raises(ValueError, match=r"^2D sin-cos positions need a width divisible by 4, "
+                                         r"got 6$"):
+        sincos_2d(3, 6)
+
+
+def test_uint8_pixels_are_normalised_with_clips_statistics():
+    """The loader ships uint8; the model normalises with CLIP's mean and std (written out here),
+    so uint8 pixels embed exactly as the float images a CLIP preprocessing would give."""
+    model = UnifiedModel(small_config()).eval()
+    pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    mean = 255 * torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
+    std = 255 * torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model.image_embed(pixels),
+                                   model.image_embed((pixels.float() - mean) / std))
+
+
+def test_image_tokens_are_cls_then_patches_plus_their_positions():
+    config = small_config(position_embedding="sincos")
+    embed = UnifiedModel(config).image_embed
+    with torch.no_grad():
+        embed.cls.normal_()
+        images = torch.randn(2, 3, 64, 64)
+        tokens = embed(images)
+        patches = embed.patch(images).flatten(2).transpose(1, 2)  # row-major patch order
+    torch.testing.assert_close(tokens[:, 0], embed.cls[0].expand(2, -1))  # no CLS position
+    torch.testing.assert_close(tokens[:, 1:] - patches, sincos_2d(8, 64).expand(2, -1, -1))
+
+
+def test_mlm_head_computes_berts_prediction_head():
+    """Against transformers' BertLMPredictionHead holding the same weights."""
+    from transformers import BertConfig
+    from transformers.models.bert.modeling_bert import BertLMPredictionHead
+
+    config = small_config(layer_norm_eps=1e-3)
+    model = UnifiedModel(config).eval()
+    bert = BertLMPredictionHead(BertConfig(hidden_size=64, vocab_size=VOCAB, hidden_act="gelu",
+                                           layer_norm_eps=1e-3))
+    with torch.no_grad():
+        for param in model.mlm_head.parameters():
+            param.normal_()
+        head = model.mlm_head
+        for ours, theirs in ((head.dense, bert.transform.dense),
+                             (head.norm, bert.transform.LayerNorm), (head.decoder, bert.decoder)):
+            theirs.weight.copy_(ours.weight)
+            theirs.bias.copy_(ours.bias)
+        x = torch.randn(5, 64)
+        torch.testing.assert_close(head(x), bert(x))
+    assert head.decoder.weight is model.text_embed.token.weight  # tied
+
+
+def test_the_itc_scale_is_exp_of_the_parameter_clamped_at_100():
+    model = UnifiedModel(small_config())
+    assert model.itc_logit_scale().item() == pytest.approx(1 / 0.07)  # CLIP's initial temperature
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(20.0))
+        assert model.itc_logit_scale().item() == pytest.approx(20.0)
+        model.logit_scale.fill_(math.log(1000.0))
+        assert model.itc_logit_scale().item() == pytest.approx(100.0)
+    assert model.itc_logit_scale().shape == ()
+
+
+def test_the_fused_pass_adds_type_0_to_the_image_and_type_1_to_the_text():
+    """Moving each type embedding into the states by hand gives the same fused pass."""
+    config = small_config()
+    model = UnifiedModel(config).eval()
+    batch = make_batch(config, B=2)
+    ids, mask = batch["text_ids"], batch["text_mask"]
+    with torch.no_grad():
+        model.type_embed.weight.normal_()
+        image_states = model.image_states(batch["images"])
+        text_states = model.text_states(ids, mask)
+        fused = model.fuse(model.image_memory(image_states), text_states, mask)
+        image_type, text_type = model.type_embed.weight.clone()
+        model.type_embed.weight.zero_()
+        by_hand = model.fuse(model.image_memory(image_states + image_type),
+                             text_states + text_type, mask)
+    torch.testing.assert_close(fused, by_hand)
+
+
+def test_forward_weighs_the_losses_and_reports_diagnostics_the_model_agrees_with():
+    """The total is the weighted sum; the temperature is 1 / scale; the edited-caption
+    accuracies count, over the images that have an edit (and only with ITC on, ITM off, too),
+    how often ITC's similarity and ITM's log-odds prefer the caption to its edit."""
+    config = small_config()
+    weights = LossWeights(itc=0.5, itm=2.0, mlm=0.25)
+    model = UnifiedModel(config, weights).eval()
+    batch = make_batch(config, B=4)
+    images, ids, mask = batch["images"], batch["text_ids"], batch["text_mask"]
+    edits = make_batch(config, B=4, seed=1)
+    has_neg = torch.tensor([True, True, True, False])
+    negatives = dict(neg_ids=edits["text_ids"], neg_mask=edits["text_mask"], has_neg=has_neg)
+    with torch.no_grad():
+        out = model(**batch, **negatives)
+        image_emb, text_emb = model.encode_image(images), model.encode_text(ids, mask)
+        edit_emb = model.encode_text(edits["text_ids"], edits["text_mask"])
+        true_itm = model.itm_logits(images, ids, mask)
+        edit_itm = model.itm_logits(images, edits["text_ids"], edits["text_mask"])
+        itc_only = UnifiedModel(config, LossWeights(itm=0, mlm=0)).eval()
+        itc_only.load_state_dict(model.state_dict())
+        itc_out = itc_only(images, ids, mask, **negatives)
+    assert out["loss"].item() == pytest.approx(
+        0.5 * out["itc_loss"].item() + 2 * out["itm_loss"].item() + 0.25 * out["mlm_loss"].item())
+    assert out["temperature"].item() == pytest.approx(1 / model.itc_logit_scale().item())
+    prefer = ((image_emb * text_emb).sum(-1) > (image_emb * edit_emb).sum(-1))[:3]
+    assert out["itc_edited_acc"].item() == pytest.approx(prefer.float().mean().item())
+    assert itc_out["itc_edited_acc"].item() == pytest.approx(prefer.float().mean().item())
+    odds = (true_itm[:, 1] - true_itm[:, 0]) - (edit_itm[:, 1] - edit_itm[:, 0])
+    assert out["itm_edited_acc"].item() == pytest.approx((odds[:3] > 0).float().mean().item())
+    assert 0 < prefer.sum() < 3 or 0 < (odds[:3] > 0).sum() < 3  # the counts tell things apart
+
+
+def test_the_bottom_blocks_send_every_image_token_to_the_image_expert_and_text_to_the_text_one():
+    """Perturbing one expert's weights changes only its modality's states (65 image tokens, more
+    than the width, 64: none may reach the text expert)."""
+    config = small_config()
+    batch = make_batch(config, B=2)
+
+    def states_after_perturbing(expert: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)  # the same initial weights each time
+        model = UnifiedModel(config).eval()
+        with torch.no_grad():
+            for block in model.bottom if expert else ():
+                for param in getattr(block, expert).parameters():
+                    param.add_(torch.randn_like(param))
+            return (model.image_states(batch["images"]),
+                    model.text_states(batch["text_ids"], batch["text_mask"]))
+
+    image, text = states_after_perturbing(None)
+    image_v, text_v = states_after_perturbing("ffn_v")
+    image_l, text_l = states_after_perturbing("ffn_l")
+    torch.testing.assert_close(text_v, text)
+    torch.testing.assert_close(image_l, image)
+    assert not torch.allclose(image_v, image) and not torch.allclose(text_l, text)
