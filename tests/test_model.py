@@ -244,8 +244,15 @@ def test_zero_weight_skips_the_objective_and_mlm_needs_its_inputs():
     itc_only = UnifiedModel(config, LossWeights(itm=0, mlm=0))
     out = itc_only(batch["images"], batch["text_ids"], batch["text_mask"])
     assert set(out) == {"loss", "itc_loss", "itc_acc", "temperature"}
-    with pytest.raises(ValueError, match="mlm_ids"):
-        UnifiedModel(config)(batch["images"], batch["text_ids"], batch["text_mask"])
+    full = UnifiedModel(config)
+    for given in ({}, {"mlm_ids": batch["mlm_ids"]}, {"mlm_labels": batch["mlm_labels"]}):
+        with pytest.raises(ValueError, match=r"^the MLM weight is nonzero: pass mlm_ids and "
+                                             r"mlm_labels, or build the model with"):
+            full(batch["images"], batch["text_ids"], batch["text_mask"], **given)
+    vqa_only = UnifiedModel(config, LossWeights(itc=0, itm=0, mlm=0))
+    with pytest.raises(ValueError, match=r"^no objective enabled by LossWeights\(itc=0, itm=0, "
+                                         r"mlm=0, vqa=1.0, lm=0.0\) for these inputs$"):
+        vqa_only(batch["images"], batch["text_ids"], batch["text_mask"])  # no VQA targets
 
 
 def test_batch_of_one_trains_itm_on_its_positive():
@@ -370,3 +377,5 @@ def test_the_uniform_share_of_itm_negatives_is_a_construction_argument(monkeypat
     assert shares == [0.25]
     with pytest.raises(ValueError, match=r"itm_uniform_negatives must be in \[0, 1\], got 1.5"):
         UnifiedModel(config, itm_uniform_negatives=1.5)
+    for share in (0.0, 1.0):  # the bounds are allowed
+        assert UnifiedModel(config, itm_uniform_negatives=share).itm_uniform_negatives == share

@@ -280,3 +280,13 @@ def test_the_bottom_blocks_send_every_image_token_to_the_image_expert_and_text_t
     torch.testing.assert_close(text_v, text)
     torch.testing.assert_close(image_l, image)
     assert not torch.allclose(image_v, image) and not torch.allclose(text_l, text)
+
+
+def test_embedding_parameters_start_truncated_normal_at_the_init_std():
+    """CLS, learned positions and token embeddings: std init_std, cut at two std (ViT, BEiT)."""
+    torch.manual_seed(0)
+    model = UnifiedModel(small_config(init_std=0.02, position_embedding="learned"))
+    for name in ("image_embed.cls", "image_embed.pos", "text_embed.pos", "text_embed.token.weight"):
+        param = dict(model.named_parameters())[name]
+        assert param.std().item() == pytest.approx(0.02 * 0.88, rel=0.25), name  # truncation: 0.88
+        assert param.abs().max().item() <= 0.04, name
