@@ -290,3 +290,27 @@ def test_embedding_parameters_start_truncated_normal_at_the_init_std():
         param = dict(model.named_parameters())[name]
         assert param.std().item() == pytest.approx(0.02 * 0.88, rel=0.25), name  # truncation: 0.88
         assert param.abs().max().item() <= 0.04, name
+
+
+def test_each_fused_block_reads_its_own_image_memory():
+    """Three fused blocks: changing block i's patch keys and values changes the fused pass."""
+    config = small_config(depth=4, fusion_layers=3)
+    model = UnifiedModel(config).eval()
+    batch = make_batch(config, B=2)
+    with torch.no_grad():
+        memory = model.image_memory(model.image_states(batch["images"]))
+        text = model.text_states(batch["text_ids"], batch["text_mask"])
+        fused = model.fuse(memory, text, batch["text_mask"])
+        for block in range(3):
+            kv = list(memory.kv)
+            kv[block] = tuple(t + 1 for t in kv[block])
+            changed = model.fuse(memory._replace(kv=kv), text, batch["text_mask"])
+            assert not torch.allclose(changed, fused), block
+
+
+def test_the_losses_are_computed_in_fp32_from_bf16_weights():
+    config = small_config()
+    model = UnifiedModel(config).to(torch.bfloat16)
+    batch = make_batch(config)
+    out = model(**{**batch, "images": batch["images"].bfloat16()})
+    assert {out[f"{name}_loss"].dtype for name in ("itc", "itm", "mlm")} == {torch.float32}
