@@ -25,6 +25,19 @@ def head_input(layer: nn.Module, run) -> torch.Tensor:
     return seen[0]
 
 
+def record_itm_texts(model: UnifiedModel, monkeypatch) -> list[torch.Tensor]:
+    """The text states of every `itm_scores` call from now on (positives first, then each
+    image's negative text, ...), in a list filled as forward runs."""
+    scored, itm_scores = [], model.itm_scores
+
+    def recording(memory, texts, masks):
+        scored.append(texts)
+        return itm_scores(memory, texts, masks)
+
+    monkeypatch.setattr(model, "itm_scores", recording)
+    return scored
+
+
 def test_late_fusion_vqa_reads_the_cls_states_retrieval_pools():
     """The late-fusion head reads [image CLS; question CLS] as retrieval pools them: projected and
     normalised, they are encode_image and encode_text (the question's padding masked, every image
@@ -83,10 +96,7 @@ def test_itm_never_draws_a_copy_of_an_images_caption_as_its_negative(monkeypatch
     batch = make_batch(config, B=3)
     ids, mask = batch["text_ids"].clone(), batch["text_mask"].clone()
     ids[1], mask[1] = ids[0], mask[0]
-    scored = []
-    itm_scores = model.itm_scores
-    monkeypatch.setattr(model, "itm_scores", lambda memory, texts, masks: (
-        scored.append(texts), itm_scores(memory, texts, masks))[1])
+    scored = record_itm_texts(model, monkeypatch)
     with torch.no_grad():
         caption_2 = model.text_states(ids, mask)[2]
         for seed in range(20):
@@ -119,10 +129,7 @@ def test_itm_without_itc_draws_its_negatives_uniformly(monkeypatch):
     config = small_config()
     model = UnifiedModel(config, LossWeights(itc=0, mlm=0)).eval()
     batch = make_batch(config, B=3)
-    scored = []
-    itm_scores = model.itm_scores
-    monkeypatch.setattr(model, "itm_scores", lambda memory, texts, masks: (
-        scored.append(texts), itm_scores(memory, texts, masks))[1])
+    scored = record_itm_texts(model, monkeypatch)
     with torch.no_grad():
         states = model.text_states(batch["text_ids"], batch["text_mask"])
         for seed in range(30):
