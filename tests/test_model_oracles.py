@@ -125,6 +125,36 @@ def test_itm_accuracy_counts_the_pairs_with_a_label():
     assert alone["itm_acc"].item() == 1.0 and with_edit["itm_acc"].item() == 0.5
 
 
+def test_itm_loss_and_accuracy_from_fixed_scores(monkeypatch):
+    """The ITM head's scores fixed (log-odds o per pair, rows: 3 positives, 3 negative texts,
+    3 negative images, 3 edits of which the last is missing): the loss is the cross-entropy
+    over the 11 labelled pairs plus the mean over the 2 edited images of softplus(-(o(caption) -
+    o(edit))); the accuracy is 7 of 11 (the largest score is a negative image's); the caption
+    beats its edit for one of the two edited images and ties for the other."""
+    config = small_config()
+    model = UnifiedModel(config, LossWeights(itc=0, mlm=0)).eval()
+    batch = make_batch(config, B=3)
+    edits = make_batch(config, B=3, seed=1)
+    odds = torch.tensor([2.0, -1, 3, -2, 1, -4, 5, -3, -1, 1, -1, 7])
+    scores = torch.stack([torch.zeros_like(odds), odds], dim=1)
+
+    def fixed(memory, texts, masks):
+        assert texts.shape[0] == 12
+        return scores
+
+    monkeypatch.setattr(model, "itm_scores", fixed)
+    with torch.no_grad():
+        out = model(**batch, neg_ids=edits["text_ids"], neg_mask=edits["text_mask"],
+                    has_neg=torch.tensor([True, True, False]))
+    # Label 1 costs softplus(-o), label 0 softplus(o).
+    pair_losses = F.softplus(torch.cat([-odds[:3], odds[3:11]]))
+    ranking = F.softplus(-(odds[:2] - odds[9:11]))
+    assert out["itm_loss"].item() == pytest.approx(
+        pair_losses.mean().item() + ranking.mean().item())
+    assert out["itm_acc"].item() == pytest.approx(7 / 11)
+    assert out["itm_edited_acc"].item() == 0.5
+
+
 def test_itm_without_itc_draws_its_negatives_uniformly(monkeypatch):
     config = small_config()
     model = UnifiedModel(config, LossWeights(itc=0, mlm=0)).eval()
