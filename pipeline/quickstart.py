@@ -42,7 +42,7 @@ class QuickstartConfig:
     samples_per_shard: int = 1000
     vqa_steps: int = 150  # the whole model is fine-tuned: a head alone barely learns here
     rerank_k: int = 16
-    caption_steps: int = 150  # the recipe pretrains without the LM objective
+    caption_steps: int = 300  # the recipe pretrains without the LM objective: docs/fusion.md
 
 
 # The help of each `vlp quickstart --flag` (one per QuickstartConfig field).
@@ -75,7 +75,7 @@ def _eval_suite(world: dict, cfg: QuickstartConfig) -> dict:
         "synth_caption": {"task": "caption", "karpathy_json": str(world["caption_json"]),
                           "image_root": str(world["caption_image_root"]),
                           "steps": cfg.caption_steps, "lr": 5e-4, "batch_size": 32,
-                          "bf16": True, "seed": cfg.seed},
+                          "beam_size": 3, "bf16": True, "seed": cfg.seed},
         "synth_compositionality": {"task": "compositionality",
                                    "edits": str(world["compositionality_dir"]),
                                    "image_root": str(world["world"]), "bf16": True},
