@@ -32,6 +32,9 @@ def test_quickstart_runs_every_stage(tmp_path, capsys):
     assert cider == ["retrieved train caption", "most frequent train caption"]
     for row in summary["results"]:
         assert set(row) == {"metric (%)", "baseline", "baseline is", "trained (step 3)"}
+    caption = json.loads((out / "runs" / "tiny_synth" / "eval" / "global_step3"
+                          / "synth_caption.json").read_text())
+    assert caption["finetune"]["steps"] == 2 and caption["decoding"]["beam_size"] == 3
     report = out / "runs" / "nightly" / "report.html"
     assert report.exists() and "data:image/png;base64," in report.read_text()  # plots inline
     ckpts = out / "runs" / "tiny_synth" / "checkpoints"
