@@ -212,6 +212,26 @@ def test_image_tokens_are_cls_then_patches_plus_their_positions():
     torch.testing.assert_close(tokens[:, 1:] - patches, sincos_2d(8, 64).expand(2, -1, -1))
 
 
+def test_images_of_another_size_are_refused_with_both_sizes():
+    embed = UnifiedModel(small_config()).image_embed
+    with pytest.raises(ValueError, match=r"^images are \(32, 48\), the model expects 64x64$"):
+        embed(torch.zeros(2, 3, 32, 48, dtype=torch.uint8))
+
+
+def test_text_tokens_are_the_token_plus_the_position_counted_from_start():
+    embed = UnifiedModel(small_config()).text_embed
+    ids = torch.tensor([[3, 5, 7]])
+    with torch.no_grad():
+        embed.pos.normal_()
+        torch.testing.assert_close(embed(ids, start=4)[0],
+                                   embed.token.weight[[3, 5, 7]] + embed.pos[0, 4:7])
+    max_len = embed.pos.size(1)
+    assert embed(ids, start=max_len - 3).shape == (1, 3, embed.pos.size(2))  # up to the last
+    with pytest.raises(ValueError, match=rf"^text length {max_len + 1} exceeds max_text_len "
+                                         rf"{max_len}$"):
+        embed(ids, start=max_len - 2)
+
+
 def test_mlm_head_computes_berts_prediction_head():
     """Against transformers' BertLMPredictionHead holding the same weights."""
     from transformers import BertConfig
