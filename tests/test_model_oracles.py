@@ -174,14 +174,16 @@ def test_itm_without_itc_draws_its_negatives_uniformly(monkeypatch):
 def test_sincos_table_entries_are_written_out():
     """Entry (row r, column c), channel by channel: the row's code then the column's, each the
     sines then the cosines of the coordinate at frequencies 10000^(-j / (width / 4))."""
-    grid, width = 3, 8
+    # The small model's table, at a tolerance that a base of 10001 instead of 10000 exceeds.
+    grid, width = 8, 64
     table = sincos_2d(grid, width)
     frequencies = [10000 ** (-j / (width // 4)) for j in range(width // 4)]
     for r in range(grid):
         for c in range(grid):
             expected = [wave(coord * f) for coord in (r, c) for wave in (math.sin, math.cos)
                         for f in frequencies]
-            torch.testing.assert_close(table[r * grid + c], torch.tensor(expected))
+            torch.testing.assert_close(table[r * grid + c], torch.tensor(expected),
+                                       rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match=r"^2D sin-cos positions need a width divisible by 4, "
                                          r"got 6$"):
         sincos_2d(3, 6)
@@ -210,6 +212,13 @@ def test_image_tokens_are_cls_then_patches_plus_their_positions():
         patches = embed.patch(images).flatten(2).transpose(1, 2)  # row-major patch order
     torch.testing.assert_close(tokens[:, 0], embed.cls[0].expand(2, -1))  # no CLS position
     torch.testing.assert_close(tokens[:, 1:] - patches, sincos_2d(8, 64).expand(2, -1, -1))
+
+
+def test_uint8_pixels_are_normalised_into_the_weights_dtype():
+    model = UnifiedModel(small_config(position_embedding="sincos")).eval().to(torch.bfloat16)
+    pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        assert model.image_embed(pixels).dtype == torch.bfloat16
 
 
 def test_images_of_another_size_are_refused_with_both_sizes():
