@@ -11,6 +11,7 @@ from test_model import VOCAB, make_batch, small_config
 from torch import nn
 
 from vlp.models import LossWeights, UnifiedModel
+from vlp.models import model as model_module
 from vlp.models.model import sincos_2d
 
 
@@ -153,6 +154,49 @@ def test_itm_loss_and_accuracy_from_fixed_scores(monkeypatch):
         pair_losses.mean().item() + ranking.mean().item())
     assert out["itm_acc"].item() == pytest.approx(7 / 11)
     assert out["itm_edited_acc"].item() == 0.5
+
+
+def test_itm_draws_its_hard_negatives_from_the_itc_similarities(monkeypatch):
+    """ITC's similarities (stubbed: image i finds caption i + 1 far the most similar after its
+    own) decide each image's negative text."""
+    config = small_config()
+    model = UnifiedModel(config, LossWeights(mlm=0)).eval()
+    batch = make_batch(config, B=3)
+    peaked = torch.full((3, 3), -50.0)
+    peaked[torch.arange(3), (torch.arange(3) + 1) % 3] = 50.0
+
+    contrastive_loss = model_module.contrastive_loss
+
+    def contrastive_with_peaked_similarities(*args):
+        loss, accuracy, _ = contrastive_loss(*args)
+        return loss, accuracy, peaked
+
+    monkeypatch.setattr("vlp.models.model.contrastive_loss", contrastive_with_peaked_similarities)
+    scored = record_itm_texts(model, monkeypatch)
+    with torch.no_grad():
+        states = model.text_states(batch["text_ids"], batch["text_mask"])
+        for seed in range(10):
+            torch.manual_seed(seed)
+            model(**batch)
+    for texts in scored:
+        for image in range(3):
+            torch.testing.assert_close(texts[3 + image], states[(image + 1) % 3])
+
+
+def test_one_edit_that_itc_ranks_below_its_caption_gives_an_edited_accuracy_of_1():
+    config = small_config()
+    model = UnifiedModel(config, LossWeights(itm=0, mlm=0)).eval()
+    batch = make_batch(config, B=3)
+    images, ids, mask = batch["images"], batch["text_ids"], batch["text_mask"]
+    with torch.no_grad():
+        sims = model.encode_image(images) @ model.encode_text(ids, mask).T  # (3, 3)
+        # the one edited image's edit: another caption that ITC ranks below its own
+        image, edit = next((i, j) for i in range(3) for j in range(3) if sims[i, j] < sims[i, i])
+        neg_ids, neg_mask = ids.clone(), mask.clone()
+        neg_ids[image], neg_mask[image] = ids[edit], mask[edit]
+        out = model(images, ids, mask, neg_ids=neg_ids, neg_mask=neg_mask,
+                    has_neg=torch.arange(3) == image)
+    assert out["itc_edited_acc"].item() == 1.0
 
 
 def test_itm_without_itc_draws_its_negatives_uniformly(monkeypatch):
