@@ -265,6 +265,18 @@ def test_uint8_pixels_are_normalised_into_the_weights_dtype():
         assert model.image_embed(pixels).dtype == torch.bfloat16
 
 
+def test_image_embedding_has_vits_layout_and_does_not_save_the_fixed_table():
+    """CLS (1, 1, width) and learned positions (1, 1 + patches, width), as ViT's cls_token and
+    position_embeddings; the sin-cos table is rebuilt, never saved in a checkpoint."""
+    config = small_config(position_embedding="learned")
+    learned = UnifiedModel(config)
+    assert learned.image_embed.cls.shape == (1, 1, config.width)
+    assert learned.image_embed.pos.shape == (1, 1 + config.num_patches, config.width)
+    assert "image_embed.pos" in learned.state_dict()
+    sincos = UnifiedModel(small_config(position_embedding="sincos"))
+    assert "image_embed.pos" not in sincos.state_dict()
+
+
 def test_images_of_another_size_are_refused_with_both_sizes():
     embed = UnifiedModel(small_config()).image_embed
     with pytest.raises(ValueError, match=r"^images are \(32, 48\), the model expects 64x64$"):
