@@ -267,14 +267,16 @@ def test_uint8_pixels_are_normalised_into_the_weights_dtype():
 
 def test_image_embedding_has_vits_layout_and_does_not_save_the_fixed_table():
     """CLS (1, 1, width) and learned positions (1, 1 + patches, width), as ViT's cls_token and
-    position_embeddings; the sin-cos table is rebuilt, never saved in a checkpoint."""
+    position_embeddings; the sin-cos table and the pixel statistics are rebuilt, never saved in
+    a checkpoint."""
     config = small_config(position_embedding="learned")
     learned = UnifiedModel(config)
     assert learned.image_embed.cls.shape == (1, 1, config.width)
     assert learned.image_embed.pos.shape == (1, 1 + config.num_patches, config.width)
     assert "image_embed.pos" in learned.state_dict()
     sincos = UnifiedModel(small_config(position_embedding="sincos"))
-    assert "image_embed.pos" not in sincos.state_dict()
+    saved = {key for key in sincos.state_dict() if key.startswith("image_embed.")}
+    assert saved == {"image_embed.cls", "image_embed.patch.weight", "image_embed.patch.bias"}
 
 
 def test_images_of_another_size_are_refused_with_both_sizes():
