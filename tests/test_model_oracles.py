@@ -164,7 +164,6 @@ def test_itm_draws_its_hard_negatives_from_the_itc_similarities(monkeypatch):
     batch = make_batch(config, B=3)
     peaked = torch.full((3, 3), -50.0)
     peaked[torch.arange(3), (torch.arange(3) + 1) % 3] = 50.0
-
     contrastive_loss = model_module.contrastive_loss
 
     def contrastive_with_peaked_similarities(*args):
