@@ -415,6 +415,23 @@ def test_embedding_parameters_start_truncated_normal_at_the_init_std():
         assert param.abs().max().item() <= 0.04, name
 
 
+def test_linear_and_norm_layers_start_as_bert_initialises_them():
+    """Every linear and convolution weight truncated normal at init_std, every bias zero, every
+    LayerNorm the identity (weight 1, bias 0), the VQA head's layers included."""
+    torch.manual_seed(0)
+    model = UnifiedModel(small_config(init_std=0.02))
+    model.attach_vqa_head(5)
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.LayerNorm))]
+    assert any(isinstance(m, nn.Conv2d) for m in layers) and len(layers) > 20
+    for layer in layers:
+        if isinstance(layer, nn.LayerNorm):
+            assert torch.equal(layer.weight, torch.ones_like(layer.weight))
+        else:
+            assert layer.weight.abs().max().item() <= 0.04
+            assert layer.weight.std().item() == pytest.approx(0.02 * 0.88, rel=0.25)
+        assert layer.bias is None or torch.equal(layer.bias, torch.zeros_like(layer.bias))
+
+
 def test_each_fused_block_reads_its_own_image_memory():
     """Three fused blocks: changing block i's patch keys and values changes the fused pass."""
     config = small_config(depth=4, fusion_layers=3)
