@@ -284,6 +284,12 @@ def test_images_of_another_size_are_refused_with_both_sizes():
         embed(torch.zeros(2, 3, 32, 48, dtype=torch.uint8))
 
 
+def test_a_config_without_a_vocabulary_size_is_refused_with_how_to_set_it():
+    with pytest.raises(ValueError, match=r"^config\.vocab_size is unset: load_config\(name, "
+                       r"vocab_size=tokenizer\.get_vocab_size\(\)\)$"):
+        UnifiedModel(small_config(vocab_size=None))
+
+
 def test_text_tokens_are_the_token_plus_the_position_counted_from_start():
     embed = UnifiedModel(small_config()).text_embed
     ids = torch.tensor([[3, 5, 7]])
