@@ -438,6 +438,22 @@ def test_linear_and_norm_layers_start_as_bert_initialises_them():
         assert layer.bias is None or torch.equal(layer.bias, torch.zeros_like(layer.bias))
 
 
+def test_every_layer_norm_uses_the_configs_epsilon():
+    model = UnifiedModel(small_config(layer_norm_eps=1e-3))
+    model.attach_vqa_head(5)
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    assert model.norm in norms and {norm.eps for norm in norms} == {1e-3}
+
+
+def test_the_model_saves_its_parameters_and_no_buffer():
+    """The type ids, like the sin-cos table and the pixel statistics, are rebuilt, not saved:
+    a checkpoint holds the parameters (the tied MLM decoder under both names) and nothing else."""
+    model = UnifiedModel(small_config())
+    assert "type_ids" in dict(model.named_buffers())
+    assert set(model.state_dict()) == {name for name, _ in
+                                       model.named_parameters(remove_duplicate=False)}
+
+
 def test_each_fused_block_reads_its_own_image_memory():
     """Three fused blocks: changing block i's patch keys and values changes the fused pass."""
     config = small_config(depth=4, fusion_layers=3)
