@@ -12,6 +12,7 @@ from torch import nn
 
 from vlp.models import LossWeights, UnifiedModel
 from vlp.models import model as model_module
+from vlp.models.export import config_meta
 from vlp.models.model import sincos_2d
 
 
@@ -452,6 +453,11 @@ def test_the_model_saves_its_parameters_and_no_buffer():
     assert "type_ids" in dict(model.named_buffers())
     assert set(model.state_dict()) == {name for name, _ in
                                        model.named_parameters(remove_duplicate=False)}
+
+
+def test_a_model_without_a_vqa_head_records_the_fused_default_in_its_config():
+    meta = config_meta(UnifiedModel(small_config()))
+    assert meta["vqa_num_answers"] is None and meta["vqa_fusion"] == "fused"
 
 
 def test_each_fused_block_reads_its_own_image_memory():
