@@ -443,7 +443,7 @@ def test_every_layer_norm_uses_the_configs_epsilon():
     model = UnifiedModel(small_config(layer_norm_eps=1e-3))
     model.attach_vqa_head(5)
     norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
-    assert model.norm in norms and {norm.eps for norm in norms} == {1e-3}
+    assert len(norms) > 5 and {norm.eps for norm in norms} == {1e-3}
 
 
 def test_the_model_saves_its_parameters_and_no_buffer():
