@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The research loop's proxy: the quickstart recipe cut to PROXY_STEPS (default 270) on the data a
-# quickstart already made, then retrieval (ITM re-rank of the top 16) and the edited-caption
-# evaluation. About 6 minutes on a 2-core machine with native bf16. Compare recipes side by side
-# on the same data and seed, and confirm a winner with the full quickstart (docs/fusion.md says
-# where the proxy's ranking agrees with it and where it is blind).
+# The research loop's proxy: the quickstart recipe cut to PROXY_STEPS (default 540, half its
+# pairs) on the data a quickstart already made, then retrieval (ITM re-rank of the top 16) and
+# the edited-caption evaluation. About 6 minutes on a 2-core machine with native bf16. Compare
+# recipes side by side on the same data and seed, and confirm a winner with the full quickstart
+# (docs/fusion.md says where the proxy's ranking agrees with it and where it is blind).
 #
 #   bash launch_scripts/research_proxy.sh NAME [training overrides...]
 #   bash launch_scripts/research_proxy.sh sincos 'model.overrides={position_embedding: sincos}'
@@ -14,7 +14,7 @@ set -euo pipefail
 name=${1:?usage: research_proxy.sh NAME [training overrides...]}
 shift
 out=${QUICKSTART_OUT:-quickstart_out}
-steps=${PROXY_STEPS:-270}
+steps=${PROXY_STEPS:-540}
 data=$out/data
 world=$data/world
 run=$out/proxy/$name
