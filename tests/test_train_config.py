@@ -199,3 +199,11 @@ def test_a_tokenizer_directory_without_tokenizer_json_fails_the_dry_run(tmp_path
     assert str(raised.value) == (
         f"data.tokenizer: {tokenizer} has no tokenizer.json, which checkpoints store as the "
         "tokenizer; write one with AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)")
+
+
+def test_the_quickstart_trains_its_recipe_for_the_recipe_s_steps():
+    """`vlp quickstart --max-steps` defaults to the recipe's length (two numbers kept equal)."""
+    from vlp.pipeline.quickstart import QuickstartConfig
+
+    recipe = load_train_config(REPO / "pipeline/recipes/tiny_synth.yaml")
+    assert QuickstartConfig().max_steps == recipe.optim.max_steps == 1080
