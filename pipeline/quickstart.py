@@ -37,7 +37,7 @@ class QuickstartConfig:
     n_vqa_val: int = 500
     seed: int = 0
     nproc: int | None = None
-    max_steps: int = 1080
+    max_steps: int = 1080  # the recipe's length; tests/test_train_config.py keeps the two equal
     vocab_size: int = 256
     samples_per_shard: int = 1000
     vqa_steps: int = 150  # the whole model is fine-tuned: a head alone barely learns here
